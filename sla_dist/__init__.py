@@ -1,0 +1,17 @@
+"""sla-dist: Sparse-Linear Attention (SLA) for training video Diffusion Transformers at scale."""
+
+from .attention import SparseLinearAttention
+from .config import SLAConfig
+from .kernels.block_map import BlockMap, predict_block_map
+from .kernels.op import sparse_linear_attention
+from .kernels.reference import sla_reference
+
+__all__ = [
+    "BlockMap",
+    "SLAConfig",
+    "SparseLinearAttention",
+    "predict_block_map",
+    "sla_reference",
+    "sparse_linear_attention",
+]
+__version__ = "0.1.0"

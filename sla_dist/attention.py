@@ -1,0 +1,103 @@
+"""The SparseLinearAttention module: block-map prediction, both branches and the learnable projection proj_l."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import SLAConfig
+from .kernels.block_map import predict_block_map
+from .kernels.op import check_inputs, sparse_linear_attention
+from .kernels.reference import sla_reference
+
+
+class SparseLinearAttention(nn.Module):
+    """Sparse-Linear Attention over q, k, v of shape [B, H, L, D].
+
+    The constructor mirrors the public SLA module (``head_dim, topk, feature_map, BLKQ, BLKK, use_bf16,
+    tie_feature_map_qk``) and its state_dict keys (``proj_l.weight``, ``proj_l.bias``), so checkpoints move between
+    the two. ``proj_l`` starts at zero: a fresh layer is pure block-sparse attention until fine-tuning teaches the
+    linear branch what to add.
+
+    Args:
+        head_dim: D.
+        topk: fraction of key blocks per query block computed exactly (at least one).
+        feature_map: phi of the linear branch: 'softmax', 'elu' or 'relu'.
+        BLKQ, BLKK: query / key block sizes (64 or 128 / 64).
+        use_bf16: float32 inputs on CUDA run the kernels in bfloat16 (else float16) and are cast back.
+        tie_feature_map_qk: kept for compatibility; the feature maps here have no parameters, so q and k always
+            share phi.
+        negligible: fraction of key blocks per query block skipped entirely.
+        linear_scope: 'marginal' (paper), 'all' (public main branch) or 'none' (sparse branch only).
+        backend: 'auto' (Triton on CUDA, dense reference on CPU), 'triton' or 'reference'.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        topk: float = 0.05,
+        feature_map: str = "softmax",
+        BLKQ: int = 64,
+        BLKK: int = 64,
+        use_bf16: bool = True,
+        tie_feature_map_qk: bool = True,
+        *,
+        negligible: float = 0.10,
+        linear_scope: str = "marginal",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if head_dim <= 0:
+            raise ValueError(f"head_dim={head_dim} must be positive")
+        self.config = SLAConfig(topk=topk, negligible=negligible, block_q=BLKQ, block_k=BLKK,
+                                feature_map=feature_map, linear_scope=linear_scope, backend=backend)
+        self.head_dim = head_dim
+        self.use_bf16 = use_bf16
+        self.tie_feature_map_qk = tie_feature_map_qk
+        self.proj_l = nn.Linear(head_dim, head_dim)
+        nn.init.zeros_(self.proj_l.weight)
+        nn.init.zeros_(self.proj_l.bias)
+
+    @classmethod
+    def from_config(cls, head_dim: int, config: SLAConfig, **kwargs) -> "SparseLinearAttention":
+        return cls(head_dim, config.topk, config.feature_map, config.block_q, config.block_k,
+                   negligible=config.negligible, linear_scope=config.linear_scope, backend=config.backend, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"head_dim={self.head_dim}, topk={c.topk}, negligible={c.negligible}, block=({c.block_q}, "
+                f"{c.block_k}), feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, backend={c.backend!r}")
+
+    def uses_kernels(self, device: torch.device) -> bool:
+        return self.config.backend == "triton" or (self.config.backend == "auto" and device.type == "cuda")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
+        """q, k, v: [B, H, L, D] -> [B, H, L, D] (and the realised block sparsity if ``return_sparsity``)."""
+        kernel = self.uses_kernels(q.device)
+        check_inputs(q, k, v, kernel=kernel)
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"q has head dim {q.shape[-1]} but this layer was built with head_dim={self.head_dim}")
+        c = self.config
+        out_dtype = q.dtype
+        if kernel and q.dtype == torch.float32 and q.device.type == "cuda":
+            run_dtype = torch.bfloat16 if self.use_bf16 else torch.float16
+            q, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)
+        block_map = predict_block_map(q, k, topk=c.topk, negligible=c.negligible, block_q=c.block_q,
+                                      block_k=c.block_k)
+        weight, bias = self.proj_l.weight.to(q.dtype), self.proj_l.bias.to(q.dtype)
+        if kernel:
+            out = sparse_linear_attention(q, k, v, block_map, weight, bias, feature_map=c.feature_map,
+                                          linear_scope=c.linear_scope)
+        else:
+            out = sla_reference(q, k, v, block_map, weight, bias, feature_map=c.feature_map,
+                                linear_scope=c.linear_scope)
+        out = out.to(out_dtype)
+        if return_sparsity:
+            return out, 1.0 - block_map.critical_fraction()
+        return out
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full softmax attention, the baseline SLA replaces (and what it equals at topk = 1 with proj_l = 0)."""
+    return F.scaled_dot_product_attention(q, k, v)

@@ -1,0 +1,163 @@
+"""Triton backward of Sparse-Linear Attention.
+
+Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - lse)). Three jobs, three kernels:
+
+1. ``_bwd_delta_kernel``: delta = rowsum(dO_s * O_s), the softmax backward's correction term.
+2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
+       dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)
+   then the linear branch of the same rows. With N = phi(Q_i) H_i, den = phi(Q_i) . Z_i, O_l = N / den:
+       dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2,  dphi(Q) = dN H_i^T + dden Z_i^T
+   and it writes this block's contributions to the summaries' gradients, dH_i = phi(Q_i)^T dN and
+   dZ_i = phi(Q_i)^T dden, which the launcher scatters back to key blocks (dh_j = sum over the query blocks for
+   which j is marginal).
+3. ``_bwd_dkdv_kernel``: one program per key block j, walking the transposed list q_indices (only the query blocks
+   that chose j, never all of them):
+       dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
+   plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T.
+"""
+
+import triton
+import triton.language as tl
+
+from .feature_maps import phi_bwd, phi_fwd
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_b, stride_h, stride_l, H, L,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = offs_m < L
+    tile = base + offs_m[:, None].to(tl.int64) * stride_l + tl.arange(0, D)[None, :]
+    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DOL, DQ,                    # [B, H, L, D] x6 (shared strides)
+    LSE, DELTA,                              # [BH, L] float32
+    KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
+    HL, ZL, DHL, DZL,                        # H_i, Z_i (may be broadcast over Nq), dH_i [BH, Nq, D, D], dZ_i
+    stride_b, stride_h, stride_l,
+    stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+    H, L, NQ, KV_WIDTH, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < L
+    tile = base + offs_m[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+    row = bh.to(tl.int64) * NQ + pid_q
+    n_blocks = tl.load(KV_NUM + row)
+    for it in range(0, n_blocks):
+        j = tl.load(KV_IDX + row * KV_WIDTH + it)
+        offs_k = j * BLOCK_K + offs_n
+        col_ok = offs_k < L
+        kv_tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+        k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * sm_scale
+
+    if HAS_LINEAR:
+        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        x = q.to(tl.float32)
+        fq = phi_fwd(x, FEATURE_MAP)
+        hl = tl.load(HL + bh.to(tl.int64) * stride_hl_bh + pid_q.to(tl.int64) * stride_hl_q
+                     + offs_d[:, None] * D + offs_d[None, :])
+        zl = tl.load(ZL + bh.to(tl.int64) * stride_zl_bh + pid_q.to(tl.int64) * stride_zl_q + offs_d)
+        num = tl.dot(fq, hl, input_precision=PRECISION)
+        den = tl.sum(fq * zl[None, :], axis=1)
+        inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
+        dnum = dol * inv[:, None]
+        dden = -tl.sum(dol * num, axis=1) * inv * inv
+        dfq = tl.dot(dnum, tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
+        dq += phi_bwd(x, fq, dfq, FEATURE_MAP)
+        # Rows past L carry dO_l = 0, so they add nothing to dH_i and dZ_i.
+        dh = tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
+        out = bh.to(tl.int64) * NQ + pid_q
+        tl.store(DHL + out * D * D + offs_d[:, None] * D + offs_d[None, :], dh)
+        tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
+
+    tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV,                     # [B, H, L, D] x6 (shared strides)
+    LSE, DELTA,                              # [BH, L] float32
+    Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
+    DHS, DZS,                                # dh_j, dz_j (may be broadcast over Nk)
+    stride_b, stride_h, stride_l,
+    stride_dh_bh, stride_dh_k, stride_dz_bh, stride_dz_k,
+    H, L, NK, NQ, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m0 = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_k < L
+    kv_tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
+
+    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    col = bh.to(tl.int64) * NK + pid_k
+    n_blocks = tl.load(Q_NUM + col)
+    for it in range(0, n_blocks):
+        i = tl.load(Q_IDX + col * NQ + it)
+        offs_m = i * BLOCK_Q + offs_m0
+        row_ok = offs_m < L
+        tile = base + offs_m[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+        q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+
+    if HAS_LINEAR:
+        x = k.to(tl.float32)
+        fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
+        dh = tl.load(DHS + bh.to(tl.int64) * stride_dh_bh + pid_k.to(tl.int64) * stride_dh_k
+                     + offs_d[:, None] * D + offs_d[None, :])
+        dz = tl.load(DZS + bh.to(tl.int64) * stride_dz_bh + pid_k.to(tl.int64) * stride_dz_k + offs_d)
+        vf = v.to(tl.float32)
+        dv += tl.dot(fk, dh, input_precision=PRECISION)
+        dfk = tl.dot(vf, tl.trans(dh), input_precision=PRECISION) + dz[None, :]
+        dk += tl.where(col_ok[:, None], phi_bwd(x, fk, dfk, FEATURE_MAP), 0.0)
+
+    tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

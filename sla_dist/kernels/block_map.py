@@ -1,0 +1,158 @@
+"""Block-map prediction: pooling, block scores and the critical / marginal / negligible split.
+
+Notation (per batch b and head h): the sequence of L tokens is cut into Nq = ceil(L / block_q) query blocks and
+Nk = ceil(L / block_k) key blocks; the last block of each may be partial. For query block i and key block j:
+
+    qbar_i = mean of the valid rows of Q in block i
+    kbar_j = mean of the valid rows of (K - mean_L K) in block j          ("smooth-K")
+    s_ij   = qbar_i . kbar_j / sqrt(D)
+
+Per query block, key blocks are ranked by s_ij (ties go to the lower index); the top n_c are critical, the bottom
+n_n negligible, the rest marginal:
+
+    n_c = min(Nk, max(1, floor(topk * Nk + 1e-6)))      (never zero)
+    n_n = min(Nk - n_c, floor(negligible * Nk + 1e-6))
+
+The result is a :class:`BlockMap` whose names follow FlexAttention's BlockMask: ``kv_num_blocks`` / ``kv_indices``
+list the critical key blocks of each query block (the forward and dQ walk these); ``q_num_blocks`` / ``q_indices``
+list, for each key block, the query blocks that chose it (dK/dV walk these). ``block_class`` holds the full
+classification that the linear branch needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import validate_fractions
+
+NEGLIGIBLE, MARGINAL, CRITICAL = 0, 1, 2
+
+
+def num_blocks(length: int, block: int) -> int:
+    return -(-length // block)
+
+
+def block_counts(nk: int, topk: float, negligible: float) -> tuple[int, int]:
+    """(n_c, n_n): critical and negligible key blocks per query block out of ``nk``."""
+    validate_fractions(topk, negligible)
+    n_c = min(nk, max(1, math.floor(topk * nk + 1e-6)))
+    n_n = min(nk - n_c, math.floor(negligible * nk + 1e-6))
+    return n_c, n_n
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Which key blocks each query block attends to exactly, linearly, or not at all.
+
+    Shapes (B batch, H heads, Nq query blocks, Nk key blocks, W = the widest critical list):
+        block_class   [B, H, Nq, Nk] int8   CRITICAL / MARGINAL / NEGLIGIBLE
+        kv_num_blocks [B, H, Nq]     int32  critical key blocks per query block
+        kv_indices    [B, H, Nq, W]  int32  their indices, ascending; entries past kv_num_blocks are unspecified
+    """
+
+    block_class: torch.Tensor
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    seq_len: int
+    block_q: int
+    block_k: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.block_class.shape)  # type: ignore[return-value]
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_num_blocks [B, H, Nk] int32, q_indices [B, H, Nk, Nq] int32): the query blocks that chose each key
+        block, ascending. Built on demand (the backward needs it) so that it is never saved between passes."""
+        return critical_lists(self.block_class.transpose(-1, -2))
+
+    def critical_fraction(self) -> float:
+        """Realised fraction of (query block, key block) pairs computed by the sparse branch."""
+        return float((self.block_class == CRITICAL).float().mean())
+
+    def token_mask(self, cls: int) -> torch.Tensor:
+        """Token-level [B, H, L, L] boolean mask of the pairs in class ``cls`` (for references and tests)."""
+        m = (self.block_class == cls).repeat_interleave(self.block_q, dim=2)[:, :, : self.seq_len]
+        return m.repeat_interleave(self.block_k, dim=3)[..., : self.seq_len]
+
+
+def critical_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``block_class`` [..., R, C]: the number of CRITICAL columns and their indices, ascending."""
+    critical = block_class == CRITICAL
+    count = critical.sum(-1, dtype=torch.int32)
+    # A stable sort of "not critical" puts the critical columns first, in ascending order.
+    order = torch.sort((~critical).to(torch.uint8), dim=-1, stable=True).indices
+    return count.contiguous(), order.to(torch.int32).contiguous()
+
+
+def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of the valid rows of each block of ``x`` [B, H, L, D] -> [B, H, ceil(L / block), D] in float32."""
+    B, H, L, D = x.shape
+    n = num_blocks(L, block)
+    x = x.float()
+    if n * block != L:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n * block - L))
+    sums = x.view(B, H, n, block, D).sum(3)
+    counts = torch.full((n,), float(block), device=x.device)
+    counts[-1] = L - (n - 1) * block
+    return sums / counts[:, None]
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """s_ij = qbar_i . kbar_j / sqrt(D) with smooth-K pooling, float32 [B, H, Nq, Nk]."""
+    qbar = pool_blocks(q, block_q)
+    # Pooling is linear, so the pooled smooth-K is the pooled K minus the sequence mean of K.
+    kbar = pool_blocks(k, block_k) - k.float().mean(dim=2, keepdim=True)
+    return qbar @ kbar.transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+
+def classify(scores: torch.Tensor, topk: float, negligible: float) -> torch.Tensor:
+    """Rank each row of ``scores`` [..., Nk] and return the int8 block classes."""
+    nk = scores.shape[-1]
+    n_c, n_n = block_counts(nk, topk, negligible)
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    by_rank = torch.full((nk,), MARGINAL, dtype=torch.int8, device=scores.device)
+    by_rank[:n_c] = CRITICAL
+    if n_n:
+        by_rank[nk - n_n :] = NEGLIGIBLE
+    return torch.empty_like(order, dtype=torch.int8).scatter_(-1, order, by_rank.expand_as(order))
+
+
+def build_block_map(
+    block_class: torch.Tensor, seq_len: int, block_q: int, block_k: int, width: int | None = None
+) -> BlockMap:
+    """Wrap a classification (from :func:`classify` or elsewhere, e.g. a context-parallel rank) as a BlockMap.
+
+    ``width`` is the longest critical list when the caller knows it (classify() gives every row n_c); otherwise it
+    is read off the tensor, which synchronises with the device.
+    """
+    kv_num_blocks, order = critical_lists(block_class)
+    if width is None:
+        width = int(kv_num_blocks.max()) if kv_num_blocks.numel() else 0
+    return BlockMap(
+        block_class=block_class,
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=order[..., : max(width, 1)].contiguous(),
+        seq_len=seq_len,
+        block_q=block_q,
+        block_k=block_k,
+    )
+
+
+@torch.no_grad()
+def predict_block_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    topk: float,
+    negligible: float,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> BlockMap:
+    """Predict the SLA block map of ``q``, ``k`` [B, H, L, D]."""
+    scores = block_scores(q, k, block_q, block_k)
+    n_c, _ = block_counts(scores.shape[-1], topk, negligible)
+    return build_block_map(classify(scores, topk, negligible), q.shape[2], block_q, block_k, width=n_c)

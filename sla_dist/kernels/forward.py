@@ -1,0 +1,105 @@
+"""Triton forward of Sparse-Linear Attention.
+
+Notation: one program handles query block i (BLOCK_Q rows) of one (batch, head) pair ``bh``; key blocks hold
+BLOCK_K rows; the head dim D is a power of two. Scores are kept in base 2: with c = log2(e) / sqrt(D),
+
+    s = c * q k^T,  m = running row max,  l = running sum of 2^(s - m),  lse = m + log2(l)
+
+so that the backward recomputes P = 2^(s - lse) from the saved base-2 log-sum-exp.
+
+Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online softmax (FlashAttention-2).
+Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j = colsum phi(K_j) [D] are built by
+``_linear_summaries_kernel``; the launcher sums them over each query block's marginal blocks (a 0/1 matrix product,
+see op.py) into H_i, Z_i, and the forward kernel finishes with O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the
+denominator is 0. Offsets into q/k/v are int64 so that B * H * L * D may exceed 2^31.
+"""
+
+import triton
+import triton.language as tl
+
+from .feature_maps import phi_fwd
+
+
+@triton.jit
+def _sla_fwd_kernel(
+    Q, K, V, O, OL, LSE,                     # [B, H, L, D] x5 (shared strides), [BH, L] float32
+    KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
+    HL, ZL,                                  # [BH, Nq or 1, D, D], [BH, Nq or 1, D] float32
+    stride_b, stride_h, stride_l,            # strides of q/k/v/o/ol in elements
+    stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+    H, L, NQ, KV_WIDTH, qk_scale,            # qk_scale = log2(e) / sqrt(D)
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < L
+    tile = base + offs_m[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+    row = bh.to(tl.int64) * NQ + pid_q
+    n_blocks = tl.load(KV_NUM + row)
+    for it in range(0, n_blocks):
+        j = tl.load(KV_IDX + row * KV_WIDTH + it)
+        offs_k = j * BLOCK_K + offs_n
+        col_ok = offs_k < L
+        kv_tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+        k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # A row with no critical block (possible only for hand-built maps) yields 0 and lse = -inf.
+    has_keys = l_i > 0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    tl.store(O + tile, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+    if HAS_LINEAR:
+        fq = phi_fwd(q.to(tl.float32), FEATURE_MAP)
+        hl_ptr = HL + bh.to(tl.int64) * stride_hl_bh + pid_q.to(tl.int64) * stride_hl_q
+        hl = tl.load(hl_ptr + offs_d[:, None] * D + offs_d[None, :])
+        zl = tl.load(ZL + bh.to(tl.int64) * stride_zl_bh + pid_q.to(tl.int64) * stride_zl_q + offs_d)
+        num = tl.dot(fq, hl, input_precision=PRECISION)
+        den = tl.sum(fq * zl[None, :], axis=1)
+        o_l = num / tl.where(den != 0, den, 1.0)[:, None]
+        o_l = tl.where((den != 0)[:, None], o_l, 0.0)
+        tl.store(OL + tile, o_l.to(OL.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _linear_summaries_kernel(
+    K, V, HS, ZS,                            # [B, H, L, D] x2, [BH, Nk, D, D] / [BH, Nk, D] float32 (outputs)
+    stride_b, stride_h, stride_l,
+    H, L, NK,
+    D: tl.constexpr, BLOCK_K: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """h_j = phi(K_j)^T V_j and z_j = colsum phi(K_j) for key block j; padded rows contribute nothing."""
+    pid_k = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_k < L
+    tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
+    v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
+    fk = tl.where(row_ok[:, None], phi_fwd(k.to(tl.float32), FEATURE_MAP), 0.0)
+    h = tl.dot(tl.trans(fk), v.to(tl.float32), input_precision=PRECISION)
+    out = bh.to(tl.int64) * NK + pid_k
+    tl.store(HS + out * D * D + offs_d[:, None] * D + offs_d[None, :], h)
+    tl.store(ZS + out * D + offs_d, tl.sum(fk, axis=0))

@@ -1,0 +1,321 @@
+"""SLA as a PyTorch operator: ``torch.library`` custom ops -> autograd -> one thin public function.
+
+The custom ops (``sla_dist::sla_forward`` / ``sla_dist::sla_backward``) have fake implementations, so
+``torch.compile`` traces through them without running a kernel. Block-map prediction stays outside the op in plain
+PyTorch: it is not differentiable and a compiler may fuse it.
+
+The Triton kernel modules are imported on first launch, not here: ``triton.jit`` picks compiled or interpreted mode
+when a kernel is defined, so ``TRITON_INTERPRET=1`` only has to be set before the first call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ..config import FEATURE_MAPS
+from .block_map import MARGINAL, BlockMap
+from .configs import launch_config
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_HEAD_DIMS = (32, 64, 128)
+
+# Tests set this to fill every kernel output with NaN before launch, so an unwritten element cannot pass.
+POISON_OUTPUTS = False
+
+
+def _new_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = torch.empty_like(x, dtype=dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(shape, device=like.device, dtype=dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """True when Triton kernels can launch on ``device``: CUDA, or any device under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Everything a launch needs besides the tensors, unpacked once here."""
+
+    B: int
+    H: int
+    L: int
+    D: int
+    block_q: int
+    block_k: int
+    strides: tuple[int, int, int]
+    feature_map: int
+    has_linear: bool
+    precision: str
+
+    @property
+    def nq(self) -> int:
+        return triton.cdiv(self.L, self.block_q)
+
+    @property
+    def nk(self) -> int:
+        return triton.cdiv(self.L, self.block_k)
+
+    @property
+    def bh(self) -> int:
+        return self.B * self.H
+
+    @property
+    def qk_scale(self) -> float:
+        return self.sm_scale * math.log2(math.e)
+
+    @property
+    def sm_scale(self) -> float:
+        return 1.0 / math.sqrt(self.D)
+
+    def meta(self) -> dict:
+        return dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k, FEATURE_MAP=self.feature_map,
+                    HAS_LINEAR=self.has_linear, PRECISION=self.precision)
+
+
+def _same_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels index q, k, v, o and their gradients with one set of strides: make them agree."""
+    first = tensors[0].stride()
+    if first[-1] == 1 and all(t.stride() == first for t in tensors[1:]):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _problem(q: torch.Tensor, block_q: int, block_k: int, feature_map: str, has_linear: bool) -> _Problem:
+    B, H, L, D = q.shape
+    return _Problem(B, H, L, D, block_q, block_k, tuple(q.stride()[:3]), FEATURE_MAPS.index(feature_map), has_linear,
+                    # fp32 inputs get exact fp32 products; fp16/bf16 inputs use tf32 for the fp32 linear-branch dots.
+                    "ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _scatter_to_query_blocks(per_key_block: torch.Tensor, block_class: torch.Tensor, scope: str) -> torch.Tensor:
+    """sum_j M_ij x_j for M_ij = [j is in query block i's linear scope]; x is [BH, Nk, F] -> [BH, Nq or 1, F].
+
+    A 0/1 matrix product keeps the sum exact in float32 and runs on tensor cores; for scope 'all' every query block
+    shares one total, returned with a broadcastable size-1 dimension."""
+    if scope == "all":
+        return per_key_block.sum(1, keepdim=True)
+    marginal = (block_class == MARGINAL).flatten(0, 1).to(per_key_block.dtype)
+    return marginal @ per_key_block
+
+
+def _gather_to_key_blocks(per_query_block: torch.Tensor, block_class: torch.Tensor, scope: str) -> torch.Tensor:
+    """Transpose of :func:`_scatter_to_query_blocks`: [BH, Nq, F] -> [BH, Nk or 1, F]."""
+    if scope == "all":
+        return per_query_block.sum(1, keepdim=True)
+    marginal = (block_class == MARGINAL).flatten(0, 1).to(per_query_block.dtype)
+    return marginal.transpose(1, 2) @ per_query_block
+
+
+def _linear_totals(k, v, block_class, p: _Problem, scope: str):
+    """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
+    from .forward import _linear_summaries_kernel
+
+    hs = _new((p.bh, p.nk, p.D, p.D), k, torch.float32)
+    zs = _new((p.bh, p.nk, p.D), k, torch.float32)
+    cfg = launch_config("summaries", p.block_q, p.D)
+    _linear_summaries_kernel[(p.nk, p.bh)](
+        k, v, hs, zs, *p.strides, p.H, p.L, p.nk,
+        D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    hl = _scatter_to_query_blocks(hs.view(p.bh, p.nk, p.D * p.D), block_class, scope)
+    zl = _scatter_to_query_blocks(zs, block_class, scope)
+    return hl.view(p.bh, -1, p.D, p.D), zl
+
+
+def _q_stride(x: torch.Tensor) -> int:
+    """Stride over the block dimension; 0 when one total is broadcast to every block."""
+    return 0 if x.shape[1] == 1 else x.stride(1)
+
+
+@torch.library.custom_op("sla_dist::sla_forward", mutates_args=())
+def sla_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_s, O_l, lse): sparse-branch output, unprojected linear-branch output, base-2 log-sum-exp [B, H, L]."""
+    from .forward import _sla_fwd_kernel
+
+    q, k, v = _same_layout(q, k, v)
+    has_linear = linear_scope != "none"
+    p = _problem(q, block_q, block_k, feature_map, has_linear)
+    o = _new_like(q)
+    o_l = _new_like(q) if has_linear else torch.zeros_like(q)
+    lse = _new((p.B, p.H, p.L), q, torch.float32)
+    if has_linear:
+        hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
+    else:  # never read: HAS_LINEAR=False compiles the branch away
+        hl = zl = lse
+    cfg = launch_config("fwd", block_q, p.D)
+    _sla_fwd_kernel[(p.nq, p.bh)](
+        q, k, v, o, o_l, lse, kv_num_blocks, kv_indices, hl, zl,
+        *p.strides,
+        hl.stride(0), _q_stride(hl), zl.stride(0), _q_stride(zl),
+        p.H, p.L, p.nq, kv_indices.shape[-1], p.qk_scale,
+        **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, o_l, lse
+
+
+@sla_forward.register_fake
+def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope):
+    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sla_dist::sla_backward", mutates_args=())
+def sla_backward(
+    do: torch.Tensor, dol: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) given the gradients of O_s (``do``) and of the unprojected O_l (``dol``, None if unused)."""
+    from .backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+    from .block_map import critical_lists
+
+    has_linear = linear_scope != "none" and dol is not None
+    if dol is None:
+        dol = do  # never read: HAS_LINEAR=False compiles the branch away
+    q, k, v, o, do, dol = _same_layout(q, k, v, o, do, dol)
+    p = _problem(q, block_q, block_k, feature_map, has_linear)
+
+    delta = _new((p.B, p.H, p.L), q, torch.float32)
+    cfg = launch_config("delta", block_q, p.D)
+    _bwd_delta_kernel[(p.nq, p.bh)](o, do, delta, *p.strides, p.H, p.L, D=p.D, BLOCK_Q=block_q,
+                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
+    if has_linear:
+        hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
+        dhl = _new((p.bh, p.nq, p.D, p.D), q, torch.float32)
+        dzl = _new((p.bh, p.nq, p.D), q, torch.float32)
+    else:
+        hl = zl = dhl = dzl = delta
+    cfg = launch_config("dq", block_q, p.D)
+    _bwd_dq_kernel[(p.nq, p.bh)](
+        q, k, v, do, dol, dq, lse, delta, kv_num_blocks, kv_indices, hl, zl, dhl, dzl,
+        *p.strides,
+        hl.stride(0), _q_stride(hl), zl.stride(0), _q_stride(zl),
+        p.H, p.L, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
+        **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    if has_linear:
+        dhs = _gather_to_key_blocks(dhl.view(p.bh, p.nq, p.D * p.D), block_class, linear_scope)
+        dzs = _gather_to_key_blocks(dzl, block_class, linear_scope)
+    else:
+        dhs = dzs = delta.view(p.bh, 1, -1)
+    q_num_blocks, q_indices = critical_lists(block_class.transpose(-1, -2))
+    cfg = launch_config("dkdv", block_q, p.D)
+    _bwd_dkdv_kernel[(p.nk, p.bh)](
+        q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
+        *p.strides,
+        dhs.stride(0), _q_stride(dhs), dzs.stride(0), _q_stride(dzs),
+        p.H, p.L, p.nk, p.nq, p.qk_scale, p.sm_scale,
+        **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv
+
+
+@sla_backward.register_fake
+def _(do, dol, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope = inputs
+    o, _, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices)
+    ctx.static = (block_q, block_k, feature_map, linear_scope)
+
+
+def _backward(ctx, do, dol, _dlse):
+    q, k, v, o, lse, block_class, kv_num_blocks, kv_indices = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = sla_backward(do, dol, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sla_dist::sla_forward", _backward, setup_context=_setup_context)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: bool) -> None:
+    """Raise ValueError / NotImplementedError naming the offending value for inputs SLA cannot take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, L, D]; got rank {t.dim()} with shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[2] == 0:
+        raise ValueError(f"sequence length is 0 in shape {tuple(q.shape)}")
+    if not q.dtype.is_floating_point:
+        raise NotImplementedError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    if kernel:
+        if q.dtype not in KERNEL_DTYPES:
+            raise NotImplementedError(f"dtype {q.dtype} is not supported by the Triton kernels; use one of "
+                                      f"{KERNEL_DTYPES} (float64 runs on the reference backend)")
+        if q.shape[-1] not in KERNEL_HEAD_DIMS:
+            raise NotImplementedError(f"head dim {q.shape[-1]} is not supported by the Triton kernels; "
+                                      f"supported: {KERNEL_HEAD_DIMS}")
+        if not triton_runs_on(q.device):
+            raise NotImplementedError(f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1); got {q.device}")
+
+
+def _check_block_map(q: torch.Tensor, block_map: BlockMap) -> None:
+    B, H, L, _ = q.shape
+    expected = (B, H, triton.cdiv(L, block_map.block_q), triton.cdiv(L, block_map.block_k))
+    if block_map.seq_len != L or tuple(block_map.block_class.shape) != expected:
+        raise ValueError(f"block map of shape {tuple(block_map.block_class.shape)} (seq_len {block_map.seq_len}) "
+                         f"does not fit q of shape {tuple(q.shape)}: expected {expected}")
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_map: BlockMap,
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    *,
+    feature_map: str = "softmax",
+    linear_scope: str = "marginal",
+) -> torch.Tensor:
+    """Sparse-Linear Attention with the fused Triton kernels.
+
+    Args:
+        q, k, v: [B, H, L, D], float16 / bfloat16 / float32, D in (32, 64, 128); any strides with a unit last one.
+        block_map: from :func:`sla_dist.kernels.block_map.predict_block_map` for the same B, H, L.
+        proj_weight, proj_bias: proj_l, [D, D] and [D]. Without a weight the linear branch is skipped.
+        feature_map: 'softmax' | 'elu' | 'relu'.
+        linear_scope: 'marginal' (paper) | 'all' | 'none'.
+
+    Returns:
+        [B, H, L, D] in q's dtype: O_s + proj_l(O_l).
+    """
+    check_inputs(q, k, v, kernel=True)
+    _check_block_map(q, block_map)
+    if proj_weight is None:
+        linear_scope = "none"
+    o, o_l, _ = sla_forward(q, k, v, block_map.block_class, block_map.kv_num_blocks, block_map.kv_indices,
+                            block_map.block_q, block_map.block_k, feature_map, linear_scope)
+    if linear_scope != "none":
+        o = o + F.linear(o_l, proj_weight, proj_bias)
+    return o

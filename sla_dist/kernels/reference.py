@@ -1,0 +1,70 @@
+"""Dense-masked PyTorch reference of SLA: the truth every kernel is tested against.
+
+It materialises the [L, L] attention matrix, so it is for tests and small CPU runs only. It runs in any floating
+dtype; in float64 it is the "exact" answer, and in the kernel's dtype it measures how much error that dtype alone
+costs (the kernels must stay within a small multiple of it).
+
+    O   = O_s + proj_l(O_l)
+    O_s = softmax(Q K^T / sqrt(D) masked to the critical pairs) V
+    O_l = (A V) / (A 1),  A = phi(Q) phi(K)^T masked to the linear pairs,  0 where A 1 == 0
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .block_map import CRITICAL, MARGINAL, BlockMap
+
+
+def feature_map_ref(x: torch.Tensor, name: str) -> torch.Tensor:
+    """phi(x) applied over the head dimension."""
+    if name == "softmax":
+        return torch.softmax(x, dim=-1)
+    if name == "elu":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return torch.relu(x)
+    raise ValueError(f"feature_map={name!r} is not one of ('softmax', 'elu', 'relu')")
+
+
+def sparse_branch_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: BlockMap) -> torch.Tensor:
+    """O_s [B, H, L, D]: exact softmax attention restricted to each query's critical key blocks."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~block_map.token_mask(CRITICAL), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def linear_branch_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: BlockMap, feature_map: str, linear_scope: str
+) -> torch.Tensor:
+    """O_l [B, H, L, D]: normalised linear attention over the marginal key blocks (or all keys)."""
+    a = feature_map_ref(q, feature_map) @ feature_map_ref(k, feature_map).transpose(-1, -2)
+    if linear_scope == "marginal":
+        a = a * block_map.token_mask(MARGINAL).to(a.dtype)
+    elif linear_scope != "all":
+        raise ValueError(f"linear_scope={linear_scope!r} has no linear branch")
+    num = a @ v
+    den = a.sum(-1, keepdim=True)
+    empty = den == 0
+    # Divide by 1 where the denominator vanishes so that neither value nor gradient becomes NaN.
+    return torch.where(empty, torch.zeros_like(num), num / torch.where(empty, torch.ones_like(den), den))
+
+
+def sla_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_map: BlockMap,
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    *,
+    feature_map: str = "softmax",
+    linear_scope: str = "marginal",
+) -> torch.Tensor:
+    """Full SLA output [B, H, L, D] from q, k, v [B, H, L, D] and a precomputed block map."""
+    out = sparse_branch_ref(q, k, v, block_map)
+    if linear_scope != "none" and proj_weight is not None:
+        o_l = linear_branch_ref(q, k, v, block_map, feature_map, linear_scope)
+        out = out + F.linear(o_l, proj_weight, proj_bias)
+    return out
