@@ -3,14 +3,16 @@
 from .attention import SparseLinearAttention
 from .config import SLAConfig
 from .kernels.block_map import BlockMap, predict_block_map
-from .kernels.op import sparse_linear_attention
-from .kernels.reference import sla_reference
+from .kernels.op import sla_branches, sparse_linear_attention
+from .kernels.reference import sla_branches_ref, sla_reference
 
 __all__ = [
     "BlockMap",
     "SLAConfig",
     "SparseLinearAttention",
     "predict_block_map",
+    "sla_branches",
+    "sla_branches_ref",
     "sla_reference",
     "sparse_linear_attention",
 ]

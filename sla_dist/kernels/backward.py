@@ -2,7 +2,8 @@
 
 Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - lse)). Three jobs, three kernels:
 
-1. ``_bwd_delta_kernel``: delta = rowsum(dO_s * O_s), the softmax backward's correction term.
+1. ``_bwd_delta_kernel``: delta = rowsum(dO_s * O_s) - log2(e) dlse, the softmax backward's correction term
+   (dlse, the gradient of the saved base-2 lse, is nonzero when a caller merges partial attentions by their LSE).
 2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)
    then the linear branch of the same rows. With N = phi(Q_i) H_i, den = phi(Q_i) . Z_i, O_l = N / den:
@@ -24,45 +25,51 @@ from .feature_maps import phi_bwd, phi_fwd
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DELTA,
-    stride_b, stride_h, stride_l, H, L,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    O, DO, DLSE, DELTA,                      # o/do [B, H, LQ, D], dlse/delta [BH, LQ] float32
+    stride_qb, stride_qh, stride_ql, H, LQ,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = offs_m < L
-    tile = base + offs_m[:, None].to(tl.int64) * stride_l + tl.arange(0, D)[None, :]
+    row_ok = offs_m < LQ
+    tile = base + offs_m[:, None].to(tl.int64) * stride_ql + tl.arange(0, D)[None, :]
     o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
+    delta = tl.sum(o * do, axis=1)
+    rows = bh.to(tl.int64) * LQ + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + rows, delta, mask=row_ok)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DOL, DQ,                    # [B, H, L, D] x6 (shared strides)
-    LSE, DELTA,                              # [BH, L] float32
+    Q, K, V, DO, DOL, DQ,                    # q/do/dol/dq [B, H, LQ, D] (q strides), k/v [B, H, LK, D]
+    LSE, DELTA,                              # [BH, LQ] float32
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
     HL, ZL, DHL, DZL,                        # H_i, Z_i (may be broadcast over Nq), dH_i [BH, Nq, D, D], dZ_i
-    stride_b, stride_h, stride_l,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
-    H, L, NQ, KV_WIDTH, qk_scale, sm_scale,
+    H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    q_base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
+    kv_base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
-    tile = base + offs_m[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    row_ok = offs_m < LQ
+    tile = q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
     q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
@@ -70,8 +77,8 @@ def _bwd_dq_kernel(
     for it in range(0, n_blocks):
         j = tl.load(KV_IDX + row * KV_WIDTH + it)
         offs_k = j * BLOCK_K + offs_n
-        col_ok = offs_k < L
-        kv_tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+        col_ok = offs_k < LK
+        kv_tile = kv_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
         k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -95,7 +102,7 @@ def _bwd_dq_kernel(
         dden = -tl.sum(dol * num, axis=1) * inv * inv
         dfq = tl.dot(dnum, tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
         dq += phi_bwd(x, fq, dfq, FEATURE_MAP)
-        # Rows past L carry dO_l = 0, so they add nothing to dH_i and dZ_i.
+        # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
         dh = tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
         out = bh.to(tl.int64) * NQ + pid_q
         tl.store(DHL + out * D * D + offs_d[:, None] * D + offs_d[None, :], dh)
@@ -106,24 +113,26 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV,                     # [B, H, L, D] x6 (shared strides)
-    LSE, DELTA,                              # [BH, L] float32
+    Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D]
+    LSE, DELTA,                              # [BH, LQ] float32
     Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
     DHS, DZS,                                # dh_j, dz_j (may be broadcast over Nk)
-    stride_b, stride_h, stride_l,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
     stride_dh_bh, stride_dh_k, stride_dz_bh, stride_dz_k,
-    H, L, NK, NQ, qk_scale, sm_scale,
+    H, LQ, LK, NK, NQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    q_base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
+    kv_base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m0 = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
-    col_ok = offs_k < L
-    kv_tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    col_ok = offs_k < LK
+    kv_tile = kv_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
     k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
     v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
 
@@ -134,12 +143,12 @@ def _bwd_dkdv_kernel(
     for it in range(0, n_blocks):
         i = tl.load(Q_IDX + col * NQ + it)
         offs_m = i * BLOCK_Q + offs_m0
-        row_ok = offs_m < L
-        tile = base + offs_m[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+        row_ok = offs_m < LQ
+        tile = q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
         q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)

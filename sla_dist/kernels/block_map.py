@@ -1,10 +1,10 @@
 """Block-map prediction: pooling, block scores and the critical / marginal / negligible split.
 
-Notation (per batch b and head h): the sequence of L tokens is cut into Nq = ceil(L / block_q) query blocks and
-Nk = ceil(L / block_k) key blocks; the last block of each may be partial. For query block i and key block j:
+Notation (per batch b and head h): Lq queries are cut into Nq = ceil(Lq / block_q) query blocks and Lk keys into
+Nk = ceil(Lk / block_k) key blocks (Lq == Lk for self-attention); the last block of each may be partial. For query block i and key block j:
 
     qbar_i = mean of the valid rows of Q in block i
-    kbar_j = mean of the valid rows of (K - mean_L K) in block j          ("smooth-K")
+    kbar_j = mean of the valid rows of (K - mean over all keys of K) in block j        ("smooth-K")
     s_ij   = qbar_i . kbar_j / sqrt(D)
 
 Per query block, key blocks are ranked by s_ij (ties go to the lower index); the top n_c are critical, the bottom
@@ -56,7 +56,8 @@ class BlockMap:
     block_class: torch.Tensor
     kv_num_blocks: torch.Tensor
     kv_indices: torch.Tensor
-    seq_len: int
+    q_len: int
+    kv_len: int
     block_q: int
     block_k: int
 
@@ -74,9 +75,9 @@ class BlockMap:
         return float((self.block_class == CRITICAL).float().mean())
 
     def token_mask(self, cls: int) -> torch.Tensor:
-        """Token-level [B, H, L, L] boolean mask of the pairs in class ``cls`` (for references and tests)."""
-        m = (self.block_class == cls).repeat_interleave(self.block_q, dim=2)[:, :, : self.seq_len]
-        return m.repeat_interleave(self.block_k, dim=3)[..., : self.seq_len]
+        """Token-level [B, H, Lq, Lk] boolean mask of the pairs in class ``cls`` (for references and tests)."""
+        m = (self.block_class == cls).repeat_interleave(self.block_q, dim=2)[:, :, : self.q_len]
+        return m.repeat_interleave(self.block_k, dim=3)[..., : self.kv_len]
 
 
 def critical_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +123,7 @@ def classify(scores: torch.Tensor, topk: float, negligible: float) -> torch.Tens
 
 
 def build_block_map(
-    block_class: torch.Tensor, seq_len: int, block_q: int, block_k: int, width: int | None = None
+    block_class: torch.Tensor, q_len: int, kv_len: int, block_q: int, block_k: int, width: int | None = None
 ) -> BlockMap:
     """Wrap a classification (from :func:`classify` or elsewhere, e.g. a context-parallel rank) as a BlockMap.
 
@@ -136,7 +137,8 @@ def build_block_map(
         block_class=block_class,
         kv_num_blocks=kv_num_blocks,
         kv_indices=order[..., : max(width, 1)].contiguous(),
-        seq_len=seq_len,
+        q_len=q_len,
+        kv_len=kv_len,
         block_q=block_q,
         block_k=block_k,
     )
@@ -152,7 +154,7 @@ def predict_block_map(
     block_q: int = 64,
     block_k: int = 64,
 ) -> BlockMap:
-    """Predict the SLA block map of ``q``, ``k`` [B, H, L, D]."""
+    """Predict the SLA block map of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D]."""
     scores = block_scores(q, k, block_q, block_k)
     n_c, _ = block_counts(scores.shape[-1], topk, negligible)
-    return build_block_map(classify(scores, topk, negligible), q.shape[2], block_q, block_k, width=n_c)
+    return build_block_map(classify(scores, topk, negligible), q.shape[2], k.shape[2], block_q, block_k, width=n_c)

@@ -1,7 +1,9 @@
 """Triton forward of Sparse-Linear Attention.
 
 Notation: one program handles query block i (BLOCK_Q rows) of one (batch, head) pair ``bh``; key blocks hold
-BLOCK_K rows; the head dim D is a power of two. Scores are kept in base 2: with c = log2(e) / sqrt(D),
+BLOCK_K rows; the head dim D is a power of two. Queries have LQ rows and keys LK (equal for self-attention; a
+context-parallel rank attends its local queries to a gathered subset of keys). q, o and o_l share one set of
+strides, k and v another. Scores are kept in base 2: with c = log2(e) / sqrt(D),
 
     s = c * q k^T,  m = running row max,  l = running sum of 2^(s - m),  lse = m + log2(l)
 
@@ -22,23 +24,25 @@ from .feature_maps import phi_fwd
 
 @triton.jit
 def _sla_fwd_kernel(
-    Q, K, V, O, OL, LSE,                     # [B, H, L, D] x5 (shared strides), [BH, L] float32
+    Q, K, V, O, OL, LSE,                     # q/o/ol [B, H, LQ, D], k/v [B, H, LK, D], lse [BH, LQ] float32
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
     HL, ZL,                                  # [BH, Nq or 1, D, D], [BH, Nq or 1, D] float32
-    stride_b, stride_h, stride_l,            # strides of q/k/v/o/ol in elements
+    stride_qb, stride_qh, stride_ql,         # strides of q/o/ol in elements
+    stride_kb, stride_kh, stride_kl,         # strides of k/v
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
-    H, L, NQ, KV_WIDTH, qk_scale,            # qk_scale = log2(e) / sqrt(D)
+    H, LQ, LK, NQ, KV_WIDTH, qk_scale,       # qk_scale = log2(e) / sqrt(D)
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    q_base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
+    kv_base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
-    tile = base + offs_m[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    row_ok = offs_m < LQ
+    tile = q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
     q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
@@ -49,8 +53,8 @@ def _sla_fwd_kernel(
     for it in range(0, n_blocks):
         j = tl.load(KV_IDX + row * KV_WIDTH + it)
         offs_k = j * BLOCK_K + offs_n
-        col_ok = offs_k < L
-        kv_tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+        col_ok = offs_k < LK
+        kv_tile = kv_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
         k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -67,7 +71,7 @@ def _sla_fwd_kernel(
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     tl.store(O + tile, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
 
     if HAS_LINEAR:
         fq = phi_fwd(q.to(tl.float32), FEATURE_MAP)
@@ -83,19 +87,19 @@ def _sla_fwd_kernel(
 
 @triton.jit
 def _linear_summaries_kernel(
-    K, V, HS, ZS,                            # [B, H, L, D] x2, [BH, Nk, D, D] / [BH, Nk, D] float32 (outputs)
-    stride_b, stride_h, stride_l,
-    H, L, NK,
+    K, V, HS, ZS,                            # [B, H, LK, D] x2, [BH, Nk, D, D] / [BH, Nk, D] float32 (outputs)
+    stride_kb, stride_kh, stride_kl,
+    H, LK, NK,
     D: tl.constexpr, BLOCK_K: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """h_j = phi(K_j)^T V_j and z_j = colsum phi(K_j) for key block j; padded rows contribute nothing."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
-    row_ok = offs_k < L
-    tile = base + offs_k[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    row_ok = offs_k < LK
+    tile = base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
     k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
     v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
     fk = tl.where(row_ok[:, None], phi_fwd(k.to(tl.float32), FEATURE_MAP), 0.0)

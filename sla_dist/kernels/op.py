@@ -29,8 +29,67 @@ KERNEL_HEAD_DIMS = (32, 64, 128)
 POISON_OUTPUTS = False
 
 
-def _new_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    out = torch.empty_like(x, dtype=dtype)
+def triton_runs_on(device: torch.device) -> bool:
+    """True when Triton kernels can launch on ``device``: CUDA, or any device under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Everything a launch needs besides the tensors, unpacked once here. q-side tensors (q, o, o_l and their
+    gradients) share ``q_strides``; k, v and their gradients share ``kv_strides``."""
+
+    B: int
+    H: int
+    Lq: int
+    Lk: int
+    D: int
+    block_q: int
+    block_k: int
+    q_strides: tuple[int, int, int]
+    kv_strides: tuple[int, int, int]
+    feature_map: int
+    has_linear: bool
+    precision: str
+
+    @property
+    def nq(self) -> int:
+        return triton.cdiv(self.Lq, self.block_q)
+
+    @property
+    def nk(self) -> int:
+        return triton.cdiv(self.Lk, self.block_k)
+
+    @property
+    def bh(self) -> int:
+        return self.B * self.H
+
+    @property
+    def sm_scale(self) -> float:
+        return 1.0 / math.sqrt(self.D)
+
+    @property
+    def qk_scale(self) -> float:
+        return self.sm_scale * math.log2(math.e)
+
+    def meta(self) -> dict:
+        return dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k, FEATURE_MAP=self.feature_map,
+                    HAS_LINEAR=self.has_linear, PRECISION=self.precision)
+
+
+def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tensors a kernel indexes with one set of strides: keep them if they agree (any permutation of a dense layout,
+    e.g. a [B, L, H, D] tensor viewed as [B, H, L, D]), else make them all contiguous."""
+    first = tensors[0].stride()
+    dense = all(st > 0 or n == 1 for st, n in zip(first, tensors[0].shape))
+    if dense and first[-1] == 1 and all(t.stride() == first for t in tensors[1:]):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """A fresh output with exactly x's strides (empty_like would densify a sliced view)."""
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
@@ -39,62 +98,11 @@ def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torc
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
-def triton_runs_on(device: torch.device) -> bool:
-    """True when Triton kernels can launch on ``device``: CUDA, or any device under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass(frozen=True)
-class _Problem:
-    """Everything a launch needs besides the tensors, unpacked once here."""
-
-    B: int
-    H: int
-    L: int
-    D: int
-    block_q: int
-    block_k: int
-    strides: tuple[int, int, int]
-    feature_map: int
-    has_linear: bool
-    precision: str
-
-    @property
-    def nq(self) -> int:
-        return triton.cdiv(self.L, self.block_q)
-
-    @property
-    def nk(self) -> int:
-        return triton.cdiv(self.L, self.block_k)
-
-    @property
-    def bh(self) -> int:
-        return self.B * self.H
-
-    @property
-    def qk_scale(self) -> float:
-        return self.sm_scale * math.log2(math.e)
-
-    @property
-    def sm_scale(self) -> float:
-        return 1.0 / math.sqrt(self.D)
-
-    def meta(self) -> dict:
-        return dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k, FEATURE_MAP=self.feature_map,
-                    HAS_LINEAR=self.has_linear, PRECISION=self.precision)
-
-
-def _same_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The kernels index q, k, v, o and their gradients with one set of strides: make them agree."""
-    first = tensors[0].stride()
-    if first[-1] == 1 and all(t.stride() == first for t in tensors[1:]):
-        return tensors
-    return tuple(t.contiguous() for t in tensors)
-
-
-def _problem(q: torch.Tensor, block_q: int, block_k: int, feature_map: str, has_linear: bool) -> _Problem:
-    B, H, L, D = q.shape
-    return _Problem(B, H, L, D, block_q, block_k, tuple(q.stride()[:3]), FEATURE_MAPS.index(feature_map), has_linear,
+def _problem(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, feature_map: str,
+             has_linear: bool) -> _Problem:
+    B, H, Lq, D = q.shape
+    return _Problem(B, H, Lq, k.shape[2], D, block_q, block_k, tuple(q.stride()[:3]), tuple(k.stride()[:3]),
+                    FEATURE_MAPS.index(feature_map), has_linear,
                     # fp32 inputs get exact fp32 products; fp16/bf16 inputs use tf32 for the fp32 linear-branch dots.
                     "ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -118,7 +126,7 @@ def _gather_to_key_blocks(per_query_block: torch.Tensor, block_class: torch.Tens
     return marginal.transpose(1, 2) @ per_query_block
 
 
-def _linear_totals(k, v, block_class, p: _Problem, scope: str):
+def _linear_totals(k: torch.Tensor, v: torch.Tensor, block_class: torch.Tensor, p: _Problem, scope: str):
     """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
     from .forward import _linear_summaries_kernel
 
@@ -126,7 +134,7 @@ def _linear_totals(k, v, block_class, p: _Problem, scope: str):
     zs = _new((p.bh, p.nk, p.D), k, torch.float32)
     cfg = launch_config("summaries", p.block_q, p.D)
     _linear_summaries_kernel[(p.nk, p.bh)](
-        k, v, hs, zs, *p.strides, p.H, p.L, p.nk,
+        k, v, hs, zs, *p.kv_strides, p.H, p.Lk, p.nk,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -135,9 +143,9 @@ def _linear_totals(k, v, block_class, p: _Problem, scope: str):
     return hl.view(p.bh, -1, p.D, p.D), zl
 
 
-def _q_stride(x: torch.Tensor) -> int:
-    """Stride over the block dimension; 0 when one total is broadcast to every block."""
-    return 0 if x.shape[1] == 1 else x.stride(1)
+def _block_strides(x: torch.Tensor) -> tuple[int, int]:
+    """(stride over bh, stride over blocks) of a per-block buffer; 0 over blocks when one total is broadcast."""
+    return x.stride(0), (0 if x.shape[1] == 1 else x.stride(1))
 
 
 @torch.library.custom_op("sla_dist::sla_forward", mutates_args=())
@@ -146,25 +154,26 @@ def sla_forward(
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s, O_l, lse): sparse-branch output, unprojected linear-branch output, base-2 log-sum-exp [B, H, L]."""
+    """(O_s, O_l, lse): sparse-branch output, unprojected linear-branch output (zeros for scope 'none') and the
+    sparse branch's base-2 log-sum-exp [B, H, Lq] float32."""
     from .forward import _sla_fwd_kernel
 
-    q, k, v = _same_layout(q, k, v)
+    (q,) = _kernel_layout(q)
+    k, v = _kernel_layout(k, v)
     has_linear = linear_scope != "none"
-    p = _problem(q, block_q, block_k, feature_map, has_linear)
-    o = _new_like(q)
-    o_l = _new_like(q) if has_linear else torch.zeros_like(q)
-    lse = _new((p.B, p.H, p.L), q, torch.float32)
+    p = _problem(q, k, block_q, block_k, feature_map, has_linear)
+    o = _like(q)
+    o_l = _like(q) if has_linear else torch.zeros_like(q)
+    lse = _new((p.B, p.H, p.Lq), q, torch.float32)
     if has_linear:
         hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
     else:  # never read: HAS_LINEAR=False compiles the branch away
-        hl = zl = lse
+        hl = zl = lse.view(p.bh, 1, -1)
     cfg = launch_config("fwd", block_q, p.D)
     _sla_fwd_kernel[(p.nq, p.bh)](
         q, k, v, o, o_l, lse, kv_num_blocks, kv_indices, hl, zl,
-        *p.strides,
-        hl.stride(0), _q_stride(hl), zl.stride(0), _q_stride(zl),
-        p.H, p.L, p.nq, kv_indices.shape[-1], p.qk_scale,
+        *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
+        p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
         **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, o_l, lse
@@ -177,61 +186,63 @@ def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature
 
 @torch.library.custom_op("sla_dist::sla_backward", mutates_args=())
 def sla_backward(
-    do: torch.Tensor, dol: torch.Tensor | None,
+    do: torch.Tensor, dol: torch.Tensor | None, dlse: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) given the gradients of O_s (``do``) and of the unprojected O_l (``dol``, None if unused)."""
+    """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
+    (``dlse``); None stands for a zero gradient."""
     from .backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
     from .block_map import critical_lists
 
     has_linear = linear_scope != "none" and dol is not None
-    if dol is None:
-        dol = do  # never read: HAS_LINEAR=False compiles the branch away
-    q, k, v, o, do, dol = _same_layout(q, k, v, o, do, dol)
-    p = _problem(q, block_q, block_k, feature_map, has_linear)
+    q, o, do, dol_ = _kernel_layout(q, o, do, dol if has_linear else do)
+    k, v = _kernel_layout(k, v)
+    p = _problem(q, k, block_q, block_k, feature_map, has_linear)
 
-    delta = _new((p.B, p.H, p.L), q, torch.float32)
+    delta = _new((p.B, p.H, p.Lq), q, torch.float32)
+    dlse = dlse.contiguous() if dlse is not None else None
     cfg = launch_config("delta", block_q, p.D)
-    _bwd_delta_kernel[(p.nq, p.bh)](o, do, delta, *p.strides, p.H, p.L, D=p.D, BLOCK_Q=block_q,
-                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _bwd_delta_kernel[(p.nq, p.bh)](
+        o, do, dlse if dlse is not None else delta, delta, *p.q_strides, p.H, p.Lq,
+        D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
-    dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
+    dq, dk, dv = _like(q), _like(k), _like(v)
     if has_linear:
         hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
         dhl = _new((p.bh, p.nq, p.D, p.D), q, torch.float32)
         dzl = _new((p.bh, p.nq, p.D), q, torch.float32)
-    else:
-        hl = zl = dhl = dzl = delta
+    else:  # never read
+        hl = zl = dhl = dzl = delta.view(p.bh, 1, -1)
     cfg = launch_config("dq", block_q, p.D)
     _bwd_dq_kernel[(p.nq, p.bh)](
-        q, k, v, do, dol, dq, lse, delta, kv_num_blocks, kv_indices, hl, zl, dhl, dzl,
-        *p.strides,
-        hl.stride(0), _q_stride(hl), zl.stride(0), _q_stride(zl),
-        p.H, p.L, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
+        q, k, v, do, dol_, dq, lse, delta, kv_num_blocks, kv_indices, hl, zl, dhl, dzl,
+        *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
+        p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
         **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     if has_linear:
         dhs = _gather_to_key_blocks(dhl.view(p.bh, p.nq, p.D * p.D), block_class, linear_scope)
         dzs = _gather_to_key_blocks(dzl, block_class, linear_scope)
-    else:
+    else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
     q_num_blocks, q_indices = critical_lists(block_class.transpose(-1, -2))
     cfg = launch_config("dkdv", block_q, p.D)
     _bwd_dkdv_kernel[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
-        *p.strides,
-        dhs.stride(0), _q_stride(dhs), dzs.stride(0), _q_stride(dzs),
-        p.H, p.L, p.nk, p.nq, p.qk_scale, p.sm_scale,
+        *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
+        p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
         **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 
 
 @sla_backward.register_fake
-def _(do, dol, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope):
+def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
+      linear_scope):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -242,11 +253,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.static = (block_q, block_k, feature_map, linear_scope)
 
 
-def _backward(ctx, do, dol, _dlse):
+def _backward(ctx, do, dol, dlse):
     q, k, v, o, lse, block_class, kv_num_blocks, kv_indices = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = sla_backward(do, dol, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static)
+    dq, dk, dv = sla_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -254,18 +265,20 @@ torch.library.register_autograd("sla_dist::sla_forward", _backward, setup_contex
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: bool) -> None:
-    """Raise ValueError / NotImplementedError naming the offending value for inputs SLA cannot take."""
+    """Raise ValueError / NotImplementedError naming the offending value for inputs SLA cannot take.
+
+    q is [B, H, Lq, D]; k and v are [B, H, Lk, D] (Lk == Lq for self-attention)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, L, D]; got rank {t.dim()} with shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q, k, v shapes do not fit: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[2] == 0:
-        raise ValueError(f"sequence length is 0 in shape {tuple(q.shape)}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"empty sequence: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if not q.dtype.is_floating_point:
         raise NotImplementedError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if kernel:
@@ -279,12 +292,43 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: b
             raise NotImplementedError(f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1); got {q.device}")
 
 
-def _check_block_map(q: torch.Tensor, block_map: BlockMap) -> None:
-    B, H, L, _ = q.shape
-    expected = (B, H, triton.cdiv(L, block_map.block_q), triton.cdiv(L, block_map.block_k))
-    if block_map.seq_len != L or tuple(block_map.block_class.shape) != expected:
-        raise ValueError(f"block map of shape {tuple(block_map.block_class.shape)} (seq_len {block_map.seq_len}) "
-                         f"does not fit q of shape {tuple(q.shape)}: expected {expected}")
+def check_block_map(q: torch.Tensor, k: torch.Tensor, block_map: BlockMap) -> None:
+    """The block map must have been built for these lengths and block sizes."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    expected = (B, H, triton.cdiv(Lq, block_map.block_q), triton.cdiv(Lk, block_map.block_k))
+    if (block_map.q_len, block_map.kv_len) != (Lq, Lk) or tuple(block_map.block_class.shape) != expected:
+        raise ValueError(f"block map of shape {tuple(block_map.block_class.shape)} for lengths "
+                         f"({block_map.q_len}, {block_map.kv_len}) does not fit q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)}: expected {expected}")
+
+
+def sla_branches(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_map: BlockMap,
+    *,
+    feature_map: str = "softmax",
+    linear_scope: str = "marginal",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """SLA's two branches before projection, for callers that merge attention parts themselves.
+
+    Args:
+        q: [B, H, Lq, D]; k, v: [B, H, Lk, D]; float16 / bfloat16 / float32, D in (32, 64, 128).
+        block_map: built for (Lq, Lk), e.g. by :func:`sla_dist.kernels.block_map.predict_block_map`.
+
+    Returns:
+        o_s [B, H, Lq, D]: softmax attention over each query block's critical key blocks;
+        o_l [B, H, Lq, D] or None for scope 'none': the unprojected linear branch;
+        lse [B, H, Lq] float32: natural-log log-sum-exp of the sparse branch's scaled scores. All three are
+        differentiable, so two partial attentions merge exactly as (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2).
+    """
+    check_inputs(q, k, v, kernel=True)
+    check_block_map(q, k, block_map)
+    o, o_l, lse2 = sla_forward(q, k, v, block_map.block_class, block_map.kv_num_blocks, block_map.kv_indices,
+                               block_map.block_q, block_map.block_k, feature_map, linear_scope)
+    return o, (o_l if linear_scope != "none" else None), lse2 * math.log(2.0)
 
 
 def sparse_linear_attention(
@@ -301,21 +345,19 @@ def sparse_linear_attention(
     """Sparse-Linear Attention with the fused Triton kernels.
 
     Args:
-        q, k, v: [B, H, L, D], float16 / bfloat16 / float32, D in (32, 64, 128); any strides with a unit last one.
-        block_map: from :func:`sla_dist.kernels.block_map.predict_block_map` for the same B, H, L.
+        q: [B, H, Lq, D]; k, v: [B, H, Lk, D]; float16 / bfloat16 / float32, D in (32, 64, 128); any strides with
+            a unit last one (e.g. a [B, L, H, D] projection viewed as [B, H, L, D] is read in place).
+        block_map: from :func:`sla_dist.kernels.block_map.predict_block_map` for the same shapes.
         proj_weight, proj_bias: proj_l, [D, D] and [D]. Without a weight the linear branch is skipped.
         feature_map: 'softmax' | 'elu' | 'relu'.
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
 
     Returns:
-        [B, H, L, D] in q's dtype: O_s + proj_l(O_l).
+        [B, H, Lq, D] in q's dtype: O_s + proj_l(O_l).
     """
-    check_inputs(q, k, v, kernel=True)
-    _check_block_map(q, block_map)
     if proj_weight is None:
         linear_scope = "none"
-    o, o_l, _ = sla_forward(q, k, v, block_map.block_class, block_map.kv_num_blocks, block_map.kv_indices,
-                            block_map.block_q, block_map.block_k, feature_map, linear_scope)
-    if linear_scope != "none":
+    o, o_l, _ = sla_branches(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope)
+    if o_l is not None:
         o = o + F.linear(o_l, proj_weight, proj_bias)
     return o

@@ -28,17 +28,20 @@ def feature_map_ref(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"feature_map={name!r} is not one of ('softmax', 'elu', 'relu')")
 
 
-def sparse_branch_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: BlockMap) -> torch.Tensor:
-    """O_s [B, H, L, D]: exact softmax attention restricted to each query's critical key blocks."""
+def sparse_branch_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: BlockMap
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O_s [B, H, Lq, D], lse [B, H, Lq]): exact softmax attention restricted to each query's critical key blocks,
+    and the natural-log log-sum-exp of its scaled scores."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~block_map.token_mask(CRITICAL), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
 
 
 def linear_branch_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: BlockMap, feature_map: str, linear_scope: str
 ) -> torch.Tensor:
-    """O_l [B, H, L, D]: normalised linear attention over the marginal key blocks (or all keys)."""
+    """O_l [B, H, Lq, D]: normalised linear attention over the marginal key blocks (or all keys)."""
     a = feature_map_ref(q, feature_map) @ feature_map_ref(k, feature_map).transpose(-1, -2)
     if linear_scope == "marginal":
         a = a * block_map.token_mask(MARGINAL).to(a.dtype)
@@ -49,6 +52,21 @@ def linear_branch_ref(
     empty = den == 0
     # Divide by 1 where the denominator vanishes so that neither value nor gradient becomes NaN.
     return torch.where(empty, torch.zeros_like(num), num / torch.where(empty, torch.ones_like(den), den))
+
+
+def sla_branches_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_map: BlockMap,
+    *,
+    feature_map: str = "softmax",
+    linear_scope: str = "marginal",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Reference twin of :func:`sla_dist.kernels.op.sla_branches`: (o_s, o_l or None, natural-log lse)."""
+    o_s, lse = sparse_branch_ref(q, k, v, block_map)
+    o_l = None if linear_scope == "none" else linear_branch_ref(q, k, v, block_map, feature_map, linear_scope)
+    return o_s, o_l, lse
 
 
 def sla_reference(
@@ -62,9 +80,10 @@ def sla_reference(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
 ) -> torch.Tensor:
-    """Full SLA output [B, H, L, D] from q, k, v [B, H, L, D] and a precomputed block map."""
-    out = sparse_branch_ref(q, k, v, block_map)
-    if linear_scope != "none" and proj_weight is not None:
-        o_l = linear_branch_ref(q, k, v, block_map, feature_map, linear_scope)
+    """Full SLA output [B, H, Lq, D] from q [B, H, Lq, D], k, v [B, H, Lk, D] and a precomputed block map."""
+    if proj_weight is None:
+        linear_scope = "none"
+    out, o_l, _ = sla_branches_ref(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope)
+    if o_l is not None:
         out = out + F.linear(o_l, proj_weight, proj_bias)
     return out
