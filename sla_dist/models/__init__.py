@@ -1,0 +1,18 @@
+"""Video DiT models and apply_sla(): the reference Wan-style DiT, 3D token tiling, diffusers adapters."""
+
+from .config import DIT_CONFIGS, DiTConfig, dit_config
+from .dit import DiTInputs, VideoDiT
+from .patch import PatchConfig, apply_sla
+from .tiling import TokenTiling, tile_permutation
+
+__all__ = [
+    "DIT_CONFIGS",
+    "DiTConfig",
+    "DiTInputs",
+    "PatchConfig",
+    "TokenTiling",
+    "VideoDiT",
+    "apply_sla",
+    "dit_config",
+    "tile_permutation",
+]

@@ -1,0 +1,103 @@
+"""Building blocks of the reference video DiT: conditioning embeddings, attention, MLP.
+
+Per-token tensors are [B, L, C] throughout (sequence parallelism shards L); attention heads are split as
+[B, L, H, D] and seen as [B, H, L, D] views by the attention kernels, without copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+
+def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features [B, dim] (cos half first) of diffusion timesteps [B], in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timestep.device, dtype=torch.float32) / half)
+    angles = timestep.float()[:, None] * freqs
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, one fused multiply-add over the token stream."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class DenseAttention(nn.Module):
+    """Softmax attention over q, k, v [B, H, L, D] via SDPA (FlashAttention / cuDNN / memory-efficient on GPU).
+
+    It is the self-attention site that :func:`sla_dist.models.patch.apply_sla` replaces with
+    :class:`sla_dist.SparseLinearAttention`, which takes and returns the same shapes."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, RMS q/k norms across heads, 3D RoPE, then ``core`` (dense or SLA)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.core: nn.Module = DenseAttention()
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim], RoPE tables [L, D / 2] -> [B, L, dim]."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(q).unflatten(-1, heads), cos, sin)
+        k = apply_rope(self.norm_k(k).unflatten(-1, heads), cos, sin)
+        v = v.unflatten(-1, heads)
+        o = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Dense attention of video tokens to text tokens (few keys, so SLA has nothing to save here)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim], context [B, Lt, dim] -> [B, L, dim]."""
+        k, v = self.kv(context).chunk(2, dim=-1)
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads).transpose(1, 2)
+        k = self.norm_k(k).unflatten(-1, heads).transpose(1, 2)
+        v = v.unflatten(-1, heads).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    """'gelu': Linear -> tanh-GELU -> Linear (Wan). 'swiglu': one fused Linear to both branches -> SiLU(a) * b."""
+
+    def __init__(self, dim: int, hidden: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.up = nn.Linear(dim, 2 * hidden if kind == "swiglu" else hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
