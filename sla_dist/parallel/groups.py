@@ -1,0 +1,159 @@
+"""Process groups for sequence parallelism: one object holding the SP / DP split and the Ulysses x ring split of SP.
+
+Rank layout (world = dp_size * sp_size, sp_size = ring_degree * ulysses_degree):
+
+    rank    = dp_rank * sp_size + sp_rank
+    sp_rank = ring_rank * ulysses_degree + ulysses_rank
+
+The ranks of one SP group are consecutive, so on a multi-GPU node they share NVLink; within it the Ulysses ranks are
+innermost because the all-to-all moves the most bytes. Sequence shards are ordered by sp_rank, so the Ulysses group
+of one ring rank holds one contiguous chunk of the sequence, which is what the ring (context-parallel) level splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class SequenceParallelConfig:
+    """How the sequence dimension is split across ranks."""
+
+    sp_size: int = 1
+    """Ranks that share one sample's token sequence (the SP group). The world size must be a multiple of it; the
+    quotient is the data-parallel size."""
+
+    ulysses_degree: int | None = None
+    """Ranks of the SP group that exchange heads by all-to-all (Ulysses). None means all of them (pure Ulysses).
+    The rest of the SP split, ``ring_degree = sp_size // ulysses_degree``, is context parallel."""
+
+    def __post_init__(self) -> None:
+        if self.sp_size < 1:
+            raise ValueError(f"sp_size={self.sp_size} must be at least 1")
+        if self.ulysses_degree is None:
+            self.ulysses_degree = self.sp_size
+        if self.ulysses_degree < 1 or self.sp_size % self.ulysses_degree:
+            raise ValueError(f"ulysses_degree={self.ulysses_degree} must be a positive divisor of "
+                             f"sp_size={self.sp_size}")
+
+    @property
+    def ring_degree(self) -> int:
+        return self.sp_size // int(self.ulysses_degree)
+
+
+@dataclass(frozen=True)
+class SequenceParallelGroups:
+    """Sizes, ranks and process groups of one rank in the DP x ring x Ulysses layout.
+
+    Groups are None when there is no process group to talk to (torch.distributed not initialised, world size 1);
+    collectives in this package treat a None group of size 1 as "nothing to exchange".
+    """
+
+    config: SequenceParallelConfig
+    world_size: int
+    rank: int
+    device: torch.device
+    """Where collectives run: the current CUDA device for NCCL, CPU for gloo."""
+    sp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    ulysses_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    ring_group: dist.ProcessGroup | None = field(default=None, repr=False)
+
+    @property
+    def sp_size(self) -> int:
+        return self.config.sp_size
+
+    @property
+    def ulysses_degree(self) -> int:
+        return int(self.config.ulysses_degree)
+
+    @property
+    def ring_degree(self) -> int:
+        return self.config.ring_degree
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.sp_rank % self.ulysses_degree
+
+    @property
+    def ring_rank(self) -> int:
+        return self.sp_rank // self.ulysses_degree
+
+    @classmethod
+    def build(cls, config: SequenceParallelConfig) -> "SequenceParallelGroups":
+        """Create the groups from the initialised default process group (every rank must call this, in the same
+        order relative to other group creation). Without torch.distributed only ``sp_size=1`` is possible."""
+        if not (dist.is_available() and dist.is_initialized()):
+            if config.sp_size != 1:
+                raise ValueError(f"sp_size={config.sp_size} needs torch.distributed to be initialised first")
+            return cls(config, world_size=1, rank=0, device=_default_device(None))
+        world, rank = dist.get_world_size(), dist.get_rank()
+        sp, ul = config.sp_size, int(config.ulysses_degree)
+        if world % sp:
+            raise ValueError(f"world size {world} is not a multiple of sp_size={sp}")
+        dp, ring = world // sp, config.ring_degree
+
+        def ranks(d: int, r: int, u: int) -> int:
+            return d * sp + r * ul + u
+
+        layouts = {
+            "sp": [[ranks(d, r, u) for r in range(ring) for u in range(ul)] for d in range(dp)],
+            "dp": [[ranks(d, r, u) for d in range(dp)] for r in range(ring) for u in range(ul)],
+            "ulysses": [[ranks(d, r, u) for u in range(ul)] for d in range(dp) for r in range(ring)],
+            "ring": [[ranks(d, r, u) for r in range(ring)] for d in range(dp) for u in range(ul)],
+        }
+        # new_subgroups_by_enumeration must be entered by every rank for every layout, even a trivial one.
+        mine = {name: dist.new_subgroups_by_enumeration(lists)[0] for name, lists in layouts.items()}
+        return cls(config, world, rank, _default_device(dist.get_backend()), mine["sp"], mine["dp"],
+                   mine["ulysses"], mine["ring"])
+
+
+def _default_device(backend: str | None) -> torch.device:
+    if backend == "nccl" or (backend is None and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def ensure_deepspeed_comm() -> None:
+    """Point ``deepspeed.comm`` (which DeepSpeed's DistributedAttention talks through) at the already initialised
+    torch.distributed default group.
+
+    On CPU, DeepSpeed's first comm init JIT-compiles a shared-memory reduction op (about 80 s on two cores) that
+    sequence parallelism never uses: the all-to-all goes through torch.distributed. Marking that op incompatible
+    before the init skips the build; ``deepspeed.ops.__compatible_ops__`` is one cached dict precisely so that such
+    edits stick. On GPU machines the CUDA accelerator has no such op and nothing is changed.
+    """
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        return
+    if not dist.is_initialized():
+        raise RuntimeError("initialise torch.distributed before building sequence-parallel attention")
+    if dist.get_backend() == "gloo":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds_comm.init_distributed(dist.get_backend(), auto_mpi_discovery=False, verbose=False)

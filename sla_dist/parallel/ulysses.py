@@ -1,0 +1,93 @@
+"""Sequence-parallel SLA: a Ulysses all-to-all around SLA on the full sequence (or around context parallel).
+
+Each rank of the SP group holds a contiguous, tail-padded shard of the sequence with every head (see sharding.py).
+DeepSpeed's ``DistributedAttention`` exchanges [B, L/U, H, D] for [B, L, H/U, D] over the Ulysses group (U ranks),
+the local attention runs on the whole sequence for H/U heads, and the reverse exchange restores the shards; the
+backward is the same collective reversed (DeepSpeed's autograd function).
+
+Because the padding sits at the tail of the global sequence, after the exchange the valid tokens are exactly the
+prefix ``[:seq_len]``: SLA runs on that prefix (a strided view, no copy), so padded tokens never reach pooling, the
+block scores, the softmax or the linear sums, and each head's block map is bit-for-bit the single-GPU one. The
+output is zero-padded back, so padded positions get zero outputs and zero gradients.
+
+With ``ring_degree > 1`` (hybrid layout) the exchange yields this ring rank's chunk of the sequence rather than the
+whole of it, and context parallel (context.py) runs across the ring group instead of plain SLA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..attention import SparseLinearAttention
+from .context import context_parallel_sla
+from .groups import SequenceParallelGroups, ensure_deepspeed_comm, group_size
+from .sharding import pad_along
+
+
+class SequenceParallelSLA(nn.Module):
+    """SLA over a sequence sharded across the SP group of ``groups``.
+
+    Args:
+        attention: the layer's SLA module; its parameters (``proj_l``) and settings are used unchanged, and it stays
+            registered as ``attention`` so state_dict keys only gain that prefix.
+        groups: the process groups; ``ulysses_degree`` must divide the head count.
+
+    ``forward(q, k, v, seq_len)`` takes this rank's shard [B, H, L_local, D] (all heads) of a sequence with
+    ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard of the same
+    shape, zero on padded positions.
+    """
+
+    def __init__(self, attention: SparseLinearAttention, groups: SequenceParallelGroups) -> None:
+        super().__init__()
+        self.attention = attention
+        self.groups = groups
+        self.ulysses_group = groups.ulysses_group if groups.ulysses_degree > 1 else None
+        self.ring_group = groups.ring_group if groups.ring_degree > 1 else None
+        if self.ulysses_group is not None:
+            from deepspeed.sequence.layer import DistributedAttention
+
+            ensure_deepspeed_comm()
+            # batch-first [B, L, H, D]: scatter heads (dim 2), gather the sequence (dim 1). The local attention is a
+            # bound method, not a module, so the SLA parameters are registered once, under ``attention``.
+            self.exchange = DistributedAttention(self._local_attention, self.ulysses_group, scatter_idx=2,
+                                                 gather_idx=1)
+
+    def extra_repr(self) -> str:
+        g = self.groups
+        return f"sp_size={g.sp_size}, ulysses_degree={g.ulysses_degree}, ring_degree={g.ring_degree}"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        if not (q.dim() == 4 and q.shape == k.shape == v.shape):
+            raise ValueError(f"q, k, v must be equal [B, H, L_local, D] shards; got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        heads, local_len = q.shape[1], q.shape[2]
+        ulysses = group_size(self.ulysses_group)
+        if heads % ulysses:
+            raise ValueError(f"{heads} heads do not divide over ulysses_degree={ulysses}; choose a ulysses_degree "
+                             f"that divides the head count and give the rest of sp_size={self.groups.sp_size} to "
+                             f"ring_degree (context parallel)")
+        padded_len = local_len * self.groups.sp_size
+        seq_len = padded_len if seq_len is None else seq_len
+        if not 0 < seq_len <= padded_len:
+            raise ValueError(f"seq_len={seq_len} must lie in (0, {padded_len}] for shards of {local_len} tokens "
+                             f"over sp_size={self.groups.sp_size}")
+        if self.ulysses_group is None:
+            return self._attend(q, k, v, seq_len)
+        out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
+        return out.transpose(1, 2)
+
+    def _local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Called by DistributedAttention between the exchanges, on [B, L_chunk, H/U, D]."""
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seq_len)
+        return out.transpose(1, 2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Attention of this rank's heads over its (ring) chunk [B, h, L_chunk, D] of the padded sequence."""
+        if self.ring_group is not None:
+            return context_parallel_sla(self.attention, q, k, v, seq_len, self.ring_group)
+        full_len = q.shape[2]
+        if seq_len == full_len:
+            return self.attention(q, k, v)
+        out = self.attention(q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len])
+        return pad_along(out, 2, full_len)

@@ -1,0 +1,72 @@
+"""Ulysses sequence-parallel SLA (sla_dist/parallel/ulysses.py) against single-process SLA on the full sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sla_dist import predict_block_map
+from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
+
+from dist_utils import check_matches_single_process, device_params, make_sla, run_distributed
+
+
+def _check_block_maps(device: torch.device, world: int, heads: int, seq_len: int) -> None:
+    """The q/k each rank's SLA sees are exactly the full-sequence q/k of its heads, so its block maps are too."""
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=world))
+    attn = make_sla(64, device, seed=3, topk=0.2, negligible=0.1)
+    seen = []
+    attn.register_forward_pre_hook(lambda module, args: seen.append(args))
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, heads, seq_len, 64, device=device) for _ in range(3))
+    shard = SequenceShard.for_group(seq_len, groups.sp_group)
+    SequenceParallelSLA(attn, groups)(*(shard.split(x, 2) for x in (q, k, v)), seq_len=seq_len)
+
+    mine = slice(groups.ulysses_rank * heads // world, (groups.ulysses_rank + 1) * heads // world)
+    (q_seen, k_seen, v_seen), = seen
+    for got, want in ((q_seen, q), (k_seen, k), (v_seen, v)):
+        assert torch.equal(got, want[:, mine]), "SLA must see the unpadded full sequence of this rank's heads"
+    settings = dict(topk=0.2, negligible=0.1, block_q=64, block_k=64)
+    got, want = predict_block_map(q_seen, k_seen, **settings), predict_block_map(q[:, mine], k[:, mine], **settings)
+    assert torch.equal(got.block_class, want.block_class)
+    assert torch.equal(got.kv_indices, want.kv_indices)
+
+
+def _check_heads_error(device: torch.device, world: int) -> None:
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=world))
+    layer = SequenceParallelSLA(make_sla(64, device, seed=0), groups)
+    q = torch.randn(1, world + 1, 128, 64, device=device)
+    with pytest.raises(ValueError, match=f"{world + 1} heads do not divide over ulysses_degree={world}"):
+        layer(q, q, q)
+
+
+def _two_ranks(device: torch.device) -> None:
+    ulysses = SequenceParallelConfig(sp_size=2)
+    # odd length: 1000 tokens padded to 1024, the second shard holds 24 padded tokens
+    check_matches_single_process(device, ulysses, batch=2, heads=4, seq_len=1000, topk=0.2, negligible=0.1)
+    # no padding; the paper's other linear scope and feature map
+    check_matches_single_process(device, ulysses, batch=1, heads=2, seq_len=1024, topk=0.25, negligible=0.25,
+                                 linear_scope="all", feature_map="elu")
+    _check_block_maps(device, 2, heads=4, seq_len=1000)
+    _check_heads_error(device, 2)
+
+
+def _four_ranks(device: torch.device) -> None:
+    ulysses = SequenceParallelConfig(sp_size=4)
+    # 1000 tokens over 4 ranks: shards of 256, the last with 232 valid tokens; block_q 128
+    check_matches_single_process(device, ulysses, batch=1, heads=4, seq_len=1000, topk=0.2, negligible=0.1, BLKQ=128)
+    # a short sequence: ranks 2 and 3 hold nothing but padding
+    check_matches_single_process(device, ulysses, batch=1, heads=8, seq_len=200, topk=0.3, negligible=0.0,
+                                 feature_map="relu")
+    _check_block_maps(device, 4, heads=8, seq_len=1000)
+    _check_heads_error(device, 4)
+
+
+@pytest.mark.parametrize("device", device_params(2))
+def test_ulysses_two_ranks(device):
+    run_distributed(_two_ranks, 2, device)
+
+
+@pytest.mark.parametrize("device", device_params(4))
+def test_ulysses_four_ranks(device):
+    run_distributed(_four_ranks, 4, device)
