@@ -4,6 +4,7 @@ from .config import DIT_CONFIGS, DiTConfig, dit_config
 from .dit import DiTInputs, VideoDiT
 from .patch import PatchConfig, apply_sla
 from .tiling import TokenTiling, tile_permutation
+from .wan_weights import video_dit_state_dict_from_wan
 
 __all__ = [
     "DIT_CONFIGS",
@@ -15,4 +16,5 @@ __all__ = [
     "apply_sla",
     "dit_config",
     "tile_permutation",
+    "video_dit_state_dict_from_wan",
 ]

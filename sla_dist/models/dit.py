@@ -10,6 +10,7 @@
 
 ``forward`` is ``embed`` -> ``forward_blocks`` -> ``unembed``; a sequence-parallel wrapper shards
 ``DiTInputs.tokens`` and ``DiTInputs.rope`` along L between the first two and gathers before the last.
+The parameters map one to one onto diffusers' WanTransformer3DModel (wan_weights.py loads its state_dict).
 """
 
 from __future__ import annotations

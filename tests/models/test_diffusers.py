@@ -134,3 +134,17 @@ def test_wan_1_3b_trains_at_32760_tokens():
     out = model(latents, torch.tensor([500.0], device="cuda"), text).sample
     out.float().square().mean().backward()
     assert torch.isfinite(out).all() and _proj_params(model)[-1].weight.grad.abs().sum() > 0
+
+
+def test_video_dit_loaded_from_wan_matches_it():
+    from sla_dist.models import VideoDiT, dit_config
+    from sla_dist.models.wan_weights import video_dit_state_dict_from_wan
+
+    wan, (latents, timestep, text) = _wan(5), _wan_inputs()
+    ours = VideoDiT(dit_config("tiny", dim=64, num_heads=2, num_layers=2, ffn_dim=64, text_dim=16, freq_dim=32))
+    ours.load_state_dict(video_dit_state_dict_from_wan(wan.state_dict(), num_layers=2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(latents, timestep, text), _run_wan(wan, (latents, timestep, text)),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no 'blocks.2.attn1.norm_q.weight'"):
+        video_dit_state_dict_from_wan(wan.state_dict(), num_layers=3)

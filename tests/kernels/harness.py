@@ -1,0 +1,89 @@
+"""Run the SLA kernels and the float64 / same-dtype references on the same inputs and compare their errors.
+
+The rule (the project's testing standard): the kernel's error against float64 must be within 2x (outputs) and 3x
+(gradients) of the error the reference itself makes when computed in the kernel's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sla_dist.kernels.block_map import BlockMap, predict_block_map
+from sla_dist.kernels.op import sparse_linear_attention
+from sla_dist.kernels.reference import sla_reference
+
+NAMES = ("out", "dq", "dk", "dv", "dproj_w", "dproj_b")
+OUTPUT_FACTOR, GRAD_FACTOR = 2.0, 3.0
+
+
+@dataclass
+class SLACase:
+    B: int
+    H: int
+    L: int
+    D: int
+    dtype: torch.dtype
+    topk: float
+    negligible: float
+    feature_map: str
+    linear_scope: str
+    block_q: int = 64
+    block_k: int = 64
+    device: torch.device = torch.device("cpu")
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def make_inputs(c: SLACase, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Fresh random q, k, v, upstream gradient and a nonzero proj_l (a zero one would hide the linear branch)."""
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(c.device, c.dtype)
+
+    shape = (c.B, c.H, c.L, c.D)
+    return dict(q=randn(*shape), k=randn(*shape), v=randn(*shape), w=randn(c.D, c.D, scale=c.D**-0.5),
+                b=randn(c.D, scale=0.1), grad=randn(*shape))
+
+
+def _run(fn, inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    leaves = [inputs[n].detach().to(dtype).requires_grad_() for n in ("q", "k", "v", "w", "b")]
+    out = fn(*leaves)
+    out.backward(inputs["grad"].to(dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def compare(c: SLACase, inputs: dict[str, torch.Tensor], block_map: BlockMap | None = None) -> dict[str, tuple]:
+    """{name: (kernel error, same-dtype reference error)} against the float64 reference, both relative."""
+    if block_map is None:
+        block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible,
+                                      block_q=c.block_q, block_k=c.block_k)
+    opts = dict(feature_map=c.feature_map, linear_scope=c.linear_scope)
+
+    def kernel(q, k, v, w, b):
+        return sparse_linear_attention(q, k, v, block_map, w, b, **opts)
+
+    def reference(q, k, v, w, b):
+        return sla_reference(q, k, v, block_map, w, b, **opts)
+
+    got = _run(kernel, inputs, c.dtype)
+    exact = _run(reference, inputs, torch.float64)
+    low = _run(reference, inputs, c.dtype)
+    errors = {}
+    for name, g, lo, e in zip(NAMES, got, low, exact):
+        if e is None:  # proj_l takes no gradient when the linear branch is off
+            assert g is None, f"{name} has a gradient although the reference has none"
+            continue
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        errors[name] = (relative_error(g, e), relative_error(lo, e))
+    return errors
+
+
+def assert_within_reference_error(errors: dict[str, tuple]) -> None:
+    report = ", ".join(f"{n}: {k:.2e} vs {r:.2e}" for n, (k, r) in errors.items())
+    for name, (kernel_err, ref_err) in errors.items():
+        factor = OUTPUT_FACTOR if name == "out" else GRAD_FACTOR
+        assert kernel_err <= factor * ref_err, f"{name} error {kernel_err:.3e} > {factor} x {ref_err:.3e} ({report})"
