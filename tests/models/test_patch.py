@@ -8,7 +8,6 @@ from sla_dist import SLAConfig, SparseLinearAttention
 from sla_dist.models import PatchConfig, VideoDiT, apply_sla, dit_config
 from sla_dist.models.layers import DenseAttention
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # 4 x 8 x 8 = 256 tokens: four 64-token key blocks, so topk 0.25 / negligible 0.25 leaves two marginal blocks.
 GRID_LATENTS = (4, 16, 16)
@@ -116,7 +115,6 @@ def test_unsupported_head_dim():
     assert torch.isfinite(model(*_inputs(config))).all()
 
 
-@gpu
 @pytest.mark.gpu
 def test_kernels_full_topk_match_dense_bf16():
     dense, patched = _pair(seed=5)
@@ -127,7 +125,6 @@ def test_kernels_full_topk_match_dense_bf16():
     torch.testing.assert_close(patched(*inputs).float(), dense(*inputs).float(), rtol=3e-2, atol=3e-2)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_wan_1_3b_shape_trains_at_32760_tokens():
