@@ -130,8 +130,11 @@ def context_parallel_sla(attention: SparseLinearAttention, q: torch.Tensor, k: t
             weight, bias = attention.proj_l.weight.to(out.dtype), attention.proj_l.bias.to(out.dtype)
             out = out + F.linear(o_l.to(out.dtype), weight, bias)
     # Zero-weighted use of every exchanged tensor: a rank whose output would not depend on them (a chunk of pure
-    # padding) must still run their backward collectives, or its peers wait forever.
-    anchor = received.sum() + h_total.sum() + z_total.sum()
+    # padding) must still run their backward collectives, or its peers wait forever. q and proj_l join so that such
+    # a rank returns zero gradients for them rather than none (ZeRO's bucketed reduction expects every rank's).
+    anchor = received.sum() + h_total.sum() + z_total.sum() + q_valid.sum()
+    if has_linear:
+        anchor = anchor + sum(p.sum() for p in attention.proj_l.parameters())
     out = out + (anchor * 0).to(out.dtype)
     return pad_along(out, 2, layout.chunk).to(out_dtype)
 

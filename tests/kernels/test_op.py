@@ -1,0 +1,123 @@
+"""The operator's contract beyond the numeric grid: cross lengths, strided inputs, the differentiable LSE of
+sla_branches, the custom-op registration (fake kernels, torch.compile) and input errors."""
+
+import pytest
+import torch
+
+from sla_dist.kernels.block_map import predict_block_map
+from sla_dist.kernels.op import sla_branches, sla_forward, sparse_linear_attention
+from sla_dist.kernels.reference import sla_branches_ref, sla_reference
+from tests.utils import DEVICE
+
+from .harness import relative_error
+
+
+def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+def _grads(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _assert_close_to_float64(got, want, tol=1e-5):
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < tol
+
+
+def test_query_and_key_lengths_may_differ(poison_outputs):
+    q, k, v = _qkv(1, 2, 300, 777, 64)
+    w = torch.randn(64, 64, device=DEVICE) * 0.1
+    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+    g = torch.randn_like(q)
+    got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
+    want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
+                  [t.double() for t in (q, k, v)], g.double())
+    _assert_close_to_float64(got, want)
+
+
+def test_strided_views_are_read_in_place(poison_outputs):
+    """A [B, L, H, D] projection viewed as [B, H, L, D], and the valid prefix of a padded sequence."""
+    B, L, H, D = 1, 500, 2, 64
+    base = [torch.randn(B, L + 76, H, D, device=DEVICE) for _ in range(3)]
+    q, k, v = (t[:, :L].transpose(1, 2) for t in base)
+    assert not q.is_contiguous()
+    bm = predict_block_map(q, k, topk=0.25, negligible=0.1)
+    w = torch.randn(D, D, device=DEVICE) * 0.1
+    g = torch.randn(B, H, L, D, device=DEVICE)
+    got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
+    want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
+                  [t.double() for t in (q, k, v)], g.double())
+    _assert_close_to_float64(got, want)
+
+
+def test_lse_is_differentiable_for_merging(poison_outputs):
+    """Merge the sparse branch with a second attention part by LSE, as joint text+video attention does."""
+    q, k, v = _qkv(1, 2, 200, 200, 32)
+    k2, v2 = _qkv(1, 2, 40, 40, 32, seed=1)[1:]
+    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+
+    def merged(branches, q, k, v, k2, v2):
+        o_s, o_l, lse = branches(q, k, v, bm, feature_map="elu", linear_scope="marginal")
+        s2 = q @ k2.transpose(-1, -2) / 32**0.5
+        lse2 = torch.logsumexp(s2, -1)
+        lse_all = torch.logaddexp(lse, lse2)
+        o2 = torch.softmax(s2, -1) @ v2
+        o = o_s * (lse - lse_all).exp()[..., None] + o2 * (lse2 - lse_all).exp()[..., None]
+        return o + 0.5 * o_l + 0.1 * lse[..., None]
+
+    g = torch.randn_like(q)
+    got = _grads(lambda *t: merged(sla_branches, *t), (q, k, v, k2, v2), g)
+    want = _grads(lambda *t: merged(sla_branches_ref, *t), [t.double() for t in (q, k, v, k2, v2)], g.double())
+    _assert_close_to_float64(got, want)
+
+
+def test_custom_op_registration():
+    q, k, v = _qkv(1, 1, 130, 130, 32)
+    bm = predict_block_map(q, k, topk=0.5, negligible=0.0)
+    args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", "marginal")
+    torch.library.opcheck(sla_forward, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_traces_through_the_op():
+    q, k, v = _qkv(1, 2, 200, 200, 64)
+    w = torch.randn(64, 64, device=DEVICE) * 0.1
+    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+
+    def f(q, k, v):
+        return sparse_linear_attention(q, k, v, bm, w, None)
+
+    g = torch.randn_like(q)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, eager = _grads(compiled, (q, k, v), g), _grads(f, (q, k, v), g)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "shapes, dtype, error, match",
+    [
+        (((1, 2, 64, 32), (1, 2, 64, 32), (1, 2, 64)), torch.float32, ValueError, "rank 3"),
+        (((1, 2, 64, 32), (1, 3, 64, 32), (1, 3, 64, 32)), torch.float32, ValueError, "shapes do not fit"),
+        (((1, 2, 64, 48),) * 3, torch.float32, NotImplementedError, "head dim 48"),
+        (((1, 2, 64, 32),) * 3, torch.float64, NotImplementedError, "float64"),
+    ],
+)
+def test_bad_inputs(shapes, dtype, error, match):
+    q, k, v = (torch.randn(*s, dtype=dtype, device=DEVICE) for s in shapes)
+    bm = predict_block_map(q, q, topk=0.5, negligible=0.0) if q.dim() == 4 else None
+    with pytest.raises(error, match=match):
+        sparse_linear_attention(q, k, v, bm)
+
+
+def test_block_map_must_fit():
+    q, k, v = _qkv(1, 2, 200, 200, 32)
+    bm = predict_block_map(q[:, :, :100], k[:, :, :100], topk=0.5, negligible=0.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        sparse_linear_attention(q, k, v, bm)

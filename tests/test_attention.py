@@ -1,0 +1,73 @@
+"""The SparseLinearAttention module: public-SLA compatible constructor and state_dict, dispatch, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sla_dist import SLAConfig, SparseLinearAttention
+from tests.utils import DEVICE
+
+
+def _qkv(L=300, D=64, H=2, dtype=torch.float32):
+    return [torch.randn(1, H, L, D, device=DEVICE, dtype=dtype) for _ in range(3)]
+
+
+def test_public_constructor_and_state_dict_keys():
+    m = SparseLinearAttention(128, 0.05, "softmax", 128, 64, True, True)
+    assert set(m.state_dict()) == {"proj_l.weight", "proj_l.bias"}
+    assert (m.proj_l.weight == 0).all() and (m.proj_l.bias == 0).all()
+    assert m.config == SLAConfig(topk=0.05, negligible=0.10, block_q=128, block_k=64)
+
+
+def test_fresh_layer_at_full_topk_is_dense_attention():
+    q, k, v = _qkv()
+    out = SparseLinearAttention(64, topk=1.0, negligible=0.0).to(DEVICE)(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
+
+
+def test_triton_backend_matches_reference_backend():
+    q, k, v = _qkv(L=257)
+    ref = SparseLinearAttention(64, topk=0.2, feature_map="elu", backend="reference").to(DEVICE)
+    torch.nn.init.normal_(ref.proj_l.weight, std=0.1)
+    kern = SparseLinearAttention(64, topk=0.2, feature_map="elu", backend="triton").to(DEVICE)
+    kern.load_state_dict(ref.state_dict())
+    (a, sa), (b, sb) = ref(q, k, v, return_sparsity=True), kern(q, k, v, return_sparsity=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert sa == sb == pytest.approx(1 - 1 / 5)  # n_c = 1 of Nk = 5
+
+
+def test_gradients_reach_proj_l():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    m = SparseLinearAttention(64, topk=0.1).to(DEVICE)
+    m(q, k, v).square().sum().backward()
+    assert m.proj_l.weight.grad.abs().sum() > 0 and m.proj_l.bias.grad.abs().sum() > 0
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(topk=1.5), "topk=1.5"),
+        (dict(topk=0.5, negligible=0.6), "exceeds 1"),
+        (dict(BLKQ=32), "block_q=32"),
+        (dict(BLKK=128), "block_k=128"),
+        (dict(feature_map="cosine"), "cosine"),
+        (dict(linear_scope="some"), "some"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseLinearAttention(64, **kwargs)
+
+
+def test_bad_forward_inputs():
+    m = SparseLinearAttention(64)
+    q, k, v = (torch.randn(1, 2, 100, 64) for _ in range(3))
+    with pytest.raises(ValueError, match="head dim 64 but this layer was built with head_dim=32"):
+        SparseLinearAttention(32)(q, k, v)
+    with pytest.raises(ValueError, match="different devices"):
+        m(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        m(q, k.double(), v)
+    with pytest.raises(NotImplementedError, match="head dim 96"):
+        SparseLinearAttention(96, backend="triton")(*(torch.randn(1, 2, 100, 96) for _ in range(3)))
