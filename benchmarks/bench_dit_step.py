@@ -3,7 +3,7 @@
 For each model (diffusers ``WanTransformer3DModel`` and sla_dist's ``VideoDiT``, same Wan2.1-1.3B shape, random
 init, bf16) and each self-attention variant:
 
-    dense   stock attention, SDPA restricted to --dense-backend (cuDNN by default)
+    dense   stock attention, SDPA with --dense-backend first in priority (cuDNN by default)
     sla     apply_sla() at --topk (0.05 = 95 % of key blocks skipped)
     none    self-attention replaced by "return v" (projections, RoPE and everything else kept): the time of the
             non-attention part, whose model-FLOPs utilisation (MFU) says how efficient that part is
@@ -81,7 +81,11 @@ def build_reference(shape: Shape) -> nn.Module:
 
 def build_wan(shape: Shape) -> nn.Module:
     from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging
 
+    # cast_model() below keeps the float32 modules as from_pretrained(torch_dtype=...) would; silence the warning
+    # diffusers gives for the plain .to(dtype) that precedes it.
+    logging.set_verbosity_error()
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=shape.heads, attention_head_dim=shape.dim // shape.heads,
         in_channels=shape.channels, out_channels=shape.channels, text_dim=shape.text_dim, freq_dim=shape.freq_dim,
@@ -91,6 +95,17 @@ def build_wan(shape: Shape) -> nn.Module:
 
 
 BUILDERS = {"wan": build_wan, "reference": build_reference}
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast to ``dtype`` except the modules a diffusers model lists in ``_keep_in_fp32_modules`` (Wan: RoPE
+    tables, time embedder, norms, modulation tables), which stay float32 as in a stock bf16 Wan pipeline."""
+    model = model.to(dtype)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and any(part in keep for part in name.split(".")):
+            tensor.data = tensor.data.float()
+    return model
 
 
 def set_variant(model: nn.Module, variant: str, sla: SLAConfig) -> None:
@@ -155,7 +170,7 @@ def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) ->
     torch.manual_seed(0)
     with torch.device(device):
         model = BUILDERS[model_name](shape)
-    model = model.to(dtype)
+    model = cast_model(model, dtype)
     set_variant(model, variant, args.sla)
     if args.compile:
         for block in model.blocks:
@@ -246,8 +261,11 @@ def main() -> None:
                          feature_map=args.feature_map, linear_scope=args.linear_scope)
     args.peak = peak_flops(device, args.peak_tflops)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    restrict = (sdpa_kernel(DENSE_BACKENDS[args.dense_backend])
-                if device.type == "cuda" and args.dense_backend != "auto" else contextlib.nullcontext())
+    # The chosen backend first; the others only where it cannot take a call, so a run never stops on "no kernel".
+    restrict = contextlib.nullcontext()
+    if device.type == "cuda" and args.dense_backend != "auto":
+        first = DENSE_BACKENDS[args.dense_backend]
+        restrict = sdpa_kernel([first] + [b for b in DENSE_BACKENDS.values() if b != first], set_priority=True)
     print(f"{card}: {shape.tokens} tokens, {shape.layers} layers, dim {shape.dim}, {dtype}, SLA topk {args.topk} "
           f"(critical fraction {critical_fraction(shape, args.sla):.3f})", flush=True)
 
