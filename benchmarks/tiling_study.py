@@ -130,8 +130,8 @@ def markdown(rows: list[dict], args, seconds: float) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['qk_init']} | {tuple(r['grid'])} | {r['tokens']} | {r['sparsity']:.0%} | {r['raster']:.4f} | "
-                     f"{r['tiled']:.4f} | {r['tiled'] / r['raster']:.2f} | {r['iid_noise']:.4f} |")
+        lines.append(f"| {r['qk_init']} | {tuple(r['grid'])} | {r['tokens']} | {r['sparsity']:.0%} | "
+                     f"{r['raster']:.4f} | {r['tiled']:.4f} | {r['tiled'] / r['raster']:.2f} | {r['iid_noise']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,8 +155,8 @@ def main() -> None:
     table = markdown(rows, args, time.time() - start)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                                 rows=rows), indent=1))
+        settings = {k: str(v) for k, v in vars(args).items()}
+        args.out.with_suffix(".json").write_text(json.dumps(dict(args=settings, rows=rows), indent=1))
         args.out.with_suffix(".md").write_text(table)
     print(table)
 
