@@ -5,11 +5,16 @@ from .config import SLAConfig
 from .kernels.block_map import BlockMap, predict_block_map
 from .kernels.op import sla_branches, sparse_linear_attention
 from .kernels.reference import sla_branches_ref, sla_reference
+from .models import PatchConfig, VideoDiT, apply_sla, dit_config
 
 __all__ = [
     "BlockMap",
+    "PatchConfig",
     "SLAConfig",
     "SparseLinearAttention",
+    "VideoDiT",
+    "apply_sla",
+    "dit_config",
     "predict_block_map",
     "sla_branches",
     "sla_branches_ref",

@@ -7,9 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SLAConfig
-from .kernels.block_map import predict_block_map
-from .kernels.op import check_inputs, sparse_linear_attention
-from .kernels.reference import sla_reference
+from .kernels.block_map import BlockMap, predict_block_map
+from .kernels.op import check_inputs, sla_branches
+from .kernels.reference import sla_branches_ref
 
 
 class SparseLinearAttention(nn.Module):
@@ -72,27 +72,37 @@ class SparseLinearAttention(nn.Module):
     def uses_kernels(self, device: torch.device) -> bool:
         return self.config.backend == "triton" or (self.config.backend == "auto" and device.type == "cuda")
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
-        """q, k, v: [B, H, L, D] -> [B, H, L, D] (and the realised block sparsity if ``return_sparsity``)."""
+    def branches(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, BlockMap]:
+        """(o_s, o_l, lse, block_map) before projection, for callers that merge attention parts by LSE.
+
+        q [B, H, Lq, D], k, v [B, H, Lk, D]; o_s, o_l [B, H, Lq, D] in the run dtype (float32 inputs on CUDA run in
+        bfloat16 / float16, see ``use_bf16``), o_l None for linear_scope 'none', lse [B, H, Lq] float32."""
         kernel = self.uses_kernels(q.device)
         check_inputs(q, k, v, kernel=kernel)
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]} but this layer was built with head_dim={self.head_dim}")
-        c = self.config
-        out_dtype = q.dtype
         if kernel and q.dtype == torch.float32 and q.device.type == "cuda":
             run_dtype = torch.bfloat16 if self.use_bf16 else torch.float16
             q, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)
+        c = self.config
         block_map = predict_block_map(q, k, topk=c.topk, negligible=c.negligible, block_q=c.block_q,
                                       block_k=c.block_k)
-        weight, bias = self.proj_l.weight.to(q.dtype), self.proj_l.bias.to(q.dtype)
-        if kernel:
-            out = sparse_linear_attention(q, k, v, block_map, weight, bias, feature_map=c.feature_map,
-                                          linear_scope=c.linear_scope)
-        else:
-            out = sla_reference(q, k, v, block_map, weight, bias, feature_map=c.feature_map,
-                                linear_scope=c.linear_scope)
-        out = out.to(out_dtype)
+        branches = sla_branches if kernel else sla_branches_ref
+        o_s, o_l, lse = branches(q, k, v, block_map, feature_map=c.feature_map, linear_scope=c.linear_scope)
+        return o_s, o_l, lse, block_map
+
+    def project(self, o_l: torch.Tensor) -> torch.Tensor:
+        """proj_l(O_l) in O_l's dtype."""
+        return F.linear(o_l, self.proj_l.weight.to(o_l.dtype), self.proj_l.bias.to(o_l.dtype))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
+        """q, k, v: [B, H, L, D] -> [B, H, L, D] (and the realised block sparsity if ``return_sparsity``)."""
+        out, o_l, _, block_map = self.branches(q, k, v)
+        if o_l is not None:
+            out = out + self.project(o_l)
+        out = out.to(q.dtype)
         if return_sparsity:
             return out, 1.0 - block_map.critical_fraction()
         return out

@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from sla_dist import SLAConfig, SparseLinearAttention
-from tests.utils import DEVICE
+from tests.utils import DEVICE, HAS_CUDA
+
+# On CUDA, float32 inputs run the kernels in bfloat16 (use_bf16=True); on CPU both backends compute in float32.
+TOL = dict(atol=3e-2, rtol=3e-2) if HAS_CUDA else dict(atol=2e-5, rtol=1e-4)
 
 
 def _qkv(L=300, D=64, H=2, dtype=torch.float32):
@@ -22,7 +25,7 @@ def test_public_constructor_and_state_dict_keys():
 def test_fresh_layer_at_full_topk_is_dense_attention():
     q, k, v = _qkv()
     out = SparseLinearAttention(64, topk=1.0, negligible=0.0).to(DEVICE)(q, k, v)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), **TOL)
 
 
 def test_triton_backend_matches_reference_backend():
@@ -32,7 +35,7 @@ def test_triton_backend_matches_reference_backend():
     kern = SparseLinearAttention(64, topk=0.2, feature_map="elu", backend="triton").to(DEVICE)
     kern.load_state_dict(ref.state_dict())
     (a, sa), (b, sb) = ref(q, k, v, return_sparsity=True), kern(q, k, v, return_sparsity=True)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a, b, **TOL)
     assert sa == sb == pytest.approx(1 - 1 / 5)  # n_c = 1 of Nk = 5
 
 

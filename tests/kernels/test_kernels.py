@@ -8,7 +8,7 @@ import torch
 from tests.utils import DEVICE, HAS_CUDA
 
 from .grid import case_id, grid
-from .harness import SLACase, assert_within_reference_error, compare, make_inputs
+from .harness import SLACase, assert_within_reference_error, compare, compare_query_blocks, make_inputs
 
 AXES = dict(
     dtype=[torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32, torch.float16],
@@ -48,10 +48,13 @@ def test_sla_matches_float64_reference(case, poison_outputs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("L", [32760, 75600])
 def test_long_sequences_on_gpu(dtype, L, poison_outputs):
-    """The Wan shapes' lengths at 95% sparsity with the paper's settings (reference in float64 on the GPU)."""
-    c = SLACase(B=1, H=1, L=L, D=128, dtype=dtype, topk=0.05, negligible=0.1, feature_map="softmax",
+    """The Wan shapes' lengths at 95% sparsity with the paper's settings. A dense [L, L] float64 reference does not
+    fit, so the loss reads four query blocks (first, two inner, the partial last): the reference needs only their
+    rows, and dk, dv, dproj still collect every key block those rows touch."""
+    c = SLACase(B=1, H=2, L=L, D=128, dtype=dtype, topk=0.05, negligible=0.1, feature_map="softmax",
                 linear_scope="marginal", block_q=128, device=DEVICE)
-    assert_within_reference_error(compare(c, make_inputs(c, torch.Generator().manual_seed(L))))
+    assert_within_reference_error(compare_query_blocks(c, make_inputs(c, torch.Generator().manual_seed(L)),
+                                                       blocks=[0, 37, 100, -1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float16])

@@ -1,0 +1,53 @@
+"""The ``sla-dist`` command line: ``sla-dist train | eval | export | preprocess | bench ...``.
+
+Each subcommand lives beside the code it drives, in a module exposing ``register(subparsers)``; it adds its parser
+and sets ``func`` (called with the parsed namespace, returning an exit code). Modules are imported only when the
+command line names them, so ``sla-dist --help`` stays fast and optional dependencies stay optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> module that registers it
+COMMANDS = {
+    "train": "sla_dist.lightning.command",
+    "export": "sla_dist.lightning.command",
+    "eval": "sla_dist.eval.command",
+    "preprocess": "sla_dist.data.command",
+}
+
+
+def build_parser(names: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sla-dist", description="Train video DiTs with Sparse-Linear Attention.")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    registered: set[str] = set()
+    for name in names:
+        module = COMMANDS[name]
+        if module in registered:
+            continue
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+            sub.add_parser(name, help=f"(not available: {module} is not installed)")
+        registered.add(module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = [a for a in argv[:1] if a in COMMANDS] or []
+    parser = build_parser(wanted)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
