@@ -16,6 +16,8 @@ whole of it, and context parallel (context.py) runs across the ring group instea
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -52,6 +54,13 @@ class SequenceParallelSLA(nn.Module):
             # bound method, not a module, so the SLA parameters are registered once, under ``attention``.
             self.exchange = DistributedAttention(self._local_attention, self.ulysses_group, scatter_idx=2,
                                                  gather_idx=1)
+
+    def __deepcopy__(self, memo: dict) -> "SequenceParallelSLA":
+        """Copies (an EMA or teacher model) get their own SLA parameters but share the process groups, which are
+        handles to this process's communicators and cannot be copied."""
+        clone = type(self)(copy.deepcopy(self.attention, memo), self.groups)
+        memo[id(self)] = clone
+        return clone.train(self.training)
 
     def extra_repr(self) -> str:
         g = self.groups

@@ -40,6 +40,8 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, device: str, ar
                             timeout=timedelta(seconds=120))
     try:
         fn(torch.device(device, rank) if device == "cuda" else torch.device("cpu"), *args)
+        # Rank 0 hosts the store that group creation talks to: it must not exit while others still use it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -40,6 +42,16 @@ def _check_heads_error(device: torch.device, world: int) -> None:
         layer(q, q, q)
 
 
+def _check_deepcopy(device: torch.device) -> None:
+    """A deep copy (EMA, frozen teacher) shares the process groups, owns its parameters and computes the same."""
+    layer = SequenceParallelSLA(make_sla(64, device, seed=6), SequenceParallelGroups.build(SequenceParallelConfig(2)))
+    clone = copy.deepcopy(layer)
+    assert clone.groups is layer.groups
+    assert clone.attention.proj_l.weight.data_ptr() != layer.attention.proj_l.weight.data_ptr()
+    q, k, v = (torch.randn(1, 2, 128, 64, device=device) for _ in range(3))
+    assert torch.equal(clone(q, k, v), layer(q, k, v))
+
+
 def _two_ranks(device: torch.device) -> None:
     ulysses = SequenceParallelConfig(sp_size=2)
     # odd length: 1000 tokens padded to 1024, the second shard holds 24 padded tokens
@@ -47,8 +59,12 @@ def _two_ranks(device: torch.device) -> None:
     # no padding; the paper's other linear scope and feature map
     check_matches_single_process(device, ulysses, batch=1, heads=2, seq_len=1024, topk=0.25, negligible=0.25,
                                  linear_scope="all", feature_map="elu")
+    # the fused kernels (Triton's interpreter on CPU) reading the exchanged [B, L, H/P, D] buffers in place
+    check_matches_single_process(device, ulysses, batch=1, heads=2, seq_len=456, topk=0.3, negligible=0.2,
+                                 backend="triton")
     _check_block_maps(device, 2, heads=4, seq_len=1000)
     _check_heads_error(device, 2)
+    _check_deepcopy(device)
 
 
 def _four_ranks(device: torch.device) -> None:
