@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..attention import SparseLinearAttention
 from ..kernels.block_map import CRITICAL, MARGINAL, build_block_map, classify, num_blocks
@@ -127,8 +126,7 @@ def context_parallel_sla(attention: SparseLinearAttention, q: torch.Tensor, k: t
         if has_linear:
             o_l = _linear_branch(q_valid, k_c, v_c, block_class, plan, h_total, z_total, layout, c.feature_map,
                                  c.linear_scope)
-            weight, bias = attention.proj_l.weight.to(out.dtype), attention.proj_l.bias.to(out.dtype)
-            out = out + F.linear(o_l.to(out.dtype), weight, bias)
+            out = out + attention.project(o_l.to(out.dtype))
     # Zero-weighted use of every exchanged tensor: a rank whose output would not depend on them (a chunk of pure
     # padding) must still run their backward collectives, or its peers wait forever. q and proj_l join so that such
     # a rank returns zero gradients for them rather than none (ZeRO's bucketed reduction expects every rank's).
