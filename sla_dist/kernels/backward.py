@@ -95,17 +95,17 @@ def _bwd_dq_kernel(
         hl = tl.load(HL + bh.to(tl.int64) * stride_hl_bh + pid_q.to(tl.int64) * stride_hl_q
                      + offs_d[:, None] * D + offs_d[None, :])
         zl = tl.load(ZL + bh.to(tl.int64) * stride_zl_bh + pid_q.to(tl.int64) * stride_zl_q + offs_d)
-        num = tl.dot(fq, hl, input_precision=PRECISION)
+        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
         den = tl.sum(fq * zl[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
         dnum = dol * inv[:, None]
         dden = -tl.sum(dol * num, axis=1) * inv * inv
-        dfq = tl.dot(dnum, tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
+        dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
         dq += phi_bwd(x, fq, dfq, FEATURE_MAP)
         # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
         dh = tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
         out = bh.to(tl.int64) * NQ + pid_q
-        tl.store(DHL + out * D * D + offs_d[:, None] * D + offs_d[None, :], dh)
+        tl.store(DHL + out * D * D + offs_d[:, None] * D + offs_d[None, :], dh.to(DHL.dtype.element_ty))
         tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
 
     tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -163,9 +163,8 @@ def _bwd_dkdv_kernel(
         dh = tl.load(DHS + bh.to(tl.int64) * stride_dh_bh + pid_k.to(tl.int64) * stride_dh_k
                      + offs_d[:, None] * D + offs_d[None, :])
         dz = tl.load(DZS + bh.to(tl.int64) * stride_dz_bh + pid_k.to(tl.int64) * stride_dz_k + offs_d)
-        vf = v.to(tl.float32)
-        dv += tl.dot(fk, dh, input_precision=PRECISION)
-        dfk = tl.dot(vf, tl.trans(dh), input_precision=PRECISION) + dz[None, :]
+        dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
+        dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
         dk += tl.where(col_ok[:, None], phi_bwd(x, fk, dfk, FEATURE_MAP), 0.0)
 
     tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])

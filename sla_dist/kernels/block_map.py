@@ -92,26 +92,28 @@ def critical_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean of the valid rows of each block of ``x`` [B, H, L, D] -> [B, H, ceil(L / block), D] in float32."""
     B, H, L, D = x.shape
-    n = num_blocks(L, block)
-    x = x.float()
-    if n * block != L:
-        x = torch.nn.functional.pad(x, (0, 0, 0, n * block - L))
-    sums = x.view(B, H, n, block, D).sum(3)
-    counts = torch.full((n,), float(block), device=x.device)
-    counts[-1] = L - (n - 1) * block
-    return sums / counts[:, None]
+    full = L // block
+    # Sum in float32 without materialising an upcast copy; the partial tail block is summed on its own.
+    parts = [x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float32) / block]
+    if full * block != L:
+        parts.append(x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32) / (L - full * block))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     """s_ij = qbar_i . kbar_j / sqrt(D) with smooth-K pooling, float32 [B, H, Nq, Nk]."""
     qbar = pool_blocks(q, block_q)
     # Pooling is linear, so the pooled smooth-K is the pooled K minus the sequence mean of K.
-    kbar = pool_blocks(k, block_k) - k.float().mean(dim=2, keepdim=True)
+    kbar = pool_blocks(k, block_k)
+    # The sequence mean of K from its block means, weighted by the rows each block holds.
+    rows = torch.full((kbar.shape[2],), float(block_k), device=k.device)
+    rows[-1] = k.shape[2] - (kbar.shape[2] - 1) * block_k
+    kbar = kbar - (kbar * rows[:, None]).sum(2, keepdim=True) / k.shape[2]
     return qbar @ kbar.transpose(-1, -2) / math.sqrt(q.shape[-1])
 
 
-def classify(scores: torch.Tensor, topk: float, negligible: float) -> torch.Tensor:
-    """Rank each row of ``scores`` [..., Nk] and return the int8 block classes."""
+def _rank(scores: torch.Tensor, topk: float, negligible: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(int8 block classes, key blocks by descending score, n_c) for each row of ``scores`` [..., Nk]."""
     nk = scores.shape[-1]
     n_c, n_n = block_counts(nk, topk, negligible)
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
@@ -119,7 +121,13 @@ def classify(scores: torch.Tensor, topk: float, negligible: float) -> torch.Tens
     by_rank[:n_c] = CRITICAL
     if n_n:
         by_rank[nk - n_n :] = NEGLIGIBLE
-    return torch.empty_like(order, dtype=torch.int8).scatter_(-1, order, by_rank.expand_as(order))
+    block_class = torch.empty_like(order, dtype=torch.int8).scatter_(-1, order, by_rank.expand_as(order))
+    return block_class, order, n_c
+
+
+def classify(scores: torch.Tensor, topk: float, negligible: float) -> torch.Tensor:
+    """Rank each row of ``scores`` [..., Nk] and return the int8 block classes."""
+    return _rank(scores, topk, negligible)[0]
 
 
 def build_block_map(
@@ -155,6 +163,8 @@ def predict_block_map(
     block_k: int = 64,
 ) -> BlockMap:
     """Predict the SLA block map of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D]."""
-    scores = block_scores(q, k, block_q, block_k)
-    n_c, _ = block_counts(scores.shape[-1], topk, negligible)
-    return build_block_map(classify(scores, topk, negligible), q.shape[2], k.shape[2], block_q, block_k, width=n_c)
+    block_class, order, n_c = _rank(block_scores(q, k, block_q, block_k), topk, negligible)
+    # The critical list is the top n_c of the ranking, put in ascending order for memory locality.
+    kv_indices = order[..., :n_c].sort(dim=-1).values.to(torch.int32)
+    kv_num_blocks = torch.full(block_class.shape[:-1], n_c, dtype=torch.int32, device=block_class.device)
+    return BlockMap(block_class, kv_num_blocks, kv_indices, q.shape[2], k.shape[2], block_q, block_k)

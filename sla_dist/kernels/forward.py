@@ -26,7 +26,7 @@ from .feature_maps import phi_fwd
 def _sla_fwd_kernel(
     Q, K, V, O, OL, LSE,                     # q/o/ol [B, H, LQ, D], k/v [B, H, LK, D], lse [BH, LQ] float32
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
-    HL, ZL,                                  # [BH, Nq or 1, D, D], [BH, Nq or 1, D] float32
+    HL, ZL,                                  # [BH, Nq or 1, D, D] (float32 or bf16), [BH, Nq or 1, D] float32
     stride_qb, stride_qh, stride_ql,         # strides of q/o/ol in elements
     stride_kb, stride_kh, stride_kl,         # strides of k/v
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
@@ -78,7 +78,7 @@ def _sla_fwd_kernel(
         hl_ptr = HL + bh.to(tl.int64) * stride_hl_bh + pid_q.to(tl.int64) * stride_hl_q
         hl = tl.load(hl_ptr + offs_d[:, None] * D + offs_d[None, :])
         zl = tl.load(ZL + bh.to(tl.int64) * stride_zl_bh + pid_q.to(tl.int64) * stride_zl_q + offs_d)
-        num = tl.dot(fq, hl, input_precision=PRECISION)
+        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
         den = tl.sum(fq * zl[None, :], axis=1)
         o_l = num / tl.where(den != 0, den, 1.0)[:, None]
         o_l = tl.where((den != 0)[:, None], o_l, 0.0)
@@ -87,7 +87,7 @@ def _sla_fwd_kernel(
 
 @triton.jit
 def _linear_summaries_kernel(
-    K, V, HS, ZS,                            # [B, H, LK, D] x2, [BH, Nk, D, D] / [BH, Nk, D] float32 (outputs)
+    K, V, HS, ZS,                            # [B, H, LK, D] x2; outputs [BH, Nk, D, D], [BH, Nk, D] float32
     stride_kb, stride_kh, stride_kl,
     H, LK, NK,
     D: tl.constexpr, BLOCK_K: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr,
@@ -103,7 +103,7 @@ def _linear_summaries_kernel(
     k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
     v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
     fk = tl.where(row_ok[:, None], phi_fwd(k.to(tl.float32), FEATURE_MAP), 0.0)
-    h = tl.dot(tl.trans(fk), v.to(tl.float32), input_precision=PRECISION)
+    h = tl.dot(tl.trans(fk).to(v.dtype), v, input_precision=PRECISION)
     out = bh.to(tl.int64) * NK + pid_k
-    tl.store(HS + out * D * D + offs_d[:, None] * D + offs_d[None, :], h)
+    tl.store(HS + out * D * D + offs_d[:, None] * D + offs_d[None, :], h.to(HS.dtype.element_ty))
     tl.store(ZS + out * D + offs_d, tl.sum(fk, axis=0))

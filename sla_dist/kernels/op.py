@@ -29,9 +29,13 @@ KERNEL_HEAD_DIMS = (32, 64, 128)
 POISON_OUTPUTS = False
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """True when Triton kernels can launch on ``device``: CUDA, or any device under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or _interpreting()
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class _Problem:
     feature_map: int
     has_linear: bool
     precision: str
+    summary_dtype: torch.dtype
 
     @property
     def nq(self) -> int:
@@ -101,17 +106,22 @@ def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torc
 def _problem(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, feature_map: str,
              has_linear: bool) -> _Problem:
     B, H, Lq, D = q.shape
+    exact = q.dtype == torch.float32
     return _Problem(B, H, Lq, k.shape[2], D, block_q, block_k, tuple(q.stride()[:3]), tuple(k.stride()[:3]),
                     FEATURE_MAPS.index(feature_map), has_linear,
-                    # fp32 inputs get exact fp32 products; fp16/bf16 inputs use tf32 for the fp32 linear-branch dots.
-                    "ieee" if q.dtype == torch.float32 else "tf32")
+                    # float32 inputs get exact float32 products (the interpreter tests compare them with float64)
+                    precision="ieee" if exact else "tf32",
+                    # The linear branch's [D, D] summaries are the largest buffers; for half inputs they are kept in
+                    # bfloat16 (range of float32, rounding of the inputs) so their sums run on bf16 tensor cores.
+                    # The interpreter computes bfloat16 dots wrongly (triton-lang/triton#11584): float32 there.
+                    summary_dtype=torch.float32 if exact or _interpreting() else torch.bfloat16)
 
 
 def _scatter_to_query_blocks(per_key_block: torch.Tensor, block_class: torch.Tensor, scope: str) -> torch.Tensor:
     """sum_j M_ij x_j for M_ij = [j is in query block i's linear scope]; x is [BH, Nk, F] -> [BH, Nq or 1, F].
 
-    A 0/1 matrix product keeps the sum exact in float32 and runs on tensor cores; for scope 'all' every query block
-    shares one total, returned with a broadcastable size-1 dimension."""
+    A product with the 0/1 matrix M runs on tensor cores and accumulates in float32; for scope 'all' every query
+    block shares one total, returned with a broadcastable size-1 dimension."""
     if scope == "all":
         return per_key_block.sum(1, keepdim=True)
     marginal = (block_class == MARGINAL).flatten(0, 1).to(per_key_block.dtype)
@@ -130,7 +140,7 @@ def _linear_totals(k: torch.Tensor, v: torch.Tensor, block_class: torch.Tensor, 
     """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
     from .forward import _linear_summaries_kernel
 
-    hs = _new((p.bh, p.nk, p.D, p.D), k, torch.float32)
+    hs = _new((p.bh, p.nk, p.D, p.D), k, p.summary_dtype)
     zs = _new((p.bh, p.nk, p.D), k, torch.float32)
     cfg = launch_config("summaries", p.block_q, p.D)
     _linear_summaries_kernel[(p.nk, p.bh)](
@@ -212,7 +222,7 @@ def sla_backward(
     dq, dk, dv = _like(q), _like(k), _like(v)
     if has_linear:
         hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
-        dhl = _new((p.bh, p.nq, p.D, p.D), q, torch.float32)
+        dhl = _new((p.bh, p.nq, p.D, p.D), q, p.summary_dtype)
         dzl = _new((p.bh, p.nq, p.D), q, torch.float32)
     else:  # never read
         hl = zl = dhl = dzl = delta.view(p.bh, 1, -1)
