@@ -1,0 +1,136 @@
+"""Checkpoints: finding the one to resume, safe loading, and export of a consolidated single-file safetensors.
+
+A run's checkpoints live in ``<output_dir>/checkpoints``; ``last.ckpt`` links to the newest. Under SLAStrategy each is
+a DeepSpeed directory (ZeRO shards per rank, Lightning's loop / callback / datamodule state as client state); with
+the plain strategy a single file. Every pickle read here goes through ``torch.load(weights_only=True)``, with only
+the DeepSpeed bookkeeping types allow-listed, so a checkpoint cannot run code when it is loaded.
+
+Export writes the trainable DiT weights (``model.*`` of DiTModule, or its EMA with ``ema=True``) in float32 under
+the plain VideoDiT names: the wrappers sequence parallelism puts around attention cores are taken out, so the file
+loads into ``VideoDiT`` (after ``apply_sla`` when it has SLA's ``proj_l``) whatever the training layout was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+_SP_WRAPPER = re.compile(r"(self_attn\.core)\.attention\.")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """``<output_dir>/checkpoints/last.ckpt`` when it exists (resolved through its link), else None."""
+    last = checkpoint_dir(output_dir) / "last.ckpt"
+    return last.resolve() if last.exists() else None
+
+
+def canonical_name(name: str) -> str:
+    """A DiTModule / DeepSpeed parameter name -> the plain VideoDiT name (``model.`` and SP wrappers dropped)."""
+    name = name.removeprefix("module.").removeprefix("_forward_module.").removeprefix("model.")
+    return _SP_WRAPPER.sub(r"\1.", name)
+
+
+def _safe_globals() -> list:
+    """The non-tensor types DeepSpeed and Lightning pickle into checkpoints (all plain data holders)."""
+    import argparse
+    import collections
+
+    found: list = [argparse.Namespace, collections.OrderedDict, collections.defaultdict, dict, set]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        found += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:
+        pass
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block every ``torch.load`` (also DeepSpeed's own, which asks for ``weights_only=False``) runs with
+    ``weights_only=True`` and the allow-list above."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_safe_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a plain torch file (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return {canonical_name(k): v for k, v in state.items() if k.startswith("model.") or "." not in k[:6]}
+
+
+def _client_state(ckpt: Path) -> dict:
+    """Lightning's part of a checkpoint (a file, or a DeepSpeed directory's model-states file)."""
+    if ckpt.is_file():
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    files = sorted(ckpt.glob("checkpoint/*model_states.pt"))
+    if not files:
+        raise ValueError(f"{str(ckpt)!r} is neither a checkpoint file nor a DeepSpeed checkpoint directory")
+    with weights_only_loads():
+        return torch.load(files[0], map_location="cpu")
+
+
+def consolidated_state_dict(ckpt: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The full float32 DiT weights of a checkpoint (ZeRO shards merged), under VideoDiT names."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise ValueError(f"checkpoint {str(ckpt)!r} does not exist")
+    if ema:
+        state = _client_state(ckpt).get("ema")
+        if state is None:
+            raise ValueError(f"checkpoint {str(ckpt)!r} has no EMA weights (train with optim.ema_decay > 0)")
+        full = {f"model.{k}": v for k, v in state["shadow"].items()}
+    elif ckpt.is_file():
+        full = _client_state(ckpt)["state_dict"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with weights_only_loads():
+            full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="checkpoint")
+    return {canonical_name(k): v.float().contiguous() for k, v in full.items() if k.startswith("model.")}
+
+
+def export_safetensors(ckpt: str | Path, out: str | Path, ema: bool = False, metadata: dict | None = None) -> Path:
+    """Write the consolidated DiT weights of ``ckpt`` to one safetensors file ``out``."""
+    from safetensors.torch import save_file
+
+    state = consolidated_state_dict(ckpt, ema=ema)
+    if not state:
+        raise ValueError(f"checkpoint {str(ckpt)!r} holds no DiT weights (keys starting with 'model.')")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"source": str(ckpt), "weights": "ema" if ema else "model"}
+    meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
+    save_file(state, out, metadata=meta)
+    return out

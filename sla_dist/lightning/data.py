@@ -1,0 +1,130 @@
+"""Datamodules: the synthetic text-to-video set (the default) and precomputed latent shards, with a resumable order.
+
+The sample order is one global stream: pass p over the dataset is the permutation seeded by (seed, p), and global
+batch g is stream positions [g * B * R, (g + 1) * B * R) for R data-parallel replicas of batch size B, replica r
+taking its r-th run of B. Replicas come from the strategy's ``distributed_sampler_kwargs``, so all ranks of one
+sequence-parallel group read the same samples. The stream is infinite (training is step-based), and the datamodule's
+state in the checkpoint is the number of global batches the trainer has run, so a resumed run continues with the
+very next batch no matter how far the loader had prefetched.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Iterator
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..models import DiTConfig
+from .recipe import DataSection
+from .synthetic import SyntheticVideoDataset
+
+
+class ResumableSampler(Sampler[int]):
+    """Infinite, deterministic index stream of one data-parallel replica, starting at global batch ``start_batch``."""
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 start_batch: int = 0) -> None:
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must be positive")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank} is not in [0, num_replicas={num_replicas})")
+        if start_batch < 0:
+            raise ValueError(f"start_batch={start_batch} must be >= 0")
+        self.num_samples, self.batch_size, self.num_replicas, self.rank = num_samples, batch_size, num_replicas, rank
+        self.seed, self.start_batch = seed, start_batch
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        seed = zlib.crc32(f"{self.seed},{epoch}".encode())
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed))
+
+    def __iter__(self) -> Iterator[int]:
+        global_batch = self.batch_size * self.num_replicas
+        position = self.start_batch * global_batch + self.rank * self.batch_size
+        epoch, perm = -1, None
+        while True:
+            for offset in range(self.batch_size):
+                p = position + offset
+                if p // self.num_samples != epoch:
+                    epoch = p // self.num_samples
+                    perm = self._permutation(epoch)
+                yield int(perm[p % self.num_samples])
+            position += global_batch
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack latents and text embeddings; every sample of a batch has one shape (one bucket)."""
+    shapes = {tuple(s["latents"].shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"a batch mixes latent shapes {sorted(shapes)}; bucket the data by shape")
+    return {"latents": torch.stack([s["latents"] for s in samples]),
+            "text": torch.stack([s["text"] for s in samples]),
+            "index": torch.tensor([int(s["index"]) for s in samples])}
+
+
+class _ResumableDataModule(pl.LightningDataModule):
+    """Shared by the datamodules: the resumable train loader and its checkpointed position."""
+
+    def __init__(self, data: DataSection, seed: int) -> None:
+        super().__init__()
+        self.data, self.seed = data, seed
+        self._start_batch = 0
+
+    def build_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.build_dataset()
+        replicas = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None:
+            replicas = {k: self.trainer.strategy.distributed_sampler_kwargs.get(k, replicas[k]) for k in replicas}
+        sampler = ResumableSampler(len(dataset), self.data.batch_size, seed=self.seed, start_batch=self._start_batch,
+                                   **replicas)
+        return DataLoader(dataset, batch_size=self.data.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.data.num_workers, persistent_workers=self.data.num_workers > 0)
+
+    def state_dict(self) -> dict:
+        # Batches the trainer has run (``processed`` counts the batch whose end-of-step checkpoint is being written);
+        # the loader itself may have prefetched further.
+        done = self._start_batch
+        if self.trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return {"seed": self.seed, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"the checkpoint's data order has seed={state['seed']}, this run has seed={self.seed}")
+        self._start_batch = int(state["batches_done"])
+
+
+class SyntheticVideoDataModule(_ResumableDataModule):
+    """The built-in synthetic text-to-video set, shaped for ``model`` (latent channels, text dim)."""
+
+    def __init__(self, data: DataSection, model: DiTConfig, seed: int = 0) -> None:
+        super().__init__(data, seed)
+        self.model = model
+
+    def build_dataset(self) -> SyntheticVideoDataset:
+        d, m = self.data, self.model
+        return SyntheticVideoDataset(d.num_samples, m.in_channels, d.frames, d.height, d.width, m.text_dim,
+                                     d.text_len, seed=self.seed)
+
+
+class LatentShardDataModule(_ResumableDataModule):
+    """Precomputed latent shards (``sla-dist preprocess``), read through ``sla_dist.data.LatentShardDataset``."""
+
+    def build_dataset(self) -> Dataset:
+        try:
+            from ..data import LatentShardDataset
+        except ImportError as exc:
+            raise ValueError("data.kind='shards' needs sla_dist.data.LatentShardDataset, which this installation "
+                             "does not have") from exc
+        return LatentShardDataset(self.data.shards_dir)
+
+
+def build_datamodule(data: DataSection, model: DiTConfig, seed: int) -> _ResumableDataModule:
+    if data.kind == "synthetic":
+        return SyntheticVideoDataModule(data, model, seed)
+    return LatentShardDataModule(data, seed)

@@ -1,0 +1,177 @@
+"""DiTModule: flow-matching training of a VideoDiT, with an optional frozen dense teacher and an EMA of the weights.
+
+Objective (rectified flow, as Wan): for data latents x0 and noise e, sigma = shift(u) with u ~ logit-normal,
+x_sigma = (1 - sigma) x0 + sigma e, and the model predicts the velocity e - x0 from (x_sigma, 1000 sigma, text).
+With ``teacher_weight > 0`` the loss adds that weight times the MSE between the student and a frozen dense copy of
+the initial model on the same input (the distillation TurboDiffusion uses to fine-tune SLA).
+
+The per-step noise and timesteps are drawn from a generator seeded by (seed, global step, data-parallel rank), so
+all ranks of a sequence-parallel group draw the same ones and a resumed run draws exactly what the uninterrupted
+run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from ..models import DiTConfig, VideoDiT
+from .recipe import OptimSection
+from .sequence import predict_local
+
+
+def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's shifted schedule: sigma = s u / (1 + (s - 1) u), u in (0, 1)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class EMA:
+    """Exponential moving average of a model's trainable weights, kept in float32 outside the module tree (so the
+    strategy neither wraps nor partitions it); under ZeRO-3 each parameter is gathered for the update."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in _gathered(model)}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in _gathered(model):
+            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state does not match the model: differing keys {sorted(missing)[:5]}")
+        self.decay = state["decay"]
+        self.shadow = {k: v.float().to(self.shadow[k].device) for k, v in state["shadow"].items()}
+
+
+def _gathered(model: torch.nn.Module):
+    """(name, full parameter) of every trainable parameter, gathering ZeRO-3 partitions one at a time."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                yield name, p
+        else:
+            yield name, p
+
+
+class DiTModule(pl.LightningModule):
+    """Trains ``VideoDiT(config)`` on batches {'latents' [B, C, T, H, W], 'text' [B, Lt, text_dim]}.
+
+    Args:
+        config: the DiT shape.
+        optim: objective and optimizer settings (lr, warm-up, EMA decay, teacher weight, flow shift).
+        seed: seeds the model initialisation and the per-step noise.
+        init_state: weights to start from (e.g. an exported dense checkpoint); None keeps the random init.
+    """
+
+    def __init__(self, config: DiTConfig, optim: OptimSection | None = None, seed: int = 0,
+                 init_state: dict | None = None) -> None:
+        super().__init__()
+        self.config, self.optim, self.seed = config, optim or OptimSection(), seed
+        torch.manual_seed(seed)
+        self.model = VideoDiT(config)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
+        self.teacher: VideoDiT | None = None
+        if self.optim.teacher_weight > 0:
+            self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.ema: EMA | None = None
+
+    @property
+    def sp_groups(self):
+        """The strategy's sequence-parallel groups (None when the strategy has none)."""
+        return getattr(self.trainer.strategy, "sp_groups", None) if self._trainer is not None else None
+
+    @property
+    def dp_rank(self) -> int:
+        groups = self.sp_groups
+        return groups.dp_rank if groups is not None else (self.global_rank if self._trainer is not None else 0)
+
+    def step_generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(zlib.crc32(f"{self.seed},{step},{self.dp_rank}".encode()))
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator):
+        """(x_sigma, timestep [B], velocity target) for clean ``latents``."""
+        B = latents.shape[0]
+        u = torch.sigmoid(torch.randn(B, generator=generator))
+        sigma = flow_sigmas(u, self.optim.flow_shift).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        s = sigma.view(B, 1, 1, 1, 1).to(latents.dtype)
+        return (1 - s) * latents + s * noise, sigma * 1000, noise - latents
+
+    def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """This rank's share of each loss term (shares sum to the full loss over the SP group)."""
+        latents, text = batch["latents"], batch["text"]
+        x, timestep, target = self.noised(latents, generator)
+        pred = predict_local(self.model, x, timestep, text, self.sp_groups)
+        denom = target.numel()
+        out = {"flow": pred.sq_error(pred.localize(self.model, target)) / denom}
+        loss = out["flow"]
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = predict_local(self.teacher, x, timestep, text, self.sp_groups).tokens
+            out["teacher"] = pred.sq_error(teacher) / denom
+            loss = loss + self.optim.teacher_weight * out["teacher"]
+        out["loss"] = loss
+        return out
+
+    def full_value(self, share: torch.Tensor) -> torch.Tensor:
+        """The full loss value from this rank's share (sum over the SP group), for logging."""
+        groups = self.sp_groups
+        if groups is None or groups.sp_size == 1:
+            return share.detach()
+        value = share.detach().clone()
+        torch.distributed.all_reduce(value, group=groups.sp_group)
+        return value
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.losses(batch, self.step_generator(self.global_step))
+        for name, value in terms.items():
+            # logged on every rank (identical within an SP group), averaged over DP at epoch end only
+            self.log(f"train/{name}", self.full_value(value), prog_bar=name == "loss", batch_size=len(batch["index"]))
+        return terms["loss"]
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.optim.ema_decay > 0 and self.ema is None:
+            self.ema = EMA(self.model, self.optim.ema_decay)
+
+    @override
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "ema" in checkpoint:
+            if self.ema is None:
+                self.ema = EMA(self.model, checkpoint["ema"]["decay"])
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    @override
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
+                                weight_decay=self.optim.weight_decay)
+        warmup = self.optim.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

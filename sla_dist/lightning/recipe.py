@@ -1,0 +1,328 @@
+"""The training recipe: a typed, validated schema for the omegaconf YAML files in ``recipes/``.
+
+A recipe is loaded as ``OmegaConf.structured(Recipe)`` merged with the YAML file and then with ``key=value``
+command-line overrides, so a misspelt key fails at load time with the key's full path, and every value is checked by
+the ``__post_init__`` of its section (values named in the message) when the merged tree becomes dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import SLAConfig
+from ..models import DiTConfig, dit_config
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+STRATEGIES = ("sla_deepspeed", "auto")
+DATA_KINDS = ("synthetic", "shards")
+
+
+def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{type(section).__name__}.{name}={value!r} must be an integer {bound}")
+
+
+def _choice(section: object, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(section, name)
+    if value not in choices:
+        raise ValueError(f"{type(section).__name__}.{name}={value!r} is not one of {choices}")
+
+
+@dataclass
+class ModelSection:
+    """Which DiT to train: a named shape from ``sla_dist.models.DIT_CONFIGS`` with a few common overrides."""
+
+    name: str = "tiny"
+    """Named DiT shape: 'tiny', 'small', 'wan2.1-1.3b' or 'wan2.1-14b'."""
+
+    num_layers: Optional[int] = None
+    """Override the shape's number of blocks (None keeps it); handy for short benchmarks of a big shape."""
+
+    tile_size: Optional[List[int]] = None
+    """3D token tiling (t, h, w) so that one SLA block is a compact video cube; None keeps raster order."""
+
+    checkpoint_blocks: bool = False
+    """Recompute block activations in backward (activation checkpointing)."""
+
+    init_from: Optional[str] = None
+    """A safetensors file of weights (e.g. from ``sla-dist export``) loaded before SLA is applied; None: random."""
+
+    def __post_init__(self) -> None:
+        self.build()
+
+    def build(self) -> DiTConfig:
+        overrides: dict = {"checkpoint_blocks": self.checkpoint_blocks}
+        if self.num_layers is not None:
+            overrides["num_layers"] = self.num_layers
+        if self.tile_size is not None:
+            overrides["tile_size"] = tuple(self.tile_size)
+        return dit_config(self.name, **overrides)
+
+
+@dataclass
+class SparsitySection:
+    """SLACallback: which layers become SLA and how the sparsity is scheduled and logged."""
+
+    enabled: bool = True
+    """Convert self-attention to SLA at all (False trains the dense model, e.g. as a baseline)."""
+
+    skip_first: int = 0
+    """Leave the first n self-attention layers dense."""
+
+    dense_steps: int = 0
+    """Optimizer steps of full attention first (topk 1, negligible 0: exactly dense) so proj_l and the rest adapt."""
+
+    anneal_steps: int = 0
+    """Steps over which topk goes linearly from 1 to ``sla.topk`` after the dense warm-up (0: jump at once)."""
+
+    error_every: int = 0
+    """Every this many steps log each SLA layer's relative L1 error vs dense attention on the live batch (0: off)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "skip_first", "dense_steps", "anneal_steps", "error_every", allow_zero=True)
+
+
+@dataclass
+class DataSection:
+    """Training data: the built-in synthetic text-to-video set or precomputed latent shards."""
+
+    kind: str = "synthetic"
+    """'synthetic' (procedural moving shapes, no downloads) or 'shards' (``sla-dist preprocess`` output)."""
+
+    shards_dir: Optional[str] = None
+    """Directory of latent shards and their index, for kind 'shards'."""
+
+    num_samples: int = 512
+    """Size of the synthetic set (its samples are rendered on the fly from their index)."""
+
+    frames: int = 4
+    """Latent frames T of a synthetic sample."""
+
+    height: int = 16
+    """Latent height H of a synthetic sample (must divide by the patch size)."""
+
+    width: int = 16
+    """Latent width W of a synthetic sample."""
+
+    text_len: int = 16
+    """Tokens of a synthetic caption's embedding (padded / cut)."""
+
+    batch_size: int = 4
+    """Samples per data-parallel rank per step (all ranks of one SP group read the same samples)."""
+
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", DATA_KINDS)
+        _positive(self, "num_samples", "frames", "height", "width", "text_len", "batch_size")
+        _positive(self, "num_workers", allow_zero=True)
+        if self.kind == "shards" and not self.shards_dir:
+            raise ValueError("data.kind='shards' needs data.shards_dir")
+
+
+@dataclass
+class OptimSection:
+    """Objective and optimizer of DiTModule."""
+
+    lr: float = 1e-4
+    """AdamW learning rate after warm-up."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights with this decay (0: no EMA). Each rank keeps a full copy."""
+
+    teacher_weight: float = 0.0
+    """Weight of the distillation term: MSE to a frozen dense copy of the initial model (0: no teacher)."""
+
+    flow_shift: float = 1.0
+    """Timestep shift of the flow-matching schedule (Wan uses 3-5 at high resolution; 1 is no shift)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay={self.ema_decay} must lie in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "teacher_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        if not self.flow_shift > 0:
+            raise ValueError(f"optim.flow_shift={self.flow_shift} must be positive")
+        _positive(self, "warmup_steps", allow_zero=True)
+
+
+@dataclass
+class ParallelSection:
+    """Distribution: SLAStrategy (DeepSpeed ZeRO with sequence parallelism) or plain Lightning."""
+
+    strategy: str = "sla_deepspeed"
+    """'sla_deepspeed' (SLAStrategy) or 'auto' (Lightning's default for the devices; no SP, no ZeRO)."""
+
+    sp_size: int = 1
+    """Ranks sharing one sample's token sequence; the world size must be a multiple of it."""
+
+    ulysses_degree: Optional[int] = None
+    """Ranks of an SP group doing Ulysses all-to-all (None: all); the rest is SLA-aware context parallel (ring)."""
+
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU (ZeRO-Offload)."""
+
+    offload_parameters: bool = False
+    """Keep parameters on the CPU (ZeRO-3 only)."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "strategy", STRATEGIES)
+        _positive(self, "sp_size")
+        if self.ulysses_degree is not None and (self.ulysses_degree < 1 or self.sp_size % self.ulysses_degree):
+            raise ValueError(f"parallel.ulysses_degree={self.ulysses_degree} must divide sp_size={self.sp_size}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError(f"parallel.offload_parameters needs zero_stage=3, not {self.zero_stage}")
+        if self.strategy == "auto" and self.sp_size != 1:
+            raise ValueError(f"parallel.sp_size={self.sp_size} needs strategy='sla_deepspeed'")
+
+
+@dataclass
+class TrainerSection:
+    """Lightning Trainer settings."""
+
+    max_steps: int = 100
+    """Optimizer steps to train."""
+
+    accelerator: str = "auto"
+    """'cpu', 'gpu' / 'cuda' or 'auto'."""
+
+    devices: int = 1
+    """Processes (GPUs) per node; under torchrun / deepspeed / SLURM the launcher's count must match."""
+
+    num_nodes: int = 1
+    """Nodes."""
+
+    precision: str = "32-true"
+    """Lightning precision: '32-true', 'bf16-mixed', 'bf16-true' or '16-mixed'."""
+
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step."""
+
+    log_every_n_steps: int = 10
+    """Logging interval (TensorBoard when installed, and CSV)."""
+
+    checkpoint_every: int = 50
+    """Save the 'last' checkpoint every this many steps (and at the end)."""
+
+    progress_bar: bool = True
+    """Show Lightning's progress bar."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_steps", "devices", "num_nodes", "accumulate_grad_batches", "log_every_n_steps",
+                  "checkpoint_every")
+        _choice(self, "accelerator", ACCELERATORS)
+        _choice(self, "precision", PRECISIONS)
+
+
+@dataclass
+class SampleSection:
+    """The sample video written at the end of training (flow-matching Euler ODE from the final weights)."""
+
+    enabled: bool = True
+    """Write a sample at the end of fit."""
+
+    steps: int = 20
+    """Euler steps of the ODE."""
+
+    num_videos: int = 2
+    """Videos in the sample grid (captions of the first validation samples)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "num_videos")
+
+
+@dataclass
+class Recipe:
+    """A whole training run. Every artefact goes under ``output_dir``: checkpoints/, logs/, samples/, recipe.yaml."""
+
+    output_dir: str = "runs/default"
+    """Where checkpoints, logs and samples of this run go (resuming picks up ``checkpoints/last.ckpt`` here)."""
+
+    seed: int = 0
+    """Seed of model init, data order and the per-step noise."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    sla: SLAConfig = field(default_factory=SLAConfig)
+    sparsity: SparsitySection = field(default_factory=SparsitySection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("output_dir must be a non-empty path")
+        world = self.trainer.devices * self.trainer.num_nodes
+        if self.parallel.strategy == "sla_deepspeed" and world % self.parallel.sp_size:
+            raise ValueError(f"devices x num_nodes = {world} is not a multiple of parallel.sp_size="
+                             f"{self.parallel.sp_size}")
+        heads = self.model.build().num_heads
+        ulysses = self.parallel.ulysses_degree or self.parallel.sp_size
+        if heads % ulysses:
+            raise ValueError(f"model {self.model.name!r} has {heads} heads, which do not divide over "
+                             f"ulysses_degree={ulysses}; set parallel.ulysses_degree to a divisor")
+
+    @property
+    def dit(self) -> DiTConfig:
+        return self.model.build()
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The schema defaults, merged with the YAML at ``path`` (if any) and ``key=value`` overrides, validated.
+
+    Raises ValueError naming the offending key or value (unknown keys, wrong types, out-of-range values)."""
+    schema = OmegaConf.structured(Recipe)
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ValueError(f"recipe {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides {bad} are not key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # runs every __post_init__
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"bad recipe {str(path) if path else '<defaults>'}: {exc}") from exc
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (written next to the run's outputs, so a run records what it trained)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(recipe)))

@@ -1,0 +1,158 @@
+"""Sequence-parallel training forward of a VideoDiT: shard the token sequence over the SP group, loss per shard.
+
+    embed (replicated) -> this rank's tail-padded slice of tokens and RoPE -> blocks, whose self-attention cores
+    exchange over the SP group (Ulysses / context parallel) -> head on the local tokens -> loss on the local tokens
+
+Gradient convention (DeepSpeed's, see ``SLAStrategy``): every rank's gradient is its *share*, and the shares of an
+SP group sum to the full gradient; ZeRO sums over SP and averages over DP. That holds because each rank's loss is the
+sum of its own tokens' errors over the *global* token count, the slice is a plain index (its backward puts zeros
+elsewhere, no collective), and the replicated conditioning (timestep, text) only reaches the loss through local
+tokens. The target is brought into the head's token layout by ``target_tokens``, so nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..attention import SparseLinearAttention
+from ..models import VideoDiT
+from ..models.layers import DenseAttention, SelfAttention, modulate
+from ..parallel import SequenceParallelGroups, SequenceParallelSLA, SequenceShard
+from ..parallel.groups import ensure_deepspeed_comm
+from ..parallel.sharding import pad_along
+
+# Valid tokens of the sequence being run; the attention cores read it (their call signature is (q, k, v)).
+_SEQ_LEN: contextvars.ContextVar[int | None] = contextvars.ContextVar("sla_dist_seq_len", default=None)
+
+
+@contextlib.contextmanager
+def sharded_sequence(seq_len: int):
+    token = _SEQ_LEN.set(seq_len)
+    try:
+        yield
+    finally:
+        _SEQ_LEN.reset(token)
+
+
+class ShardedSLA(SequenceParallelSLA):
+    """SequenceParallelSLA called as a plain (q, k, v) core, taking the valid length from ``sharded_sequence``."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        return super().forward(q, k, v, seq_len if seq_len is not None else _SEQ_LEN.get())
+
+
+class ShardedDense(nn.Module):
+    """Dense softmax attention over a sequence sharded across the SP group (Ulysses all-to-all, no ring split)."""
+
+    def __init__(self, groups: SequenceParallelGroups) -> None:
+        super().__init__()
+        if groups.ring_degree > 1:
+            raise ValueError(f"dense attention layers under sequence parallelism need ring_degree=1, not "
+                             f"{groups.ring_degree}; convert every layer to SLA or use pure Ulysses")
+        from deepspeed.sequence.layer import DistributedAttention
+
+        ensure_deepspeed_comm()
+        self.groups = groups
+        self.exchange = DistributedAttention(self._local, groups.ulysses_group, scatter_idx=2, gather_idx=1)
+
+    def __deepcopy__(self, memo: dict) -> "ShardedDense":
+        # process groups are communicator handles: copies (EMA, teacher) share them
+        return type(self)(self.groups)
+
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """[B, L_padded, H/U, D] after the exchange; padded keys must not enter the softmax."""
+        full = q.shape[1]
+        q, k, v = (x.transpose(1, 2)[:, :, :seq_len] for x in (q, k, v))
+        return pad_along(F.scaled_dot_product_attention(q, k, v), 2, full).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        seq_len = _SEQ_LEN.get() or q.shape[2] * self.groups.sp_size
+        out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
+        return out.transpose(1, 2)
+
+
+def enable_sequence_parallel(model: VideoDiT, groups: SequenceParallelGroups) -> int:
+    """Swap every self-attention core of ``model`` for its sequence-parallel form; returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        if not isinstance(module, SelfAttention) or isinstance(module.core, (ShardedSLA, ShardedDense)):
+            continue
+        if isinstance(module.core, SparseLinearAttention):
+            module.core = ShardedSLA(module.core, groups)
+        elif isinstance(module.core, DenseAttention):
+            module.core = ShardedDense(groups)
+        else:
+            raise ValueError(f"cannot run attention core {type(module.core).__name__} sequence-parallel")
+        swapped += 1
+    return swapped
+
+
+def target_tokens(model: VideoDiT, target: torch.Tensor, tiling) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, L, p_t p_h p_w C] in the head's output layout and token order (inverse of unembed)."""
+    B, C = target.shape[:2]
+    (T, H, W), (pt, ph, pw) = model.token_grid((B, model.config.in_channels, *target.shape[2:])), \
+        model.config.patch_size
+    x = target.reshape(B, C, T, pt, H, ph, W, pw).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, T * H * W, -1)
+    return x if tiling is None else tiling.tile(x, dim=1)
+
+
+def head_tokens(model: VideoDiT, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    """The head of ``unembed`` on tokens [B, L, dim], without untiling / unpatchifying."""
+    shift, scale = (model.head_modulation + t_emb[:, None]).chunk(2, dim=1)
+    return model.head(modulate(model.head_norm(x), shift, scale))
+
+
+@dataclass
+class LocalPrediction:
+    """A model's prediction on this rank's tokens, in the head's token layout."""
+
+    tokens: torch.Tensor
+    """[B, L_local, p_t p_h p_w C_out]; rows past ``mask`` are padding."""
+    mask: torch.Tensor | None
+    """[L_local] bool, True on real tokens; None when the sequence is not sharded."""
+    shard: SequenceShard | None
+    tiling: object
+    grid: tuple[int, int, int]
+
+    def localize(self, model: VideoDiT, latents_like: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a [B, C, T, H, W] tensor (e.g. the target), in the same layout."""
+        x = target_tokens(model, latents_like, self.tiling)
+        return x if self.shard is None else self.shard.local_piece(self.shard.pad_to_padded(x, 1), 1)
+
+    def sq_error(self, other: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's real tokens of (prediction - other)^2, in float32."""
+        err = (self.tokens.float() - other.float()) ** 2
+        return (err if self.mask is None else err * self.mask[None, :, None]).sum()
+
+
+def predict_local(model: VideoDiT, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                  groups: SequenceParallelGroups | None) -> LocalPrediction:
+    """Run ``model`` with its token sequence sharded over ``groups``' SP group (unsharded for sp_size 1)."""
+    inputs = model.embed(latents, timestep, text)
+    if groups is None or groups.sp_size == 1:
+        x = model.forward_blocks(inputs.tokens, inputs)
+        return LocalPrediction(head_tokens(model, x, inputs.t_emb), None, None, inputs.tiling, inputs.grid)
+    seq_len = inputs.tokens.shape[1]
+    shard = SequenceShard.for_group(seq_len, groups.sp_group)
+    tokens = shard.local_piece(shard.pad_to_padded(inputs.tokens, 1), 1)
+    inputs.rope = tuple(shard.local_piece(shard.pad_to_padded(t, 0), 0) for t in inputs.rope)
+    with sharded_sequence(seq_len):
+        x = model.forward_blocks(tokens, inputs)
+    return LocalPrediction(head_tokens(model, x, inputs.t_emb), shard.valid_mask(x.device), shard, inputs.tiling,
+                           inputs.grid)
+
+
+def predict_full(model: VideoDiT, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 groups: SequenceParallelGroups | None) -> torch.Tensor:
+    """The whole prediction [B, C_out, T, H, W] on every rank (shards gathered over the SP group): for sampling."""
+    pred = predict_local(model, latents, timestep, text, groups)
+    tokens = pred.tokens if pred.shard is None else pred.shard.gather(pred.tokens, 1)
+    if pred.tiling is not None:
+        tokens = pred.tiling.untile(tokens, dim=1)
+    return model.unpatchify(tokens, pred.grid)
