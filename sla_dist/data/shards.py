@@ -151,12 +151,25 @@ def read_shard_header(path: str | os.PathLike) -> ShardHeader:
                        skipped=json.loads(meta["skipped"]))
 
 
-def write_json(path: str | os.PathLike, obj: dict) -> None:
-    """Write JSON atomically, so that concurrent writers of identical content and readers never see a partial file."""
+def write_json(path: str | os.PathLike, obj: dict, exclusive: bool = False) -> bool:
+    """Write JSON atomically, so that concurrent writers of identical content and readers never see a partial file.
+
+    With ``exclusive``, write only if ``path`` does not exist yet (atomically: of racing writers exactly one wins);
+    returns whether this call wrote the file.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    if not exclusive:
+        os.replace(tmp, path)
+        return True
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
 
 
 def build_index(root: str | os.PathLike) -> dict | None:

@@ -1,0 +1,34 @@
+"""Synthetic videos for the data tests: a frame index drawn into every frame, so tests can tell which frames a clip
+took, on random per-video colours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def frame_pixels(k: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Frame ``k``: a random smooth background and a bright bar whose row encodes k."""
+    base = rng.integers(0, 120, size=3, dtype=np.uint8)
+    img = np.broadcast_to(base, (height, width, 3)).copy()
+    row = (k * 4) % height
+    img[row: row + 4] = 255
+    return img
+
+
+def write_video(path: Path, frames: int, fps: int, height: int, width: int, seed: int) -> Path:
+    """Encode an mp4 (H.264) or webm (VP9) by suffix."""
+    rng = np.random.default_rng(seed)
+    codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(frame_pixels(k, height, width, rng), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
