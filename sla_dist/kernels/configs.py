@@ -1,29 +1,44 @@
-"""Launch settings per kernel and shape.
+"""Launch settings per kernel: autotuned on a GPU, one fixed setting in the interpreter.
 
-One table so that tuning (issue: SLA kernel performance on Hopper) has a single place to land. The interpreter
-ignores warps and stages; these values are starting points for Hopper.
+``get_kernel(name)`` returns something launched as ``kernel[grid](*args, **constexprs)``. On a GPU it is the Triton
+kernel wrapped in ``triton.autotune`` over warps x pipeline stages, keyed on the constexprs that change the code (not
+on sequence length, so a training run tunes once per layer shape, on its first real batch, never on zeros). Under
+TRITON_INTERPRET=1 autotuning does not run and warps/stages mean nothing, so the kernel gets one fixed setting.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import os
+
+import triton
+
+# kernel name -> (module, function, autotune key, warps options, stages options)
+_KERNELS = {
+    "fwd": ("forward", "_sla_fwd_kernel", ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR"), (4, 8), (2, 3, 4)),
+    "summaries": ("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4, 8), (1, 2)),
+    "delta": ("backward", "_bwd_delta_kernel", ("D", "BLOCK_Q"), (4,), (1,)),
+    "dq": ("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR"), (4, 8), (1, 2, 3)),
+    "dkdv": ("backward", "_bwd_dkdv_kernel", ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR"), (4, 8),
+             (1, 2, 3)),
+}
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    num_warps: int
-    num_stages: int
+class _Fixed:
+    """A kernel launched with one setting (the interpreter ignores it; it only has to be valid)."""
+
+    def __init__(self, fn, num_warps: int, num_stages: int) -> None:
+        self.fn, self.num_warps, self.num_stages = fn, num_warps, num_stages
+
+    def __getitem__(self, grid):
+        return functools.partial(self.fn[grid], num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def launch_config(kernel: str, block_q: int, head_dim: int) -> LaunchConfig:
-    """Warps and pipeline depth for ``kernel`` in {'fwd', 'summaries', 'delta', 'dq', 'dkdv'}."""
-    if kernel == "delta":
-        return LaunchConfig(num_warps=4, num_stages=1)
-    if kernel == "summaries":
-        return LaunchConfig(num_warps=8 if head_dim >= 128 else 4, num_stages=1)
-    wide = head_dim >= 128 or block_q >= 128
-    if kernel == "fwd":
-        return LaunchConfig(num_warps=8 if wide else 4, num_stages=2)
-    if kernel in ("dq", "dkdv"):
-        return LaunchConfig(num_warps=8 if wide else 4, num_stages=1)
-    raise ValueError(f"unknown kernel {kernel!r}")
+@functools.cache
+def get_kernel(name: str):
+    module, attr, key, warps, stages = _KERNELS[name]
+    fn = getattr(__import__(f"{__package__}.{module}", fromlist=[attr]), attr)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _Fixed(fn, warps[0], stages[0])
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+    return triton.autotune(configs=configs, key=list(key))(fn)

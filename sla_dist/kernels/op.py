@@ -20,7 +20,7 @@ import triton
 
 from ..config import FEATURE_MAPS
 from .block_map import MARGINAL, BlockMap
-from .configs import launch_config
+from .configs import get_kernel
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (32, 64, 128)
@@ -138,15 +138,11 @@ def _gather_to_key_blocks(per_query_block: torch.Tensor, block_class: torch.Tens
 
 def _linear_totals(k: torch.Tensor, v: torch.Tensor, block_class: torch.Tensor, p: _Problem, scope: str):
     """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
-    from .forward import _linear_summaries_kernel
-
     hs = _new((p.bh, p.nk, p.D, p.D), k, p.summary_dtype)
     zs = _new((p.bh, p.nk, p.D), k, torch.float32)
-    cfg = launch_config("summaries", p.block_q, p.D)
-    _linear_summaries_kernel[(p.nk, p.bh)](
+    get_kernel("summaries")[(p.nk, p.bh)](
         k, v, hs, zs, *p.kv_strides, p.H, p.Lk, p.nk,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     hl = _scatter_to_query_blocks(hs.view(p.bh, p.nk, p.D * p.D), block_class, scope)
     zl = _scatter_to_query_blocks(zs, block_class, scope)
@@ -166,8 +162,6 @@ def sla_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(O_s, O_l, lse): sparse-branch output, unprojected linear-branch output (zeros for scope 'none') and the
     sparse branch's base-2 log-sum-exp [B, H, Lq] float32."""
-    from .forward import _sla_fwd_kernel
-
     (q,) = _kernel_layout(q)
     k, v = _kernel_layout(k, v)
     has_linear = linear_scope != "none"
@@ -179,12 +173,11 @@ def sla_forward(
         hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
     else:  # never read: HAS_LINEAR=False compiles the branch away
         hl = zl = lse.view(p.bh, 1, -1)
-    cfg = launch_config("fwd", block_q, p.D)
-    _sla_fwd_kernel[(p.nq, p.bh)](
+    get_kernel("fwd")[(p.nq, p.bh)](
         q, k, v, o, o_l, lse, kv_num_blocks, kv_indices, hl, zl,
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
-        **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **p.meta(),
     )
     return o, o_l, lse
 
@@ -203,7 +196,6 @@ def sla_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
     (``dlse``); None stands for a zero gradient."""
-    from .backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
     from .block_map import critical_lists
 
     has_linear = linear_scope != "none" and dol is not None
@@ -213,10 +205,9 @@ def sla_backward(
 
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
-    cfg = launch_config("delta", block_q, p.D)
-    _bwd_delta_kernel[(p.nq, p.bh)](
+    get_kernel("delta")[(p.nq, p.bh)](
         o, do, dlse if dlse is not None else delta, delta, *p.q_strides, p.H, p.Lq,
-        D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None,
     )
 
     dq, dk, dv = _like(q), _like(k), _like(v)
@@ -226,12 +217,11 @@ def sla_backward(
         dzl = _new((p.bh, p.nq, p.D), q, torch.float32)
     else:  # never read
         hl = zl = dhl = dzl = delta.view(p.bh, 1, -1)
-    cfg = launch_config("dq", block_q, p.D)
-    _bwd_dq_kernel[(p.nq, p.bh)](
+    get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dol_, dq, lse, delta, kv_num_blocks, kv_indices, hl, zl, dhl, dzl,
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
-        **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **p.meta(),
     )
 
     if has_linear:
@@ -240,12 +230,11 @@ def sla_backward(
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
     q_num_blocks, q_indices = critical_lists(block_class.transpose(-1, -2))
-    cfg = launch_config("dkdv", block_q, p.D)
-    _bwd_dkdv_kernel[(p.nk, p.bh)](
+    get_kernel("dkdv")[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
         *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
         p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
-        **p.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **p.meta(),
     )
     return dq, dk, dv
 
