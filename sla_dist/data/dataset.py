@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from sla_dist.data.shards import SampleRecord, load_index
 
 Bucket = tuple[int, int, int]
+MAX_OPEN_SHARDS = 32
 
 
 class LatentShardDataset(torch.utils.data.Dataset):
@@ -36,8 +38,8 @@ class LatentShardDataset(torch.utils.data.Dataset):
     ``dataset[i]`` is a dict: ``latents`` [C, T, H, W], ``text`` [text_len, D] (the caption embedding zero-padded
     past its real tokens, as Wan feeds umT5 embeddings), ``text_mask`` [text_len] bool (True on real tokens) and
     ``index`` (i). ``text_len`` defaults to the tokenizer length the data was encoded with; a smaller value
-    truncates longer captions. Shard files are opened lazily and kept open per process, so the dataset pickles
-    cheaply into DataLoader workers.
+    truncates longer captions. Shard files are opened lazily and the ``MAX_OPEN_SHARDS`` most recently used stay
+    open per process; the dataset pickles without them into DataLoader workers.
     """
 
     def __init__(self, root: str | os.PathLike, text_len: int | None = None) -> None:
@@ -59,7 +61,7 @@ class LatentShardDataset(torch.utils.data.Dataset):
             buckets.setdefault(record.bucket, []).append(i)
         self.buckets: dict[Bucket, list[int]] = dict(sorted(buckets.items()))
         """Latent (frames, height, width) -> sample indices, in index order."""
-        self._handles: dict[str, object] = {}
+        self._handles: OrderedDict[str, object] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -68,10 +70,12 @@ class LatentShardDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self.records):
             raise IndexError(f"sample {i} is out of range for a dataset of {len(self.records)} samples")
         file, j = self._locations[i]
-        handle = self._handles.get(file)
+        handle = self._handles.pop(file, None)
         if handle is None:
             handle = safe_open(str(self.root / file), framework="pt")
-            self._handles[file] = handle
+            if len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)  # least recently used: bounds open files on huge datasets
+        self._handles[file] = handle
         latents = handle.get_tensor(f"latents.{j}")
         tokens = handle.get_tensor(f"text.{j}")[: self.text_len]
         text = tokens.new_zeros(self.text_len, tokens.shape[1])
@@ -83,12 +87,13 @@ class LatentShardDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         # open file handles do not pickle; each worker reopens the shards it touches
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"] = OrderedDict()
         return state
 
 
 def collate_latents(samples: Sequence[dict]) -> dict:
-    """Stack samples of one bucket: latents [B, C, T, H, W], text [B, text_len, D], text_mask [B, text_len], index [B]."""
+    """Stack samples of one bucket: latents [B, C, T, H, W], text [B, text_len, D], text_mask [B, text_len] and
+    index [B]."""
     shapes = {tuple(s["latents"].shape) for s in samples}
     if len(shapes) != 1:
         raise ValueError(f"a batch mixes latent shapes {sorted(shapes)}; batch with BucketBatchSampler")

@@ -217,7 +217,9 @@ def _encode_shards(config, videos, pending, root, captions, vae, text_encoder, s
             summary.skipped.extend(skipped)
 
 
-def _read_clips(video: str, shapes: list[ClipShape], config: PreprocessConfig) -> list[tuple[SampleRecord, torch.Tensor]]:
+def _read_clips(video: str, shapes: list[ClipShape],
+                config: PreprocessConfig) -> list[tuple[SampleRecord, torch.Tensor]]:
+    """Every clip the config asks of ``video``, with its record (caption and latent facts filled in later)."""
     info = probe(video)
     shape = choose_shape(info, shapes, config.fps)
     starts = clip_starts(info.duration, (shape.frames - 1) / config.fps, config.clips_per_video)

@@ -139,3 +139,20 @@ def test_bad_arguments_and_foreign_state(dataset_dir):
         BucketBatchSampler(buckets, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="batches_consumed=99"):
         BucketBatchSampler(buckets, 2).state_dict(epoch=0, batches_consumed=99)
+
+
+def test_open_shards_are_bounded_and_not_pickled(dataset_dir, monkeypatch):
+    import pickle
+
+    from sla_dist.data import dataset as module
+
+    root, samples = dataset_dir
+    monkeypatch.setattr(module, "MAX_OPEN_SHARDS", 2)
+    dataset = LatentShardDataset(root)
+    for i in (0, 7, 14, 0, 20, 3):  # shards 0, 1, 2, 0, 2, 0 (7 samples each)
+        torch.testing.assert_close(dataset[i]["latents"], samples[i].latents, rtol=0, atol=0)
+        assert len(dataset._handles) <= 2
+    assert list(dataset._handles) == ["shards/shard-000002.safetensors", "shards/shard-000000.safetensors"]
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert not clone._handles
+    torch.testing.assert_close(clone[15]["text"], dataset[15]["text"], rtol=0, atol=0)

@@ -3,6 +3,7 @@ took, on random per-video colours."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -18,15 +19,19 @@ def frame_pixels(k: int, height: int, width: int, rng: np.random.Generator) -> n
     return img
 
 
-def write_video(path: Path, frames: int, fps: int, height: int, width: int, seed: int) -> Path:
-    """Encode an mp4 (H.264) or webm (VP9) by suffix."""
+def write_video(path: Path, frames: int, fps: int, height: int, width: int, seed: int,
+                paint: Callable[[np.ndarray], None] | None = None) -> Path:
+    """Encode an mp4 (H.264) or webm (VP9) by suffix; ``paint`` may draw over each frame in place."""
     rng = np.random.default_rng(seed)
     codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for k in range(frames):
-            frame = av.VideoFrame.from_ndarray(frame_pixels(k, height, width, rng), format="rgb24")
+            pixels = frame_pixels(k, height, width, rng)
+            if paint is not None:
+                paint(pixels)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
