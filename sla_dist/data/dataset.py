@@ -120,7 +120,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     Resuming: ``state_dict()`` records the epoch and how many batches of it were used; a sampler built with the same
     arguments and given that state continues with exactly the batches an uninterrupted run would have yielded.
     Because a DataLoader prefetches, the batches the *sampler* has handed out run ahead of those the training loop
-    has consumed; a training loop that knows its own position passes it as ``state_dict(epoch, batches_consumed)``.
+    has consumed; a training loop that knows its own position passes it as ``state_dict(epoch, batches_consumed)``,
+    or restores it with ``seek(total_batches_done)``.
     Iterating again after an epoch's last batch starts the next epoch; ``set_epoch`` to the current epoch is a
     no-op, so a restored position survives Lightning calling ``set_epoch`` at the start of the resumed epoch.
     """
@@ -188,6 +189,13 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"epoch={epoch} must be non-negative")
         if epoch != self.epoch:
             self.epoch, self._next = epoch, 0
+
+    def seek(self, batches_done: int) -> None:
+        """Continue after ``batches_done`` batches counted from the start of epoch 0 (e.g. the trainer's global
+        count of batches run), across epoch boundaries."""
+        if not isinstance(batches_done, int) or batches_done < 0:
+            raise ValueError(f"batches_done={batches_done!r} must be a non-negative integer")
+        self.epoch, self._next = divmod(batches_done, len(self))
 
     def _fingerprint(self) -> dict:
         return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,

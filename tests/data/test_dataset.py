@@ -156,3 +156,20 @@ def test_open_shards_are_bounded_and_not_pickled(dataset_dir, monkeypatch):
     clone = pickle.loads(pickle.dumps(dataset))
     assert not clone._handles
     torch.testing.assert_close(clone[15]["text"], dataset[15]["text"], rtol=0, atol=0)
+
+
+def test_seek_to_a_global_batch_count(dataset_dir):
+    root, _ = dataset_dir
+    buckets = LatentShardDataset(root).buckets
+    seed = torch.seed() % 2**31
+    reference = BucketBatchSampler(buckets, 2, seed=seed)
+    n = len(reference)
+    stream = reference.batches(0) + reference.batches(1) + reference.batches(2)
+    done = torch.randint(0, 2 * n, ()).item()
+    sampler = BucketBatchSampler(buckets, 2, seed=seed)
+    sampler.seek(done)
+    sampler.set_epoch(done // n)  # Lightning's current epoch after the restore: no rewind
+    got = list(itertools.islice(itertools.chain(sampler, sampler, sampler), n))
+    assert got == stream[done: done + n]
+    with pytest.raises(ValueError, match="batches_done=-1"):
+        sampler.seek(-1)
