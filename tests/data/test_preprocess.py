@@ -17,6 +17,8 @@ from sla_dist.data.shards import INDEX_NAME, load_index, shard_path
 from sla_dist.data.video import ClipShape, read_clip
 from tests.data.conftest import CLIP_SHAPES, FPS
 
+pytest.importorskip("av", reason="reading videos needs PyAV: pip install av (the 'data' extra)")
+
 # expected bucket (latent frames, height, width) of each usable video; see the video_dir fixture
 EXPECTED = {"a.mp4": (3, 4, 6), "b.webm": (2, 4, 4), "e.mp4": (2, 4, 6), "sub/c.mp4": (2, 4, 4),
             "sub/d.mp4": (3, 4, 6)}

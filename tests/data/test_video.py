@@ -10,6 +10,8 @@ from sla_dist.data.video import (ClipShape, VideoError, VideoInfo, choose_shape,
                                  read_clip)
 from tests.data.videos import write_video
 
+pytest.importorskip("av", reason="reading videos needs PyAV: pip install av (the 'data' extra)")
+
 
 def bar_rows(clip: torch.Tensor) -> list[int]:
     """First row of the bright bar in each frame (encodes the source frame index, see videos.frame_pixels)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import av
 import numpy as np
 
 
@@ -22,6 +21,8 @@ def frame_pixels(k: int, height: int, width: int, rng: np.random.Generator) -> n
 def write_video(path: Path, frames: int, fps: int, height: int, width: int, seed: int,
                 paint: Callable[[np.ndarray], None] | None = None) -> Path:
     """Encode an mp4 (H.264) or webm (VP9) by suffix; ``paint`` may draw over each frame in place."""
+    import av  # optional dependency: the test modules that write videos importorskip it
+
     rng = np.random.default_rng(seed)
     codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
     with av.open(str(path), "w") as container:
