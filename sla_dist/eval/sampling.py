@@ -62,9 +62,8 @@ def sigma_schedule(steps: int, shift: float) -> torch.Tensor:
 
 def initial_noise(num: int, shape: tuple[int, ...], seed: int, first_index: int = 0) -> torch.Tensor:
     """[num, *shape] standard normal noise, video i drawn from a generator seeded by (seed, first_index + i)."""
-    draws = [torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed},{first_index + i}".encode())))
-             for i in range(num)]
-    return torch.stack(draws)
+    seeds = [zlib.crc32(f"{seed},{first_index + i}".encode()) for i in range(num)]
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def guided_velocity(model: nn.Module, x: torch.Tensor, sigma: float, text: torch.Tensor,
