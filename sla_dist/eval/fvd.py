@@ -110,14 +110,15 @@ class VideoFVD:
         self.extractor, self.batch_size = extractor, batch_size
         self.shape = tuple(reference.shape[1:])
         self.num_reference = reference.shape[0]
-        self.metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+        # the metric's feature sums live where the extractor runs
+        self.device = next(extractor.parameters(), torch.empty(0)).device
+        self.metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(self.device)
         self._update(reference, real=True)
 
     def _update(self, videos: torch.Tensor, real: bool) -> None:
-        device = next(self.extractor.parameters(), torch.empty(0)).device
         with torch.no_grad():
             for batch in videos.split(self.batch_size):
-                self.metric.update(batch.to(device), real=real)
+                self.metric.update(batch.to(self.device), real=real)
 
     def __call__(self, generated: torch.Tensor) -> float:
         check_videos(generated, self.extractor, "generated videos")
