@@ -133,7 +133,8 @@ def test_two_processes_split_the_work(preprocessed, pipeline_dir, video_dir, tmp
                "--captions", str(video_dir / "captions.json"), "--out", str(split), "--vae", str(pipeline_dir / "vae"),
                "--text-encoder", str(pipeline_dir / "text_encoder"), "--fps", str(FPS), "--clips-per-video", "2",
                "--shard-size", "2", "--text-len", "10", *[a for s in CLIP_SHAPES for a in ("--clip-shape", s)]]
-    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(Path(__file__).parents[2])}
+    # one thread each: two processes share the test machine's cores
+    env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     procs = [subprocess.Popen(command + ["--world-size", "2", "--rank", "0"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env),
              subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
