@@ -4,28 +4,44 @@
 kernel wrapped in ``triton.autotune`` over warps x pipeline stages, keyed on the constexprs that change the code (not
 on sequence length, so a training run tunes once per layer shape, on its first real batch, never on zeros). Under
 TRITON_INTERPRET=1 autotuning does not run and warps/stages mean nothing, so the kernel gets one fixed setting.
+SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (first setting of each list), e.g. for test suites that compile
+hundreds of shape variants.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import triton
 
-# kernel name -> (module, function, autotune key, warps options, stages options)
+
+
+@dataclass(frozen=True)
+class _Tuning:
+    module: str
+    function: str
+    key: tuple[str, ...]
+    warps: tuple[int, ...]
+    stages: tuple[int, ...]
+    fixed: tuple[int, int]
+    """(warps, stages) when not autotuning."""
+
+
+_CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
 _KERNELS = {
-    "fwd": ("forward", "_sla_fwd_kernel", ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR"), (4, 8), (2, 3, 4)),
-    "summaries": ("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4, 8), (1, 2)),
-    "delta": ("backward", "_bwd_delta_kernel", ("D", "BLOCK_Q"), (4,), (1,)),
-    "dq": ("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR"), (4, 8), (1, 2, 3)),
-    "dkdv": ("backward", "_bwd_dkdv_kernel", ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR"), (4, 8),
-             (1, 2, 3)),
+    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 2)),
+    "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4, 8), (1, 2),
+                         fixed=(8, 1)),
+    "delta": _Tuning("backward", "_bwd_delta_kernel", ("D", "BLOCK_Q"), (4,), (1,), fixed=(4, 1)),
+    "dq": _Tuning("backward", "_bwd_dq_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1)),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1)),
 }
 
 
 class _Fixed:
-    """A kernel launched with one setting (the interpreter ignores it; it only has to be valid)."""
+    """A kernel launched with one setting."""
 
     def __init__(self, fn, num_warps: int, num_stages: int) -> None:
         self.fn, self.num_warps, self.num_stages = fn, num_warps, num_stages
@@ -36,9 +52,9 @@ class _Fixed:
 
 @functools.cache
 def get_kernel(name: str):
-    module, attr, key, warps, stages = _KERNELS[name]
-    fn = getattr(__import__(f"{__package__}.{module}", fromlist=[attr]), attr)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _Fixed(fn, warps[0], stages[0])
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
-    return triton.autotune(configs=configs, key=list(key))(fn)
+    t = _KERNELS[name]
+    fn = getattr(__import__(f"{__package__}.{t.module}", fromlist=[t.function]), t.function)
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
+        return _Fixed(fn, *t.fixed)
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w in t.warps for st in t.stages]
+    return triton.autotune(configs=configs, key=list(t.key))(fn)

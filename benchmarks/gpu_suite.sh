@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call, several parts: each runs under its own time limit, logs to $OUT/<part>.log, and the summary
+# table comes last.   Usage: bash benchmarks/gpu_suite.sh PART[:SECONDS] ...
+# Parts: kernels (full GPU grid, fixed launch settings, one pytest worker per 2 CPU cores spread over the GPUs),
+# tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
+# dit-bench, attn-bench, profile.
+set -u
+OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+workers=$(( $(nproc) / 2 > 16 ? 16 : $(nproc) / 2 ))
+declare -A CMD=(
+  [kernels]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
+  [tuned]="python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py -k long_sequences"
+  [parallel]="python3 -m pytest -q -p no:cacheprovider -m gpu tests/parallel"
+  [sp-bench]="python3 benchmarks/bench_sequence_parallel.py --out $OUT/sequence_parallel"
+  [models]="python3 -m pytest -q -p no:cacheprovider -m gpu tests/models"
+  [dit-bench]="python3 benchmarks/bench_dit_step.py"
+  [attn-bench]="python3 benchmarks/bench_attention.py --json $OUT/bench_attention.json"
+  [profile]="python3 benchmarks/profile_sla.py"
+)
+summary=()
+for spec in "$@"; do
+  part=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
+  start=$(date +%s)
+  timeout "$limit" ${CMD[$part]} > "$OUT/$part.log" 2>&1; rc=$?
+  summary+=("$(printf '%-11s rc=%-3s %4ss  %s' "$part" "$rc" "$(( $(date +%s) - start ))" \
+    "$(grep -E 'passed|failed|error' "$OUT/$part.log" | tail -1 | cut -c1-90)")")
+done
+for part in "$@"; do tail -n 25 "$OUT/${part%%:*}.log" | grep -vE '^\s*$' | tail -n 12; done
+printf '%s\n' "${summary[@]}"
