@@ -151,7 +151,10 @@ class DiTModule(pl.LightningModule):
             self.ema = EMA(self.model, self.optim.ema_decay)
 
     @override
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here rather than in on_train_batch_end, which runs after the callbacks' (a checkpoint saved at this step
+        # must hold this step's EMA)
         if self.ema is not None:
             self.ema.update(self.model)
 

@@ -37,9 +37,9 @@ def build_strategy(recipe: Recipe):
 
 def build_loggers(recipe: Recipe) -> list[Logger]:
     logs = Path(recipe.output_dir) / "logs"
-    loggers: list[Logger] = [CSVLogger(logs, name="csv", version="")]
+    loggers: list[Logger] = [CSVLogger(logs, name="csv")]
     if _TENSORBOARD:
-        loggers.append(TensorBoardLogger(logs, name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(logs, name="tensorboard"))
     else:
         rank_zero_info("TensorBoard is not installed (pip install tensorboard); logging to CSV only")
     return loggers
@@ -49,7 +49,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None) -> pl.Tra
     t = recipe.trainer
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir(recipe.output_dir), filename="step{step}",
                                   auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every,
-                                  save_top_k=1, save_last="link")
+                                  save_top_k=1, save_last="link", enable_version_counter=False)
     s = recipe.sparsity
     callbacks = [checkpoints, *(extra_callbacks or [])]
     if s.enabled:

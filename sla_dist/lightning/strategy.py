@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from lightning_utilities.core.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from ..attention import SparseLinearAttention
 from ..models import VideoDiT
 from ..parallel import SequenceParallelConfig, SequenceParallelGroups
 from ..parallel.groups import ensure_deepspeed_comm
@@ -156,6 +157,9 @@ class SLAStrategy(DeepSpeedStrategy):
                                  "VideoDiT")
             for dit in dits:
                 enable_sequence_parallel(dit, self.sp_groups)
+        self._init_config_if_needed()
+        if self.zero_stage_3:
+            _register_proj_l(self.lightning_module)
         super().setup(trainer)
 
     @override
@@ -193,6 +197,19 @@ class SLAStrategy(DeepSpeedStrategy):
 
 
 SLAStrategy.register_strategies(StrategyRegistry)
+
+
+def _register_proj_l(module: torch.nn.Module) -> None:
+    """SLA applies ``proj_l`` through its weight (``F.linear``), not by calling the ``proj_l`` module, and context
+    parallel does so from the wrapper; ZeRO-3 only gathers the parameters of modules whose forward runs, so without
+    this a partitioned (or stale) ``proj_l`` is used as soon as the linear branch has marginal blocks."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for owner in module.modules():
+        sla = owner if isinstance(owner, SparseLinearAttention) else getattr(owner, "attention", None)
+        if isinstance(sla, SparseLinearAttention):
+            for param in sla.proj_l.parameters():
+                register_external_parameter(owner, param)
 
 
 def zero_config(stage: int, offload_optimizer: bool, offload_parameters: bool, grad_clip: float,
