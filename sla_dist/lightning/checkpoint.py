@@ -87,7 +87,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-    return {canonical_name(k): v for k, v in state.items() if k.startswith("model.") or "." not in k[:6]}
+    if any(k.startswith("model.") for k in state):  # a DiTModule checkpoint: keep the DiT, drop teacher and others
+        state = {k: v for k, v in state.items() if k.startswith("model.")}
+    return {canonical_name(k): v for k, v in state.items()}
 
 
 def _client_state(ckpt: Path) -> dict:

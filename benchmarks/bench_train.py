@@ -1,0 +1,120 @@
+"""Training throughput of a recipe under SLAStrategy: tokens/s, step time and peak memory per sequence-parallel size.
+
+For each SP size P it launches ``torchrun --nproc_per_node P`` on this script (worker mode), which trains the recipe
+for --steps optimizer steps with sp_size = P (one SP group: data parallel 1) and times the steps after --warmup.
+
+    python benchmarks/bench_train.py                                   # wan1.3b recipe shape, SP = 2 and 4, GPUs
+    python benchmarks/bench_train.py --sizes 2 --cpu --recipe recipes/tiny_cpu.yaml   # CPU / gloo smoke test
+
+Prints a table last and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import lightning.pytorch as pl
+    import torch
+
+    from sla_dist.lightning.recipe import load_recipe
+    from sla_dist.lightning.run import train
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.tokens = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._t0 = time.perf_counter()
+            lat = batch["latents"]
+            grid = pl_module.model.token_grid(lat.shape)
+            self.tokens = lat.shape[0] * grid[0] * grid[1] * grid[2]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t0)
+
+    sp = int(os.environ["WORLD_SIZE"])
+    overrides = [f"output_dir={args.workdir}", f"trainer.max_steps={args.steps}", f"trainer.devices={sp}",
+                 f"parallel.sp_size={sp}", "trainer.progress_bar=false", "sample.enabled=false",
+                 f"trainer.checkpoint_every={10 * args.steps}", *args.overrides]
+    if args.cpu:
+        overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+    recipe = load_recipe(args.recipe, overrides)
+    timer = Timer()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train(recipe, resume=False, extra_callbacks=[timer])
+    if int(os.environ["RANK"]) == 0:
+        steps = sorted(timer.times[args.warmup:]) or timer.times
+        step = steps[len(steps) // 2]
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        result = {"sp": sp, "tokens_per_step": timer.tokens, "step_s": step, "tokens_per_s": timer.tokens / step,
+                  "peak_mem_gib": mem, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  "recipe": str(args.recipe), "overrides": args.overrides}
+        Path(args.result).write_text(json.dumps(result))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "wan1.3b_sla_finetune.yaml"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4], help="SP sizes (= processes) to run")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train.json"))
+    parser.add_argument("overrides", nargs="*", help="recipe key=value overrides, e.g. model.num_layers=8")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return _worker(args)
+
+    results = []
+    for sp in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sp), "--master_port",
+                   str(_port()), __file__, "--worker", "--workdir", str(Path(tmp) / "run"), "--result", str(result),
+                   "--recipe", args.recipe, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   *(["--cpu"] if args.cpu else []), *args.overrides]
+            rc = subprocess.run(cmd, cwd=ROOT).returncode
+            if rc != 0 or not result.exists():
+                results.append({"sp": sp, "error": f"exit code {rc}"})
+                continue
+            results.append(json.loads(result.read_text()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\n{'SP':>3} {'tokens/step':>13} {'step (s)':>9} {'tokens/s':>10} {'peak GiB':>9}  device")
+    for r in results:
+        if "error" in r:
+            print(f"{r['sp']:>3}  failed: {r['error']}")
+        else:
+            print(f"{r['sp']:>3} {r['tokens_per_step']:>13} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
+                  f"{r['peak_mem_gib']:>9.2f}  {r['device']}")
+
+
+if __name__ == "__main__":
+    main()
