@@ -94,8 +94,12 @@ class SparseLinearAttention(nn.Module):
         return o_s, o_l, lse, block_map
 
     def project(self, o_l: torch.Tensor) -> torch.Tensor:
-        """proj_l(O_l) in O_l's dtype."""
-        return F.linear(o_l, self.proj_l.weight.to(o_l.dtype), self.proj_l.bias.to(o_l.dtype))
+        """proj_l(O_l) in O_l's dtype. proj_l is called as a module (not through its weight) so that wrappers that
+        gather parameters in module hooks, such as ZeRO-3, see it used."""
+        weight_dtype = self.proj_l.weight.dtype
+        if o_l.dtype == weight_dtype or torch.is_autocast_enabled(o_l.device.type):
+            return self.proj_l(o_l)
+        return self.proj_l(o_l.to(weight_dtype)).to(o_l.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
         """q, k, v: [B, H, L, D] -> [B, H, L, D] (and the realised block sparsity if ``return_sparsity``)."""
