@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
+from .tiles import block_item, head_offset, row_tile, square
 
 
 @triton.jit
@@ -31,10 +32,10 @@ def _bwd_delta_kernel(
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
+    base = head_offset(bh, H, stride_qb, stride_qh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = offs_m < LQ
-    tile = base + offs_m[:, None].to(tl.int64) * stride_ql + tl.arange(0, D)[None, :]
+    tile = row_tile(base, offs_m, stride_ql, tl.arange(0, D))
     o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
@@ -59,13 +60,13 @@ def _bwd_dq_kernel(
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    q_base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
-    kv_base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
+    q_base = head_offset(bh, H, stride_qb, stride_qh)
+    kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
-    tile = q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
+    tile = row_tile(q_base, offs_m, stride_ql, offs_d)
     q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
@@ -78,7 +79,7 @@ def _bwd_dq_kernel(
         j = tl.load(KV_IDX + row * KV_WIDTH + it)
         offs_k = j * BLOCK_K + offs_n
         col_ok = offs_k < LK
-        kv_tile = kv_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+        kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
         k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -92,9 +93,8 @@ def _bwd_dq_kernel(
         dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
         x = q.to(tl.float32)
         fq = phi_fwd(x, FEATURE_MAP)
-        hl = tl.load(HL + bh.to(tl.int64) * stride_hl_bh + pid_q.to(tl.int64) * stride_hl_q
-                     + offs_d[:, None] * D + offs_d[None, :])
-        zl = tl.load(ZL + bh.to(tl.int64) * stride_zl_bh + pid_q.to(tl.int64) * stride_zl_q + offs_d)
+        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
+        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
         num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
         den = tl.sum(fq * zl[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
@@ -105,7 +105,7 @@ def _bwd_dq_kernel(
         # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
         dh = tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
         out = bh.to(tl.int64) * NQ + pid_q
-        tl.store(DHL + out * D * D + offs_d[:, None] * D + offs_d[None, :], dh.to(DHL.dtype.element_ty))
+        tl.store(DHL + out * D * D + square(offs_d, D), dh.to(DHL.dtype.element_ty))
         tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
 
     tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -126,13 +126,13 @@ def _bwd_dkdv_kernel(
 ):
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    q_base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
-    kv_base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
+    q_base = head_offset(bh, H, stride_qb, stride_qh)
+    kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m0 = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
     col_ok = offs_k < LK
-    kv_tile = kv_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+    kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
     k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
     v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
 
@@ -144,7 +144,7 @@ def _bwd_dkdv_kernel(
         i = tl.load(Q_IDX + col * NQ + it)
         offs_m = i * BLOCK_Q + offs_m0
         row_ok = offs_m < LQ
-        tile = q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
+        tile = row_tile(q_base, offs_m, stride_ql, offs_d)
         q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
@@ -160,9 +160,8 @@ def _bwd_dkdv_kernel(
     if HAS_LINEAR:
         x = k.to(tl.float32)
         fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
-        dh = tl.load(DHS + bh.to(tl.int64) * stride_dh_bh + pid_k.to(tl.int64) * stride_dh_k
-                     + offs_d[:, None] * D + offs_d[None, :])
-        dz = tl.load(DZS + bh.to(tl.int64) * stride_dz_bh + pid_k.to(tl.int64) * stride_dz_k + offs_d)
+        dh = tl.load(DHS + block_item(bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
+        dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
         dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
         dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
         dk += tl.where(col_ok[:, None], phi_bwd(x, fk, dfk, FEATURE_MAP), 0.0)

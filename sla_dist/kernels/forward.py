@@ -13,13 +13,14 @@ Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online soft
 Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j = colsum phi(K_j) [D] are built by
 ``_linear_summaries_kernel``; the launcher sums them over each query block's marginal blocks (a 0/1 matrix product,
 see op.py) into H_i, Z_i, and the forward kernel finishes with O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the
-denominator is 0. Offsets into q/k/v are int64 so that B * H * L * D may exceed 2^31.
+denominator is 0. Addressing helpers live in tiles.py.
 """
 
 import triton
 import triton.language as tl
 
 from .feature_maps import phi_fwd
+from .tiles import block_item, head_offset, row_tile, square
 
 
 @triton.jit
@@ -36,13 +37,13 @@ def _sla_fwd_kernel(
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    q_base = (bh // H).to(tl.int64) * stride_qb + (bh % H).to(tl.int64) * stride_qh
-    kv_base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
+    q_base = head_offset(bh, H, stride_qb, stride_qh)
+    kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
-    tile = q_base + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
+    tile = row_tile(q_base, offs_m, stride_ql, offs_d)
     q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
@@ -54,7 +55,7 @@ def _sla_fwd_kernel(
         j = tl.load(KV_IDX + row * KV_WIDTH + it)
         offs_k = j * BLOCK_K + offs_n
         col_ok = offs_k < LK
-        kv_tile = kv_base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+        kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
         k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -75,9 +76,8 @@ def _sla_fwd_kernel(
 
     if HAS_LINEAR:
         fq = phi_fwd(q.to(tl.float32), FEATURE_MAP)
-        hl_ptr = HL + bh.to(tl.int64) * stride_hl_bh + pid_q.to(tl.int64) * stride_hl_q
-        hl = tl.load(hl_ptr + offs_d[:, None] * D + offs_d[None, :])
-        zl = tl.load(ZL + bh.to(tl.int64) * stride_zl_bh + pid_q.to(tl.int64) * stride_zl_q + offs_d)
+        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
+        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
         num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
         den = tl.sum(fq * zl[None, :], axis=1)
         o_l = num / tl.where(den != 0, den, 1.0)[:, None]
@@ -95,15 +95,15 @@ def _linear_summaries_kernel(
     """h_j = phi(K_j)^T V_j and z_j = colsum phi(K_j) for key block j; padded rows contribute nothing."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_kb + (bh % H).to(tl.int64) * stride_kh
+    base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     row_ok = offs_k < LK
-    tile = base + offs_k[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+    tile = row_tile(base, offs_k, stride_kl, offs_d)
     k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
     v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
     fk = tl.where(row_ok[:, None], phi_fwd(k.to(tl.float32), FEATURE_MAP), 0.0)
     h = tl.dot(tl.trans(fk).to(v.dtype), v, input_precision=PRECISION)
     out = bh.to(tl.int64) * NK + pid_k
-    tl.store(HS + out * D * D + offs_d[:, None] * D + offs_d[None, :], h.to(HS.dtype.element_ty))
+    tl.store(HS + out * D * D + square(offs_d, D), h.to(HS.dtype.element_ty))
     tl.store(ZS + out * D + offs_d, tl.sum(fk, axis=0))

@@ -15,11 +15,11 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from ..config import FEATURE_MAPS
 from .block_map import MARGINAL, BlockMap
+from .reference import project_branches
 from .configs import get_kernel
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -354,9 +354,4 @@ def sparse_linear_attention(
     Returns:
         [B, H, Lq, D] in q's dtype: O_s + proj_l(O_l).
     """
-    if proj_weight is None:
-        linear_scope = "none"
-    o, o_l, _ = sla_branches(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope)
-    if o_l is not None:
-        o = o + F.linear(o_l, proj_weight, proj_bias)
-    return o
+    return project_branches(sla_branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)

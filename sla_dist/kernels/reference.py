@@ -81,9 +81,14 @@ def sla_reference(
     linear_scope: str = "marginal",
 ) -> torch.Tensor:
     """Full SLA output [B, H, Lq, D] from q [B, H, Lq, D], k, v [B, H, Lk, D] and a precomputed block map."""
+    return project_branches(sla_branches_ref, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
+
+
+def project_branches(branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope):
+    """O_s + proj_l(O_l) from a ``branches`` function (the kernels' or the reference's); no weight, no branch."""
     if proj_weight is None:
         linear_scope = "none"
-    out, o_l, _ = sla_branches_ref(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope)
+    out, o_l, _ = branches(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope)
     if o_l is not None:
         out = out + F.linear(o_l, proj_weight, proj_bias)
     return out
