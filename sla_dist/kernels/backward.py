@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
-from .tiles import block_item, head_offset, row_tile, square
+from .tiles import block_item, head_offset, listed_rows, row_tile, square
 
 
 @triton.jit
@@ -57,13 +57,13 @@ def _bwd_dq_kernel(
     H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    KV_BLOCKS_PER_ITER: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
     tile = row_tile(q_base, offs_m, stride_ql, offs_d)
@@ -75,10 +75,8 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
     n_blocks = tl.load(KV_NUM + row)
-    for it in range(0, n_blocks):
-        j = tl.load(KV_IDX + row * KV_WIDTH + it)
-        offs_k = j * BLOCK_K + offs_n
-        col_ok = offs_k < LK
+    for it in range(0, n_blocks, KV_BLOCKS_PER_ITER):
+        offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, n_blocks, LK, BLOCK_K, KV_BLOCKS_PER_ITER)
         kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
         k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)

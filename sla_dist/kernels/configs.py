@@ -27,15 +27,20 @@ class _Tuning:
     stages: tuple[int, ...]
     fixed: tuple[int, int]
     """(warps, stages) when not autotuning."""
+    blocks_per_iter: tuple[int, ...] = ()
+    """Choices of KV_BLOCKS_PER_ITER for kernels that walk kv_indices (the first one when not autotuning)."""
+
+    def metas(self) -> list[dict]:
+        return [{"KV_BLOCKS_PER_ITER": n} for n in self.blocks_per_iter] or [{}]
 
 
 _CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
 _KERNELS = {
-    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 2)),
+    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 2), blocks_per_iter=(1, 2)),
     "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4, 8), (1, 2),
                          fixed=(8, 1)),
     "delta": _Tuning("backward", "_bwd_delta_kernel", ("D", "BLOCK_Q"), (4,), (1,), fixed=(4, 1)),
-    "dq": _Tuning("backward", "_bwd_dq_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1)),
+    "dq": _Tuning("backward", "_bwd_dq_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1), blocks_per_iter=(1, 2)),
     "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1)),
 }
 
@@ -43,11 +48,11 @@ _KERNELS = {
 class _Fixed:
     """A kernel launched with one setting."""
 
-    def __init__(self, fn, num_warps: int, num_stages: int) -> None:
-        self.fn, self.num_warps, self.num_stages = fn, num_warps, num_stages
+    def __init__(self, fn, num_warps: int, num_stages: int, meta: dict) -> None:
+        self.fn, self.num_warps, self.num_stages, self.meta = fn, num_warps, num_stages, meta
 
     def __getitem__(self, grid):
-        return functools.partial(self.fn[grid], num_warps=self.num_warps, num_stages=self.num_stages)
+        return functools.partial(self.fn[grid], num_warps=self.num_warps, num_stages=self.num_stages, **self.meta)
 
 
 @functools.cache
@@ -55,6 +60,6 @@ def get_kernel(name: str):
     t = _KERNELS[name]
     fn = getattr(__import__(f"{__package__}.{t.module}", fromlist=[t.function]), t.function)
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
-        return _Fixed(fn, *t.fixed)
-    configs = [triton.Config({}, num_warps=w, num_stages=st) for w in t.warps for st in t.stages]
+        return _Fixed(fn, *t.fixed, meta=t.metas()[0])
+    configs = [triton.Config(m, num_warps=w, num_stages=st) for m in t.metas() for w in t.warps for st in t.stages]
     return triton.autotune(configs=configs, key=list(t.key))(fn)

@@ -29,3 +29,17 @@ def block_item(bh, block, stride_bh, stride_block):
 def square(offs_d, D: tl.constexpr):
     """Offsets of a row-major [D, D] matrix."""
     return offs_d[:, None] * D + offs_d[None, :]
+
+
+@triton.jit
+def listed_rows(IDX, first, count, LK, BLOCK_K: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr):
+    """Rows of the key blocks at list positions first .. first + BLOCKS_PER_ITER - 1 of a list of ``count`` block
+    indices at IDX, as one [BLOCKS_PER_ITER * BLOCK_K] tile, and which rows are real (listed and < LK).
+
+    Taking two 64-row blocks per iteration gives the matrix units 128-wide tiles, as a 128-row block would."""
+    offs = tl.arange(0, BLOCKS_PER_ITER * BLOCK_K)
+    position = first + offs // BLOCK_K
+    listed = position < count
+    block = tl.load(IDX + position, mask=listed, other=0)
+    rows = block * BLOCK_K + offs % BLOCK_K
+    return rows, listed & (rows < LK)

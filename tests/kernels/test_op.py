@@ -121,3 +121,28 @@ def test_block_map_must_fit():
     bm = predict_block_map(q[:, :, :100], k[:, :, :100], topk=0.5, negligible=0.0)
     with pytest.raises(ValueError, match="does not fit"):
         sparse_linear_attention(q, k, v, bm)
+
+
+@pytest.mark.parametrize("blocks_per_iter", [2])
+def test_several_key_blocks_per_iteration(blocks_per_iter, monkeypatch, poison_outputs):
+    """The autotuner may walk the critical lists two blocks at a time; that path must agree too (odd list lengths
+    leave the last step half empty)."""
+    from dataclasses import replace
+
+    from sla_dist.kernels import configs
+
+    for name in ("fwd", "dq"):
+        monkeypatch.setitem(configs._KERNELS, name,
+                            replace(configs._KERNELS[name], blocks_per_iter=(blocks_per_iter,)))
+    configs.get_kernel.cache_clear()
+    try:
+        q, k, v = _qkv(1, 2, 1000, 1000, 64)
+        bm = predict_block_map(q, k, topk=0.2, negligible=0.1, block_q=128)  # 3 critical blocks of 16
+        w = torch.randn(64, 64, device=DEVICE) * 0.1
+        g = torch.randn_like(q)
+        got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
+        want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
+                      [t.double() for t in (q, k, v)], g.double())
+        _assert_close_to_float64(got, want)
+    finally:
+        configs.get_kernel.cache_clear()
