@@ -12,7 +12,7 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    dZ_i = phi(Q_i)^T dden, which the launcher scatters back to key blocks (dh_j = sum over the query blocks for
    which j is marginal).
 3. ``_bwd_dkdv_kernel``: one program per key block j, walking the transposed list q_indices (only the query blocks
-   that chose j, never all of them):
+   that chose j, never all of them), each query block in Q_SPLIT row slices:
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
    plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T.
 """
@@ -121,13 +121,14 @@ def _bwd_dkdv_kernel(
     H, LQ, LK, NK, NQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    Q_SPLIT: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_m0 = tl.arange(0, BLOCK_Q)
+    offs_m0 = tl.arange(0, BLOCK_Q // Q_SPLIT)
     offs_d = tl.arange(0, D)
     col_ok = offs_k < LK
     kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
@@ -140,19 +141,21 @@ def _bwd_dkdv_kernel(
     n_blocks = tl.load(Q_NUM + col)
     for it in range(0, n_blocks):
         i = tl.load(Q_IDX + col * NQ + it)
-        offs_m = i * BLOCK_Q + offs_m0
-        row_ok = offs_m < LQ
-        tile = row_tile(q_base, offs_m, stride_ql, offs_d)
-        q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        # A query block may be taken in Q_SPLIT row slices (smaller tiles, fewer live registers): autotuned.
+        for part in tl.static_range(Q_SPLIT):
+            offs_m = i * BLOCK_Q + part * (BLOCK_Q // Q_SPLIT) + offs_m0
+            row_ok = offs_m < LQ
+            tile = row_tile(q_base, offs_m, stride_ql, offs_d)
+            q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
 
     if HAS_LINEAR:

@@ -11,6 +11,7 @@ hundreds of shape variants.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -27,21 +28,25 @@ class _Tuning:
     stages: tuple[int, ...]
     fixed: tuple[int, int]
     """(warps, stages) when not autotuning."""
-    blocks_per_iter: tuple[int, ...] = ()
-    """Choices of KV_BLOCKS_PER_ITER for kernels that walk kv_indices (the first one when not autotuning)."""
+    choices: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Tile-shape constexprs to tune, (name, options); the first option of each when not autotuning."""
 
     def metas(self) -> list[dict]:
-        return [{"KV_BLOCKS_PER_ITER": n} for n in self.blocks_per_iter] or [{}]
+        names = [name for name, _ in self.choices]
+        return [dict(zip(names, combo)) for combo in itertools.product(*(opts for _, opts in self.choices))]
 
 
 _CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
 _KERNELS = {
-    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 2), blocks_per_iter=(1, 2)),
+    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 2),
+                   choices=(("KV_BLOCKS_PER_ITER", (1, 2)),)),
     "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4, 8), (1, 2),
                          fixed=(8, 1)),
     "delta": _Tuning("backward", "_bwd_delta_kernel", ("D", "BLOCK_Q"), (4,), (1,), fixed=(4, 1)),
-    "dq": _Tuning("backward", "_bwd_dq_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1), blocks_per_iter=(1, 2)),
-    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1)),
+    "dq": _Tuning("backward", "_bwd_dq_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1),
+                  choices=(("KV_BLOCKS_PER_ITER", (1, 2)),)),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1),
+                    choices=(("Q_SPLIT", (1, 2)),)),
 }
 
 

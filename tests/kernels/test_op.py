@@ -123,17 +123,16 @@ def test_block_map_must_fit():
         sparse_linear_attention(q, k, v, bm)
 
 
-@pytest.mark.parametrize("blocks_per_iter", [2])
-def test_several_key_blocks_per_iteration(blocks_per_iter, monkeypatch, poison_outputs):
-    """The autotuner may walk the critical lists two blocks at a time; that path must agree too (odd list lengths
-    leave the last step half empty)."""
+def test_other_tile_shapes(monkeypatch, poison_outputs):
+    """The autotuner may walk the critical lists two key blocks at a time (odd list lengths leave the last step
+    half empty) and take query blocks in two row slices in dK/dV; those paths must agree too."""
     from dataclasses import replace
 
     from sla_dist.kernels import configs
 
-    for name in ("fwd", "dq"):
-        monkeypatch.setitem(configs._KERNELS, name,
-                            replace(configs._KERNELS[name], blocks_per_iter=(blocks_per_iter,)))
+    for name, choice in (("fwd", ("KV_BLOCKS_PER_ITER", (2,))), ("dq", ("KV_BLOCKS_PER_ITER", (2,))),
+                         ("dkdv", ("Q_SPLIT", (2,)))):
+        monkeypatch.setitem(configs._KERNELS, name, replace(configs._KERNELS[name], choices=(choice,)))
     configs.get_kernel.cache_clear()
     try:
         q, k, v = _qkv(1, 2, 1000, 1000, 64)
