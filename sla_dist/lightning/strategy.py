@@ -7,6 +7,8 @@ What it adds to DeepSpeedStrategy:
 * A model-parallel unit (``SequenceParallelUnit``) passed to ``deepspeed.initialize`` as ``mpu``; Lightning passes
   none. From it DeepSpeed takes the SP group and the SP x DP group, over which ZeRO partitions states and reduces
   gradients: it *sums* over SP (each SP rank holds a share of the gradient, see ``sequence.py``) and averages over DP.
+  ZeRO-3's reduce-scatter averages over SP as well; ``backward`` scales the loss to make up for it
+  (``sp_loss_factor``).
 * ``distributed_sampler_kwargs`` over DP ranks only: all ranks of an SP group read the same samples.
 * In ``setup`` (after callbacks such as SLACallback have converted the attention, before DeepSpeed wraps the model),
   every self-attention core of the module's DiTs becomes its sequence-parallel form; the module then runs each batch
@@ -29,7 +31,6 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from lightning_utilities.core.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from ..attention import SparseLinearAttention
 from ..models import VideoDiT
 from ..parallel import SequenceParallelConfig, SequenceParallelGroups
 from ..parallel.groups import ensure_deepspeed_comm
@@ -103,6 +104,7 @@ class SLAStrategy(DeepSpeedStrategy):
         self.sp_config = SequenceParallelConfig(sequence_parallel_size, ulysses_degree)
         self.sp_groups: SequenceParallelGroups | None = None
         self.mpu: SequenceParallelUnit | None = None
+        self._loss_factor = 1
 
     @property
     def _on_cuda(self) -> bool:
@@ -158,9 +160,14 @@ class SLAStrategy(DeepSpeedStrategy):
             for dit in dits:
                 enable_sequence_parallel(dit, self.sp_groups)
         self._init_config_if_needed()
-        if self.zero_stage_3:
-            _register_proj_l(self.lightning_module)
+        self._loss_factor = sp_loss_factor(self.config, self.sp_config.sp_size)
         super().setup(trainer)
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """DeepSpeedStrategy's backward of ``closure_loss`` times ``sp_loss_factor`` (the unscaled loss is returned)."""
+        super().backward(closure_loss * self._loss_factor, optimizer, *args, **kwargs)
+        return closure_loss
 
     @override
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
@@ -199,17 +206,24 @@ class SLAStrategy(DeepSpeedStrategy):
 SLAStrategy.register_strategies(StrategyRegistry)
 
 
-def _register_proj_l(module: torch.nn.Module) -> None:
-    """SLA applies ``proj_l`` through its weight (``F.linear``), not by calling the ``proj_l`` module, and context
-    parallel does so from the wrapper; ZeRO-3 only gathers the parameters of modules whose forward runs, so without
-    this a partitioned (or stale) ``proj_l`` is used as soon as the linear branch has marginal blocks."""
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+def sp_loss_factor(config: dict, sp_size: int) -> int:
+    """What each rank's loss is multiplied by before backward so that ZeRO ends up summing the SP gradient shares.
 
-    for owner in module.modules():
-        sla = owner if isinstance(owner, SparseLinearAttention) else getattr(owner, "attention", None)
-        if isinstance(sla, SparseLinearAttention):
-            for param in sla.proj_l.parameters():
-                register_external_parameter(owner, param)
+    DeepSpeed (0.19) reduces gradients over the SP x DP group and divides by ``world / sp_size`` (sum over SP,
+    average over DP) in ZeRO-1/2 and in ZeRO-3's all-reduce path, but ZeRO-3's default reduce-scatter path
+    (``reduce_and_partition`` -> ``reduce_scatter_coalesced``) divides by the whole world: it averages over SP too,
+    and every gradient would come out ``sp_size`` times too small. Adam hides a constant factor, gradient clipping
+    and the norm logging do not (a run clipped where the reference did not, and drifted). With
+    ``reduce_scatter: false`` ZeRO-3 picks the path per bucket (all-reduce up to ``reduce_bucket_size``, the
+    averaging reduce-scatter beyond), so no single factor is right: that setting is refused under SP.
+    """
+    zero = config.get("zero_optimization", {})
+    if sp_size == 1 or zero.get("stage", 0) != 3:
+        return 1
+    if not zero.get("reduce_scatter", True):
+        raise ValueError("ZeRO-3 with sequence parallelism needs zero_optimization.reduce_scatter=true: with false, "
+                         "DeepSpeed sums gradients over the SP group for some buckets and averages for others")
+    return sp_size
 
 
 def zero_config(stage: int, offload_optimizer: bool, offload_parameters: bool, grad_clip: float,

@@ -127,12 +127,15 @@ def context_parallel_sla(attention: SparseLinearAttention, q: torch.Tensor, k: t
             o_l = _linear_branch(q_valid, k_c, v_c, block_class, plan, h_total, z_total, layout, c.feature_map,
                                  c.linear_scope)
             out = out + attention.project(o_l.to(out.dtype))
+    elif has_linear:
+        # A chunk of pure padding applies proj_l to no rows: it returns zero gradients for proj_l rather than none
+        # (ZeRO's bucketed reduction expects every rank's), and proj_l is used only through its module call, which
+        # wrappers that gather parameters in module hooks (ZeRO-3) see.
+        out = out + attention.project(out)
     # Zero-weighted use of every exchanged tensor: a rank whose output would not depend on them (a chunk of pure
-    # padding) must still run their backward collectives, or its peers wait forever. q and proj_l join so that such
-    # a rank returns zero gradients for them rather than none (ZeRO's bucketed reduction expects every rank's).
+    # padding) must still run their backward collectives, or its peers wait forever. q joins so that such a rank
+    # returns a zero gradient for it rather than none.
     anchor = received.sum() + h_total.sum() + z_total.sum() + q_valid.sum()
-    if has_linear:
-        anchor = anchor + sum(p.sum() for p in attention.proj_l.parameters())
     out = out + (anchor * 0).to(out.dtype)
     return pad_along(out, 2, layout.chunk).to(out_dtype)
 

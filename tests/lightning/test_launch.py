@@ -31,7 +31,10 @@ STEPS, EVERY = 24, 8
 COMMON = [f"trainer.max_steps={STEPS}", f"trainer.checkpoint_every={EVERY}", "trainer.log_every_n_steps=1",
           "trainer.progress_bar=false", "sample.enabled=false", "data.batch_size=4", "sparsity.dense_steps=4",
           "sparsity.anneal_steps=8", "sparsity.error_every=6", "optim.warmup_steps=2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ROOT = Path(__file__).parents[2]
+# the subprocesses run in temporary directories: import this checkout, not whatever sla_dist is installed
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def _port() -> int:
@@ -119,10 +122,9 @@ def test_two_node_zero3_sp2_follows_reference_while_dense(runs):
         assert nodes[step] == pytest.approx(ref[step], rel=1e-5), f"step {step}: {nodes[step]} vs {ref[step]}"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: ZeRO-3 with sp_size=2 departs from the reference (by 1e-3 at "
-                   "the first sparse step, growing to 7e-2) once SLA has marginal blocks; ZeRO-2 with sp_size=2 "
-                   "and ZeRO-3 on one rank match exactly")
 def test_two_node_zero3_sp2_follows_reference_when_sparse(runs):
+    # Also guards SLAStrategy's ZeRO-3 loss factor: without it the gradients are halved, the step-4 norm (1.57)
+    # falls under grad_clip=1 where the reference's is clipped, and the losses drift from step 5 on.
     ref, nodes = _losses(runs["reference"]), _losses(runs["nodes"])
     for step in range(DENSE_STEPS, STEPS):
         assert nodes[step] == pytest.approx(ref[step], rel=1e-4), f"step {step}: {nodes[step]} vs {ref[step]}"
@@ -137,7 +139,6 @@ def test_export_zero3_loads_into_video_dit(runs):
     ref = load_weights(export_safetensors(runs["reference"] / "checkpoints" / "last.ckpt",
                                           runs["reference"] / "model.safetensors"))
     assert state.keys() == ref.keys()
-    # (values follow the reference only while dense: see the xfail above)
 
 
 def test_data_parallel_zero2_trains(runs):
