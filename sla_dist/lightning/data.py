@@ -1,11 +1,15 @@
 """Datamodules: the synthetic text-to-video set (the default) and precomputed latent shards, with a resumable order.
 
-The sample order is one global stream: pass p over the dataset is the permutation seeded by (seed, p), and global
-batch g is stream positions [g * B * R, (g + 1) * B * R) for R data-parallel replicas of batch size B, replica r
-taking its r-th run of B. Replicas come from the strategy's ``distributed_sampler_kwargs``, so all ranks of one
-sequence-parallel group read the same samples. The stream is infinite (training is step-based), and the datamodule's
-state in the checkpoint is the number of global batches the trainer has run, so a resumed run continues with the
-very next batch no matter how far the loader had prefetched.
+Replicas (rank, count) are the data-parallel ones from the strategy's ``distributed_sampler_kwargs``, so all ranks of
+one sequence-parallel group read the same samples; a strategy without them (Lightning's single-device one) is one
+replica. The datamodule's state in the checkpoint is the number of global batches the trainer has run, so a resumed
+run continues with the very next batch no matter how far the loader had prefetched.
+
+* Synthetic: one global stream of samples (all of one shape): pass p over the dataset is the permutation seeded by
+  (seed, p), and global batch g is stream positions [g * B * R, (g + 1) * B * R) for R replicas of batch size B,
+  replica r taking its r-th run of B. The stream is infinite (training is step-based).
+* Shards: ``sla_dist.data.BucketBatchSampler``: every step is one bucket (one latent shape, one token count) on every
+  replica; epochs follow each other, and a resume ``seek``s to the global batch count across them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data import BucketBatchSampler, LatentShardDataset, collate_latents
 from ..models import DiTConfig
 from .recipe import DataSection
 from .synthetic import SyntheticVideoDataset
@@ -54,36 +59,26 @@ class ResumableSampler(Sampler[int]):
             position += global_batch
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack latents and text embeddings; every sample of a batch has one shape (one bucket)."""
-    shapes = {tuple(s["latents"].shape) for s in samples}
-    if len(shapes) != 1:
-        raise ValueError(f"a batch mixes latent shapes {sorted(shapes)}; bucket the data by shape")
-    return {"latents": torch.stack([s["latents"] for s in samples]),
-            "text": torch.stack([s["text"] for s in samples]),
-            "index": torch.tensor([int(s["index"]) for s in samples])}
-
-
 class _ResumableDataModule(pl.LightningDataModule):
-    """Shared by the datamodules: the resumable train loader and its checkpointed position."""
+    """Shared by the datamodules: the train loader over this replica's share and its checkpointed position."""
 
     def __init__(self, data: DataSection, seed: int) -> None:
         super().__init__()
         self.data, self.seed = data, seed
         self._start_batch = 0
 
-    def build_dataset(self) -> Dataset:
-        raise NotImplementedError
+    def replica(self) -> tuple[int, int]:
+        """(rank, count) of this data-parallel replica."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+        return kwargs.get("rank", 0), kwargs.get("num_replicas", 1)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.build_dataset()
-        replicas = {"num_replicas": 1, "rank": 0}
-        if self.trainer is not None:
-            replicas = {k: self.trainer.strategy.distributed_sampler_kwargs.get(k, replicas[k]) for k in replicas}
-        sampler = ResumableSampler(len(dataset), self.data.batch_size, seed=self.seed, start_batch=self._start_batch,
-                                   **replicas)
-        return DataLoader(dataset, batch_size=self.data.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.data.num_workers, persistent_workers=self.data.num_workers > 0)
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset, **order) -> DataLoader:
+        return DataLoader(dataset, collate_fn=collate_latents, num_workers=self.data.num_workers,
+                          persistent_workers=self.data.num_workers > 0, **order)
 
     def state_dict(self) -> dict:
         # Batches the trainer has run (``processed`` counts the batch whose end-of-step checkpoint is being written);
@@ -111,17 +106,28 @@ class SyntheticVideoDataModule(_ResumableDataModule):
         return SyntheticVideoDataset(d.num_samples, m.in_channels, d.frames, d.height, d.width, m.text_dim,
                                      d.text_len, seed=self.seed)
 
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.build_dataset()
+        rank, replicas = self.replica()
+        sampler = ResumableSampler(len(dataset), self.data.batch_size, replicas, rank, seed=self.seed,
+                                   start_batch=self._start_batch)
+        return self._loader(dataset, batch_size=self.data.batch_size, sampler=sampler)
+
 
 class LatentShardDataModule(_ResumableDataModule):
-    """Precomputed latent shards (``sla-dist preprocess``), read through ``sla_dist.data.LatentShardDataset``."""
+    """Precomputed latent shards (``sla-dist preprocess``): ``LatentShardDataset`` batched by ``BucketBatchSampler``
+    (one bucket per step), collated with their text masks."""
 
-    def build_dataset(self) -> Dataset:
-        try:
-            from ..data import LatentShardDataset
-        except ImportError as exc:
-            raise ValueError("data.kind='shards' needs sla_dist.data.LatentShardDataset, which this installation "
-                             "does not have") from exc
+    def build_dataset(self) -> LatentShardDataset:
         return LatentShardDataset(self.data.shards_dir)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.build_dataset()
+        rank, replicas = self.replica()
+        sampler = BucketBatchSampler(dataset.buckets, self.data.batch_size, rank=rank, world_size=replicas,
+                                     seed=self.seed)
+        sampler.seek(self._start_batch)
+        return self._loader(dataset, batch_sampler=sampler)
 
 
 def build_datamodule(data: DataSection, model: DiTConfig, seed: int) -> _ResumableDataModule:

@@ -136,4 +136,6 @@ class SyntheticVideoDataset(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} is out of range for {self.num_samples} samples")
         video, caption = render(index, self.seed, self.frames, self.height, self.width)
-        return {"latents": self.codec.encode(video), "text": self.encoder(caption), "index": index}
+        text = self.encoder(caption)
+        # the encoder zeroes exactly the padding rows (real rows are a word vector plus a position, never zero)
+        return {"latents": self.codec.encode(video), "text": text, "text_mask": text.ne(0).any(-1), "index": index}

@@ -1,15 +1,22 @@
-"""Synthetic set and resumable sampler (sla_dist/lightning/synthetic.py, data.py)."""
+"""Synthetic set, resumable sampler and the datamodules (sla_dist/lightning/synthetic.py, data.py)."""
 
 from __future__ import annotations
 
 import itertools
 import random
 
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from sla_dist.lightning.data import ResumableSampler, collate
+from sla_dist.data import collate_latents
+from sla_dist.lightning.data import LatentShardDataModule, ResumableSampler, SyntheticVideoDataModule
+from sla_dist.lightning.recipe import DataSection
 from sla_dist.lightning.synthetic import CaptionEncoder, LatentCodec, SyntheticVideoDataset, render
+from sla_dist.models import dit_config
+from tests.data.synthetic import write_dataset
 
 
 def _take(sampler, n):
@@ -50,8 +57,10 @@ def test_synthetic_samples_are_deterministic_and_captioned():
     # the shape moves: consecutive frames differ; the codec decodes the latents back to the rendered video
     assert not torch.equal(video[:, 0], video[:, 1])
     torch.testing.assert_close(data.codec.decode(a["latents"]), video, atol=1e-5, rtol=0)
-    batch = collate([data[i] for i in range(3)])
+    batch = collate_latents([data[i] for i in range(3)])
     assert batch["latents"].shape == (3, 4, 4, 16, 16) and batch["index"].tolist() == [0, 1, 2]
+    words = [len(data.caption(i).split()) for i in range(3)]
+    assert batch["text_mask"].sum(1).tolist() == words
     with pytest.raises(IndexError):
         data[8]
 
@@ -64,5 +73,55 @@ def test_caption_encoder_and_codec_errors():
     with pytest.raises(ValueError, match="channels=2"):
         LatentCodec(2)
     with pytest.raises(ValueError, match="mixes latent shapes"):
-        collate([{"latents": torch.zeros(1, 2), "text": torch.zeros(1), "index": 0},
-                 {"latents": torch.zeros(1, 3), "text": torch.zeros(1), "index": 1}])
+        collate_latents([{"latents": torch.zeros(1, 2), "text": torch.zeros(1), "index": 0},
+                         {"latents": torch.zeros(1, 3), "text": torch.zeros(1), "index": 1}])
+
+
+SHARD_BUCKETS = [(1, 2, 2), (2, 2, 3), (3, 4, 2)]
+
+
+def _shard_loader(root, rank: int, replicas: int, batches_done: int = 0):
+    module = LatentShardDataModule(DataSection(kind="shards", shards_dir=str(root), batch_size=2), seed=5)
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": replicas, "rank": rank})
+    module.trainer = SimpleNamespace(strategy=strategy)
+    module.load_state_dict({"seed": 5, "batches_done": batches_done})
+    return module.train_dataloader()
+
+
+def _stream(root, rank: int, replicas: int, batches: int, batches_done: int = 0) -> list[dict]:
+    """``batches`` batches from ``batches_done`` on, across epochs (as Lightning iterates the loader again)."""
+    loader, out = _shard_loader(root, rank, replicas, batches_done), []
+    while len(out) < batches:
+        out.extend(itertools.islice(iter(loader), batches - len(out)))
+    return out
+
+
+def test_shard_datamodule_buckets_ranks_and_resume(tmp_path):
+    write_dataset(tmp_path, SHARD_BUCKETS, num_shards=3, per_shard=7, seed=random.randrange(1000))
+    per_epoch = len(_shard_loader(tmp_path, 0, 2))
+    steps = 2 * per_epoch + 3
+    ranks = [_stream(tmp_path, r, 2, steps) for r in range(2)]
+    for step in zip(*ranks):
+        # one bucket per step on every data-parallel rank, with the text masks; ranks read different samples
+        assert len({tuple(b["latents"].shape[2:]) for b in step}) == 1
+        assert all(b["text_mask"].shape == (2, 12) and b["text_mask"][:, 0].all() for b in step)
+        assert set(step[0]["index"].tolist()).isdisjoint(step[1]["index"].tolist())
+    # the second epoch is another order of the same samples
+    epoch = [b["index"].tolist() for b in ranks[0]]
+    assert epoch[:per_epoch] != epoch[per_epoch:2 * per_epoch]
+    # resuming after k global batches (inside the second epoch too) continues the uninterrupted stream
+    for done in (3, per_epoch + 1):
+        resumed = _stream(tmp_path, 1, 2, steps - done, batches_done=done)
+        assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in ranks[1][done:]]
+
+
+def test_single_device_strategy_is_one_replica(tmp_path):
+    # Lightning's SingleDeviceStrategy (parallel.strategy=auto) has no distributed_sampler_kwargs
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="auto", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    assert not hasattr(trainer.strategy, "distributed_sampler_kwargs")
+    data = DataSection(num_samples=6, frames=1, height=8, width=8, batch_size=3)
+    module = SyntheticVideoDataModule(data, dit_config("tiny"), seed=1)
+    module.trainer = trainer
+    indices = [b["index"].tolist() for b in itertools.islice(iter(module.train_dataloader()), 2)]
+    assert sorted(sum(indices, [])) == list(range(6))
