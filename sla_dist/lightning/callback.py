@@ -18,11 +18,10 @@ import dataclasses
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from ..attention import SparseLinearAttention
+from ..attention import SparseLinearAttention, dense_attention
 from ..config import SLAConfig
 from ..kernels.block_map import predict_block_map
 from ..models import PatchConfig, apply_sla
@@ -103,9 +102,9 @@ class SLACallback(Callback):
                                           block_k=c.block_k)
             self._metrics[f"sla/sparsity/layer_{layer_id}"] = 1.0 - float(block_map.critical_fraction())
             if with_error:
-                dense = F.scaled_dot_product_attention(q, k, v).float()
-                err = (output.float() - dense).abs().sum() / dense.abs().sum().clamp_min(1e-30)
-                self._metrics[f"sla/error/layer_{layer_id}"] = float(err)
+                from ..eval.fidelity import relative_l1  # lazily: sla_dist.eval imports the lightning package
+
+                self._metrics[f"sla/error/layer_{layer_id}"] = relative_l1(output, dense_attention(q, k, v))
         return hook
 
     @override

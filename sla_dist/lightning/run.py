@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,13 +11,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_utilities.core.imports import RequirementCache
 
+from ..eval.sampling import SamplerConfig, sample
 from .callback import SLACallback
 from .checkpoint import checkpoint_dir, last_checkpoint, load_weights
 from .data import build_datamodule
 from .module import DiTModule
 from .recipe import Recipe, recipe_to_yaml
-from .sample import euler_sample, write_gif
-from .sequence import predict_full
+from .sample import SequenceParallelPredictor, write_gif
 from .strategy import SLAStrategy, zero_config
 from .synthetic import SyntheticVideoDataset
 
@@ -103,9 +101,9 @@ def write_sample(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> Path
     model = _with_ema(module) if module.ema is not None else module.model
     was_training = model.training
     model.eval()
-    latents = euler_sample(lambda x, t, c: predict_full(model, x, t, c, module.sp_groups), text,
-                           (m.in_channels, d.frames, d.height, d.width), recipe.sample.steps,
-                           recipe.optim.flow_shift, seed=recipe.seed)
+    config = SamplerConfig(steps=recipe.sample.steps, shift=recipe.optim.flow_shift, seed=recipe.seed)
+    latents = sample(SequenceParallelPredictor(model, module.sp_groups), text,
+                     (m.in_channels, d.frames, d.height, d.width), config)
     model.train(was_training)
     if not trainer.is_global_zero:
         return None

@@ -1,30 +1,29 @@
-"""Sample videos at the end of training: the flow-matching ODE integrated with Euler steps, written as an animated
-GIF grid with Pillow (no video codec needed on a fresh machine)."""
+"""Sample videos at the end of training, written as an animated GIF grid with Pillow (no video codec needed on a
+fresh machine). The ODE is ``sla_dist.eval.sampling``'s; ``SequenceParallelPredictor`` lets it drive a model whose
+attention is sequence-parallel."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
+import torch.nn as nn
 
-from .module import flow_sigmas
+from .sequence import predict_full
 
 
-@torch.no_grad()
-def euler_sample(predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], text: torch.Tensor,
-                 shape: tuple[int, int, int, int], steps: int, shift: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """Latents [B, C, T, H, W] from noise at sigma 1 to sigma 0 along the velocity (noise - data) that
-    ``predict(x, timestep, text)`` returns (a VideoDiT, or its sequence-parallel form)."""
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be positive")
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(text.shape[0], *shape, generator=generator).to(text)
-    sigmas = flow_sigmas(torch.linspace(1, 0, steps + 1), shift).tolist()
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        t = torch.full((x.shape[0],), s * 1000, device=x.device)
-        x = x + (s_next - s) * predict(x, t, text).to(x)
-    return x.float()
+class SequenceParallelPredictor(nn.Module):
+    """``model(x, t, text)`` with the token sequence sharded over ``groups`` and the prediction gathered on every
+    rank (the model is a child, so samplers find its parameters' device and dtype)."""
+
+    def __init__(self, model: nn.Module, groups) -> None:
+        super().__init__()
+        self.model, self.groups = model, groups
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return predict_full(self.model, x, timestep, text, self.groups)
+
+
 
 
 def write_gif(videos: torch.Tensor, path: str | Path, scale: int = 8, fps: int = 4) -> Path:
