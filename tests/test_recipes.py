@@ -28,6 +28,11 @@ def test_recipe_loads(path, tmp_path):
     assert load_recipe(saved) == recipe
 
 
+def test_real_recipes_drop_captions_for_guidance():
+    for name in ("wan1.3b_sla_finetune.yaml", "wan14b_sla_sp8.yaml"):
+        assert load_recipe(RECIPES[0].parent / name).optim.caption_dropout == 0.1
+
+
 def test_overrides_apply():
     recipe = load_recipe(RECIPES[0].parent / "tiny_cpu.yaml", ["trainer.max_steps=50", "sla.topk=0.1"])
     assert recipe.trainer.max_steps == 50 and recipe.sla.topk == 0.1
@@ -42,6 +47,7 @@ def test_overrides_apply():
     ("parallel.sp_size=3", "multiple of parallel.sp_size=3"),  # world 1 is not a multiple of 3
     ("data.kind=shards", "shards_dir"),
     ("trainer.precision=fp8", "fp8"),
+    ("optim.caption_dropout=1.5", "caption_dropout=1.5"),
 ])
 def test_bad_values_are_rejected(override, match):
     with pytest.raises(ValueError, match=match):

@@ -5,9 +5,13 @@ x_sigma = (1 - sigma) x0 + sigma e, and the model predicts the velocity e - x0 f
 With ``teacher_weight > 0`` the loss adds that weight times the MSE between the student and a frozen dense copy of
 the initial model on the same input (the distillation TurboDiffusion uses to fine-tune SLA).
 
-The per-step noise and timesteps are drawn from a generator seeded by (seed, global step, data-parallel rank), so
-all ranks of a sequence-parallel group draw the same ones and a resumed run draws exactly what the uninterrupted
-run would have.
+With ``caption_dropout > 0`` each sample's text embedding is replaced, with that probability, by the null
+embedding (all zeros: what the sampler's classifier-free guidance feeds as the unconditional input, and what an empty,
+zero-padded caption encodes to), so the model also learns the unconditional velocity.
+
+The per-step noise, timesteps and caption drops are drawn from a generator seeded by (seed, global step,
+data-parallel rank), so all ranks of a sequence-parallel group draw the same ones and a resumed run draws exactly
+what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from .sequence import predict_local
 def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     """Wan's shifted schedule: sigma = s u / (1 + (s - 1) u), u in (0, 1)."""
     return shift * u / (1 + (shift - 1) * u)
+
+
+def drop_captions(text: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """``text`` [B, Lt, D] with each sample's embedding replaced by the null one (zeros) with probability ``p``.
+    Nothing is drawn for ``p == 0``, so runs without dropout keep their random stream."""
+    if p == 0:
+        return text
+    keep = torch.rand(text.shape[0], generator=generator) >= p
+    return text * keep.to(text)[:, None, None]
 
 
 class EMA:
@@ -114,8 +127,9 @@ class DiTModule(pl.LightningModule):
 
     def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """This rank's share of each loss term (shares sum to the full loss over the SP group)."""
-        latents, text = batch["latents"], batch["text"]
+        latents = batch["latents"]
         x, timestep, target = self.noised(latents, generator)
+        text = drop_captions(batch["text"], self.optim.caption_dropout, generator)
         pred = predict_local(self.model, x, timestep, text, self.sp_groups)
         denom = target.numel()
         out = {"flow": pred.sq_error(pred.localize(self.model, target)) / denom}
