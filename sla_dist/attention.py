@@ -72,6 +72,13 @@ class SparseLinearAttention(nn.Module):
     def uses_kernels(self, device: torch.device) -> bool:
         return self.config.backend == "triton" or (self.config.backend == "auto" and device.type == "cuda")
 
+    def run_dtype(self, q: torch.Tensor) -> torch.dtype:
+        """The dtype the layer computes in: float32 inputs on CUDA run the kernels in bfloat16 (``use_bf16``) or
+        float16; everything else in its own dtype."""
+        if q.dtype == torch.float32 and q.device.type == "cuda" and self.uses_kernels(q.device):
+            return torch.bfloat16 if self.use_bf16 else torch.float16
+        return q.dtype
+
     def branches(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, BlockMap]:
@@ -83,9 +90,8 @@ class SparseLinearAttention(nn.Module):
         check_inputs(q, k, v, kernel=kernel)
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]} but this layer was built with head_dim={self.head_dim}")
-        if kernel and q.dtype == torch.float32 and q.device.type == "cuda":
-            run_dtype = torch.bfloat16 if self.use_bf16 else torch.float16
-            q, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)
+        dtype = self.run_dtype(q)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         c = self.config
         block_map = predict_block_map(q, k, topk=c.topk, negligible=c.negligible, block_q=c.block_q,
                                       block_k=c.block_k)

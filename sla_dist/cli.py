@@ -1,4 +1,4 @@
-"""The ``sla-dist`` command line: ``sla-dist train | eval | export | preprocess | bench ...``.
+"""The ``sla-dist`` command line: ``sla-dist train | export | eval | preprocess ...``.
 
 Each subcommand lives beside the code it drives, in a module exposing ``register(subparsers)``; it adds its parser
 and sets ``func`` (called with the parsed namespace, returning an exit code). Modules are imported only when the
