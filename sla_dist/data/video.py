@@ -76,15 +76,25 @@ def _open(path: str | Path):
     return container
 
 
+def _start_time(stream) -> float:
+    """Seconds of the stream's first timestamp (0 if unknown): clip times are relative to it."""
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
 def probe(path: str | Path) -> VideoInfo:
-    """Duration, frame rate and size of the first video stream (VideoError if they cannot be determined)."""
+    """Duration (from the stream's first timestamp), frame rate and size of the first video stream (VideoError if
+    they cannot be determined)."""
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
+            duration = float(stream.duration * stream.time_base)  # a length, already relative to the start
         elif container.duration is not None:
-            duration = container.duration / 1_000_000  # container duration is in microseconds
+            # container duration is in microseconds; Matroska / WebM report the end time, which includes a late
+            # start (subtracting it errs short where it is a length: clips then fit for sure)
+            duration = max(container.duration / 1_000_000 - _start_time(stream), 0.0)
         elif stream.frames and fps > 0:
             duration = stream.frames / fps
         else:
@@ -118,17 +128,19 @@ def read_clip(path: str | Path, shape: ClipShape, fps: float, start: float) -> t
     """Decode ``shape.frames`` frames at ``fps`` from ``start`` seconds -> float [3, F, H, W] in [-1, 1].
 
     Output frame k shows the source frame on screen at ``start + k / fps`` (the last one whose timestamp is not
-    later). VideoError if the video is unreadable or ends before the clip does.
+    later), times counted from the stream's first timestamp (``stream.start_time``, which need not be 0). VideoError
+    if the video is unreadable or ends before the clip does.
     """
-    targets = [start + k / fps for k in range(shape.frames)]
     out = np.empty((shape.frames, shape.height, shape.width, 3), dtype=np.uint8)
     filled = 0
     with _open(path) as container:
         stream = container.streams.video[0]
+        t0 = _start_time(stream)
+        targets = [t0 + start + k / fps for k in range(shape.frames)]
         scaled = _cover_size(stream.codec_context.height, stream.codec_context.width, shape)
         if start > 0 and stream.time_base is not None:
             # jump to the keyframe before the clip instead of decoding the whole prefix
-            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+            container.seek(int((t0 + start) / stream.time_base), stream=stream, backward=True, any_frame=False)
         shown, shown_rgb = None, None
         try:
             for frame in container.decode(stream):

@@ -35,6 +35,22 @@ def test_clip_shows_the_frame_on_screen_at_each_time(tmp_path, suffix):
     assert bar_rows(clip) == [4 * s for s in shown]
 
 
+@pytest.mark.parametrize("suffix", [".mkv", ".webm", ".mp4"])
+def test_times_count_from_a_late_stream_start(tmp_path, suffix):
+    # the first frame is at 2.0 s: start=0 is that frame, and the duration excludes the 2 s before it
+    path = write_video(tmp_path / f"late{suffix}", 20, 10, 64, 32, seed=3, start_frame=20)
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert float(stream.start_time * stream.time_base) == pytest.approx(2.0)
+    info = probe(path)
+    assert info.duration == pytest.approx(2.0, abs=1e-3)
+    assert bar_rows(read_clip(path, ClipShape(4, 64, 32), 5.0, 0.0)) == [0, 8, 16, 24]  # frames 0, 2, 4, 6
+    assert bar_rows(read_clip(path, ClipShape(3, 64, 32), 10.0, 1.2)) == [48, 52, 56]  # seeks: frames 12, 13, 14
+    with pytest.raises(VideoError, match="ends after"):
+        read_clip(path, ClipShape(4, 64, 32), 5.0, 1.5)
+
+
 def test_resize_covers_then_centre_crops(tmp_path):
     def paint(pixels):
         pixels[:, : pixels.shape[1] // 8] = (0, 255, 0)  # a green stripe in the left eighth

@@ -4,6 +4,7 @@ took, on random per-video colours."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ def frame_pixels(k: int, height: int, width: int, rng: np.random.Generator) -> n
 
 
 def write_video(path: Path, frames: int, fps: int, height: int, width: int, seed: int,
-                paint: Callable[[np.ndarray], None] | None = None) -> Path:
-    """Encode an mp4 (H.264) or webm (VP9) by suffix; ``paint`` may draw over each frame in place."""
+                paint: Callable[[np.ndarray], None] | None = None, start_frame: int = 0) -> Path:
+    """Encode an mp4 / mkv (H.264) or webm (VP9) by suffix; ``paint`` may draw over each frame in place; the
+    first frame's timestamp is ``start_frame / fps`` seconds (a stream that starts late)."""
     import av  # optional dependency: the test modules that write videos importorskip it
 
     rng = np.random.default_rng(seed)
@@ -33,6 +35,8 @@ def write_video(path: Path, frames: int, fps: int, height: int, width: int, seed
             if paint is not None:
                 paint(pixels)
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if start_frame:
+                frame.pts, frame.time_base = start_frame + k, Fraction(1, fps)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
