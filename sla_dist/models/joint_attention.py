@@ -12,12 +12,8 @@ so at topk = 1 with proj_l = 0 it equals dense attention over the concatenated k
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import SparseLinearAttention
-from ..kernels.block_map import predict_block_map
-from ..kernels.op import sla_branches
-from ..kernels.reference import sla_branches_ref
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,15 +39,15 @@ def sla_with_dense_keys(
     v_dense: torch.Tensor,
 ) -> torch.Tensor:
     """Queries q [B, H, Lq, D] attend with ``sla`` to k, v [B, H, Lk, D] and densely to k_dense, v_dense
-    [B, H, Lt, D]; returns [B, H, Lq, D] in q's dtype."""
-    c = sla.config
-    block_map = predict_block_map(q, k, topk=c.topk, negligible=c.negligible, block_q=c.block_q, block_k=c.block_k)
-    branches = sla_branches if sla.uses_kernels(q.device) else sla_branches_ref
-    o_s, o_l, lse_s = branches(q, k, v, block_map, feature_map=c.feature_map, linear_scope=c.linear_scope)
+    [B, H, Lt, D]; returns [B, H, Lq, D] in q's dtype.
+
+    The SLA part is ``sla.branches`` (its input checks and run dtype) and ``sla.project`` (proj_l called as a
+    module, so ZeRO-3 gathers it), exactly as ``sla``'s own forward uses them."""
+    o_s, o_l, lse_s, _ = sla.branches(q, k, v)
     o_t, lse_t = attention_with_lse(q, k_dense, v_dense)
     acc = _accumulation_dtype(q)
     weight_s = torch.sigmoid(lse_s.to(acc) - lse_t.to(acc))[..., None]
-    out = torch.lerp(o_t.to(acc), o_s.to(acc), weight_s).to(q.dtype)
+    out = torch.lerp(o_t.to(acc), o_s.to(acc), weight_s)
     if o_l is not None:
-        out = out + F.linear(o_l.to(q.dtype), sla.proj_l.weight.to(q.dtype), sla.proj_l.bias.to(q.dtype))
-    return out
+        out = out + sla.project(o_l).to(acc)
+    return out.to(q.dtype)

@@ -1,5 +1,6 @@
 """SLA over video keys merged with dense text keys by log-sum-exp."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -56,3 +57,17 @@ def test_sparse_equals_masked_softmax_with_text_always_critical():
     ref = ref + sla.proj_l(linear_branch_ref(q, k, v, bm, "softmax", "marginal"))
     torch.testing.assert_close(out, ref)
     assert (out - sla_with_dense_keys(_sla(1.0), q, k, v, kt, vt)).abs().max() > 1e-2
+
+
+def test_uses_the_layers_branches_and_module_projection():
+    """proj_l runs as a module call (ZeRO-3 gathers parameters in module hooks) and the layer's own input checks
+    apply, e.g. its head dim."""
+    q, k, v, kt, vt = _qkv()
+    sla = _sla(0.25, 0.25)
+    calls = []
+    sla.proj_l.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    sla_with_dense_keys(sla, q, k, v, kt, vt)
+    assert calls == [q.shape]
+    narrow = tuple(t[..., :16] for t in (q, k, v, kt, vt))
+    with pytest.raises(ValueError, match="head dim 16 but this layer was built with head_dim=32"):
+        sla_with_dense_keys(sla, *narrow)
