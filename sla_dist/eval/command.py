@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--num-videos", type=int, default=16, help="videos sampled per checkpoint")
     parser.add_argument("--reference-videos", type=int, default=64, help="held-out synthetic reference videos")
     parser.add_argument("--val-samples", type=int, default=32, help="held-out samples of the validation loss")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="videos per model call (default: the recipe's data.batch_size)")
     parser.add_argument("--steps", type=int, default=20, help="ODE steps")
     parser.add_argument("--solver", choices=("euler", "heun"), default="euler")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
@@ -54,7 +56,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = EvalConfig(
         checkpoints=args.checkpoints, recipes=args.recipe, out_dir=out, names=args.names, overrides=args.override,
         reference=args.reference, i3d=args.i3d, clip=args.clip, num_videos=args.num_videos,
-        reference_videos=args.reference_videos, val_samples=args.val_samples,
+        reference_videos=args.reference_videos, val_samples=args.val_samples, batch_size=args.batch_size,
         sampler=SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.guidance, seed=args.seed),
         fidelity=FidelityConfig(sparsities=args.sparsities, seed=args.seed), ema=args.ema,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

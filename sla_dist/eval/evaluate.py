@@ -67,6 +67,10 @@ class EvalConfig:
     val_samples: int = 32
     """Held-out samples of the validation flow-matching loss."""
 
+    batch_size: int | None = None
+    """Videos per model call when sampling (and samples per validation-loss batch); None: the recipe's
+    ``data.batch_size``. Results do not depend on it (each video's noise is seeded by its index)."""
+
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
@@ -85,9 +89,13 @@ class EvalConfig:
         if self.names is not None and (len(self.names) != len(self.checkpoints) or len(set(self.names)) !=
                                        len(self.names)):
             raise ValueError(f"names={self.names} must be {len(self.checkpoints)} distinct names")
-        for name in ("num_videos", "reference_videos", "val_samples"):
+        for name in ("num_videos", "reference_videos"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 2 (FVD needs a covariance)")
+        if self.val_samples < 1:
+            raise ValueError(f"val_samples={self.val_samples} must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be positive")
 
     def run_names(self) -> list[str]:
         if self.names is not None:
@@ -128,6 +136,14 @@ class EvalData:
         return ((latents[:, :3].float().cpu().clamp(-1, 1) + 1) / 2)
 
 
+def sample_videos(model: torch.nn.Module, text: torch.Tensor, shape: tuple[int, int, int, int],
+                  config: SamplerConfig, batch_size: int, null_text: torch.Tensor | None = None) -> torch.Tensor:
+    """``sample`` over text embeddings [N, Lt, text_dim] in batches of at most ``batch_size`` videos (a whole
+    evaluation set in one call does not fit in memory at Wan size); video i is the same for any batch size."""
+    return torch.cat([sample(model, text[start: start + batch_size], shape, config, null_text=null_text,
+                             first_index=start) for start in range(0, text.shape[0], batch_size)])
+
+
 def evaluate_checkpoint(path: str, name: str, recipe_path: str, recipe: Recipe, data: EvalData, config: EvalConfig,
                         fvd: VideoFVD, out_dir: Path) -> dict:
     """Everything measured for one checkpoint; sample videos go to ``out_dir / name``."""
@@ -135,8 +151,9 @@ def evaluate_checkpoint(path: str, name: str, recipe_path: str, recipe: Recipe, 
     latents, text = data.batch(data.eval_indices)
     prompt_ids = data.eval_indices[:config.num_videos]
     sampler = dataclasses.replace(config.sampler, shift=recipe.optim.flow_shift)
-    generated = sample(model, text[:config.num_videos], tuple(latents.shape[1:]), sampler,
-                       null_text=torch.zeros_like(text[:1]))
+    batch_size = config.batch_size or recipe.data.batch_size
+    generated = sample_videos(model, text[:config.num_videos], tuple(latents.shape[1:]), sampler, batch_size,
+                              null_text=torch.zeros_like(text[:1]))
     videos = data.to_pixels(generated)
     run_dir = out_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +171,8 @@ def evaluate_checkpoint(path: str, name: str, recipe_path: str, recipe: Recipe, 
     return {
         "path": str(path), "recipe": recipe_path, "sla_layers": state_layers,
         "val_loss": validation_loss(model, latents[:config.val_samples], text[:config.val_samples],
-                                    shift=recipe.optim.flow_shift, seed=config.sampler.seed),
+                                    shift=recipe.optim.flow_shift, seed=config.sampler.seed,
+                                    batch_size=batch_size),
         "fvd": fvd(videos), "clip_score": score,
         "fidelity": attention_fidelity(model, latents[:2], text[:2], config.fidelity),
         "grid": f"{name}/grid.png", "prompts": prompts,

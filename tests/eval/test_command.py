@@ -14,7 +14,7 @@ from sla_dist.lightning.recipe import load_recipe
 from sla_dist.models import VideoDiT
 from tests.eval.helpers import TINY_RECIPE, save_dit, tiny_clip_dir
 
-FAST = ["--num-videos", "3", "--reference-videos", "4", "--val-samples", "3", "--steps", "2",
+FAST = ["--num-videos", "3", "--batch-size", "2", "--reference-videos", "4", "--val-samples", "3", "--steps", "2",
         "--sparsities", "0.5", "0.75"]
 
 

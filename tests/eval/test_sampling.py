@@ -79,3 +79,25 @@ def test_noise_of_a_video_does_not_depend_on_the_batch():
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplerConfig(**{field: value})
+
+
+def test_batched_sampling_gives_the_videos_of_one_batch():
+    from sla_dist.eval.evaluate import EvalConfig, sample_videos
+    from sla_dist.models import VideoDiT, dit_config
+
+    config = dit_config("tiny")
+    model = VideoDiT(config).eval()
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    text = torch.randn(5, 3, config.text_dim)
+    shape = (config.in_channels, 2, 8, 8)
+    sampler = SamplerConfig(steps=2, guidance=2.0, seed=3)
+    whole = sample(model, text, shape, sampler, null_text=torch.zeros_like(text[:1]))
+    sizes.clear()
+    batched = sample_videos(model, text, shape, sampler, batch_size=2, null_text=torch.zeros_like(text[:1]))
+    assert sizes == [4, 4, 4, 4, 2, 2]  # 2 + 2 + 1 videos, conditional and null passes, 2 steps
+    assert torch.allclose(batched, whole, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])
+    assert EvalConfig(checkpoints=["a"], recipes=["r"], out_dir="o", val_samples=1).val_samples == 1
+    with pytest.raises(ValueError, match="batch_size=0"):
+        EvalConfig(checkpoints=["a"], recipes=["r"], out_dir="o", batch_size=0)
