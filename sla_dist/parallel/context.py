@@ -97,10 +97,8 @@ def context_parallel_sla(attention: SparseLinearAttention, q: torch.Tensor, k: t
     layout = ChunkLayout(seq_len, group_size(group), group_rank(group), q.shape[2], c.block_q, c.block_k)
     kernel = attention.uses_kernels(q.device)
     check_inputs(q, k, v, kernel=kernel)
-    out_dtype = q.dtype
-    if kernel and q.dtype == torch.float32 and q.device.type == "cuda":
-        run_dtype = torch.bfloat16 if attention.use_bf16 else torch.float16
-        q, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)
+    out_dtype, run_dtype = q.dtype, attention.run_dtype(q)
+    q, k, v = q.to(run_dtype), k.to(run_dtype), v.to(run_dtype)
     n = layout.n_valid
     q_valid, k_valid, v_valid = q[:, :, :n], k[:, :, :n], v[:, :, :n]
 
@@ -112,7 +110,7 @@ def context_parallel_sla(attention: SparseLinearAttention, q: torch.Tensor, k: t
         h_local, z_local = phi_k.transpose(-1, -2) @ v_valid.float(), phi_k.sum(2)
     else:
         h_local = z_local = q.new_zeros(())
-    rows = plan.rows_to_send(torch.cat([k, v], dim=-1), layout)
+    rows = plan.rows_to_send(k, v, layout)
     received, h_total, z_total = _RingExchange.apply(rows, h_local, z_local, plan, group)
 
     out = q.new_zeros(q.shape[0], q.shape[1], n, q.shape[3])
@@ -217,10 +215,12 @@ class FetchPlan:
         requested = _all_to_all(requests, recv_counts, send_counts, group)
         return cls(compact, (bh * width + slot[b, hh, j])[order], width, send_counts, recv_counts, requested)
 
-    def rows_to_send(self, kv: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
-        """[sum(recv_counts), block_k, 2D]: the k|v blocks others asked this rank for (kv is [B, h, C, 2D])."""
-        blocks = kv.reshape(-1, layout.block_k, kv.shape[-1])
-        return blocks[self.requested]
+    def rows_to_send(self, k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+        """[sum(recv_counts), block_k, 2D]: the k|v blocks others asked this rank for (k, v are [B, h, C, D], possibly
+        strided views). Only the requested blocks are read and concatenated, never the whole chunk."""
+        heads, per_rank = k.shape[1], layout.k_blocks_per_rank
+        b, hh, j = self.requested // (heads * per_rank), self.requested // per_rank % heads, self.requested % per_rank
+        return torch.cat([x.unflatten(2, (per_rank, layout.block_k))[b, hh, j] for x in (k, v)], dim=-1)
 
     def compact_kv(self, received: torch.Tensor, batch: int, heads: int, layout: ChunkLayout):
         """(k, v) [B, h, W block_k, D]: the fetched blocks placed in their slots, empty slots zero."""

@@ -30,6 +30,18 @@ def test_layout_blocks():
     assert (layouts[0].nk, layouts[0].last_len, layouts[0].k_blocks_per_rank) == (16, 40, 4)
 
 
+def test_rows_to_send_reads_only_requested_blocks():
+    """The k|v rows sent are the requested blocks of k and v side by side, also from strided [B, L, h, D] views."""
+    torch.manual_seed(0)
+    layout = ChunkLayout(seq_len=500, world=1, rank=0, chunk=512, block_q=64, block_k=64)
+    q, k, v = (torch.randn(2, 512, 3, 32).transpose(1, 2) for _ in range(3))
+    block_class = global_block_class(q[:, :, :500], k[:, :, :500], layout, 0.2, 0.1, None)
+    plan = FetchPlan.build(block_class, layout, fetch_negligible=False, group=None)
+    assert 0 < plan.requested.numel() < 2 * 3 * layout.k_blocks_per_rank
+    want = torch.cat([k, v], -1).reshape(-1, 64, 64)[plan.requested]
+    assert torch.equal(plan.rows_to_send(k, v, layout), want)
+
+
 def _check_block_maps(device: torch.device, seq_len: int, topk: float, negligible: float) -> None:
     """Each rank's classification of its query blocks is the single-GPU one; the fetch is a strict subset."""
     group, rank = dist.group.WORLD, dist.get_rank()
