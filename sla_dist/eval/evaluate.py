@@ -174,7 +174,7 @@ def evaluate_checkpoint(path: str, name: str, recipe_path: str, recipe: Recipe, 
                                     shift=recipe.optim.flow_shift, seed=config.sampler.seed,
                                     batch_size=batch_size),
         "fvd": fvd(videos), "clip_score": score,
-        "fidelity": attention_fidelity(model, latents[:2], text[:2], config.fidelity),
+        "fidelity": attention_fidelity(model, latents[:2], text[:2], config.fidelity, sla=recipe.sla),
         "grid": f"{name}/grid.png", "prompts": prompts,
         "videos": sorted(p.name for p in run_dir.iterdir() if p.name.startswith("video_")),
     }

@@ -4,8 +4,9 @@ Forward pre-hooks on every block's self-attention core (``block.self_attn.core``
 that the model really produces for a noised data batch. Each layer's captured inputs then go through dense softmax
 attention and through SLA at each requested sparsity (topk = 1 - sparsity); the error is the relative L1 distance
 sum|O_sla - O_dense| / sum|O_dense|. A layer that is SLA in the checkpoint keeps its trained ``proj_l`` and its
-feature map / linear scope / block sizes; a dense layer gets a fresh SLA layer (``proj_l`` = 0: sparse branch only,
-what SLA costs a model that was never fine-tuned).
+feature map / linear scope / block sizes; a dense layer gets a fresh SLA layer with the settings SLA layers are
+trained with (the recipe's ``sla`` section, passed as ``sla``) and ``proj_l`` = 0: sparse branch only, what SLA
+costs a model that was never fine-tuned.
 """
 
 from __future__ import annotations
@@ -72,9 +73,14 @@ def capture_qkv(model: VideoDiT, latents: torch.Tensor, timestep: torch.Tensor,
     return captured
 
 
-def probe_layer(core: nn.Module, head_dim: int, sparsity: float) -> SparseLinearAttention:
-    """An SLA layer at ``sparsity`` shaped like ``core``: its settings and proj_l if it is SLA, else defaults."""
-    base = core.config if isinstance(core, SparseLinearAttention) else SLAConfig()
+def probe_layer(core: nn.Module, head_dim: int, sparsity: float,
+                sla: SLAConfig | None = None) -> SparseLinearAttention:
+    """An SLA layer at ``sparsity`` shaped like ``core``: its settings and proj_l if it is SLA, else the settings
+    of ``sla`` (the recipe's; None: ``SLAConfig()`` defaults) with a zero proj_l."""
+    if isinstance(core, SparseLinearAttention):
+        base = core.config
+    else:
+        base = sla if sla is not None else SLAConfig()
     topk = 1.0 - sparsity
     config = dataclasses.replace(base, topk=topk, negligible=min(base.negligible, 1.0 - topk))
     layer = SparseLinearAttention.from_config(head_dim, config)
@@ -85,8 +91,9 @@ def probe_layer(core: nn.Module, head_dim: int, sparsity: float) -> SparseLinear
 
 @torch.no_grad()
 def attention_fidelity(model: VideoDiT, latents: torch.Tensor, text: torch.Tensor,
-                       config: FidelityConfig) -> dict:
-    """Per-layer SLA vs dense error on clean ``latents`` [B, C, T, H, W] noised to ``config.sigma``.
+                       config: FidelityConfig, sla: SLAConfig | None = None) -> dict:
+    """Per-layer SLA vs dense error on clean ``latents`` [B, C, T, H, W] noised to ``config.sigma``; dense layers
+    are probed with the settings of ``sla`` (the recipe's SLA config; None: defaults).
 
     Returns {'sparsities': [...], 'sigma', 'layers': [{'layer', 'sla' (converted in the checkpoint), 'error': [per
     sparsity], 'realized_sparsity': [per sparsity]}]}."""
@@ -103,7 +110,7 @@ def attention_fidelity(model: VideoDiT, latents: torch.Tensor, text: torch.Tenso
         dense = dense_attention(q, k, v)
         errors, realized = [], []
         for sparsity in config.sparsities:
-            layer = probe_layer(core, q.shape[-1], sparsity).to(device=q.device, dtype=param.dtype)
+            layer = probe_layer(core, q.shape[-1], sparsity, sla).to(device=q.device, dtype=param.dtype)
             out, achieved = layer(q, k, v, return_sparsity=True)
             errors.append(relative_l1(out, dense))
             realized.append(float(achieved))

@@ -47,6 +47,19 @@ def test_sla_layers_keep_their_trained_projection():
     assert [entry["sla"] for entry in result["layers"]] == [False, True]
 
 
+def test_dense_layers_are_probed_with_the_recipes_sla_settings():
+    model, latents, text = _model_and_batch()
+    sla = SLAConfig(block_q=128, feature_map="relu", linear_scope="all", negligible=0.2)
+    probe = probe_layer(model.blocks[0].self_attn.core, model.config.head_dim, 0.5, sla)
+    assert (probe.config.block_q, probe.config.feature_map, probe.config.linear_scope) == (128, "relu", "all")
+    assert probe.config.topk == 0.5 and probe.config.negligible == 0.2
+    assert not probe.proj_l.weight.any()
+    config = FidelityConfig(sparsities=[0.5])
+    trained = attention_fidelity(model, latents, text, config, sla=sla)
+    default = attention_fidelity(model, latents, text, config)
+    assert trained["layers"][0]["error"] != default["layers"][0]["error"]  # 128-token query blocks pool otherwise
+
+
 def test_relative_l1_and_config_validation():
     ref = torch.randn(4, 8)
     assert relative_l1(ref * 1.5, ref) == pytest.approx(0.5)
