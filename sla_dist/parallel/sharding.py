@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..kernels.block_map import num_blocks
 from .groups import group_rank, group_size
 
 DEFAULT_ALIGN = 128
@@ -50,6 +51,12 @@ class SequenceShard:
             raise ValueError(f"rank={self.rank} is not in [0, world={self.world})")
         if self.align < 1:
             raise ValueError(f"align={self.align} must be at least 1")
+        if self.world > 1:
+            if self.group is None:
+                raise ValueError(f"a shard over world={self.world} ranks needs their process group, got group=None "
+                                 "(use SequenceShard.for_group)")
+            if dist.is_available() and dist.is_initialized() and group_size(self.group) != self.world:
+                raise ValueError(f"world={self.world} but the process group has {group_size(self.group)} ranks")
 
     @classmethod
     def for_group(cls, seq_len: int, group: dist.ProcessGroup | None, align: int = DEFAULT_ALIGN) -> "SequenceShard":
@@ -58,7 +65,7 @@ class SequenceShard:
     @property
     def padded_len(self) -> int:
         unit = self.world * self.align
-        return -(-self.seq_len // unit) * unit
+        return num_blocks(self.seq_len, unit) * unit
 
     @property
     def local_len(self) -> int:

@@ -11,6 +11,11 @@ from sla_dist.parallel import SequenceShard
 from dist_utils import device_params, run_distributed
 
 
+# A stand-in process group for layout arithmetic in this process, where torch.distributed is not initialised and
+# no collective runs.
+LAYOUT_ONLY = object()
+
+
 @pytest.mark.parametrize(("seq_len", "world", "align", "padded", "valid"), [
     (1000, 4, 64, 1024, [256, 256, 256, 232]),
     (1024, 2, 128, 1024, [512, 512]),
@@ -19,7 +24,7 @@ from dist_utils import device_params, run_distributed
     (7, 1, 1, 7, [7]),
 ])
 def test_layout(seq_len, world, align, padded, valid):
-    shards = [SequenceShard(seq_len, world, rank, align) for rank in range(world)]
+    shards = [SequenceShard(seq_len, world, rank, align, LAYOUT_ONLY) for rank in range(world)]
     assert all(s.padded_len == padded and s.local_len == padded // world for s in shards)
     assert [s.num_valid for s in shards] == valid
     assert [s.start for s in shards] == [r * padded // world for r in range(world)]
@@ -31,6 +36,7 @@ def test_layout(seq_len, world, align, padded, valid):
     (dict(seq_len=0, world=2, rank=0), "seq_len=0"),
     (dict(seq_len=10, world=2, rank=2), "rank=2 is not in"),
     (dict(seq_len=10, world=2, rank=0, align=0), "align=0"),
+    (dict(seq_len=10, world=2, rank=1), "world=2 ranks needs their process group, got group=None"),
 ])
 def test_invalid(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -72,6 +78,8 @@ def _split_gather(device: torch.device, seq_len: int) -> None:
         (whole * upstream).sum().backward()
         assert torch.equal(leaf.grad, shard.split(upstream, dim))
     assert world == shard.world and rank == shard.rank
+    with pytest.raises(ValueError, match=f"world={2 * world} but the process group has {world} ranks"):
+        SequenceShard(seq_len, 2 * world, rank, 64, dist.group.WORLD)
 
 
 @pytest.mark.parametrize("device", device_params(4))
