@@ -43,6 +43,8 @@ def register(subparsers) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """Run the evaluation; user errors (missing files, bad directories or settings) print one line, exit code 2."""
+    import sys
     from pathlib import Path
 
     import torch
@@ -52,15 +54,20 @@ def _eval(args: argparse.Namespace) -> int:
     from .fidelity import FidelityConfig
     from .sampling import SamplerConfig
 
-    out = args.out or str(Path(load_recipe(args.recipe[0], args.override).output_dir) / "eval")
-    config = EvalConfig(
-        checkpoints=args.checkpoints, recipes=args.recipe, out_dir=out, names=args.names, overrides=args.override,
-        reference=args.reference, i3d=args.i3d, clip=args.clip, num_videos=args.num_videos,
-        reference_videos=args.reference_videos, val_samples=args.val_samples, batch_size=args.batch_size,
-        sampler=SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.guidance, seed=args.seed),
-        fidelity=FidelityConfig(sparsities=args.sparsities, seed=args.seed), ema=args.ema,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    report = evaluate(config)
+    try:
+        out = args.out or str(Path(load_recipe(args.recipe[0], args.override).output_dir) / "eval")
+        config = EvalConfig(
+            checkpoints=args.checkpoints, recipes=args.recipe, out_dir=out, names=args.names,
+            overrides=args.override, reference=args.reference, i3d=args.i3d, clip=args.clip,
+            num_videos=args.num_videos, reference_videos=args.reference_videos, val_samples=args.val_samples,
+            batch_size=args.batch_size,
+            sampler=SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.guidance, seed=args.seed),
+            fidelity=FidelityConfig(sparsities=args.sparsities, seed=args.seed), ema=args.ema,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        report = evaluate(config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sla-dist eval: error: {exc}", file=sys.stderr)
+        return 2
     for name, run in report["checkpoints"].items():
         clip = "" if run["clip_score"] is None else f"  CLIP {run['clip_score']:.3f}"
         print(f"{name}: val flow loss {run['val_loss']:.4f}  FVD {run['fvd']:.3f}{clip}")

@@ -59,14 +59,19 @@ def test_eval_two_checkpoints_side_by_side(zero_checkpoint, tmp_path):
     assert report["fidelity_plot"] is None or (out / "fidelity.png").is_file()
 
 
-def test_eval_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        main(["eval", str(tmp_path / "missing.safetensors"), "--recipe", str(TINY_RECIPE), "--out",
-              str(tmp_path / "out"), *FAST])
+def test_eval_errors_exit_2_with_the_message(tmp_path, capsys):
+    def error(*args: str) -> str:
+        capsys.readouterr()
+        assert main(["eval", *args, "--out", str(tmp_path / "out"), *FAST]) == 2
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err and captured.err.startswith("sla-dist eval: error: ")
+        return captured.err
+
+    assert "missing.safetensors" in error(str(tmp_path / "missing.safetensors"), "--recipe", str(TINY_RECIPE))
+    assert "nope.yaml" in error(str(tmp_path / "missing.safetensors"), "--recipe", str(tmp_path / "nope.yaml"))
     (tmp_path / "empty").mkdir()
+    assert "is empty" in error(str(tmp_path / "empty"), "--recipe", str(TINY_RECIPE))
     dense = save_dit(VideoDiT(load_recipe(TINY_RECIPE).dit), tmp_path / "dense.safetensors")
-    with pytest.raises(ValueError, match="holds no .mp4 or .safetensors"):
-        main(["eval", str(dense), "--recipe", str(TINY_RECIPE), "--out", str(tmp_path / "out"), "--reference",
-              str(tmp_path / "empty"), *FAST])
-    with pytest.raises(ValueError, match="2 recipes for 1 checkpoints"):
-        main(["eval", str(dense), "--recipe", str(TINY_RECIPE), str(TINY_RECIPE), "--out", str(tmp_path), *FAST])
+    assert "holds no .mp4 or .safetensors" in error(str(dense), "--recipe", str(TINY_RECIPE), "--reference",
+                                                    str(tmp_path / "empty"))
+    assert "2 recipes for 1 checkpoints" in error(str(dense), "--recipe", str(TINY_RECIPE), str(TINY_RECIPE))
