@@ -43,8 +43,6 @@ class PatchConfig:
             self.layers = list(self.layers)
             if self.skip_first:
                 raise ValueError(f"give either layers={self.layers} or skip_first={self.skip_first}, not both")
-            if len(set(self.layers)) != len(self.layers):
-                raise ValueError(f"layers={self.layers} lists a layer twice")
 
     def select(self, num_layers: int) -> list[int]:
         """The layer indices to convert out of ``num_layers``, ascending."""

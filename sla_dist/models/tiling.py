@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from ..kernels.block_map import num_blocks
 
 
 def tile_permutation(
@@ -33,11 +31,11 @@ def tile_permutation(
     (T, H, W), (tt, th, tw) = grid, tile
     t, h, w = torch.meshgrid(torch.arange(T, device=device), torch.arange(H, device=device),
                              torch.arange(W, device=device), indexing="ij")
-    n_h, n_w = _ceil_div(H, th), _ceil_div(W, tw)
+    n_h, n_w = num_blocks(H, th), num_blocks(W, tw)
     tile_index = ((t // tt) * n_h + h // th) * n_w + w // tw
     within = ((t % tt) * th + h % th) * tw + w % tw
     partial = ((t // tt + 1) * tt > T) | ((h // th + 1) * th > H) | ((w // tw + 1) * tw > W)
-    num_tiles = _ceil_div(T, tt) * n_h * n_w
+    num_tiles = num_blocks(T, tt) * n_h * n_w
     volume = tt * th * tw
     # One integer key per token: (partial, tile, position in tile), lexicographic; keys are distinct.
     key = (partial.long() * num_tiles + tile_index) * volume + within

@@ -98,6 +98,9 @@ def test_errors():
         apply_sla(VideoDiT(dit_config("tiny")), PatchConfig(layers=[2]))
     with pytest.raises(ValueError, match="layers=\\[1, -1\\] name the same layer twice"):
         apply_sla(VideoDiT(dit_config("tiny")), PatchConfig(layers=[1, -1]))
+    # a literal repeat is the same check (one place: after the modulo in select())
+    with pytest.raises(ValueError, match="layers=\\[0, 0\\] name the same layer twice"):
+        apply_sla(VideoDiT(dit_config("tiny")), PatchConfig(layers=[0, 0]))
     with pytest.raises(ValueError, match="skip_first=2 leaves none"):
         apply_sla(VideoDiT(dit_config("tiny")), PatchConfig(skip_first=2))
     with pytest.raises(ValueError, match="either layers"):
