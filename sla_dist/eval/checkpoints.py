@@ -27,7 +27,13 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, torch.Tens
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir() and not any(path.iterdir()):
         raise ValueError(f"checkpoint directory {str(path)!r} is empty")
-    if path.is_dir() or path.suffix == ".ckpt" or ema:
+    checkpoint = path.is_dir() or path.suffix == ".ckpt"
+    if ema and not checkpoint:
+        raise ValueError(f"--ema needs a training checkpoint (a DeepSpeed directory or a Lightning .ckpt), which "
+                         f"keeps the EMA weights beside the model's; {str(path)!r} is an exported weights file "
+                         "holding one set of weights (for EMA weights export with 'sla-dist export --ema', then "
+                         "evaluate that file without --ema)")
+    if checkpoint:
         state = consolidated_state_dict(path, ema=ema)
     else:
         state = load_weights(path)

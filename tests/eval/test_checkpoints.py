@@ -48,3 +48,12 @@ def test_errors(tmp_path, recipe):
     path = save_dit(VideoDiT(other.dit), tmp_path / "three.safetensors")
     with pytest.raises(ValueError, match=r"does not fit model 'tiny'.*unexpected \['blocks.2"):
         load_model(path, recipe)
+
+
+def test_ema_of_an_exported_file_says_why_it_cannot_be(tmp_path, recipe):
+    path = save_dit(VideoDiT(recipe.dit), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"--ema needs a training checkpoint.*m.safetensors' is an exported weights"):
+        load_model(path, recipe, ema=True)
+    torch.save(VideoDiT(recipe.dit).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="export --ema"):
+        read_state_dict(tmp_path / "m.pt", ema=True)
