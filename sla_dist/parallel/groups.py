@@ -117,10 +117,32 @@ class SequenceParallelGroups:
             "ulysses": [[ranks(d, r, u) for u in range(ul)] for d in range(dp) for r in range(ring)],
             "ring": [[ranks(d, r, u) for r in range(ring)] for d in range(dp) for u in range(ul)],
         }
-        # new_subgroups_by_enumeration must be entered by every rank for every layout, even a trivial one.
-        mine = {name: dist.new_subgroups_by_enumeration(lists)[0] for name, lists in layouts.items()}
+        mine = {name: _subgroup(lists) for name, lists in layouts.items()}
         return cls(config, world, rank, _default_device(dist.get_backend()), mine["sp"], mine["dp"],
                    mine["ulysses"], mine["ring"])
+
+
+_subgroups: dict[tuple[tuple[int, ...], ...], dist.ProcessGroup] = {}
+"""This process's subgroups by rank enumeration, for the default group in ``_subgroups_world``."""
+_subgroups_world: list = [None]
+
+
+def _subgroup(lists: list[list[int]]) -> dist.ProcessGroup:
+    """This rank's group of the partition ``lists``, created once per process and default group.
+
+    ``build()`` is called again and again (each model wrap, tests) and one build asks for the same partition more
+    than once (pure Ulysses: ulysses == sp); process groups live as long as the default group, so new ones each time
+    would pile up communicators. Every rank makes the same calls in the same order, so all of them hit or miss the
+    cache together, and new_subgroups_by_enumeration, which every rank must enter, is entered by all or none. A new
+    default group (destroyed and initialised again) starts a new cache."""
+    world = dist.group.WORLD
+    if _subgroups_world[0] is not world:
+        _subgroups.clear()
+        _subgroups_world[0] = world
+    key = tuple(tuple(ranks) for ranks in lists)
+    if key not in _subgroups:
+        _subgroups[key] = dist.new_subgroups_by_enumeration(lists)[0]
+    return _subgroups[key]
 
 
 def _default_device(backend: str | None) -> torch.device:

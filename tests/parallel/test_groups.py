@@ -60,6 +60,13 @@ def _layouts(device) -> None:
     assert _members(g.dp_group) == [rank]
     assert dist.get_rank(g.ring_group) == g.ring_rank and dist.get_rank(g.ulysses_group) == g.ulysses_rank
 
+    # building again (each wrapped model, each test) reuses this process's groups instead of creating new ones
+    again = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=4, ulysses_degree=2))
+    for name in ("sp", "dp", "ulysses", "ring"):
+        assert getattr(again, f"{name}_group") is getattr(g, f"{name}_group"), f"a new {name} group"
+    pure = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=4))
+    assert pure.sp_group is g.sp_group and pure.ulysses_group is pure.sp_group
+
     with pytest.raises(ValueError, match="world size 4 is not a multiple of sp_size=3"):
         SequenceParallelGroups.build(SequenceParallelConfig(sp_size=3))
 
