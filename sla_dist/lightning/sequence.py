@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..attention import SparseLinearAttention
 from ..models import VideoDiT
-from ..models.layers import DenseAttention, SelfAttention, modulate
+from ..models.layers import DenseAttention, SelfAttention
 from ..parallel import SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 from ..parallel.groups import ensure_deepspeed_comm
 from ..parallel.sharding import pad_along
@@ -102,12 +102,6 @@ def target_tokens(model: VideoDiT, target: torch.Tensor, tiling) -> torch.Tensor
     return x if tiling is None else tiling.tile(x, dim=1)
 
 
-def head_tokens(model: VideoDiT, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-    """The head of ``unembed`` on tokens [B, L, dim], without untiling / unpatchifying."""
-    shift, scale = (model.head_modulation + t_emb[:, None]).chunk(2, dim=1)
-    return model.head(modulate(model.head_norm(x), shift, scale))
-
-
 @dataclass
 class LocalPrediction:
     """A model's prediction on this rank's tokens, in the head's token layout."""
@@ -137,14 +131,14 @@ def predict_local(model: VideoDiT, latents: torch.Tensor, timestep: torch.Tensor
     inputs = model.embed(latents, timestep, text)
     if groups is None or groups.sp_size == 1:
         x = model.forward_blocks(inputs.tokens, inputs)
-        return LocalPrediction(head_tokens(model, x, inputs.t_emb), None, None, inputs.tiling, inputs.grid)
+        return LocalPrediction(model.head_tokens(x, inputs.t_emb), None, None, inputs.tiling, inputs.grid)
     seq_len = inputs.tokens.shape[1]
     shard = SequenceShard.for_group(seq_len, groups.sp_group)
     tokens = shard.local_piece(shard.pad_to_padded(inputs.tokens, 1), 1)
     inputs.rope = tuple(shard.local_piece(shard.pad_to_padded(t, 0), 0) for t in inputs.rope)
     with sharded_sequence(seq_len):
         x = model.forward_blocks(tokens, inputs)
-    return LocalPrediction(head_tokens(model, x, inputs.t_emb), shard.valid_mask(x.device), shard, inputs.tiling,
+    return LocalPrediction(model.head_tokens(x, inputs.t_emb), shard.valid_mask(x.device), shard, inputs.tiling,
                            inputs.grid)
 
 

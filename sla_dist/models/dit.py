@@ -6,7 +6,7 @@
     N x block:  x += gate1 * SelfAttn(adaLN(x), RoPE)      <- the SLA site (``block.self_attn.core``)
                 x += CrossAttn(LN(x), context)
                 x += gate2 * MLP(adaLN(x))
-    adaLN head --> Linear --> unpatchify --> [B, C_out, T, H, W]
+    adaLN head --> Linear (``head_tokens``) --> unpatchify --> [B, C_out, T, H, W]
 
 ``forward`` is ``embed`` -> ``forward_blocks`` -> ``unembed``; a sequence-parallel wrapper shards
 ``DiTInputs.tokens`` and ``DiTInputs.rope`` along L between the first two and gathers before the last.
@@ -155,10 +155,15 @@ class VideoDiT(nn.Module):
                 x = block(x, cos, sin, inputs.t_mod, inputs.context)
         return x
 
+    def head_tokens(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """The head on tokens: adaLN modulation from ``t_emb`` [B, dim], norm and projection of x [B, L, dim] (or an
+        L-shard) -> [B, L, p_t p_h p_w C_out], in the tokens' order (no untiling, no unpatchify)."""
+        shift, scale = (self.head_modulation + t_emb[:, None]).chunk(2, dim=1)
+        return self.head(modulate(self.head_norm(x), shift, scale))
+
     def unembed(self, x: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
-        """Tokens [B, L, dim] -> predicted latents [B, C_out, T, H, W]."""
-        shift, scale = (self.head_modulation + inputs.t_emb[:, None]).chunk(2, dim=1)
-        x = self.head(modulate(self.head_norm(x), shift, scale))
+        """Tokens [B, L, dim] -> predicted latents [B, C_out, T, H, W]: ``head_tokens``, untile, unpatchify."""
+        x = self.head_tokens(x, inputs.t_emb)
         if inputs.tiling is not None:
             x = inputs.tiling.untile(x, dim=1)
         return self.unpatchify(x, inputs.grid)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from sla_dist import SLAConfig, apply_sla, dit_config
 from sla_dist.lightning.checkpoint import canonical_name
 from sla_dist.lightning.module import DiTModule
-from sla_dist.lightning.sequence import enable_sequence_parallel, head_tokens, predict_full, target_tokens
+from sla_dist.lightning.sequence import enable_sequence_parallel, predict_full, target_tokens
 from sla_dist.models import VideoDiT
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups
 from tests.parallel.dist_utils import run_distributed
@@ -29,7 +29,7 @@ def test_target_tokens_invert_unembed():
     inputs = model.embed(latents, t, text)
     x = torch.randn_like(inputs.tokens)
     full = model.unembed(x, inputs)
-    torch.testing.assert_close(target_tokens(model, full, inputs.tiling), head_tokens(model, x, inputs.t_emb))
+    torch.testing.assert_close(target_tokens(model, full, inputs.tiling), model.head_tokens(x, inputs.t_emb))
 
 
 def _module(seed: int, teacher: bool) -> DiTModule:

@@ -88,3 +88,18 @@ def test_bad_inputs_are_named():
         model(latents, torch.rand(3), text)
     with pytest.raises(ValueError, match="text_dim=32"):
         model(latents, timestep, torch.randn(2, 7, 31))
+
+
+def test_unembed_is_head_tokens_then_untile_and_unpatchify():
+    """head_tokens is the head on tokens (what sequence-parallel training runs on each shard); unembed goes through
+    it, so the two cannot drift apart."""
+    torch.manual_seed(0)
+    model = VideoDiT(dit_config("tiny", tile_size=(2, 4, 4)))
+    inputs = model.embed(*_inputs(model.config, height=8, width=8))
+    x = torch.randn_like(inputs.tokens)
+    tokens = model.head_tokens(x, inputs.t_emb)
+    assert tokens.shape == (*x.shape[:2], model.config.out_channels * model.config.patch_volume)
+    torch.testing.assert_close(model.unembed(x, inputs),
+                               model.unpatchify(inputs.tiling.untile(tokens, dim=1), inputs.grid))
+    model.head_tokens = lambda x, t_emb: torch.zeros_like(tokens)
+    assert not model.unembed(x, inputs).any()
