@@ -9,6 +9,7 @@ shard writes ``index.json`` (see :func:`sla_dist.data.shards.build_index`).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 from sla_dist.data.captions import caption_for, load_captions
-from sla_dist.data.shards import (PLAN_NAME, EncodedSample, SampleRecord, build_index, read_json, shard_path,
-                                  write_json, write_shard)
+from sla_dist.data.shards import (ENCODERS_NAME, PLAN_NAME, EncodedSample, SampleRecord, build_index, read_json,
+                                  shard_path, write_json, write_json_once, write_shard)
 from sla_dist.data.video import ClipShape, choose_shape, clip_starts, list_videos, probe, read_clip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,7 +36,7 @@ class PreprocessConfig:
     """Caption file (.json, .jsonl or .csv; see sla_dist/data/captions.py)."""
 
     out: str = ""
-    """Output dataset directory (plan.json, shards/, index.json)."""
+    """Output dataset directory (plan.json, encoders.json, shards/, index.json)."""
 
     vae: str | None = None
     """Local diffusers VAE directory (or pipeline root with vae/)."""
@@ -148,7 +149,7 @@ def run(config: PreprocessConfig, rank: int = 0, world_size: int = 1) -> Summary
 def _write_or_check_plan(out: Path, plan: dict) -> None:
     """Create ``plan.json`` (exactly one racing rank does), or check that the existing one matches this run."""
     out.mkdir(parents=True, exist_ok=True)
-    if write_json(out / PLAN_NAME, {**plan, "encoders": None}, exclusive=True):
+    if write_json(out / PLAN_NAME, plan, exclusive=True):
         return
     old = read_json(out / PLAN_NAME)
     differing = [k for k in plan if k != "settings" and old.get(k) != plan[k]]
@@ -159,12 +160,15 @@ def _write_or_check_plan(out: Path, plan: dict) -> None:
 
 
 def _record_encoders(out: Path, encoders: dict) -> None:
-    """Store what the loaded encoders are in the plan (identical from every rank); refuse a different pair."""
-    path = out / PLAN_NAME
-    plan = read_json(path)
-    if plan.get("encoders") not in (None, encoders):
-        raise ValueError(f"--out {str(out)!r} was written with encoders {plan['encoders']}, now {encoders}")
-    write_json(path, {**plan, "encoders": encoders})
+    """Store what the loaded encoders are in ``encoders.json``: the first rank to load them creates it (atomically,
+    never rewritten), every later one checks it; refuse a different pair. plan.json is never rewritten."""
+    recorded = read_json(out / PLAN_NAME).get("encoders")  # where datasets made before encoders.json kept them
+    if recorded not in (None, json.loads(json.dumps(encoders))):
+        raise ValueError(f"--out {str(out)!r} was written with encoders {recorded}, now {encoders}")
+    try:
+        write_json_once(out / ENCODERS_NAME, encoders, "encoders")
+    except ValueError as exc:
+        raise ValueError(f"--out {str(out)!r} was written with other encoders: {exc}") from exc
 
 
 def _load_encoders(config: PreprocessConfig):

@@ -3,7 +3,8 @@
 A preprocessed dataset is a directory::
 
     OUT/
-      plan.json                      the run that made it: options, encoders, the ordered input list
+      plan.json                      the run that made it: options and the ordered input list (written once)
+      encoders.json                  what the encoders were (written once, by the first rank that loads them)
       shards/shard-000000.safetensors
       shards/shard-000001.safetensors
       ...
@@ -21,14 +22,16 @@ Padding is not stored: the text mask of a sample is "the first ``n_j`` of ``text
 rebuilds the zero-padded ``[text_len, D]`` embedding and its boolean mask from ``n_j`` (Wan zero-pads its umT5
 embeddings the same way). The safetensors header metadata (strings only) carries ``format``, ``version``, ``shard``,
 ``samples`` (a JSON list of per-sample records, see :class:`SampleRecord`) and ``skipped`` (a JSON list of
-``{"video", "reason"}`` for inputs that could not be read). A shard is written to a temporary name and renamed, so a
-file under its final name is always complete.
+``{"video", "reason"}`` for inputs that could not be read). A shard is written to a temporary file of a unique
+name (``tempfile.mkstemp`` beside it: ranks on several nodes sharing the filesystem may have equal pids) and renamed,
+so a file under its final name is always complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +44,7 @@ INDEX_FORMAT = "sla-dist-latents"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 PLAN_NAME = "plan.json"
+ENCODERS_NAME = "encoders.json"
 SHARD_DIR = "shards"
 
 
@@ -127,10 +131,21 @@ def write_shard(root: str | os.PathLike, shard: int, samples: list[EncodedSample
     }
     path = shard_path(root, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tmp = _temp_beside(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _temp_beside(path: Path) -> Path:
+    """A new, uniquely named empty file in ``path``'s directory (unique across processes and hosts)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
 
 
 def read_shard_header(path: str | os.PathLike) -> ShardHeader:
@@ -155,21 +170,35 @@ def write_json(path: str | os.PathLike, obj: dict, exclusive: bool = False) -> b
     """Write JSON atomically, so that concurrent writers of identical content and readers never see a partial file.
 
     With ``exclusive``, write only if ``path`` does not exist yet (atomically: of racing writers exactly one wins);
-    returns whether this call wrote the file.
+    returns whether this call wrote the file. The temporary file has a unique name, so racing writers (also on
+    other hosts of a shared filesystem) never touch each other's.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    if not exclusive:
-        os.replace(tmp, path)
-        return True
+    tmp = _temp_beside(path)
     try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
+        tmp.write_text(json.dumps(obj, indent=1))
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_once(path: str | os.PathLike, obj: dict, what: str) -> bool:
+    """Create ``path`` with ``obj`` if it does not exist (atomically; of racing writers one wins), else check that
+    it holds ``obj``: ValueError naming ``what`` differs. Returns whether this call wrote the file; an existing file
+    is never rewritten."""
+    if write_json(path, obj, exclusive=True):
+        return True
+    old = read_json(path)
+    if old != json.loads(json.dumps(obj)):
+        raise ValueError(f"{str(path)!r} records other {what}: {old}, now {obj}")
+    return False
 
 
 def build_index(root: str | os.PathLike) -> dict | None:
@@ -184,6 +213,7 @@ def build_index(root: str | os.PathLike) -> dict | None:
     paths = [shard_path(root, i) for i in range(num_shards)]
     if not all(p.is_file() for p in paths):
         return None
+    encoders_path = root / ENCODERS_NAME  # absent in datasets made before it (their plan has "encoders")
     shards, skipped, buckets = [], [], {}
     for i, p in enumerate(paths):
         header = read_shard_header(p)
@@ -200,7 +230,7 @@ def build_index(root: str | os.PathLike) -> dict | None:
         "num_samples": sum(len(s["samples"]) for s in shards),
         "buckets": dict(sorted(buckets.items())),
         "text_len": plan["text_len"],
-        "encoders": plan["encoders"],
+        "encoders": read_json(encoders_path) if encoders_path.is_file() else plan.get("encoders"),
         "shards": shards,
         "skipped": skipped,
     }

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sla_dist.data.dataset import BucketBatchSampler, LatentShardDataset, collate_latents
 from sla_dist.data.preprocess import PreprocessConfig, run
-from sla_dist.data.shards import INDEX_NAME, load_index, shard_path
+from sla_dist.data.shards import ENCODERS_NAME, INDEX_NAME, PLAN_NAME, load_index, shard_path
 from sla_dist.data.video import ClipShape, read_clip
 from tests.data.conftest import CLIP_SHAPES, FPS
 
@@ -118,6 +118,24 @@ def test_restart_redoes_only_the_missing_shard(preprocessed, pipeline_dir, video
     for key, value in redone.items():
         torch.testing.assert_close(value, original[1][key], rtol=0, atol=0)
     assert load_index(copy) == load_index(out)
+
+
+def test_plan_is_written_once_and_encoders_once(tmp_path):
+    from sla_dist.data.preprocess import _record_encoders, _write_or_check_plan
+
+    plan = {"settings": {"fps": 8.0}, "videos": ["a.mp4"], "num_shards": 1, "text_len": 4}
+    _write_or_check_plan(tmp_path, plan)
+    written = (tmp_path / PLAN_NAME).stat()
+    encoders = {"vae": {"class": "AutoencoderKLWan", "spatial_factor": 8}, "text_encoder": {"class": "T5"}}
+    for _ in range(2):  # the first rank to load the encoders records them, the others find the same
+        _record_encoders(tmp_path, encoders)
+        _write_or_check_plan(tmp_path, plan)
+    after = (tmp_path / PLAN_NAME).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # never rewritten
+    assert json.loads((tmp_path / ENCODERS_NAME).read_text()) == encoders
+    with pytest.raises(ValueError, match="other encoders"):
+        _record_encoders(tmp_path, {**encoders, "vae": {"class": "AutoencoderKL"}})
+    assert json.loads((tmp_path / ENCODERS_NAME).read_text()) == encoders
 
 
 def test_other_settings_are_refused(preprocessed, pipeline_dir, video_dir):

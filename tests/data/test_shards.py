@@ -1,5 +1,7 @@
 """Shard files and the index: round trip, atomic naming, completeness, format checks."""
 
+import json
+import os
 import random
 
 import pytest
@@ -25,6 +27,25 @@ def test_shard_round_trip(tmp_path):
         for j, s in enumerate(samples):
             torch.testing.assert_close(f.get_tensor(f"latents.{j}"), s.latents, rtol=0, atol=0)
             torch.testing.assert_close(f.get_tensor(f"text.{j}"), s.text, rtol=0, atol=0)
+
+
+def test_temporary_files_of_other_writers_are_left_alone(tmp_path):
+    # another node's process with this pid writing the same files at the same time: its temporary files are its own
+    foreign = {name: tmp_path / name for name in (f".{PLAN_NAME}.{os.getpid()}.tmp", f".{INDEX_NAME}.{os.getpid()}.tmp",
+                                                   f"shards/.shard-000000.safetensors.{os.getpid()}.tmp")}
+    (tmp_path / "shards").mkdir()
+    for path in foreign.values():
+        path.write_text("another writer's")
+    assert write_json(tmp_path / PLAN_NAME, {"a": 1}, exclusive=True)
+    assert not write_json(tmp_path / PLAN_NAME, {"a": 2}, exclusive=True)
+    assert write_json(tmp_path / INDEX_NAME, {"b": 2})
+    write_shard(tmp_path, 0, [random_sample(random.Random(0), (1, 2, 2), "a.mp4")], skipped=[])
+    assert all(path.read_text() == "another writer's" for path in foreign.values())
+    assert json.loads((tmp_path / PLAN_NAME).read_text()) == {"a": 1}
+    assert json.loads((tmp_path / INDEX_NAME).read_text()) == {"b": 2}
+    assert read_shard_header(shard_path(tmp_path, 0)).shard == 0
+    leftovers = {p.name for p in tmp_path.rglob("*.tmp")} - {p.name for p in foreign.values()}
+    assert not leftovers
 
 
 def test_write_shard_rejects_inconsistent_records(tmp_path):
