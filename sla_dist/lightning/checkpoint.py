@@ -6,8 +6,10 @@ the plain strategy a single file. Every pickle read here goes through ``torch.lo
 the DeepSpeed bookkeeping types allow-listed, so a checkpoint cannot run code when it is loaded.
 
 Export writes the trainable DiT weights (``model.*`` of DiTModule, or its EMA with ``ema=True``) in float32 under
-the plain VideoDiT names: the wrappers sequence parallelism puts around attention cores are taken out, so the file
-loads into ``VideoDiT`` (after ``apply_sla`` when it has SLA's ``proj_l``) whatever the training layout was.
+the plain VideoDiT names, so the file loads into ``VideoDiT`` (after ``apply_sla`` when it has SLA's ``proj_l``)
+whatever the training layout was. Sequence parallelism leaves the parameter names alone (the attention cores stay in
+place), so checkpoints also resume across SP sizes; names from checkpoints of older versions, which registered the
+SLA layer under an SP wrapper (``self_attn.core.attention.``), are mapped back on export and load.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 _SP_WRAPPER = re.compile(r"(self_attn\.core)\.attention\.")
+"""The SP wrapper level of checkpoints written before sequence parallelism kept the cores' names."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -33,7 +36,8 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def canonical_name(name: str) -> str:
-    """A DiTModule / DeepSpeed parameter name -> the plain VideoDiT name (``model.`` and SP wrappers dropped)."""
+    """A DiTModule / DeepSpeed parameter name -> the plain VideoDiT name (``model.`` dropped, and the SP wrapper
+    level of older checkpoints)."""
     name = name.removeprefix("module.").removeprefix("_forward_module.").removeprefix("model.")
     return _SP_WRAPPER.sub(r"\1.", name)
 

@@ -17,7 +17,6 @@ import contextvars
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import SparseLinearAttention
@@ -47,11 +46,11 @@ class ShardedSLA(SequenceParallelSLA):
         return super().forward(q, k, v, seq_len if seq_len is not None else _SEQ_LEN.get())
 
 
-class ShardedDense(nn.Module):
-    """Dense softmax attention over a sequence sharded across the SP group (Ulysses all-to-all, no ring split)."""
+class ShardedDense:
+    """Dense softmax attention over a sequence sharded across the SP group (Ulysses all-to-all, no ring split).
+    Like ShardedSLA it is a plain callable (``SelfAttention.parallel``), not a module."""
 
     def __init__(self, groups: SequenceParallelGroups) -> None:
-        super().__init__()
         if groups.ring_degree > 1:
             raise ValueError(f"dense attention layers under sequence parallelism need ring_degree=1, not "
                              f"{groups.ring_degree}; convert every layer to SLA or use pure Ulysses")
@@ -65,32 +64,38 @@ class ShardedDense(nn.Module):
         # process groups are communicator handles: copies (EMA, teacher) share them
         return type(self)(self.groups)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sp_size={self.groups.sp_size})"
+
     def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
         """[B, L_padded, H/U, D] after the exchange; padded keys must not enter the softmax."""
         full = q.shape[1]
         q, k, v = (x.transpose(1, 2)[:, :, :seq_len] for x in (q, k, v))
         return pad_along(F.scaled_dot_product_attention(q, k, v), 2, full).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         seq_len = _SEQ_LEN.get() or q.shape[2] * self.groups.sp_size
         out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
         return out.transpose(1, 2)
 
 
 def enable_sequence_parallel(model: VideoDiT, groups: SequenceParallelGroups) -> int:
-    """Swap every self-attention core of ``model`` for its sequence-parallel form; returns how many were swapped."""
-    swapped = 0
+    """Run every self-attention core of ``model`` sequence-parallel; returns how many were newly enabled.
+
+    The cores stay in place (``SelfAttention.parallel`` runs them over the shards), so the model's parameter names
+    and state_dict keys do not change: checkpoints move between SP sizes as they are."""
+    enabled = 0
     for module in model.modules():
-        if not isinstance(module, SelfAttention) or isinstance(module.core, (ShardedSLA, ShardedDense)):
+        if not isinstance(module, SelfAttention) or module.parallel is not None:
             continue
         if isinstance(module.core, SparseLinearAttention):
-            module.core = ShardedSLA(module.core, groups)
+            module.parallel = ShardedSLA(module.core, groups)
         elif isinstance(module.core, DenseAttention):
-            module.core = ShardedDense(groups)
+            module.parallel = ShardedDense(groups)
         else:
             raise ValueError(f"cannot run attention core {type(module.core).__name__} sequence-parallel")
-        swapped += 1
-    return swapped
+        enabled += 1
+    return enabled
 
 
 def target_tokens(model: VideoDiT, target: torch.Tensor, tiling) -> torch.Tensor:

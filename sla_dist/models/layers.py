@@ -7,6 +7,7 @@ Per-token tensors are [B, L, C] throughout (sequence parallelism shards L); atte
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -39,7 +40,13 @@ class DenseAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection, RMS q/k norms across heads, 3D RoPE, then ``core`` (dense or SLA)."""
+    """Fused QKV projection, RMS q/k norms across heads, 3D RoPE, then ``core`` (dense or SLA).
+
+    ``parallel``, when set (sequence parallelism: ``sla_dist.lightning.sequence.enable_sequence_parallel``), runs
+    ``core`` over a token sequence sharded across ranks: it is called as ``parallel(q, k, v)`` on this rank's shard
+    in place of ``core`` and calls ``core`` itself. It is a plain callable, not a module, so ``core`` stays where it
+    is and the model's modules, parameter names and state_dict keys are the same at every sequence-parallel size.
+    """
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -49,6 +56,7 @@ class SelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.core: nn.Module = DenseAttention()
         self.out = nn.Linear(dim, dim)
+        self.parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim], RoPE tables [L, D / 2] -> [B, L, dim]."""
@@ -57,7 +65,8 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(q).unflatten(-1, heads), cos, sin)
         k = apply_rope(self.norm_k(k).unflatten(-1, heads), cos, sin)
         v = v.unflatten(-1, heads)
-        o = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        attend = self.core if self.parallel is None else self.parallel
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.out(o.transpose(1, 2).flatten(2))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 
 from ..attention import SparseLinearAttention
 from .context import context_parallel_sla
@@ -27,21 +26,25 @@ from .groups import SequenceParallelGroups, ensure_deepspeed_comm, group_size
 from .sharding import pad_along
 
 
-class SequenceParallelSLA(nn.Module):
-    """SLA over a sequence sharded across the SP group of ``groups``.
+class SequenceParallelSLA:
+    """SLA over a sequence sharded across the SP group of ``groups``: wraps an SLA layer without becoming a module.
 
     Args:
-        attention: the layer's SLA module; its parameters (``proj_l``) and settings are used unchanged, and it stays
-            registered as ``attention`` so state_dict keys only gain that prefix.
+        attention: the layer's SLA module; its parameters (``proj_l``), settings and hooks are used unchanged. It is
+            *not* registered here (this object is no ``nn.Module``): the SLA layer stays wherever it sits in the
+            model (e.g. ``block.self_attn.core``, run through ``SelfAttention.parallel``), so parameter and
+            state_dict names are those of the unsharded model at every SP size, and checkpoints move between them.
         groups: the process groups; ``ulysses_degree`` must divide the head count.
 
-    ``forward(q, k, v, seq_len)`` takes this rank's shard [B, H, L_local, D] (all heads) of a sequence with
-    ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard of the same
-    shape, zero on padded positions.
+    ``forward(q, k, v, seq_len)`` (also ``self(...)``) takes this rank's shard [B, H, L_local, D] (all heads) of a
+    sequence with ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard
+    of the same shape, zero on padded positions. Under pure Ulysses the SLA layer is called as a module on its heads'
+    whole (unpadded) sequence, so its forward hooks see exactly what a single GPU would give those heads.
     """
 
     def __init__(self, attention: SparseLinearAttention, groups: SequenceParallelGroups) -> None:
-        super().__init__()
+        if not isinstance(attention, SparseLinearAttention):
+            raise TypeError(f"SequenceParallelSLA wraps a SparseLinearAttention, not {type(attention).__name__}")
         self.attention = attention
         self.groups = groups
         self.ulysses_group = groups.ulysses_group if groups.ulysses_degree > 1 else None
@@ -51,16 +54,23 @@ class SequenceParallelSLA(nn.Module):
 
             ensure_deepspeed_comm()
             # batch-first [B, L, H, D]: scatter heads (dim 2), gather the sequence (dim 1). The local attention is a
-            # bound method, not a module, so the SLA parameters are registered once, under ``attention``.
+            # bound method and DistributedAttention has no parameters of its own.
             self.exchange = DistributedAttention(self._local_attention, self.ulysses_group, scatter_idx=2,
                                                  gather_idx=1)
 
     def __deepcopy__(self, memo: dict) -> "SequenceParallelSLA":
-        """Copies (an EMA or teacher model) get their own SLA parameters but share the process groups, which are
-        handles to this process's communicators and cannot be copied."""
+        """Copies (an EMA or teacher model) wrap the copy of the SLA layer (the same one the copied model holds,
+        through ``memo``) but share the process groups, which are handles to this process's communicators and
+        cannot be copied."""
         clone = type(self)(copy.deepcopy(self.attention, memo), self.groups)
         memo[id(self)] = clone
-        return clone.train(self.training)
+        return clone
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.forward(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
 
     def extra_repr(self) -> str:
         g = self.groups

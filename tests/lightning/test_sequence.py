@@ -22,6 +22,13 @@ from tests.parallel.dist_utils import run_distributed
 LATENT_SHAPE = (2, 4, 3, 16, 18)
 
 
+def test_canonical_name_of_older_sp_checkpoints():
+    """Checkpoints written while SP wrapped the SLA layer as ``core.attention`` still export / load."""
+    plain = "blocks.1.self_attn.core.proj_l.weight"
+    assert canonical_name("model.blocks.1.self_attn.core.attention.proj_l.weight") == plain
+    assert canonical_name(f"model.{plain}") == plain
+
+
 def test_target_tokens_invert_unembed():
     torch.manual_seed(random.randrange(1000))
     model = VideoDiT(dit_config("tiny", tile_size=(2, 4, 4)))
@@ -67,9 +74,17 @@ def _check_sp_grads(device: torch.device, seed: int) -> None:
     sharded = copy.deepcopy(reference)
     assert enable_sequence_parallel(sharded.model, groups) == 2
     assert enable_sequence_parallel(sharded.teacher, groups) == 2
+    assert enable_sequence_parallel(sharded.model, groups) == 0, "enabling twice must not wrap twice"
+    # the same names at every SP size: a ZeRO checkpoint saved at SP=2 resumes at SP=1 and the other way round
+    assert list(sharded.state_dict()) == list(reference.state_dict())
+    assert [n for n, _ in sharded.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    assert all(canonical_name(n) == n.removeprefix("model.") for n in sharded.state_dict())
+    # copies of an SP model (EMA, teacher) run their own SLA layers, sharded over the same groups
+    clone = copy.deepcopy(sharded.model).blocks[1].self_attn
+    assert clone.parallel.attention is clone.core and clone.parallel.groups is groups
+    assert clone.core is not sharded.model.blocks[1].self_attn.core
     got, got_loss = _grads(sharded, batch, groups)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
-    got = {canonical_name(n): g for n, g in got.items()}
     assert got.keys() == want.keys()
     for name, grad in got.items():
         dist.all_reduce(grad, group=groups.sp_group)  # what ZeRO does over SP (then it averages over DP)

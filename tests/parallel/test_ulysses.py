@@ -7,20 +7,30 @@ import copy
 import pytest
 import torch
 
-from sla_dist import predict_block_map
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 
 from dist_utils import check_matches_single_process, device_params, make_sla, run_distributed
 
 
 def _check_block_maps(device: torch.device, world: int, heads: int, seq_len: int) -> None:
-    """The q/k each rank's SLA sees are exactly the full-sequence q/k of its heads, so its block maps are too."""
+    """The block map each rank's SLA computes is the single-process layer's block map of the rank's heads, and the
+    q/k/v it sees are exactly the full-sequence q/k/v of those heads (padding never reaches it)."""
     groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=world))
     attn = make_sla(64, device, seed=3, topk=0.2, negligible=0.1)
-    seen = []
-    attn.register_forward_pre_hook(lambda module, args: seen.append(args))
     torch.manual_seed(4)
     q, k, v = (torch.randn(2, heads, seq_len, 64, device=device) for _ in range(3))
+    _, _, _, single = attn.branches(q, k, v)  # the single-process layer on the whole sequence and all heads
+
+    seen, used = [], []
+    attn.register_forward_pre_hook(lambda module, args: seen.append(args))
+    branches = attn.branches
+
+    def recording(*args):
+        result = branches(*args)
+        used.append(result[3])
+        return result
+
+    attn.branches = recording  # what SLA's forward calls: records the block map the rank really used
     shard = SequenceShard.for_group(seq_len, groups.sp_group)
     SequenceParallelSLA(attn, groups)(*(shard.split(x, 2) for x in (q, k, v)), seq_len=seq_len)
 
@@ -28,10 +38,10 @@ def _check_block_maps(device: torch.device, world: int, heads: int, seq_len: int
     (q_seen, k_seen, v_seen), = seen
     for got, want in ((q_seen, q), (k_seen, k), (v_seen, v)):
         assert torch.equal(got, want[:, mine]), "SLA must see the unpadded full sequence of this rank's heads"
-    settings = dict(topk=0.2, negligible=0.1, block_q=64, block_k=64)
-    got, want = predict_block_map(q_seen, k_seen, **settings), predict_block_map(q[:, mine], k[:, mine], **settings)
-    assert torch.equal(got.block_class, want.block_class)
-    assert torch.equal(got.kv_indices, want.kv_indices)
+    (block_map,) = used
+    assert (block_map.q_len, block_map.kv_len) == (single.q_len, single.kv_len) == (seq_len, seq_len)
+    assert torch.equal(block_map.block_class, single.block_class[:, mine])
+    assert torch.equal(block_map.kv_num_blocks, single.kv_num_blocks[:, mine])
 
 
 def _check_heads_error(device: torch.device, world: int) -> None:
@@ -48,6 +58,8 @@ def _check_deepcopy(device: torch.device) -> None:
     clone = copy.deepcopy(layer)
     assert clone.groups is layer.groups
     assert clone.attention.proj_l.weight.data_ptr() != layer.attention.proj_l.weight.data_ptr()
+    # the wrapper registers nothing: the SLA layer keeps its own (and its model's) parameter names
+    assert not isinstance(layer, torch.nn.Module)
     q, k, v = (torch.randn(1, 2, 128, 64, device=device) for _ in range(3))
     assert torch.equal(clone(q, k, v), layer(q, k, v))
 
