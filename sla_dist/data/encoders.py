@@ -8,7 +8,8 @@
   ``MT5EncoderModel``) and its tokenizer; the embedding of a caption is the last hidden state of its real tokens.
 
 Either path may also be the root of a diffusers pipeline directory (with ``vae/``, ``text_encoder/`` and
-``tokenizer/`` subfolders), e.g. a local copy of ``Wan2.1-T2V-1.3B-Diffusers``.
+``tokenizer/`` subfolders), e.g. a local copy of ``Wan2.1-T2V-1.3B-Diffusers``. Weights are read from safetensors
+only (``use_safetensors=True``): pickled ``*.bin`` checkpoints can run code when loaded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def model_dir(path: str | Path | None, subfolder: str, option: str, needs: str) 
             return candidate
     raise FileNotFoundError(f"{option} {str(path)!r} has no config.json (nor {subfolder}/config.json); it must be "
                             f"{needs}")
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def require_safetensors(directory: str | Path, what: str) -> None:
+    """Refuse a model directory without ``*.safetensors`` weights, naming it: ValueError if it holds only pickled
+    weights (``*.bin``: loading a pickle can execute code, so they are never read), FileNotFoundError if none."""
+    directory = Path(directory)
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in directory.glob(pattern))
+    if pickled:
+        raise ValueError(f"{what} {str(directory)!r} holds only pickled weights ({', '.join(pickled[:3])}), which "
+                         "are not loaded (unpickling can execute code); convert them to safetensors, e.g. "
+                         "from_pretrained + save_pretrained once where you trust the file")
+    raise FileNotFoundError(f"{what} {str(directory)!r} holds no weights (*.safetensors)")
 
 
 def missing_weights(vae: str | Path | None, text_encoder: str | Path | None) -> list[str]:
@@ -113,7 +131,8 @@ def load_vae(path: str | Path | None, device: str | torch.device = "cpu",
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None or not hasattr(cls, "encode"):
         raise ValueError(f"--vae {str(directory)!r}: _class_name={name!r} is not a diffusers autoencoder class")
-    model = cls.from_pretrained(str(directory), torch_dtype=dtype, local_files_only=True)
+    require_safetensors(directory, "--vae")
+    model = cls.from_pretrained(str(directory), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     model = model.to(device).eval().requires_grad_(False)
     conv_in = getattr(getattr(model, "encoder", None), "conv_in", None)
     image = type(conv_in) is nn.Conv2d  # 3D / causal convs subclass Conv3d or wrap one
@@ -176,7 +195,8 @@ def load_text_encoder(path: str | Path | None, tokenizer: str | Path | None = No
                                 f"--tokenizer DIR (got {None if tokenizer is None else str(tokenizer)!r})")
     tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     cls = getattr(transformers, TEXT_ENCODER_CLASSES[model_type])
-    model = cls.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
+    require_safetensors(directory, "--text-encoder")
+    model = cls.from_pretrained(str(directory), dtype=dtype, local_files_only=True, use_safetensors=True)
     model = model.to(device).eval().requires_grad_(False)
     info = {"path": str(directory), "tokenizer": str(tok_dir), "class": cls.__name__, "max_length": max_length,
             "dim": model.config.d_model}

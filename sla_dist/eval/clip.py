@@ -3,8 +3,9 @@
 ``CLIPScore`` takes a model name or a callable returning (model, processor). Two things stop the plain route here:
 a local directory is rejected unless its name contains "openai", and with transformers 5 ``get_image_features`` /
 ``get_text_features`` return output objects where torchmetrics 1.9 expects tensors. So :func:`local_clip` returns a
-callable that loads a CLIP directory (``CLIPModel`` + ``CLIPProcessor`` ``save_pretrained`` layout, read offline)
-and wraps the model in :class:`PooledCLIP`, whose feature methods return the projected pooled embeddings.
+callable that loads a CLIP directory (``CLIPModel`` + ``CLIPProcessor`` ``save_pretrained`` layout, read offline,
+weights from safetensors only: pickled ``*.bin`` weights can run code when loaded) and wraps the model in
+:class:`PooledCLIP`, whose feature methods return the projected pooled embeddings.
 
 Score: CLIPScore's 100 * cos(image, text), averaged over all frames of all videos (each frame paired with its
 video's prompt), clamped at 0 as CLIPScore does.
@@ -18,6 +19,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from ..data.encoders import PICKLED_WEIGHTS, require_safetensors
 
 
 def _pooled(output) -> torch.Tensor:
@@ -45,16 +48,17 @@ def local_clip(directory: str | Path) -> Callable[[], tuple[PooledCLIP, object]]
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"CLIP directory {str(directory)!r} does not exist")
-    has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+    has_weights = any(directory.glob("*.safetensors")) or any(directory.glob(p) for p in PICKLED_WEIGHTS)
     if not (directory / "config.json").is_file() or not has_weights:
         raise ValueError(f"CLIP directory {str(directory)!r} lacks config.json or weights (*.safetensors); save one "
                          "with CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+    require_safetensors(directory, "CLIP directory")
 
     @functools.cache  # one load however many checkpoints are scored
     def load() -> tuple[PooledCLIP, object]:
         from transformers import CLIPModel, CLIPProcessor
 
-        model = CLIPModel.from_pretrained(directory, local_files_only=True).eval()
+        model = CLIPModel.from_pretrained(directory, local_files_only=True, use_safetensors=True).eval()
         processor = CLIPProcessor.from_pretrained(directory, local_files_only=True)
         return PooledCLIP(model), processor
 

@@ -1,6 +1,7 @@
 """Loading encoders by local path: image VAEs fold frames, clip checks, normalisation, text trimming, bad paths."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -56,3 +57,17 @@ def test_bad_encoder_directories(tmp_path, pipeline_dir):
         load_text_encoder(tmp_path)
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_text_encoder(pipeline_dir / "text_encoder", tokenizer=tmp_path / "none")
+
+
+@pytest.mark.parametrize("sub,weights,option", [("vae", "diffusion_pytorch_model", "--vae"),
+                                                 ("text_encoder", "model", "--text-encoder")])
+def test_pickled_weights_are_refused(pipeline_dir, tmp_path, sub, weights, option):
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "pipeline"
+    shutil.copytree(pipeline_dir, copy)
+    torch.save(load_file(copy / sub / f"{weights}.safetensors"), copy / sub / f"{weights}.bin")
+    (copy / sub / f"{weights}.safetensors").unlink()
+    load = load_vae if sub == "vae" else load_text_encoder
+    with pytest.raises(ValueError, match=rf"{option} '.*{sub}' holds only pickled weights \({weights}.bin\)"):
+        load(copy)

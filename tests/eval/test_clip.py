@@ -50,3 +50,18 @@ def test_clip_errors(clip_dir, tmp_path):
         local_clip(tmp_path)
     with pytest.raises(ValueError, match="2 prompts for 3 videos"):
         clip_score(torch.rand(3, 3, 2, 8, 8), ["a", "b"], local_clip(clip_dir))
+
+
+def test_pickled_weights_are_refused(clip_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(clip_dir, pickled)
+    weights = pickled / "model.safetensors"
+    torch.save(load_file(weights), pickled / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"CLIP directory '.*pickled' holds only pickled weights "
+                                         r"\(pytorch_model.bin\)"):
+        local_clip(pickled)()
