@@ -63,3 +63,24 @@ def test_unknown_key_in_file(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="not key=value"):
         load_recipe(bad, ["trainer.max_steps"])
+
+
+def test_one_file_serves_train_and_preprocess(tmp_path):
+    from sla_dist.data.command import recipe_section
+
+    both = tmp_path / "both.yaml"
+    both.write_text("output_dir: runs/x\ndata:\n  kind: shards\n  shards_dir: data/latents\n"
+                    "preprocess:\n  videos: data/videos\n  captions: data/captions.json\n  out: data/latents\n"
+                    "  clip_shapes: [17x64x64, 17x64x96]\n  fps: 8\n")
+    recipe = load_recipe(both)
+    assert recipe.data.shards_dir == "data/latents" and recipe.preprocess.fps == 8.0
+    assert recipe.preprocess.clip_shapes == ["17x64x64", "17x64x96"] and recipe.preprocess.vae is None
+    assert recipe_section(str(both)) == {"videos": "data/videos", "captions": "data/captions.json",
+                                         "out": "data/latents", "clip_shapes": ["17x64x64", "17x64x96"], "fps": 8.0}
+    assert load_recipe(None).preprocess is None
+    both.write_text("output_dir: x\npreprocess:\n  fsp: 8\n")
+    with pytest.raises(ValueError, match="fsp"):
+        load_recipe(both)
+    both.write_text("output_dir: x\npreprocess:\n  shard_size: many\n")
+    with pytest.raises(ValueError, match="shard_size"):
+        load_recipe(both)

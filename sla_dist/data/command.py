@@ -47,18 +47,24 @@ def register(subparsers) -> None:
 
 
 def recipe_section(path: str) -> dict:
-    """The ``preprocess:`` section of a YAML recipe, checked against PreprocessConfig's fields."""
+    """The keys set in the ``preprocess:`` section of a YAML recipe (a training recipe may carry one; its other
+    sections are not read here), typed and checked by the recipe schema's PreprocessSection."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from sla_dist.data.preprocess import PreprocessConfig
+    from sla_dist.data.preprocess import PreprocessSection
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--recipe {path!r} does not exist")
     section = OmegaConf.to_container(OmegaConf.load(path)).get("preprocess") or {}
-    unknown = set(section) - {f.name for f in dataclasses.fields(PreprocessConfig)}
+    unknown = set(section) - {f.name for f in dataclasses.fields(PreprocessSection)}
     if unknown:
         raise ValueError(f"--recipe {path!r}: preprocess section has unknown keys {sorted(unknown)}")
-    return section
+    try:
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PreprocessSection), section))
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"--recipe {path!r}: preprocess section: {exc}") from exc
+    return typed.values()
 
 
 def rank_and_world(args: argparse.Namespace) -> tuple[int, int]:

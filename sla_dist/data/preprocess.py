@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -101,6 +102,33 @@ class PreprocessConfig:
         keep = ("captions", "vae", "text_encoder", "tokenizer", "clip_shapes", "fps", "clips_per_video",
                 "shard_size", "text_len", "save_dtype")
         return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class PreprocessSection:
+    """The ``preprocess:`` section of a recipe, as the recipe schema (OmegaConf, ``Optional`` / ``List`` types;
+    unknown keys rejected) types it: PreprocessConfig's fields, each optional (None: not set here; command-line
+    options fill in and override). So one YAML file serves ``sla-dist train`` and ``sla-dist preprocess --recipe``."""
+
+    videos: Optional[str] = None
+    captions: Optional[str] = None
+    out: Optional[str] = None
+    vae: Optional[str] = None
+    text_encoder: Optional[str] = None
+    tokenizer: Optional[str] = None
+    clip_shapes: Optional[List[str]] = None
+    fps: Optional[float] = None
+    clips_per_video: Optional[int] = None
+    shard_size: Optional[int] = None
+    text_len: Optional[int] = None
+    text_batch: Optional[int] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    save_dtype: Optional[str] = None
+
+    def values(self) -> dict:
+        """The keys set in the section, as PreprocessConfig keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass

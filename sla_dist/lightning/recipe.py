@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import SLAConfig
+from ..data.preprocess import PreprocessSection
 from ..models import DiTConfig, dit_config
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
@@ -289,6 +290,9 @@ class Recipe:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    preprocess: Optional[PreprocessSection] = None
+    """Options of ``sla-dist preprocess --recipe`` (PreprocessConfig's fields), unused by training: one file can
+    describe both the data preparation and the run."""
 
     def __post_init__(self) -> None:
         if not self.output_dir:

@@ -19,6 +19,18 @@ def test_recipe_section_and_unknown_keys(tmp_path):
         recipe_section(str(recipe))
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         recipe_section(str(tmp_path / "missing.yaml"))
+    recipe.write_text("preprocess:\n  shard_size: many\n")
+    with pytest.raises(ValueError, match="shard_size"):
+        recipe_section(str(recipe))
+
+
+def test_recipe_section_mirrors_preprocess_config():
+    import dataclasses
+
+    from sla_dist.data.preprocess import PreprocessConfig, PreprocessSection
+
+    names = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
+    assert names(PreprocessSection) == names(PreprocessConfig)
 
 
 def test_rank_from_options_then_environment(monkeypatch):
