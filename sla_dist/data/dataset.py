@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from sla_dist.data.shards import SampleRecord, load_index
+from sla_dist.kernels.block_map import num_blocks
 
 Bucket = tuple[int, int, int]
 MAX_OPEN_SHARDS = 32
@@ -172,7 +173,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         size = self.batch_size * self.world_size
         if self.drop_last:
             return sum(len(v) // size for v in self.buckets.values())
-        return sum(-(-len(v) // size) for v in self.buckets.values())
+        return sum(num_blocks(len(v), size) for v in self.buckets.values())
 
     def __iter__(self) -> Iterator[list[int]]:
         if self._next >= len(self):

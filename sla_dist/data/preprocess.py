@@ -22,6 +22,7 @@ from sla_dist.data.captions import caption_for, load_captions
 from sla_dist.data.shards import (ENCODERS_NAME, PLAN_NAME, EncodedSample, SampleRecord, build_index, read_json,
                                   shard_path, write_json, write_json_once, write_shard)
 from sla_dist.data.video import ClipShape, choose_shape, clip_starts, list_videos, probe, read_clip
+from sla_dist.kernels.block_map import num_blocks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -158,7 +159,7 @@ def run(config: PreprocessConfig, rank: int = 0, world_size: int = 1) -> Summary
     if not videos:
         raise ValueError(f"--videos {config.videos!r} lists no videos (suffixes looked for: mp4, webm, mkv, ...)")
     captions = load_captions(config.captions)
-    num_shards = -(-len(videos) // config.shard_size)
+    num_shards = num_blocks(len(videos), config.shard_size)
     plan = {"settings": config.settings(), "videos": videos, "num_shards": num_shards, "text_len": config.text_len}
     _write_or_check_plan(out, plan)
     summary = Summary(rank, world_size)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..data.encoders import PICKLED_WEIGHTS, require_safetensors
+from .videos import to_uint8
 
 
 def _pooled(output) -> torch.Tensor:
@@ -65,11 +66,6 @@ def local_clip(directory: str | Path) -> Callable[[], tuple[PooledCLIP, object]]
     return load
 
 
-def frames_uint8(video: torch.Tensor) -> torch.Tensor:
-    """[3, T, H, W] float in [0, 1] -> [T, 3, H, W] uint8 (CLIP processors rescale from 0..255 themselves)."""
-    return (video.clamp(0, 1) * 255).round().to(torch.uint8).transpose(0, 1)
-
-
 @torch.no_grad()
 def clip_score(videos: torch.Tensor, prompts: list[str], loader: Callable[[], tuple[nn.Module, object]]) -> float:
     """Mean per-frame CLIP score of videos [N, 3, T, H, W] in [0, 1] against ``prompts`` (one per video)."""
@@ -81,6 +77,6 @@ def clip_score(videos: torch.Tensor, prompts: list[str], loader: Callable[[], tu
         raise ValueError(f"{len(prompts)} prompts for {videos.shape[0]} videos; give one prompt per video")
     metric = CLIPScore(model_name_or_path=loader)
     for video, prompt in zip(videos, prompts):
-        frames = frames_uint8(video)
+        frames = to_uint8(video).transpose(0, 1)  # [T, 3, H, W] 0..255: CLIP processors rescale themselves
         metric.update(list(frames), [prompt] * frames.shape[0])
     return float(metric.compute())

@@ -53,7 +53,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def markdown(report: dict) -> str:
-    """report.md from the report dict (see command.py for its fields)."""
+    """report.md from the report dict (built by evaluate.py: ``evaluate`` and ``evaluate_checkpoint``)."""
     runs = report["checkpoints"]
     lines = ["# Evaluation report", "", f"Recipe(s): {', '.join(sorted({r['recipe'] for r in runs.values()}))}  ",
              f"Sampler: {report['sampler']}  ", f"FVD extractor: {report['fvd_extractor']}; reference: "

@@ -26,9 +26,15 @@ def has_mp4_writer() -> bool:
     return True
 
 
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """[3, T, H, W] float in [0, 1] -> [T, H, W, 3] uint8."""
-    return (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] (any shape) -> uint8 0..255 of the same shape: the one quantisation of eval's videos
+    (files, grids, CLIP frames); callers permute to the layout they need."""
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def frames_hwc(video: torch.Tensor) -> torch.Tensor:
+    """[3, T, H, W] float in [0, 1] -> [T, H, W, 3] uint8 (the layout of video files)."""
+    return to_uint8(video).permute(1, 2, 3, 0).contiguous()
 
 
 def from_uint8(frames: torch.Tensor) -> torch.Tensor:
@@ -53,7 +59,7 @@ def upscale(videos: torch.Tensor, min_side: int) -> torch.Tensor:
 
 def write_tensor_video(video: torch.Tensor, path: str | Path) -> None:
     """Save [3, T, H, W] in [0, 1] exactly as ``video`` uint8 [T, H, W, 3] in a safetensors file."""
-    save_file({"video": to_uint8(video)}, str(path))
+    save_file({"video": frames_hwc(video)}, str(path))
 
 
 def write_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> None:
@@ -62,7 +68,7 @@ def write_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> None:
         import av
     except ImportError as exc:
         raise ImportError("writing mp4 needs PyAV: pip install av") from exc
-    frames = to_uint8(video).numpy()
+    frames = frames_hwc(video).numpy()
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -127,5 +133,5 @@ def write_grid(videos: torch.Tensor, path: str | Path, max_frames: int = 8, pad:
         for j, f in enumerate(picks.tolist()):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[:, y:y + h, x:x + w] = videos[i, :, f]
-    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    pixels = to_uint8(canvas).permute(1, 2, 0).contiguous().numpy()
     Image.fromarray(pixels).save(str(path))

@@ -1,6 +1,7 @@
 """LatentShardDataset, collate_latents and BucketBatchSampler: contents, one bucket per batch, rank splits, resume."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,11 @@ def test_seek_to_a_global_batch_count(dataset_dir):
     assert got == stream[done: done + n]
     with pytest.raises(ValueError, match="batches_done=-1"):
         sampler.seek(-1)
+
+
+def test_no_private_ceiling_division():
+    # ceiling division is sla_dist.kernels.block_map.num_blocks (or math.ceil), not a copy per module
+    import sla_dist.data
+
+    for path in Path(sla_dist.data.__file__).parent.glob("*.py"):
+        assert "-(-" not in path.read_text(), path.name

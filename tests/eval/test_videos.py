@@ -1,10 +1,14 @@
 """Video files: exact safetensors round trip, mp4 round trip (with PyAV), grids, reference-directory errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
-from sla_dist.eval.videos import read_video, read_video_dir, upscale, write_grid, write_mp4, write_tensor_video
+import sla_dist.eval
+from sla_dist.eval.videos import (read_video, read_video_dir, to_uint8, upscale, write_grid, write_mp4,
+                                  write_tensor_video)
 
 
 def _video(t: int = 5, h: int = 16, w: int = 24) -> torch.Tensor:
@@ -51,3 +55,12 @@ def test_upscale_and_grid(tmp_path):
     assert big.shape[-2:] == (20, 28) and torch.equal(big[..., ::4, ::4], videos)
     write_grid(videos, tmp_path / "g.png", max_frames=4, pad=1)
     assert Image.open(tmp_path / "g.png").size == (4 * 8 + 1, 2 * 6 + 1)
+
+
+def test_one_uint8_quantisation_for_files_grids_and_clip():
+    pixels = torch.tensor([[-0.5, 0.0, 0.6 / 255, 0.3], [0.999, 1.0, 1.7, 0.5]])
+    assert torch.equal(to_uint8(pixels), torch.tensor([[0, 0, 1, 76], [255, 255, 255, 128]], dtype=torch.uint8))
+    assert to_uint8(torch.rand(3, 2, 4, 5)).shape == (3, 2, 4, 5)  # the layout is the caller's
+    # no other copy of the conversion in the eval package
+    sources = [p.read_text() for p in Path(sla_dist.eval.__file__).parent.glob("*.py")]
+    assert sum(src.count("* 255).round()") for src in sources) == 1
