@@ -47,16 +47,25 @@ def test_sla_layers_keep_their_trained_projection():
     assert [entry["sla"] for entry in result["layers"]] == [False, True]
 
 
-def test_dense_layers_are_probed_with_the_recipes_sla_settings():
+def test_dense_layers_are_probed_with_the_recipes_sla_settings(monkeypatch):
+    torch.manual_seed(0)  # a fixed model and batch: the error comparison below is not left to chance
     model, latents, text = _model_and_batch()
     sla = SLAConfig(block_q=128, feature_map="relu", linear_scope="all", negligible=0.2)
     probe = probe_layer(model.blocks[0].self_attn.core, model.config.head_dim, 0.5, sla)
     assert (probe.config.block_q, probe.config.feature_map, probe.config.linear_scope) == (128, "relu", "all")
     assert probe.config.topk == 0.5 and probe.config.negligible == 0.2
     assert not probe.proj_l.weight.any()
+    import sla_dist.eval.fidelity as fidelity
+
+    probes = []
+    original = fidelity.probe_layer
+    monkeypatch.setattr(fidelity, "probe_layer", lambda *args: probes.append(original(*args)) or probes[-1])
     config = FidelityConfig(sparsities=[0.5])
     trained = attention_fidelity(model, latents, text, config, sla=sla)
+    assert [(p.config.block_q, p.config.feature_map) for p in probes] == [(128, "relu")] * len(model.blocks)
+    probes.clear()
     default = attention_fidelity(model, latents, text, config)
+    assert [p.config.block_q for p in probes] == [SLAConfig().block_q] * len(model.blocks)
     assert trained["layers"][0]["error"] != default["layers"][0]["error"]  # 128-token query blocks pool otherwise
 
 
