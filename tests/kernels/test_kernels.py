@@ -29,7 +29,7 @@ def _valid(case) -> bool:
     return HAS_CUDA or case["L"] < 4000 or case["topk"] <= 0.05
 
 
-CASES = grid(AXES, cpu_size=14, on_gpu=HAS_CUDA, keep=_valid)
+CASES = grid(AXES, cpu_size=24, on_gpu=HAS_CUDA, keep=_valid)
 
 
 def _heads(case) -> int:
