@@ -4,13 +4,15 @@
 kernel wrapped in ``triton.autotune`` over warps x pipeline stages, keyed on the constexprs that change the code (not
 on sequence length, so a training run tunes once per layer shape, on its first real batch, never on zeros). Under
 TRITON_INTERPRET=1 autotuning does not run and warps/stages mean nothing, so the kernel gets one fixed setting.
-SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (first setting of each list), e.g. for test suites that compile
-hundreds of shape variants.
+SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (the ``fixed`` setting), e.g. for test suites that compile
+hundreds of shape variants. Tuning results are cached on disk (Triton's cache directory) where Triton supports it
+(3.4 and newer), so later runs and the other ranks of a node skip the search.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import os
 from dataclasses import dataclass
@@ -67,4 +69,5 @@ def get_kernel(name: str):
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
         return _Fixed(fn, *t.fixed, meta=t.metas()[0])
     configs = [triton.Config(m, num_warps=w, num_stages=st) for m in t.metas() for w in t.warps for st in t.stages]
-    return triton.autotune(configs=configs, key=list(t.key))(fn)
+    cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=list(t.key), **cache)(fn)
