@@ -89,27 +89,47 @@ def critical_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return count.contiguous(), order.to(torch.int32).contiguous()
 
 
-def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of the valid rows of each block of ``x`` [B, H, L, D] -> [B, H, ceil(L / block), D] in float32."""
+def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None) -> torch.Tensor:
+    """Sums of the rows of each block of ``x`` [B, H, L, D] in float64 -> [B, H, n_blocks, D]; blocks past the end
+    of ``x`` (a context-parallel rank pads to a fixed count) sum to zero.
+
+    Sums rather than means, in float64, so that a rank holding part of the sequence can gather them and reach the
+    same scores as one GPU holding all of it."""
     B, H, L, D = x.shape
-    full = L // block
-    # Sum in float32 without materialising an upcast copy; the partial tail block is summed on its own.
-    parts = [x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float32) / block]
-    if full * block != L:
-        parts.append(x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32) / (L - full * block))
+    n_blocks = num_blocks(L, block) if n_blocks is None else n_blocks
+    full = min(L // block, n_blocks)
+    # Reduce in float64 without materialising an upcast copy; a partial tail block is summed on its own.
+    parts = [x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float64)]
+    if full < n_blocks and full * block < L:
+        parts.append(x[:, :, full * block : (full + 1) * block].sum(2, keepdim=True, dtype=torch.float64))
+    missing = n_blocks - sum(p.shape[2] for p in parts)
+    if missing:
+        parts.append(x.new_zeros(B, H, missing, D, dtype=torch.float64))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
+def rows_per_block(length: int, block: int, n_blocks: int, device: torch.device) -> torch.Tensor:
+    """Valid rows of each of ``n_blocks`` blocks covering ``length`` rows, as a float64 column [n_blocks, 1]."""
+    starts = torch.arange(n_blocks, device=device, dtype=torch.float64) * block
+    return (length - starts).clamp(0, block)[:, None]
+
+
+def smooth_k_scores(q_sums: torch.Tensor, q_rows: torch.Tensor, k_sums: torch.Tensor, k_rows: torch.Tensor,
+                    kv_len: int) -> torch.Tensor:
+    """s_ij = qbar_i . kbar_j / sqrt(D) from block sums and row counts (see the module docstring), float32.
+
+    ``k_sums`` covers every key block, so the sequence mean of K is their total over ``kv_len``."""
+    qbar = q_sums / q_rows.clamp_min(1)
+    kbar = k_sums / k_rows.clamp_min(1) - k_sums.sum(2, keepdim=True) / kv_len
+    return (qbar @ kbar.transpose(-1, -2) / math.sqrt(q_sums.shape[-1])).float()
+
+
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
-    """s_ij = qbar_i . kbar_j / sqrt(D) with smooth-K pooling, float32 [B, H, Nq, Nk]."""
-    qbar = pool_blocks(q, block_q)
-    # Pooling is linear, so the pooled smooth-K is the pooled K minus the sequence mean of K.
-    kbar = pool_blocks(k, block_k)
-    # The sequence mean of K from its block means, weighted by the rows each block holds.
-    rows = torch.full((kbar.shape[2],), float(block_k), device=k.device)
-    rows[-1] = k.shape[2] - (kbar.shape[2] - 1) * block_k
-    kbar = kbar - (kbar * rows[:, None]).sum(2, keepdim=True) / k.shape[2]
-    return qbar @ kbar.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    """s_ij with smooth-K pooling of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D], float32 [B, H, Nq, Nk]."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    return smooth_k_scores(block_sums(q, block_q), rows_per_block(Lq, block_q, nq, q.device),
+                           block_sums(k, block_k), rows_per_block(Lk, block_k, nk, k.device), Lk)
 
 
 def _rank(scores: torch.Tensor, topk: float, negligible: float) -> tuple[torch.Tensor, torch.Tensor, int]:

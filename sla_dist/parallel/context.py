@@ -29,14 +29,22 @@ depends on it, so the backward collectives line up even on ranks whose chunk is 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..attention import SparseLinearAttention
-from ..kernels.block_map import CRITICAL, MARGINAL, build_block_map, classify, num_blocks
+from ..kernels.block_map import (
+    CRITICAL,
+    MARGINAL,
+    block_sums,
+    build_block_map,
+    classify,
+    num_blocks,
+    rows_per_block,
+    smooth_k_scores,
+)
 from ..kernels.op import check_inputs, sla_branches
 from ..kernels.reference import feature_map_ref, sla_branches_ref
 from .groups import group_rank, group_size
@@ -138,30 +146,18 @@ def context_parallel_sla(attention: SparseLinearAttention, q: torch.Tensor, k: t
     return pad_along(out, 2, layout.chunk).to(out_dtype)
 
 
-def _pooled_sums(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
-    """Per-block sums of the valid rows of ``x`` [B, h, n, D] in float64, zero-padded to ``n_blocks`` blocks."""
-    x = pad_along(x.double(), 2, n_blocks * block)
-    return x.view(*x.shape[:2], n_blocks, block, x.shape[-1]).sum(3)
-
-
-def _block_counts(valid: int, block: int, n_blocks: int, device: torch.device) -> torch.Tensor:
-    """Valid rows of each of ``n_blocks`` blocks covering ``valid`` rows, as a float64 column."""
-    starts = torch.arange(n_blocks, device=device, dtype=torch.float64) * block
-    return (valid - starts).clamp(0, block)[:, None]
-
-
 @torch.no_grad()
 def global_block_class(q_valid: torch.Tensor, k_valid: torch.Tensor, layout: ChunkLayout, topk: float,
                        negligible: float, group: dist.ProcessGroup | None) -> torch.Tensor:
     """int8 [B, h, nq_local, Nk]: the single-GPU classification of this rank's query blocks against every key
     block. Pooled sums are gathered raw and reduced in float64 in one fixed order, so every rank agrees."""
-    k_sums = _pooled_sums(k_valid, layout.block_k, layout.k_blocks_per_rank)
+    k_sums = block_sums(k_valid, layout.block_k, layout.k_blocks_per_rank)
     k_sums = all_gather_along(k_sums, 2, group)[:, :, : layout.nk]
-    k_mean = k_sums.sum(2, keepdim=True) / layout.seq_len
-    k_bar = k_sums / _block_counts(layout.seq_len, layout.block_k, layout.nk, k_sums.device) - k_mean
-    q_sums = _pooled_sums(q_valid, layout.block_q, layout.nq_local)
-    q_bar = q_sums / _block_counts(layout.n_valid, layout.block_q, layout.nq_local, q_sums.device)
-    scores = (q_bar @ k_bar.transpose(-1, -2) / math.sqrt(q_valid.shape[-1])).float()
+    q_sums = block_sums(q_valid, layout.block_q, layout.nq_local)
+    device = q_sums.device
+    scores = smooth_k_scores(q_sums, rows_per_block(layout.n_valid, layout.block_q, layout.nq_local, device),
+                             k_sums, rows_per_block(layout.seq_len, layout.block_k, layout.nk, device),
+                             layout.seq_len)
     return classify(scores, topk, negligible)
 
 

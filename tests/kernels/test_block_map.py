@@ -11,17 +11,21 @@ from sla_dist.kernels.block_map import (
     NEGLIGIBLE,
     block_counts,
     block_scores,
+    block_sums,
     critical_lists,
-    pool_blocks,
     predict_block_map,
+    rows_per_block,
 )
 
 
-def test_pool_blocks_averages_only_valid_rows():
+def test_block_sums_cover_valid_rows_and_pad_with_zeros():
     x = torch.randn(2, 3, 70, 8)
-    pooled = pool_blocks(x, 64)
-    torch.testing.assert_close(pooled[:, :, 0], x[:, :, :64].mean(2))
-    torch.testing.assert_close(pooled[:, :, 1], x[:, :, 64:].mean(2))  # 6 rows, not 64
+    sums = block_sums(x, 64, n_blocks=4)
+    assert sums.dtype == torch.float64 and sums.shape == (2, 3, 4, 8)
+    torch.testing.assert_close(sums[:, :, 0], x[:, :, :64].double().sum(2))
+    torch.testing.assert_close(sums[:, :, 1], x[:, :, 64:].double().sum(2))  # 6 rows, not 64
+    assert (sums[:, :, 2:] == 0).all()
+    assert rows_per_block(70, 64, 4, x.device).flatten().tolist() == [64, 6, 0, 0]
 
 
 def test_scores_use_smooth_k():
