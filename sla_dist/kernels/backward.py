@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
-from .tiles import block_item, head_offset, listed_rows, row_tile, square
+from .tiles import block_item, head_offset, listed_rows, query_rows, row_tile, square
 
 
 @triton.jit
@@ -65,12 +65,7 @@ def _bwd_dq_kernel(
     kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < LQ
-    tile = row_tile(q_base, offs_m, stride_ql, offs_d)
-    q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+    tile, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_base, bh, offs_m, stride_ql, offs_d, LQ)
 
     dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
@@ -144,12 +139,7 @@ def _bwd_dkdv_kernel(
         # A query block may be taken in Q_SPLIT row slices (smaller tiles, fewer live registers): autotuned.
         for part in tl.static_range(Q_SPLIT):
             offs_m = i * BLOCK_Q + part * (BLOCK_Q // Q_SPLIT) + offs_m0
-            row_ok = offs_m < LQ
-            tile = row_tile(q_base, offs_m, stride_ql, offs_d)
-            q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+            _, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_base, bh, offs_m, stride_ql, offs_d, LQ)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)

@@ -43,3 +43,17 @@ def listed_rows(IDX, first, count, LK, BLOCK_K: tl.constexpr, BLOCKS_PER_ITER: t
     block = tl.load(IDX + position, mask=listed, other=0)
     rows = block * BLOCK_K + offs % BLOCK_K
     return rows, listed & (rows < LK)
+
+
+@triton.jit
+def query_rows(Q, DO, LSE, DELTA, q_head, bh, rows, stride_ql, offs_d, LQ):
+    """What the backward needs of some query rows: (their tile offsets, which rows are < LQ, q, dO, lse, delta);
+    rows past LQ read as 0."""
+    row_ok = rows < LQ
+    tile = row_tile(q_head, rows, stride_ql, offs_d)
+    q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+    per_row = bh.to(tl.int64) * LQ + rows
+    lse = tl.load(LSE + per_row, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + per_row, mask=row_ok, other=0.0)
+    return tile, row_ok, q, do, lse, delta
