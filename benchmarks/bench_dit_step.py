@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from results_io import save_results
 from sla_dist import SLAConfig, SparseLinearAttention
 from sla_dist.kernels.block_map import block_counts, num_blocks
 from sla_dist.models import VideoDiT, apply_sla
@@ -275,21 +275,15 @@ def main() -> None:
             for variant in args.variants:
                 results.append(run_one(model_name, variant, shape, args, device, dtype))
 
-    stamp = time.strftime("%Y-%m-%d")
-    slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = args.out or Path("benchmarks/results") / f"{stamp}-dit-step-{slug}{'-tiny' if args.tiny else ''}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=card, date=stamp, torch=torch.__version__, shape=asdict(shape), tokens=shape.tokens,
-                dtype=str(dtype), sla=asdict(args.sla), dense_backend=args.dense_backend, compile=args.compile,
-                warmup=args.warmup, iters=args.iters, peak_flops=args.peak)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    meta = dict(shape=asdict(shape), tokens=shape.tokens, dtype=str(dtype), sla=asdict(args.sla),
+                dense_backend=args.dense_backend, compile=args.compile, warmup=args.warmup, iters=args.iters,
+                peak_flops=args.peak)
     text = table(results)
-    out.with_suffix(".md").write_text(
-        f"# DiT step: dense vs SLA ({card}, {stamp})\n\n{shape.tokens} tokens, {shape.layers} layers, dim "
-        f"{shape.dim}, {dtype}; SLA {asdict(args.sla)}; dense SDPA backend {args.dense_backend}; training step = "
-        f"forward + backward with per-block checkpointing; median of {args.iters}. MFU: analytic matmul FLOPs "
-        f"(training = 3 x forward) over peak {args.peak}.\n\n{text}\n")
-    print(f"wrote {out.with_suffix('.json')} and .md\n")
+    save_results("dit-step", card, meta, results, "DiT step: dense vs SLA",
+                 f"{shape.tokens} tokens, {shape.layers} layers, dim {shape.dim}, {dtype}; SLA {asdict(args.sla)}; "
+                 f"dense SDPA backend {args.dense_backend}; training step = forward + backward with per-block "
+                 f"checkpointing; median of {args.iters}. MFU: analytic matmul FLOPs (training = 3 x forward) over "
+                 f"peak {args.peak}.", text, out=args.out, tiny=args.tiny)
     print(text)
 
 

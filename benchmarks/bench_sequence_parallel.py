@@ -22,7 +22,6 @@ on CPU it skips DeepSpeed's shared-memory op build, which would otherwise take m
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import time
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from results_io import save_results
 from sla_dist import SparseLinearAttention
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 from sla_dist.parallel.context import ChunkLayout, FetchPlan, global_block_class
@@ -273,19 +273,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"P={world} done", flush=True)
     add_efficiency(rows)
 
-    stamp = time.strftime("%Y-%m-%d")
-    slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = args.out or Path("benchmarks/results") / f"{stamp}-sequence-parallel-{slug}{'-tiny' if args.tiny else ''}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=card, date=stamp, torch=torch.__version__, config=asdict(config), dtype=str(config.dtype))
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     text = table(rows)
-    out.with_suffix(".md").write_text(
-        f"# Sequence-parallel SLA ({card}, {stamp})\n\nOne SLA layer, {config.seq_len} tokens, D {config.head_dim}, "
-        f"{config.dtype}, {asdict(config)}. Times: median over {config.iters} iterations of the slowest rank. "
-        f"Bytes: forward, received per rank (slowest rank); 'dense ring' is what passing every kv chunk around "
-        f"would move.\n\n{text}\n")
-    print(f"wrote {out.with_suffix('.json')} and .md\n")
+    save_results("sequence-parallel", card, dict(config=asdict(config), dtype=str(config.dtype)), rows,
+                 "Sequence-parallel SLA",
+                 f"One SLA layer, {config.seq_len} tokens, D {config.head_dim}, {config.dtype}, {asdict(config)}. "
+                 f"Times: median over {config.iters} iterations of the slowest rank. Bytes: forward, received per "
+                 f"rank (slowest rank); 'dense ring' is what passing every kv chunk around would move.", text,
+                 out=args.out, tiny=args.tiny)
     print(text)
 
 
