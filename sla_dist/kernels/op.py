@@ -15,12 +15,11 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..config import FEATURE_MAPS
-from .block_map import MARGINAL, BlockMap
-from .reference import project_branches
+from .block_map import MARGINAL, BlockMap, critical_lists, num_blocks
 from .configs import get_kernel
+from .reference import project_branches
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (32, 64, 128)
@@ -59,11 +58,11 @@ class _Problem:
 
     @property
     def nq(self) -> int:
-        return triton.cdiv(self.Lq, self.block_q)
+        return num_blocks(self.Lq, self.block_q)
 
     @property
     def nk(self) -> int:
-        return triton.cdiv(self.Lk, self.block_k)
+        return num_blocks(self.Lk, self.block_k)
 
     @property
     def bh(self) -> int:
@@ -117,26 +116,23 @@ def _problem(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, featu
                     summary_dtype=torch.float32 if exact or _interpreting() else torch.bfloat16)
 
 
-def _scatter_to_query_blocks(per_key_block: torch.Tensor, block_class: torch.Tensor, scope: str) -> torch.Tensor:
-    """sum_j M_ij x_j for M_ij = [j is in query block i's linear scope]; x is [BH, Nk, F] -> [BH, Nq or 1, F].
-
-    A product with the 0/1 matrix M runs on tensor cores and accumulates in float32; for scope 'all' every query
-    block shares one total, returned with a broadcastable size-1 dimension."""
-    if scope == "all":
-        return per_key_block.sum(1, keepdim=True)
-    marginal = (block_class == MARGINAL).flatten(0, 1).to(per_key_block.dtype)
-    return marginal @ per_key_block
+def _marginal_matrix(block_class: torch.Tensor, scope: str) -> torch.Tensor | None:
+    """M [BH, Nq, Nk], M_ij = [key block j is in query block i's linear scope]; None for scope 'all', where every
+    query block shares one total. Built once per pass and used for every sum below."""
+    return None if scope == "all" else (block_class == MARGINAL).flatten(0, 1)
 
 
-def _gather_to_key_blocks(per_query_block: torch.Tensor, block_class: torch.Tensor, scope: str) -> torch.Tensor:
-    """Transpose of :func:`_scatter_to_query_blocks`: [BH, Nq, F] -> [BH, Nk or 1, F]."""
-    if scope == "all":
-        return per_query_block.sum(1, keepdim=True)
-    marginal = (block_class == MARGINAL).flatten(0, 1).to(per_query_block.dtype)
-    return marginal.transpose(1, 2) @ per_query_block
+def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: bool = False) -> torch.Tensor:
+    """sum_j M_ij x_j: [BH, Nk, F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
+    [BH, Nk or 1, F]. A product with the 0/1 matrix runs on tensor cores and accumulates in float32; a broadcast
+    total keeps a size-1 block dimension."""
+    if marginal is None:
+        return x.sum(1, keepdim=True)
+    m = marginal.to(x.dtype)
+    return (m.transpose(1, 2) if transpose else m) @ x
 
 
-def _linear_totals(k: torch.Tensor, v: torch.Tensor, block_class: torch.Tensor, p: _Problem, scope: str):
+def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: _Problem):
     """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
     hs = _new((p.bh, p.nk, p.D, p.D), k, p.summary_dtype)
     zs = _new((p.bh, p.nk, p.D), k, torch.float32)
@@ -144,8 +140,8 @@ def _linear_totals(k: torch.Tensor, v: torch.Tensor, block_class: torch.Tensor, 
         k, v, hs, zs, *p.kv_strides, p.H, p.Lk, p.nk,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
     )
-    hl = _scatter_to_query_blocks(hs.view(p.bh, p.nk, p.D * p.D), block_class, scope)
-    zl = _scatter_to_query_blocks(zs, block_class, scope)
+    hl = _sum_over_scope(hs.view(p.bh, p.nk, p.D * p.D), marginal)
+    zl = _sum_over_scope(zs, marginal)
     return hl.view(p.bh, -1, p.D, p.D), zl
 
 
@@ -170,7 +166,7 @@ def sla_forward(
     o_l = _like(q) if has_linear else torch.zeros_like(q)
     lse = _new((p.B, p.H, p.Lq), q, torch.float32)
     if has_linear:
-        hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
+        hl, zl = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope), p)
     else:  # never read: HAS_LINEAR=False compiles the branch away
         hl = zl = lse.view(p.bh, 1, -1)
     get_kernel("fwd")[(p.nq, p.bh)](
@@ -196,8 +192,6 @@ def sla_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
     (``dlse``); None stands for a zero gradient."""
-    from .block_map import critical_lists
-
     has_linear = linear_scope != "none" and dol is not None
     q, o, do, dol_ = _kernel_layout(q, o, do, dol if has_linear else do)
     k, v = _kernel_layout(k, v)
@@ -212,7 +206,8 @@ def sla_backward(
 
     dq, dk, dv = _like(q), _like(k), _like(v)
     if has_linear:
-        hl, zl = _linear_totals(k, v, block_class, p, linear_scope)
+        marginal = _marginal_matrix(block_class, linear_scope)
+        hl, zl = _linear_totals(k, v, marginal, p)
         dhl = _new((p.bh, p.nq, p.D, p.D), q, p.summary_dtype)
         dzl = _new((p.bh, p.nq, p.D), q, torch.float32)
     else:  # never read
@@ -225,8 +220,8 @@ def sla_backward(
     )
 
     if has_linear:
-        dhs = _gather_to_key_blocks(dhl.view(p.bh, p.nq, p.D * p.D), block_class, linear_scope)
-        dzs = _gather_to_key_blocks(dzl, block_class, linear_scope)
+        dhs = _sum_over_scope(dhl.view(p.bh, p.nq, p.D * p.D), marginal, transpose=True)
+        dzs = _sum_over_scope(dzl, marginal, transpose=True)
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
     q_num_blocks, q_indices = critical_lists(block_class.transpose(-1, -2))
@@ -295,7 +290,7 @@ def check_block_map(q: torch.Tensor, k: torch.Tensor, block_map: BlockMap) -> No
     """The block map must have been built for these lengths and block sizes."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    expected = (B, H, triton.cdiv(Lq, block_map.block_q), triton.cdiv(Lk, block_map.block_k))
+    expected = (B, H, num_blocks(Lq, block_map.block_q), num_blocks(Lk, block_map.block_k))
     if (block_map.q_len, block_map.kv_len) != (Lq, Lk) or tuple(block_map.block_class.shape) != expected:
         raise ValueError(f"block map of shape {tuple(block_map.block_class.shape)} for lengths "
                          f"({block_map.q_len}, {block_map.kv_len}) does not fit q {tuple(q.shape)} and k "
