@@ -68,7 +68,7 @@ class BlockMap:
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_num_blocks [B, H, Nk] int32, q_indices [B, H, Nk, Nq] int32): the query blocks that chose each key
         block, ascending. Built on demand (the backward needs it) so that it is never saved between passes."""
-        return critical_lists(self.block_class.transpose(-1, -2))
+        return transposed_lists(self.block_class)
 
     def critical_fraction(self) -> float:
         """Realised fraction of (query block, key block) pairs computed by the sparse branch."""
@@ -87,6 +87,11 @@ def critical_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     # A stable sort of "not critical" puts the critical columns first, in ascending order.
     order = torch.sort((~critical).to(torch.uint8), dim=-1, stable=True).indices
     return count.contiguous(), order.to(torch.int32).contiguous()
+
+
+def transposed_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_num_blocks [..., Nk], q_indices [..., Nk, Nq]): for each key block, the query blocks that chose it."""
+    return critical_lists(block_class.transpose(-1, -2))
 
 
 def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import FEATURE_MAPS
-from .block_map import MARGINAL, BlockMap, critical_lists, num_blocks
+from .block_map import MARGINAL, BlockMap, num_blocks, transposed_lists
 from .configs import get_kernel
 from .reference import project_branches
 
@@ -224,7 +224,7 @@ def sla_backward(
         dzs = _sum_over_scope(dzl, marginal, transpose=True)
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
-    q_num_blocks, q_indices = critical_lists(block_class.transpose(-1, -2))
+    q_num_blocks, q_indices = transposed_lists(block_class)
     get_kernel("dkdv")[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
         *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
