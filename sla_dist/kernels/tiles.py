@@ -36,13 +36,20 @@ def listed_rows(IDX, first, count, LK, BLOCK_K: tl.constexpr, BLOCKS_PER_ITER: t
     """Rows of the key blocks at list positions first .. first + BLOCKS_PER_ITER - 1 of a list of ``count`` block
     indices at IDX, as one [BLOCKS_PER_ITER * BLOCK_K] tile, and which rows are real (listed and < LK).
 
-    Taking two 64-row blocks per iteration gives the matrix units 128-wide tiles, as a 128-row block would."""
-    offs = tl.arange(0, BLOCKS_PER_ITER * BLOCK_K)
-    position = first + offs // BLOCK_K
-    listed = position < count
-    block = tl.load(IDX + position, mask=listed, other=0)
-    rows = block * BLOCK_K + offs % BLOCK_K
-    return rows, listed & (rows < LK)
+    Taking two 64-row blocks per iteration gives the matrix units 128-wide tiles, as a 128-row block would. One block
+    per step loads its index as a scalar, so the compiler sees the rows as one contiguous run and vectorises the
+    key/value loads; a gathered index per row hides that."""
+    if BLOCKS_PER_ITER == 1:
+        rows = tl.load(IDX + first) * BLOCK_K + tl.arange(0, BLOCK_K)
+        real = rows < LK
+    else:
+        offs = tl.arange(0, BLOCKS_PER_ITER * BLOCK_K)
+        position = first + offs // BLOCK_K
+        listed = position < count
+        block = tl.load(IDX + position, mask=listed, other=0)
+        rows = block * BLOCK_K + offs % BLOCK_K
+        real = listed & (rows < LK)
+    return rows, real
 
 
 @triton.jit
