@@ -1,0 +1,196 @@
+"""Compile the SLA kernels ahead of time for a GPU architecture, on any machine (no GPU needed).
+
+Triton's compiler is a library: :func:`compile_variant` lowers one kernel variant through Triton IR to PTX and a cubin
+for a target such as Hopper (``sm_90``), with the alignment hints a real launch gets (16-byte aligned pointers and
+strides that are multiples of 16 elements), and reads back what the assembler decided: registers per thread, bytes
+spilled to local memory, shared memory, and whether the dots became Hopper ``wgmma`` instructions. The test suite
+uses it to check on a CPU-only machine that every tile shape the autotuner may pick compiles for Hopper, and
+``benchmarks/compile_report.py`` tabulates it over all autotune candidates. These are static facts about the code,
+not timings.
+
+The kernel modules must be imported without ``TRITON_INTERPRET=1`` (the interpreter replaces them with Python
+functions that cannot be compiled); ``python -m sla_dist.kernels.aot`` runs a check in a clean process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+from ..config import FEATURE_MAPS
+from .configs import _KERNELS
+
+DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+# Pointer arguments by role: "x" the input dtype, "sum" the linear-branch [D, D] summaries (bfloat16 for half
+# inputs, float32 for float32 inputs; see op._problem), "f32" / "i32" fixed. Other non-constexpr arguments are
+# int32 scalars, except the float scales.
+_POINTERS = {
+    "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", KV_NUM="i32", KV_IDX="i32", HL="sum", ZL="f32"),
+    "summaries": dict(K="x", V="x", HS="sum", ZS="f32"),
+    "delta": dict(O="x", DO="x", DLSE="f32", DELTA="f32"),
+    "dq": dict(Q="x", K="x", V="x", DO="x", DOL="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32",
+               HL="sum", ZL="f32", DHL="sum", DZL="f32"),
+    "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
+                 DHS="sum", DZS="f32"),
+}
+_FLOATS = {"qk_scale", "sm_scale"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled specialisation of one kernel."""
+
+    kernel: str
+    """Key of the tuning table in configs.py: fwd, summaries, delta, dq, dkdv."""
+    dtype: str = "bfloat16"
+    D: int = 128
+    block_q: int = 128
+    block_k: int = 64
+    feature_map: str = "softmax"
+    has_linear: bool = True
+    num_warps: int | None = None
+    """None: the kernel's fixed (non-autotuned) setting."""
+    num_stages: int | None = None
+    choices: dict[str, int] = field(default_factory=dict)
+    """Tile-shape constexprs (KV_BLOCKS_PER_ITER, Q_SPLIT); missing ones take their first option."""
+
+    def __post_init__(self) -> None:
+        if self.kernel not in _KERNELS:
+            raise ValueError(f"kernel={self.kernel!r}; choose one of {sorted(_KERNELS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={self.feature_map!r}; choose one of {FEATURE_MAPS}")
+        known = {name for name, _ in _KERNELS[self.kernel].choices}
+        if set(self.choices) - known:
+            raise ValueError(f"choices {sorted(set(self.choices) - known)} do not apply to {self.kernel}; "
+                             f"it takes {sorted(known)}")
+
+    def constexprs(self) -> dict:
+        values = dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k,
+                      FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
+                      PRECISION="ieee" if self.dtype == "float32" else "tf32", HAS_DLSE=True)
+        values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
+        values.update(self.choices)
+        return values
+
+    def launch(self) -> tuple[int, int]:
+        fixed = _KERNELS[self.kernel].fixed
+        return self.num_warps or fixed[0], self.num_stages or fixed[1]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What the assembler made of one variant."""
+
+    variant: Variant
+    registers: int
+    spill_bytes: int
+    """Per-thread stack frame (spilled registers); 0 when everything fits in registers."""
+    shared_bytes: int
+    wgmma: int
+    """Hopper warp-group MMA instructions in the PTX (0: the dots use older mma or FMA)."""
+
+
+def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
+    x = DTYPES[variant.dtype]
+    roles = dict(x=x, sum="fp32" if variant.dtype == "float32" else "bf16", f32="fp32", i32="i32")
+    pointers = _POINTERS[variant.kernel]
+    names = fn.arg_names
+    constexprs = {name: value for name, value in variant.constexprs().items() if name in names}
+    signature = {}
+    for name in names:
+        if name in pointers:
+            signature[name] = "*" + roles[pointers[name]]
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "fp32" if name in _FLOATS else "i32"
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+               if name in pointers or name.startswith("stride")}
+    return signature, constexprs, aligned
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out.stdout)}
+
+
+def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
+    """Compile ``variant`` for ``sm_<arch>`` and report registers, spills, shared memory and wgmma use."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("TRITON_INTERPRET=1 turns the kernels into Python functions; compile in a process "
+                           "without it (python -m sla_dist.kernels.aot)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tuning = _KERNELS[variant.kernel]
+    module = __import__(f"{__package__}.{tuning.module}", fromlist=[tuning.function])
+    fn = getattr(module, tuning.function)
+    signature, constexprs, aligned = _signature(fn, variant)
+    warps, stages = variant.launch()
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=aligned),
+                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    usage = _resources(kernel.asm["cubin"])
+    return Compiled(variant, registers=usage.get("REG", 0), spill_bytes=usage.get("STACK", 0),
+                    shared_bytes=int(kernel.metadata.shared), wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
+
+
+def check_variants() -> list[Variant]:
+    """Every tile-shape option of every kernel at the headline shape, plus other dtypes, head dims, block sizes
+    and feature maps (each value at least once)."""
+    variants = []
+    for name, tuning in _KERNELS.items():
+        variants.append(Variant(name))
+        for choice, options in tuning.choices:
+            variants += [Variant(name, choices={choice: option}) for option in options[1:]]
+        variants.append(Variant(name, dtype="float16", D=64, block_q=64, feature_map="elu", has_linear=False))
+        variants.append(Variant(name, dtype="float32", D=32, block_q=64, feature_map="relu"))
+    return variants
+
+
+def run_in_clean_process(variants: list[Variant], arch: int = 90) -> list[dict]:
+    """compile_variant for each variant in a child process without TRITON_INTERPRET; the results as dicts."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    payload = json.dumps({"arch": arch, "variants": [asdict(v) for v in variants]})
+    out = subprocess.run([sys.executable, "-m", __name__, "--json"], input=payload, capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"compiling for sm_{arch} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile the SLA kernels for a GPU architecture without a GPU.")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
+    parser.add_argument("--json", action="store_true", help="read {arch, variants} on stdin, write results")
+    args = parser.parse_args(argv)
+    if args.json:
+        request = json.load(sys.stdin)
+        results = [compile_variant(Variant(**v), request["arch"]) for v in request["variants"]]
+        json.dump([asdict(r) for r in results], sys.stdout)
+        return 0
+    for result in map(lambda v: compile_variant(v, args.arch), check_variants()):
+        v = result.variant
+        print(f"{v.kernel:9} {v.dtype:8} D{v.D:<3} BQ{v.block_q:<3} {v.feature_map:7} linear={v.has_linear!s:5} "
+              f"{v.choices or ''} -> {result.registers} regs, {result.spill_bytes} B spilled, "
+              f"{result.shared_bytes // 1024} KiB shared, {result.wgmma} wgmma")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Every kernel, and every tile shape the autotuner may choose, compiles for Hopper (sm_90) with its dots on
+warp-group tensor cores: checked on any machine through Triton's ahead-of-time compiler (sla_dist.kernels.aot),
+in a child process without the interpreter."""
+
+import os
+
+import pytest
+import triton
+
+from sla_dist.kernels.aot import Variant, check_variants, run_in_clean_process
+
+_PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton has no NVIDIA assembler")
+def test_every_variant_compiles_for_hopper():
+    variants = check_variants()
+    results = run_in_clean_process(variants, arch=90)
+    assert [r["variant"]["kernel"] for r in results] == [v.kernel for v in variants]
+    for r in results:
+        v = r["variant"]
+        assert 0 < r["registers"] <= 255, r
+        if v["dtype"] != "float32" and v["kernel"] != "delta":  # half-precision dots -> Hopper wgmma
+            assert r["wgmma"] > 0, r
+    choices = {(r["variant"]["kernel"], tuple(r["variant"]["choices"].items())) for r in results}
+    assert ("fwd", (("KV_BLOCKS_PER_ITER", 2),)) in choices and ("dkdv", (("Q_SPLIT", 2),)) in choices
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(kernel="fwdd"), "kernel='fwdd'"),
+    (dict(kernel="fwd", dtype="float64"), "dtype='float64'"),
+    (dict(kernel="fwd", feature_map="tanh"), "feature_map='tanh'"),
+    (dict(kernel="dkdv", choices={"KV_BLOCKS_PER_ITER": 2}), "KV_BLOCKS_PER_ITER"),
+])
+def test_variant_names_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Variant(**bad)
