@@ -29,12 +29,8 @@ HOPPER_SHARED_KIB = 228
 
 
 def candidates(kernel: str, **shape) -> list[Variant]:
-    t = _KERNELS[kernel]
-    out = []
-    for meta in t.metas():
-        for warps, stages in itertools.product(t.warps, t.stages):
-            out.append(Variant(kernel, num_warps=warps, num_stages=stages, choices=meta, **shape))
-    return out
+    return [Variant(kernel, num_warps=warps, num_stages=stages, choices=meta, **shape)
+            for meta, warps, stages in _KERNELS[kernel].candidates()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,13 +23,16 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ..config import FEATURE_MAPS
 from .configs import _KERNELS
+from .op import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
-# Pointer arguments by role: "x" the input dtype, "sum" the linear-branch [D, D] summaries (bfloat16 for half
-# inputs, float32 for float32 inputs; see op._problem), "f32" / "i32" fixed. Other non-constexpr arguments are
+# Pointer arguments by role: "x" the input dtype, "sum" the linear-branch [D, D] summaries (op.summary_dtype, as on a
+# GPU), "f32" / "i32" fixed. Other non-constexpr arguments are
 # int32 scalars, except the float scales.
 _POINTERS = {
     "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", KV_NUM="i32", KV_IDX="i32", HL="sum", ZL="f32"),
@@ -76,7 +79,7 @@ class Variant:
     def constexprs(self) -> dict:
         values = dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k,
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
-                      PRECISION="ieee" if self.dtype == "float32" else "tf32", HAS_DLSE=True)
+                      PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         return values
@@ -100,8 +103,8 @@ class Compiled:
 
 
 def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
-    x = DTYPES[variant.dtype]
-    roles = dict(x=x, sum="fp32" if variant.dtype == "float32" else "bf16", f32="fp32", i32="i32")
+    summaries = str(summary_dtype(getattr(torch, variant.dtype), interpreting=False)).removeprefix("torch.")
+    roles = dict(x=DTYPES[variant.dtype], sum=DTYPES[summaries], f32="fp32", i32="i32")
     pointers = _POINTERS[variant.kernel]
     names = fn.arg_names
     constexprs = {name: value for name, value in variant.constexprs().items() if name in names}
@@ -118,10 +121,15 @@ def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
     return signature, constexprs, aligned
 
 
-def _resources(cubin: bytes) -> dict[str, int]:
+def nvidia_tool(name: str) -> str:
+    """Path of one of the NVIDIA binaries (ptxas, cuobjdump) that Triton's wheel carries."""
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    tool = nvidia_tool("cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()

@@ -37,6 +37,10 @@ class _Tuning:
         names = [name for name, _ in self.choices]
         return [dict(zip(names, combo)) for combo in itertools.product(*(opts for _, opts in self.choices))]
 
+    def candidates(self) -> list[tuple[dict, int, int]]:
+        """Every autotune candidate as (tile-shape constexprs, warps, stages)."""
+        return [(m, w, st) for m in self.metas() for w in self.warps for st in self.stages]
+
 
 _CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
 _KERNELS = {
@@ -68,6 +72,6 @@ def get_kernel(name: str):
     fn = getattr(__import__(f"{__package__}.{t.module}", fromlist=[t.function]), t.function)
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
         return _Fixed(fn, *t.fixed, meta=t.metas()[0])
-    configs = [triton.Config(m, num_warps=w, num_stages=st) for m in t.metas() for w in t.warps for st in t.stages]
+    configs = [triton.Config(m, num_warps=w, num_stages=st) for m, w, st in t.candidates()]
     cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=list(t.key), **cache)(fn)

@@ -102,18 +102,25 @@ def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torc
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' PRECISION for inputs of ``dtype``: float32 inputs get exact float32 products (the interpreter
+    tests compare them with float64)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def summary_dtype(dtype: torch.dtype, interpreting: bool) -> torch.dtype:
+    """Dtype of the linear branch's [D, D] summaries, the largest buffers: for half inputs bfloat16 (range of
+    float32, rounding of the inputs) so their sums run on bf16 tensor cores. The interpreter computes bfloat16 dots
+    wrongly (triton-lang/triton#11584): float32 there."""
+    return torch.float32 if dtype == torch.float32 or interpreting else torch.bfloat16
+
+
 def _problem(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, feature_map: str,
              has_linear: bool) -> _Problem:
     B, H, Lq, D = q.shape
-    exact = q.dtype == torch.float32
     return _Problem(B, H, Lq, k.shape[2], D, block_q, block_k, tuple(q.stride()[:3]), tuple(k.stride()[:3]),
-                    FEATURE_MAPS.index(feature_map), has_linear,
-                    # float32 inputs get exact float32 products (the interpreter tests compare them with float64)
-                    precision="ieee" if exact else "tf32",
-                    # The linear branch's [D, D] summaries are the largest buffers; for half inputs they are kept in
-                    # bfloat16 (range of float32, rounding of the inputs) so their sums run on bf16 tensor cores.
-                    # The interpreter computes bfloat16 dots wrongly (triton-lang/triton#11584): float32 there.
-                    summary_dtype=torch.float32 if exact or _interpreting() else torch.bfloat16)
+                    FEATURE_MAPS.index(feature_map), has_linear, precision=dot_precision(q.dtype),
+                    summary_dtype=summary_dtype(q.dtype, _interpreting()))
 
 
 def _marginal_matrix(block_class: torch.Tensor, scope: str) -> torch.Tensor | None:

@@ -5,14 +5,11 @@ in a child process without the interpreter."""
 import os
 
 import pytest
-import triton
 
-from sla_dist.kernels.aot import Variant, check_variants, run_in_clean_process
-
-_PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+from sla_dist.kernels.aot import Variant, check_variants, nvidia_tool, run_in_clean_process
 
 
-@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton has no NVIDIA assembler")
+@pytest.mark.skipif(not os.path.exists(nvidia_tool("ptxas")), reason="this Triton has no NVIDIA assembler")
 def test_every_variant_compiles_for_hopper():
     variants = check_variants()
     results = run_in_clean_process(variants, arch=90)
