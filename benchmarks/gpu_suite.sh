@@ -3,7 +3,7 @@
 # table comes last.   Usage: bash benchmarks/gpu_suite.sh PART[:SECONDS] ...
 # Parts: kernels (full GPU grid, fixed launch settings, one pytest worker per 2 CPU cores spread over the GPUs),
 # tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
-# dit-bench, attn-bench, profile.
+# dit-bench, attn-bench (the sweep), attn-quick (headline shape only), profile.
 set -u
 OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -16,7 +16,8 @@ declare -A CMD=(
   [models]="python3 -m pytest -q -p no:cacheprovider -m gpu tests/models"
   [dit-bench]="python3 benchmarks/bench_dit_step.py"
   [attn-bench]="python3 benchmarks/bench_attention.py --json $OUT/bench_attention.json"
-  [profile]="python3 benchmarks/profile_sla.py"
+  [attn-quick]="python3 benchmarks/bench_attention.py --quick --json $OUT/bench_attention_quick.json"
+  [profile]="python3 benchmarks/profile_sla.py --L 32768 8192"
 )
 summary=()
 for spec in "$@"; do

@@ -1,6 +1,9 @@
 """Where an SLA layer's time goes on one GPU: CUDA kernels of a forward and of a forward+backward, by total time.
 
-    python benchmarks/profile_sla.py [--L 32768] [--H 12] [--D 128] [--topk 0.05] [--block-q 128]
+    python benchmarks/profile_sla.py [--L 32768 8192] [--H 12] [--D 128] [--topk 0.05] [--block-q 128]
+
+Each table lists CUDA time per kernel and, in its last lines, the CPU time of the calls: at short sequences the
+layer is bound by launching work, not by the GPU.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ from sla_dist import SparseLinearAttention
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--L", type=int, default=32768)
+    parser.add_argument("--L", type=int, nargs="+", default=[32768])
     parser.add_argument("--H", type=int, default=12)
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--topk", type=float, default=0.05)
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--rows", type=int, default=14)
     args = parser.parse_args()
+    for L in args.L:
+        profile_layer(L, args)
+
+
+def profile_layer(L: int, args: argparse.Namespace) -> None:
     m = SparseLinearAttention(args.D, topk=args.topk, BLKQ=args.block_q).cuda()
     torch.nn.init.normal_(m.proj_l.weight, std=args.D**-0.5)
-    q, k, v = (torch.randn(1, args.H, args.L, args.D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(1, args.H, L, args.D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     g = torch.randn_like(q)
     for _ in range(3):  # compile and warm up
@@ -32,13 +40,12 @@ def main() -> None:
     torch.cuda.synchronize()
     for name, step in (("forward", lambda: m(q, k, v)), ("forward+backward", lambda: m(q, k, v).backward(g))):
         with torch.no_grad() if name == "forward" else torch.enable_grad():
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     step()
                 torch.cuda.synchronize()
-        print(f"\n== {name}, L={args.L} H={args.H} D={args.D} topk={args.topk} BQ={args.block_q} (5 iterations)")
+        print(f"\n== {name}, L={L} H={args.H} D={args.D} topk={args.topk} BQ={args.block_q} (5 iterations)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
-
 
 if __name__ == "__main__":
     main()

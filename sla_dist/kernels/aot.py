@@ -32,14 +32,17 @@ from .op import dot_precision, summary_dtype
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 # Pointer arguments by role: "x" the input dtype, "sum" the linear-branch [D, D] summaries (op.summary_dtype, as on a
-# GPU), "f32" / "i32" fixed. Other non-constexpr arguments are
+# GPU), "f32" / "f64" / "i32" / "i8" fixed. Other non-constexpr arguments are
 # int32 scalars, except the float scales.
 _POINTERS = {
     "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", KV_NUM="i32", KV_IDX="i32", HL="sum", ZL="f32"),
     "summaries": dict(K="x", V="x", HS="sum", ZS="f32"),
-    "delta": dict(O="x", DO="x", DLSE="f32", DELTA="f32"),
-    "dq": dict(Q="x", K="x", V="x", DO="x", DOL="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32",
-               HL="sum", ZL="f32", DHL="sum", DZL="f32"),
+    "block_sums": dict(X="x", SUMS="f64"),
+    "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
+    "critical_columns": dict(CLASS="i8", Q_NUM="i32", Q_IDX="i32"),
+    "prepass": dict(Q="x", O="x", DO="x", DOL="x", DQ="x", DLSE="f32", DELTA="f32", HL="sum", ZL="f32", DHL="sum",
+                    DZL="f32"),
+    "dq": dict(Q="x", K="x", V="x", DO="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32"),
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
                  DHS="sum", DZS="f32"),
 }
@@ -51,7 +54,7 @@ class Variant:
     """One compiled specialisation of one kernel."""
 
     kernel: str
-    """Key of the tuning table in configs.py: fwd, summaries, delta, dq, dkdv."""
+    """Key of the tuning table in configs.py: fwd, summaries, block_sums, classify, critical_columns, prepass, dq, dkdv."""
     dtype: str = "bfloat16"
     D: int = 128
     block_q: int = 128
@@ -79,7 +82,8 @@ class Variant:
     def constexprs(self) -> dict:
         values = dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k,
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
-                      PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True)
+                      PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
+                      NK_POW2=1024, NQ_POW2=512)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         return values
@@ -104,7 +108,7 @@ class Compiled:
 
 def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
     summaries = str(summary_dtype(getattr(torch, variant.dtype), interpreting=False)).removeprefix("torch.")
-    roles = dict(x=DTYPES[variant.dtype], sum=DTYPES[summaries], f32="fp32", i32="i32")
+    roles = dict(x=DTYPES[variant.dtype], sum=DTYPES[summaries], f32="fp32", f64="fp64", i32="i32", i8="i8")
     pointers = _POINTERS[variant.kernel]
     names = fn.arg_names
     constexprs = {name: value for name, value in variant.constexprs().items() if name in names}

@@ -2,15 +2,18 @@
 
 Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - lse)). Three jobs, three kernels:
 
-1. ``_bwd_delta_kernel``: delta = rowsum(dO_s * O_s) - log2(e) dlse, the softmax backward's correction term
-   (dlse, the gradient of the saved base-2 lse, is nonzero when a caller merges partial attentions by their LSE).
-2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
-       dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)
-   then the linear branch of the same rows. With N = phi(Q_i) H_i, den = phi(Q_i) . Z_i, O_l = N / den:
+1. ``_bwd_prepass_kernel``: one program per query block i, everything that needs only its own rows:
+       delta = rowsum(dO_s * O_s) - log2(e) dlse
+   (the softmax backward's correction term; dlse, the gradient of the saved base-2 lse, is nonzero when a caller
+   merges partial attentions by their LSE), and the query side of the linear branch. With N = phi(Q_i) H_i,
+   den = phi(Q_i) . Z_i, O_l = N / den:
        dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2,  dphi(Q) = dN H_i^T + dden Z_i^T
-   and it writes this block's contributions to the summaries' gradients, dH_i = phi(Q_i)^T dN and
-   dZ_i = phi(Q_i)^T dden, which the launcher scatters back to key blocks (dh_j = sum over the query blocks for
-   which j is marginal).
+   It writes the linear branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers
+   hold only the FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to
+   the summaries' gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
+   key blocks (dh_j = sum over the query blocks for which j is marginal).
+2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
+       dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
 3. ``_bwd_dkdv_kernel``: one program per key block j, walking the transposed list q_indices (only the query blocks
    that chose j, never all of them), each query block in Q_SPLIT row slices:
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
@@ -25,17 +28,22 @@ from .tiles import block_item, head_offset, listed_rows, query_rows, row_tile, s
 
 
 @triton.jit
-def _bwd_delta_kernel(
-    O, DO, DLSE, DELTA,                      # o/do [B, H, LQ, D], dlse/delta [BH, LQ] float32
-    stride_qb, stride_qh, stride_ql, H, LQ,
+def _bwd_prepass_kernel(
+    Q, O, DO, DOL, DQ, DLSE, DELTA,          # q/o/do/dol/dq [B, H, LQ, D] (q strides), dlse/delta [BH, LQ] float32
+    HL, ZL, DHL, DZL,                        # H_i, Z_i (may be broadcast over Nq), dH_i [BH, Nq, D, D], dZ_i
+    stride_qb, stride_qh, stride_ql,
+    stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+    H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     base = head_offset(bh, H, stride_qb, stride_qh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
-    tile = row_tile(base, offs_m, stride_ql, tl.arange(0, D))
+    tile = row_tile(base, offs_m, stride_ql, offs_d)
     o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
@@ -44,19 +52,36 @@ def _bwd_delta_kernel(
         delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     tl.store(DELTA + rows, delta, mask=row_ok)
 
+    if HAS_LINEAR:
+        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        fq = phi_fwd(x, FEATURE_MAP)
+        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
+        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
+        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
+        den = tl.sum(fq * zl[None, :], axis=1)
+        inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
+        dnum = dol * inv[:, None]
+        dden = -tl.sum(dol * num, axis=1) * inv * inv
+        dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
+        tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
+        dh = tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
+        out = bh.to(tl.int64) * NQ + pid_q
+        tl.store(DHL + out * D * D + square(offs_d, D), dh.to(DHL.dtype.element_ty))
+        tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
+
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DOL, DQ,                    # q/do/dol/dq [B, H, LQ, D] (q strides), k/v [B, H, LK, D]
+    Q, K, V, DO, DQ,                         # q/do/dq [B, H, LQ, D] (q strides), k/v [B, H, LK, D]
     LSE, DELTA,                              # [BH, LQ] float32
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
-    HL, ZL, DHL, DZL,                        # H_i, Z_i (may be broadcast over Nq), dH_i [BH, Nq, D, D], dZ_i
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
-    stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
     H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     KV_BLOCKS_PER_ITER: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
@@ -81,26 +106,8 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * sm_scale
-
-    if HAS_LINEAR:
-        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x = q.to(tl.float32)
-        fq = phi_fwd(x, FEATURE_MAP)
-        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
-        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
-        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
-        den = tl.sum(fq * zl[None, :], axis=1)
-        inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-        dnum = dol * inv[:, None]
-        dden = -tl.sum(dol * num, axis=1) * inv * inv
-        dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
-        dq += phi_bwd(x, fq, dfq, FEATURE_MAP)
-        # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
-        dh = tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
-        out = bh.to(tl.int64) * NQ + pid_q
-        tl.store(DHL + out * D * D + square(offs_d, D), dh.to(DHL.dtype.element_ty))
-        tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
-
+    if HAS_LINEAR:  # the linear branch's dQ, written by the pre-pass
+        dq += tl.load(DQ + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 

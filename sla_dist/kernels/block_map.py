@@ -89,19 +89,45 @@ def critical_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return count.contiguous(), order.to(torch.int32).contiguous()
 
 
-def transposed_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_num_blocks [..., Nk], q_indices [..., Nk, Nq]): for each key block, the query blocks that chose it."""
-    return critical_lists(block_class.transpose(-1, -2))
+def transposed_lists(block_class: torch.Tensor, *, kernels: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_num_blocks [..., Nk], q_indices [..., Nk, Nq]): for each key block, the query blocks that chose it,
+    ascending; entries past q_num_blocks are unspecified. ``kernels``: see :func:`predict_block_map`."""
+    if not _on_kernels(block_class, kernels):
+        return critical_lists(block_class.transpose(-1, -2))
+    from .configs import get_kernel
+
+    *lead, nq, nk = block_class.shape
+    block_class = block_class.contiguous()
+    q_num = torch.empty((*lead, nk), dtype=torch.int32, device=block_class.device)
+    q_idx = torch.empty((*lead, nk, nq), dtype=torch.int32, device=block_class.device)
+    if q_num.numel():
+        get_kernel("critical_columns")[(q_num.numel(),)](block_class, q_num, q_idx, nq, nk,
+                                                         NQ_POW2=max(16, 1 << (nq - 1).bit_length()))
+    return q_num, q_idx
 
 
-def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None) -> torch.Tensor:
+def _on_kernels(x: torch.Tensor, kernels: bool | None) -> bool:
+    """Whether block-map prediction runs its Triton kernels: by default on CUDA tensors only (CPU runs, also under
+    the interpreter, take the PyTorch path, which is much faster than interpreting a kernel)."""
+    return x.is_cuda if kernels is None else kernels
+
+
+def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None, *, kernels: bool | None = None) -> torch.Tensor:
     """Sums of the rows of each block of ``x`` [B, H, L, D] in float64 -> [B, H, n_blocks, D]; blocks past the end
     of ``x`` (a context-parallel rank pads to a fixed count) sum to zero.
 
     Sums rather than means, in float64, so that a rank holding part of the sequence can gather them and reach the
-    same scores as one GPU holding all of it."""
+    same scores as one GPU holding all of it. ``kernels``: see :func:`predict_block_map`."""
     B, H, L, D = x.shape
     n_blocks = num_blocks(L, block) if n_blocks is None else n_blocks
+    if _on_kernels(x, kernels):
+        from .configs import get_kernel
+
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        sums = torch.zeros(B, H, n_blocks, D, dtype=torch.float64, device=x.device)
+        get_kernel("block_sums")[(min(num_blocks(L, block), n_blocks), B * H)](
+            x, sums, *x.stride()[:3], H, L, n_blocks, D=D, BLOCK=block)
+        return sums
     full = min(L // block, n_blocks)
     # Reduce in float64 without materialising an upcast copy; a partial tail block is summed on its own.
     parts = [x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float64)]
@@ -129,30 +155,45 @@ def smooth_k_scores(q_sums: torch.Tensor, q_rows: torch.Tensor, k_sums: torch.Te
     return (qbar @ kbar.transpose(-1, -2) / math.sqrt(q_sums.shape[-1])).float()
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, *,
+                 kernels: bool | None = None) -> torch.Tensor:
     """s_ij with smooth-K pooling of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D], float32 [B, H, Nq, Nk]."""
     Lq, Lk = q.shape[2], k.shape[2]
     nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
-    return smooth_k_scores(block_sums(q, block_q), rows_per_block(Lq, block_q, nq, q.device),
-                           block_sums(k, block_k), rows_per_block(Lk, block_k, nk, k.device), Lk)
+    return smooth_k_scores(block_sums(q, block_q, kernels=kernels), rows_per_block(Lq, block_q, nq, q.device),
+                           block_sums(k, block_k, kernels=kernels), rows_per_block(Lk, block_k, nk, k.device), Lk)
 
 
-def _rank(scores: torch.Tensor, topk: float, negligible: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(int8 block classes, key blocks by descending score, n_c) for each row of ``scores`` [..., Nk]."""
+def rank_blocks(scores: torch.Tensor, topk: float, negligible: float, *,
+                kernels: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank each row of ``scores`` [..., Nk]: (int8 block classes [..., Nk], critical key blocks [..., n_c] int32
+    in ascending order). ``kernels``: see :func:`predict_block_map`."""
     nk = scores.shape[-1]
     n_c, n_n = block_counts(nk, topk, negligible)
+    if _on_kernels(scores, kernels):
+        from .configs import get_kernel
+
+        scores = scores.float().contiguous()
+        block_class = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
+        kv_indices = torch.empty((*scores.shape[:-1], n_c), dtype=torch.int32, device=scores.device)
+        rows = scores.numel() // nk
+        if rows:
+            get_kernel("classify")[(rows,)](scores, block_class, kv_indices, nk, n_c, n_n,
+                                            NK_POW2=max(16, 1 << (nk - 1).bit_length()))
+        return block_class, kv_indices
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     by_rank = torch.full((nk,), MARGINAL, dtype=torch.int8, device=scores.device)
     by_rank[:n_c] = CRITICAL
     if n_n:
         by_rank[nk - n_n :] = NEGLIGIBLE
     block_class = torch.empty_like(order, dtype=torch.int8).scatter_(-1, order, by_rank.expand_as(order))
-    return block_class, order, n_c
+    # The critical list is the top n_c of the ranking, put in ascending order for memory locality.
+    return block_class, order[..., :n_c].sort(dim=-1).values.to(torch.int32)
 
 
-def classify(scores: torch.Tensor, topk: float, negligible: float) -> torch.Tensor:
+def classify(scores: torch.Tensor, topk: float, negligible: float, *, kernels: bool | None = None) -> torch.Tensor:
     """Rank each row of ``scores`` [..., Nk] and return the int8 block classes."""
-    return _rank(scores, topk, negligible)[0]
+    return rank_blocks(scores, topk, negligible, kernels=kernels)[0]
 
 
 def build_block_map(
@@ -186,10 +227,14 @@ def predict_block_map(
     negligible: float,
     block_q: int = 64,
     block_k: int = 64,
+    kernels: bool | None = None,
 ) -> BlockMap:
-    """Predict the SLA block map of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D]."""
-    block_class, order, n_c = _rank(block_scores(q, k, block_q, block_k), topk, negligible)
-    # The critical list is the top n_c of the ranking, put in ascending order for memory locality.
-    kv_indices = order[..., :n_c].sort(dim=-1).values.to(torch.int32)
-    kv_num_blocks = torch.full(block_class.shape[:-1], n_c, dtype=torch.int32, device=block_class.device)
+    """Predict the SLA block map of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D].
+
+    ``kernels``: pool and rank with the Triton kernels of block_select.py (True), with PyTorch ops (False), or by
+    device (None: kernels on CUDA). Both give the same map up to float rounding of the block sums."""
+    scores = block_scores(q, k, block_q, block_k, kernels=kernels)
+    block_class, kv_indices = rank_blocks(scores, topk, negligible, kernels=kernels)
+    kv_num_blocks = torch.full(block_class.shape[:-1], kv_indices.shape[-1], dtype=torch.int32,
+                               device=block_class.device)
     return BlockMap(block_class, kv_num_blocks, kv_indices, q.shape[2], k.shape[2], block_q, block_k)

@@ -204,14 +204,9 @@ def sla_backward(
     k, v = _kernel_layout(k, v)
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
 
+    dq, dk, dv = _like(q), _like(k), _like(v)
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
-    get_kernel("delta")[(p.nq, p.bh)](
-        o, do, dlse if dlse is not None else delta, delta, *p.q_strides, p.H, p.Lq,
-        D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None,
-    )
-
-    dq, dk, dv = _like(q), _like(k), _like(v)
     if has_linear:
         marginal = _marginal_matrix(block_class, linear_scope)
         hl, zl = _linear_totals(k, v, marginal, p)
@@ -219,11 +214,16 @@ def sla_backward(
         dzl = _new((p.bh, p.nq, p.D), q, torch.float32)
     else:  # never read
         hl = zl = dhl = dzl = delta.view(p.bh, 1, -1)
+    get_kernel("prepass")[(p.nq, p.bh)](
+        q, o, do, dol_, dq, dlse if dlse is not None else delta, delta, hl, zl, dhl, dzl,
+        *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq,
+        D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
+        PRECISION=p.precision,
+    )
     get_kernel("dq")[(p.nq, p.bh)](
-        q, k, v, do, dol_, dq, lse, delta, kv_num_blocks, kv_indices, hl, zl, dhl, dzl,
-        *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
-        p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
-        **p.meta(),
+        q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
+        *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
+        D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision,
     )
 
     if has_linear:

@@ -1,0 +1,53 @@
+"""The Triton block-map kernels (block_select.py) against the PyTorch path of block_map.py: the same block sums,
+classes and critical lists. On CPU they run in the interpreter on small shapes; on a GPU on the Wan lengths."""
+
+import pytest
+import torch
+from tests.utils import DEVICE, HAS_CUDA
+
+from sla_dist.kernels.block_map import CRITICAL, block_sums, predict_block_map, rank_blocks, transposed_lists
+
+SHAPES = [(2, 2, 1000, 64, 128), (1, 3, 131, 32, 64)]
+if HAS_CUDA:
+    SHAPES += [(1, 12, 32760, 128, 128), (1, 4, 75600, 128, 128), (2, 24, 8193, 64, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B, H, L, D, block_q", SHAPES)
+def test_kernels_match_pytorch(B, H, L, D, block_q, dtype):
+    gen = torch.Generator().manual_seed(L * 31 + D)
+    q, k = (torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    k = k[..., :D].transpose(1, 2).contiguous().transpose(1, 2)  # a [B, L, H, D] layout, read in place
+    for block, n_blocks in ((64, None), (block_q, -(-L // block_q) + 3)):  # +3: zero-padded blocks (context parallel)
+        torch.testing.assert_close(block_sums(k, block, n_blocks, kernels=True),
+                                   block_sums(k, block, n_blocks, kernels=False), rtol=1e-6, atol=1e-4)
+    fast = predict_block_map(q, k, topk=0.05, negligible=0.1, block_q=block_q, block_k=64, kernels=True)
+    slow = predict_block_map(q, k, topk=0.05, negligible=0.1, block_q=block_q, block_k=64, kernels=False)
+    # Float rounding of the block sums may swap two nearly tied key blocks; anything more is a bug.
+    assert (fast.block_class != slow.block_class).float().mean() < 1e-4
+    assert torch.equal(fast.kv_num_blocks, slow.kv_num_blocks)
+    assert (fast.kv_indices != slow.kv_indices).float().mean() < 1e-3
+    critical = fast.block_class == CRITICAL
+    assert torch.equal(torch.zeros_like(critical).scatter_(-1, fast.kv_indices.long(), True), critical)
+    assert (fast.kv_indices.diff(dim=-1) > 0).all()
+
+
+def test_ranking_ties_and_signed_zeros():
+    """Ties go to the lower index, -0.0 ties with +0.0, and every class count is exact, as in the PyTorch path."""
+    row = [1.0, 1.0, 1.0, 0.0, -0.0, 2.0, 2.0, -1e30, 0.5, 3.0, -2.0]
+    scores = torch.tensor([row, row[::-1]], device=DEVICE)
+    for topk, negligible in ((0.25, 0.25), (0.1, 0.0), (1.0, 0.0), (0.5, 0.5)):
+        fast = rank_blocks(scores, topk, negligible, kernels=True)
+        slow = rank_blocks(scores, topk, negligible, kernels=False)
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), (topk, negligible)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 17), (1, 2, 64, 130)] + ([(1, 12, 256, 512)] if HAS_CUDA else []))
+def test_transposed_lists_match_pytorch(shape):
+    gen = torch.Generator().manual_seed(shape[-1])
+    block_class = torch.randint(0, 3, shape, generator=gen, dtype=torch.int8).to(DEVICE)
+    fast_num, fast_idx = transposed_lists(block_class, kernels=True)
+    slow_num, slow_idx = transposed_lists(block_class, kernels=False)
+    assert torch.equal(fast_num, slow_num)
+    listed = torch.arange(shape[2], device=DEVICE) < fast_num[..., None]  # entries past q_num are unspecified
+    assert torch.equal(torch.where(listed, fast_idx, -1), torch.where(listed, slow_idx, -1))
