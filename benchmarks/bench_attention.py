@@ -1,6 +1,6 @@
 """Time the full SLA layer against dense and block-sparse baselines on one GPU, all in one run.
 
-    python benchmarks/bench_attention.py [--quick] [--json PATH]
+    python benchmarks/bench_attention.py [--quick] [--only NAME ...] [--json PATH]
 
 Every row is measured in this process, so the ratios compare like with like: dense SDPA with the cuDNN and flash
 backends, FlexAttention with a block mask of the same density, xformers when it loads, SLA's sparse branch alone and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -98,25 +99,33 @@ def _sla(D: int, topk: float, block_q: int, scope: str):
     return m
 
 
-def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool) -> list[Row]:
+def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[str] | None = None) -> list[Row]:
     topk = round(1.0 - sparsity, 6)
     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     n_c, _ = block_counts(math.ceil(L / 64), topk, 0.10)
+
+    def wanted(method: str) -> bool:
+        return not only or any(name in method for name in only)
+
     rows = [_measure(Row(L, H, D, sparsity, "dense SDPA cuDNN"), _dense(SDPBackend.CUDNN_ATTENTION), q, k, v, L)]
-    if full:
+    if full and wanted("dense SDPA flash"):
         rows.append(_measure(Row(L, H, D, sparsity, "dense SDPA flash"), _dense(SDPBackend.FLASH_ATTENTION),
                              q, k, v, L))
+    if full and wanted("FlexAttention"):
         try:
             fn, kept = _flex(q, k, topk)
             rows.append(_measure(Row(L, H, D, sparsity, "FlexAttention 128x128 (sparse only)"), fn, q, k, v, kept))
         except Exception as exc:
             rows.append(Row(L, H, D, sparsity, "FlexAttention 128x128 (sparse only)", note=type(exc).__name__))
+    if full and wanted("xformers"):
         try:
             rows.append(_measure(Row(L, H, D, sparsity, "xformers"), _xformers(), q, k, v, L))
         except Exception as exc:
             rows.append(Row(L, H, D, sparsity, "xformers", note=f"not available ({type(exc).__name__})"))
+    if full and wanted("SLA sparse branch only"):
         rows.append(_measure(Row(L, H, D, sparsity, "SLA sparse branch only, BQ128"), _sla(D, topk, 128, "none"),
                              q, k, v, n_c * 64))
+    if full and wanted("SLA full layer, BQ64"):
         rows.append(_measure(Row(L, H, D, sparsity, "SLA full layer, BQ64"), _sla(D, topk, 64, "marginal"),
                              q, k, v, n_c * 64))
     rows.append(_measure(Row(L, H, D, sparsity, "SLA full layer, BQ128"), _sla(D, topk, 128, "marginal"),
@@ -127,20 +136,27 @@ def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool) -> list[Row
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the headline shape")
+    parser.add_argument("--only", nargs="+", help="rows whose method contains one of these (dense cuDNN and the "
+                        "full SLA layer BQ128 always run)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 75600],
+                        help="lengths of the L sweep besides 32768")
     parser.add_argument("--json", default="bench_attention.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
-    rows = bench_shape(32768, 12, 128, 0.95, full=True)
-    if not args.quick:
-        for L in (8192, 16384, 75600):
+    rows = bench_shape(32768, 12, 128, 0.95, full=True, only=args.only)
+    if args.quick:
+        rows += [r for L in args.lengths for r in bench_shape(L, 12, 128, 0.95, full=False)]
+    else:
+        for L in args.lengths:
             rows += bench_shape(L, 12, 128, 0.95, full=False)
         rows += bench_shape(32768, 24, 64, 0.95, full=False)
         for sparsity in (0.80, 0.90, 0.97):
             rows += bench_shape(32768, 12, 128, sparsity, full=False)
     with open(args.json, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": __import__("triton").__version__, "rows": [asdict(r) for r in rows]}, f, indent=1)
+                   "triton": __import__("triton").__version__, "autotune": os.environ.get("SLA_DIST_AUTOTUNE") != "0",
+                   "command": " ".join(sys.argv), "rows": [asdict(r) for r in rows]}, f, indent=1)
 
     dense = {(r.L, r.H, r.D, r.sparsity): r for r in rows if r.method == "dense SDPA cuDNN"}
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "

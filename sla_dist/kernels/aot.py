@@ -83,7 +83,7 @@ class Variant:
         values = dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k,
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
-                      NK_POW2=1024, NQ_POW2=512)
+                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         return values

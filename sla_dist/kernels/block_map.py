@@ -108,7 +108,10 @@ def transposed_lists(block_class: torch.Tensor, *, kernels: bool | None = None) 
 
 def _on_kernels(x: torch.Tensor, kernels: bool | None) -> bool:
     """Whether block-map prediction runs its Triton kernels: by default on CUDA tensors only (CPU runs, also under
-    the interpreter, take the PyTorch path, which is much faster than interpreting a kernel)."""
+    the interpreter, take the PyTorch path, which is much faster than interpreting a kernel), and never for float64
+    inputs, whose block sums the kernels would round to float32."""
+    if x.dtype == torch.float64:
+        return False
     return x.is_cuda if kernels is None else kernels
 
 
@@ -126,7 +129,7 @@ def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None, *, kern
         x = x if x.stride(-1) == 1 else x.contiguous()
         sums = torch.zeros(B, H, n_blocks, D, dtype=torch.float64, device=x.device)
         get_kernel("block_sums")[(min(num_blocks(L, block), n_blocks), B * H)](
-            x, sums, *x.stride()[:3], H, L, n_blocks, D=D, BLOCK=block)
+            x, sums, *x.stride()[:3], H, L, n_blocks, D, BLOCK=block, D_POW2=max(16, 1 << (D - 1).bit_length()))
         return sums
     full = min(L // block, n_blocks)
     # Reduce in float64 without materialising an upcast copy; a partial tail block is summed on its own.

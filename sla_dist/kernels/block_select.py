@@ -24,17 +24,17 @@ from .tiles import head_offset, row_tile
 @triton.jit
 def _block_sums_kernel(
     X, SUMS,                                 # x [B, H, L, D] (any dtype), sums [BH, NB, D] float64
-    stride_b, stride_h, stride_l, H, L, NB,
-    D: tl.constexpr, BLOCK: tl.constexpr,
+    stride_b, stride_h, stride_l, H, L, NB, D,
+    BLOCK: tl.constexpr, D_POW2: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     rows = blk * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, D_POW2)            # any head dim (the reference backend takes them all), padded
     x = tl.load(X + row_tile(head_offset(bh, H, stride_b, stride_h), rows, stride_l, offs_d),
-                mask=(rows < L)[:, None], other=0.0)
+                mask=(rows < L)[:, None] & (offs_d < D)[None, :], other=0.0)
     total = tl.sum(x.to(tl.float32), axis=0)
-    tl.store(SUMS + (bh.to(tl.int64) * NB + blk) * D + offs_d, total.to(tl.float64))
+    tl.store(SUMS + (bh.to(tl.int64) * NB + blk) * D + offs_d, total.to(tl.float64), mask=offs_d < D)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ from tests.utils import DEVICE, HAS_CUDA
 
 from sla_dist.kernels.block_map import CRITICAL, block_sums, predict_block_map, rank_blocks, transposed_lists
 
-SHAPES = [(2, 2, 1000, 64, 128), (1, 3, 131, 32, 64)]
+SHAPES = [(2, 2, 1000, 64, 128), (1, 3, 131, 32, 64), (1, 2, 300, 48, 64)]  # 48: any head dim
 if HAS_CUDA:
     SHAPES += [(1, 12, 32760, 128, 128), (1, 4, 75600, 128, 128), (2, 24, 8193, 64, 64)]
 
