@@ -1,0 +1,47 @@
+"""Time one SLA layer (bf16, B=1 H=12 D=128, 95 %, BQ128) at L = 32768 and 8192, for comparing code versions.
+
+    PYTHONPATH=/path/to/checkout python benchmarks/time_layer.py LABEL
+
+The sla_dist that PYTHONPATH points at is timed (its path is printed first), so two checkouts compare on one card in
+one device call, e.g. ``git worktree add /tmp/old <commit>`` beside this one. Medians of triton.testing.do_bench;
+"host-side" is the wall time of 20 unsynchronised forward+backward calls, the launch-bound floor at short L.
+"""
+
+import sys
+import time
+
+import torch
+import triton.testing as tt
+
+from sla_dist import SparseLinearAttention
+
+
+def host_side_ms(step, n: int = 20) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    elapsed = (time.perf_counter() - start) / n * 1e3
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def main() -> None:
+    label = sys.argv[1] if len(sys.argv) > 1 else "sla_dist"
+    print("sla_dist from", __import__("sla_dist").__file__)
+    for L in (32768, 8192):
+        m = SparseLinearAttention(128, topk=0.05, BLKQ=128).cuda()
+        torch.nn.init.normal_(m.proj_l.weight, std=128**-0.5)
+        q, k, v = (torch.randn(1, 12, L, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        g = torch.randn_like(q)
+        with torch.no_grad():
+            fwd = tt.do_bench(lambda: m(q, k, v), warmup=25, rep=100, return_mode="median")
+        step = lambda: m(q, k, v).backward(g)  # noqa: E731
+        fwd_bwd = tt.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+        print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
+              f"{host_side_ms(step):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
