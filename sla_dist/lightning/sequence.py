@@ -12,8 +12,6 @@ tokens. The target is brought into the head's token layout by ``target_tokens``,
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -26,29 +24,10 @@ from ..parallel import SequenceParallelGroups, SequenceParallelSLA, SequenceShar
 from ..parallel.groups import ensure_deepspeed_comm
 from ..parallel.sharding import pad_along
 
-# Valid tokens of the sequence being run; the attention cores read it (their call signature is (q, k, v)).
-_SEQ_LEN: contextvars.ContextVar[int | None] = contextvars.ContextVar("sla_dist_seq_len", default=None)
-
-
-@contextlib.contextmanager
-def sharded_sequence(seq_len: int):
-    token = _SEQ_LEN.set(seq_len)
-    try:
-        yield
-    finally:
-        _SEQ_LEN.reset(token)
-
-
-class ShardedSLA(SequenceParallelSLA):
-    """SequenceParallelSLA called as a plain (q, k, v) core, taking the valid length from ``sharded_sequence``."""
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
-        return super().forward(q, k, v, seq_len if seq_len is not None else _SEQ_LEN.get())
-
 
 class ShardedDense:
     """Dense softmax attention over a sequence sharded across the SP group (Ulysses all-to-all, no ring split).
-    Like ShardedSLA it is a plain callable (``SelfAttention.parallel``), not a module."""
+    Like SequenceParallelSLA it is a plain callable (``SelfAttention.parallel``), not a module."""
 
     def __init__(self, groups: SequenceParallelGroups) -> None:
         if groups.ring_degree > 1:
@@ -73,8 +52,9 @@ class ShardedDense:
         q, k, v = (x.transpose(1, 2)[:, :, :seq_len] for x in (q, k, v))
         return pad_along(F.scaled_dot_product_attention(q, k, v), 2, full).transpose(1, 2)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        seq_len = _SEQ_LEN.get() or q.shape[2] * self.groups.sp_size
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """This rank's shard [B, H, L_local, D] of a sequence with ``seq_len`` valid tokens (None: no padding)."""
+        seq_len = q.shape[2] * self.groups.sp_size if seq_len is None else seq_len
         out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
         return out.transpose(1, 2)
 
@@ -89,7 +69,7 @@ def enable_sequence_parallel(model: VideoDiT, groups: SequenceParallelGroups) ->
         if not isinstance(module, SelfAttention) or module.parallel is not None:
             continue
         if isinstance(module.core, SparseLinearAttention):
-            module.parallel = ShardedSLA(module.core, groups)
+            module.parallel = SequenceParallelSLA(module.core, groups)
         elif isinstance(module.core, DenseAttention):
             module.parallel = ShardedDense(groups)
         else:
@@ -141,8 +121,7 @@ def predict_local(model: VideoDiT, latents: torch.Tensor, timestep: torch.Tensor
     shard = SequenceShard.for_group(seq_len, groups.sp_group)
     tokens = shard.local_piece(shard.pad_to_padded(inputs.tokens, 1), 1)
     inputs.rope = tuple(shard.local_piece(shard.pad_to_padded(t, 0), 0) for t in inputs.rope)
-    with sharded_sequence(seq_len):
-        x = model.forward_blocks(tokens, inputs)
+    x = model.forward_blocks(tokens, inputs, seq_len)
     return LocalPrediction(model.head_tokens(x, inputs.t_emb), shard.valid_mask(x.device), shard, inputs.tiling,
                            inputs.grid)
 

@@ -42,10 +42,11 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, t_mod: torch.Tensor,
-                context: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim], RoPE tables [L, D / 2], t_mod [B, 6, dim], context [B, Lt, dim] -> [B, L, dim]."""
+                context: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """x [B, L, dim], RoPE tables [L, D / 2], t_mod [B, 6, dim], context [B, Lt, dim] -> [B, L, dim].
+        ``seq_len``: valid tokens of the whole sequence when x is a tail-padded shard (see ``SelfAttention``)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + t_mod).chunk(6, dim=1)
-        x = torch.addcmul(x, gate1, self.self_attn(modulate(self.norm1(x), shift1, scale1), cos, sin))
+        x = torch.addcmul(x, gate1, self.self_attn(modulate(self.norm1(x), shift1, scale1), cos, sin, seq_len))
         x = x + self.cross_attn(self.norm2(x), context)
         return torch.addcmul(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
 
@@ -145,14 +146,18 @@ class VideoDiT(nn.Module):
         t_mod = self.time_mod(t_emb).unflatten(1, (6, -1))
         return DiTInputs(tokens, rope, t_emb, t_mod, self.text_embed(text.to(dtype)), grid, tiling)
 
-    def forward_blocks(self, x: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
-        """Run the block stack on tokens ``x`` [B, L, dim] (or an L-shard with matching ``inputs.rope``)."""
+    def forward_blocks(self, x: torch.Tensor, inputs: DiTInputs, seq_len: int | None = None) -> torch.Tensor:
+        """Run the block stack on tokens ``x`` [B, L, dim], or on this rank's tail-padded L-shard of them with
+        matching ``inputs.rope`` and ``seq_len`` the valid tokens of the whole sequence (sequence parallelism).
+
+        ``seq_len`` is an argument of every block call rather than state set around the stack: activation
+        checkpointing recomputes a block in backward, after this call has returned, from its arguments alone."""
         cos, sin = inputs.rope
         for block in self.blocks:
             if self.config.checkpoint_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, inputs.t_mod, inputs.context, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, inputs.t_mod, inputs.context, seq_len, use_reentrant=False)
             else:
-                x = block(x, cos, sin, inputs.t_mod, inputs.context)
+                x = block(x, cos, sin, inputs.t_mod, inputs.context, seq_len)
         return x
 
     def head_tokens(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:

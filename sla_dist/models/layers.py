@@ -43,8 +43,9 @@ class SelfAttention(nn.Module):
     """Fused QKV projection, RMS q/k norms across heads, 3D RoPE, then ``core`` (dense or SLA).
 
     ``parallel``, when set (sequence parallelism: ``sla_dist.lightning.sequence.enable_sequence_parallel``), runs
-    ``core`` over a token sequence sharded across ranks: it is called as ``parallel(q, k, v)`` on this rank's shard
-    in place of ``core`` and calls ``core`` itself. It is a plain callable, not a module, so ``core`` stays where it
+    ``core`` over a token sequence sharded across ranks: it is called as ``parallel(q, k, v, seq_len)`` on this
+    rank's tail-padded shard in place of ``core`` (``seq_len``: valid tokens of the whole sequence, None for no
+    padding) and calls ``core`` itself. It is a plain callable, not a module, so ``core`` stays where it
     is and the model's modules, parameter names and state_dict keys are the same at every sequence-parallel size.
     """
 
@@ -56,17 +57,24 @@ class SelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.core: nn.Module = DenseAttention()
         self.out = nn.Linear(dim, dim)
-        self.parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim], RoPE tables [L, D / 2] -> [B, L, dim]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                seq_len: int | None = None) -> torch.Tensor:
+        """x [B, L, dim], RoPE tables [L, D / 2] -> [B, L, dim]; ``seq_len`` only with ``parallel`` (see above)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(q).unflatten(-1, heads), cos, sin)
         k = apply_rope(self.norm_k(k).unflatten(-1, heads), cos, sin)
         v = v.unflatten(-1, heads)
-        attend = self.core if self.parallel is None else self.parallel
-        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.parallel is not None:
+            o = self.parallel(q, k, v, seq_len)
+        elif seq_len is None:
+            o = self.core(q, k, v)
+        else:
+            raise ValueError(f"seq_len={seq_len} is given for a sequence shard of {x.shape[1]} tokens, but this "
+                             "attention is not sequence-parallel (enable_sequence_parallel was not applied)")
         return self.out(o.transpose(1, 2).flatten(2))
 
 

@@ -4,9 +4,11 @@ relies on: under SP=2 the per-rank gradient shares of DiTModule's loss sum to th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -16,7 +18,7 @@ from sla_dist.lightning.module import DiTModule
 from sla_dist.lightning.sequence import enable_sequence_parallel, predict_full, target_tokens
 from sla_dist.models import VideoDiT
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups
-from tests.parallel.dist_utils import run_distributed
+from tests.parallel.dist_utils import device_params, run_distributed
 
 # 3 x 8 x 9 = 216 tokens: over 2 ranks with 128-token alignment the second shard is 88 tokens + 40 padding.
 LATENT_SHAPE = (2, 4, 3, 16, 18)
@@ -39,7 +41,7 @@ def test_target_tokens_invert_unembed():
     torch.testing.assert_close(target_tokens(model, full, inputs.tiling), model.head_tokens(x, inputs.t_emb))
 
 
-def _module(seed: int, teacher: bool) -> DiTModule:
+def _module(seed: int, teacher: bool, device: torch.device = torch.device("cpu")) -> DiTModule:
     config = dit_config("tiny", tile_size=(2, 4, 4))
     module = DiTModule(config, seed=seed)
     if teacher:
@@ -52,7 +54,7 @@ def _module(seed: int, teacher: bool) -> DiTModule:
     with torch.no_grad():  # a live linear branch, and a student that differs from its teacher
         for p in module.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return module
+    return module.to(device)
 
 
 def _grads(module: DiTModule, batch: dict, groups) -> tuple[dict, torch.Tensor]:
@@ -64,14 +66,17 @@ def _grads(module: DiTModule, batch: dict, groups) -> tuple[dict, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.model.named_parameters()}, loss
 
 
-def _check_sp_grads(device: torch.device, seed: int) -> None:
+def _check_sp_grads(device: torch.device, seed: int, checkpoint_blocks: bool = False) -> None:
     torch.manual_seed(seed)
-    batch = {"latents": torch.randn(LATENT_SHAPE), "text": torch.randn(2, 5, 32), "index": torch.arange(2)}
-    reference = _module(seed, teacher=True)
+    batch = {"latents": torch.randn(LATENT_SHAPE, device=device), "text": torch.randn(2, 5, 32, device=device),
+             "index": torch.arange(2)}
+    reference = _module(seed, teacher=True, device=device)
     want, want_loss = _grads(copy.deepcopy(reference), batch, None)
 
     groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=2))
     sharded = copy.deepcopy(reference)
+    # recomputing a block in backward must see the same valid length (216 of 256 padded tokens) as its forward
+    sharded.model.config = dataclasses.replace(sharded.model.config, checkpoint_blocks=checkpoint_blocks)
     assert enable_sequence_parallel(sharded.model, groups) == 2
     assert enable_sequence_parallel(sharded.teacher, groups) == 2
     assert enable_sequence_parallel(sharded.model, groups) == 0, "enabling twice must not wrap twice"
@@ -84,19 +89,23 @@ def _check_sp_grads(device: torch.device, seed: int) -> None:
     assert clone.parallel.attention is clone.core and clone.parallel.groups is groups
     assert clone.core is not sharded.model.blocks[1].self_attn.core
     got, got_loss = _grads(sharded, batch, groups)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    # on CUDA the SLA layers run the Triton kernels, whose summation order differs from the reference's
+    rtol, grad_tol = (1e-5, 1e-4) if device.type == "cpu" else (1e-3, 1e-2)
+    torch.testing.assert_close(got_loss, want_loss, rtol=rtol, atol=0)
     assert got.keys() == want.keys()
     for name, grad in got.items():
         dist.all_reduce(grad, group=groups.sp_group)  # what ZeRO does over SP (then it averages over DP)
         scale = want[name].abs().max().clamp_min(1e-12)
         err = (grad - want[name]).abs().max() / scale
-        assert err < 1e-4, f"{name}: SP=2 gradient differs from SP=1 by {err:.2e} of its max"
+        assert err < grad_tol, f"{name}: SP=2 gradient differs from SP=1 by {err:.2e} of its max"
     # the gathered prediction equals the unsharded forward (used for sampling)
     with torch.no_grad():
-        x, t, text = torch.randn(LATENT_SHAPE), torch.full((2,), 500.0), batch["text"]
+        x, t, text = torch.randn(LATENT_SHAPE, device=device), torch.full((2,), 500.0, device=device), batch["text"]
         torch.testing.assert_close(predict_full(sharded.model, x, t, text, groups), reference.model(x, t, text),
-                                   rtol=1e-4, atol=1e-5)
+                                   rtol=100 * rtol, atol=1e-5 if device.type == "cpu" else 1e-3)
 
 
-def test_sp2_gradients_equal_sp1():
-    run_distributed(_check_sp_grads, 2, "cpu", random.randrange(1000))
+@pytest.mark.parametrize("checkpoint_blocks", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("device", device_params(2))
+def test_sp2_gradients_equal_sp1(device, checkpoint_blocks):
+    run_distributed(_check_sp_grads, 2, device, random.randrange(1000), checkpoint_blocks)

@@ -69,6 +69,14 @@ def test_staged_forward_equals_forward():
     torch.testing.assert_close(staged, model(latents, timestep, text))
 
 
+def test_valid_length_without_sequence_parallel_is_refused():
+    """A valid length only means something for a sequence shard; without SP cores it would be silently dropped."""
+    model = VideoDiT(dit_config("tiny"))
+    inputs = model.embed(*_inputs(model.config))
+    with pytest.raises(ValueError, match="seq_len=50 is given for a sequence shard of 60 tokens"):
+        model.forward_blocks(inputs.tokens, inputs, seq_len=50)
+
+
 def test_bfloat16_forward():
     torch.manual_seed(4)
     model = VideoDiT(dit_config("tiny")).to(torch.bfloat16)
