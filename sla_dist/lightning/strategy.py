@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from ..models import VideoDiT
 from ..parallel import SequenceParallelConfig, SequenceParallelGroups
-from ..parallel.groups import ensure_deepspeed_comm
+from ..parallel.groups import ensure_deepspeed_comm, subgroup
 from .sequence import enable_sequence_parallel
 
 
@@ -45,7 +45,7 @@ class SequenceParallelUnit:
         self.groups = groups
         world = groups.world_size
         # Every rank must enter every group creation; each rank keeps its own singleton group.
-        self._self_group = dist.new_subgroups_by_enumeration([[r] for r in range(world)])[0]
+        self._self_group = subgroup([[r] for r in range(world)])
 
     def get_model_parallel_group(self):
         return self._self_group
@@ -131,6 +131,8 @@ class SLAStrategy(DeepSpeedStrategy):
         if not dist.is_initialized():
             _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
         ensure_deepspeed_comm()
+        # the SP / DP groups (and the mpu's) take the default group's timeout: a rank that raises while its peers
+        # wait in a collective on them ends the job after the strategy's timeout, not after torch's default
         self.sp_groups = SequenceParallelGroups.build(self.sp_config)
         self.mpu = SequenceParallelUnit(self.sp_groups)
         rank_zero_info(f"SLAStrategy: world {self.world_size} = dp {self.sp_groups.dp_size} x sp "

@@ -13,6 +13,7 @@ of one ring rank holds one contiguous chunk of the sequence, which is what the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -95,9 +96,12 @@ class SequenceParallelGroups:
         return self.sp_rank // self.ulysses_degree
 
     @classmethod
-    def build(cls, config: SequenceParallelConfig) -> "SequenceParallelGroups":
+    def build(cls, config: SequenceParallelConfig, timeout: timedelta | None = None) -> "SequenceParallelGroups":
         """Create the groups from the initialised default process group (every rank must call this, in the same
-        order relative to other group creation). Without torch.distributed only ``sp_size=1`` is possible."""
+        order relative to other group creation). Without torch.distributed only ``sp_size=1`` is possible.
+
+        ``timeout`` bounds every collective on the new groups; None takes the default group's (what the strategy or
+        ``init_process_group`` was given), where torch would give new groups its own default of 10-30 minutes."""
         if not (dist.is_available() and dist.is_initialized()):
             if config.sp_size != 1:
                 raise ValueError(f"sp_size={config.sp_size} needs torch.distributed to be initialised first")
@@ -117,18 +121,19 @@ class SequenceParallelGroups:
             "ulysses": [[ranks(d, r, u) for u in range(ul)] for d in range(dp) for r in range(ring)],
             "ring": [[ranks(d, r, u) for r in range(ring)] for d in range(dp) for u in range(ul)],
         }
-        mine = {name: _subgroup(lists) for name, lists in layouts.items()}
+        mine = {name: subgroup(lists, timeout) for name, lists in layouts.items()}
         return cls(config, world, rank, _default_device(dist.get_backend()), mine["sp"], mine["dp"],
                    mine["ulysses"], mine["ring"])
 
 
-_subgroups: dict[tuple[tuple[int, ...], ...], dist.ProcessGroup] = {}
-"""This process's subgroups by rank enumeration, for the default group in ``_subgroups_world``."""
+_subgroups: dict[tuple, dist.ProcessGroup] = {}
+"""This process's subgroups by rank enumeration and timeout, for the default group in ``_subgroups_world``."""
 _subgroups_world: list = [None]
 
 
-def _subgroup(lists: list[list[int]]) -> dist.ProcessGroup:
-    """This rank's group of the partition ``lists``, created once per process and default group.
+def subgroup(lists: list[list[int]], timeout: timedelta | None = None) -> dist.ProcessGroup:
+    """This rank's group of the partition ``lists`` of all ranks, created once per process and default group, with
+    collectives bounded by ``timeout`` (None: the default group's timeout, see ``group_timeout``).
 
     ``build()`` is called again and again (each model wrap, tests) and one build asks for the same partition more
     than once (pure Ulysses: ulysses == sp); process groups live as long as the default group, so new ones each time
@@ -139,10 +144,19 @@ def _subgroup(lists: list[list[int]]) -> dist.ProcessGroup:
     if _subgroups_world[0] is not world:
         _subgroups.clear()
         _subgroups_world[0] = world
-    key = tuple(tuple(ranks) for ranks in lists)
+    timeout = group_timeout(world) if timeout is None else timeout
+    key = (tuple(tuple(ranks) for ranks in lists), timeout)
     if key not in _subgroups:
-        _subgroups[key] = dist.new_subgroups_by_enumeration(lists)[0]
+        _subgroups[key] = dist.new_subgroups_by_enumeration(lists, timeout=timeout)[0]
     return _subgroups[key]
+
+
+def group_timeout(group: dist.ProcessGroup | None = None) -> timedelta:
+    """The collective timeout of ``group`` (None: the default group). A rank that fails while its peers wait in a
+    collective ends the job after this long at the latest (NCCL's watchdog aborts; gloo raises)."""
+    pg = dist.group.WORLD if group is None else group
+    # torch keeps a group's timeout only in its backends' options; every backend of one group shares it
+    return pg._get_backend(pg._device_types[0]).options._timeout
 
 
 def _default_device(backend: str | None) -> torch.device:

@@ -16,10 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from torch.distributed import distributed_c10d
 
 from sla_dist.lightning.recipe import load_recipe
 from sla_dist.lightning.run import train
-from tests.parallel.dist_utils import device_params, run_distributed
+from sla_dist.parallel.groups import group_timeout
+from tests.parallel.dist_utils import TIMEOUT, device_params, run_distributed
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
 STEPS = 3
@@ -55,6 +57,10 @@ def _train_with_and_without_checkpointing(device: torch.device, stage: int, out:
         trainer = train(recipe, resume=False, extra_callbacks=[record])
         assert trainer.global_step == STEPS
         losses[checkpoint_blocks] = record.losses
+    # every group made along the way (SLAStrategy's, DeepSpeed's) fails a stuck collective after the job's timeout
+    # (run_distributed's), not after torch's default for new groups
+    timeouts = {tuple(dist.get_process_group_ranks(g)): group_timeout(g) for g in distributed_c10d._world.pg_map}
+    assert set(timeouts.values()) == {TIMEOUT}, timeouts
     plain, checkpointed = losses[False], losses[True]
     assert len(plain) == STEPS and len(set(plain)) == STEPS, plain
     tol = 1e-5 if device.type == "cpu" else 1e-3

@@ -15,6 +15,10 @@ from sla_dist import SparseLinearAttention
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 
 
+TIMEOUT = timedelta(seconds=120)
+"""The default process group's collective timeout in every test process (torch's default for new groups: 30 min)."""
+
+
 def device_params(world_size: int) -> list:
     """pytest params for the device a distributed test runs on: CPU always, CUDA (marked gpu) when enough GPUs."""
     return [
@@ -37,7 +41,7 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, device: str, ar
     if device == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=120))
+                            timeout=TIMEOUT)
     try:
         fn(torch.device(device, rank) if device == "cuda" else torch.device("cpu"), *args)
         # Rank 0 hosts the store that group creation talks to: it must not exit while others still use it.

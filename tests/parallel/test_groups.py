@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch.distributed as dist
 
+from sla_dist.lightning.strategy import SequenceParallelUnit
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups
+from sla_dist.parallel.groups import group_timeout
 
-from dist_utils import device_params, run_distributed
+from dist_utils import TIMEOUT, device_params, run_distributed
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -74,3 +78,21 @@ def _layouts(device) -> None:
 @pytest.mark.parametrize("device", device_params(4))
 def test_layouts_four_ranks(device):
     run_distributed(_layouts, 4, device)
+
+
+def _timeouts(device) -> None:
+    # what torch gives a group created without a timeout: not the default group's
+    assert group_timeout(dist.new_group([0, 1])) != TIMEOUT
+    names = ("sp_group", "dp_group", "ulysses_group", "ring_group")
+    inherited = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=2))
+    assert group_timeout() == TIMEOUT
+    assert {name: group_timeout(getattr(inherited, name)) for name in names} == dict.fromkeys(names, TIMEOUT)
+    assert group_timeout(SequenceParallelUnit(inherited).get_model_parallel_group()) == TIMEOUT
+    given = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=2), timeout=timedelta(seconds=45))
+    assert {name: group_timeout(getattr(given, name)) for name in names} == dict.fromkeys(names, timedelta(seconds=45))
+    assert given.sp_group is not inherited.sp_group, "a cached group with another timeout was reused"
+
+
+@pytest.mark.parametrize("device", device_params(2))
+def test_subgroups_get_the_default_group_timeout(device):
+    run_distributed(_timeouts, 2, device)
