@@ -22,7 +22,7 @@ from ..models import VideoDiT
 from ..models.layers import DenseAttention, SelfAttention
 from ..parallel import SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 from ..parallel.groups import ensure_deepspeed_comm
-from ..parallel.sharding import pad_along
+from ..parallel.sharding import check_same_sequence, pad_along
 
 
 class ShardedDense:
@@ -118,6 +118,9 @@ def predict_local(model: VideoDiT, latents: torch.Tensor, timestep: torch.Tensor
         x = model.forward_blocks(inputs.tokens, inputs)
         return LocalPrediction(model.head_tokens(x, inputs.t_emb), None, None, inputs.tiling, inputs.grid)
     seq_len = inputs.tokens.shape[1]
+    frames, height, width = inputs.grid
+    check_same_sequence(groups.sp_group, groups.device, batch=inputs.tokens.shape[0], frames=frames, height=height,
+                        width=width, tokens=seq_len)
     shard = SequenceShard.for_group(seq_len, groups.sp_group)
     tokens = shard.local_piece(shard.pad_to_padded(inputs.tokens, 1), 1)
     inputs.rope = tuple(shard.local_piece(shard.pad_to_padded(t, 0), 0) for t in inputs.rope)

@@ -132,6 +132,25 @@ def all_gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None)
     return torch.cat(pieces, 0).movedim(0, dim)
 
 
+def check_same_sequence(group: dist.ProcessGroup | None, device: torch.device | str, **sizes: int) -> None:
+    """Raise ValueError on every rank of ``group`` unless all of them were given the same ``sizes`` (a few ints
+    describing the token sequence, e.g. batch and token grid), naming each rank's values.
+
+    Call it before the first sequence-parallel collective of a forward: ranks holding different sequences would
+    otherwise enter all-to-alls of different sizes, which hangs (NCCL) or fails far from the cause. It is one
+    all-gather of ``len(sizes)`` ints and a host sync per call. It cannot be skipped for shapes seen before: a rank
+    skipping it while a peer (with a new shape) runs it would pair the peer's all-gather with its all-to-all."""
+    if group_size(group) == 1:
+        return
+    mine = torch.tensor([list(sizes.values())], dtype=torch.int64, device=device)
+    table = all_gather_along(mine, 0, group).tolist()
+    if any(row != table[0] for row in table):
+        per_rank = "; ".join(f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in zip(sizes, row))
+                             for r, row in zip(dist.get_process_group_ranks(group), table))
+        raise ValueError(f"the ranks of a sequence-parallel group were given different token sequences ({per_rank}); "
+                         "every rank of an SP group must run the same samples")
+
+
 class _Split(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, shard: SequenceShard) -> torch.Tensor:

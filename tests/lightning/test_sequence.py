@@ -15,7 +15,7 @@ import torch.distributed as dist
 from sla_dist import SLAConfig, apply_sla, dit_config
 from sla_dist.lightning.checkpoint import canonical_name
 from sla_dist.lightning.module import DiTModule
-from sla_dist.lightning.sequence import enable_sequence_parallel, predict_full, target_tokens
+from sla_dist.lightning.sequence import enable_sequence_parallel, predict_full, predict_local, target_tokens
 from sla_dist.models import VideoDiT
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups
 from tests.parallel.dist_utils import device_params, run_distributed
@@ -109,3 +109,24 @@ def _check_sp_grads(device: torch.device, seed: int, checkpoint_blocks: bool = F
 @pytest.mark.parametrize("device", device_params(2))
 def test_sp2_gradients_equal_sp1(device, checkpoint_blocks):
     run_distributed(_check_sp_grads, 2, device, random.randrange(1000), checkpoint_blocks)
+
+
+def _check_disagreeing_lengths(device: torch.device) -> None:
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=2))
+    torch.manual_seed(0)
+    model = VideoDiT(dit_config("tiny")).to(device)
+    enable_sequence_parallel(model, groups)
+    # rank 1 reads a clip 2 latent columns narrower: 216 vs 192 tokens, shards of 128 vs 128 tokens, so the
+    # all-to-alls would even line up and silently mix two different videos
+    width = 18 if groups.sp_rank == 0 else 16
+    latents = torch.randn(2, 4, 3, 16, width, device=device)
+    t, text = torch.full((2,), 500.0, device=device), torch.randn(2, 5, 32, device=device)
+    with pytest.raises(ValueError, match=r"different token sequences \(rank 0: batch=2, frames=3, height=8, "
+                                         r"width=9, tokens=216; rank 1: batch=2, frames=3, height=8, width=8, "
+                                         r"tokens=192\)"):
+        predict_local(model, latents, t, text, groups)
+
+
+@pytest.mark.parametrize("device", device_params(2))
+def test_sp_ranks_with_different_lengths_fail_with_both_lengths(device):
+    run_distributed(_check_disagreeing_lengths, 2, device)
