@@ -1,7 +1,8 @@
-"""``sla-dist eval CKPT [CKPT ...] --recipe R [R ...] [--reference DIR] [--i3d PATH] [--clip DIR]``.
+"""``sla-dist eval CKPT [CKPT ...] [--recipe R [R ...]] [--reference DIR] [--i3d PATH] [--clip DIR]``.
 
 Several checkpoints (e.g. the dense and the SLA fine-tune of one model) are evaluated with the same prompts, seeds,
-noise and reference set, and reported side by side in one ``report.md``.
+noise and reference set, and reported side by side in one ``report.md``. Each checkpoint is built with its own
+run's ``recipe.yaml`` (model shape, SLA settings); ``--recipe`` is for checkpoints that have none.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ def register(subparsers) -> None:
                     "per-checkpoint videos (mp4 with PyAV, exact .safetensors, grid.png) to --out.")
     parser.add_argument("checkpoints", nargs="+", help="DeepSpeed checkpoint directories, Lightning .ckpt files or "
                                                        "exported .safetensors; several are compared side by side")
-    parser.add_argument("--recipe", nargs="+", required=True, help="recipe YAML, or one per checkpoint")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
-    parser.add_argument("--out", help="output directory (default: <recipe output_dir>/eval)")
+    parser.add_argument("--recipe", nargs="+", default=[],
+                        help="recipe YAML (one, or one per checkpoint) for checkpoints without a saved run recipe; "
+                             "a checkpoint under RUN/checkpoints/ is evaluated with RUN/recipe.yaml")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides applied to every checkpoint's recipe")
+    parser.add_argument("--out", help="output directory (default: <first recipe's output_dir>/eval)")
     parser.add_argument("--names", nargs="+", help="a name per checkpoint for the report")
     parser.add_argument("--reference", help="directory of reference videos for FVD (.mp4 / .safetensors); "
                                             "default: held-out synthetic videos")
@@ -55,15 +59,16 @@ def _eval(args: argparse.Namespace) -> int:
     from .sampling import SamplerConfig
 
     try:
-        out = args.out or str(Path(load_recipe(args.recipe[0], args.override).output_dir) / "eval")
         config = EvalConfig(
-            checkpoints=args.checkpoints, recipes=args.recipe, out_dir=out, names=args.names,
+            checkpoints=args.checkpoints, recipes=args.recipe, out_dir=args.out or "", names=args.names,
             overrides=args.override, reference=args.reference, i3d=args.i3d, clip=args.clip,
             num_videos=args.num_videos, reference_videos=args.reference_videos, val_samples=args.val_samples,
             batch_size=args.batch_size,
             sampler=SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.guidance, seed=args.seed),
             fidelity=FidelityConfig(sparsities=args.sparsities, seed=args.seed), ema=args.ema,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not args.out:
+            config.out_dir = str(Path(load_recipe(config.recipe_paths()[0], args.override).output_dir) / "eval")
         report = evaluate(config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"sla-dist eval: error: {exc}", file=sys.stderr)
@@ -71,5 +76,5 @@ def _eval(args: argparse.Namespace) -> int:
     for name, run in report["checkpoints"].items():
         clip = "" if run["clip_score"] is None else f"  CLIP {run['clip_score']:.3f}"
         print(f"{name}: val flow loss {run['val_loss']:.4f}  FVD {run['fvd']:.3f}{clip}")
-    print(f"wrote {Path(out) / 'report.md'}")
+    print(f"wrote {Path(config.out_dir) / 'report.md'}")
     return 0

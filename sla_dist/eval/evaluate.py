@@ -37,11 +37,12 @@ class EvalConfig:
     checkpoints: list[str]
     """Checkpoints to compare: DeepSpeed directories, Lightning ``.ckpt`` files or exported ``.safetensors``."""
 
-    recipes: list[str]
-    """One recipe for all checkpoints, or one per checkpoint (the model shape and data come from it)."""
-
     out_dir: str
     """Where report.json, report.md, plots and per-checkpoint sample videos go."""
+
+    recipes: list[str] = field(default_factory=list)
+    """Fallback recipes for checkpoints whose run saved none: one for all, or one per checkpoint. A checkpoint of a
+    training run is evaluated with that run's own ``recipe.yaml`` (see :func:`saved_recipe`)."""
 
     names: list[str] | None = None
     """Column names of the checkpoints (default: file names, made unique)."""
@@ -83,7 +84,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.checkpoints:
             raise ValueError("give at least one checkpoint")
-        if len(self.recipes) not in (1, len(self.checkpoints)):
+        if len(self.recipes) not in (0, 1, len(self.checkpoints)):
             raise ValueError(f"{len(self.recipes)} recipes for {len(self.checkpoints)} checkpoints: give one "
                              "recipe, or one per checkpoint")
         if self.names is not None and (len(self.names) != len(self.checkpoints) or len(set(self.names)) !=
@@ -97,11 +98,36 @@ class EvalConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
 
+    def recipe_paths(self) -> list[str]:
+        """The recipe of each checkpoint: its run's saved ``recipe.yaml``, else the given one for it.
+
+        Raises ValueError naming the checkpoints that have neither."""
+        given = self.recipes * len(self.checkpoints) if len(self.recipes) == 1 else list(self.recipes)
+        found = [saved_recipe(c) for c in self.checkpoints]
+        paths = [str(s) if s is not None else (given[i] if given else None) for i, s in enumerate(found)]
+        missing = [c for c, p in zip(self.checkpoints, paths) if p is None]
+        if missing:
+            raise ValueError(f"no recipe for {missing}: neither RUN/recipe.yaml beside the checkpoint nor --recipe")
+        return paths
+
     def run_names(self) -> list[str]:
         if self.names is not None:
             return list(self.names)
         stems = [Path(c).stem for c in self.checkpoints]
         return stems if len(set(stems)) == len(stems) else [f"{i}_{s}" for i, s in enumerate(stems)]
+
+
+def saved_recipe(checkpoint: str | Path) -> Path | None:
+    """The ``recipe.yaml`` that ``sla-dist train`` saved for the run of ``checkpoint``, or None.
+
+    A training checkpoint lives in ``RUN/checkpoints/`` (a file or a DeepSpeed directory) and its recipe in ``RUN/``;
+    an exported file may also sit in ``RUN/`` itself. Only these two places are looked at, so a file elsewhere never
+    picks up an unrelated recipe."""
+    where = Path(checkpoint).absolute().parent
+    if where.name == "checkpoints":
+        where = where.parent
+    recipe = where / "recipe.yaml"
+    return recipe if recipe.is_file() else None
 
 
 class EvalData:
@@ -184,7 +210,7 @@ def evaluate(config: EvalConfig) -> dict:
     """Run the whole evaluation and write the report; returns the report dict."""
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe_paths = config.recipes * len(config.checkpoints) if len(config.recipes) == 1 else config.recipes
+    recipe_paths = config.recipe_paths()
     recipes = [load_recipe(r, config.overrides) for r in recipe_paths]
     for path, recipe in zip(recipe_paths[1:], recipes[1:]):
         if (recipe.data, recipe.seed) != (recipes[0].data, recipes[0].seed):

@@ -75,3 +75,43 @@ def test_eval_errors_exit_2_with_the_message(tmp_path, capsys):
     assert "holds no .mp4 or .safetensors" in error(str(dense), "--recipe", str(TINY_RECIPE), "--reference",
                                                     str(tmp_path / "empty"))
     assert "2 recipes for 1 checkpoints" in error(str(dense), "--recipe", str(TINY_RECIPE), str(TINY_RECIPE))
+
+
+def _run_dir(root, name: str, *overrides: str):
+    """A training run's layout without training: RUN/recipe.yaml as ``sla-dist train`` saves it and an exported
+    checkpoint of that recipe's (SLA-converted) model under RUN/checkpoints/."""
+    from sla_dist.lightning.recipe import recipe_to_yaml
+    from sla_dist.models import PatchConfig, apply_sla
+
+    run = root / name
+    recipe = load_recipe(TINY_RECIPE, [f"output_dir={run}", *overrides])
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    torch.manual_seed(0)
+    model = VideoDiT(recipe.dit)
+    if recipe.sparsity.enabled:
+        apply_sla(model, PatchConfig(sla=recipe.sla))
+    return save_dit(model, run / "checkpoints" / "last.safetensors")
+
+
+def test_eval_uses_each_checkpoints_own_run_recipe(tmp_path, capsys):
+    # the two runs differ in model depth and SLA settings: one shared recipe cannot load both
+    deep = _run_dir(tmp_path, "deep", "sla.topk=0.5")
+    shallow = _run_dir(tmp_path, "shallow", "model.num_layers=1", "sparsity.enabled=false")
+    out = tmp_path / "eval"
+    assert main(["eval", str(deep), str(shallow), "--names", "deep", "shallow", "--out", str(out), *FAST]) == 0
+    runs = json.loads((out / "report.json").read_text())["checkpoints"]
+    assert runs["deep"]["recipe"] == str(tmp_path / "deep" / "recipe.yaml")
+    assert runs["shallow"]["recipe"] == str(tmp_path / "shallow" / "recipe.yaml")
+    assert runs["deep"]["sla_layers"] == [0, 1] and runs["shallow"]["sla_layers"] == []
+    assert [len(e["error"]) for e in runs["shallow"]["fidelity"]["layers"]] == [2]
+
+
+def test_eval_recipe_is_the_fallback_for_checkpoints_without_a_saved_one(tmp_path, capsys):
+    dense = save_dit(VideoDiT(load_recipe(TINY_RECIPE).dit), tmp_path / "dense.safetensors")
+    assert main(["eval", str(dense), "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sla-dist eval: error: no recipe for") and "dense.safetensors" in err
+    assert main(["eval", str(dense), "--recipe", str(TINY_RECIPE), "--out", str(tmp_path / "out"), *FAST]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["checkpoints"]["dense"]["recipe"] == str(TINY_RECIPE)
