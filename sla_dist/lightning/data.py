@@ -19,7 +19,7 @@ from typing import Iterator
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..data import BucketBatchSampler, LatentShardDataset, collate_latents
 from ..models import DiTConfig
@@ -112,6 +112,23 @@ class SyntheticVideoDataModule(_ResumableDataModule):
         sampler = ResumableSampler(len(dataset), self.data.batch_size, replicas, rank, seed=self.seed,
                                    start_batch=self._start_batch)
         return self._loader(dataset, batch_size=self.data.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """``data.val_samples`` samples past the training set (never trained on), this replica's share in order."""
+        d, m = self.data, self.model
+        dataset = SyntheticVideoDataset(d.num_samples + d.val_samples, m.in_channels, d.frames, d.height, d.width,
+                                        m.text_dim, d.text_len, seed=self.seed)
+        rank, replicas = self.replica()
+        return self._loader(Subset(dataset, held_out_indices(d.num_samples, d.val_samples, rank, replicas)),
+                            batch_size=d.batch_size, shuffle=False)
+
+
+def held_out_indices(start: int, count: int, rank: int, replicas: int) -> list[int]:
+    """Replica ``rank``'s share of the ``count`` held-out indices from ``start``, strided; the shares are padded to one
+    length by wrapping around, since every replica must run as many validation batches (ZeRO-3 gathers weights
+    collectively in each forward)."""
+    per_replica = -(-count // replicas)
+    return [start + (rank + i * replicas) % count for i in range(per_replica)]
 
 
 class LatentShardDataModule(_ResumableDataModule):

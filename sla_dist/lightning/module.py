@@ -125,11 +125,11 @@ class DiTModule(pl.LightningModule):
         s = sigma.view(B, 1, 1, 1, 1).to(latents.dtype)
         return (1 - s) * latents + s * noise, sigma * 1000, noise - latents
 
-    def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict, generator: torch.Generator, caption_dropout: bool = True) -> dict[str, torch.Tensor]:
         """This rank's share of each loss term (shares sum to the full loss over the SP group)."""
         latents = batch["latents"]
         x, timestep, target = self.noised(latents, generator)
-        text = drop_captions(batch["text"], self.optim.caption_dropout, generator)
+        text = drop_captions(batch["text"], self.optim.caption_dropout if caption_dropout else 0.0, generator)
         pred = predict_local(self.model, x, timestep, text, self.sp_groups)
         denom = target.numel()
         out = {"flow": pred.sq_error(pred.localize(self.model, target)) / denom}
@@ -158,6 +158,14 @@ class DiTModule(pl.LightningModule):
             # logged on every rank (identical within an SP group), averaged over DP at epoch end only
             self.log(f"train/{name}", self.full_value(value), prog_bar=name == "loss", batch_size=len(batch["index"]))
         return terms["loss"]
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Noise and levels seeded by the batch alone: every validation pass scores the same (sample, noise, sigma)
+        # triples, so the curve moves only with the weights. Captions are never dropped here.
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed},val,{batch_idx},{self.dp_rank}".encode()))
+        flow = self.full_value(self.losses(batch, generator, caption_dropout=False)["flow"])
+        self.log("val/flow", flow, prog_bar=True, sync_dist=True, batch_size=len(batch["index"]))
 
     @override
     def on_fit_start(self) -> None:

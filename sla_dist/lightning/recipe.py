@@ -121,12 +121,16 @@ class DataSection:
     batch_size: int = 4
     """Samples per data-parallel rank per step (all ranks of one SP group read the same samples)."""
 
+    val_samples: int = 16
+    """Held-out synthetic samples (indices past ``num_samples``, never trained on) of the validation loss run every
+    ``trainer.val_every`` steps."""
+
     num_workers: int = 0
     """DataLoader worker processes."""
 
     def __post_init__(self) -> None:
         _choice(self, "kind", DATA_KINDS)
-        _positive(self, "num_samples", "frames", "height", "width", "text_len", "batch_size")
+        _positive(self, "num_samples", "frames", "height", "width", "text_len", "batch_size", "val_samples")
         _positive(self, "num_workers", allow_zero=True)
         if self.kind == "shards" and not self.shards_dir:
             raise ValueError("data.kind='shards' needs data.shards_dir")
@@ -245,12 +249,17 @@ class TrainerSection:
     checkpoint_every: int = 50
     """Save the 'last' checkpoint every this many steps (and at the end)."""
 
+    val_every: int = 0
+    """Every this many optimizer steps log ``val/flow``, the flow-matching loss on held-out samples with fixed noise
+    (synthetic data only; 0: never)."""
+
     progress_bar: bool = True
     """Show Lightning's progress bar."""
 
     def __post_init__(self) -> None:
         _positive(self, "max_steps", "devices", "num_nodes", "accumulate_grad_batches", "log_every_n_steps",
                   "checkpoint_every")
+        _positive(self, "val_every", allow_zero=True)
         _choice(self, "accelerator", ACCELERATORS)
         _choice(self, "precision", PRECISIONS)
 
@@ -301,6 +310,9 @@ class Recipe:
         if self.parallel.strategy == "sla_deepspeed" and world % self.parallel.sp_size:
             raise ValueError(f"devices x num_nodes = {world} is not a multiple of parallel.sp_size="
                              f"{self.parallel.sp_size}")
+        if self.trainer.val_every and self.data.kind != "synthetic":
+            raise ValueError(f"trainer.val_every={self.trainer.val_every} needs held-out data, which data.kind="
+                             f"{self.data.kind!r} does not have: set trainer.val_every=0")
         heads = self.model.build().num_heads
         ulysses = self.parallel.ulysses_degree or self.parallel.sp_size
         if heads % ulysses:

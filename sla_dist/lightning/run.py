@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from lightning_utilities.core.imports import RequirementCache
 
 from ..eval.sampling import SamplerConfig, sample
 from .callback import SLACallback
 from .checkpoint import checkpoint_dir, last_checkpoint, load_weights
 from .data import build_datamodule
+from .logs import build_loggers
 from .module import DiTModule
+from .monitor import StepProgressBar, TrainingMonitor
 from .recipe import Recipe, recipe_to_yaml
 from .sample import SequenceParallelPredictor, write_gif
 from .strategy import SLAStrategy, zero_config
+from .summary import RunSummary, plot_loss, read_curves
 from .synthetic import SyntheticVideoDataset
-
-_TENSORBOARD = RequirementCache("tensorboard") or RequirementCache("tensorboardX")
 
 
 def build_strategy(recipe: Recipe):
@@ -33,34 +35,37 @@ def build_strategy(recipe: Recipe):
     return SLAStrategy(sequence_parallel_size=p.sp_size, ulysses_degree=p.ulysses_degree, config=config)
 
 
-def build_loggers(recipe: Recipe) -> list[Logger]:
-    logs = Path(recipe.output_dir) / "logs"
-    loggers: list[Logger] = [CSVLogger(logs, name="csv")]
-    if _TENSORBOARD:
-        loggers.append(TensorBoardLogger(logs, name="tensorboard"))
-    else:
-        rank_zero_info("TensorBoard is not installed (pip install tensorboard); logging to CSV only")
-    return loggers
-
-
-def build_trainer(recipe: Recipe, extra_callbacks: list | None = None) -> pl.Trainer:
+def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_step: int | None = None) -> pl.Trainer:
+    """The Trainer of a recipe; ``resume_step`` is the step of the checkpoint to be resumed (None: a fresh run)."""
     t = recipe.trainer
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir(recipe.output_dir), filename="step{step}",
                                   auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every,
                                   save_top_k=1, save_last="link", enable_version_counter=False)
     s = recipe.sparsity
-    callbacks = [checkpoints, *(extra_callbacks or [])]
+    monitor = TrainingMonitor(recipe.dit)
+    callbacks = [checkpoints, monitor, *(extra_callbacks or [])]
+    if t.progress_bar:
+        callbacks.append(StepProgressBar(monitor))
     if s.enabled:
         callbacks.insert(0, SLACallback(recipe.sla, skip_first=s.skip_first, dense_steps=s.dense_steps,
                                         anneal_steps=s.anneal_steps, error_every=s.error_every))
+    # validation every val_every optimizer steps, counted in batches across epochs (the synthetic stream is endless)
+    validation = (dict(val_check_interval=t.val_every * t.accumulate_grad_batches, check_val_every_n_epoch=None)
+                  if t.val_every else dict(limit_val_batches=0))
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(recipe),
         precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=recipe.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar, logger=build_loggers(recipe), callbacks=callbacks,
-        default_root_dir=recipe.output_dir, use_distributed_sampler=False, limit_val_batches=0,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=t.progress_bar, logger=build_loggers(recipe.output_dir, resume_step),
+        callbacks=callbacks, default_root_dir=recipe.output_dir, use_distributed_sampler=False,
+        enable_model_summary=False, num_sanity_val_steps=0, enable_autolog_hparams=False, **validation,
     )
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step in a checkpoint's name (``step{N}.ckpt``, as build_trainer names them), or None."""
+    match = re.fullmatch(r"step(\d+)(\.ckpt)?", path.name)
+    return int(match.group(1)) if match else None
 
 
 def build_module(recipe: Recipe) -> DiTModule:
@@ -74,17 +79,40 @@ def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = No
     out = Path(recipe.output_dir)
     module = build_module(recipe)
     datamodule = build_datamodule(recipe.data, recipe.dit, recipe.seed)
-    trainer = build_trainer(recipe, extra_callbacks)
+    ckpt = last_checkpoint(out) if resume else None
+    resume_step = None if ckpt is None else (checkpoint_step(ckpt) or 0)
+    trainer = build_trainer(recipe, extra_callbacks, resume_step)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    ckpt = last_checkpoint(out) if resume else None
+    for logger in trainer.loggers:  # TensorBoard's HPARAMS tab and the CSV's hparams.yaml: the resolved recipe
+        logger.log_hyperparams(dataclasses.asdict(recipe))
     if ckpt is not None:
         rank_zero_info(f"resuming from {ckpt}")
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    wall_time = time.perf_counter() - started
+    sample_path = None
     if recipe.sample.enabled and recipe.data.kind == "synthetic":
-        write_sample(recipe, module, trainer)
+        sample_path = write_sample(recipe, module, trainer)
+    if trainer.is_global_zero:
+        print(summarize(recipe, trainer, resume_step or 0, wall_time, sample_path).render(), flush=True)
     return trainer
+
+
+def summarize(recipe: Recipe, trainer: pl.Trainer, start_step: int, wall_time: float,
+              sample_path: Path | None) -> RunSummary:
+    """The run's summary; also writes the loss curve of the whole run (from its CSV log) to ``loss.png``."""
+    out = Path(recipe.output_dir)
+    curves = read_curves(Path(trainer.loggers[0].log_dir) / "metrics.csv")
+    plot = plot_loss(curves, out / "loss.png")
+    monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingMonitor))
+    last = checkpoint_dir(out) / "last.ckpt"
+    return RunSummary(output_dir=str(out), step=trainer.global_step, max_steps=recipe.trainer.max_steps,
+                      start_step=start_step, wall_time=wall_time, tokens_seen=monitor.tokens_seen, curves=curves,
+                      checkpoint=str(last) if last.exists() else None,
+                      sample=None if sample_path is None else str(sample_path),
+                      loss_plot=None if plot is None else str(plot))
 
 
 def write_sample(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> Path | None:

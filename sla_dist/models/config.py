@@ -88,6 +88,18 @@ class DiTConfig:
         return p_t * p_h * p_w
 
 
+def train_flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 forwards) per video token of a ``seq_len``-token
+    sequence cross-attending to ``text_len`` text tokens: the matrix products of every block (projections, MLP,
+    dense self- and cross-attention), as MFU counts them. SLA computes fewer attention FLOPs; MFU reports dense
+    model FLOPs so that dense and sparse runs share one scale. Embeddings, norms and the head are left out."""
+    d = config.dim
+    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.ffn_dim
+    # multiply-accumulates per token and block: self q, k, v, o + cross q, o; attention scores and values
+    macs = 6 * d * d + mlp + 2 * seq_len * d + 2 * text_len * d
+    return 3 * 2 * macs * config.num_layers
+
+
 def _triple(name: str, value) -> tuple[int, int, int]:
     value = tuple(value)
     if len(value) != 3 or not all(isinstance(v, int) and v > 0 for v in value):

@@ -130,3 +130,20 @@ def test_single_device_strategy_is_one_replica(tmp_path):
     module.trainer = trainer
     indices = [b["index"].tolist() for b in itertools.islice(iter(module.train_dataloader()), 2)]
     assert sorted(sum(indices, [])) == list(range(6))
+
+
+def test_held_out_validation_shares_are_equal_length_and_cover_the_split():
+    from sla_dist.lightning.data import held_out_indices
+
+    shares = [held_out_indices(100, 5, rank, 2) for rank in range(2)]
+    assert shares == [[100, 102, 104], [101, 103, 100]]
+    assert set(shares[0]) | set(shares[1]) == set(range(100, 105))
+
+
+def test_validation_needs_held_out_data(tmp_path):
+    import pytest
+
+    from sla_dist.lightning.recipe import load_recipe
+
+    with pytest.raises(ValueError, match="trainer.val_every=5 needs held-out data"):
+        load_recipe(None, ["data.kind=shards", f"data.shards_dir={tmp_path}", "trainer.val_every=5"])
