@@ -35,6 +35,9 @@ def build_parser(names: list[str]) -> argparse.ArgumentParser:
                 raise
             sub.add_parser(name, help=f"(not available: {module} is not installed)")
         registered.add(module)
+    for command in [parser, *sub.choices.values()]:
+        command.add_argument("--verbose", action="store_true",
+                             help="show library messages (DeepSpeed, Lightning tips and deprecation warnings)")
     return parser
 
 
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from .quiet import configure_output
+
+    configure_output(verbose=args.verbose)
     return int(args.func(args) or 0)
 
 

@@ -105,8 +105,10 @@ def summarize(recipe: Recipe, trainer: pl.Trainer, start_step: int, wall_time: f
     """The run's summary; also writes the loss curve of the whole run (from its CSV log) to ``loss.png``."""
     out = Path(recipe.output_dir)
     curves = read_curves(Path(trainer.loggers[0].log_dir) / "metrics.csv")
-    plot = plot_loss(curves, out / "loss.png")
     monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingMonitor))
+    if not curves["train/loss"]:  # fewer steps than log_every_n_steps: this session's own record
+        curves["train/loss"] = monitor.history
+    plot = plot_loss(curves, out / "loss.png")
     last = checkpoint_dir(out) / "last.ckpt"
     return RunSummary(output_dir=str(out), step=trainer.global_step, max_steps=recipe.trainer.max_steps,
                       start_step=start_step, wall_time=wall_time, tokens_seen=monitor.tokens_seen, curves=curves,
