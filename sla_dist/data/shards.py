@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..files import save_safetensors
 
 SHARD_FORMAT = "sla-dist-shard"
 INDEX_FORMAT = "sla-dist-latents"
@@ -133,7 +134,7 @@ def write_shard(root: str | os.PathLike, shard: int, samples: list[EncodedSample
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..files import save_safetensors
 
 VIDEO_SUFFIXES = (".mp4", ".safetensors")
 
@@ -59,7 +61,7 @@ def upscale(videos: torch.Tensor, min_side: int) -> torch.Tensor:
 
 def write_tensor_video(video: torch.Tensor, path: str | Path) -> None:
     """Save [3, T, H, W] in [0, 1] exactly as ``video`` uint8 [T, H, W, 3] in a safetensors file."""
-    save_file({"video": frames_hwc(video)}, str(path))
+    save_safetensors({"video": frames_hwc(video)}, path)
 
 
 def write_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> None:

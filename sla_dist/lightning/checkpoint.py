@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import save_safetensors
+
 _SP_WRAPPER = re.compile(r"(self_attn\.core)\.attention\.")
 """The SP wrapper level of checkpoints written before sequence parallelism kept the cores' names."""
 
@@ -129,8 +131,6 @@ def consolidated_state_dict(ckpt: str | Path, ema: bool = False) -> dict[str, to
 
 def export_safetensors(ckpt: str | Path, out: str | Path, ema: bool = False, metadata: dict | None = None) -> Path:
     """Write the consolidated DiT weights of ``ckpt`` to one safetensors file ``out``."""
-    from safetensors.torch import save_file
-
     state = consolidated_state_dict(ckpt, ema=ema)
     if not state:
         raise ValueError(f"checkpoint {str(ckpt)!r} holds no DiT weights (keys starting with 'model.')")
@@ -138,5 +138,5 @@ def export_safetensors(ckpt: str | Path, out: str | Path, ema: bool = False, met
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"source": str(ckpt), "weights": "ema" if ema else "model"}
     meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
-    save_file(state, out, metadata=meta)
+    save_safetensors(state, out, metadata=meta)
     return out
