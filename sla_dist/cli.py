@@ -1,4 +1,4 @@
-"""The ``sla-dist`` command line: ``sla-dist train | export | eval | preprocess ...``.
+"""The ``sla-dist`` command line: ``sla-dist train | export | eval | preprocess | recipe ...``.
 
 Each subcommand lives beside the code it drives, in a module exposing ``register(subparsers)``; it adds its parser
 and sets ``func`` (called with the parsed namespace, returning an exit code). Modules are imported only when the
@@ -17,7 +17,16 @@ COMMANDS = {
     "export": "sla_dist.lightning.command",
     "eval": "sla_dist.eval.command",
     "preprocess": "sla_dist.data.command",
+    "recipe": "sla_dist.lightning.command",
 }
+SUMMARIES = {
+    "train": "train a DiT with SLA from a recipe (resumes when rerun)",
+    "export": "consolidate a (ZeRO) checkpoint into one safetensors file",
+    "eval": "evaluate checkpoints: samples, flow loss, FVD, CLIP score, attention fidelity",
+    "preprocess": "encode videos + captions into latent shards for training",
+    "recipe": "print a resolved recipe with every key documented",
+}
+"""One line per subcommand for ``sla-dist --help``, which imports none of the modules."""
 
 
 def build_parser(names: list[str]) -> argparse.ArgumentParser:
@@ -35,6 +44,9 @@ def build_parser(names: list[str]) -> argparse.ArgumentParser:
                 raise
             sub.add_parser(name, help=f"(not available: {module} is not installed)")
         registered.add(module)
+    for name in COMMANDS:
+        if name not in sub.choices:
+            sub.add_parser(name, help=SUMMARIES[name])
     for command in [parser, *sub.choices.values()]:
         command.add_argument("--verbose", action="store_true",
                              help="show library messages (DeepSpeed, Lightning tips and deprecation warnings)")

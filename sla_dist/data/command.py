@@ -33,7 +33,7 @@ OPTIONS = {
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("preprocess", help="encode videos + captions into latent shards for training",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, (dest, kind, text) in OPTIONS.items():
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     parser.add_argument("--clip-shape", dest="clip_shapes", action="append", default=None, metavar="FxHxW",

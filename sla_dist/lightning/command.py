@@ -1,18 +1,28 @@
-"""``sla-dist train RECIPE [key=value ...]`` and ``sla-dist export CKPT OUT``."""
+"""``sla-dist train RECIPE [key=value ...]``, ``sla-dist export CKPT OUT`` and ``sla-dist recipe show RECIPE``."""
 
 from __future__ import annotations
 
 import argparse
 
+TRAIN_DESCRIPTION = """\
+Train from a recipe YAML (see recipes/); key=value overrides follow it, e.g.
+  sla-dist train recipes/tiny_cpu.yaml trainer.max_steps=50 sla.topk=0.1
+  sla-dist train recipes/tiny_cpu.yaml output_dir=runs/dense sparsity.enabled=false   # a dense baseline
+Everything goes to output_dir: checkpoints/, logs/ (CSV, TensorBoard), samples/, recipe.yaml, loss.png.
+Rerunning the same command resumes from output_dir/checkpoints/last.ckpt; --no-resume starts over."""
+
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="train a DiT with SLA from an omegaconf recipe",
-                                  description="Train from a recipe YAML; key=value overrides follow it, e.g. "
-                                              "trainer.max_steps=50 sla.topk=0.1. Resumes from "
-                                              "<output_dir>/checkpoints/last.ckpt when it exists.")
+    from .recipe_docs import recipe_keys_help
+
+    train = subparsers.add_parser("train", help="train a DiT with SLA from a recipe (resumes when rerun)",
+                                  description=TRAIN_DESCRIPTION, epilog=recipe_keys_help(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("recipe", help="recipe YAML (see recipes/)")
-    train.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields")
-    train.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
+    train.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields (keys below)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start from step 0, ignoring output_dir/checkpoints/last.ckpt (the new run's checkpoints "
+                            "go to the same directory; logs to a new version)")
     train.set_defaults(func=_train)
 
     export = subparsers.add_parser("export", help="consolidate a (ZeRO) checkpoint into one safetensors file")
@@ -20,6 +30,24 @@ def register(subparsers) -> None:
     export.add_argument("out", help="output .safetensors path")
     export.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
     export.set_defaults(func=_export)
+
+    recipe = subparsers.add_parser("recipe", help="print a resolved recipe with every key documented",
+                                   description="sla-dist recipe show RECIPE [key=value ...]: the recipe merged with "
+                                               "the schema defaults and the overrides, as YAML with a comment per "
+                                               "key (copy it into a file to start a new recipe).")
+    actions = recipe.add_subparsers(dest="action", metavar="{show}", required=True)
+    show = actions.add_parser("show", help="print the resolved recipe with field docs")
+    show.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: the schema defaults)")
+    show.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields")
+    show.set_defaults(func=_show_recipe)
+
+
+def _show_recipe(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .recipe_docs import recipe_yaml_with_docs
+
+    print(recipe_yaml_with_docs(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
