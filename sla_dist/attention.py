@@ -128,3 +128,9 @@ class SparseLinearAttention(nn.Module):
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full softmax attention, the baseline SLA replaces (and what it equals at topk = 1 with proj_l = 0)."""
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def relative_l1(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """sum|output - reference| / sum|reference| in float32."""
+    reference = reference.float()
+    return float((output.float() - reference).abs().sum() / reference.abs().sum().clamp_min(1e-30))

@@ -56,7 +56,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..lightning.recipe import load_recipe
     from .evaluate import EvalConfig, evaluate
     from .fidelity import FidelityConfig
-    from .sampling import SamplerConfig
+    from ..sampling import SamplerConfig
 
     try:
         config = EvalConfig(

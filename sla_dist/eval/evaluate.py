@@ -24,7 +24,7 @@ from .fidelity import FidelityConfig, attention_fidelity
 from .flow_loss import validation_loss
 from .fvd import VideoFVD, build_extractor
 from .report import plot_fidelity, write_report
-from .sampling import SamplerConfig, sample
+from ..sampling import SamplerConfig, sample
 from .videos import has_mp4_writer, read_video_dir, upscale, write_grid, write_mp4, write_tensor_video
 
 MP4_MIN_SIDE = 128  # latent-resolution videos are upscaled (nearest) to at least this for viewing

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..attention import SparseLinearAttention, dense_attention
+from ..attention import SparseLinearAttention, dense_attention, relative_l1
 from ..config import SLAConfig
 from ..models import VideoDiT
-from .sampling import TIMESTEP_SCALE
+from ..sampling import TIMESTEP_SCALE
 
 
 @dataclass
@@ -45,12 +45,6 @@ class FidelityConfig:
             raise ValueError(f"sparsities {bad} are outside [0, 1)")
         if not 0 <= self.sigma <= 1:
             raise ValueError(f"sigma={self.sigma} must lie in [0, 1]")
-
-
-def relative_l1(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """sum|output - reference| / sum|reference| in float32."""
-    reference = reference.float()
-    return float((output.float() - reference).abs().sum() / reference.abs().sum().clamp_min(1e-30))
 
 
 @torch.no_grad()

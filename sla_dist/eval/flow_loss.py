@@ -12,8 +12,7 @@ import zlib
 import torch
 import torch.nn as nn
 
-from ..lightning.module import flow_sigmas
-from .sampling import TIMESTEP_SCALE
+from ..sampling import TIMESTEP_SCALE, flow_sigmas
 
 
 @torch.no_grad()

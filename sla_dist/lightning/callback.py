@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from ..attention import SparseLinearAttention, dense_attention
+from ..attention import SparseLinearAttention, dense_attention, relative_l1
 from ..config import SLAConfig
 from ..kernels.block_map import predict_block_map
 from ..models import PatchConfig, apply_sla
@@ -102,8 +102,6 @@ class SLACallback(Callback):
                                           block_k=c.block_k)
             self._metrics[f"sla/sparsity/layer_{layer_id}"] = 1.0 - float(block_map.critical_fraction())
             if with_error:
-                from ..eval.fidelity import relative_l1  # lazily: sla_dist.eval imports the lightning package
-
                 self._metrics[f"sla/error/layer_{layer_id}"] = relative_l1(output, dense_attention(q, k, v))
         return hook
 

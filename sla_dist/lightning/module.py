@@ -24,13 +24,9 @@ import torch
 from typing_extensions import override
 
 from ..models import DiTConfig, VideoDiT
+from ..sampling import flow_sigmas
 from .recipe import OptimSection
 from .sequence import predict_local
-
-
-def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """Wan's shifted schedule: sigma = s u / (1 + (s - 1) u), u in (0, 1)."""
-    return shift * u / (1 + (shift - 1) * u)
 
 
 def drop_captions(text: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ..eval.sampling import SamplerConfig, sample
+from ..sampling import SamplerConfig, sample
 from .callback import SLACallback
 from .checkpoint import checkpoint_dir, last_checkpoint, load_weights
 from .data import build_datamodule

@@ -1,5 +1,5 @@
 """Sample videos at the end of training, written as an animated GIF grid with Pillow (no video codec needed on a
-fresh machine). The ODE is ``sla_dist.eval.sampling``'s; ``SequenceParallelPredictor`` lets it drive a model whose
+fresh machine). The ODE is ``sla_dist.sampling``'s; ``SequenceParallelPredictor`` lets it drive a model whose
 attention is sequence-parallel."""
 
 from __future__ import annotations

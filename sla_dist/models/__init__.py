@@ -2,7 +2,8 @@
 
 from .config import DIT_CONFIGS, DiTConfig, dit_config
 from .dit import DiTInputs, VideoDiT
-from .patch import PatchConfig, apply_sla
+from .patch import apply_sla
+from .sites import PatchConfig
 from .tiling import TokenTiling, tile_permutation
 from .wan_weights import video_dit_state_dict_from_wan
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .joint_attention import sla_with_dense_keys
-from .patch import PatchConfig, new_sla
+from .sites import PatchConfig, new_sla
 from .rope import apply_rope
 
 try:

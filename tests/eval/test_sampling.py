@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sla_dist.eval.sampling import SamplerConfig, guided_velocity, initial_noise, sample, sigma_schedule
+from sla_dist.sampling import SamplerConfig, guided_velocity, initial_noise, sample, sigma_schedule
 
 
 class LinearVelocity(torch.nn.Module):
