@@ -188,7 +188,7 @@ def evaluate_checkpoint(path: str, name: str, recipe_path: str, recipe: Recipe, 
         write_tensor_video(video, run_dir / f"video_{i:03d}.safetensors")
         if has_mp4_writer():
             write_mp4(viewable[i], run_dir / f"video_{i:03d}.mp4")
-    write_grid(upscale(videos, 32), run_dir / "grid.png")
+    write_grid(viewable, run_dir / "grid.png")
     prompts = [data.caption(i) for i in prompt_ids]
     score = None
     if config.clip is not None:

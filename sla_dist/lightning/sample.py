@@ -24,14 +24,15 @@ class SequenceParallelPredictor(nn.Module):
         return predict_full(self.model, x, timestep, text, self.groups)
 
 
-
-
-def write_gif(videos: torch.Tensor, path: str | Path, scale: int = 8, fps: int = 4) -> Path:
-    """RGB videos [N, 3, T, H, W] in [0, 1] side by side as one looping GIF, each pixel a ``scale`` square."""
+def write_gif(videos: torch.Tensor, path: str | Path, min_side: int = 256, fps: int = 4) -> Path:
+    """RGB videos [N, 3, T, H, W] in [0, 1] side by side as one looping GIF, each upscaled (nearest: the pixels stay
+    sharp squares) by the smallest integer factor giving a side of at least ``min_side`` pixels, so a
+    latent-resolution sample (16 x 16 on the CPU recipe) is viewable."""
     from PIL import Image
 
     if videos.dim() != 5 or videos.shape[1] != 3:
         raise ValueError(f"videos of shape {tuple(videos.shape)} are not [N, 3, T, H, W]")
+    scale = max(1, -(-min_side // min(videos.shape[-2:])))
     grid = torch.cat(list(videos), dim=-1)  # [3, T, H, N W]
     grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     frames = [Image.fromarray((f.permute(1, 2, 0) * 255).round().byte().numpy()) for f in grid.unbind(1)]

@@ -105,6 +105,11 @@ def test_eval_uses_each_checkpoints_own_run_recipe(tmp_path, capsys):
     assert runs["shallow"]["recipe"] == str(tmp_path / "shallow" / "recipe.yaml")
     assert runs["deep"]["sla_layers"] == [0, 1] and runs["shallow"]["sla_layers"] == []
     assert [len(e["error"]) for e in runs["shallow"]["fidelity"]["layers"]] == [2]
+    # 3 videos of 4 frames of 16 x 16 pixels, each frame upscaled to 128 x 128 so that the grid is viewable
+    from PIL import Image
+
+    width, height = Image.open(out / runs["deep"]["grid"]).size
+    assert width >= 4 * 128 and height >= 3 * 128
 
 
 def test_eval_recipe_is_the_fallback_for_checkpoints_without_a_saved_one(tmp_path, capsys):

@@ -32,3 +32,16 @@ def test_auto_strategy_trains_and_samples_with_the_eval_sampler(tmp_path, monkey
     assert trainer.global_step == 2 and (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "samples" / "final.gif").stat().st_size > 0
     assert len(calls) == 1 and (calls[0].steps, calls[0].shift, calls[0].guidance) == (2, 3.0, 1.0)
+
+
+def test_sample_gif_is_upscaled_to_a_viewable_size(tmp_path):
+    from PIL import Image
+
+    from sla_dist.lightning.sample import write_gif
+
+    videos = torch.rand(3, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    gif = Image.open(write_gif(videos, tmp_path / "s.gif"))
+    assert gif.size == (3 * 256, 256) and gif.n_frames == 4
+    # nearest: every 16 x 16 square of the first frame is one source pixel
+    first = torch.tensor(list(gif.convert("RGB").getdata()), dtype=torch.float32).view(256, 3 * 256, 3)
+    assert torch.equal(first[:16, :16], first[:1, :1].expand(16, 16, 3))
