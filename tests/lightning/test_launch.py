@@ -57,7 +57,7 @@ def _wait(procs: list[subprocess.Popen], out: Path, timeout: float = 300) -> Non
 
 
 def _losses(out: Path) -> dict[int, float]:
-    """step -> train/loss over every CSV version of a run (a resumed run writes a new version)."""
+    """step -> train/loss over every CSV version of a run (a resumed run continues the version it resumes)."""
     losses = {}
     for path in sorted((out / "logs" / "csv").glob("version_*/metrics.csv")):
         for row in csv.DictReader(path.open()):
