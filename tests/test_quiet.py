@@ -21,28 +21,47 @@ def restored_logging():
         logger.filters[:] = filters
 
 
-@pytest.mark.parametrize("verbose", [False, True])
-def test_known_library_messages_are_hidden_unless_verbose(verbose, restored_logging, capfd):
-    import deepspeed  # noqa: F401  (creates DeepSpeed's logger the way a run does)
-    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
 
-    capfd.readouterr()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quiet.configure_output(verbose=verbose)
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`")
-        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning)
-        warnings.warn("Checkpoint directory /runs/x/checkpoints exists and is not empty.")
-        warnings.warn("an unknown warning")
-        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU.")
-        logging.getLogger("DeepSpeed").error("a DeepSpeed error")
-        rank_zero_info("💡 Tip: For seamless cloud logging, try installing litlogger")
-        rank_zero_info("GPU available: False, used: False")
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_known_library_messages_are_hidden_unless_verbose(verbose, restored_logging):
+    import deepspeed  # noqa: F401  (creates DeepSpeed's logger the way a run does)
+
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # what rank_zero_info writes to
+    lightning_log.setLevel(logging.INFO)
+    collect = _Collect()
+    for logger in (deepspeed_log, lightning_log):
+        logger.addHandler(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet.configure_output(verbose=verbose)
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`")
+            warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning)
+            warnings.warn("Checkpoint directory /runs/x/checkpoints exists and is not empty.")
+            warnings.warn("an unknown warning")
+            deepspeed_log.warning("Setting accelerator to CPU.")
+            deepspeed_log.error("a DeepSpeed error")
+            lightning_log.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+            lightning_log.info("GPU available: False, used: False")
+    finally:
+        for logger in (deepspeed_log, lightning_log):
+            logger.removeHandler(collect)
+        lightning_log.setLevel(logging.NOTSET)
     shown = [str(w.message) for w in caught]
-    printed = "".join(capfd.readouterr())
-    assert "an unknown warning" in shown and "a DeepSpeed error" in printed and "GPU available" in printed
-    assert len(shown) == (4 if verbose else 1)
-    assert ("Setting accelerator to CPU" in printed) == verbose and ("Tip:" in printed) == verbose
+    assert "an unknown warning" in shown and len(shown) == (4 if verbose else 1)
+    logged = collect.messages
+    assert "a DeepSpeed error" in logged and "GPU available: False, used: False" in logged
+    assert ("Setting accelerator to CPU." in logged) == verbose
+    assert any(m.startswith("💡 Tip") for m in logged) == verbose
 
 
 def test_every_subcommand_takes_verbose():
