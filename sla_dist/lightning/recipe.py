@@ -266,7 +266,7 @@ class TrainerSection:
 
 @dataclass
 class SampleSection:
-    """The sample video written at the end of training (flow-matching Euler ODE from the final weights)."""
+    """Sample videos written at the end of training, and optionally at an interval (flow-matching Euler ODE)."""
 
     enabled: bool = True
     """Write a sample at the end of fit."""
@@ -277,8 +277,14 @@ class SampleSection:
     num_videos: int = 2
     """Videos in the sample grid (captions of the first validation samples)."""
 
+    every: int = 0
+    """Also sample every N optimizer steps during training (synthetic data): ``samples/step{N}.gif`` and a filmstrip
+    image in TensorBoard. 0: only at the end. Each costs ``steps`` DiT forwards on every rank."""
+
     def __post_init__(self) -> None:
         _positive(self, "steps", "num_videos")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise ValueError(f"sample.every={self.every!r} must be a whole number of steps >= 0")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .logs import build_loggers
 from .module import DiTModule
 from .monitor import StepProgressBar, TrainingMonitor
 from .recipe import Recipe, recipe_to_yaml
-from .sample import SequenceParallelPredictor, write_gif
+from .sample import PeriodicSamples, SequenceParallelPredictor, write_gif
 from .strategy import SLAStrategy, zero_config
 from .summary import RunSummary, plot_loss, read_curves
 from .synthetic import SyntheticVideoDataset
@@ -46,6 +46,10 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_st
     callbacks = [checkpoints, monitor, *(extra_callbacks or [])]
     if t.progress_bar:
         callbacks.append(StepProgressBar(monitor))
+    if recipe.sample.every and recipe.data.kind == "synthetic":
+        callbacks.append(PeriodicSamples(recipe.sample.every, lambda trainer, module: sample_videos(recipe, module,
+                                                                                                    trainer),
+                                         recipe.output_dir))
     if s.enabled:
         callbacks.insert(0, SLACallback(recipe.sla, skip_first=s.skip_first, dense_steps=s.dense_steps,
                                         anneal_steps=s.anneal_steps, error_every=s.error_every))
@@ -117,17 +121,15 @@ def summarize(recipe: Recipe, trainer: pl.Trainer, start_step: int, wall_time: f
                       loss_plot=None if plot is None else str(plot))
 
 
-def write_sample(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> Path | None:
-    """``samples/final.gif``: videos for the first validation captions (after the training set), from the EMA
-    weights when there are any. Every rank runs the ODE (sequence-parallel layers need their peers); rank 0 writes."""
+def sample_videos(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> torch.Tensor | None:
+    """RGB videos [N, 3, T, H, W] in [0, 1] for the first validation captions (after the training set), from the
+    EMA weights when there are any; None under ZeRO-3 (partitioned weights). Every rank runs the ODE
+    (sequence-parallel layers need their peers) and gets the videos."""
     d, m = recipe.data, recipe.dit
-    data = SyntheticVideoDataset(d.num_samples + recipe.sample.num_videos, m.in_channels, d.frames, d.height,
-                                 d.width, m.text_dim, d.text_len, seed=recipe.seed)
-    picks = range(d.num_samples, d.num_samples + recipe.sample.num_videos)
-    text = torch.stack([data[i]["text"] for i in picks]).to(module.device)
     if _zero3(trainer):
-        rank_zero_info("ZeRO-3 partitions the weights: no sample written; export the checkpoint and sample it")
         return None
+    data = _sample_set(recipe)
+    text = torch.stack([data[i]["text"] for i in _sample_picks(recipe)]).to(module.device)
     model = _with_ema(module) if module.ema is not None else module.model
     was_training = model.training
     model.eval()
@@ -135,13 +137,32 @@ def write_sample(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> Path
     latents = sample(SequenceParallelPredictor(model, module.sp_groups), text,
                      (m.in_channels, d.frames, d.height, d.width), config)
     model.train(was_training)
+    return data.codec.decode(latents.cpu())
+
+
+def write_sample(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> Path | None:
+    """``samples/final.gif`` (and its captions in ``final.txt``) from :func:`sample_videos`; rank 0 writes."""
+    videos = sample_videos(recipe, module, trainer)
+    if videos is None:
+        rank_zero_info("ZeRO-3 partitions the weights: no sample written; export the checkpoint and sample it")
+        return None
     if not trainer.is_global_zero:
         return None
-    path = write_gif(data.codec.decode(latents.cpu()), Path(recipe.output_dir) / "samples" / "final.gif")
-    captions = "\n".join(data.caption(i) for i in picks)
-    (path.parent / "final.txt").write_text(captions + "\n")
+    path = write_gif(videos, Path(recipe.output_dir) / "samples" / "final.gif")
+    data = _sample_set(recipe)
+    (path.parent / "final.txt").write_text("\n".join(data.caption(i) for i in _sample_picks(recipe)) + "\n")
     rank_zero_info(f"sample video: {path}")
     return path
+
+
+def _sample_set(recipe: Recipe) -> SyntheticVideoDataset:
+    d, m = recipe.data, recipe.dit
+    return SyntheticVideoDataset(d.num_samples + recipe.sample.num_videos, m.in_channels, d.frames, d.height,
+                                 d.width, m.text_dim, d.text_len, seed=recipe.seed)
+
+
+def _sample_picks(recipe: Recipe) -> range:
+    return range(recipe.data.num_samples, recipe.data.num_samples + recipe.sample.num_videos)
 
 
 def _zero3(trainer: pl.Trainer) -> bool:

@@ -45,3 +45,18 @@ def test_sample_gif_is_upscaled_to_a_viewable_size(tmp_path):
     # nearest: every 16 x 16 square of the first frame is one source pixel
     first = torch.tensor(list(gif.convert("RGB").getdata()), dtype=torch.float32).view(256, 3 * 256, 3)
     assert torch.equal(first[:16, :16], first[:1, :1].expand(16, 16, 3))
+
+
+def test_samples_at_an_interval_go_to_files_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}", "parallel.strategy=auto", "trainer.max_steps=3",
+                                  "trainer.checkpoint_every=3", "trainer.progress_bar=false", "trainer.val_every=0",
+                                  "sample.steps=2", "sample.num_videos=1", "sample.every=2", "data.batch_size=2"])
+    run.train(recipe)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["final.gif", "final.txt", "step2.gif"]
+    events = EventAccumulator(str(next((tmp_path / "logs" / "tensorboard").iterdir()))).Reload()
+    images = events.Images("samples")
+    assert [i.step for i in images] == [2]
+    # a filmstrip: one 128-pixel-high tile per frame (16 x 16 latents scaled by 8), frames top to bottom
+    assert (images[0].height, images[0].width) == (128 * recipe.data.frames, 128)
