@@ -21,6 +21,7 @@ What it adds to DeepSpeedStrategy:
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Optional
 
 import torch
@@ -155,12 +156,7 @@ class SLAStrategy(DeepSpeedStrategy):
     @override
     def setup(self, trainer) -> None:
         if self.sp_groups is not None and self.sp_groups.sp_size > 1:
-            dits = [m for m in self.lightning_module.modules() if isinstance(m, VideoDiT)]
-            if not dits:
-                raise ValueError(f"sequence_parallel_size={self.sp_groups.sp_size} needs a LightningModule holding a "
-                                 "VideoDiT")
-            for dit in dits:
-                enable_sequence_parallel(dit, self.sp_groups)
+            enable_module_sequence_parallel(self.lightning_module, self.sp_groups)
         self._init_config_if_needed()
         self._loss_factor = sp_loss_factor(self.config, self.sp_config.sp_size)
         super().setup(trainer)
@@ -206,6 +202,27 @@ class SLAStrategy(DeepSpeedStrategy):
 
 
 SLAStrategy.register_strategies(StrategyRegistry)
+
+
+def enable_module_sequence_parallel(module: torch.nn.Module, groups: SequenceParallelGroups) -> None:
+    """Make every VideoDiT (its attention cores; DiTModule shards the sequence itself) and every diffusers
+    WanTransformer3DModel (its whole forward, by hooks: the user's module runs unchanged) in ``module``
+    sequence-parallel over ``groups``."""
+    dits = [m for m in module.modules() if isinstance(m, VideoDiT)]
+    wans = []
+    if "diffusers" in sys.modules:  # only a user who built a diffusers model has imported it
+        from diffusers import WanTransformer3DModel
+
+        from .sequence_diffusers import enable_wan_sequence_parallel
+
+        wans = [m for m in module.modules() if isinstance(m, WanTransformer3DModel)]
+    if not dits and not wans:
+        raise ValueError(f"sequence_parallel_size={groups.sp_size} needs a LightningModule holding a VideoDiT or a "
+                         f"diffusers WanTransformer3DModel; {type(module).__name__} holds neither")
+    for dit in dits:
+        enable_sequence_parallel(dit, groups)
+    for wan in wans:
+        enable_wan_sequence_parallel(wan, groups)
 
 
 def sp_loss_factor(config: dict, sp_size: int) -> int:

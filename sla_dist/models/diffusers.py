@@ -61,9 +61,14 @@ class WanSLAProcessor:
             freqs_cos, freqs_sin = rotary_emb
             cos, sin = freqs_cos[0, :, 0, 0::2].float(), freqs_sin[0, :, 0, 1::2].float()
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attn.sla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = self.attend(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rotary_emb)
         o = o.transpose(1, 2).flatten(2).type_as(q)
         return attn.to_out[1](attn.to_out[0](o))
+
+    def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary_emb) -> torch.Tensor:
+        """The attention core on [B, H, L, D] (after RoPE): the layer's SLA. Sequence parallelism overrides it
+        (``sla_dist.lightning.sequence_diffusers``), reading the valid length from ``rotary_emb``."""
+        return attn.sla(q, k, v)
 
 
 class CogVideoXSLAProcessor:
