@@ -7,6 +7,7 @@ launch, and this file is imported before any test module.
 import os
 
 import pytest
+import torch.distributed as dist
 
 from tests.utils import HAS_CUDA
 
@@ -30,3 +31,14 @@ def poison_outputs(monkeypatch):
 
     monkeypatch.setattr(op, "POISON_OUTPUTS", True)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group():
+    """Destroy the default process group a test leaves behind: an in-process Lightning / DeepSpeed run (devices=1)
+    initialises one and never destroys it, and every later test that forks its ranks (``run_distributed``) would
+    inherit it and fail with "trying to initialize the default process group twice"."""
+    initialized_before = dist.is_available() and dist.is_initialized()
+    yield
+    if not initialized_before and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
