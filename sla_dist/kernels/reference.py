@@ -5,8 +5,12 @@ dtype; in float64 it is the "exact" answer, and in the kernel's dtype it measure
 costs (the kernels must stay within a small multiple of it).
 
     O   = O_s + proj_l(O_l)
-    O_s = softmax(Q K^T / sqrt(D) masked to the critical pairs) V
+    O_s = softmax((Q / sqrt(D)) K^T masked to the critical pairs) V,  0 for a row with no critical pair
     O_l = (A V) / (A 1),  A = phi(Q) phi(K)^T masked to the linear pairs,  0 where A 1 == 0
+
+Q is scaled before the product, as the kernels' float32 scores effectively are: the unscaled Q K^T of large
+float16 inputs overflows (|q . k| > 65504) where the scaled one does not. A row with no critical pair (only a
+hand-built map has one) gives O_s = 0 and lse = -inf, as in the kernels.
 """
 
 from __future__ import annotations
@@ -32,10 +36,15 @@ def sparse_branch_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: BlockMap
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O_s [B, H, Lq, D], lse [B, H, Lq]): exact softmax attention restricted to each query's critical key blocks,
-    and the natural-log log-sum-exp of its scaled scores."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~block_map.token_mask(CRITICAL), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+    and the natural-log log-sum-exp of its scaled scores; 0 and -inf on a row with no critical key."""
+    critical = block_map.token_mask(CRITICAL)
+    empty = ~critical.any(-1, keepdim=True)
+    # Empty rows get finite scores, then a zero output: -inf everywhere would make softmax, logsumexp and their
+    # gradients NaN.
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    scores = scores.masked_fill(~critical, float("-inf")).masked_fill(empty, 0.0)
+    o_s = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0) @ v
+    return o_s, torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
 
 
 def linear_branch_ref(

@@ -4,7 +4,7 @@ sla_branches, the custom-op registration (fake kernels, torch.compile) and input
 import pytest
 import torch
 
-from sla_dist.kernels.block_map import predict_block_map
+from sla_dist.kernels.block_map import CRITICAL, MARGINAL, BlockMap, build_block_map, predict_block_map
 from sla_dist.kernels.op import sla_branches, sla_forward, sparse_linear_attention
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
@@ -158,3 +158,30 @@ def test_backward_saves_no_per_block_summaries():
     assert saved  # the hooks saw the forward's saved tensors
     per_block = [s for s in saved if len(s) >= 3 and s[-2:] == (32, 32)]
     assert not per_block, f"saved per-block [D, D] tensors of shapes {per_block}"
+
+
+def _map_with_critical_rows(rows: list[list[int]], L: int = 130) -> BlockMap:
+    """A hand-built map over L tokens in blocks of 64: rows[i] lists query block i's critical key blocks, the others
+    are marginal; the lists are built from the classes, so the map is valid."""
+    n = -(-L // 64)
+    block_class = torch.full((1, 1, n, n), MARGINAL, dtype=torch.int8)
+    for i, row in enumerate(rows):
+        block_class[0, 0, i, row] = CRITICAL
+    return build_block_map(block_class.to(DEVICE), L, L, 64, 64)
+
+
+def test_row_without_critical_block_gives_zero_in_kernel_and_reference(poison_outputs):
+    """Only a hand-built map can leave a query block without critical blocks: O_s = 0 and lse = -inf there in both
+    backends, and the gradients agree."""
+    q, k, v = _qkv(1, 1, 130, 130, 32)
+    bm = _map_with_critical_rows([[0, 2], [], [1]])
+    for branches, dtype in ((sla_branches, torch.float32), (sla_branches_ref, torch.float64)):
+        o_s, _, lse = branches(*(t.to(dtype) for t in (q, k, v)), bm)
+        assert (o_s[0, 0, 64:128] == 0).all() and (lse[0, 0, 64:128] == float("-inf")).all(), branches.__name__
+        assert torch.isfinite(o_s).all() and torch.isfinite(lse[0, 0, :64]).all()
+    w = torch.randn(32, 32, device=DEVICE) * 0.1
+    g = torch.randn_like(q)
+    got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
+    want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
+                  [t.double() for t in (q, k, v)], g.double())
+    _assert_close_to_float64(got, want)
