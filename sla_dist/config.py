@@ -6,6 +6,7 @@ fails at load time rather than deep inside a kernel launch. The same classes ser
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
@@ -43,14 +44,8 @@ class SLAConfig:
 
     def __post_init__(self) -> None:
         validate_fractions(self.topk, self.negligible)
-        if self.block_q not in SUPPORTED_BLOCK_Q:
-            raise ValueError(f"block_q={self.block_q} is not supported; choose one of {SUPPORTED_BLOCK_Q}")
-        if self.block_k not in SUPPORTED_BLOCK_K:
-            raise ValueError(f"block_k={self.block_k} is not supported; choose one of {SUPPORTED_BLOCK_K}")
-        if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map={self.feature_map!r} is not one of {FEATURE_MAPS}")
-        if self.linear_scope not in LINEAR_SCOPES:
-            raise ValueError(f"linear_scope={self.linear_scope!r} is not one of {LINEAR_SCOPES}")
+        validate_block_sizes(self.block_q, self.block_k)
+        validate_branch_options(self.feature_map, self.linear_scope)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
 
@@ -68,3 +63,29 @@ def validate_fractions(topk: float, negligible: float) -> None:
         raise ValueError(f"negligible={negligible} must lie in [0, 1]")
     if topk + negligible > 1.0 + 1e-9:
         raise ValueError(f"topk + negligible = {topk} + {negligible} = {topk + negligible} exceeds 1")
+
+
+def is_int(value: object) -> bool:
+    """An integer, and not a bool (``True`` is an int to Python but never a meaningful size)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise ValueError naming ``value`` unless it is an integer (not a bool) of at least ``minimum``."""
+    if not is_int(value) or value < minimum:  # type: ignore[operator]
+        raise ValueError(f"{name}={value!r} must be an integer of at least {minimum}")
+
+
+def validate_block_sizes(block_q: object, block_k: object) -> None:
+    """The block sizes the Triton kernels support; shared by SLAConfig, block-map prediction and the kernel op."""
+    for name, value, supported in (("block_q", block_q, SUPPORTED_BLOCK_Q), ("block_k", block_k, SUPPORTED_BLOCK_K)):
+        if not is_int(value) or value not in supported:
+            raise ValueError(f"{name}={value!r} is not supported; choose one of {supported}")
+
+
+def validate_branch_options(feature_map: object, linear_scope: object) -> None:
+    """The linear branch's feature map and scope; shared by SLAConfig and the functional API."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is not one of {FEATURE_MAPS}")
+    if linear_scope not in LINEAR_SCOPES:
+        raise ValueError(f"linear_scope={linear_scope!r} is not one of {LINEAR_SCOPES}")

@@ -22,11 +22,11 @@ classification that the linear branch needs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..config import validate_fractions
+from ..config import check_int, validate_block_sizes, validate_fractions
 
 NEGLIGIBLE, MARGINAL, CRITICAL = 0, 1, 2
 
@@ -47,10 +47,16 @@ def block_counts(nk: int, topk: float, negligible: float) -> tuple[int, int]:
 class BlockMap:
     """Which key blocks each query block attends to exactly, linearly, or not at all.
 
-    Shapes (B batch, H heads, Nq query blocks, Nk key blocks, W = the widest critical list):
+    Shapes (B batch, H heads, Nq = ceil(q_len / block_q) query blocks, Nk = ceil(kv_len / block_k) key blocks,
+    W >= 1 the widest critical list):
         block_class   [B, H, Nq, Nk] int8   CRITICAL / MARGINAL / NEGLIGIBLE
         kv_num_blocks [B, H, Nq]     int32  critical key blocks per query block
-        kv_indices    [B, H, Nq, W]  int32  their indices, ascending; entries past kv_num_blocks are unspecified
+        kv_indices    [B, H, Nq, W]  int32  their indices (ascending from the factories below, for memory locality;
+                                            any order is valid); entries past kv_num_blocks are unspecified
+
+    Construction checks dtypes, shapes and devices (no tensor is read). The values are checked by
+    :meth:`check_values` when a map reaches SLA, except for maps made by :func:`predict_block_map` or
+    :func:`build_block_map`, which are right by construction: reading values back synchronises with the GPU.
     """
 
     block_class: torch.Tensor
@@ -60,6 +66,72 @@ class BlockMap:
     kv_len: int
     block_q: int
     block_k: int
+    _trusted: bool = field(default=False, init=False, repr=False, compare=False)
+    """Set only by this module's factories. Not an init argument, so any other map, including one derived from a
+    trusted map by ``dataclasses.replace``, has its values checked."""
+
+    def __post_init__(self) -> None:
+        for name in ("q_len", "kv_len", "block_q", "block_k"):
+            check_int(name, getattr(self, name), 1)
+        bc, num, idx = self.block_class, self.kv_num_blocks, self.kv_indices
+        for name, t, dtype in (("block_class", bc, torch.int8), ("kv_num_blocks", num, torch.int32),
+                               ("kv_indices", idx, torch.int32)):
+            if t.dtype != dtype:
+                raise ValueError(f"{name} must be {dtype}; got {t.dtype}")
+        if bc.dim() != 4:
+            raise ValueError(f"block_class must be [B, H, Nq, Nk]; got shape {tuple(bc.shape)}")
+        grid = (num_blocks(self.q_len, self.block_q), num_blocks(self.kv_len, self.block_k))
+        if tuple(bc.shape[2:]) != grid:
+            raise ValueError(f"block_class of shape {tuple(bc.shape)} does not cover q_len={self.q_len} and "
+                             f"kv_len={self.kv_len} in blocks of ({self.block_q}, {self.block_k}): expected "
+                             f"[B, H, {grid[0]}, {grid[1]}]")
+        if num.shape != bc.shape[:3]:
+            raise ValueError(f"kv_num_blocks must be [B, H, Nq] = {list(bc.shape[:3])}; got {list(num.shape)}")
+        if idx.dim() != 4 or idx.shape[:3] != bc.shape[:3] or idx.shape[3] < 1:
+            raise ValueError(f"kv_indices must be [B, H, Nq, W] = {list(bc.shape[:3])} + [W >= 1]; got "
+                             f"{list(idx.shape)}")
+        if not (bc.device == num.device == idx.device):
+            raise ValueError(f"block map tensors are on different devices: block_class {bc.device}, kv_num_blocks "
+                             f"{num.device}, kv_indices {idx.device}")
+
+    @classmethod
+    def _from_factory(cls, *args) -> "BlockMap":
+        """A map built by this module: its lists are the CRITICAL blocks of block_class by construction."""
+        block_map = cls(*args)
+        object.__setattr__(block_map, "_trusted", True)
+        return block_map
+
+    def check_values(self) -> None:
+        """Raise ValueError naming the first offending entry unless every class is one of NEGLIGIBLE / MARGINAL /
+        CRITICAL, 0 <= kv_num_blocks <= W, and the listed kv_indices (the first kv_num_blocks of each row) are
+        exactly the row's CRITICAL key blocks, each once, in any order. One device synchronisation: the kernels
+        would read out of bounds (a crash on the GPU) or silently disagree with the backward otherwise."""
+        bc, num, idx = self.block_class, self.kv_num_blocks, self.kv_indices
+        nk, width = bc.shape[-1], idx.shape[-1]
+        listed = torch.arange(width, device=idx.device) < num[..., None]
+        in_range = (idx >= 0) & (idx < nk)
+        counted = listed & in_range
+        hits = torch.zeros(bc.shape, dtype=torch.int32, device=bc.device)
+        hits.scatter_add_(-1, torch.where(counted, idx, 0).long(), counted.int())
+        checks = ((bc < NEGLIGIBLE) | (bc > CRITICAL), (num < 0) | (num > width), listed & ~in_range,
+                  hits != (bc == CRITICAL).int())
+        failed = torch.stack([c.any() for c in checks]).tolist()
+        if failed[0]:
+            at = _first(checks[0])
+            raise ValueError(f"block_class{at} = {bc[at].item()} is not NEGLIGIBLE {NEGLIGIBLE}, MARGINAL "
+                             f"{MARGINAL} or CRITICAL {CRITICAL}")
+        if failed[1]:
+            at = _first(checks[1])
+            raise ValueError(f"kv_num_blocks{at} = {num[at].item()} is outside [0, W={width}]")
+        if failed[2]:
+            at = _first(checks[2])
+            raise ValueError(f"kv_indices{at} = {idx[at].item()} is outside [0, Nk={nk}) but listed "
+                             f"(kv_num_blocks{at[:3]} = {num[at[:3]].item()})")
+        if failed[3]:
+            at = _first(checks[3])[:3]
+            raise ValueError(f"kv_indices{at}[:{num[at].item()}] = {idx[at][: num[at]].tolist()} must list each "
+                             f"CRITICAL key block of block_class{at} once: "
+                             f"{(bc[at] == CRITICAL).nonzero().flatten().tolist()}")
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -78,6 +150,30 @@ class BlockMap:
         """Token-level [B, H, Lq, Lk] boolean mask of the pairs in class ``cls`` (for references and tests)."""
         m = (self.block_class == cls).repeat_interleave(self.block_q, dim=2)[:, :, : self.q_len]
         return m.repeat_interleave(self.block_k, dim=3)[..., : self.kv_len]
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    """Index of the first True element of ``mask``."""
+    return tuple(mask.nonzero()[0].tolist())
+
+
+def check_block_map(q: torch.Tensor, k: torch.Tensor, block_map: BlockMap, *, kernel: bool) -> None:
+    """Raise ValueError unless ``block_map`` was built for ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D] (lengths,
+    batch, heads, device) with block sizes the kernels support (``kernel``; the reference takes any), and, unless one
+    of this module's factories built it, holds valid values (:meth:`BlockMap.check_values`, one device sync)."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    expected = (B, H, num_blocks(Lq, block_map.block_q), num_blocks(Lk, block_map.block_k))
+    if (block_map.q_len, block_map.kv_len) != (Lq, Lk) or tuple(block_map.block_class.shape) != expected:
+        raise ValueError(f"block map of shape {tuple(block_map.block_class.shape)} for lengths "
+                         f"({block_map.q_len}, {block_map.kv_len}) does not fit q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)}: expected {expected}")
+    if block_map.block_class.device != q.device:
+        raise ValueError(f"the block map is on {block_map.block_class.device} but q is on {q.device}")
+    if kernel:
+        validate_block_sizes(block_map.block_q, block_map.block_k)
+    if not block_map._trusted:
+        block_map.check_values()
 
 
 def critical_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,15 +306,8 @@ def build_block_map(
     kv_num_blocks, order = critical_lists(block_class)
     if width is None:
         width = int(kv_num_blocks.max()) if kv_num_blocks.numel() else 0
-    return BlockMap(
-        block_class=block_class,
-        kv_num_blocks=kv_num_blocks,
-        kv_indices=order[..., : max(width, 1)].contiguous(),
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=block_q,
-        block_k=block_k,
-    )
+    return BlockMap._from_factory(block_class, kv_num_blocks, order[..., : max(width, 1)].contiguous(), q_len,
+                                  kv_len, block_q, block_k)
 
 
 @torch.no_grad()
@@ -235,9 +324,12 @@ def predict_block_map(
     """Predict the SLA block map of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D].
 
     ``kernels``: pool and rank with the Triton kernels of block_select.py (True), with PyTorch ops (False), or by
-    device (None: kernels on CUDA). Both give the same map up to float rounding of the block sums."""
+    device (None: kernels on CUDA). Both give the same map up to float rounding of the block sums.
+
+    ``block_q`` / ``block_k``: sizes the SLA kernels support (see :data:`sla_dist.config.SUPPORTED_BLOCK_Q`)."""
+    validate_block_sizes(block_q, block_k)
     scores = block_scores(q, k, block_q, block_k, kernels=kernels)
     block_class, kv_indices = rank_blocks(scores, topk, negligible, kernels=kernels)
     kv_num_blocks = torch.full(block_class.shape[:-1], kv_indices.shape[-1], dtype=torch.int32,
                                device=block_class.device)
-    return BlockMap(block_class, kv_num_blocks, kv_indices, q.shape[2], k.shape[2], block_q, block_k)
+    return BlockMap._from_factory(block_class, kv_num_blocks, kv_indices, q.shape[2], k.shape[2], block_q, block_k)

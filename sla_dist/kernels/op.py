@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import FEATURE_MAPS
-from .block_map import MARGINAL, BlockMap, num_blocks, transposed_lists
+from ..config import FEATURE_MAPS, validate_branch_options
+from .block_map import MARGINAL, BlockMap, check_block_map, num_blocks, transposed_lists
 from .configs import get_kernel
 from .reference import project_branches
 
@@ -293,17 +293,6 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: b
             raise NotImplementedError(f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1); got {q.device}")
 
 
-def check_block_map(q: torch.Tensor, k: torch.Tensor, block_map: BlockMap) -> None:
-    """The block map must have been built for these lengths and block sizes."""
-    B, H, Lq, _ = q.shape
-    Lk = k.shape[2]
-    expected = (B, H, num_blocks(Lq, block_map.block_q), num_blocks(Lk, block_map.block_k))
-    if (block_map.q_len, block_map.kv_len) != (Lq, Lk) or tuple(block_map.block_class.shape) != expected:
-        raise ValueError(f"block map of shape {tuple(block_map.block_class.shape)} for lengths "
-                         f"({block_map.q_len}, {block_map.kv_len}) does not fit q {tuple(q.shape)} and k "
-                         f"{tuple(k.shape)}: expected {expected}")
-
-
 def sla_branches(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -317,7 +306,10 @@ def sla_branches(
 
     Args:
         q: [B, H, Lq, D]; k, v: [B, H, Lk, D]; float16 / bfloat16 / float32, D in (32, 64, 128).
-        block_map: built for (Lq, Lk), e.g. by :func:`sla_dist.kernels.block_map.predict_block_map`.
+        block_map: built for (Lq, Lk), e.g. by :func:`sla_dist.kernels.block_map.predict_block_map`. A map built
+            by hand has its values checked first (one device synchronisation).
+        feature_map: 'softmax' | 'elu' | 'relu'.
+        linear_scope: 'marginal' (paper) | 'all' | 'none'.
 
     Returns:
         o_s [B, H, Lq, D]: softmax attention over each query block's critical key blocks;
@@ -326,9 +318,12 @@ def sla_branches(
         differentiable, so two partial attentions merge exactly as (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2).
     """
     check_inputs(q, k, v, kernel=True)
-    check_block_map(q, k, block_map)
-    o, o_l, lse2 = sla_forward(q, k, v, block_map.block_class, block_map.kv_num_blocks, block_map.kv_indices,
-                               block_map.block_q, block_map.block_k, feature_map, linear_scope)
+    validate_branch_options(feature_map, linear_scope)
+    check_block_map(q, k, block_map, kernel=True)
+    # The kernels index the lists as dense [B * H, Nq(, W)] arrays; a no-op for maps built by block_map.py.
+    o, o_l, lse2 = sla_forward(q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(),
+                               block_map.kv_indices.contiguous(), block_map.block_q, block_map.block_k, feature_map,
+                               linear_scope)
     return o, (o_l if linear_scope != "none" else None), lse2 * math.log(2.0)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .block_map import CRITICAL, MARGINAL, BlockMap
+from ..config import validate_branch_options
+from .block_map import CRITICAL, MARGINAL, BlockMap, check_block_map
 
 
 def feature_map_ref(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -72,7 +73,10 @@ def sla_branches_ref(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Reference twin of :func:`sla_dist.kernels.op.sla_branches`: (o_s, o_l or None, natural-log lse)."""
+    """Reference twin of :func:`sla_dist.kernels.op.sla_branches`: (o_s, o_l or None, natural-log lse). Takes any
+    positive block sizes; a hand-built map has its values checked first."""
+    validate_branch_options(feature_map, linear_scope)
+    check_block_map(q, k, block_map, kernel=False)
     o_s, lse = sparse_branch_ref(q, k, v, block_map)
     o_l = None if linear_scope == "none" else linear_branch_ref(q, k, v, block_map, feature_map, linear_scope)
     return o_s, o_l, lse
@@ -95,6 +99,7 @@ def sla_reference(
 
 def project_branches(branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope):
     """O_s + proj_l(O_l) from a ``branches`` function (the kernels' or the reference's); no weight, no branch."""
+    validate_branch_options(feature_map, linear_scope)  # before a missing weight turns any scope into 'none'
     if proj_weight is None:
         linear_scope = "none"
     out, o_l, _ = branches(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope)

@@ -83,7 +83,9 @@ def compare_query_blocks(c: SLACase, inputs: dict[str, torch.Tensor], blocks: li
     nq = block_map.block_class.shape[2]
     blocks = sorted(b % nq for b in blocks)
     rows = torch.cat([torch.arange(b * c.block_q, min((b + 1) * c.block_q, c.L)) for b in blocks]).to(c.device)
-    sub_map = replace(block_map, block_class=block_map.block_class[:, :, blocks], q_len=len(rows))
+    sub_map = replace(block_map, block_class=block_map.block_class[:, :, blocks],
+                      kv_num_blocks=block_map.kv_num_blocks[:, :, blocks],
+                      kv_indices=block_map.kv_indices[:, :, blocks], q_len=len(rows))
     grad = torch.zeros_like(inputs["grad"])
     grad[:, :, rows] = inputs["grad"][:, :, rows]
     opts = dict(feature_map=c.feature_map, linear_scope=c.linear_scope)

@@ -1,6 +1,8 @@
 """The operator's contract beyond the numeric grid: cross lengths, strided inputs, the differentiable LSE of
 sla_branches, the custom-op registration (fake kernels, torch.compile) and input errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,15 +33,20 @@ def _assert_close_to_float64(got, want, tol=1e-5):
         assert relative_error(g, w) < tol
 
 
+def _assert_kernel_matches_float64(q, k, v, bm, w, grad_out):
+    """The kernels' output and input gradients against the float64 reference's (linear branch projected by w)."""
+    got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), grad_out)
+    want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None), [t.double() for t in (q, k, v)],
+                  grad_out.double())
+    _assert_close_to_float64(got, want)
+
+
 def test_query_and_key_lengths_may_differ(poison_outputs):
     q, k, v = _qkv(1, 2, 300, 777, 64)
     w = torch.randn(64, 64, device=DEVICE) * 0.1
     bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
     g = torch.randn_like(q)
-    got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
-    want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
-                  [t.double() for t in (q, k, v)], g.double())
-    _assert_close_to_float64(got, want)
+    _assert_kernel_matches_float64(q, k, v, bm, w, g)
 
 
 def test_strided_views_are_read_in_place(poison_outputs):
@@ -51,10 +58,7 @@ def test_strided_views_are_read_in_place(poison_outputs):
     bm = predict_block_map(q, k, topk=0.25, negligible=0.1)
     w = torch.randn(D, D, device=DEVICE) * 0.1
     g = torch.randn(B, H, L, D, device=DEVICE)
-    got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
-    want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
-                  [t.double() for t in (q, k, v)], g.double())
-    _assert_close_to_float64(got, want)
+    _assert_kernel_matches_float64(q, k, v, bm, w, g)
 
 
 def test_lse_is_differentiable_for_merging(poison_outputs):
@@ -139,10 +143,7 @@ def test_other_tile_shapes(monkeypatch, poison_outputs):
         bm = predict_block_map(q, k, topk=0.2, negligible=0.1, block_q=128)  # 3 critical blocks of 16
         w = torch.randn(64, 64, device=DEVICE) * 0.1
         g = torch.randn_like(q)
-        got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
-        want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
-                      [t.double() for t in (q, k, v)], g.double())
-        _assert_close_to_float64(got, want)
+        _assert_kernel_matches_float64(q, k, v, bm, w, g)
     finally:
         configs.get_kernel.cache_clear()
 
@@ -181,7 +182,79 @@ def test_row_without_critical_block_gives_zero_in_kernel_and_reference(poison_ou
         assert torch.isfinite(o_s).all() and torch.isfinite(lse[0, 0, :64]).all()
     w = torch.randn(32, 32, device=DEVICE) * 0.1
     g = torch.randn_like(q)
-    got = _grads(lambda q, k, v: sparse_linear_attention(q, k, v, bm, w, None), (q, k, v), g)
-    want = _grads(lambda q, k, v: sla_reference(q, k, v, bm, w.double(), None),
-                  [t.double() for t in (q, k, v)], g.double())
-    _assert_close_to_float64(got, want)
+    _assert_kernel_matches_float64(q, k, v, bm, w, g)
+
+
+def _broken(bm: BlockMap, which: str) -> BlockMap:
+    kv_num, kv_idx = bm.kv_num_blocks.clone(), bm.kv_indices.clone()
+    if which == "out of range":
+        kv_idx[0, 0, 2, 0] = 3  # query block 2 lists key block 3 of 0..2 instead of 1
+    elif which == "negative":
+        kv_idx[0, 0, 0, 1] = -1
+    elif which == "too narrow":
+        kv_num[0, 0, 0] = kv_idx.shape[-1] + 1
+    elif which == "not critical":
+        kv_idx[0, 0, 2, 0] = 0
+    return dataclasses.replace(bm, kv_num_blocks=kv_num, kv_indices=kv_idx)
+
+
+@pytest.mark.parametrize("fn", [sparse_linear_attention, sla_reference])
+@pytest.mark.parametrize("which, match", [
+    ("out of range", r"kv_indices\(0, 0, 2, 0\) = 3 is outside \[0, Nk=3\)"),
+    ("negative", r"kv_indices\(0, 0, 0, 1\) = -1 is outside"),
+    ("too narrow", r"kv_num_blocks\(0, 0, 0\) = 3 is outside \[0, W=2\]"),
+    ("not critical", r"kv_indices\(0, 0, 2\)\[:1\] = \[0\] must list each CRITICAL key block"),
+])
+def test_hand_built_map_values_are_checked(fn, which, match):
+    q, k, v = _qkv(1, 1, 130, 130, 32)
+    bm = _broken(_map_with_critical_rows([[0, 2], [1], [1]]), which)
+    with pytest.raises(ValueError, match=match):
+        fn(q, k, v, bm, torch.eye(32, device=DEVICE))
+
+
+def test_maps_from_the_factories_are_not_read_back(monkeypatch):
+    """Checking values synchronises with the GPU: maps made by predict_block_map / build_block_map skip it."""
+    calls = []
+    monkeypatch.setattr(BlockMap, "check_values", lambda self: calls.append(self))
+    q, k, v = _qkv(1, 1, 130, 130, 32)
+    predicted = predict_block_map(q, k, topk=0.5, negligible=0.0)
+    for bm in (predicted, _map_with_critical_rows([[0], [1], [2]])):
+        sparse_linear_attention(q, k, v, bm)
+        sla_reference(q, k, v, bm)
+    assert not calls
+    derived = dataclasses.replace(predicted, kv_indices=predicted.kv_indices.clone())
+    sla_reference(q, k, v, derived)
+    assert calls == [derived]
+
+
+def test_kernel_block_sizes():
+    """The kernels take block_q 64 / 128 and block_k 64; the reference takes any block size of a hand-built map."""
+    q, k, v = _qkv(1, 1, 100, 100, 32)
+    block_class = torch.full((1, 1, 4, 2), CRITICAL, dtype=torch.int8, device=DEVICE)
+    bm = build_block_map(block_class, 100, 100, 32, 64)  # every pair critical: dense attention
+    with pytest.raises(ValueError, match=r"block_q=32 is not supported; choose one of \(64, 128\)"):
+        sla_branches(q, k, v, bm)
+    torch.testing.assert_close(sla_reference(q, k, v, bm), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("fn, with_weight", [(sparse_linear_attention, True), (sparse_linear_attention, False),
+                                             (sla_reference, True), (sla_reference, False), (sla_branches, False),
+                                             (sla_branches_ref, False)])
+@pytest.mark.parametrize("options, match", [
+    (dict(feature_map="gelu"), "feature_map='gelu' is not one of"),
+    (dict(linear_scope="foo"), "linear_scope='foo' is not one of"),  # also without a weight, which skips the branch
+])
+def test_bad_branch_options_name_the_value(fn, with_weight, options, match):
+    q, k, v = _qkv(1, 1, 130, 130, 32)
+    bm = predict_block_map(q, k, topk=0.5, negligible=0.0)
+    weight = (torch.eye(32, device=DEVICE),) if with_weight else ()
+    with pytest.raises(ValueError, match=match):
+        fn(q, k, v, bm, *weight, **options)
+
+
+def test_block_map_on_another_device():
+    q, k, v = _qkv(1, 1, 130, 130, 32)
+    bm = predict_block_map(q.to("meta"), k.to("meta"), topk=0.5, negligible=0.0)
+    for fn in (sparse_linear_attention, sla_reference):
+        with pytest.raises(ValueError, match=f"the block map is on meta but q is on {DEVICE}"):
+            fn(q, k, v, bm)
