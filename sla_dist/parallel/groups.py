@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..config import check_int, is_int
+
 
 @dataclass
 class SequenceParallelConfig:
@@ -32,11 +34,10 @@ class SequenceParallelConfig:
     The rest of the SP split, ``ring_degree = sp_size // ulysses_degree``, is context parallel."""
 
     def __post_init__(self) -> None:
-        if self.sp_size < 1:
-            raise ValueError(f"sp_size={self.sp_size} must be at least 1")
+        check_int("sp_size", self.sp_size, 1)
         if self.ulysses_degree is None:
             self.ulysses_degree = self.sp_size
-        if self.ulysses_degree < 1 or self.sp_size % self.ulysses_degree:
+        if not is_int(self.ulysses_degree) or self.ulysses_degree < 1 or self.sp_size % self.ulysses_degree:
             raise ValueError(f"ulysses_degree={self.ulysses_degree} must be a positive divisor of "
                              f"sp_size={self.sp_size}")
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..config import check_int
 from ..kernels.block_map import num_blocks
 from .groups import group_rank, group_size
 
@@ -45,8 +46,7 @@ class SequenceShard:
     """The process group of the ``world`` ranks; needed by :meth:`gather` and by the backward of :meth:`split`."""
 
     def __post_init__(self) -> None:
-        if self.seq_len < 1:
-            raise ValueError(f"seq_len={self.seq_len} must be at least 1")
+        check_int("seq_len", self.seq_len, 1)
         if self.world < 1 or not 0 <= self.rank < self.world:
             raise ValueError(f"rank={self.rank} is not in [0, world={self.world})")
         if self.align < 1:

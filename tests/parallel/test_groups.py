@@ -16,6 +16,9 @@ from dist_utils import TIMEOUT, device_params, run_distributed
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(sp_size=0), "sp_size=0"),
+    (dict(sp_size=2.0), "sp_size=2.0 must be an integer"),
+    (dict(sp_size=True), "sp_size=True must be an integer"),
+    (dict(sp_size=4, ulysses_degree=2.0), "ulysses_degree=2.0 must be a positive divisor"),
     (dict(sp_size=4, ulysses_degree=3), "ulysses_degree=3 must be a positive divisor of sp_size=4"),
     (dict(sp_size=4, ulysses_degree=0), "ulysses_degree=0"),
 ])

@@ -34,6 +34,8 @@ def test_layout(seq_len, world, align, padded, valid):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(seq_len=0, world=2, rank=0), "seq_len=0"),
+    (dict(seq_len=100.0, world=1, rank=0), "seq_len=100.0 must be an integer"),
+    (dict(seq_len=True, world=1, rank=0), "seq_len=True must be an integer"),
     (dict(seq_len=10, world=2, rank=2), "rank=2 is not in"),
     (dict(seq_len=10, world=2, rank=0, align=0), "align=0"),
     (dict(seq_len=10, world=2, rank=1), "world=2 ranks needs their process group, got group=None"),

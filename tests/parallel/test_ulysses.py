@@ -98,3 +98,13 @@ def test_ulysses_two_ranks(device):
 @pytest.mark.parametrize("device", device_params(4))
 def test_ulysses_four_ranks(device):
     run_distributed(_four_ranks, 4, device)
+
+
+@pytest.mark.parametrize("seq_len", [100.0, True, 0, 129])
+def test_seq_len_must_be_an_integer_in_range(seq_len):
+    """One process, sp_size 1: a [1, 2, 128, 64] shard holds at most 128 valid tokens."""
+    layer = SequenceParallelSLA(make_sla(64, torch.device("cpu"), seed=0),
+                                SequenceParallelGroups.build(SequenceParallelConfig()))
+    q = torch.randn(1, 2, 128, 64)
+    with pytest.raises(ValueError, match=rf"seq_len={seq_len!r} must be an integer in \(0, 128\]"):
+        layer(q, q, q, seq_len=seq_len)
