@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from ..files import save_safetensors
 
 _SP_WRAPPER = re.compile(r"(self_attn\.core)\.attention\.")
 """The SP wrapper level of checkpoints written before sequence parallelism kept the cores' names."""
+
+_TORCH_LOAD = torch.load
+"""The real ``torch.load``, also while ``weights_only_loads`` replaces it."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -61,16 +65,41 @@ def _safe_globals() -> list:
     return found
 
 
+def _unreadable(path: object, exc: BaseException) -> ValueError | None:
+    """The one-line error for a checkpoint file ``torch.load`` refused or could not read; None for other errors."""
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        return ValueError(f"{str(path)!r} holds a pickled object that is not plain data{what}; refusing to load "
+                          "it, since unpickling it could run code")
+    if isinstance(exc, EOFError) or (isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)):
+        return ValueError(f"{str(path)!r} is empty, truncated or not a torch checkpoint ({exc})")
+    return None
+
+
+def safe_torch_load(path: str | Path, **kwargs):
+    """``torch.load(path, weights_only=True)`` with the allow-list, raising ValueError naming the file when it holds
+    code-running pickles or cannot be read."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return _TORCH_LOAD(path, **{**kwargs, "weights_only": True})
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        error = _unreadable(path, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
 @contextlib.contextmanager
 def weights_only_loads():
-    """Within the block every ``torch.load`` (also DeepSpeed's own, which asks for ``weights_only=False``) runs with
-    ``weights_only=True`` and the allow-list above."""
+    """Within the block every ``torch.load`` (also DeepSpeed's own, which asks for ``weights_only=False``) is
+    ``safe_torch_load``."""
     original = torch.load
 
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_safe_globals()):
-            return original(*args, **kwargs)
+    def safe_load(f, *args, **kwargs):
+        if args:  # map_location given positionally
+            kwargs["map_location"] = args[0]
+        return safe_torch_load(f, **kwargs)
 
     torch.load = safe_load
     try:
@@ -88,7 +117,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path, map_location="cpu")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -101,12 +130,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def _client_state(ckpt: Path) -> dict:
     """Lightning's part of a checkpoint (a file, or a DeepSpeed directory's model-states file)."""
     if ckpt.is_file():
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
+        return safe_torch_load(ckpt, map_location="cpu")
     files = sorted(ckpt.glob("checkpoint/*model_states.pt"))
     if not files:
         raise ValueError(f"{str(ckpt)!r} is neither a checkpoint file nor a DeepSpeed checkpoint directory")
-    with weights_only_loads():
-        return torch.load(files[0], map_location="cpu")
+    return safe_torch_load(files[0], map_location="cpu")
 
 
 def consolidated_state_dict(ckpt: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = No
     if ckpt is not None:
         rank_zero_info(f"resuming from {ckpt}")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     wall_time = time.perf_counter() - started
     sample_path = None
     if recipe.sample.enabled and recipe.data.kind == "synthetic":

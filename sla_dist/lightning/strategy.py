@@ -13,6 +13,7 @@ What it adds to DeepSpeedStrategy:
 * In ``setup`` (after callbacks such as SLACallback have converted the attention, before DeepSpeed wraps the model),
   every self-attention core of the module's DiTs becomes its sequence-parallel form; the module then runs each batch
   with its token sequence sharded within the SP group.
+* Resuming loads every checkpoint file with ``torch.load(weights_only=True)`` (DeepSpeed's own loads included).
 * CPU support: the stock strategy refuses non-CUDA accelerators; here the CUDA-only checks are skipped, gloo is the
   backend, and DeepSpeed's comm layer is pointed at the torch.distributed group without building its shared-memory
   op (a ~60 s JIT compile on first use that gloo never needs).
@@ -35,6 +36,7 @@ from typing_extensions import override
 from ..models import VideoDiT
 from ..parallel import SequenceParallelConfig, SequenceParallelGroups
 from ..parallel.groups import ensure_deepspeed_comm, subgroup
+from .checkpoint import weights_only_loads
 from .sequence import enable_sequence_parallel
 
 
@@ -179,6 +181,13 @@ class SLAStrategy(DeepSpeedStrategy):
             model_parameters=model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
             dist_init_required=False, mpu=self.mpu)
         return engine, ds_optimizer
+
+    @override
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """DeepSpeedStrategy's, with every pickle DeepSpeed reads (it asks for ``weights_only=False``) loaded as
+        weights only: a checkpoint cannot run code on resume."""
+        with weights_only_loads():
+            return super().load_checkpoint(checkpoint_path, weights_only)
 
     @override
     def teardown(self) -> None:
