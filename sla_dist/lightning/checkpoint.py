@@ -1,4 +1,4 @@
-"""Checkpoints: finding the one to resume, safe loading, and export of a consolidated single-file safetensors.
+"""Checkpoints: safe loading, and export of a consolidated single-file safetensors (``rotation.py`` writes them).
 
 A run's checkpoints live in ``<output_dir>/checkpoints``; ``last.ckpt`` links to the newest. Under SLAStrategy each is
 a DeepSpeed directory (ZeRO shards per rank, Lightning's loop / callback / datamodule state as client state); with
@@ -29,16 +29,6 @@ _SP_WRAPPER = re.compile(r"(self_attn\.core)\.attention\.")
 
 _TORCH_LOAD = torch.load
 """The real ``torch.load``, also while ``weights_only_loads`` replaces it."""
-
-
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """``<output_dir>/checkpoints/last.ckpt`` when it exists (resolved through its link), else None."""
-    last = checkpoint_dir(output_dir) / "last.ckpt"
-    return last.resolve() if last.exists() else None
 
 
 def canonical_name(name: str) -> str:

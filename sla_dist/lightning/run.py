@@ -9,17 +9,17 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..sampling import SamplerConfig, sample
 from .callback import SLACallback
-from .checkpoint import checkpoint_dir, last_checkpoint, load_weights
+from .checkpoint import load_weights
 from .data import build_datamodule
 from .logs import build_loggers
 from .module import DiTModule
 from .monitor import StepProgressBar, TrainingMonitor
 from .recipe import Recipe, recipe_to_yaml
+from .rotation import StepCheckpoints, checkpoint_dir, resume_checkpoint
 from .sample import PeriodicSamples, SequenceParallelPredictor, write_gif
 from .strategy import SLAStrategy, zero_config
 from .summary import RunSummary, plot_loss, read_curves
@@ -38,9 +38,7 @@ def build_strategy(recipe: Recipe):
 def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_step: int | None = None) -> pl.Trainer:
     """The Trainer of a recipe; ``resume_step`` is the step of the checkpoint to be resumed (None: a fresh run)."""
     t = recipe.trainer
-    checkpoints = ModelCheckpoint(dirpath=checkpoint_dir(recipe.output_dir), filename="step{step}",
-                                  auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every,
-                                  save_top_k=1, save_last="link", enable_version_counter=False)
+    checkpoints = StepCheckpoints(checkpoint_dir(recipe.output_dir), t.checkpoint_every)
     s = recipe.sparsity
     monitor = TrainingMonitor(recipe.dit)
     callbacks = [checkpoints, monitor, *(extra_callbacks or [])]
@@ -62,7 +60,8 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_st
         gradient_clip_val=recipe.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, logger=build_loggers(recipe.output_dir, resume_step),
         callbacks=callbacks, default_root_dir=recipe.output_dir, use_distributed_sampler=False,
-        enable_model_summary=False, num_sanity_val_steps=0, enable_autolog_hparams=False, **validation,
+        enable_model_summary=False, num_sanity_val_steps=0, enable_autolog_hparams=False,
+        enable_checkpointing=False, **validation,
     )
 
 
@@ -83,7 +82,7 @@ def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = No
     out = Path(recipe.output_dir)
     module = build_module(recipe)
     datamodule = build_datamodule(recipe.data, recipe.dit, recipe.seed)
-    ckpt = last_checkpoint(out) if resume else None
+    ckpt = resume_checkpoint(out) if resume else None
     resume_step = None if ckpt is None else (checkpoint_step(ckpt) or 0)
     trainer = build_trainer(recipe, extra_callbacks, resume_step)
     if trainer.is_global_zero:

@@ -25,6 +25,7 @@ import torch
 from sla_dist import PatchConfig, SLAConfig, apply_sla, dit_config
 from sla_dist.lightning.checkpoint import export_safetensors, load_weights
 from sla_dist.models import VideoDiT
+from tests.lightning.runs import logged_losses as _losses
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
 STEPS, EVERY = 24, 8
@@ -54,16 +55,6 @@ def _wait(procs: list[subprocess.Popen], out: Path, timeout: float = 300) -> Non
     for p in procs:
         rc = p.wait(timeout=timeout)
         assert rc == 0, f"{p.args} exited with {rc}:\n{out.with_suffix('.log').read_text()[-4000:]}"
-
-
-def _losses(out: Path) -> dict[int, float]:
-    """step -> train/loss over every CSV version of a run (a resumed run continues the version it resumes)."""
-    losses = {}
-    for path in sorted((out / "logs" / "csv").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                losses[int(row["step"])] = float(row["train/loss"])
-    return losses
 
 
 @pytest.fixture(scope="module")

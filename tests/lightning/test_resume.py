@@ -4,14 +4,17 @@ own name, and a resumed run follows the uninterrupted one's losses."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from sla_dist.lightning import run
+from sla_dist.lightning import rotation, run
+from sla_dist.lightning.checkpoint import safe_torch_load
 from sla_dist.lightning.recipe import load_recipe
+from tests.lightning.runs import logged_losses
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
 FAST = ["trainer.progress_bar=false", "sample.enabled=false", "data.batch_size=2", "trainer.log_every_n_steps=1",
@@ -21,9 +24,6 @@ FAST = ["trainer.progress_bar=false", "sample.enabled=false", "data.batch_size=2
 def recipe(out: Path, steps: int, every: int, *extra: str):
     return load_recipe(RECIPE, [f"output_dir={out}", *FAST, f"trainer.max_steps={steps}",
                                 f"trainer.checkpoint_every={every}", *extra])
-
-
-MARKER = Path("/nonexistent")
 
 
 def _write_marker(path: str) -> None:
@@ -48,10 +48,26 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
-def copy_run(trained: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(trained, out, symlinks=True)
-    return out
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """The losses of an uninterrupted run of 7 steps."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run.train(recipe(out, 7, 2))
+    losses = logged_losses(out)
+    assert sorted(losses) == list(range(7)) and losses[6] < losses[0]
+    return losses
+
+
+def checkpoints(out: Path) -> dict[str, int]:
+    """name -> the global step stored inside, for each checkpoint of a run, and the target of last.ckpt."""
+    found = {p.name: safe_torch_load(next(p.glob("checkpoint/mp_rank_00_model_states.pt")))["global_step"]
+             for p in (out / "checkpoints").glob("step*.ckpt")}
+    return {**found, "last": os.readlink(out / "checkpoints" / "last.ckpt")}
+
+
+def csv_versions(out: Path) -> list[str]:
+    """A resumed run continues its CSV log version; a run started afresh adds one."""
+    return sorted(p.name for p in (out / "logs" / "csv").iterdir())
 
 
 def test_planted_pickle_in_model_states_never_runs_on_resume(trained, tmp_path):
@@ -64,3 +80,71 @@ def test_planted_pickle_in_model_states_never_runs_on_resume(trained, tmp_path):
     with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt.*_write_marker.*could run code"):
         run.train(recipe(out, 6, 2))
     assert not marker.exists()
+
+
+def test_last_step_is_saved_under_its_own_name_and_resume_follows_the_uninterrupted_run(reference, tmp_path):
+    out = tmp_path / "run"
+    run.train(recipe(out, 5, 2))  # 5 is not a multiple of the interval: the last step is saved anyway
+    assert checkpoints(out) == {"step5.ckpt": 5, "last": "step5.ckpt"}
+    run.train(recipe(out, 7, 2))
+    assert checkpoints(out) == {"step7.ckpt": 7, "last": "step7.ckpt"}
+    losses = logged_losses(out)  # steps 5 and 6 from the resumed run
+    assert sorted(losses) == list(range(7)) and csv_versions(out) == ["version_0"]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), f"step {step}"
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at a chosen point of a save (nothing after it runs)."""
+
+
+def test_kill_between_commit_and_relink_resumes_from_the_newest(reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, calls = rotation.link_last, []
+
+    def killed_on_second_link(checkpoint):
+        calls.append(checkpoint.name)
+        if len(calls) == 2:
+            raise Killed
+        real(checkpoint)
+
+    monkeypatch.setattr(rotation, "link_last", killed_on_second_link)
+    with pytest.raises(Killed):
+        run.train(recipe(out, 7, 2))
+    monkeypatch.undo()
+    # step4 is complete; last.ckpt still names step2, which is not deleted yet
+    assert checkpoints(out) == {"step2.ckpt": 2, "step4.ckpt": 4, "last": "step2.ckpt"}
+    run.train(recipe(out, 7, 2))
+    assert checkpoints(out) == {"step7.ckpt": 7, "last": "step7.ckpt"}
+    losses = logged_losses(out)  # steps 4 to 6 from the resumed run
+    assert sorted(losses) == list(range(7)) and csv_versions(out) == ["version_0"]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), f"step {step}"
+
+
+def test_dangling_last_link_resumes_from_the_newest_complete_checkpoint(trained, tmp_path):
+    # what a kill inside Lightning's rotation left: the old checkpoint deleted, last.ckpt not relinked yet
+    out = copy_run(trained, tmp_path)
+    last = out / "checkpoints" / "last.ckpt"
+    last.unlink()
+    last.symlink_to("step2.ckpt")
+    assert not last.exists()
+    trainer = run.train(recipe(out, 6, 2))
+    assert trainer.global_step == 6 and csv_versions(out) == ["version_0"]  # resumed, not started afresh
+
+
+def test_partial_save_is_not_resumed_from_and_is_removed(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    partial = out / "checkpoints" / "step6.ckpt.partial"
+    shutil.copytree(out / "checkpoints" / "step4.ckpt", partial)
+    trainer = run.train(recipe(out, 6, 2))
+    assert trainer.global_step == 6 and csv_versions(out) == ["version_0"]  # resumed, not started afresh
+    assert not partial.exists() and checkpoints(out) == {"step6.ckpt": 6, "last": "step6.ckpt"}
+
+
+def test_incomplete_checkpoints_are_refused_by_name(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    (out / "checkpoints" / "step4.ckpt" / "latest").unlink()  # a save killed under an older version
+    with pytest.raises(ValueError, match=r"no complete checkpoint.*step4\.ckpt"):
+        run.train(recipe(out, 6, 2))
+    assert csv_versions(out) == ["version_0"]  # nothing ran
