@@ -3,6 +3,10 @@
 Each subcommand lives beside the code it drives, in a module exposing ``register(subparsers)``; it adds its parser
 and sets ``func`` (called with the parsed namespace, returning an exit code). Modules are imported only when the
 command line names them, so ``sla-dist --help`` stays fast and optional dependencies stay optional.
+
+User errors (a bad recipe value, a missing or unreadable file: ValueError / FileNotFoundError, whose messages name
+the offending value) are printed as one line, ``sla-dist COMMAND: error: ...``, with exit code 2, as argparse does
+for bad options.
 """
 
 from __future__ import annotations
@@ -64,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     from .quiet import configure_output
 
     configure_output(verbose=args.verbose)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message's layout
+        print(f"sla-dist {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -57,13 +58,16 @@ def _safe_globals() -> list:
 
 def _unreadable(path: object, exc: BaseException) -> ValueError | None:
     """The one-line error for a checkpoint file ``torch.load`` refused or could not read; None for other errors."""
-    if isinstance(exc, pickle.UnpicklingError):
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
         return ValueError(f"{str(path)!r} holds a pickled object that is not plain data{what}; refusing to load "
                           "it, since unpickling it could run code")
-    if isinstance(exc, EOFError) or (isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)):
-        return ValueError(f"{str(path)!r} is empty, truncated or not a torch checkpoint ({exc})")
+    # what torch.load raises for empty, truncated or foreign files
+    if isinstance(exc, (EOFError, KeyError, pickle.UnpicklingError)) or "PytorchStreamReader" in text:
+        empty = Path(str(path)).is_file() and Path(str(path)).stat().st_size == 0
+        return ValueError(f"{str(path)!r} is " + ("empty" if empty else "truncated or not a torch checkpoint file"))
     return None
 
 
@@ -73,11 +77,11 @@ def safe_torch_load(path: str | Path, **kwargs):
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return _TORCH_LOAD(path, **{**kwargs, "weights_only": True})
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as exc:
         error = _unreadable(path, exc)
         if error is None:
             raise
-        raise error from exc
+        raise error from None
 
 
 @contextlib.contextmanager
@@ -117,10 +121,25 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {canonical_name(k): v for k, v in state.items()}
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file (by name, or by its header: a little-endian length, then JSON)."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def _client_state(ckpt: Path) -> dict:
     """Lightning's part of a checkpoint (a file, or a DeepSpeed directory's model-states file)."""
     if ckpt.is_file():
-        return safe_torch_load(ckpt, map_location="cpu")
+        if is_safetensors(ckpt):
+            raise ValueError(f"{str(ckpt)!r} is a safetensors weights file (an export?), not a training checkpoint")
+        state = safe_torch_load(ckpt, map_location="cpu")
+        if not isinstance(state, dict) or "state_dict" not in state:
+            raise ValueError(f"{str(ckpt)!r} is not a Lightning checkpoint (it has no 'state_dict'); export takes "
+                             "a training checkpoint")
+        return state
     files = sorted(ckpt.glob("checkpoint/*model_states.pt"))
     if not files:
         raise ValueError(f"{str(ckpt)!r} is neither a checkpoint file nor a DeepSpeed checkpoint directory")
@@ -147,14 +166,21 @@ def consolidated_state_dict(ckpt: str | Path, ema: bool = False) -> dict[str, to
     return {canonical_name(k): v.float().contiguous() for k, v in full.items() if k.startswith("model.")}
 
 
-def export_safetensors(ckpt: str | Path, out: str | Path, ema: bool = False, metadata: dict | None = None) -> Path:
-    """Write the consolidated DiT weights of ``ckpt`` to one safetensors file ``out``."""
+def export_safetensors(ckpt: str | Path, out: str | Path, ema: bool = False, metadata: dict | None = None,
+                       force: bool = False) -> Path:
+    """Write the consolidated DiT weights of ``ckpt`` to one safetensors file ``out`` (an existing ``out`` only with
+    ``force``; the file appears complete or not at all)."""
+    out = Path(out)
+    if out.is_dir() or (out.exists() and not force):
+        raise ValueError(f"export target {str(out)!r} exists; refusing to overwrite it"
+                         + ("" if out.is_dir() else " (pass --force to replace it)"))
     state = consolidated_state_dict(ckpt, ema=ema)
     if not state:
         raise ValueError(f"checkpoint {str(ckpt)!r} holds no DiT weights (keys starting with 'model.')")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"source": str(ckpt), "weights": "ema" if ema else "model"}
     meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
-    save_safetensors(state, out, metadata=meta)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_safetensors(state, tmp, metadata=meta)
+    os.replace(tmp, out)
     return out

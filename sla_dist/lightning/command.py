@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     export.add_argument("checkpoint", help="checkpoint file or DeepSpeed directory (e.g. RUN/checkpoints/last.ckpt)")
     export.add_argument("out", help="output .safetensors path")
     export.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export.set_defaults(func=_export)
 
     recipe = subparsers.add_parser("recipe", help="print a resolved recipe with every key documented",
@@ -61,6 +62,6 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .checkpoint import export_safetensors
 
-    path = export_safetensors(args.checkpoint, args.out, ema=args.ema)
+    path = export_safetensors(args.checkpoint, args.out, ema=args.ema, force=args.force)
     print(f"wrote {path}")
     return 0
