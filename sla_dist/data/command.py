@@ -78,15 +78,12 @@ def rank_and_world(args: argparse.Namespace) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> int:
     from sla_dist.data.preprocess import PreprocessConfig, run
 
-    try:
-        values = recipe_section(args.recipe) if args.recipe else {}
-        fields = [dest for dest, _, _ in OPTIONS.values()] + ["clip_shapes"]
-        values.update({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-        rank, world = rank_and_world(args)
-        summary = run(PreprocessConfig(**values), rank, world)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"sla-dist preprocess: error: {exc}", file=sys.stderr)
-        return 2
+    # user errors (ValueError, FileNotFoundError) become one line and exit code 2 in sla_dist.cli
+    values = recipe_section(args.recipe) if args.recipe else {}
+    fields = [dest for dest, _, _ in OPTIONS.values()] + ["clip_shapes"]
+    values.update({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    rank, world = rank_and_world(args)
+    summary = run(PreprocessConfig(**values), rank, world)
     print(f"rank {rank}/{world}: wrote shards {summary.shards_written}, kept finished shards "
           f"{summary.shards_present}, {summary.clips} clips, skipped {len(summary.skipped)} videos; "
           + ("index.json written" if summary.index_written else "index.json waits for the other ranks' shards"))

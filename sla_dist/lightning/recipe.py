@@ -349,7 +349,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # runs every __post_init__
     except OmegaConfBaseException as exc:
-        raise ValueError(f"bad recipe {str(path) if path else '<defaults>'}: {exc}") from exc
+        # omegaconf's message: one line, then the key and its types on more lines
+        first, key = str(exc).splitlines()[0], getattr(exc, "full_key", None)
+        where = f" (at {key})" if key and key not in first else ""
+        raise ValueError(f"bad recipe {str(path) if path else '<defaults>'}: {first}{where}") from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

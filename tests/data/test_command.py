@@ -69,7 +69,8 @@ def test_options_override_the_recipe(tmp_path, monkeypatch, capsys):
 
 
 def test_invalid_settings_exit_with_code_2(capsys):
-    from sla_dist.data import command
+    from sla_dist.cli import main
 
-    rc = command.main(parse(["--videos", "v", "--captions", "c", "--out", "o", "--fps", "0"]))
-    assert rc == 2 and "fps=0.0 must be positive" in capsys.readouterr().err
+    rc = main(["preprocess", "--videos", "v", "--captions", "c", "--out", "o", "--fps", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "fps=0.0 must be positive" in err, err
