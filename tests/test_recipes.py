@@ -48,6 +48,13 @@ def test_overrides_apply():
     ("data.kind=shards", "shards_dir"),
     ("trainer.precision=fp8", "fp8"),
     ("optim.caption_dropout=1.5", "caption_dropout=1.5"),
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+    ("optim.grad_clip=nan", "optim.grad_clip=nan must be a finite number"),
+    ("optim.grad_clip=inf", "optim.grad_clip=inf must be a finite number"),
+    ("optim.teacher_weight=nan", "optim.teacher_weight=nan must be a finite number"),
+    ("optim.teacher_weight=-inf", "optim.teacher_weight=-inf must be a finite number"),
+    ("output_dir=${oc.env:HOME}", r"override: output_dir='\$\{oc.env:HOME\}' calls a resolver"),
 ])
 def test_bad_values_are_rejected(override, match):
     with pytest.raises(ValueError, match=match):
@@ -59,7 +66,7 @@ def test_unknown_key_in_file(tmp_path):
     bad.write_text("output_dir: x\ntrainer:\n  max_steps: 3\n  warp_speed: 9\n")
     with pytest.raises(ValueError, match="warp_speed"):
         load_recipe(bad)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="not key=value"):
         load_recipe(bad, ["trainer.max_steps"])
@@ -84,3 +91,31 @@ def test_one_file_serves_train_and_preprocess(tmp_path):
     both.write_text("output_dir: x\npreprocess:\n  shard_size: many\n")
     with pytest.raises(ValueError, match="shard_size"):
         load_recipe(both)
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\ntrainer:\n  max_steps: [3\n  devices: 1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml' is not valid YAML at line \d+, column \d+: ") as info:
+        load_recipe(bad)
+    assert "\n" not in str(info.value)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="holds a ListConfig, not a mapping"):
+        load_recipe(bad)
+
+
+def test_only_the_recipes_own_interpolations(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLA_DIST_SECRET", "hunter2")
+    path = tmp_path / "r.yaml"
+    path.write_text("output_dir: x\ndata:\n  batch_size: 3\nsample:\n  num_videos: ${data.batch_size}\n")
+    assert load_recipe(path).sample.num_videos == 3
+    for value in ("${oc.env:SLA_DIST_SECRET}", "runs/${ oc.env : SLA_DIST_SECRET }", "${data.${oc.env:X}}",
+                  "${oc.decode:'1'}"):
+        path.write_text(f"output_dir: \"{value}\"\n")
+        with pytest.raises(ValueError, match="output_dir=.*calls a resolver") as info:
+            load_recipe(path)
+        assert "hunter2" not in str(info.value)
+    path.write_text("output_dir: x\ntrainer:\n  max_steps: ${oc.env:SLA_DIST_SECRET}\n")
+    with pytest.raises(ValueError, match="trainer.max_steps=") as info:
+        load_recipe(path)
+    assert "hunter2" not in str(info.value)

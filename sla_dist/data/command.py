@@ -53,10 +53,9 @@ def recipe_section(path: str) -> dict:
     from omegaconf.errors import OmegaConfBaseException
 
     from sla_dist.data.preprocess import PreprocessSection
+    from sla_dist.safe_yaml import load_yaml
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--recipe {path!r} does not exist")
-    section = OmegaConf.to_container(OmegaConf.load(path)).get("preprocess") or {}
+    section = OmegaConf.to_container(load_yaml(path, "--recipe")).get("preprocess") or {}
     unknown = set(section) - {f.name for f in dataclasses.fields(PreprocessSection)}
     if unknown:
         raise ValueError(f"--recipe {path!r}: preprocess section has unknown keys {sorted(unknown)}")

@@ -8,6 +8,7 @@ the ``__post_init__`` of its section (values named in the message) when the merg
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -18,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config import SLAConfig
 from ..data.preprocess import PreprocessSection
 from ..models import DiTConfig, dit_config
+from ..safe_yaml import load_yaml, refuse_resolvers
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -170,6 +172,9 @@ class OptimSection:
     unconditional prediction to push away from. 0.1 is usual for text-to-video fine-tunes."""
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "grad_clip", "ema_decay", "teacher_weight", "flow_shift", "caption_dropout"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be a finite number")
         if not self.lr > 0:
             raise ValueError(f"optim.lr={self.lr} must be positive")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -333,19 +338,18 @@ class Recipe:
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """The schema defaults, merged with the YAML at ``path`` (if any) and ``key=value`` overrides, validated.
 
-    Raises ValueError naming the offending key or value (unknown keys, wrong types, out-of-range values)."""
+    Raises ValueError naming the offending key or value (unknown keys, wrong types, out-of-range or non-finite
+    values, YAML syntax, resolvers such as ``${oc.env:...}``); FileNotFoundError for a missing file."""
     schema = OmegaConf.structured(Recipe)
     try:
         layers = [schema]
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ValueError(f"recipe {str(path)!r} does not exist")
-            layers.append(OmegaConf.load(path))
+            layers.append(load_yaml(path))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ValueError(f"overrides {bad} are not key=value")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+        refuse_resolvers(layers[-1], "override")
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # runs every __post_init__
     except OmegaConfBaseException as exc:
