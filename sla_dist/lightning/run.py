@@ -18,8 +18,9 @@ from .data import build_datamodule
 from .logs import build_loggers
 from .module import DiTModule
 from .monitor import StepProgressBar, TrainingMonitor
-from .recipe import Recipe, recipe_to_yaml
-from .rotation import StepCheckpoints, checkpoint_dir, resume_checkpoint
+from .recipe import Recipe
+from .resume import start, write_recipe
+from .rotation import StepCheckpoints, checkpoint_dir
 from .sample import PeriodicSamples, SequenceParallelPredictor, write_gif
 from .strategy import SLAStrategy, zero_config
 from .summary import RunSummary, plot_loss, read_curves
@@ -38,7 +39,9 @@ def build_strategy(recipe: Recipe):
 def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_step: int | None = None) -> pl.Trainer:
     """The Trainer of a recipe; ``resume_step`` is the step of the checkpoint to be resumed (None: a fresh run)."""
     t = recipe.trainer
-    checkpoints = StepCheckpoints(checkpoint_dir(recipe.output_dir), t.checkpoint_every)
+    # each checkpoint's recipe is recorded as it is committed (resume.py compares the next run's with it)
+    checkpoints = StepCheckpoints(checkpoint_dir(recipe.output_dir), t.checkpoint_every,
+                                  on_commit=lambda _: write_recipe(recipe))
     s = recipe.sparsity
     monitor = TrainingMonitor(recipe.dit)
     callbacks = [checkpoints, monitor, *(extra_callbacks or [])]
@@ -77,21 +80,18 @@ def build_module(recipe: Recipe) -> DiTModule:
 
 
 def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = None) -> pl.Trainer:
-    """Train (resuming from ``output_dir``'s last checkpoint when there is one and ``resume``), then sample."""
+    """Train (resuming from ``output_dir``'s newest checkpoint when there is one and ``resume``, see ``resume.py``),
+    then sample."""
+    ckpt = start(recipe, resume)  # refuses incompatible settings before anything is written or spawned
     pl.seed_everything(recipe.seed, workers=True)
-    out = Path(recipe.output_dir)
     module = build_module(recipe)
     datamodule = build_datamodule(recipe.data, recipe.dit, recipe.seed)
-    ckpt = resume_checkpoint(out) if resume else None
     resume_step = None if ckpt is None else (checkpoint_step(ckpt) or 0)
     trainer = build_trainer(recipe, extra_callbacks, resume_step)
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    if trainer.is_global_zero and ckpt is None:
+        write_recipe(recipe)
     for logger in trainer.loggers:  # TensorBoard's HPARAMS tab and the CSV's hparams.yaml: the resolved recipe
         logger.log_hyperparams(dataclasses.asdict(recipe))
-    if ckpt is not None:
-        rank_zero_info(f"resuming from {ckpt}")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     wall_time = time.perf_counter() - started

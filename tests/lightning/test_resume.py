@@ -148,3 +148,52 @@ def test_incomplete_checkpoints_are_refused_by_name(trained, tmp_path):
     with pytest.raises(ValueError, match=r"no complete checkpoint.*step4\.ckpt"):
         run.train(recipe(out, 6, 2))
     assert csv_versions(out) == ["version_0"]  # nothing ran
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.name=small", r"model's parameters differ \(model.name 'tiny' -> 'small': dim 64 -> "),
+    ("model.num_layers=3", "num_layers 2 -> 3"),
+    ("sparsity.skip_first=1", "sparsity.skip_first 0 -> 1"),
+    ("seed=1", "seed 0 -> 1"),
+    ("parallel.zero_stage=3", "parallel.zero_stage 2 -> 3"),
+])
+def test_incompatible_changes_are_refused_before_anything_is_written(trained, tmp_path, override, words):
+    out = copy_run(trained, tmp_path)
+    saved = (out / "recipe.yaml").read_text()
+    with pytest.raises(ValueError, match=rf"cannot resume .*step4\.ckpt.*{words}"):
+        run.train(recipe(out, 6, 2, override))
+    assert (out / "recipe.yaml").read_text() == saved and csv_versions(out) == ["version_0"]
+
+
+def test_world_size_change_is_refused_naming_both_sizes(trained, tmp_path):
+    # the README's sequence-parallel command run after the first run: 2 processes against 1 process's ZeRO shards
+    out = copy_run(trained, tmp_path)
+    with pytest.raises(ValueError, match=r"step4\.ckpt' holds ZeRO shards of 1 process, this run has 2 "
+                                         r"\(trainer.devices=2 x trainer.num_nodes=1\)"):
+        run.train(recipe(out, 6, 2, "trainer.devices=2", "parallel.sp_size=2"))
+    assert csv_versions(out) == ["version_0"]
+
+
+def test_changed_settings_are_reported_and_recorded_only_with_a_checkpoint(trained, tmp_path, monkeypatch, caplog):
+    out = copy_run(trained, tmp_path)
+    saved = (out / "recipe.yaml").read_text()
+    assert "topk: 0.25" in saved
+    monkeypatch.setattr(rotation.StepCheckpoints, "save", lambda *args: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):  # crashes before its first checkpoint: the recipe of step4 stays
+        run.train(recipe(out, 6, 2, "sla.topk=0.1"))
+    assert (out / "recipe.yaml").read_text() == saved
+    monkeypatch.undo()
+    with caplog.at_level("INFO"):
+        run.train(recipe(out, 6, 2, "sla.topk=0.1"))
+    assert "with changed settings: sla.topk: 0.25 -> 0.1, trainer.max_steps: 4 -> 6" in caplog.text
+    assert "topk: 0.1" in (out / "recipe.yaml").read_text()
+
+
+def test_no_resume_moves_the_earlier_run_aside(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    saved = (out / "recipe.yaml").read_text()
+    trainer = run.train(recipe(out, 2, 2, "seed=1"), resume=False)
+    assert trainer.global_step == 2 and checkpoints(out) == {"step2.ckpt": 2, "last": "step2.ckpt"}
+    (aside,) = out.glob("checkpoints.before-*")
+    assert (aside / "step4.ckpt" / "latest").is_file() and (aside / "recipe.yaml").read_text() == saved
+    assert "seed: 1" in (out / "recipe.yaml").read_text()
