@@ -90,6 +90,10 @@ class EvalConfig:
         if self.names is not None and (len(self.names) != len(self.checkpoints) or len(set(self.names)) !=
                                        len(self.names)):
             raise ValueError(f"names={self.names} must be {len(self.checkpoints)} distinct names")
+        for name in self.names or ():
+            # each name is a folder of out_dir: a path ("../x", "/tmp/x", "a/b") would write elsewhere
+            if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise ValueError(f"name {name!r} is not a plain file name (no '/', no '..')")
         for name in ("num_videos", "reference_videos"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 2 (FVD needs a covariance)")
@@ -183,11 +187,16 @@ def evaluate_checkpoint(path: str, name: str, recipe_path: str, recipe: Recipe, 
     videos = data.to_pixels(generated)
     run_dir = out_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob("video_*"):  # an earlier evaluation's videos would pass for this one's
+        stale.unlink()
     viewable = upscale(videos, MP4_MIN_SIDE)
+    written = []
     for i, video in enumerate(videos):
-        write_tensor_video(video, run_dir / f"video_{i:03d}.safetensors")
+        written.append(f"video_{i:03d}.safetensors")
+        write_tensor_video(video, run_dir / written[-1])
         if has_mp4_writer():
-            write_mp4(viewable[i], run_dir / f"video_{i:03d}.mp4")
+            written.append(f"video_{i:03d}.mp4")
+            write_mp4(viewable[i], run_dir / written[-1])
     write_grid(viewable, run_dir / "grid.png")
     prompts = [data.caption(i) for i in prompt_ids]
     score = None
@@ -202,7 +211,7 @@ def evaluate_checkpoint(path: str, name: str, recipe_path: str, recipe: Recipe, 
         "fvd": fvd(videos), "clip_score": score,
         "fidelity": attention_fidelity(model, latents[:2], text[:2], config.fidelity, sla=recipe.sla),
         "grid": f"{name}/grid.png", "prompts": prompts,
-        "videos": sorted(p.name for p in run_dir.iterdir() if p.name.startswith("video_")),
+        "videos": sorted(written),
     }
 
 

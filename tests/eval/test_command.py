@@ -120,3 +120,23 @@ def test_eval_recipe_is_the_fallback_for_checkpoints_without_a_saved_one(tmp_pat
     assert main(["eval", str(dense), "--recipe", str(TINY_RECIPE), "--out", str(tmp_path / "out"), *FAST]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["checkpoints"]["dense"]["recipe"] == str(TINY_RECIPE)
+
+
+def test_rerun_into_the_same_out_lists_only_its_own_videos(tmp_path, capsys):
+    dense = save_dit(VideoDiT(load_recipe(TINY_RECIPE).dit), tmp_path / "dense.safetensors")
+    out = tmp_path / "eval"
+    args = ["eval", str(dense), "--recipe", str(TINY_RECIPE), "--names", "d", "--out", str(out), *FAST]
+    assert main(args) == 0
+    assert main([*args, "--num-videos", "2"]) == 0
+    videos = json.loads((out / "report.json").read_text())["checkpoints"]["d"]["videos"]
+    assert [v for v in videos if v.endswith(".safetensors")] == ["video_000.safetensors", "video_001.safetensors"]
+    assert sorted(p.name for p in (out / "d").glob("video_*")) == videos
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "a/b", "..", "."])
+def test_names_must_be_plain_file_names(tmp_path, capsys, name):
+    dense = save_dit(VideoDiT(load_recipe(TINY_RECIPE).dit), tmp_path / "dense.safetensors")
+    out = tmp_path / "out" / "eval"
+    assert main(["eval", str(dense), "--recipe", str(TINY_RECIPE), "--names", name, "--out", str(out), *FAST]) == 2
+    assert f"name {name!r} is not a plain file name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors"]  # nothing written anywhere
