@@ -1,8 +1,8 @@
 """Raw videos + captions -> latent shards + index (the engine behind ``sla-dist preprocess``).
 
 The ordered input list is cut into shards of ``shard_size`` videos; shard ``i`` belongs to rank ``i % world_size``.
-A rank skips shards whose file already exists (they are complete: shards are renamed into place), so a killed run
-restarts where it stopped and ranks never encode the same video. Videos that cannot be read, are too short, or
+A rank skips shards whose file already exists (they are complete: shards are flushed and renamed into place), so a
+killed run restarts where it stopped (removing the temporary files it left) and ranks never encode the same video. Videos that cannot be read, are too short, or
 have no caption are reported and recorded in their shard's ``skipped`` list. The rank that writes the last missing
 shard writes ``index.json`` (see :func:`sla_dist.data.shards.build_index`).
 """
@@ -19,12 +19,15 @@ from typing import List, Optional
 import torch
 
 from sla_dist.data.captions import caption_for, load_captions
-from sla_dist.data.shards import (ENCODERS_NAME, PLAN_NAME, EncodedSample, SampleRecord, build_index, read_json,
-                                  shard_path, write_json, write_json_once, write_shard)
+from sla_dist.data.shards import (ENCODERS_NAME, INDEX_NAME, PLAN_NAME, EncodedSample, SampleRecord, build_index,
+                                  read_json, remove_stale_temps, shard_path, write_json, write_json_once,
+                                  write_shard)
 from sla_dist.data.video import ClipShape, choose_shape, clip_starts, list_videos, probe, read_clip
 from sla_dist.kernels.block_map import num_blocks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+JSON_TEMP_AGE = 60.0
+"""Seconds after which a JSON file's temporary is a killed writer's (writing one takes milliseconds)."""
 
 
 @dataclass
@@ -164,6 +167,7 @@ def run(config: PreprocessConfig, rank: int = 0, world_size: int = 1) -> Summary
     _write_or_check_plan(out, plan)
     summary = Summary(rank, world_size)
     mine = range(rank, num_shards, world_size)
+    _remove_stale_temps(out, mine)
     pending = [i for i in mine if not shard_path(out, i).is_file()]
     summary.shards_present = [i for i in mine if i not in pending]
     if pending:
@@ -173,6 +177,17 @@ def run(config: PreprocessConfig, rank: int = 0, world_size: int = 1) -> Summary
         _encode_shards(config, videos, pending, root, captions, vae, text_encoder, summary)
     summary.index_written = build_index(out) is not None
     return summary
+
+
+def _remove_stale_temps(out: Path, mine: range) -> None:
+    """What a killed run left: temporary files of this rank's shards (no other rank writes them) and of the JSON
+    files (any rank writes those, in well under a minute)."""
+    stale = [t for i in mine for t in remove_stale_temps(shard_path(out, i))]
+    for name in (PLAN_NAME, ENCODERS_NAME, INDEX_NAME):
+        stale += remove_stale_temps(out / name, older_than=JSON_TEMP_AGE)
+    if stale:
+        print(f"removed {len(stale)} temporary files of a killed run: {', '.join(t.name for t in stale)}",
+              file=sys.stderr)
 
 
 def _write_or_check_plan(out: Path, plan: dict) -> None:

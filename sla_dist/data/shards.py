@@ -23,8 +23,9 @@ rebuilds the zero-padded ``[text_len, D]`` embedding and its boolean mask from `
 embeddings the same way). The safetensors header metadata (strings only) carries ``format``, ``version``, ``shard``,
 ``samples`` (a JSON list of per-sample records, see :class:`SampleRecord`) and ``skipped`` (a JSON list of
 ``{"video", "reason"}`` for inputs that could not be read). A shard is written to a temporary file of a unique
-name (``tempfile.mkstemp`` beside it: ranks on several nodes sharing the filesystem may have equal pids) and renamed,
-so a file under its final name is always complete.
+name (``tempfile.mkstemp`` beside it: ranks on several nodes sharing the filesystem may have equal pids), flushed to
+disk (``fsync``) and renamed, so a file under its final name is always complete, also after a power loss. The
+temporary files a killed run leaves are removed when the run restarts (``remove_stale_temps``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,7 +137,7 @@ def write_shard(root: str | os.PathLike, shard: int, samples: list[EncodedSample
     tmp = _temp_beside(path)
     try:
         save_safetensors(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -147,6 +149,48 @@ def _temp_beside(path: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     return Path(name)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path, exclusive: bool = False) -> bool:
+    """Give the finished temporary file ``tmp`` its final name ``path``: its data reaches the disk before the rename
+    (else a crash could leave a complete-looking name over missing data), the directory entry after it. With
+    ``exclusive``, only if ``path`` does not exist yet; returns whether ``path`` is now ``tmp``'s data."""
+    _fsync(tmp)
+    if exclusive:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    else:
+        os.replace(tmp, path)
+    _fsync(path.parent)
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike, older_than: float = 0.0) -> list[Path]:
+    """Remove the temporary files of ``path`` (``.NAME.*.tmp`` beside it) that a killed writer left, and return them.
+
+    Only for files no other live process may be writing: a rank's own shards (shards belong to one rank), or with
+    ``older_than`` seconds for the small JSON files any rank writes in an instant."""
+    path = Path(path)
+    now, removed = time.time(), []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime >= older_than:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer finished (or another restart removed it) meanwhile
+            pass
+    return removed
 
 
 def read_shard_header(path: str | os.PathLike) -> ShardHeader:
@@ -178,14 +222,7 @@ def write_json(path: str | os.PathLike, obj: dict, exclusive: bool = False) -> b
     tmp = _temp_beside(path)
     try:
         tmp.write_text(json.dumps(obj, indent=1))
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
+        return _commit(tmp, path, exclusive)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -120,6 +120,48 @@ def test_restart_redoes_only_the_missing_shard(preprocessed, pipeline_dir, video
     assert load_index(copy) == load_index(out)
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+
+from sla_dist.data import shards
+from sla_dist.data.preprocess import run
+from tests.data.test_preprocess import make_config
+
+real = shards.save_safetensors
+
+
+def save_safetensors(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    if metadata["shard"] == "1":  # SIGKILL half-way through writing shard 1
+        os.truncate(path, os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+shards.save_safetensors = save_safetensors
+run(make_config(*map(Path, sys.argv[1:])))
+"""
+
+
+def test_kill_mid_write_leaves_no_partial_shard_and_restart_cleans_up(preprocessed, pipeline_dir, video_dir,
+                                                                       tmp_path):
+    out, _ = preprocessed
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)  # a run that still has shard 1 to write
+    shard_path(killed, 1).unlink()
+    (killed / INDEX_NAME).unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(pipeline_dir), str(video_dir), str(killed)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == -9, proc.stderr
+    assert not shard_path(killed, 1).exists()
+    (partial,) = (killed / "shards").glob(".shard-000001.safetensors.*.tmp")  # what the kill left
+    summary = run(make_config(pipeline_dir, video_dir, killed))
+    assert summary.shards_present == [0, 2, 3] and summary.shards_written == [1] and summary.index_written
+    assert not partial.exists() and not list(killed.rglob("*.tmp"))
+    assert load_index(killed) == load_index(out)
+
+
 def test_plan_is_written_once_and_encoders_once(tmp_path):
     from sla_dist.data.preprocess import _record_encoders, _write_or_check_plan
 

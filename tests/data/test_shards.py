@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sla_dist.data.shards import (INDEX_NAME, PLAN_NAME, build_index, load_index, read_shard_header, shard_path,
-                                  write_json, write_shard)
+from sla_dist.data import shards
+from sla_dist.data.shards import (INDEX_NAME, PLAN_NAME, build_index, load_index, read_shard_header,
+                                  remove_stale_temps, shard_path, write_json, write_shard)
 from tests.data.synthetic import TEXT_LEN, random_sample, write_dataset
 
 
@@ -96,3 +97,43 @@ def test_foreign_files_are_rejected(tmp_path):
     write_json(tmp_path / INDEX_NAME, {"format": "sla-dist-latents", "version": 99})
     with pytest.raises(ValueError, match="version=99"):
         load_index(tmp_path)
+
+
+def test_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events, real_fsync, real_replace, real_link = [], os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def rename(real):
+        def call(src, dst):
+            events.append(("rename", os.path.basename(src), os.path.basename(dst)))
+            real(src, dst)
+        return call
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", rename(real_replace))
+    monkeypatch.setattr(os, "link", rename(real_link))
+    write_shard(tmp_path, 0, [random_sample(random.Random(0), (1, 2, 2), "a.mp4")], skipped=[])
+    write_json(tmp_path / PLAN_NAME, {"a": 1}, exclusive=True)
+    write_json(tmp_path / INDEX_NAME, {"b": 1})
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) == 3, events
+    for i in renames:
+        tmp, final = events[i][1:]
+        parent = "shards" if final.startswith("shard-") else tmp_path.name
+        assert events[i - 1] == ("fsync", tmp) and events[i + 1] == ("fsync", parent), events
+
+
+def test_stale_temporary_files_are_removed_by_age_or_owner(tmp_path):
+    path = tmp_path / PLAN_NAME
+    old, fresh = tmp_path / f".{PLAN_NAME}.1.tmp", tmp_path / f".{PLAN_NAME}.2.tmp"
+    other = tmp_path / f".{INDEX_NAME}.3.tmp"
+    for p in (old, fresh, other):
+        p.write_text("partial")
+    os.utime(old, (0, 0))
+    assert remove_stale_temps(path, older_than=60) == [old]
+    assert fresh.exists() and other.exists()
+    assert remove_stale_temps(path) == [fresh] and other.exists()
+    assert shards.remove_stale_temps(shard_path(tmp_path, 0)) == []  # no shards/ directory yet
