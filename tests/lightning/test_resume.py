@@ -40,6 +40,15 @@ class Payload:
         return _write_marker, (self.marker,)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_process_group():
+    """SLAStrategy initialises a (world 1, gloo) default process group in this process, which the module's runs
+    share; later tests fork workers that initialise their own, so it must not outlive the module."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A run of 4 steps with a checkpoint every 2 (ZeRO-2, one rank)."""
