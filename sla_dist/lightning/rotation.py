@@ -121,7 +121,7 @@ class StepCheckpoints(Callback):
     def save(self, trainer: pl.Trainer, step: int) -> Path:
         final = self.dirpath / f"step{step}.ckpt"
         partial = final.with_name(final.name + PARTIAL)
-        trainer.save_checkpoint(partial)  # every rank writes its shards; ends with a barrier
+        trainer.save_checkpoint(partial, weights_only=False)  # the full state; every rank writes, then a barrier
         if trainer.is_global_zero:
             if final.exists():  # a checkpoint of this step from a run started over with --no-resume
                 remove(final)
