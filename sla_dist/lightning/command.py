@@ -9,7 +9,9 @@ Train from a recipe YAML (see recipes/); key=value overrides follow it, e.g.
   sla-dist train recipes/tiny_cpu.yaml trainer.max_steps=50 sla.topk=0.1
   sla-dist train recipes/tiny_cpu.yaml output_dir=runs/dense sparsity.enabled=false   # a dense baseline
 Everything goes to output_dir: checkpoints/, logs/ (CSV, TensorBoard), samples/, recipe.yaml, loss.png.
-Rerunning the same command resumes from output_dir/checkpoints/last.ckpt; --no-resume starts over."""
+Rerunning the same command resumes from the newest complete checkpoint in output_dir/checkpoints, after checking
+the recipe against output_dir/recipe.yaml (changes are listed; a different model shape, seed, ZeRO stage or number
+of processes is refused); a separate run needs its own output_dir=..., or --no-resume."""
 
 
 def register(subparsers) -> None:
@@ -21,8 +23,8 @@ def register(subparsers) -> None:
     train.add_argument("recipe", help="recipe YAML (see recipes/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields (keys below)")
     train.add_argument("--no-resume", action="store_true",
-                       help="start from step 0, ignoring output_dir/checkpoints/last.ckpt (the new run's checkpoints "
-                            "go to the same directory; logs to a new version)")
+                       help="start from step 0; the earlier run's checkpoints and recipe.yaml are moved aside to "
+                            "output_dir/checkpoints.before-<time>/ (logs go to a new version)")
     train.set_defaults(func=_train)
 
     export = subparsers.add_parser("export", help="consolidate a (ZeRO) checkpoint into one safetensors file")
