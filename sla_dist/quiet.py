@@ -33,8 +33,13 @@ class _ErrorsOnly(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+_LOGGERS = ("DeepSpeed", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
 def configure_output(verbose: bool = False) -> None:
-    """Hide the messages above (``verbose=False``) or leave every library message as it is."""
+    """Hide the messages above (``verbose=False``) or show every library message. Either call first undoes what
+    an earlier call installed, so one process (tests, a notebook) can switch back and forth."""
+    _undo()
     if verbose:
         return
     for pattern in QUIET_WARNINGS:
@@ -42,5 +47,18 @@ def configure_output(verbose: bool = False) -> None:
     logging.getLogger("DeepSpeed").addFilter(_ErrorsOnly())  # "Setting accelerator to CPU..." on every rank
     # the loggers Lightning's rank_zero_info writes through (its handler sits on "lightning" or "lightning.pytorch"
     # depending on what was imported first; a filter on the emitting logger holds either way)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in _LOGGERS[1:]:
         logging.getLogger(name).addFilter(_DropPrefixes())
+
+
+def _undo() -> None:
+    ours = [f for f in warnings.filters
+            if f[0] == "ignore" and f[1] is not None and f[1].pattern in QUIET_WARNINGS]
+    for entry in ours:
+        warnings.filters.remove(entry)
+    if ours and hasattr(warnings, "_filters_mutated"):  # invalidate the per-module caches of earlier decisions
+        warnings._filters_mutated()
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, (_ErrorsOnly, _DropPrefixes))]:
+            logger.removeFilter(f)

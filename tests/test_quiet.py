@@ -32,6 +32,7 @@ class _Collect(logging.Handler):
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_known_library_messages_are_hidden_unless_verbose(verbose, restored_logging):
+    quiet.configure_output(verbose=False)  # as an earlier `sla-dist` call in this process would have
     import deepspeed  # noqa: F401  (creates DeepSpeed's logger the way a run does)
 
     deepspeed_log = logging.getLogger("DeepSpeed")
