@@ -18,6 +18,7 @@ import torch
 
 from ..lightning.data import build_datamodule
 from ..lightning.recipe import Recipe, load_recipe
+from ..lightning.summary import plot_loss, read_curves
 from .checkpoints import load_model, sla_layers
 from .clip import clip_score, local_clip
 from .fidelity import FidelityConfig, attention_fidelity
@@ -253,5 +254,20 @@ def evaluate(config: EvalConfig) -> dict:
     else:
         notes.append("the attention-fidelity plot was not drawn: matplotlib is not installed (pip install "
                      "matplotlib); the table above has the same numbers.")
+    curves = training_curves(dict(zip(config.run_names(), config.checkpoints)))
+    report["training_curves"] = "training_curves.png" if plot_loss(curves, out_dir / "training_curves.png") else None
     write_report(report, out_dir)
     return report
+
+
+def training_curves(checkpoints: dict[str, str]) -> dict[str, list]:
+    """{"NAME train/loss" / "NAME val/flow": [(step, value), ...]} from the CSV log of each checkpoint's run
+    (``RUN/logs/csv/version_N/metrics.csv``, the newest version); runs without a log add nothing."""
+    curves: dict[str, list] = {}
+    for name, checkpoint in checkpoints.items():
+        recipe = saved_recipe(checkpoint)
+        logs = [] if recipe is None else list((recipe.parent / "logs" / "csv").glob("version_*/metrics.csv"))
+        if logs:
+            newest = max(logs, key=lambda p: int(p.parent.name.removeprefix("version_")))
+            curves.update({f"{name} {key}": points for key, points in read_curves(newest).items() if points})
+    return curves

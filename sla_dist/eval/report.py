@@ -76,6 +76,8 @@ def markdown(report: dict) -> str:
     lines.append("Cells: error (realised block sparsity).")
     if report.get("fidelity_plot"):
         lines += ["", f"![attention fidelity]({report['fidelity_plot']})"]
+    if report.get("training_curves"):
+        lines += ["", "## Training curves (each run's CSV log)", "", f"![training curves]({report['training_curves']})"]
     lines += ["", "## Samples", ""]
     for name, run in runs.items():
         lines += [f"**{name}**: rows = prompts, columns = frames", "", f"![{name}]({run['grid']})", ""]

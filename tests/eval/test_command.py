@@ -140,3 +140,20 @@ def test_names_must_be_plain_file_names(tmp_path, capsys, name):
     assert main(["eval", str(dense), "--recipe", str(TINY_RECIPE), "--names", name, "--out", str(out), *FAST]) == 2
     assert f"name {name!r} is not a plain file name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors"]  # nothing written anywhere
+
+
+def test_training_curves_come_from_each_runs_newest_csv_log(tmp_path):
+    from sla_dist.eval.evaluate import training_curves
+
+    def run(name: str, versions: dict[int, str]) -> str:
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "recipe.yaml").write_text("{}\n")
+        for version, rows in versions.items():
+            log = tmp_path / name / "logs" / "csv" / f"version_{version}"
+            log.mkdir(parents=True)
+            (log / "metrics.csv").write_text("step,train/loss,val/flow\n" + rows)
+        return str(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    curves = training_curves({"a": run("a", {9: "0,9.0,\n", 10: "0,2.0,\n5,1.5,\n5,,1.7\n"}),
+                              "b": run("b", {}), "c": str(tmp_path / "elsewhere.safetensors")})
+    assert curves == {"a train/loss": [(0, 2.0), (5, 1.5)], "a val/flow": [(5, 1.7)]}  # version_10, not 9
