@@ -13,15 +13,19 @@ from tests.data.videos import write_video
 pytest.importorskip("av", reason="reading videos needs PyAV: pip install av (the 'data' extra)")
 
 
-def bar_rows(clip: torch.Tensor) -> list[int]:
-    """First row of the bright bar in each frame (encodes the source frame index, see videos.frame_pixels)."""
-    bright = (clip.min(0).values > 0.8).float().mean(-1) > 0.5  # [F, H]
-    return bright.float().argmax(-1).tolist()
+def bar_frames(clip: torch.Tensor) -> list[int]:
+    """The source frame index each frame shows, from the centre of its 4-row bright bar (rows 4k .. 4k + 3): lossy
+    codecs may dim the bar's edge rows, which moves its first row but hardly its centre."""
+    bright = ((clip.min(0).values > 0.8).float().mean(-1) > 0.5).float()  # [F, H]
+    rows = torch.arange(bright.shape[-1], dtype=torch.float32)
+    centre = (bright * rows).sum(-1) / bright.sum(-1).clamp_min(1)
+    return torch.round((centre - 1.5) / 4).long().tolist()
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".webm"])
 def test_clip_shows_the_frame_on_screen_at_each_time(tmp_path, suffix):
-    rng = random.Random(torch.seed())
+    seed = random.randrange(2**32)  # a new case each run, reproducible from the message below
+    rng = random.Random(seed)
     src_fps, fps = rng.choice([10, 12, 15]), rng.choice([4.0, 5.0, 7.5])
     frames = 6
     path = write_video(tmp_path / f"v{suffix}", 30, src_fps, 128, 64, seed=rng.randrange(2**31))
@@ -32,7 +36,7 @@ def test_clip_shows_the_frame_on_screen_at_each_time(tmp_path, suffix):
     clip = read_clip(path, ClipShape(frames, 128, 64), fps, start)
     assert clip.shape == (3, frames, 128, 64) and clip.min() >= -1 and clip.max() <= 1
     shown = [math.floor((start + k / fps) * src_fps + 1e-6) for k in range(frames)]
-    assert bar_rows(clip) == [4 * s for s in shown]
+    assert bar_frames(clip) == shown, f"seed {seed}"
 
 
 @pytest.mark.parametrize("suffix", [".mkv", ".webm", ".mp4"])
@@ -45,8 +49,8 @@ def test_times_count_from_a_late_stream_start(tmp_path, suffix):
         assert float(stream.start_time * stream.time_base) == pytest.approx(2.0)
     info = probe(path)
     assert info.duration == pytest.approx(2.0, abs=1e-3)
-    assert bar_rows(read_clip(path, ClipShape(4, 64, 32), 5.0, 0.0)) == [0, 8, 16, 24]  # frames 0, 2, 4, 6
-    assert bar_rows(read_clip(path, ClipShape(3, 64, 32), 10.0, 1.2)) == [48, 52, 56]  # seeks: frames 12, 13, 14
+    assert bar_frames(read_clip(path, ClipShape(4, 64, 32), 5.0, 0.0)) == [0, 2, 4, 6]
+    assert bar_frames(read_clip(path, ClipShape(3, 64, 32), 10.0, 1.2)) == [12, 13, 14]  # seeks
     with pytest.raises(VideoError, match="ends after"):
         read_clip(path, ClipShape(4, 64, 32), 5.0, 1.5)
 
