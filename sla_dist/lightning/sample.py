@@ -55,7 +55,7 @@ Sampler = Callable[[pl.Trainer, pl.LightningModule], "torch.Tensor | None"]
 
 
 class PeriodicSamples(pl.Callback):
-    """Every ``every`` optimizer steps, videos from ``sampler`` (RGB [N, 3, T, H, W] in [0, 1], or None where no
+    """Every ``every`` optimizer steps before the last, videos from ``sampler`` (RGB [N, 3, T, H, W] in [0, 1], or None where no
     sample can be drawn) go to ``samples/step{N}.gif`` under ``output_dir`` and to every TensorBoard logger as a
     filmstrip image (frames top to bottom; TensorBoard's own video support would need moviepy). Every rank calls
     the sampler (sequence-parallel layers need their peers); rank 0 writes."""
@@ -71,7 +71,8 @@ class PeriodicSamples(pl.Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         # global_step counts optimizer steps: with gradient accumulation it repeats over a step's micro-batches
-        if step == 0 or step % self.every or step == self._last_step:
+        # the last step's sample is the final one, written once the fit ends
+        if step == 0 or step % self.every or step == self._last_step or step == trainer.max_steps:
             return
         self._last_step = step
         videos = self.sampler(trainer, pl_module)

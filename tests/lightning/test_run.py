@@ -50,10 +50,11 @@ def test_sample_gif_is_upscaled_to_a_viewable_size(tmp_path):
 def test_samples_at_an_interval_go_to_files_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}", "parallel.strategy=auto", "trainer.max_steps=3",
-                                  "trainer.checkpoint_every=3", "trainer.progress_bar=false", "trainer.val_every=0",
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}", "parallel.strategy=auto", "trainer.max_steps=4",
+                                  "trainer.checkpoint_every=4", "trainer.progress_bar=false", "trainer.val_every=0",
                                   "sample.steps=2", "sample.num_videos=1", "sample.every=2", "data.batch_size=2"])
     run.train(recipe)
+    # step 4 is the last: its sample is final.gif, not a step4.gif beside it
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["final.gif", "final.txt", "step2.gif"]
     events = EventAccumulator(str(next((tmp_path / "logs" / "tensorboard").iterdir()))).Reload()
     images = events.Images("samples")
