@@ -197,9 +197,13 @@ def transposed_lists(block_class: torch.Tensor, *, kernels: bool | None = None) 
     q_num = torch.empty((*lead, nk), dtype=torch.int32, device=block_class.device)
     q_idx = torch.empty((*lead, nk, nq), dtype=torch.int32, device=block_class.device)
     if q_num.numel():
-        get_kernel("critical_columns")[(q_num.numel(),)](block_class, q_num, q_idx, nq, nk,
-                                                         NQ_POW2=max(16, 1 << (nq - 1).bit_length()))
+        get_kernel("critical_columns")[(q_num.numel(),)](block_class, q_num, q_idx, nq, nk, NQ_POW2=_tile_size(nq))
     return q_num, q_idx
+
+
+def _tile_size(n: int) -> int:
+    """The power of two (at least 16) that a Triton tile of ``n`` entries is padded to."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def _on_kernels(x: torch.Tensor, kernels: bool | None) -> bool:
@@ -225,7 +229,7 @@ def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None, *, kern
         x = x if x.stride(-1) == 1 else x.contiguous()
         sums = torch.zeros(B, H, n_blocks, D, dtype=torch.float64, device=x.device)
         get_kernel("block_sums")[(min(num_blocks(L, block), n_blocks), B * H)](
-            x, sums, *x.stride()[:3], H, L, n_blocks, D, BLOCK=block, D_POW2=max(16, 1 << (D - 1).bit_length()))
+            x, sums, *x.stride()[:3], H, L, n_blocks, D, BLOCK=block, D_POW2=_tile_size(D))
         return sums
     full = min(L // block, n_blocks)
     # Reduce in float64 without materialising an upcast copy; a partial tail block is summed on its own.
@@ -278,7 +282,7 @@ def rank_blocks(scores: torch.Tensor, topk: float, negligible: float, *,
         rows = scores.numel() // nk
         if rows:
             get_kernel("classify")[(rows,)](scores, block_class, kv_indices, nk, n_c, n_n,
-                                            NK_POW2=max(16, 1 << (nk - 1).bit_length()))
+                                            NK_POW2=_tile_size(nk))
         return block_class, kv_indices
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     by_rank = torch.full((nk,), MARGINAL, dtype=torch.int8, device=scores.device)
