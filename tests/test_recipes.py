@@ -54,6 +54,7 @@ def test_overrides_apply():
     ("optim.grad_clip=inf", "optim.grad_clip=inf must be a finite number"),
     ("optim.teacher_weight=nan", "optim.teacher_weight=nan must be a finite number"),
     ("optim.teacher_weight=-inf", "optim.teacher_weight=-inf must be a finite number"),
+    ("sample.every=-1", "every=-1 must be an integer >= 0"),
     ("output_dir=${oc.env:HOME}", r"override: output_dir='\$\{oc.env:HOME\}' calls a resolver"),
 ])
 def test_bad_values_are_rejected(override, match):

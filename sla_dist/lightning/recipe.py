@@ -16,7 +16,7 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import SLAConfig
+from ..config import SLAConfig, is_int
 from ..data.preprocess import PreprocessSection
 from ..models import DiTConfig, dit_config
 from ..safe_yaml import load_yaml, refuse_resolvers
@@ -30,7 +30,7 @@ DATA_KINDS = ("synthetic", "shards")
 def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(section, name)
-        if not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
+        if not is_int(value) or value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
             raise ValueError(f"{type(section).__name__}.{name}={value!r} must be an integer {bound}")
 
@@ -288,8 +288,7 @@ class SampleSection:
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "num_videos")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
-            raise ValueError(f"sample.every={self.every!r} must be a whole number of steps >= 0")
+        _positive(self, "every", allow_zero=True)
 
 
 @dataclass

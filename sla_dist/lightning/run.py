@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from pathlib import Path
@@ -48,8 +49,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_st
     if t.progress_bar:
         callbacks.append(StepProgressBar(monitor))
     if recipe.sample.every and recipe.data.kind == "synthetic":
-        callbacks.append(PeriodicSamples(recipe.sample.every, lambda trainer, module: sample_videos(recipe, module,
-                                                                                                    trainer),
+        callbacks.append(PeriodicSamples(recipe.sample.every, functools.partial(draw_samples, recipe),
                                          recipe.output_dir))
     if s.enabled:
         callbacks.insert(0, SLACallback(recipe.sla, skip_first=s.skip_first, dense_steps=s.dense_steps,
@@ -120,7 +120,7 @@ def summarize(recipe: Recipe, trainer: pl.Trainer, start_step: int, wall_time: f
                       loss_plot=None if plot is None else str(plot))
 
 
-def sample_videos(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> torch.Tensor | None:
+def draw_samples(recipe: Recipe, trainer: pl.Trainer, module: DiTModule) -> torch.Tensor | None:
     """RGB videos [N, 3, T, H, W] in [0, 1] for the first validation captions (after the training set), from the
     EMA weights when there are any; None under ZeRO-3 (partitioned weights). Every rank runs the ODE
     (sequence-parallel layers need their peers) and gets the videos."""
@@ -140,8 +140,8 @@ def sample_videos(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> tor
 
 
 def write_sample(recipe: Recipe, module: DiTModule, trainer: pl.Trainer) -> Path | None:
-    """``samples/final.gif`` (and its captions in ``final.txt``) from :func:`sample_videos`; rank 0 writes."""
-    videos = sample_videos(recipe, module, trainer)
+    """``samples/final.gif`` (and its captions in ``final.txt``) from :func:`draw_samples`; rank 0 writes."""
+    videos = draw_samples(recipe, trainer, module)
     if videos is None:
         rank_zero_info("ZeRO-3 partitions the weights: no sample written; export the checkpoint and sample it")
         return None
