@@ -3,7 +3,8 @@
 # table comes last.   Usage: bash benchmarks/gpu_suite.sh PART[:SECONDS] ...
 # Parts: kernels (full GPU grid, fixed launch settings, one pytest worker per 2 CPU cores spread over the GPUs),
 # tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
-# dit-bench, attn-bench (the sweep), attn-quick (headline shape only), profile.
+# dit-bench, attn-bench (the sweep), attn-quick (headline shape only), profile, sweep (every kernel's launch-setting
+# candidates and the first call's tuning time), ops (the op-level GPU tests, fixed launch settings).
 set -u
 OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -17,7 +18,9 @@ declare -A CMD=(
   [dit-bench]="python3 benchmarks/bench_dit_step.py"
   [attn-bench]="python3 benchmarks/bench_attention.py --json $OUT/bench_attention.json"
   [attn-quick]="python3 benchmarks/bench_attention.py --quick --json $OUT/bench_attention_quick.json"
-  [profile]="python3 benchmarks/profile_sla.py --L 32768 8192"
+  [profile]="python3 benchmarks/profile_sla.py --L 32768 8192 --host 25"
+  [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"
+  [ops]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_op.py tests/test_attention.py tests/kernels/test_block_select.py tests/kernels/test_block_map.py"
 )
 summary=()
 for spec in "$@"; do

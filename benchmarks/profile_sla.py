@@ -3,12 +3,15 @@
     python benchmarks/profile_sla.py [--L 32768 8192] [--H 12] [--D 128] [--topk 0.05] [--block-q 128]
 
 Each table lists CUDA time per kernel and, in its last lines, the CPU time of the calls: at short sequences the
-layer is bound by launching work, not by the GPU.
+layer is bound by launching work, not by the GPU. ``--host N`` adds the N Python functions with the most own time
+over 20 forward+backward calls (cProfile): where the host time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,6 +27,8 @@ def main() -> None:
     parser.add_argument("--topk", type=float, default=0.05)
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--rows", type=int, default=14)
+    parser.add_argument("--host", type=int, default=0, metavar="N", help="also list the N Python functions with the "
+                        "most own time (cProfile)")
     args = parser.parse_args()
     for L in args.L:
         profile_layer(L, args)
@@ -46,6 +51,15 @@ def profile_layer(L: int, args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
         print(f"\n== {name}, L={L} H={args.H} D={args.D} topk={args.topk} BQ={args.block_q} (5 iterations)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.host:
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(20):
+            m(q, k, v).backward(g)
+        host.disable()
+        torch.cuda.synchronize()
+        print(f"\n== host, L={L}: 20 forward+backward calls, top {args.host} functions by own time")
+        pstats.Stats(host).sort_stats("tottime").print_stats(args.host)
 
 if __name__ == "__main__":
     main()

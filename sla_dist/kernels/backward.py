@@ -36,40 +36,49 @@ def _bwd_prepass_kernel(
     H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_SPLIT: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     base = head_offset(bh, H, stride_qb, stride_qh)
-    offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < LQ
-    tile = row_tile(base, offs_m, stride_ql, offs_d)
-    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, axis=1)
-    rows = bh.to(tl.int64) * LQ + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    tl.store(DELTA + rows, delta, mask=row_ok)
-
     if HAS_LINEAR:
-        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        fq = phi_fwd(x, FEATURE_MAP)
         hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
         zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
-        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
-        den = tl.sum(fq * zl[None, :], axis=1)
-        inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-        dnum = dol * inv[:, None]
-        dden = -tl.sum(dol * num, axis=1) * inv * inv
-        dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
-        tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
-        dh = tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
+        dh = tl.zeros([D, D], dtype=tl.float32)
+        dz = tl.zeros([D], dtype=tl.float32)
+    # The block's rows in ROW_SPLIT slices (autotuned): at D = 128 a whole 128-row block keeps ~8 [128, D] float32
+    # tiles live and spills; half-height slices fit the registers, and dH_i, dZ_i sum over the slices.
+    for part in tl.static_range(ROW_SPLIT):
+        offs_m = pid_q * BLOCK_Q + part * (BLOCK_Q // ROW_SPLIT) + tl.arange(0, BLOCK_Q // ROW_SPLIT)
+        row_ok = offs_m < LQ
+        tile = row_tile(base, offs_m, stride_ql, offs_d)
+        o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, axis=1)
+        rows = bh.to(tl.int64) * LQ + offs_m
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        tl.store(DELTA + rows, delta, mask=row_ok)
+
+        if HAS_LINEAR:
+            dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            fq = phi_fwd(x, FEATURE_MAP)
+            num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
+            den = tl.sum(fq * zl[None, :], axis=1)
+            inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
+            dnum = dol * inv[:, None]
+            dden = -tl.sum(dol * num, axis=1) * inv * inv
+            dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
+            tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+            # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
+            dh += tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
+            dz += tl.sum(fq * dden[:, None], axis=0)
+    if HAS_LINEAR:
         out = bh.to(tl.int64) * NQ + pid_q
         tl.store(DHL + out * D * D + square(offs_d, D), dh.to(DHL.dtype.element_ty))
-        tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
+        tl.store(DZL + out * D + offs_d, dz)
 
 
 @triton.jit
@@ -123,7 +132,7 @@ def _bwd_dkdv_kernel(
     H, LQ, LK, NK, NQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    Q_SPLIT: tl.constexpr,
+    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
@@ -137,8 +146,15 @@ def _bwd_dkdv_kernel(
     k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
     v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
 
-    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    # KEYS_AS_COLUMNS (autotuned) accumulates dK^T and dV^T [D, BLOCK_K]: the products then split the rows of D
+    # between the warp groups, so with 8 warps no warp group needs another's part of P^T or dS^T in its registers
+    # (keys as rows put only 64 rows under two warp groups, which must then exchange those operands every step).
+    if KEYS_AS_COLUMNS:
+        dkt = tl.zeros([D, BLOCK_K], dtype=tl.float32)
+        dvt = tl.zeros([D, BLOCK_K], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     col = bh.to(tl.int64) * NK + pid_k
     n_blocks = tl.load(Q_NUM + col)
     for it in range(0, n_blocks):
@@ -147,12 +163,23 @@ def _bwd_dkdv_kernel(
         for part in tl.static_range(Q_SPLIT):
             offs_m = i * BLOCK_Q + part * (BLOCK_Q // Q_SPLIT) + offs_m0
             _, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_base, bh, offs_m, stride_ql, offs_d, LQ)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            if KEYS_AS_COLUMNS:
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+                dvt += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dkt += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PRECISION)
+            else:
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                pt = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    if KEYS_AS_COLUMNS:
+        dk = tl.trans(dkt)
+        dv = tl.trans(dvt)
     dk = dk * sm_scale
 
     if HAS_LINEAR:

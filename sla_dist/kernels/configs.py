@@ -32,6 +32,9 @@ class _Tuning:
     """(warps, stages) when not autotuning."""
     choices: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Tile-shape constexprs to tune, (name, options); the first option of each when not autotuning."""
+    restore: tuple[str, ...] = ()
+    """Arguments the kernel reads and writes (accumulates into): restored after every timed candidate run, or the
+    first call of each shape would return a gradient summed over all the runs of the search."""
 
     def metas(self) -> list[dict]:
         names = [name for name, _ in self.choices]
@@ -51,14 +54,13 @@ _KERNELS = {
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),
     "classify": _Tuning("block_select", "_classify_kernel", ("NK_POW2",), (4,), (1,), fixed=(4, 1)),
     "critical_columns": _Tuning("block_select", "_critical_columns_kernel", ("NQ_POW2",), (4,), (1,), fixed=(4, 1)),
-    # 4 warps spill the linear branch's [BLOCK_Q, D] float32 tiles heavily at D = 128 (compile report): 8 only.
-    "prepass": _Tuning("backward", "_bwd_prepass_kernel", ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR"), (8,),
-                       (1,), fixed=(8, 1)),
+    "prepass": _Tuning("backward", "_bwd_prepass_kernel", ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR"), (4, 8),
+                       (1, 2), fixed=(8, 1), choices=(("ROW_SPLIT", (2, 1)),)),
+    # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR"), (4, 8), (1, 2, 3),
-                  fixed=(8, 1),
-                  choices=(("KV_BLOCKS_PER_ITER", (1, 2)),)),
+                  fixed=(8, 1), choices=(("KV_BLOCKS_PER_ITER", (1, 2)),), restore=("DQ",)),
     "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1),
-                    choices=(("Q_SPLIT", (1, 2)),)),
+                    choices=(("Q_SPLIT", (1, 2)), ("KEYS_AS_COLUMNS", (0, 1)))),
 }
 
 
@@ -80,4 +82,4 @@ def get_kernel(name: str):
         return _Fixed(fn, *t.fixed, meta=t.metas()[0])
     configs = [triton.Config(m, num_warps=w, num_stages=st) for m, w, st in t.candidates()]
     cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=configs, key=list(t.key), **cache)(fn)
+    return triton.autotune(configs=configs, key=list(t.key), restore_value=list(t.restore), **cache)(fn)

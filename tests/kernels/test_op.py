@@ -127,16 +127,27 @@ def test_block_map_must_fit():
         sparse_linear_attention(q, k, v, bm)
 
 
-def test_other_tile_shapes(monkeypatch, poison_outputs):
-    """The autotuner may walk the critical lists two key blocks at a time (odd list lengths leave the last step
-    half empty) and take query blocks in two row slices in dK/dV; those paths must agree too."""
+def _variant_counts() -> int:
+    from sla_dist.kernels.configs import _KERNELS
+
+    return max(len(t.metas()) for t in _KERNELS.values())
+
+
+@pytest.mark.parametrize("variant", range(1, _variant_counts()))
+def test_other_tile_shapes(variant, monkeypatch, poison_outputs):
+    """Every tile-shape choice the autotuner may pick must agree too (the fixed setting, tested everywhere else, is
+    each kernel's first): run ``variant`` launches each kernel with its variant-th combination of choices (its last
+    one when it has fewer). Covers two key blocks per step (odd list lengths leave the last step half empty), query
+    blocks in row slices, dK/dV accumulated transposed."""
     from dataclasses import replace
 
     from sla_dist.kernels import configs
 
-    for name, choice in (("fwd", ("KV_BLOCKS_PER_ITER", (2,))), ("dq", ("KV_BLOCKS_PER_ITER", (2,))),
-                         ("dkdv", ("Q_SPLIT", (2,)))):
-        monkeypatch.setitem(configs._KERNELS, name, replace(configs._KERNELS[name], choices=(choice,)))
+    for name, tuning in configs._KERNELS.items():
+        metas = tuning.metas()
+        chosen = metas[min(variant, len(metas) - 1)]
+        monkeypatch.setitem(configs._KERNELS, name,
+                            replace(tuning, choices=tuple((key, (value,)) for key, value in chosen.items())))
     configs.get_kernel.cache_clear()
     try:
         q, k, v = _qkv(1, 2, 1000, 1000, 64)
