@@ -1,13 +1,16 @@
 """Time one SLA layer (bf16, B=1 H=12 D=128, 95 %, BQ128) at L = 32768 and 8192, for comparing code versions.
 
-    PYTHONPATH=/path/to/checkout python benchmarks/time_layer.py LABEL
+    PYTHONPATH=/path/to/checkout python benchmarks/time_layer.py LABEL [--compile MODE]
 
 The sla_dist that PYTHONPATH points at is timed (its path is printed first), so two checkouts compare on one card in
 one device call, e.g. ``git worktree add /tmp/old <commit>`` beside this one. Medians of triton.testing.do_bench;
 "host-side" is the wall time of 20 unsynchronised forward+backward calls, the launch-bound floor at short L.
+``--compile MODE`` times ``torch.compile(layer, mode=MODE)`` instead (e.g. ``reduce-overhead``: CUDA graphs, which
+take the host's launch time out of the step).
 """
 
-import sys
+import argparse
+
 import time
 
 import torch
@@ -27,11 +30,16 @@ def host_side_ms(step, n: int = 20) -> float:
 
 
 def main() -> None:
-    label = sys.argv[1] if len(sys.argv) > 1 else "sla_dist"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("label", nargs="?", default="sla_dist")
+    parser.add_argument("--compile", metavar="MODE", help="torch.compile mode, e.g. default or reduce-overhead")
+    args = parser.parse_args()
+    label = args.label + (f"+compile:{args.compile}" if args.compile else "")
     print("sla_dist from", __import__("sla_dist").__file__)
     for L in (32768, 8192):
-        m = SparseLinearAttention(128, topk=0.05, BLKQ=128).cuda()
-        torch.nn.init.normal_(m.proj_l.weight, std=128**-0.5)
+        layer = SparseLinearAttention(128, topk=0.05, BLKQ=128).cuda()
+        torch.nn.init.normal_(layer.proj_l.weight, std=128**-0.5)
+        m = torch.compile(layer, mode=args.compile) if args.compile else layer
         q, k, v = (torch.randn(1, 12, L, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         g = torch.randn_like(q)

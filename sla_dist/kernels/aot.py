@@ -65,7 +65,7 @@ class Variant:
     """None: the kernel's fixed (non-autotuned) setting."""
     num_stages: int | None = None
     choices: dict[str, int] = field(default_factory=dict)
-    """Tile-shape constexprs (KV_BLOCKS_PER_ITER, Q_SPLIT); missing ones take their first option."""
+    """Tile-shape constexprs (KEYS_AS_COLUMNS, Q_SPLIT); missing ones take their first option."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:

@@ -36,49 +36,42 @@ def _bwd_prepass_kernel(
     H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    ROW_SPLIT: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     base = head_offset(bh, H, stride_qb, stride_qh)
+    offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
+    row_ok = offs_m < LQ
+    tile = row_tile(base, offs_m, stride_ql, offs_d)
+    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    rows = bh.to(tl.int64) * LQ + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + rows, delta, mask=row_ok)
+
     if HAS_LINEAR:
+        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        fq = phi_fwd(x, FEATURE_MAP)
         hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
         zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
-        dh = tl.zeros([D, D], dtype=tl.float32)
-        dz = tl.zeros([D], dtype=tl.float32)
-    # The block's rows in ROW_SPLIT slices (autotuned): at D = 128 a whole 128-row block keeps ~8 [128, D] float32
-    # tiles live and spills; half-height slices fit the registers, and dH_i, dZ_i sum over the slices.
-    for part in tl.static_range(ROW_SPLIT):
-        offs_m = pid_q * BLOCK_Q + part * (BLOCK_Q // ROW_SPLIT) + tl.arange(0, BLOCK_Q // ROW_SPLIT)
-        row_ok = offs_m < LQ
-        tile = row_tile(base, offs_m, stride_ql, offs_d)
-        o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        delta = tl.sum(o * do, axis=1)
-        rows = bh.to(tl.int64) * LQ + offs_m
-        if HAS_DLSE:
-            delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        tl.store(DELTA + rows, delta, mask=row_ok)
-
-        if HAS_LINEAR:
-            dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            fq = phi_fwd(x, FEATURE_MAP)
-            num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
-            den = tl.sum(fq * zl[None, :], axis=1)
-            inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-            dnum = dol * inv[:, None]
-            dden = -tl.sum(dol * num, axis=1) * inv * inv
-            dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
-            tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-            # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i.
-            dh += tl.dot(tl.trans(fq), dnum, input_precision=PRECISION)
-            dz += tl.sum(fq * dden[:, None], axis=0)
-    if HAS_LINEAR:
+        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
+        den = tl.sum(fq * zl[None, :], axis=1)
+        inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
+        dnum = dol * inv[:, None]
+        dden = -tl.sum(dol * num, axis=1) * inv * inv
+        dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
+        tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i. The product takes its operands in the
+        # summaries' dtype (bf16 for half inputs, as in the forward's phi(Q_i) H_i): float32 operands ran it at
+        # tf32 rate and took 128 KiB of shared memory at D = 128 (one program per SM).
+        dh = tl.dot(tl.trans(fq).to(hl.dtype), dnum.to(hl.dtype), input_precision=PRECISION)
         out = bh.to(tl.int64) * NQ + pid_q
         tl.store(DHL + out * D * D + square(offs_d, D), dh.to(DHL.dtype.element_ty))
-        tl.store(DZL + out * D + offs_d, dz)
+        tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
 
 
 @triton.jit
@@ -91,7 +84,6 @@ def _bwd_dq_kernel(
     H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    KV_BLOCKS_PER_ITER: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -104,8 +96,8 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
     n_blocks = tl.load(KV_NUM + row)
-    for it in range(0, n_blocks, KV_BLOCKS_PER_ITER):
-        offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, n_blocks, LK, BLOCK_K, KV_BLOCKS_PER_ITER)
+    for it in range(0, n_blocks):
+        offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, LK, BLOCK_K)
         kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
         k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)

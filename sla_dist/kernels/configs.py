@@ -46,21 +46,24 @@ class _Tuning:
 
 
 _CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
+# The candidates are what won or came close in `benchmarks/sweep_kernels.py` on an H200 (bf16, D = 128, BQ 128,
+# results/2026-11-29-h200-sweep.md); the fixed setting is each kernel's winner there. Two key blocks per step in the
+# forward and dQ lost everywhere (by 10-25 %), so those loops take one block per step; every candidate compiles on a
+# layer shape's first call, so the list is kept short (the full search of 60 took 164 s).
 _KERNELS = {
-    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 2),
-                   choices=(("KV_BLOCKS_PER_ITER", (1, 2)),)),
-    "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4, 8), (1, 2),
-                         fixed=(8, 1)),
+    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 3)),
+    "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4,), (1,),
+                         fixed=(4, 1)),
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),
     "classify": _Tuning("block_select", "_classify_kernel", ("NK_POW2",), (4,), (1,), fixed=(4, 1)),
     "critical_columns": _Tuning("block_select", "_critical_columns_kernel", ("NQ_POW2",), (4,), (1,), fixed=(4, 1)),
-    "prepass": _Tuning("backward", "_bwd_prepass_kernel", ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR"), (4, 8),
-                       (1, 2), fixed=(8, 1), choices=(("ROW_SPLIT", (2, 1)),)),
+    "prepass": _Tuning("backward", "_bwd_prepass_kernel", ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR"), (8,),
+                       (1,), fixed=(8, 1)),
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR"), (4, 8), (1, 2, 3),
-                  fixed=(8, 1), choices=(("KV_BLOCKS_PER_ITER", (1, 2)),), restore=("DQ",)),
-    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2, 3), fixed=(8, 1),
-                    choices=(("Q_SPLIT", (1, 2)), ("KEYS_AS_COLUMNS", (0, 1)))),
+                  fixed=(8, 3), restore=("DQ",)),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2), fixed=(8, 2),
+                    choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
 }
 
 

@@ -9,8 +9,8 @@ strides, k and v another. Scores are kept in base 2: with c = log2(e) / sqrt(D),
 
 so that the backward recomputes P = 2^(s - lse) from the saved base-2 log-sum-exp.
 
-Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online softmax (FlashAttention-2),
-KV_BLOCKS_PER_ITER listed key blocks per step (an autotuned choice).
+Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online softmax (FlashAttention-2), one
+listed key block per step.
 Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j = colsum phi(K_j) [D] are built by
 ``_linear_summaries_kernel``; the launcher sums them over each query block's marginal blocks (a 0/1 matrix product,
 see op.py) into H_i, Z_i, and the forward kernel finishes with O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the
@@ -35,7 +35,6 @@ def _sla_fwd_kernel(
     H, LQ, LK, NQ, KV_WIDTH, qk_scale,       # qk_scale = log2(e) / sqrt(D)
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    KV_BLOCKS_PER_ITER: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -52,8 +51,8 @@ def _sla_fwd_kernel(
     acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
     n_blocks = tl.load(KV_NUM + row)
-    for it in range(0, n_blocks, KV_BLOCKS_PER_ITER):
-        offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, n_blocks, LK, BLOCK_K, KV_BLOCKS_PER_ITER)
+    for it in range(0, n_blocks):
+        offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, LK, BLOCK_K)
         kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
         k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)

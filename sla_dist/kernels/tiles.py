@@ -32,24 +32,11 @@ def square(offs_d, D: tl.constexpr):
 
 
 @triton.jit
-def listed_rows(IDX, first, count, LK, BLOCK_K: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr):
-    """Rows of the key blocks at list positions first .. first + BLOCKS_PER_ITER - 1 of a list of ``count`` block
-    indices at IDX, as one [BLOCKS_PER_ITER * BLOCK_K] tile, and which rows are real (listed and < LK).
-
-    Taking two 64-row blocks per iteration gives the matrix units 128-wide tiles, as a 128-row block would. One block
-    per step loads its index once, as a scalar, rather than once per row (fewer registers and loads; the key/value
-    loads are vectorised along D either way)."""
-    if BLOCKS_PER_ITER == 1:
-        rows = tl.load(IDX + first) * BLOCK_K + tl.arange(0, BLOCK_K)
-        real = rows < LK
-    else:
-        offs = tl.arange(0, BLOCKS_PER_ITER * BLOCK_K)
-        position = first + offs // BLOCK_K
-        listed = position < count
-        block = tl.load(IDX + position, mask=listed, other=0)
-        rows = block * BLOCK_K + offs % BLOCK_K
-        real = listed & (rows < LK)
-    return rows, real
+def listed_rows(IDX, position, LK, BLOCK_K: tl.constexpr):
+    """Rows of the key block listed at ``position`` of the block list at IDX, and which of them are real (< LK). The
+    index is loaded once, as a scalar, so the key/value loads stay contiguous along D and rows."""
+    rows = tl.load(IDX + position) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return rows, rows < LK
 
 
 @triton.jit
