@@ -31,20 +31,19 @@ from .op import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
-# Pointer arguments by role: "x" the input dtype, "sum" the linear-branch [D, D] summaries (op.summary_dtype, as on a
-# GPU), "f32" / "f64" / "i32" / "i8" fixed. Other non-constexpr arguments are
+# Pointer arguments by role: "x" the input dtype, "sum" the linear-branch summaries h, z and their sums and gradients
+# (op.summary_dtype, as on a GPU), "f32" / "f64" / "i32" / "i8" fixed. Other non-constexpr arguments are
 # int32 scalars, except the float scales.
 _POINTERS = {
-    "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", KV_NUM="i32", KV_IDX="i32", HL="sum", ZL="f32"),
-    "summaries": dict(K="x", V="x", HS="sum", ZS="f32"),
+    "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", KV_NUM="i32", KV_IDX="i32", HL="sum", ZL="sum"),
+    "summaries": dict(K="x", V="x", HZ="sum"),
     "block_sums": dict(X="x", SUMS="f64"),
     "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
     "critical_columns": dict(CLASS="i8", Q_NUM="i32", Q_IDX="i32"),
-    "prepass": dict(Q="x", O="x", DO="x", DOL="x", DQ="x", DLSE="f32", DELTA="f32", HL="sum", ZL="f32", DHL="sum",
-                    DZL="f32"),
+    "prepass": dict(Q="x", O="x", DO="x", DOL="x", DQ="x", DLSE="f32", DELTA="f32", HL="sum", ZL="sum", DHZ="sum"),
     "dq": dict(Q="x", K="x", V="x", DO="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32"),
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
-                 DHS="sum", DZS="f32"),
+                 DHS="sum", DZS="sum"),
 }
 _FLOATS = {"qk_scale", "sm_scale"}
 

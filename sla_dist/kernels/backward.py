@@ -30,7 +30,7 @@ from .tiles import block_item, head_offset, listed_rows, query_rows, row_tile, s
 @triton.jit
 def _bwd_prepass_kernel(
     Q, O, DO, DOL, DQ, DLSE, DELTA,          # q/o/do/dol/dq [B, H, LQ, D] (q strides), dlse/delta [BH, LQ] float32
-    HL, ZL, DHL, DZL,                        # H_i, Z_i (may be broadcast over Nq), dH_i [BH, Nq, D, D], dZ_i
+    HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
     stride_qb, stride_qh, stride_ql,
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
     H, LQ, NQ,
@@ -69,9 +69,9 @@ def _bwd_prepass_kernel(
         # summaries' dtype (bf16 for half inputs, as in the forward's phi(Q_i) H_i): float32 operands ran it at
         # tf32 rate and took 128 KiB of shared memory at D = 128 (one program per SM).
         dh = tl.dot(tl.trans(fq).to(hl.dtype), dnum.to(hl.dtype), input_precision=PRECISION)
-        out = bh.to(tl.int64) * NQ + pid_q
-        tl.store(DHL + out * D * D + square(offs_d, D), dh.to(DHL.dtype.element_ty))
-        tl.store(DZL + out * D + offs_d, tl.sum(fq * dden[:, None], axis=0))
+        out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
+        tl.store(out + square(offs_d, D), dh.to(DHZ.dtype.element_ty))
+        tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
 
 
 @triton.jit

@@ -21,6 +21,7 @@ classification that the linear branch needs.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -242,8 +243,12 @@ def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None, *, kern
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
+@functools.lru_cache(maxsize=256)
 def rows_per_block(length: int, block: int, n_blocks: int, device: torch.device) -> torch.Tensor:
-    """Valid rows of each of ``n_blocks`` blocks covering ``length`` rows, as a float64 column [n_blocks, 1]."""
+    """Valid rows of each of ``n_blocks`` blocks covering ``length`` rows, as a float64 column [n_blocks, 1].
+
+    Cached per shape (read-only): built anew, it was five small device ops per tensor on every forward, which at
+    short sequences cost more host time than the GPU spends on the whole block map."""
     starts = torch.arange(n_blocks, device=device, dtype=torch.float64) * block
     return (length - starts).clamp(0, block)[:, None]
 

@@ -12,8 +12,8 @@ so that the backward recomputes P = 2^(s - lse) from the saved base-2 log-sum-ex
 Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online softmax (FlashAttention-2), one
 listed key block per step.
 Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j = colsum phi(K_j) [D] are built by
-``_linear_summaries_kernel``; the launcher sums them over each query block's marginal blocks (a 0/1 matrix product,
-see op.py) into H_i, Z_i, and the forward kernel finishes with O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the
+``_linear_summaries_kernel`` into one [D * D + D] row per key block; the launcher sums the rows over each query
+block's marginal blocks (one 0/1 matrix product, see op.py) into H_i, Z_i, and the forward kernel finishes with O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the
 denominator is 0. Addressing helpers live in tiles.py.
 """
 
@@ -28,7 +28,7 @@ from .tiles import block_item, head_offset, listed_rows, row_tile, square
 def _sla_fwd_kernel(
     Q, K, V, O, OL, LSE,                     # q/o/ol [B, H, LQ, D], k/v [B, H, LK, D], lse [BH, LQ] float32
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
-    HL, ZL,                                  # [BH, Nq or 1, D, D] (float32 or bf16), [BH, Nq or 1, D] float32
+    HL, ZL,                                  # H_i [BH, Nq or 1, D, D], Z_i [BH, Nq or 1, D] (float32 or bf16)
     stride_qb, stride_qh, stride_ql,         # strides of q/o/ol in elements
     stride_kb, stride_kh, stride_kl,         # strides of k/v
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
@@ -85,7 +85,7 @@ def _sla_fwd_kernel(
 
 @triton.jit
 def _linear_summaries_kernel(
-    K, V, HS, ZS,                            # [B, H, LK, D] x2; outputs [BH, Nk, D, D], [BH, Nk, D] float32
+    K, V, HZ,                                # [B, H, LK, D] x2; output [BH, Nk, D * D + D]: h_j then z_j per block
     stride_kb, stride_kh, stride_kl,
     H, LK, NK,
     D: tl.constexpr, BLOCK_K: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr,
@@ -102,6 +102,6 @@ def _linear_summaries_kernel(
     v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
     fk = tl.where(row_ok[:, None], phi_fwd(k.to(tl.float32), FEATURE_MAP), 0.0)
     h = tl.dot(tl.trans(fk).to(v.dtype), v, input_precision=PRECISION)
-    out = bh.to(tl.int64) * NK + pid_k
-    tl.store(HS + out * D * D + square(offs_d, D), h.to(HS.dtype.element_ty))
-    tl.store(ZS + out * D + offs_d, tl.sum(fk, axis=0))
+    out = HZ + (bh.to(tl.int64) * NK + pid_k) * (D * D + D)
+    tl.store(out + square(offs_d, D), h.to(HZ.dtype.element_ty))
+    tl.store(out + D * D + offs_d, tl.sum(fk, axis=0).to(HZ.dtype.element_ty))

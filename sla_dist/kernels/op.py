@@ -123,10 +123,10 @@ def _problem(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, featu
                     summary_dtype=summary_dtype(q.dtype, _interpreting()))
 
 
-def _marginal_matrix(block_class: torch.Tensor, scope: str) -> torch.Tensor | None:
-    """M [BH, Nq, Nk], M_ij = [key block j is in query block i's linear scope]; None for scope 'all', where every
-    query block shares one total. Built once per pass and used for every sum below."""
-    return None if scope == "all" else (block_class == MARGINAL).flatten(0, 1)
+def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """M [BH, Nq, Nk] in ``dtype``, M_ij = [key block j is in query block i's linear scope]; None for scope 'all',
+    where every query block shares one total. Built once per pass and used for every sum below."""
+    return None if scope == "all" else (block_class == MARGINAL).flatten(0, 1).to(dtype)
 
 
 def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: bool = False) -> torch.Tensor:
@@ -135,21 +135,28 @@ def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: b
     total keeps a size-1 block dimension."""
     if marginal is None:
         return x.sum(1, keepdim=True)
-    m = marginal.to(x.dtype)
-    return (m.transpose(1, 2) if transpose else m) @ x
+    return (marginal.transpose(1, 2) if transpose else marginal) @ x
+
+
+def _summary_rows(n: int, like: torch.Tensor, p: _Problem) -> torch.Tensor:
+    """A buffer of one row per block, [BH, n, D * D + D]: a [D, D] summary (h_j, or a gradient of H_i) followed by
+    its [D] vector (z_j, or of Z_i), so that one 0/1 product sums both."""
+    return _new((p.bh, n, p.D * p.D + p.D), like, p.summary_dtype)
+
+
+def _split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views [BH, n, D, D] and [BH, n, D] of a [BH, n, D * D + D] buffer of summary rows."""
+    return rows[..., : D * D].unflatten(-1, (D, D)), rows[..., D * D :]
 
 
 def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: _Problem):
     """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
-    hs = _new((p.bh, p.nk, p.D, p.D), k, p.summary_dtype)
-    zs = _new((p.bh, p.nk, p.D), k, torch.float32)
+    hz = _summary_rows(p.nk, k, p)
     get_kernel("summaries")[(p.nk, p.bh)](
-        k, v, hs, zs, *p.kv_strides, p.H, p.Lk, p.nk,
+        k, v, hz, *p.kv_strides, p.H, p.Lk, p.nk,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
     )
-    hl = _sum_over_scope(hs.view(p.bh, p.nk, p.D * p.D), marginal)
-    zl = _sum_over_scope(zs, marginal)
-    return hl.view(p.bh, -1, p.D, p.D), zl
+    return _split_rows(_sum_over_scope(hz, marginal), p.D)
 
 
 def _block_strides(x: torch.Tensor) -> tuple[int, int]:
@@ -173,7 +180,7 @@ def sla_forward(
     o_l = _like(q) if has_linear else torch.zeros_like(q)
     lse = _new((p.B, p.H, p.Lq), q, torch.float32)
     if has_linear:
-        hl, zl = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope), p)
+        hl, zl = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
     else:  # never read: HAS_LINEAR=False compiles the branch away
         hl = zl = lse.view(p.bh, 1, -1)
     get_kernel("fwd")[(p.nq, p.bh)](
@@ -208,14 +215,13 @@ def sla_backward(
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
     if has_linear:
-        marginal = _marginal_matrix(block_class, linear_scope)
+        marginal = _marginal_matrix(block_class, linear_scope, p.summary_dtype)
         hl, zl = _linear_totals(k, v, marginal, p)
-        dhl = _new((p.bh, p.nq, p.D, p.D), q, p.summary_dtype)
-        dzl = _new((p.bh, p.nq, p.D), q, torch.float32)
+        dhz = _summary_rows(p.nq, q, p)
     else:  # never read
-        hl = zl = dhl = dzl = delta.view(p.bh, 1, -1)
+        hl = zl = dhz = delta.view(p.bh, 1, -1)
     get_kernel("prepass")[(p.nq, p.bh)](
-        q, o, do, dol_, dq, dlse if dlse is not None else delta, delta, hl, zl, dhl, dzl,
+        q, o, do, dol_, dq, dlse if dlse is not None else delta, delta, hl, zl, dhz,
         *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq,
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
         PRECISION=p.precision,
@@ -227,8 +233,7 @@ def sla_backward(
     )
 
     if has_linear:
-        dhs = _sum_over_scope(dhl.view(p.bh, p.nq, p.D * p.D), marginal, transpose=True)
-        dzs = _sum_over_scope(dzl, marginal, transpose=True)
+        dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, transpose=True), p.D)
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
     q_num_blocks, q_indices = transposed_lists(block_class)
