@@ -23,6 +23,7 @@ from .recipe import Recipe
 from .resume import start, write_recipe
 from .rotation import StepCheckpoints, checkpoint_dir
 from .sample import PeriodicSamples, SequenceParallelPredictor, write_gif
+from .shared_resume import RankZeroCheckpoint, ShareResumeCheckpoint
 from .strategy import SLAStrategy, zero_config
 from .summary import RunSummary, plot_loss, read_curves
 from .synthetic import SyntheticVideoDataset
@@ -37,8 +38,9 @@ def build_strategy(recipe: Recipe):
     return SLAStrategy(sequence_parallel_size=p.sp_size, ulysses_degree=p.ulysses_degree, config=config)
 
 
-def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_step: int | None = None) -> pl.Trainer:
-    """The Trainer of a recipe; ``resume_step`` is the step of the checkpoint to be resumed (None: a fresh run)."""
+def build_trainer(recipe: Recipe, extra_callbacks: list | None = None) -> pl.Trainer:
+    """The Trainer of a recipe, without loggers (``build_loggers`` needs the step resumed from, which ``train``
+    decides once the Trainer knows which rank this process is). Building it writes nothing."""
     t = recipe.trainer
     # each checkpoint's recipe is recorded as it is committed (resume.py compares the next run's with it)
     checkpoints = StepCheckpoints(checkpoint_dir(recipe.output_dir), t.checkpoint_every,
@@ -61,7 +63,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, resume_st
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(recipe),
         precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=recipe.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar, logger=build_loggers(recipe.output_dir, resume_step),
+        enable_progress_bar=t.progress_bar, logger=False,
         callbacks=callbacks, default_root_dir=recipe.output_dir, use_distributed_sampler=False,
         enable_model_summary=False, num_sanity_val_steps=0, enable_autolog_hparams=False,
         enable_checkpointing=False, **validation,
@@ -82,18 +84,20 @@ def build_module(recipe: Recipe) -> DiTModule:
 def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = None) -> pl.Trainer:
     """Train (resuming from ``output_dir``'s newest checkpoint when there is one and ``resume``, see ``resume.py``),
     then sample."""
-    ckpt = start(recipe, resume)  # refuses incompatible settings before anything is written or spawned
+    trainer = build_trainer(recipe, extra_callbacks)
+    ckpt_path = resume_decision(trainer, recipe, resume)
     pl.seed_everything(recipe.seed, workers=True)
     module = build_module(recipe)
     datamodule = build_datamodule(recipe.data, recipe.dit, recipe.seed)
-    resume_step = None if ckpt is None else (checkpoint_step(ckpt) or 0)
-    trainer = build_trainer(recipe, extra_callbacks, resume_step)
-    if trainer.is_global_zero and ckpt is None:
+    resume_step = (checkpoint_step(ckpt_path) or 0) if isinstance(ckpt_path, Path) else None
+    trainer.loggers = build_loggers(recipe.output_dir, resume_step)  # only rank 0's write
+    if trainer.is_global_zero and ckpt_path is None:
         write_recipe(recipe)
     for logger in trainer.loggers:  # TensorBoard's HPARAMS tab and the CSV's hparams.yaml: the resolved recipe
         logger.log_hyperparams(dataclasses.asdict(recipe))
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if isinstance(ckpt_path, Path) else ckpt_path,
+                weights_only=True)
     wall_time = time.perf_counter() - started
     sample_path = None
     if recipe.sample.enabled and recipe.data.kind == "synthetic":
@@ -101,6 +105,21 @@ def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = No
     if trainer.is_global_zero:
         print(summarize(recipe, trainer, resume_step or 0, wall_time, sample_path).render(), flush=True)
     return trainer
+
+
+def resume_decision(trainer: pl.Trainer, recipe: Recipe, resume: bool) -> Path | RankZeroCheckpoint | None:
+    """The ``ckpt_path`` of this rank's ``fit``. Global rank 0 alone looks for the checkpoint and compares the recipe
+    (``resume.start``: refusals come before anything is written or spawned); with several ranks, the others get a
+    ``RankZeroCheckpoint`` that ``ShareResumeCheckpoint`` fills in with rank 0's choice (see shared_resume.py)."""
+    if trainer.world_size == 1:
+        return start(recipe, resume)
+    if trainer.is_global_zero:
+        ckpt_path = start(recipe, resume)
+        trainer.callbacks.append(ShareResumeCheckpoint(ckpt_path))
+        return ckpt_path
+    follower = RankZeroCheckpoint()
+    trainer.callbacks.append(ShareResumeCheckpoint(follower))
+    return follower
 
 
 def summarize(recipe: Recipe, trainer: pl.Trainer, start_step: int, wall_time: float,

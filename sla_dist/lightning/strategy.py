@@ -22,6 +22,7 @@ What it adds to DeepSpeedStrategy:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional
 
@@ -186,8 +187,8 @@ class SLAStrategy(DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """DeepSpeedStrategy's, with every pickle DeepSpeed reads (it asks for ``weights_only=False``) loaded as
         weights only: a checkpoint cannot run code on resume."""
-        with weights_only_loads():
-            return super().load_checkpoint(checkpoint_path, weights_only)
+        with weights_only_loads():  # fspath: a RankZeroCheckpoint (shared_resume.py) becomes the path it names
+            return super().load_checkpoint(os.fspath(checkpoint_path), weights_only)
 
     @override
     def teardown(self) -> None:

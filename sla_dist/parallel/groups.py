@@ -194,3 +194,21 @@ def ensure_deepspeed_comm() -> None:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     ds_comm.init_distributed(dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
+def broadcast_text(text: str | None, device: torch.device | str, src: int = 0) -> str:
+    """Rank ``src``'s ``text`` on every rank of the default group (the other ranks pass None).
+
+    It travels as a length and then UTF-8 bytes, in two tensor broadcasts: unlike ``broadcast_object_list``, which
+    unpickles, nothing a peer sends can run code here. ``device``: where the default backend's collectives run (the
+    current CUDA device for NCCL, CPU for gloo)."""
+    sender = dist.get_rank() == src
+    payload = (text or "").encode() if sender else b""
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(length, src)
+    if not length.item():
+        return ""
+    data = (torch.tensor(list(payload), dtype=torch.uint8, device=device) if sender
+            else torch.empty(int(length.item()), dtype=torch.uint8, device=device))
+    dist.broadcast(data, src)
+    return data.cpu().numpy().tobytes().decode()
