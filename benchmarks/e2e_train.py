@@ -272,7 +272,8 @@ def train_phase(run: TrainRun, recipe: str, preset: Preset, env: dict, gpus: boo
         phase.rc, phase.wall_s = run_limited(cmd, log, limit, {**env, "NPROC": str(run.procs),
                                                                "MASTER_PORT": str(_port())})
     phase.peak_gib = memory.peak_gib(run.procs)
-    read_session(phase, run.output_dir, log, run.first, run.end, preset)
+    if phase.rc == 0:
+        read_session(phase, run.output_dir, log, run.first, run.end, preset)
     _report_failure(phase, log)
     return phase
 
@@ -357,7 +358,8 @@ def table(phases: list[Phase]) -> str:
     for p in phases:
         steps = "-" if p.steps is None else f"{p.steps[0]} -> {p.steps[1]}"
         peak = " / ".join(f"{g:.1f}" for g in p.peak_gib) or "-"
-        check = "ok" if p.ok else "; ".join(p.problems) or f"exit code {p.rc}"
+        failed = f"timed out after {p.wall_s:.0f} s" if p.rc == TIMED_OUT else f"exit code {p.rc}"
+        check = "ok" if p.ok else "; ".join(p.problems) or failed
         lines.append(f"| {p.name} | {p.procs} | {p.rc} | {p.wall_s:.0f} | {steps} | {_fmt(p.step_s, '.3f')} | "
                      f"{_fmt(p.tokens_per_s, '.0f')} | {_fmt(p.mfu and 100 * p.mfu, '.1f')} | {peak} | "
                      f"{_fmt(p.topk, '.3g')} | {check}{f' ({p.note})' if p.note else ''} |")
