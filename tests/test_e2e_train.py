@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -17,8 +19,12 @@ import e2e_train as e2e  # noqa: E402
 CPU = e2e.PRESETS["cpu"]
 
 
+@pytest.mark.slow
 def test_cpu_flow_trains_resumes_and_exports(tmp_path):
-    """SP = 1 and SP = 2 through launch/torchrun.sh, the SP = 2 run resumed by its rerun, sla-dist export loaded."""
+    """SP = 1 and SP = 2 through launch/torchrun.sh, the SP = 2 run resumed by its rerun, sla-dist export loaded.
+
+    Six training processes and one export start here, each importing Lightning (~15 CPU-s): about 130 CPU-s in all,
+    70 s on two idle cores."""
     rc = e2e.main(["--cpu", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "result")])
     result = json.loads((tmp_path / "result.json").read_text())
     phases = {p["name"]: p for p in result["results"]}
@@ -56,15 +62,23 @@ def _fake_run(out: Path, steps: list[int], summary: tuple[int, int], last: int) 
 def test_read_session_accepts_a_continued_run(tmp_path):
     log = _fake_run(tmp_path / "run", list(range(6)), (4, 6), last=6)
     phase = e2e.Phase("resume", 2)
-    e2e.read_session(phase, tmp_path / "run", log, 4, 6, CPU)
+    e2e.read_session(phase, tmp_path / "run", log, 4, 6, warmup=1, every=2)
     assert phase.problems == [] and phase.steps == (4, 6)
+
+
+def test_read_session_takes_medians_of_the_steady_steps(tmp_path):
+    log = _fake_run(tmp_path / "run", list(range(6)), (0, 6), last=6)
+    phase = e2e.Phase("sp2", 2)
+    e2e.read_session(phase, tmp_path / "run", log, 0, 6, warmup=1, every=2)
+    # steps 1, 3, 5 saved a checkpoint, step 0 is the warm-up: steps 2 and 4 (step_time 0.5 + s) remain
+    assert phase.problems == [] and phase.step_s == 3.5 and phase.tokens_per_s == 100 and phase.topk == 0.05
 
 
 def test_read_session_flags_a_restart_from_step_0(tmp_path):
     # a resume that started over: the summary says 0 -> 6 and steps 0..3 are logged again after the first session's
     log = _fake_run(tmp_path / "run", [0, 1, 2, 3, 0, 1, 2, 3, 4, 5], (0, 6), last=6)
     phase = e2e.Phase("resume", 2)
-    e2e.read_session(phase, tmp_path / "run", log, 4, 6, CPU)
+    e2e.read_session(phase, tmp_path / "run", log, 4, 6, warmup=1, every=2)
     assert not phase.ok and len(phase.problems) == 2
     assert "ran steps (0, 6), not (4, 6)" in phase.problems[0] and "once each" in phase.problems[1]
 
@@ -72,7 +86,7 @@ def test_read_session_flags_a_restart_from_step_0(tmp_path):
 def test_read_session_flags_a_missing_final_checkpoint(tmp_path):
     log = _fake_run(tmp_path / "run", list(range(4)), (0, 4), last=2)
     phase = e2e.Phase("sp1", 1)
-    e2e.read_session(phase, tmp_path / "run", log, 0, 4, CPU)
+    e2e.read_session(phase, tmp_path / "run", log, 0, 4, warmup=1, every=2)
     assert phase.problems == [f"{tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} does not link to step4.ckpt"]
 
 
