@@ -226,21 +226,23 @@ def read_session(phase: Phase, output_dir: Path, log: Path, first: int, end: int
 
 
 def check_export(phase: Phase, path: Path, recipe_file: Path) -> None:
-    """The exported file loads into the VideoDiT of the run's recipe with its SLA layers (eval's loader:
-    safetensors, strict keys and shapes) and holds finite values."""
-    import torch
-
+    """The exported file is a safetensors file (loading it unpickles nothing) that loads into the VideoDiT of the
+    run's recipe with its SLA layers (eval's loader: strict keys and shapes) and holds finite values."""
     from sla_dist.eval.checkpoints import load_model, sla_layers
+    from sla_dist.lightning.checkpoint import is_safetensors
     from sla_dist.lightning.recipe import load_recipe
 
     recipe = load_recipe(recipe_file)
+    if not is_safetensors(path):
+        phase.problems.append(f"{path} is not a safetensors file")
+        return
     try:
         model = load_model(path, recipe)
     except (ValueError, FileNotFoundError) as exc:
         phase.problems.append(str(exc))
         return
     state = model.state_dict()
-    bad = [name for name, value in state.items() if not torch.isfinite(value).all()]
+    bad = [name for name, value in state.items() if not math.isfinite(float(value.float().sum()))]  # NaN, inf
     if bad:
         phase.problems.append(f"non-finite values in {bad[:5]}")
     layers = sla_layers(state)
@@ -289,7 +291,9 @@ def export_phase(run_dir: Path, preset: Preset, env: dict, logs: Path) -> Phase:
     print(f"[export] {' '.join(cmd)}  (limit {preset.limits['export']} s)", flush=True)
     phase.rc, phase.wall_s = run_limited(cmd, log, preset.limits["export"], env)
     if phase.rc == 0:
+        start = time.perf_counter()
         check_export(phase, target, run_dir / "recipe.yaml")
+        phase.note += f"; the check took {time.perf_counter() - start:.0f} s"
     _report_failure(phase, log)
     return phase
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import e2e_train as e2e  # noqa: E402
 
 CPU = e2e.PRESETS["cpu"]
+ROOT = BENCHMARKS.parent
 
 
 @pytest.mark.slow
@@ -88,6 +89,49 @@ def test_read_session_flags_a_missing_final_checkpoint(tmp_path):
     phase = e2e.Phase("sp1", 1)
     e2e.read_session(phase, tmp_path / "run", log, 0, 4, warmup=1, every=2)
     assert phase.problems == [f"{tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} does not link to step4.ckpt"]
+
+
+def _tiny_export(path: Path, layers: list[int]) -> dict:
+    import torch
+
+    from sla_dist import PatchConfig, SLAConfig, apply_sla, dit_config
+    from sla_dist.files import save_safetensors
+    from sla_dist.models import VideoDiT
+
+    torch.manual_seed(0)
+    model = VideoDiT(dit_config("tiny"))
+    apply_sla(model, PatchConfig(sla=SLAConfig(topk=0.25, negligible=0.25), layers=layers))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_safetensors(state, path)
+    return state
+
+
+def test_check_export_accepts_an_export_of_the_recipe_model(tmp_path):
+    _tiny_export(tmp_path / "model.safetensors", layers=[0, 1])
+    phase = e2e.Phase("export", 1)
+    e2e.check_export(phase, tmp_path / "model.safetensors", ROOT / CPU.recipe)
+    assert phase.problems == [] and "SLA in 2 layers" in phase.note
+
+
+def test_check_export_flags_nan_pickles_and_another_model(tmp_path):
+    import torch
+
+    from sla_dist.files import save_safetensors
+
+    state = _tiny_export(tmp_path / "model.safetensors", layers=[0, 1])
+    name = next(iter(state))
+    state[name][0] = float("nan")
+    save_safetensors(state, tmp_path / "nan.safetensors")
+    torch.save(state, tmp_path / "pickled.pt")
+    _tiny_export(tmp_path / "dense.safetensors", layers=[])
+    found = {}
+    for file in ("nan.safetensors", "pickled.pt", "dense.safetensors"):
+        phase = e2e.Phase("export", 1)
+        e2e.check_export(phase, tmp_path / file, ROOT / CPU.recipe)
+        found[file] = phase.problems
+    assert found["nan.safetensors"] == [f"non-finite values in [{name!r}]"]
+    assert found["pickled.pt"] == [f"{tmp_path / 'pickled.pt'} is not a safetensors file"]
+    assert found["dense.safetensors"] == ["the export has no SLA layer (no proj_l)"]
 
 
 def test_steady_steps_leave_out_warmup_and_checkpoint_steps():
