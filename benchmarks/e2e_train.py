@@ -49,6 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from results_io import save_results  # this script's folder is on sys.path when it runs
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMED_OUT = 124
 """The exit code of a phase killed at its time limit (as coreutils' ``timeout`` reports it)."""
@@ -306,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where the runs go (default: a temporary directory, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the runs' checkpoints and directories")
     parser.add_argument("--out", help="results stem: <out>.json and <out>.md")
-    parser.add_argument("overrides", nargs="*", help="more recipe key=value overrides for every run (not of the steps and the checkpoint interval)")
+    parser.add_argument("overrides", nargs="*",
+                        help="more recipe key=value overrides for every run (not of the steps or checkpoint interval)")
     args = parser.parse_args(argv)
     preset = PRESETS["cpu" if args.cpu else "gpu"]
     recipe = str(Path(args.recipe).resolve()) if args.recipe else preset.recipe  # the runs start in ROOT
@@ -333,19 +336,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:  # free its checkpoint (~20 GB for wan1.3b) before the next run: only its logs are read
             shutil.rmtree(sp1.output_dir / "checkpoints", ignore_errors=True)
         phases.append(train(sp2))
-    for run, depends in ((resume, "the SP = 2 run"), (None, "the resumed run")):
-        if not phases[-1].ok:
-            skipped = Phase(run.name if run else "export", 2 if run else 1)
-            skipped.problems.append(f"skipped: {depends} failed")
-            phases.append(skipped)
-        else:
-            phases.append(train(run) if run else export_phase(sp2.output_dir, preset, env, logs))
+    phases.append(train(resume) if phases[-1].ok else _skipped("resume", 2, "the SP = 2 run"))
+    phases.append(export_phase(sp2.output_dir, preset, env, logs) if phases[-1].ok
+                  else _skipped("export", 1, "the resumed run"))
     _save(phases, preset, recipe, args)
     failed = [p.name for p in phases if not p.ok]
     print(f"e2e_train: {len(phases) - len(failed)} phases passed, {len(failed)} failed {failed or ''}".rstrip())
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(p.ok for p in phases) else 1
+
+
+def _skipped(name: str, procs: int, failed: str) -> Phase:
+    return Phase(name, procs, problems=[f"skipped: {failed} failed"])
 
 
 def _report_failure(phase: Phase, log: Path) -> None:
@@ -385,9 +388,6 @@ def _card(cpu: bool) -> str:
 
 
 def _save(phases: list[Phase], preset: Preset, recipe: str, args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from results_io import save_results
-
     card = _card(args.cpu)
     text = table(phases)
     meta = dict(recipe=recipe, preset=dataclasses.asdict(preset), overrides=args.overrides)
