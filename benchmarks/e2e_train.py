@@ -2,11 +2,12 @@
 (two), the SP = 2 run is resumed once by rerunning its command with more steps, and ``sla-dist export`` turns its
 last checkpoint into a safetensors file that must load into the recipe's VideoDiT.
 
-    python benchmarks/e2e_train.py --out $OUT/e2e_train    # GPUs: wan1.3b recipe, 12 steps + 6 resumed, ~6 min
+    python benchmarks/e2e_train.py --out $OUT/e2e_train    # 2 GPUs: wan1.3b, 12 steps + 6 resumed, 5-7 min
     python benchmarks/e2e_train.py --cpu                    # tiny recipe, gloo, 4 + 2 steps (what the CPU test runs)
 
-On GPUs the runs go one after the other; with --cpu the SP = 1 and SP = 2 runs overlap (CPU timings mean nothing,
-and this keeps the test short).
+The SP = 2 run saves every 6 steps (the resume starts from its step-12 save), SP = 1 only after its last step. On
+GPUs the runs go one after the other; with --cpu the SP = 1 and SP = 2 runs overlap (CPU timings mean nothing, and
+this keeps the test short).
 
 Every phase runs under its own time limit (a timed-out phase is killed with its process group and reported as
 rc 124). Checked: each run ends with its ``step{N}.ckpt`` linked as ``last.ckpt`` and finite losses; the resumed
