@@ -32,8 +32,9 @@ def widened(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(folder: Path, state: dict[str, torch.Tensor], meta: dict) -> list[Path]:
-    """Write ``state`` (rounded to bfloat16) and ``meta`` (plain values) as shards into ``folder``; an earlier
-    checkpoint there is replaced. Returns the paths written."""
+    """Write ``state`` (rounded to bfloat16) and ``meta`` (plain values) as shards of at most ``SHARD_BYTES`` of
+    tensor data into ``folder`` (a larger tensor gets a shard of its own); an earlier checkpoint there is replaced.
+    Returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
