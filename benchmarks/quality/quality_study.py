@@ -69,17 +69,20 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from datetime import date  # noqa: E402
+from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from sla_dist import SLAConfig, SparseLinearAttention  # noqa: E402
 from sla_dist.eval.flow_loss import validation_loss  # noqa: E402
@@ -234,8 +237,13 @@ def convert(model: VideoDiT, variant: str, config: StudyConfig) -> VideoDiT:
     return model
 
 
-def _one_thread(_: int) -> None:
+def _render_chunk(dataset: SyntheticVideoDataset, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Latents and text of ``indices``, as arrays: they travel back through the pool's pipe, not through shared
+    memory (which a small /dev/shm would refuse)."""
     torch.set_num_threads(1)
+    items = [dataset[i] for i in indices]
+    return (torch.stack([it["latents"] for it in items]).numpy(),
+            torch.stack([it["text"] for it in items]).numpy())
 
 
 class Data:
@@ -252,14 +260,17 @@ class Data:
         self.reference = self.dataset.codec.decode(latents[held:])
 
     def _render(self, indices: range, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render the clips, on ``workers`` forked processes (one thread each) when > 0: rendering is Python-bound,
+        ~0.03-0.08 s a clip at 16 x 48 x 48. Called before CUDA is initialised, so forking is safe."""
         if workers == 0:
-            items = [self.dataset[i] for i in indices]
-            return torch.stack([it["latents"] for it in items]), torch.stack([it["text"] for it in items])
-        # Rendering is Python-bound (~0.03-0.08 s a clip at 16 x 48 x 48): worker processes, one thread each.
-        loader = DataLoader(Subset(self.dataset, list(indices)), batch_size=16, num_workers=workers,
-                            worker_init_fn=_one_thread, multiprocessing_context="fork")
-        batches = list(loader)
-        return torch.cat([b["latents"] for b in batches]), torch.cat([b["text"] for b in batches])
+            latents, text = _render_chunk(self.dataset, list(indices))
+            return torch.from_numpy(latents), torch.from_numpy(text)
+        size = math.ceil(len(indices) / (4 * workers))
+        chunks = [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_render_chunk, [self.dataset] * len(chunks), chunks))
+        return (torch.from_numpy(np.concatenate([p[0] for p in parts])),
+                torch.from_numpy(np.concatenate([p[1] for p in parts])))
 
     def batch(self, step: int, seed: int, batch_size: int) -> dict:
         generator = torch.Generator().manual_seed(zlib.crc32(f"data,{seed},{step}".encode()))
@@ -271,6 +282,13 @@ class Data:
         with _autocast(latents.device):
             return validation_loss(model, latents[:config.val_samples], text[:config.val_samples],
                                    draws=config.draws, batch_size=config.batch_size)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _autocast(device: torch.device):
@@ -435,11 +453,10 @@ class Study:
         grid = (config.frames // self.dit.patch_size[0], config.size // self.dit.patch_size[1],
                 config.size // self.dit.patch_size[2])
         tokens = math.prod(grid)
-        triton = sys.modules.get("triton")
         self.results: dict = {
             "status": "running", "phase": phase, "command": command, "date": date.today().isoformat(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "torch": torch.__version__, "triton": getattr(triton, "__version__", None),
+            "torch": torch.__version__, "triton": _version("triton"),
             "sla_backend": ("Triton kernels, bf16 autocast" if device.type == "cuda"
                             else "PyTorch reference (CPU, float32)"),
             "config": asdict(config), "model": asdict(self.dit), "parameters": None, "tokens_per_clip": tokens,
@@ -497,8 +514,10 @@ class Study:
         self.results["timings"]["probe_s"] = time.monotonic() - t0
         schedule = plan_steps(c.workload(), times, runs, self.clock.remaining(), pretrain=pretrain,
                               finetune=finetune, fixed=self.fixed)
-        self.log(f"plan: pretrain {schedule.pretrain_steps} steps, fine-tune {schedule.finetune_steps} steps per "
-                 f"variant (caps {c.pretrain_steps} / {c.finetune_steps}); predicted seconds {schedule.predicted_s}")
+        planned = ([f"pretrain {schedule.pretrain_steps} steps (cap {c.pretrain_steps})"] if pretrain else []) + (
+            [f"fine-tune {schedule.finetune_steps} steps per variant (cap {c.finetune_steps})"] if finetune else [])
+        self.log(f"plan: {', '.join(planned)}; predicted seconds {schedule.predicted_s}, total "
+                 f"{sum(schedule.predicted_s.values()):.0f} of the {self.clock.remaining():.0f} left")
         return schedule
 
     def _pretrain(self, schedule: Schedule) -> dict:

@@ -111,8 +111,8 @@ def markdown_report(results: dict, image: str) -> str:
         lines += [f"**{state}**. Finished: pretraining "
                   f"{'yes' if results.get('pretrain') else 'no'}, fine-tunes {list(results['variants']) or 'none'}.",
                   ""]
-    planned = (f"planned from measured step times to fit a {results['budget_s']:.0f} s budget"
-               + (" (cut from the preset's)" if s["scaled"] else "")) if s["predicted_s"] else "as given"
+    planned = (f"planned from measured step times to fit a {results['budget_s']:.0f} s budget, "
+               + ("below the preset's caps" if s["scaled"] else "the preset's caps")) if s["predicted_s"] else "as given"
     sla_before = (results.get("attention_before") or {}).get("sla", {})
     realised = _mean(sla_before["sparsity"]) if sla_before.get("sparsity") else None
     lines += [
@@ -201,6 +201,7 @@ def plot(results: dict, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
@@ -225,6 +226,7 @@ def plot(results: dict, path: Path) -> None:
         if runs.get(name, {}).get("attention_after"):
             errors.plot(range(len(runs[name]["attention_after"])), runs[name]["attention_after"], marker="x",
                         linestyle="--", label=f"{NAMES[name]}, after")
+    errors.xaxis.set_major_locator(MaxNLocator(integer=True))
     errors.set_xlabel("layer")
     errors.set_ylabel("relative L2 vs full attention")
     errors.grid(alpha=0.3)
