@@ -39,20 +39,23 @@ the ``--time-budget`` plan below uses measured times, not these):
 * norms, RoPE, adaLN, GELU (memory-bound, ~180 kB per token at 4 TB/s): ~0.5 ms;
 
 so ~2.0 ms x 64 clip-layers = 125 ms, plus ~25 ms per step of noise drawn on the CPU (DiTModule draws 4.7 M normals
-on the host and copies them) and the optimizer: **dense ~0.15 s/step**. SLA replaces the 9.1 ms of dense attention
-per layer and step with ~4.3 ms (the scaling model's per-head fit, 0.134 ms at head dim 128, taken as ~0.09 ms at
-64, x 48 heads; its ~3.9 ms of host time per layer overlaps the GPU work of the rest): **SLA ~0.11 s/step,
-sparse-only ~0.10, linear-only ~0.085** (its float32 reference feature map, ~0.8 ms per layer). Per fine-tune step of
-all five runs ~0.60 s. A no-grad forward of a batch: ~0.05 s, so a validation pass (32 clips x 4 noise levels) ~0.8 s
-and the FVD sampling (64 clips x 12 Euler steps) ~4.6 s per variant.
+on the host and copies them, a synchronising copy) and the optimizer: **dense ~0.15 s/step**. SLA replaces the 9.1
+ms of dense attention per layer and step with ~4.3 ms (the scaling model's per-head fit, 0.134 ms at head dim 128,
+taken as ~0.09 ms at 64, x 48 heads; its ~3.9 ms of host time per layer overlaps the GPU work of the rest): **SLA
+~0.11 s/step, sparse-only ~0.10, linear-only ~0.085** (its float32 reference feature map, ~0.8 ms per layer). One
+fine-tune step of each of the five runs: ~0.60 s. A no-grad forward of a batch ~0.05 s, so a validation pass (32
+clips x 4 noise levels: 16 forwards, plus ~0.4 s of noise drawn on the host) ~1.2 s and the FVD sampling (64 clips x
+12 Euler steps = 96 forwards) ~4.5 s per variant.
 
 Phases of one call (``--phase all``), estimated: imports and CUDA start ~10 s; rendering 1344 clips on 8 worker
-processes ~8 s; the probe (3 timed steps and forwards per variant, Triton compiles the SLA kernels with fixed launch
-settings: ~45 s); pretraining ~1000 steps x 0.15 = 150 s (+ 4 s of evaluations); per-layer attention errors ~3 s;
-fine-tunes ~250 steps x 0.60 = 150 s (+ 20 s of evaluations, 23 s of FVD sampling); report ~3 s. About 420 s. The
-preset caps the steps at 1600 / 400 and ``time_budget = 450`` s lets ``plan_steps`` pick what fits from the probe's
-measured times (in the preset's 4 : 1 ratio; never more than the caps). Explicit ``--pretrain-steps`` /
-``--finetune-steps`` override the plan.
+processes ~8 s; the probe ~60 s (Triton compiles the SLA and sparse-only kernels with fixed launch settings, ~50 s;
+then 3 timed steps, 3 forwards and a validation pass per variant); the plan then has ~370 s left, keeps 8 % as
+margin and 66 s for evaluations (pretrain 6, fine-tunes 28), FVD sampling (22) and a 10 s reserve, and fills the rest
+with training at 4 pretrain steps per fine-tune step: **~920 pretrain steps (~140 s) and ~230 fine-tune steps per
+variant (~140 s)**; about 420 s in all. The preset caps the steps at 1600 / 400; ``time_budget = 450`` s (from
+process start) lets ``plan_steps`` size them from the probe's measured times, so a faster or slower GPU than
+estimated changes the step counts, not the wall time. Explicit ``--pretrain-steps`` / ``--finetune-steps`` are kept
+as given (the other count is planned); ``--time-budget 0`` runs the caps.
 
 Between calls: ``--phase pretrain`` writes the pretrained weights as bf16 shards of <= 15 MiB
 (``pretrained-<i>-of-<n>.pt``, 3 files for the gpu preset; ``--phase all`` writes them too) and ``--phase finetune
@@ -170,7 +173,7 @@ class StudyConfig:
 
     def workload(self) -> Workload:
         return Workload(self.pretrain_steps, self.finetune_steps, self.pretrain_evals, self.eval_every,
-                        self.val_samples, self.draws, self.fvd_videos, self.sample_steps, self.batch_size)
+                        self.fvd_videos, self.sample_steps, self.batch_size)
 
 
 PRESETS = {
@@ -365,8 +368,9 @@ class Trainer:
 
 def probe(dit: DiTConfig, state: dict, variants: list[str], data: Data, config: StudyConfig,
           device: torch.device, clock: Clock, steps: int = 3) -> dict[str, StepTimes]:
-    """Seconds of one training step and one no-grad forward of a batch, per variant, on throwaway copies of
-    ``state``. The first step and forward of each variant are warm-up (Triton compiles the SLA kernels there)."""
+    """Seconds of one training step, one no-grad forward of a batch and one validation pass, per variant, on
+    throwaway copies of ``state``. The first step and forward of each variant are warm-up (Triton compiles the SLA
+    kernels there)."""
     times = {}
     latents, text = data.held_out
     n = min(config.batch_size, latents.shape[0])
@@ -389,10 +393,13 @@ def probe(dit: DiTConfig, state: dict, variants: list[str], data: Data, config: 
             for _ in range(steps):
                 forward()
         _sync(device)
+        t3 = time.monotonic()
+        data.validation(config, module.model)
         # a forward of n < batch_size clips is scaled to a full batch
-        times[variant] = StepTimes((t2 - t1) / steps, (time.monotonic() - t2) / steps * config.batch_size / n)
-        clock.log(f"probe {variant}: {times[variant].train:.3f} s/step, {times[variant].forward:.3f} s/forward "
-                  f"(warm-up and compile {warm:.1f} s)")
+        times[variant] = StepTimes((t2 - t1) / steps, (t3 - t2) / steps * config.batch_size / n,
+                                   time.monotonic() - t3)
+        clock.log(f"probe {variant}: {times[variant].train:.3f} s/step, {times[variant].forward:.3f} s/forward, "
+                  f"{times[variant].validation:.2f} s/validation (warm-up and compile {warm:.1f} s)")
         del module, trainer
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -516,8 +523,9 @@ class Study:
                               finetune=finetune, fixed=self.fixed)
         planned = ([f"pretrain {schedule.pretrain_steps} steps (cap {c.pretrain_steps})"] if pretrain else []) + (
             [f"fine-tune {schedule.finetune_steps} steps per variant (cap {c.finetune_steps})"] if finetune else [])
-        self.log(f"plan: {', '.join(planned)}; predicted seconds {schedule.predicted_s}, total "
-                 f"{sum(schedule.predicted_s.values()):.0f} of the {self.clock.remaining():.0f} left")
+        total, left = sum(schedule.predicted_s.values()), self.clock.remaining()
+        self.log(f"plan: {', '.join(planned)}; predicted seconds {schedule.predicted_s}, total {total:.0f} of the "
+                 f"{left:.0f} left" + (" -- OVER BUDGET (steps fixed on the command line)" if total > left else ""))
         return schedule
 
     def _pretrain(self, schedule: Schedule) -> dict:

@@ -42,14 +42,17 @@ class Clock:
 
 @dataclass
 class StepTimes:
-    """Measured seconds of one variant: an optimizer step on one batch, and a no-grad forward of one batch."""
+    """Measured seconds of one variant: an optimizer step on one batch, a no-grad forward of one batch, and one
+    validation pass (forwards plus the noise it draws on the host)."""
 
     train: float
     forward: float
+    validation: float
 
     def __post_init__(self) -> None:
-        if not (self.train > 0 and self.forward > 0):
-            raise ValueError(f"step times must be positive, got train={self.train}, forward={self.forward}")
+        if not (self.train > 0 and self.forward > 0 and self.validation > 0):
+            raise ValueError(f"step times must be positive, got train={self.train}, forward={self.forward}, "
+                             f"validation={self.validation}")
 
 
 @dataclass
@@ -77,15 +80,9 @@ class Workload:
     finetune_steps: int
     pretrain_evals: int
     eval_every: int
-    val_samples: int
-    draws: int
     fvd_videos: int
     sample_steps: int
     batch_size: int
-
-    def val_forwards(self) -> int:
-        """Batched forwards of one validation pass."""
-        return math.ceil(self.val_samples / self.batch_size) * self.draws
 
     def fvd_forwards(self) -> int:
         """Batched forwards of sampling the FVD videos."""
@@ -120,8 +117,8 @@ def plan_steps(w: Workload, times: dict[str, StepTimes], runs: list[str], remain
     ratio = w.pretrain_steps / w.finetune_steps
     evals = math.ceil(w.finetune_steps / w.eval_every) + 1
     fixed_s = {
-        "pretrain_evals": (w.pretrain_evals + 1) * w.val_forwards() * dense.forward if dense else 0.0,
-        "finetune_evals": sum(evals * w.val_forwards() * times[v].forward for v in runs),
+        "pretrain_evals": (w.pretrain_evals + 1) * dense.validation if dense else 0.0,
+        "finetune_evals": sum(evals * times[v].validation for v in runs),
         "fvd_sampling": sum(w.fvd_forwards() * times[v].forward for v in runs),
         "reserve": RESERVE_S,
     }
