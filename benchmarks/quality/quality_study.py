@@ -339,7 +339,7 @@ class Trainer:
 
     def run(self, steps: int, eval_every: int, clock: Clock, label: str) -> dict:
         """``steps`` steps with a validation pass at the start, every ``eval_every`` steps and at the end.
-        Returns {'val_curve', 'train_s' (without evaluations), 'eval_s', 's_per_step', 'train_loss_end'}."""
+        Returns {'val_curve', 'train_s' (without evaluations), 'eval_s', 's_per_step', 'steps'}."""
         evaluate = lambda: self.data.validation(self.config, self.module.model)  # noqa: E731
         t0 = time.monotonic()
         curve = [(0, evaluate())]
@@ -400,7 +400,7 @@ def probe(dit: DiTConfig, state: dict, variants: list[str], data: Data, config: 
                                    time.monotonic() - t3)
         clock.log(f"probe {variant}: {times[variant].train:.3f} s/step, {times[variant].forward:.3f} s/forward, "
                   f"{times[variant].validation:.2f} s/validation (warm-up and compile {warm:.1f} s)")
-        del module, trainer
+        del module, trainer, forward
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return times
@@ -462,7 +462,7 @@ class Study:
         tokens = math.prod(grid)
         self.results: dict = {
             "status": "running", "phase": phase, "command": command, "date": date.today().isoformat(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "device": "CPU" if device.type == "cpu" else None,  # named once the clips are rendered
             "torch": torch.__version__, "triton": _version("triton"),
             "sla_backend": ("Triton kernels, bf16 autocast" if device.type == "cuda"
                             else "PyTorch reference (CPU, float32)"),
@@ -476,21 +476,24 @@ class Study:
 
     def run(self, resume_from: Path | None = None) -> dict:
         c, timings = self.config, self.results["timings"]
-        self.log(f"quality study, phase {self.phase}, on {self.results['device']}: {self.results['tokens_per_clip']} "
-                 f"tokens per clip ({self.results['key_blocks']} key blocks of {BLOCK}), sparsity {c.sparsity}")
+        self.log(f"quality study, phase {self.phase}, on {self.device}: {self.results['tokens_per_clip']} tokens per "
+                 f"clip ({self.results['key_blocks']} key blocks of {BLOCK}), sparsity {c.sparsity}")
         state, meta = (None, None) if resume_from is None else load_pretrained(resume_from)
         if meta is not None:
             _check_resumable(meta, c, self.dit)
             self.results["pretrain"] = meta["pretrain"]
             self.log(f"loaded pretrained weights from {resume_from} ({meta['pretrain']['steps']} steps)")
         self.data = Data(c, self.dit.in_channels, self.dit.text_dim, self.device)
+        if self.device.type == "cuda":
+            # asked only now: the render workers fork before this process touches CUDA
+            self.results["device"] = torch.cuda.get_device_name(self.device)
         self.extractors = {"random": VideoFVD(RandomVideoFeatures().to(self.device), self.data.reference)}
         if self.i3d is not None:
             self.extractors["i3d"] = VideoFVD(I3DFeatures(self.i3d).to(self.device), self.data.reference)
         init = state if state is not None else DiTModule(self.dit, seed=0).model.state_dict()
         self.results["parameters"] = sum(v.numel() for v in init.values())
         timings["setup_s"] = self.clock.elapsed()
-        self.log(f"data rendered, {self.results['parameters'] / 1e6:.1f} M parameters")
+        self.log(f"data rendered on {self.results['device']}, {self.results['parameters'] / 1e6:.1f} M parameters")
 
         schedule = self._schedule(init)
         if meta is not None:
@@ -502,6 +505,7 @@ class Study:
                 return self._finish("pretrained")
         t0 = time.monotonic()
         self._attention_before(state)
+        self._write()
         for name, variant, seed in fine_tune_runs(c):
             self._fine_tune(name, variant, seed, state, schedule)
             self._write()
