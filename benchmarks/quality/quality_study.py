@@ -48,7 +48,7 @@ clips x 4 noise levels: 16 forwards, plus ~0.4 s of noise drawn on the host) ~1.
 12 Euler steps = 96 forwards) ~4.5 s per variant.
 
 Phases of one call (``--phase all``), estimated: imports and CUDA start ~10 s; rendering 1344 clips on 8 worker
-processes ~8 s; the probe ~60 s (Triton compiles the SLA and sparse-only kernels with fixed launch settings, ~50 s;
+processes ~3 s (0.01 s a clip); the probe ~60 s (Triton compiles the SLA and sparse-only kernels with fixed launch settings, ~50 s;
 then 3 timed steps, 3 forwards and a validation pass per variant); the plan then has ~370 s left, keeps 8 % as
 margin and 66 s for evaluations (pretrain 6, fine-tunes 28), FVD sampling (22) and a 10 s reserve, and fills the rest
 with training at 4 pretrain steps per fine-tune step: **~920 pretrain steps (~140 s) and ~230 fine-tune steps per
@@ -264,7 +264,7 @@ class Data:
 
     def _render(self, indices: range, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Render the clips, on ``workers`` forked processes (one thread each) when > 0: rendering is Python-bound,
-        ~0.03-0.08 s a clip at 16 x 48 x 48. Called before CUDA is initialised, so forking is safe."""
+        ~0.01 s a clip at 16 x 48 x 48 on one core (~16 s for the gpu preset's 1344 serially). Called before CUDA is initialised, so forking is safe."""
         if workers == 0:
             latents, text = _render_chunk(self.dataset, list(indices))
             return torch.from_numpy(latents), torch.from_numpy(text)
@@ -614,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, help="fixed fine-tune steps (not planned from the budget)")
     parser.add_argument("--time-budget", type=float,
                         help="seconds from process start to fit the run in (plans the steps from measured step "
-                             "times); 0 turns the preset's budget off")
+                             "times); 0 turns the preset's budget off (the gpu preset's caps, 1600 + 5 x 400 "
+                             "steps, then take ~11 min by the docstring's estimate: more than one device call)")
     parser.add_argument("--sparsity", type=float, help="block sparsity of the SLA variants (default 0.95)")
     parser.add_argument("--feature-map", choices=("softmax", "elu", "relu"), help="phi of the linear branch")
     parser.add_argument("--teacher-weight", type=float,
