@@ -111,8 +111,10 @@ def markdown_report(results: dict, image: str) -> str:
         lines += [f"**{state}**. Finished: pretraining "
                   f"{'yes' if results.get('pretrain') else 'no'}, fine-tunes {list(results['variants']) or 'none'}.",
                   ""]
-    planned = (f"planned from measured step times to fit a {results['budget_s']:.0f} s budget, "
-               + ("below the preset's caps" if s["scaled"] else "the preset's caps")) if s["predicted_s"] else "as given"
+    planned = "as given"
+    if s["predicted_s"]:
+        planned = (f"planned from measured step times to fit a {results['budget_s']:.0f} s budget, "
+                   + ("below the preset's caps" if s["scaled"] else "the preset's caps"))
     sla_before = (results.get("attention_before") or {}).get("sla", {})
     realised = _mean(sla_before["sparsity"]) if sla_before.get("sparsity") else None
     lines += [
@@ -189,7 +191,8 @@ def _verdict_lines(v: dict) -> list[str]:
     for name in ("sparse_only", "linear_only"):
         if v.get(f"{name}_minus_sla") is not None:
             lines.append(f"- {NAMES[name]} final loss minus SLA's: {v[f'{name}_minus_sla']:+.4f} (dense seed spread "
-                         f"{v['dense_loss_spread']:.4f}): measurably worse: {'yes' if v[f'{name}_worse'] else '**no**'}.")
+                         f"{v['dense_loss_spread']:.4f}): measurably worse: "
+                         + ("yes." if v[f"{name}_worse"] else "**no**."))
     lines.append(f"- Goal: {mark(v['goal_met'])}.")
     return lines
 
