@@ -51,11 +51,11 @@ Phases of one call (``--phase all``), estimated: imports and CUDA start ~10 s; r
 processes ~3 s (0.01 s a clip); the probe ~60 s (Triton compiles the SLA and sparse-only kernels with fixed launch
 settings, ~50 s; then 3 timed steps, 3 forwards and a validation pass per variant); the plan then has ~370 s left,
 keeps 8 % as margin and 66 s for evaluations (pretrain 6, fine-tunes 28), FVD sampling (22) and a 10 s reserve, and
-fills the rest with training at 4 pretrain steps per fine-tune step: **~920 pretrain steps (~140 s) and ~230 fine-tune steps per
-variant (~140 s)**; about 420 s in all. The preset caps the steps at 1600 / 400; ``time_budget = 450`` s (from
-process start) lets ``plan_steps`` size them from the probe's measured times, so a faster or slower GPU than
-estimated changes the step counts, not the wall time. Explicit ``--pretrain-steps`` / ``--finetune-steps`` are kept
-as given (the other count is planned); ``--time-budget 0`` runs the caps.
+fills the rest with training at 4 pretrain steps per fine-tune step: **~920 pretrain steps (~140 s) and ~230
+fine-tune steps per variant (~140 s)**; about 420 s in all. The preset caps the steps at 1600 / 400; ``time_budget =
+450`` s (from process start) lets ``plan_steps`` size them from the probe's measured times, so a faster or slower GPU
+than estimated changes the step counts, not the wall time. Explicit ``--pretrain-steps`` / ``--finetune-steps`` are
+kept as given (the other count is planned); ``--time-budget 0`` runs the caps.
 
 Between calls: ``--phase pretrain`` writes the pretrained weights as bf16 shards of <= 15 MiB
 (``pretrained-<i>-of-<n>.pt``, 3 files for the gpu preset; ``--phase all`` writes them too) and ``--phase finetune
