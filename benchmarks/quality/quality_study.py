@@ -1,283 +1,335 @@
 """SLA quality study at small scale: does SLA keep the quality of dense attention after fine-tuning?
 
-Reproduces the paper's central claim (arXiv 2509.24006) on the built-in synthetic text-to-video set:
+Reproduces the paper's central claim (arXiv 2509.24006, Table 1) on the built-in synthetic text-to-video set:
 
-1. pretrain the ``small`` DiT with dense attention;
+1. pretrain a DiT with dense attention;
 2. fine-tune copies for the same number of steps with (a) dense attention, twice with different seeds (data order
    and noise: the noise floor), (b) SLA at 95% sparsity, (c) sparse-only at 95% (``linear_scope='none'``: no linear
    branch), (d) linear-only (pure normalised linear attention, the feature map of SLA's linear branch, with a
    learnable output projection starting at identity);
-3. report each fine-tune's validation flow-matching loss (held-out samples, fixed noise levels) over the fine-tune
-   and FVD of sampled videos against held-out videos, with the seeded random 3D-conv extractor and, given
-   ``--i3d``, the I3D detector (needs >= 10 frames).
+3. report each fine-tune's validation flow-matching loss (held-out clips, fixed noise levels) over the fine-tune,
+   FVD of sampled videos against held-out videos (the seeded random 3D-conv extractor for every variant and, given
+   ``--i3d``, the I3D detector, which needs >= 10 frames), and the per-layer attention error: each layer's output
+   against full attention on the same q, k, v, for fresh SLA / sparse-only / linear-only layers on the pretrained
+   model and for each fine-tuned model on its own.
 
-Expected ordering (paper): SLA ~ dense > sparse-only > linear-only.
+Expected ordering (paper): SLA ~ dense > sparse-only > linear-only. The verdict (study_report.py) checks SLA's final
+loss within 1 % of dense, its FVD inside the dense seeds' spread, and the other two worse by more than that spread.
 
-The loop is deliberately plain (one process, AdamW, bf16 autocast on GPU) and uses DiTModule's objective
-(``DiTModule.losses``) without a Trainer, so every variant sees identical batches and noise for one seed.
+The loop is deliberately plain (one process, AdamW, bf16 autocast on GPU: SLA runs its Triton kernels, dense runs
+SDPA) and uses DiTModule's objective (``DiTModule.losses``) without a Trainer, so every variant sees identical
+batches and noise for one seed.
 
-    python benchmarks/quality/quality_study.py                                  # GPU, ~10 min on one H100
+    PYTHONPATH=$PWD python3 benchmarks/quality/quality_study.py --preset gpu --out $OUT/quality   # one H200, ~7.5 min
     python benchmarks/quality/quality_study.py --preset cpu --cpu               # 2 CPU cores, ~1 hour
     python benchmarks/quality/quality_study.py --preset tiny --cpu --out /tmp/q # smoke test, seconds
+
+The ``gpu`` preset (issue #15) and its time on one H200
+--------------------------------------------------------
+A VideoDiT of 8 layers, dim 384, 6 heads of 64, FFN 1536 (20.4 M parameters, 39 MiB in bf16) on clips of 16 x 48 x
+48 latents = 9216 tokens per clip, 144 key blocks of 64: topk 0.05 keeps 7 critical blocks per query block (95.1 %
+block sparsity). Batch 8, so a step trains on 73,728 tokens.
+
+Estimate from first principles per clip and layer, forward + backward (a calibration run on the device replaces it;
+the ``--time-budget`` plan below uses measured times, not these):
+
+* dense attention: 3.5 x 4 L^2 d = 457 GFLOP at ~400 TFLOP/s (cuDNN at head dim 64; the 2026-11-29 H200 table has
+  ~560 TFLOP/s at head dim 128): 1.14 ms;
+* projections and MLP: 6 x 14 d^2 per token = 114 GFLOP at ~400 TFLOP/s: 0.29 ms;
+* norms, RoPE, adaLN, GELU (memory-bound, ~180 kB per token at 4 TB/s): ~0.5 ms;
+
+so ~2.0 ms x 64 clip-layers = 125 ms, plus ~25 ms per step of noise drawn on the CPU (DiTModule draws 4.7 M normals
+on the host and copies them, a synchronising copy) and the optimizer: **dense ~0.15 s/step**. SLA replaces the 9.1
+ms of dense attention per layer and step with ~4.3 ms (the scaling model's per-head fit, 0.134 ms at head dim 128,
+taken as ~0.09 ms at 64, x 48 heads; its ~3.9 ms of host time per layer overlaps the GPU work of the rest): **SLA
+~0.11 s/step, sparse-only ~0.10, linear-only ~0.085** (its float32 reference feature map, ~0.8 ms per layer). One
+fine-tune step of each of the five runs: ~0.60 s. A no-grad forward of a batch ~0.05 s, so a validation pass (32
+clips x 4 noise levels: 16 forwards, plus ~0.4 s of noise drawn on the host) ~1.2 s and the FVD sampling (64 clips x
+12 Euler steps = 96 forwards) ~4.5 s per variant.
+
+Phases of one call (``--phase all``), estimated: imports and CUDA start ~10 s; rendering 1344 clips on 8 worker
+processes ~3 s (0.01 s a clip); the probe ~60 s (Triton compiles the SLA and sparse-only kernels with fixed launch
+settings, ~50 s; then 3 timed steps, 3 forwards and a validation pass per variant); the plan then has ~370 s left,
+keeps 8 % as margin and 66 s for evaluations (pretrain 6, fine-tunes 28), FVD sampling (22) and a 10 s reserve, and
+fills the rest with training at 4 pretrain steps per fine-tune step: **~920 pretrain steps (~140 s) and ~230
+fine-tune steps per variant (~140 s)**; about 420 s in all. The preset caps the steps at 1600 / 400; ``time_budget =
+450`` s (from process start) lets ``plan_steps`` size them from the probe's measured times, so a faster or slower GPU
+than estimated changes the step counts, not the wall time. Explicit ``--pretrain-steps`` / ``--finetune-steps`` are
+kept as given (the other count is planned); ``--time-budget 0`` runs the caps.
+
+Between calls: ``--phase pretrain`` writes the pretrained weights as bf16 shards of <= 15 MiB
+(``pretrained-<i>-of-<n>.pt``, 3 files for the gpu preset; ``--phase all`` writes them too) and ``--phase finetune
+--resume-from DIR`` fine-tunes from them (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import sys
 import time
-import zlib
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import torch
-import torch.nn as nn
+_STARTED = time.monotonic()  # before the heavy imports below: the time budget counts from process start
 
-from sla_dist import SLAConfig
-from sla_dist.eval.flow_loss import validation_loss
-from sla_dist.eval.fvd import I3D_MIN_FRAMES, I3DFeatures, RandomVideoFeatures, VideoFVD
-from sla_dist.eval.sampling import SamplerConfig, sample
-from sla_dist.kernels.reference import feature_map_ref
-from sla_dist.lightning.module import DiTModule
-from sla_dist.lightning.recipe import OptimSection
-from sla_dist.lightning.synthetic import SyntheticVideoDataset
-from sla_dist.models import PatchConfig, VideoDiT, apply_sla, dit_config
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from datetime import date  # noqa: E402
+from importlib import metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
 
-@dataclass
-class StudyConfig:
-    """Sizes and schedule of the study."""
+from sla_dist.eval.fvd import I3D_MIN_FRAMES, I3DFeatures, RandomVideoFeatures, VideoFVD  # noqa: E402
+from sla_dist.lightning.module import DiTModule  # noqa: E402
+from sla_dist.lightning.recipe import OptimSection  # noqa: E402
+from sla_dist.models import DiTConfig, VideoDiT, dit_config  # noqa: E402
+from study_attention import candidate_errors, own_errors  # noqa: E402
+from study_budget import Clock, Schedule, default_schedule, plan_steps  # noqa: E402
+from study_checkpoint import load_pretrained, rounded, save_pretrained, widened  # noqa: E402
+from study_config import PRESETS, StudyConfig  # noqa: E402
+from study_report import markdown_report, plot, verdict  # noqa: E402
+from study_train import VARIANTS, Data, Trainer, convert, fresh_core, fvd_scores, module_for, probe  # noqa: E402
 
-    model: str = "small"
-    model_overrides: dict[str, int] = field(default_factory=dict)
-    """DiTConfig fields changed from the named config (e.g. a narrower model for CPU runs)."""
-    frames: int = 8
-    size: int = 32
-    text_len: int = 16
-    train_samples: int = 1024
-    val_samples: int = 64
-    fvd_videos: int = 64
-    reference_videos: int = 256
-    batch_size: int = 8
-    pretrain_steps: int = 2000
-    finetune_steps: int = 500
-    pretrain_lr: float = 3e-4
-    finetune_lr: float = 1e-4
-    eval_every: int = 100
-    sample_steps: int = 25
-    sparsity: float = 0.95
-    dense_seeds: list[int] = field(default_factory=lambda: [0, 1])
+__all__ = ["PHASES", "PRESETS", "VARIANTS", "Study", "StudyConfig", "convert", "fresh_core", "main", "run"]
 
-    def __post_init__(self) -> None:
-        for name in ("frames", "size", "train_samples", "val_samples", "batch_size", "pretrain_steps",
-                     "finetune_steps", "eval_every", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.fvd_videos < 2 or self.reference_videos < 2:
-            raise ValueError(f"fvd_videos={self.fvd_videos} and reference_videos={self.reference_videos} must be "
-                             ">= 2")
-        if not 0 < self.sparsity < 1:
-            raise ValueError(f"sparsity={self.sparsity} must lie in (0, 1)")
+PHASES = ("all", "pretrain", "finetune")
+BLOCK = 64
+"""Tokens per key block of the SLA layers (SLAConfig's default block_k)."""
 
 
-PRESETS = {
-    "gpu": StudyConfig(),
-    # 2 CPU cores in about an hour: a 4-layer, 128-wide DiT on 1024-token clips (16 key blocks of 64, so 95% asks
-    # for one critical block per query block: 93.75% realised sparsity).
-    "cpu": StudyConfig(model_overrides=dict(dim=128, num_heads=2, num_layers=4, ffn_dim=512, text_dim=128),
-                       frames=4, size=32, train_samples=1024, val_samples=32, fvd_videos=32, reference_videos=128,
-                       batch_size=4, pretrain_steps=1500, finetune_steps=300, eval_every=50, sample_steps=10),
-    "tiny": StudyConfig(model="tiny", frames=4, size=16, train_samples=64, val_samples=4, fvd_videos=4,
-                        reference_videos=8, batch_size=2, pretrain_steps=3, finetune_steps=2, eval_every=1,
-                        sample_steps=2),
-}
-
-
-class LinearOnlyAttention(nn.Module):
-    """phi(q) (phi(K)^T V) / (phi(q) . sum phi(K)) over all keys, then a learnable D x D projection (identity at
-    start): the linear-only baseline, no softmax attention at all. O(L D^2), q, k, v [B, H, L, D]."""
-
-    def __init__(self, head_dim: int, feature_map: str = "softmax") -> None:
-        super().__init__()
-        self.feature_map = feature_map
-        self.proj = nn.Linear(head_dim, head_dim)
-        nn.init.eye_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pq, pk = feature_map_ref(q.float(), self.feature_map), feature_map_ref(k.float(), self.feature_map)
-        out = (pq @ (pk.transpose(-1, -2) @ v.float())) / (pq @ pk.sum(-2, keepdim=True).transpose(-1, -2))
-        return self.proj(out.to(q.dtype))
-
-
-def convert(model: VideoDiT, variant: str, sparsity: float) -> VideoDiT:
-    """The variant's attention in every block: 'dense', 'sla', 'sparse_only' or 'linear_only'."""
-    topk = 1.0 - sparsity
-    if variant == "sla":
-        apply_sla(model, PatchConfig(sla=SLAConfig(topk=topk, negligible=0.0)))
-    elif variant == "sparse_only":
-        apply_sla(model, PatchConfig(sla=SLAConfig(topk=topk, negligible=0.0, linear_scope="none")))
-    elif variant == "linear_only":
-        param = next(model.parameters())
-        for block in model.blocks:
-            block.self_attn.core = LinearOnlyAttention(model.config.head_dim).to(param)
-    elif variant != "dense":
-        raise ValueError(f"unknown variant {variant!r}")
-    return model
-
-
-class Data:
-    """Pre-rendered synthetic train / validation / reference sets (disjoint index ranges of one generator)."""
-
-    def __init__(self, config: StudyConfig, channels: int, text_dim: int, device: torch.device) -> None:
-        c = config
-        total = c.train_samples + max(c.val_samples, c.fvd_videos) + c.reference_videos
-        self.dataset = SyntheticVideoDataset(total, channels, c.frames, c.size, c.size, text_dim, c.text_len)
-
-        def stack(indices):
-            items = [self.dataset[i] for i in indices]
-            return (torch.stack([it["latents"] for it in items]).to(device),
-                    torch.stack([it["text"] for it in items]).to(device))
-
-        held = c.train_samples + max(c.val_samples, c.fvd_videos)
-        self.train = stack(range(c.train_samples))
-        self.held_out = stack(range(c.train_samples, held))
-        self.reference = self.dataset.codec.decode(stack(range(held, total))[0].cpu())
-
-    def batch(self, step: int, seed: int, batch_size: int) -> dict:
-        generator = torch.Generator().manual_seed(zlib.crc32(f"data,{seed},{step}".encode()))
-        idx = torch.randint(self.train[0].shape[0], (batch_size,), generator=generator).to(self.train[0].device)
-        return {"latents": self.train[0][idx], "text": self.train[1][idx], "index": idx}
-
-
-def train(module: DiTModule, data: Data, steps: int, lr: float, seed: int, config: StudyConfig,
-          evaluate=None) -> list[tuple[int, float]]:
-    """``steps`` AdamW steps of DiTModule's flow-matching loss; ``evaluate(step)`` every ``eval_every`` steps."""
-    params = [p for p in module.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = params[0].device
-    curve = [(0, evaluate())] if evaluate else []
-    module.seed = seed
-    for step in range(steps):
-        batch = data.batch(step, seed, config.batch_size)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = module.losses(batch, module.step_generator(step))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if evaluate and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
-            curve.append((step + 1, evaluate()))
-    return curve
-
-
-def measure(model: VideoDiT, data: Data, config: StudyConfig, extractors: dict[str, VideoFVD]) -> dict:
-    model.eval()
-    latents, text = data.held_out
-    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=latents.device.type == "cuda"):
-        val = validation_loss(model, latents[:config.val_samples], text[:config.val_samples])
-        generated = sample(model, text[:config.fvd_videos], tuple(latents.shape[1:]),
-                           SamplerConfig(steps=config.sample_steps))
-    videos = data.dataset.codec.decode(generated.cpu())
-    model.train()
-    return {"val_loss": val, **{f"fvd_{name}": fvd(videos) for name, fvd in extractors.items()}}
-
-
-def run(config: StudyConfig, device: torch.device, i3d: str | None, out: Path) -> dict:
-    dit = dit_config(config.model, **config.model_overrides)
-    data = Data(config, dit.in_channels, dit.text_dim, device)
-    extractors = {"random": VideoFVD(RandomVideoFeatures().to(device), data.reference)}
-    if i3d is not None:
-        if config.frames < I3D_MIN_FRAMES:
-            raise ValueError(f"--i3d needs >= {I3D_MIN_FRAMES} frames; this study renders {config.frames}")
-        extractors["i3d"] = VideoFVD(I3DFeatures(i3d).to(device), data.reference)
-    t0 = time.time()
-    base = DiTModule(dit, OptimSection(lr=config.pretrain_lr), seed=0).to(device)
-    pretrain_curve = train(base, data, config.pretrain_steps, config.pretrain_lr, 0, config)
-    pretrained = copy.deepcopy(base.model.state_dict())
-    results = {"config": asdict(config), "model": asdict(dit), "device": str(device), "torch": torch.__version__,
-               "pretrain_seconds": time.time() - t0,
-               "pretrain_final_loss": None if not pretrain_curve else pretrain_curve[-1][1], "variants": {}}
-    runs = [(f"dense_seed{s}", "dense", s) for s in config.dense_seeds]
-    runs += [("sla", "sla", 0), ("sparse_only", "sparse_only", 0), ("linear_only", "linear_only", 0)]
-    for name, variant, seed in runs:
-        t0 = time.time()
-        module = DiTModule(dit, OptimSection(lr=config.finetune_lr), seed=seed, init_state=pretrained)
-        convert(module.model, variant, config.sparsity)
-        module = module.to(device)
-        curve = train(module, data, config.finetune_steps, config.finetune_lr, seed, config,
-                      evaluate=lambda: validation_loss(module.model, data.held_out[0][:config.val_samples],
-                                                       data.held_out[1][:config.val_samples]))
-        results["variants"][name] = {"variant": variant, "seed": seed, "val_curve": curve,
-                                     **measure(module.model, data, config, extractors),
-                                     "seconds": time.time() - t0}
-        print(f"{name}: {json.dumps({k: v for k, v in results['variants'][name].items() if k != 'val_curve'})}",
-              flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out / "quality.png")
-    table = markdown_table(results)
-    (out / "quality.md").write_text(table)
-    print(table)
-    return results
-
-
-def markdown_table(results: dict) -> str:
-    fvds = [k for k in next(iter(results["variants"].values())) if k.startswith("fvd_")]
-    lines = ["| variant | val flow loss (start -> end) | " + " | ".join(f"FVD ({k[4:]})" for k in fvds) + " |",
-             "| --- | --- |" + " --- |" * len(fvds)]
-    for name, r in results["variants"].items():
-        start, end = r["val_curve"][0][1], r["val_curve"][-1][1]
-        lines.append(f"| {name} | {start:.4f} -> {end:.4f} | " + " | ".join(f"{r[k]:.3f}" for k in fvds) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
+def _version(package: str) -> str | None:
     try:
-        import matplotlib
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, r in results["variants"].items():
-        steps, losses = zip(*r["val_curve"])
-        curves.plot(steps, losses, marker=".", label=name)
-    curves.set_xlabel("fine-tune step")
-    curves.set_ylabel("validation flow-matching loss")
-    curves.legend(fontsize="small")
-    curves.grid(alpha=0.3)
-    names = list(results["variants"])
-    bars.bar(names, [results["variants"][n]["fvd_random"] for n in names])
-    bars.set_ylabel("FVD (random 3D-conv features)")
-    bars.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def fine_tune_runs(config: StudyConfig) -> list[tuple[str, str, int]]:
+    """(name, variant, seed) of each fine-tune, most needed first: a run cut by a time limit keeps dense, SLA and
+    the dense seed spread before the two baselines."""
+    dense = [(f"dense_seed{s}", "dense", s) for s in config.dense_seeds]
+    return [dense[0], ("sla", "sla", 0), *dense[1:], ("sparse_only", "sparse_only", 0),
+            ("linear_only", "linear_only", 0)]
+
+
+def _check_resumable(meta: dict, config: StudyConfig, dit: DiTConfig) -> None:
+    """The checkpoint's model and data must be this run's: name every field that differs."""
+    saved_config, saved_model = meta["config"], meta["model"]
+    here = asdict(config)
+    fields = ("frames", "size", "text_len", "train_samples", "val_samples", "fvd_videos")
+    diffs = [f"{k}: checkpoint {saved_config[k]!r}, this run {here[k]!r}" for k in fields
+             if saved_config[k] != here[k]]
+    model = json.loads(json.dumps(asdict(dit)))  # tuples as lists, as the checkpoint stores them
+    diffs += [f"model.{k}: checkpoint {saved_model[k]!r}, this run {model[k]!r}" for k in model
+              if json.loads(json.dumps(saved_model[k])) != model[k]]
+    if diffs:
+        raise ValueError("the pretrained checkpoint does not match this run: " + "; ".join(diffs))
+
+
+class Study:
+    """One run of the study: phases, timings and the results written after every step that finishes."""
+
+    def __init__(self, config: StudyConfig, device: torch.device, out: Path, phase: str, command: str,
+                 started: float, i3d: str | None = None, fixed: frozenset[str] = frozenset()) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r} is not one of {PHASES}")
+        self.config, self.device, self.out, self.phase, self.fixed = config, device, out, phase, fixed
+        self.clock = Clock(started, config.time_budget)
+        self.dit = dit_config(config.model, **config.model_overrides)
+        if i3d is not None and config.frames < I3D_MIN_FRAMES:
+            raise ValueError(f"--i3d needs >= {I3D_MIN_FRAMES} frames; this study renders {config.frames}")
+        self.i3d = i3d
+        grid = (config.frames // self.dit.patch_size[0], config.size // self.dit.patch_size[1],
+                config.size // self.dit.patch_size[2])
+        tokens = math.prod(grid)
+        self.results: dict = {
+            "status": "running", "phase": phase, "command": command, "date": date.today().isoformat(),
+            "device": "CPU" if device.type == "cpu" else None,  # named once the clips are rendered
+            "torch": torch.__version__, "triton": _version("triton"),
+            "sla_backend": ("Triton kernels, bf16 autocast" if device.type == "cuda"
+                            else "PyTorch reference (CPU, float32)"),
+            "config": asdict(config), "model": asdict(self.dit), "parameters": None, "tokens_per_clip": tokens,
+            "key_blocks": math.ceil(tokens / BLOCK), "budget_s": config.time_budget,
+            "schedule": default_schedule(config.workload()).as_dict(), "step_times": {}, "pretrain": None,
+            "attention_before": None, "variants": {}, "timings": {}, "verdict": {}}
+
+    def log(self, message: str) -> None:
+        self.clock.log(message)
+
+    def run(self, resume_from: Path | None = None) -> dict:
+        c, timings = self.config, self.results["timings"]
+        self.log(f"quality study, phase {self.phase}, on {self.device}: {self.results['tokens_per_clip']} tokens per "
+                 f"clip ({self.results['key_blocks']} key blocks of {BLOCK}), sparsity {c.sparsity}")
+        state, meta = (None, None) if resume_from is None else load_pretrained(resume_from)
+        if meta is not None:
+            _check_resumable(meta, c, self.dit)
+            self.results["pretrain"] = meta["pretrain"]
+            self.log(f"loaded pretrained weights from {resume_from} ({meta['pretrain']['steps']} steps)")
+        self.data = Data(c, self.dit.in_channels, self.dit.text_dim, self.device)
+        if self.device.type == "cuda":
+            # asked only now: the render workers fork before this process touches CUDA
+            self.results["device"] = torch.cuda.get_device_name(self.device)
+        self.extractors = {"random": VideoFVD(RandomVideoFeatures().to(self.device), self.data.reference)}
+        if self.i3d is not None:
+            self.extractors["i3d"] = VideoFVD(I3DFeatures(self.i3d).to(self.device), self.data.reference)
+        init = state if state is not None else DiTModule(self.dit, seed=0).model.state_dict()
+        self.results["parameters"] = sum(v.numel() for v in init.values())
+        timings["setup_s"] = self.clock.elapsed()
+        self.log(f"data rendered on {self.results['device']}, {self.results['parameters'] / 1e6:.1f} M parameters")
+
+        schedule = self._schedule(init)
+        if meta is not None:
+            schedule.pretrain_steps = meta["pretrain"]["steps"]
+        self.results["schedule"] = schedule.as_dict()
+        if self.phase != "finetune":
+            state = self._pretrain(schedule)
+            if self.phase == "pretrain":
+                return self._finish("pretrained")
+        t0 = time.monotonic()
+        self._attention_before(state)
+        self._write()
+        for name, variant, seed in fine_tune_runs(c):
+            self._fine_tune(name, variant, seed, state, schedule)
+            self._write()
+        timings["finetune_s"] = time.monotonic() - t0
+        return self._finish("complete")
+
+    def _schedule(self, init: dict) -> Schedule:
+        c = self.config
+        if c.time_budget is None:
+            return default_schedule(c.workload())
+        t0 = time.monotonic()
+        pretrain, finetune = self.phase != "finetune", self.phase != "pretrain"
+        runs = [v for _, v, _ in fine_tune_runs(c)] if finetune else []
+        variants = [v for v in VARIANTS if v in runs or (v == "dense" and pretrain)]
+        times = probe(self.dit, init, variants, self.data, c, self.device, self.clock)
+        self.results["step_times"] = {k: asdict(v) for k, v in times.items()}
+        self.results["timings"]["probe_s"] = time.monotonic() - t0
+        schedule = plan_steps(c.workload(), times, runs, self.clock.remaining(), pretrain=pretrain,
+                              finetune=finetune, fixed=self.fixed)
+        planned = ([f"pretrain {schedule.pretrain_steps} steps (cap {c.pretrain_steps})"] if pretrain else []) + (
+            [f"fine-tune {schedule.finetune_steps} steps per variant (cap {c.finetune_steps})"] if finetune else [])
+        total, left = sum(schedule.predicted_s.values()), self.clock.remaining()
+        self.log(f"plan: {', '.join(planned)}; predicted seconds {schedule.predicted_s}, total {total:.0f} of the "
+                 f"{left:.0f} left" + (" -- OVER BUDGET (steps fixed on the command line)" if total > left else ""))
+        return schedule
+
+    def _pretrain(self, schedule: Schedule) -> dict:
+        c = self.config
+        module = DiTModule(self.dit, OptimSection(lr=c.pretrain_lr), seed=0).to(self.device)
+        trainer = Trainer(module, self.data, c.pretrain_lr, 0, c, warmup=c.warmup_steps)
+        info = trainer.run(schedule.pretrain_steps, schedule.pretrain_eval_every, self.clock, "pretrain")
+        self.results["timings"]["pretrain_s"] = info["train_s"] + info["eval_s"]
+        self.results["pretrain"] = info
+        meta = {"config": asdict(c), "model": asdict(self.dit), "pretrain": info}
+        paths = save_pretrained(self.out, module.model.state_dict(), meta)
+        self.log(f"pretrained weights saved: {', '.join(p.name for p in paths)}")
+        self._write()
+        # every fine-tune starts from the weights as saved, so a split run fine-tunes the same model
+        return widened(rounded(module.model.state_dict()))
+
+    def _attention_before(self, state: dict) -> None:
+        c, dit = self.config, self.dit
+        model = VideoDiT(dit).to(self.device)
+        model.load_state_dict(state)
+        latents, text = (t[:c.attention_samples] for t in self.data.held_out)
+        candidates = {v: (lambda device, v=v: fresh_core(v, dit.head_dim, c, device)) for v in VARIANTS[1:]}
+        self.results["attention_before"] = candidate_errors(model, latents, text, candidates)
+        summary = {v: round(sum(r["error"]) / len(r["error"]), 4)
+                   for v, r in self.results["attention_before"].items()}
+        self.log(f"attention error before fine-tuning (mean relative L2 over layers): {summary}")
+
+    def _fine_tune(self, name: str, variant: str, seed: int, state: dict, schedule: Schedule) -> None:
+        c = self.config
+        t0 = time.monotonic()
+        module = module_for(self.dit, variant, seed, state, c.finetune_lr, c, self.device)
+        trainer = Trainer(module, self.data, c.finetune_lr, seed, c)
+        info = trainer.run(schedule.finetune_steps, schedule.finetune_eval_every, self.clock, name)
+        t1 = time.monotonic()
+        scores = fvd_scores(module.model, self.data, c, self.extractors)
+        info["sampling_s"] = time.monotonic() - t1
+        if variant != "dense":
+            latents, text = (t[:c.attention_samples] for t in self.data.held_out)
+            info["attention_after"] = own_errors(module.model, latents, text)
+        self.results["variants"][name] = {"variant": variant, "seed": seed, **info, **scores,
+                                          "val_loss": info["val_curve"][-1][1], "seconds": time.monotonic() - t0}
+        self.log(f"{name} done: val loss {info['val_curve'][-1][1]:.4f}, "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+    def _write(self) -> None:
+        self.results["timings"]["total_s"] = self.clock.elapsed()
+        self.results["verdict"] = verdict(self.results)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "quality-study.json").write_text(json.dumps(self.results, indent=2) + "\n")
+        (self.out / "quality-study.md").write_text(markdown_report(self.results, "quality-study.png"))
+
+    def _finish(self, status: str) -> dict:
+        self.results["status"] = status
+        self._write()
+        plot(self.results, self.out / "quality-study.png")
+        self.log(f"done ({status}): {self.out / 'quality-study.md'}")
+        print((self.out / "quality-study.md").read_text(), flush=True)
+        return self.results
+
+
+def run(config: StudyConfig, device: torch.device, out: Path, *, phase: str = "all",
+        resume_from: Path | None = None, i3d: str | None = None, fixed: frozenset[str] = frozenset(),
+        command: str = "", started: float | None = None) -> dict:
+    """Run the study (see the module docstring); returns the results also written to ``out``."""
+    study = Study(config, device, out, phase, command, _STARTED if started is None else started, i3d, fixed)
+    return study.run(resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu",
-                        help="sizes and schedule: gpu (default), cpu (about an hour on 2 cores), tiny (smoke test)")
+                        help="sizes and schedule: gpu (default, one H200 in ~7.5 min), cpu (about an hour on 2 "
+                             "cores), tiny (smoke test)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (SLA uses its PyTorch reference)")
+    parser.add_argument("--phase", choices=PHASES, default="all",
+                        help="all (default); pretrain: pretrain and save the weights to --out; finetune: fine-tune "
+                             "the weights of --resume-from")
+    parser.add_argument("--resume-from", type=Path, help="folder holding a pretrain phase's pretrained-*.pt shards")
     parser.add_argument("--i3d", help="I3D TorchScript detector for the standard FVD")
-    parser.add_argument("--out", default="benchmarks/results/quality", help="output directory")
-    parser.add_argument("--pretrain-steps", type=int)
-    parser.add_argument("--finetune-steps", type=int)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"), help="output directory")
+    parser.add_argument("--pretrain-steps", type=int, help="fixed pretrain steps (not planned from the budget)")
+    parser.add_argument("--finetune-steps", type=int, help="fixed fine-tune steps (not planned from the budget)")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds from process start to fit the run in (plans the steps from measured step "
+                             "times); 0 turns the preset's budget off (the gpu preset's caps, 1600 + 5 x 400 "
+                             "steps, then take ~11 min by the docstring's estimate: more than one device call)")
+    parser.add_argument("--sparsity", type=float, help="block sparsity of the SLA variants (default 0.95)")
+    parser.add_argument("--feature-map", choices=("softmax", "elu", "relu"), help="phi of the linear branch")
+    parser.add_argument("--teacher-weight", type=float,
+                        help="distillation weight towards the dense pretrained model in the non-dense fine-tunes")
+    parser.add_argument("--autotune", action="store_true",
+                        help="autotune the SLA kernels (compiles every launch setting: minutes; default: fixed)")
     args = parser.parse_args(argv)
-    config = PRESETS[args.preset]
-    overrides = {k: v for k, v in (("pretrain_steps", args.pretrain_steps),
-                                   ("finetune_steps", args.finetune_steps)) if v is not None}
-    config = StudyConfig(**{**asdict(config), **overrides})
+    if args.phase == "finetune" and args.resume_from is None:
+        parser.error("--phase finetune needs --resume-from (the folder of a pretrain phase's weights)")
+    if args.phase != "finetune" and args.resume_from is not None:
+        parser.error(f"--resume-from is for --phase finetune, not --phase {args.phase}")
+    overrides = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
+                                   ("sparsity", args.sparsity), ("feature_map", args.feature_map),
+                                   ("teacher_weight", args.teacher_weight)) if v is not None}
+    if args.time_budget is not None:
+        overrides["time_budget"] = args.time_budget or None
+    try:
+        config = dataclasses.replace(PRESETS[args.preset], **overrides)
+    except ValueError as err:
+        parser.error(str(err))
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: pass --cpu (with --preset cpu or tiny) to run on CPU")
+    if not args.autotune:
+        os.environ.setdefault("SLA_DIST_AUTOTUNE", "0")
     device = torch.device("cpu" if args.cpu else "cuda")
-    run(config, device, args.i3d, Path(args.out))
+    command = shlex.join(["python", "benchmarks/quality/quality_study.py", *(sys.argv[1:] if argv is None else argv)])
+    fixed = frozenset(k for k in ("pretrain_steps", "finetune_steps") if k in overrides)
+    run(config, device, args.out, phase=args.phase, resume_from=args.resume_from, i3d=args.i3d, fixed=fixed,
+        command=command)
     return 0
 
 

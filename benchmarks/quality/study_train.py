@@ -1,0 +1,251 @@
+"""The quality study's variants, data, training loop, step-time probe and FVD sampling."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from sla_dist import SLAConfig, SparseLinearAttention
+from sla_dist.eval.flow_loss import validation_loss
+from sla_dist.eval.fvd import VideoFVD
+from sla_dist.eval.sampling import SamplerConfig, sample
+from sla_dist.kernels.reference import feature_map_ref
+from sla_dist.lightning.module import DiTModule
+from sla_dist.lightning.recipe import OptimSection
+from sla_dist.lightning.synthetic import SyntheticVideoDataset
+from sla_dist.models import DiTConfig, PatchConfig, VideoDiT, apply_sla
+from study_budget import Clock, StepTimes
+from study_config import StudyConfig
+from study_report import FVD_PREFIX
+
+VARIANTS = ("dense", "sla", "sparse_only", "linear_only")
+
+
+class LinearOnlyAttention(nn.Module):
+    """phi(q) (phi(K)^T V) / (phi(q) . sum phi(K)) over all keys, then a learnable D x D projection (identity at
+    start): the linear-only baseline, no softmax attention at all. O(L D^2), q, k, v [B, H, L, D]."""
+
+    def __init__(self, head_dim: int, feature_map: str = "softmax") -> None:
+        super().__init__()
+        self.feature_map = feature_map
+        self.proj = nn.Linear(head_dim, head_dim)
+        nn.init.eye_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pq, pk = feature_map_ref(q.float(), self.feature_map), feature_map_ref(k.float(), self.feature_map)
+        out = (pq @ (pk.transpose(-1, -2) @ v.float())) / (pq @ pk.sum(-2, keepdim=True).transpose(-1, -2))
+        return self.proj(out.to(q.dtype))
+
+
+def sla_config(variant: str, config: StudyConfig) -> SLAConfig:
+    """The SLA layer settings of 'sla' or 'sparse_only' (the same without the linear branch)."""
+    return SLAConfig(topk=1.0 - config.sparsity, negligible=0.0, feature_map=config.feature_map,
+                     linear_scope="none" if variant == "sparse_only" else "marginal")
+
+
+def fresh_core(variant: str, head_dim: int, config: StudyConfig, device: torch.device) -> nn.Module:
+    """A new attention layer of ``variant`` as conversion installs it (SLA's proj_l at zero, linear-only's
+    projection at identity)."""
+    if variant in ("sla", "sparse_only"):
+        return SparseLinearAttention.from_config(head_dim, sla_config(variant, config)).to(device)
+    if variant == "linear_only":
+        return LinearOnlyAttention(head_dim, config.feature_map).to(device)
+    raise ValueError(f"unknown non-dense variant {variant!r}; choose one of {VARIANTS[1:]}")
+
+
+def convert(model: VideoDiT, variant: str, config: StudyConfig) -> VideoDiT:
+    """The variant's attention in every block: 'dense', 'sla', 'sparse_only' or 'linear_only'."""
+    if variant in ("sla", "sparse_only"):
+        apply_sla(model, PatchConfig(sla=sla_config(variant, config)))
+    elif variant == "linear_only":
+        device = next(model.parameters()).device
+        for block in model.blocks:
+            block.self_attn.core = fresh_core(variant, model.config.head_dim, config, device)
+    elif variant != "dense":
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    return model
+
+
+def _render_chunk(dataset: SyntheticVideoDataset, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Latents and text of ``indices``, as arrays: they travel back through the pool's pipe, not through shared
+    memory (which a small /dev/shm would refuse)."""
+    torch.set_num_threads(1)
+    items = [dataset[i] for i in indices]
+    return (torch.stack([it["latents"] for it in items]).numpy(),
+            torch.stack([it["text"] for it in items]).numpy())
+
+
+class Data:
+    """Pre-rendered synthetic train / validation / reference sets (disjoint index ranges of one generator)."""
+
+    def __init__(self, config: StudyConfig, channels: int, text_dim: int, device: torch.device) -> None:
+        c = config
+        total = c.train_samples + max(c.val_samples, c.fvd_videos) + c.reference_videos
+        self.dataset = SyntheticVideoDataset(total, channels, c.frames, c.size, c.size, text_dim, c.text_len)
+        held = c.train_samples + max(c.val_samples, c.fvd_videos)
+        latents, text = self._render(range(total), c.render_workers)
+        self.train = latents[:c.train_samples].to(device), text[:c.train_samples].to(device)
+        self.held_out = latents[c.train_samples:held].to(device), text[c.train_samples:held].to(device)
+        self.reference = self.dataset.codec.decode(latents[held:])
+
+    def _render(self, indices: range, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render the clips, on ``workers`` forked processes (one thread each) when > 0: rendering is Python-bound,
+        ~0.01 s a clip at 16 x 48 x 48 on one core (~16 s for the gpu preset's 1344 serially). Called before this
+        process creates a CUDA context, and the workers never touch CUDA, so forking is safe."""
+        if workers == 0:
+            latents, text = _render_chunk(self.dataset, list(indices))
+            return torch.from_numpy(latents), torch.from_numpy(text)
+        size = math.ceil(len(indices) / (4 * workers))
+        chunks = [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_render_chunk, [self.dataset] * len(chunks), chunks))
+        return (torch.from_numpy(np.concatenate([p[0] for p in parts])),
+                torch.from_numpy(np.concatenate([p[1] for p in parts])))
+
+    def batch(self, step: int, seed: int, batch_size: int) -> dict:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"data,{seed},{step}".encode()))
+        idx = torch.randint(self.train[0].shape[0], (batch_size,), generator=generator).to(self.train[0].device)
+        return {"latents": self.train[0][idx], "text": self.train[1][idx], "index": idx}
+
+    def validation(self, config: StudyConfig, model: nn.Module) -> float:
+        latents, text = self.held_out
+        with _autocast(latents.device):
+            return validation_loss(model, latents[:config.val_samples], text[:config.val_samples],
+                                   draws=config.draws, batch_size=config.batch_size)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def module_for(dit: DiTConfig, variant: str, seed: int, state: dict | None, lr: float, config: StudyConfig,
+               device: torch.device) -> DiTModule:
+    """A DiTModule from ``state`` with the variant's attention (and the dense teacher, if the config asks)."""
+    teacher = config.teacher_weight if variant != "dense" else 0.0
+    module = DiTModule(dit, OptimSection(lr=lr, teacher_weight=teacher), seed=seed, init_state=state)
+    convert(module.model, variant, config)
+    return module.to(device)
+
+
+class Trainer:
+    """AdamW steps of DiTModule's flow-matching loss with optional linear warm-up, and a timestamped progress log."""
+
+    LOG_EVERY_S = 15.0
+
+    def __init__(self, module: DiTModule, data: Data, lr: float, seed: int, config: StudyConfig,
+                 warmup: int = 0) -> None:
+        self.module, self.data, self.lr, self.seed, self.config, self.warmup = module, data, lr, seed, config, warmup
+        self.params = [p for p in module.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.device = self.params[0].device
+        module.seed = seed
+
+    def step(self, step: int) -> torch.Tensor:
+        if self.warmup:
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * min(1.0, (step + 1) / self.warmup)
+        batch = self.data.batch(step, self.seed, self.config.batch_size)
+        with _autocast(self.device):
+            loss = self.module.losses(batch, self.module.step_generator(step))["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss.detach()
+
+    def run(self, steps: int, eval_every: int, clock: Clock, label: str) -> dict:
+        """``steps`` steps with a validation pass at the start, every ``eval_every`` steps and at the end.
+        Returns {'val_curve', 'train_s' (without evaluations), 'eval_s', 's_per_step', 'steps'}."""
+        evaluate = lambda: self.data.validation(self.config, self.module.model)  # noqa: E731
+        t0 = time.monotonic()
+        curve = [(0, evaluate())]
+        eval_s = time.monotonic() - t0
+        running, count, last_log = torch.zeros((), device=self.device), 0, time.monotonic()
+        for step in range(steps):
+            running += self.step(step)
+            count += 1
+            done = step + 1
+            if done % eval_every == 0 or done == steps:
+                t_eval = time.monotonic()
+                curve.append((done, evaluate()))
+                eval_s += time.monotonic() - t_eval
+            if time.monotonic() - last_log > self.LOG_EVERY_S or done == steps:
+                _sync(self.device)
+                spent = time.monotonic() - t0 - eval_s
+                clock.log(f"{label}: step {done}/{steps}, train loss {float(running) / count:.4f}, "
+                          f"val {curve[-1][1]:.4f} at step {curve[-1][0]}, {spent / done:.3f} s/step, "
+                          f"{(steps - done) * spent / done:.0f} s to go")
+                running, count, last_log = torch.zeros((), device=self.device), 0, time.monotonic()
+        _sync(self.device)
+        train_s = time.monotonic() - t0 - eval_s
+        return {"val_curve": curve, "train_s": train_s, "eval_s": eval_s, "s_per_step": train_s / max(1, steps),
+                "steps": steps}
+
+
+def probe(dit: DiTConfig, state: dict, variants: list[str], data: Data, config: StudyConfig,
+          device: torch.device, clock: Clock, steps: int = 3) -> dict[str, StepTimes]:
+    """Seconds of one training step, one no-grad forward of a batch and one validation pass, per variant, on
+    throwaway copies of ``state``. The first step and forward of each variant are warm-up (Triton compiles the SLA
+    kernels there)."""
+    times = {}
+    latents, text = data.held_out
+    n = min(config.batch_size, latents.shape[0])
+    for variant in variants:
+        t0 = time.monotonic()
+        module = module_for(dit, variant, 0, state, config.finetune_lr, config, device)
+        trainer = Trainer(module, data, config.finetune_lr, 0, config)
+        forward = lambda: module.model(latents[:n], torch.full((n,), 500.0, device=device), text[:n])  # noqa: E731
+        trainer.step(0)
+        with torch.no_grad(), _autocast(device):
+            forward()
+        _sync(device)
+        warm = time.monotonic() - t0
+        t1 = time.monotonic()
+        for s in range(1, steps + 1):
+            trainer.step(s)
+        _sync(device)
+        t2 = time.monotonic()
+        with torch.no_grad(), _autocast(device):
+            for _ in range(steps):
+                forward()
+        _sync(device)
+        t3 = time.monotonic()
+        data.validation(config, module.model)
+        # a forward of n < batch_size clips is scaled to a full batch
+        times[variant] = StepTimes((t2 - t1) / steps, (t3 - t2) / steps * config.batch_size / n,
+                                   time.monotonic() - t3)
+        clock.log(f"probe {variant}: {times[variant].train:.3f} s/step, {times[variant].forward:.3f} s/forward, "
+                  f"{times[variant].validation:.2f} s/validation (warm-up and compile {warm:.1f} s)")
+        del module, trainer, forward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return times
+
+
+def fvd_scores(model: VideoDiT, data: Data, config: StudyConfig, extractors: dict[str, VideoFVD]) -> dict:
+    """FVD of ``fvd_videos`` clips sampled in batches of ``batch_size`` (video i's noise does not depend on the
+    batching) against the reference clips, per extractor."""
+    model.eval()
+    latents, text = data.held_out
+    chunks = []
+    with torch.no_grad(), _autocast(latents.device):
+        for start in range(0, config.fvd_videos, config.batch_size):
+            end = min(start + config.batch_size, config.fvd_videos)
+            chunks.append(sample(model, text[start:end], tuple(latents.shape[1:]),
+                                 SamplerConfig(steps=config.sample_steps), first_index=start).cpu())
+    model.train()
+    videos = data.dataset.codec.decode(torch.cat(chunks))
+    return {f"{FVD_PREFIX}{name}": fvd(videos) for name, fvd in extractors.items()}
