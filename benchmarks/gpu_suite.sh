@@ -24,6 +24,7 @@ declare -A CMD=(
   [attn-bench]="python3 benchmarks/bench_attention.py --json $OUT/bench_attention.json"
   [attn-quick]="python3 benchmarks/bench_attention.py --quick --json $OUT/bench_attention_quick.json"
   [profile]="python3 benchmarks/profile_sla.py --L 32768 8192 --host 25"
+  [host]="python3 benchmarks/host_overhead.py --L 1024"
   [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"
   [ops]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_op.py tests/test_attention.py tests/kernels/test_block_select.py tests/kernels/test_block_map.py"
   [e2e]="python3 benchmarks/e2e_train.py --out $OUT/e2e_train"
