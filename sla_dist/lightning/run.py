@@ -23,7 +23,7 @@ from .recipe import Recipe
 from .resume import start, write_recipe
 from .rotation import StepCheckpoints, checkpoint_dir
 from .sample import PeriodicSamples, SequenceParallelPredictor, write_gif
-from .shared_resume import RankZeroCheckpoint, ShareResumeCheckpoint
+from .shared_resume import RankZeroCheckpoint, ShareResumeCheckpoint, recipe_digest
 from .strategy import SLAStrategy, zero_config
 from .summary import RunSummary, plot_loss, read_curves
 from .synthetic import SyntheticVideoDataset
@@ -110,15 +110,16 @@ def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = No
 def resume_decision(trainer: pl.Trainer, recipe: Recipe, resume: bool) -> Path | RankZeroCheckpoint | None:
     """The ``ckpt_path`` of this rank's ``fit``. Global rank 0 alone looks for the checkpoint and compares the recipe
     (``resume.start``: refusals come before anything is written or spawned); with several ranks, the others get a
-    ``RankZeroCheckpoint`` that ``ShareResumeCheckpoint`` fills in with rank 0's choice (see shared_resume.py)."""
+    ``RankZeroCheckpoint`` that ``ShareResumeCheckpoint`` fills in with rank 0's choice, and every rank checks that
+    it runs rank 0's recipe (see shared_resume.py)."""
     if trainer.world_size == 1:
         return start(recipe, resume)
     if trainer.is_global_zero:
         ckpt_path = start(recipe, resume)
-        trainer.callbacks.append(ShareResumeCheckpoint(ckpt_path))
+        trainer.callbacks.append(ShareResumeCheckpoint(ckpt_path, recipe_digest(recipe)))
         return ckpt_path
     follower = RankZeroCheckpoint()
-    trainer.callbacks.append(ShareResumeCheckpoint(follower))
+    trainer.callbacks.append(ShareResumeCheckpoint(follower, recipe_digest(recipe)))
     return follower
 
 

@@ -10,6 +10,9 @@ callback's ``setup`` runs before Lightning restores anything), and check that th
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -58,13 +61,24 @@ class RankZeroCheckpoint(os.PathLike):
         return f"RankZeroCheckpoint({str(self._path) if self._known else 'unknown'!r})"
 
 
+def recipe_digest(recipe) -> str:
+    """A digest of a resolved recipe (a dataclass): equal on two ranks exactly when they run the same settings."""
+    text = json.dumps(dataclasses.asdict(recipe), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class ShareResumeCheckpoint(Callback):
     """Send rank 0's resume decision (``checkpoint``: a path or None on rank 0, a :class:`RankZeroCheckpoint` on the
-    others) to every rank in ``setup``; every rank then raises the same one-line ValueError, naming the path and the
-    ranks, when some rank does not see that checkpoint (its output_dir is not on the shared filesystem)."""
+    others) and its recipe's digest to every rank in ``setup``, before any training collective. Every rank then
+    raises the same one-line ValueError, naming the ranks, when some rank does not see that checkpoint (its
+    output_dir is not on the shared filesystem) or runs another recipe (another file or other overrides): ranks that
+    trained with different settings would hang in mismatched collectives or silently diverge.
 
-    def __init__(self, checkpoint: Path | RankZeroCheckpoint | None) -> None:
+    ``digest``: this rank's :func:`recipe_digest`."""
+
+    def __init__(self, checkpoint: Path | RankZeroCheckpoint | None, digest: str) -> None:
         self.checkpoint = checkpoint
+        self.digest = digest
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -74,12 +88,17 @@ class ShareResumeCheckpoint(Callback):
         path = Path(sent) if sent else None
         if isinstance(self.checkpoint, RankZeroCheckpoint):
             self.checkpoint.set(path)
+        rank0_digest = broadcast_text(self.digest if trainer.is_global_zero else None, device)
         # every rank must raise together: one that raised alone would leave its peers waiting in the next collective
-        missing = torch.zeros(trainer.world_size, dtype=torch.int64, device=device)
-        missing[trainer.global_rank] = int(path is not None and not path.exists())
-        dist.all_reduce(missing)
-        ranks = [rank for rank, flag in enumerate(missing.tolist()) if flag]
-        if ranks:
-            raise ValueError(f"rank {', '.join(map(str, ranks))} cannot see {str(path)!r}, the checkpoint rank 0 "
+        flags = torch.zeros(2, trainer.world_size, dtype=torch.int64, device=device)
+        flags[0, trainer.global_rank] = int(path is not None and not path.exists())
+        flags[1, trainer.global_rank] = int(self.digest != rank0_digest)
+        dist.all_reduce(flags)
+        missing, other_recipe = ([rank for rank, flag in enumerate(row) if flag] for row in flags.tolist())
+        if other_recipe:
+            raise ValueError(f"rank {', '.join(map(str, other_recipe))} runs another recipe than rank 0 (resolved "
+                             "settings differ): every rank must be started with the same recipe file and overrides")
+        if missing:
+            raise ValueError(f"rank {', '.join(map(str, missing))} cannot see {str(path)!r}, the checkpoint rank 0 "
                              "resumes from: every rank must see the run's output_dir on one shared filesystem (and "
                              "start in the same working directory when output_dir is relative)")

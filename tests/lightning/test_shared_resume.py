@@ -35,13 +35,15 @@ class _StartStep(Callback):
         self.path.write_text(str(trainer.global_step))
 
 
-def _train(rank: int, out: str, steps: int, workdir: list[str], rank1_sees_no_checkpoint: bool) -> None:
+def _train(rank: int, out: str, steps: int, workdir: list[str], rank1_sees_no_checkpoint: bool,
+           rank1_overrides: tuple[str, ...] = ()) -> None:
     import os
 
     os.chdir(workdir[rank])
     if rank == 1 and rank1_sees_no_checkpoint:
         resume.resume_checkpoint = lambda output_dir: None
-    recipe = load_recipe(RECIPE, [*FAST, f"output_dir={out}", f"trainer.max_steps={steps}"])
+    extra = list(rank1_overrides) if rank == 1 else []
+    recipe = load_recipe(RECIPE, [*FAST, f"output_dir={out}", f"trainer.max_steps={steps}", *extra])
     train(recipe, extra_callbacks=[_StartStep(Path(workdir[rank]) / f"start{rank}.txt")])
 
 
@@ -75,3 +77,15 @@ def test_a_rank_that_cannot_see_rank0s_checkpoint_stops_every_rank_naming_it(tra
     for r in results:
         assert "ValueError: rank 1 cannot see 'run/checkpoints/step2.ckpt', the checkpoint rank 0 resumes" in r.log, logs
     assert not (workdirs[1] / "run" / "checkpoints").exists()
+
+
+def test_a_rank_started_with_another_recipe_stops_every_rank_naming_it(tmp_path):
+    """Rank 1 gets another learning rate (a typo in one node's launch line): both ranks stop before training, with
+    one line naming rank 1, instead of training two different models in lockstep."""
+    results = run_ranks(_train, 2, tmp_path, DEADLINE_S, str(tmp_path / "run"), 2, [str(tmp_path)] * 2, False,
+                        ("optim.lr=0.002",))
+    logs = "\n".join(f"--- rank {i} (exit {r.exitcode}):\n{r.log[-3000:]}" for i, r in enumerate(results))
+    assert [r.exitcode for r in results] == [1, 1], logs
+    for r in results:
+        assert "ValueError: rank 1 runs another recipe than rank 0" in r.log, logs
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
