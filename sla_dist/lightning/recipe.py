@@ -202,7 +202,8 @@ class ParallelSection:
     """Ranks sharing one sample's token sequence; the world size must be a multiple of it."""
 
     ulysses_degree: Optional[int] = None
-    """Ranks of an SP group doing Ulysses all-to-all (None: all); the rest is SLA-aware context parallel (ring)."""
+    """Ranks of an SP group doing Ulysses all-to-all; the rest is SLA-aware context parallel (ring). None: chosen by
+    SLAStrategy from the model's heads (the largest degree dividing them, so all of SP whenever it can)."""
 
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
@@ -324,8 +325,8 @@ class Recipe:
             raise ValueError(f"trainer.val_every={self.trainer.val_every} needs held-out data, which data.kind="
                              f"{self.data.kind!r} does not have: set trainer.val_every=0")
         heads = self.model.build().num_heads
-        ulysses = self.parallel.ulysses_degree or self.parallel.sp_size
-        if heads % ulysses:
+        ulysses = self.parallel.ulysses_degree
+        if ulysses is not None and heads % ulysses:
             raise ValueError(f"model {self.model.name!r} has {heads} heads, which do not divide over "
                              f"ulysses_degree={ulysses}; set parallel.ulysses_degree to a divisor")
 

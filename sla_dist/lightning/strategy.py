@@ -3,7 +3,9 @@
 What it adds to DeepSpeedStrategy:
 
 * ``sequence_parallel_size`` (and its Ulysses x ring split): the SP and DP process groups are built in
-  ``setup_distributed`` (``sla_dist.parallel.SequenceParallelGroups``; rank = dp_rank * sp_size + sp_rank).
+  ``setup_distributed`` (``sla_dist.parallel.SequenceParallelGroups``; rank = dp_rank * sp_size + sp_rank). Unless
+  the user fixes ``ulysses_degree``, the split is chosen in ``setup`` from the model's head count and the exchange
+  cost model of ``sla_dist.parallel.layout`` (see ``SLAStrategy``).
 * A model-parallel unit (``SequenceParallelUnit``) passed to ``deepspeed.initialize`` as ``mpu``; Lightning passes
   none. From it DeepSpeed takes the SP group and the SP x DP group, over which ZeRO partitions states and reduces
   gradients: it *sums* over SP (each SP rank holds a share of the gradient, see ``sequence.py``) and averages over DP.
@@ -22,6 +24,7 @@ What it adds to DeepSpeedStrategy:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, Optional
@@ -34,9 +37,14 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from lightning_utilities.core.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from ..attention import SparseLinearAttention
+from ..config import check_int
 from ..models import VideoDiT
+from ..models.layers import SelfAttention
 from ..parallel import SequenceParallelConfig, SequenceParallelGroups
 from ..parallel.groups import ensure_deepspeed_comm, subgroup
+from ..parallel.layout import (AttentionShape, LayoutChoice, SPCostModel, check_fraction, choose_layout,
+                               ulysses_candidates)
 from .checkpoint import weights_only_loads
 from .sequence import enable_sequence_parallel
 
@@ -96,16 +104,48 @@ class SLAStrategy(DeepSpeedStrategy):
 
     Args:
         sequence_parallel_size: ranks that share one sample's token sequence; the world size must divide by it.
-        ulysses_degree: ranks of the SP group exchanging heads by all-to-all (None: all); the remaining
-            ``sequence_parallel_size // ulysses_degree`` split is SLA-aware context parallel.
+        ulysses_degree: ranks of the SP group exchanging heads by all-to-all; the remaining
+            ``sequence_parallel_size // ulysses_degree`` split is SLA-aware context parallel (ring). An integer is
+            used as given. None (default) chooses it in ``setup``, from the model, by the rule below.
+        context_fetch_fraction: fraction of the key blocks context parallel fetches on this data at the training
+            topk (measure it with ``benchmarks/bench_sequence_parallel.py --locality``; during SLACallback's anneal
+            from topk 1 it is near 1); None: unknown, taken as 1 (the worst case).
+        sequence_length: tokens per sample, for the cost model; needed with ``context_fetch_fraction``.
+        sp_cost: the cost model's constants (default: H200 NVLink, fitted; see ``sla_dist.parallel.layout``).
         **kwargs: DeepSpeedStrategy's (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...).
+
+    The automatic split (``ulysses_degree=None``). Candidates are the Ulysses degrees U dividing both
+    ``sequence_parallel_size`` and every DiT's head count (the ring takes the rest); if any self-attention layer
+    is not SLA (dense layers run under Ulysses only), U must be the whole SP size, and heads that do not divide over
+    it are an error naming both. With one candidate it is taken. Without ``sequence_length`` the largest U is taken
+    (pure Ulysses whenever the heads divide: context parallel has only been measured slower on i.i.d. inputs).
+    With it, ``layout.choose_layout`` predicts each split's per-rank exchange time (Ulysses: 8 all-to-alls of the
+    [B, L/P, H, D] shard; ring: the fetched fraction f of the k|v blocks, its collectives and its per-block-pair
+    work) and takes the least, ties to the larger U; f unknown counts as 1, at which Ulysses is never predicted
+    slower, so only a measured low f turns the choice to context parallel.
     """
 
     strategy_name = "sla_deepspeed"
 
-    def __init__(self, sequence_parallel_size: int = 1, ulysses_degree: Optional[int] = None, **kwargs: Any) -> None:
+    def __init__(self, sequence_parallel_size: int = 1, ulysses_degree: Optional[int] = None,
+                 context_fetch_fraction: Optional[float] = None, sequence_length: Optional[int] = None,
+                 sp_cost: Optional[SPCostModel] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # None: pure Ulysses until ``setup`` knows the model and settles the split (the SP and DP groups, which
+        # setup_distributed builds and DeepSpeed's mpu uses, are the same for every split)
         self.sp_config = SequenceParallelConfig(sequence_parallel_size, ulysses_degree)
+        self.auto_layout = ulysses_degree is None
+        if context_fetch_fraction is not None:
+            check_fraction(context_fetch_fraction)
+            if sequence_length is None:
+                raise ValueError(f"context_fetch_fraction={context_fetch_fraction} needs sequence_length (tokens "
+                                 "per sample) for the cost model that weighs it")
+        if sequence_length is not None:
+            check_int("sequence_length", sequence_length, 1)
+        self.context_fetch_fraction = context_fetch_fraction
+        self.sequence_length = sequence_length
+        self.sp_cost = sp_cost or SPCostModel()
+        self.layout_choice: LayoutChoice | None = None
         self.sp_groups: SequenceParallelGroups | None = None
         self.mpu: SequenceParallelUnit | None = None
         self._loss_factor = 1
@@ -140,8 +180,7 @@ class SLAStrategy(DeepSpeedStrategy):
         self.sp_groups = SequenceParallelGroups.build(self.sp_config)
         self.mpu = SequenceParallelUnit(self.sp_groups)
         rank_zero_info(f"SLAStrategy: world {self.world_size} = dp {self.sp_groups.dp_size} x sp "
-                       f"{self.sp_groups.sp_size} (ulysses {self.sp_groups.ulysses_degree} x ring "
-                       f"{self.sp_groups.ring_degree}), backend {self._process_group_backend}")
+                       f"{self.sp_groups.sp_size}, backend {self._process_group_backend}")
 
     @override
     def _get_process_group_backend(self) -> str:
@@ -159,10 +198,27 @@ class SLAStrategy(DeepSpeedStrategy):
     @override
     def setup(self, trainer) -> None:
         if self.sp_groups is not None and self.sp_groups.sp_size > 1:
+            self._settle_layout(self.lightning_module)
             enable_module_sequence_parallel(self.lightning_module, self.sp_groups)
         self._init_config_if_needed()
         self._loss_factor = sp_loss_factor(self.config, self.sp_config.sp_size)
         super().setup(trainer)
+
+    def _settle_layout(self, module: torch.nn.Module) -> None:
+        """Choose the Ulysses x ring split for ``module`` (automatic mode) and rebuild the groups if it changed.
+        Every rank computes the same choice from the same model and settings, so all enter the group creation."""
+        sp = self.sp_config.sp_size
+        heads, head_dims, ring_allowed = attention_facts(module)
+        if self.auto_layout and heads:  # no DiT: enable_module_sequence_parallel names the problem
+            self.layout_choice = choose_module_layout(heads, head_dims, ring_allowed, sp,
+                                                      self.context_fetch_fraction, self.sequence_length, self.sp_cost)
+            if self.layout_choice.ulysses_degree != self.sp_groups.ulysses_degree:
+                self.sp_config = SequenceParallelConfig(sp, self.layout_choice.ulysses_degree)
+                self.sp_groups = SequenceParallelGroups.build(self.sp_config)
+                self.mpu.groups = self.sp_groups
+        why = f": {self.layout_choice.reason}" if self.layout_choice is not None else " (given)"
+        rank_zero_info(f"SLAStrategy: sp {sp} = ulysses {self.sp_groups.ulysses_degree} x ring "
+                       f"{self.sp_groups.ring_degree}{why}")
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -233,6 +289,40 @@ def enable_module_sequence_parallel(module: torch.nn.Module, groups: SequencePar
         enable_sequence_parallel(dit, groups)
     for wan in wans:
         enable_wan_sequence_parallel(wan, groups)
+
+
+def attention_facts(module: torch.nn.Module) -> tuple[list[int], list[int], bool]:
+    """(head counts, head dims, whether every self-attention layer is SLA) of the DiTs in ``module``: what the
+    sequence-parallel split depends on."""
+    heads, dims, all_sla = [], [], True
+    for m in module.modules():
+        if isinstance(m, VideoDiT):
+            heads.append(m.config.num_heads)
+            dims.append(m.config.head_dim)
+            all_sla &= all(isinstance(s.core, SparseLinearAttention) for s in m.modules()
+                           if isinstance(s, SelfAttention))
+    if "diffusers" in sys.modules:
+        from diffusers import WanTransformer3DModel
+
+        for m in module.modules():
+            if isinstance(m, WanTransformer3DModel):
+                heads.append(m.config.num_attention_heads)
+                dims.append(m.config.attention_head_dim)
+                all_sla &= all(getattr(b.attn1, "sla", None) is not None for b in m.blocks)
+    return heads, dims, all_sla
+
+
+def choose_module_layout(heads: list[int], head_dims: list[int], ring_allowed: bool, sp_size: int,
+                         fetch_fraction: float | None, sequence_length: int | None,
+                         cost: SPCostModel) -> LayoutChoice:
+    """SLAStrategy's automatic Ulysses x ring split for DiTs of these head counts and dims (the rule is in its
+    docstring)."""
+    shape = AttentionShape(math.gcd(*heads), sequence_length or 1, max(head_dims))
+    if sequence_length is None:
+        largest = ulysses_candidates(sp_size, shape.heads, ring_allowed)[0]
+        return LayoutChoice(largest, sp_size // largest, {}, f"the largest ulysses_degree dividing {shape.heads} "
+                            "heads (no sequence_length for the cost model)")
+    return choose_layout(sp_size, shape, fetch_fraction, ring_allowed, cost)
 
 
 def sp_loss_factor(config: dict, sp_size: int) -> int:

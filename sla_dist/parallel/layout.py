@@ -107,16 +107,10 @@ def choose_layout(sp_size: int, shape: AttentionShape, fetch_fraction: float | N
     to the larger U. ``fetch_fraction`` None is taken as 1 (the worst case), which picks pure Ulysses whenever the
     heads divide. Raises ValueError naming the values when no split can run.
     """
-    check_int("sp_size", sp_size, 1)
     cost = cost or SPCostModel()
     if fetch_fraction is not None:
         check_fraction(fetch_fraction)
-    candidates = [u for u in range(sp_size, 0, -1) if sp_size % u == 0 and shape.heads % u == 0]
-    if not ring_allowed:
-        candidates = [u for u in candidates if u == sp_size]
-        if not candidates:
-            raise ValueError(f"{shape.heads} heads do not divide over sp_size={sp_size} and these attention layers "
-                             "run under Ulysses only (ring_degree must be 1); choose an sp_size dividing the heads")
+    candidates = ulysses_candidates(sp_size, shape.heads, ring_allowed)
     if sp_size == 1:
         return LayoutChoice(1, 1, {1: 0.0}, "one rank: nothing to exchange")
     f = 1.0 if fetch_fraction is None else fetch_fraction
@@ -130,6 +124,20 @@ def choose_layout(sp_size: int, shape: AttentionShape, fetch_fraction: float | N
         why = (f"least predicted exchange time at fetched fraction {known}: "
                + ", ".join(f"U={u} x R={sp_size // u}: {1e3 * t:.2f} ms" for u, t in seconds.items()))
     return LayoutChoice(best, sp_size // best, seconds, why)
+
+
+def ulysses_candidates(sp_size: int, heads: int, ring_allowed: bool = True) -> list[int]:
+    """The Ulysses degrees (largest first) that can split ``heads`` over ``sp_size`` ranks, the ring taking the rest;
+    only ``sp_size`` itself when the ring is not allowed. Raises ValueError naming both when there is none."""
+    check_int("sp_size", sp_size, 1)
+    check_int("heads", heads, 1)
+    candidates = [u for u in range(sp_size, 0, -1) if sp_size % u == 0 and heads % u == 0]
+    if not ring_allowed:
+        candidates = [u for u in candidates if u == sp_size]
+        if not candidates:
+            raise ValueError(f"{heads} heads do not divide over sp_size={sp_size} and these attention layers run "
+                             "under Ulysses only (ring_degree must be 1); choose an sp_size dividing the heads")
+    return candidates
 
 
 def check_fraction(fetch_fraction: float) -> None:

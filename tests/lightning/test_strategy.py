@@ -1,11 +1,19 @@
 """SLAStrategy's loss factor that makes DeepSpeed ZeRO-3 sum the sequence-parallel gradient shares (the end-to-end
-check is test_launch.py's ZeRO-3 SP=2 run following the single-process reference)."""
+check is test_launch.py's ZeRO-3 SP=2 run following the single-process reference), and its automatic Ulysses x ring
+split."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from sla_dist.lightning.strategy import sp_loss_factor, zero_config
+from sla_dist import PatchConfig, SLAConfig, apply_sla, dit_config
+from sla_dist.lightning.strategy import (SequenceParallelUnit, SLAStrategy, attention_facts, choose_module_layout,
+                                         sp_loss_factor, zero_config)
+from sla_dist.models import VideoDiT
+from sla_dist.parallel import SequenceParallelGroups
+from sla_dist.parallel.layout import SPCostModel
+from tests.parallel.dist_utils import run_distributed
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -21,3 +29,71 @@ def test_zero3_sp_refuses_mixed_reduction_paths():
     with pytest.raises(ValueError, match="reduce_scatter"):
         sp_loss_factor(config, 2)
     assert sp_loss_factor(config, 1) == 1
+
+
+def _dit(heads: int, sla: bool, skip_first: int = 0) -> torch.nn.Module:
+    model = VideoDiT(dit_config("tiny", dim=32 * heads, num_heads=heads))
+    if sla:
+        apply_sla(model, PatchConfig(sla=SLAConfig(topk=0.5), skip_first=skip_first))
+    return torch.nn.ModuleDict(dict(model=model))
+
+
+def _choose(module, sp_size, fraction=None, length=None):
+    heads, dims, ring_allowed = attention_facts(module)
+    return choose_module_layout(heads, dims, ring_allowed, sp_size, fraction, length, SPCostModel())
+
+
+def test_auto_layout_splits_heads_that_do_not_divide_over_the_ring():
+    choice = _choose(_dit(2, sla=True), 4)
+    assert (choice.ulysses_degree, choice.ring_degree) == (2, 2)
+    choice = _choose(_dit(3, sla=True), 2)
+    assert (choice.ulysses_degree, choice.ring_degree) == (1, 2)
+
+
+def test_auto_layout_keeps_ulysses_when_heads_divide_and_nothing_is_measured():
+    assert _choose(_dit(2, sla=True), 2).ulysses_degree == 2
+    assert _choose(_dit(2, sla=True), 2, None, 32768).ulysses_degree == 2
+
+
+def test_auto_layout_follows_the_measured_fetched_fraction():
+    assert _choose(_dit(4, sla=True), 2, 0.9, 131072).ulysses_degree == 2
+    assert _choose(_dit(4, sla=True), 2, 0.01, 131072).ulysses_degree == 1
+
+
+def test_auto_layout_with_dense_layers_needs_divisible_heads():
+    assert attention_facts(_dit(3, sla=True, skip_first=1))[2] is False
+    with pytest.raises(ValueError, match=r"3 heads do not divide over sp_size=2"):
+        _choose(_dit(3, sla=True, skip_first=1), 2)
+    assert _choose(_dit(2, sla=False), 2, 0.0, 131072).ulysses_degree == 2
+
+
+def test_strategy_layout_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"context_fetch_fraction=0.1 needs sequence_length"):
+        SLAStrategy(sequence_parallel_size=2, context_fetch_fraction=0.1)
+    with pytest.raises(ValueError, match=r"fetch_fraction=2"):
+        SLAStrategy(sequence_parallel_size=2, context_fetch_fraction=2, sequence_length=100)
+    with pytest.raises(ValueError, match=r"sequence_length=0"):
+        SLAStrategy(sequence_parallel_size=2, sequence_length=0)
+    assert SLAStrategy(sequence_parallel_size=2, ulysses_degree=1).auto_layout is False
+    assert SLAStrategy(sequence_parallel_size=2).auto_layout is True
+
+
+def _settle(device: torch.device) -> None:
+    """Two gloo ranks: the automatic split of a 3-head SLA DiT is pure context parallel, groups rebuilt to match;
+    an explicit ulysses_degree is kept."""
+    strategy = SLAStrategy(sequence_parallel_size=2)
+    strategy.sp_groups = SequenceParallelGroups.build(strategy.sp_config)
+    strategy.mpu = SequenceParallelUnit(strategy.sp_groups)
+    assert strategy.sp_groups.ulysses_degree == 2
+    strategy._settle_layout(_dit(3, sla=True))
+    assert (strategy.sp_groups.ulysses_degree, strategy.sp_groups.ring_degree) == (1, 2)
+    assert strategy.mpu.groups is strategy.sp_groups and strategy.layout_choice.ulysses_degree == 1
+    fixed = SLAStrategy(sequence_parallel_size=2, ulysses_degree=2)
+    fixed.sp_groups = SequenceParallelGroups.build(fixed.sp_config)
+    fixed.mpu = SequenceParallelUnit(fixed.sp_groups)
+    fixed._settle_layout(_dit(2, sla=True))
+    assert fixed.sp_groups.ulysses_degree == 2 and fixed.layout_choice is None
+
+
+def test_settle_layout_rebuilds_the_groups_on_every_rank():
+    run_distributed(_settle, 2, "cpu")
