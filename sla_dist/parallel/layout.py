@@ -8,15 +8,18 @@ each adds on top of that, per rank and attention layer, forward + backward (P = 
                      (U - 1) / U leaves the rank:   8 (latency + B (L / P) H D e (U - 1) / U / bandwidth)
     ring (R > 1)     context parallel (context.py) over chunks of L / R tokens with h = H / U heads:
                      9 collective calls (forward: pooled-sum gather, 2 request all-to-alls, k|v reply, 2 totals
-                     all-reduces; backward: the reply's reverse and the 2 all-reduces) + bytes: the fetched k|v blocks twice (reply, its
-                     gradient) 2 f (R - 1) (L / R) B h 2D e, the float64 pooled key sums and the float32 linear
-                     totals; + its own work per (head, local query block, fetched key block) pair (block classes
-                     and the linear branch's per-slot correction): pair_seconds x B h (L / R / block_q) f (L / block_k)
+                     all-reduces; backward: the reply's reverse and the 2 all-reduces) + bytes: the fetched k|v
+                     blocks twice (reply, its gradient) 2 f (R - 1) (L / R) B h 2D e, the float64 pooled key sums
+                     and the float32 linear totals; + its own work per (head, local query block, fetched key block)
+                     pair (block classes, the linear branch's per-slot correction):
+                     pair_seconds x B h (L / R / block_q) f (L / block_k)
 
 f is the fraction of key blocks a rank fetches (context parallel's union of its query blocks' critical and, for
 ``linear_scope='marginal'``, negligible lists; benchmarks/bench_sequence_parallel.py measures it). Unknown, it is
 taken as 1 (i.i.d. inputs, the measured worst case): then pure Ulysses is never predicted slower, because context
-parallel then moves P / 2 times Ulysses' bytes and adds its pair work, so the default is the measured-safe one.
+parallel then moves P / 2 times Ulysses' bytes in more calls and adds its pair work, so the default is the
+measured-safe one. The bytes term applies f to the other ranks' blocks, an upper bound (a rank needs its own chunk's
+blocks most, so its remote fraction is lower), i.e. conservative against the ring.
 
 The link constants are benchmarks/scaling_model.py's fit to the measured Ulysses strong-scaling points (2x and 4x
 H200, NVLink); ``pair_seconds`` is fitted by benchmarks/bench_sequence_parallel.py (``fit_context_cost``) to the
@@ -39,7 +42,7 @@ class SPCostModel:
     """Seconds per collective call (scaling_model.calibrate().a2a_latency_s)."""
     bytes_per_s: float = 1.0795e11
     """Bytes per second one rank sends or receives (scaling_model.calibrate().a2a_bytes_per_s)."""
-    pair_seconds: float = 3.94e-9
+    pair_seconds: float = 3.501e-9
     """Context parallel's own work per (head, local query block, fetched key block) pair, seconds
     (bench_sequence_parallel.fit_context_cost on results/2026-11-27-h200x4-sequence-parallel.json)."""
 
@@ -93,9 +96,16 @@ def exchange_seconds(shape: AttentionShape, ulysses: int, ring: int, fetch_fract
         fetched = 2 * fetch_fraction * (ring - 1) * chunk * h * 2 * s.head_dim * s.element_bytes
         pooled = (ring - 1) * h * (chunk / s.block_k) * s.head_dim * 8
         totals = 2 * 2 * (ring - 1) / ring * h * (s.head_dim**2 + s.head_dim) * 4
-        pairs = h * (chunk / s.block_q) * fetch_fraction * (s.seq_len / s.block_k)
-        seconds += 9 * cost.latency_s + (fetched + pooled + totals) / cost.bytes_per_s + cost.pair_seconds * pairs
+        seconds += 9 * cost.latency_s + (fetched + pooled + totals) / cost.bytes_per_s
+        seconds += cost.pair_seconds * context_pairs(shape, ulysses, ring, fetch_fraction)
     return seconds
+
+
+def context_pairs(shape: AttentionShape, ulysses: int, ring: int, fetch_fraction: float) -> float:
+    """(head, local query block, fetched key block) pairs of one ring rank: what context parallel's own work
+    (block classes, the linear branch's per-slot correction) scales with."""
+    s = shape
+    return s.batch * s.heads / ulysses * (s.seq_len / ring / s.block_q) * fetch_fraction * (s.seq_len / s.block_k)
 
 
 def choose_layout(sp_size: int, shape: AttentionShape, fetch_fraction: float | None = None,
