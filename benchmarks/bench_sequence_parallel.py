@@ -9,10 +9,18 @@ For every head count and world size P (one process per GPU, spawned here; NCCL),
 It reports the median forward + backward time (slowest rank), the Ulysses strong-scaling efficiency
 T(1) / (P T(P)), peak memory, and per-rank forward bytes: the Ulysses all-to-all volume, and for context parallel the
 fetched kv blocks plus the pooled-sum gather and the linear totals' all-reduce, next to what a dense ring (every kv
-chunk passed around) would move. ``--locality`` adds a smooth positional component to q and k, so that attention
-prefers nearby tokens as in video DiTs (0: i.i.d. Gaussian inputs, the worst case for the fetch).
+chunk passed around) would move.
+
+``--locality`` picks the q / k inputs (locality_inputs.py): 'iid' Gaussian (the worst case for the fetch), 'field'
+(a synthetic smooth content field over the T x H x W token grid, in the project's 3D-tiled order) and 'dit' (q / k
+captured at a self-attention layer of the project's VideoDiT on a smooth synthetic video, random init or
+``--dit-checkpoint``). For context parallel each row reports the fraction of key blocks fetched (all blocks, the
+remote ones only, and what the critical lists alone would need), and the layer time that the cost model of
+sla_dist.parallel.layout predicts from the P = 1 time and that fraction, next to the measured one; ``fit_context_cost``
+refits the model's per-pair constant to the measured rows.
 
     python benchmarks/bench_sequence_parallel.py                 # GPUs: L = 131072, H = 12 and 24, D = 128, bf16
+    python benchmarks/bench_sequence_parallel.py --locality iid field dit --sizes 1 2   # 32 x 64 x 64 token grid
     python benchmarks/bench_sequence_parallel.py --tiny --cpu    # CPU / gloo smoke test of every code path
 
 DeepSpeed's comm layer is initialised from torch.distributed (see sla_dist.parallel.groups.ensure_deepspeed_comm:
@@ -32,10 +40,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from locality_inputs import LOCALITIES, LocalityConfig, locality_qkv
 from results_io import save_results
 from sla_dist import SparseLinearAttention
+from sla_dist.kernels.block_map import CRITICAL
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 from sla_dist.parallel.context import ChunkLayout, FetchPlan, global_block_class
+from sla_dist.parallel.layout import AttentionShape, SPCostModel, context_pairs, exchange_seconds
 
 MODES = ("ulysses", "context")
 
@@ -58,8 +69,10 @@ class BenchConfig:
     block_k: int = 64
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
-    locality: float = 0.0
-    """Weight of the smooth positional component added to q and k."""
+    locality: list[str] = field(default_factory=lambda: ["iid"])
+    """Input sources (locality_inputs.py); Ulysses, whose cost does not depend on them, runs on the first only."""
+    inputs: LocalityConfig = field(default_factory=LocalityConfig)
+    """Token grid and source settings; any source but 'iid' needs seq_len = T H W of its grid."""
     warmup: int = 2
     iters: int = 5
     cpu: bool = False
@@ -74,24 +87,27 @@ class BenchConfig:
                              f"head_dim={self.head_dim}, sizes={self.sizes}")
         if self.iters < 1 or self.warmup < 0:
             raise ValueError(f"iters={self.iters} must be >= 1 and warmup={self.warmup} >= 0")
+        for source in self.locality:
+            if source not in LOCALITIES:
+                raise ValueError(f"locality {source!r} is not one of {LOCALITIES}")
+        if set(self.locality) - {"iid"} and self.seq_len != self.inputs.seq_len:
+            raise ValueError(f"seq_len={self.seq_len} must equal the {self.inputs.grid} grid's "
+                             f"{self.inputs.seq_len} tokens for locality {self.locality}")
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32 if self.cpu else torch.bfloat16
 
 
-def _inputs(config: BenchConfig, heads: int, device: torch.device) -> list[torch.Tensor]:
-    """q, k, v [1, heads, seq_len, D] (the same on every rank), with the optional positional component."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = (1, heads, config.seq_len, config.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen, device=device) for _ in range(3))
-    if config.locality:
-        # Random Fourier features of the token position: nearby tokens get similar q and k.
-        pos = torch.arange(config.seq_len, device=device, dtype=torch.float32)[:, None]
-        freq = torch.randn(1, config.head_dim // 2, generator=gen, device=device) / config.seq_len * 64
-        pe = torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], -1) * config.locality
-        q, k = q + pe, k + pe
-    return [x.to(config.dtype) for x in (q, k, v)]
+def _inputs(config: BenchConfig, locality: str, heads: int, device: torch.device) -> list[torch.Tensor]:
+    """q, k, v [1, heads, seq_len, D] (the same on every rank)."""
+    if locality == "iid":
+        gen = torch.Generator(device=device).manual_seed(0)
+        shape = (1, heads, config.seq_len, config.head_dim)
+        qkv = [torch.randn(shape, generator=gen, device=device) for _ in range(3)]
+    else:
+        qkv = locality_qkv(locality, config.inputs, heads, config.head_dim, device)
+    return [x.to(config.dtype) for x in qkv]
 
 
 def _sync(device: torch.device) -> None:
@@ -141,16 +157,21 @@ def _context_bytes(layer: SequenceParallelSLA, local: list[torch.Tensor], shard:
     pooled = peers * B * h * layout.k_blocks_per_rank * D * 8
     totals = 2 * peers / shard.world * B * h * (D * D + D) * 4 if c.linear_scope != "none" else 0
     requests = 8 * (sum(plan.send_counts) + sum(plan.recv_counts))
+    own = (min(layout.nk, (shard.rank + 1) * layout.k_blocks_per_rank)
+           - min(layout.nk, shard.rank * layout.k_blocks_per_rank))
+    remote = sum(plan.send_counts) - plan.send_counts[shard.rank]
     return dict(cp_fetch_bytes=fetched, cp_bytes=fetched + pooled + totals + requests,
                 ring_bytes=peers * B * h * C * 2 * D * elem,
-                fetched_block_fraction=sum(plan.send_counts) / (B * h * layout.nk))
+                fetched_block_fraction=sum(plan.send_counts) / (B * h * layout.nk),
+                remote_block_fraction=remote / max(B * h * (layout.nk - own), 1),
+                critical_block_fraction=float((block_class == CRITICAL).any(2).float().mean()) if n else 0.0)
 
 
-def _run(config: BenchConfig, mode: str, heads: int, device: torch.device) -> dict | None:
+def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torch.device) -> dict | None:
     world = dist.get_world_size()
     if mode == "context" and world == 1:
         return None  # one rank: context parallel is plain SLA, already timed as ulysses P=1
-    if mode == "ulysses" and heads % world:
+    if mode == "ulysses" and (heads % world or locality != config.locality[0]):
         return None
     groups = SequenceParallelGroups.build(SequenceParallelConfig(world, world if mode == "ulysses" else 1))
     attention = SparseLinearAttention(config.head_dim, config.topk, config.feature_map, config.block_q,
@@ -159,10 +180,11 @@ def _run(config: BenchConfig, mode: str, heads: int, device: torch.device) -> di
     torch.nn.init.normal_(attention.proj_l.weight, std=config.head_dim**-0.5)
     layer = SequenceParallelSLA(attention, groups)
     shard = SequenceShard.for_group(config.seq_len, groups.sp_group)
-    local = [shard.split(x, 2).detach().requires_grad_() for x in _inputs(config, heads, device)]
+    local = [shard.split(x, 2).detach().requires_grad_() for x in _inputs(config, locality, heads, device)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = dict(mode=mode, P=world, heads=heads, seq_len=config.seq_len, padded_len=shard.padded_len)
+    row = dict(mode=mode, locality=locality, P=world, heads=heads, head_dim=config.head_dim, seq_len=config.seq_len,
+               padded_len=shard.padded_len)
     row.update(_time_layer(layer, local, config.seq_len, config, device))
     if device.type == "cuda":
         row["peak_mem_gib"] = _slowest(torch.cuda.max_memory_allocated(device) / 2**30, device)
@@ -186,7 +208,8 @@ def _worker(rank: int, world: int, port: int, config: BenchConfig, queue) -> Non
     dist.init_process_group("gloo" if config.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        rows = [_run(config, mode, heads, device) for heads in config.heads for mode in config.modes]
+        rows = [_run(config, mode, locality, heads, device) for locality in config.locality
+                for heads in config.heads for mode in config.modes]
         if rank == 0:
             queue.put([r for r in rows if r is not None])
         dist.barrier()  # rank 0 hosts the store: no exit while others may still use it
@@ -216,18 +239,55 @@ def add_efficiency(rows: list[dict]) -> None:
             r["efficiency"] = base[r["heads"]] / (r["P"] * r["fwd_bwd_ms"])
 
 
+def add_predictions(rows: list[dict], cost: SPCostModel | None = None) -> None:
+    """Context rows: the fwd+bwd time sla_dist.parallel.layout predicts, P = 1 time / P plus the exchange at the
+    measured fetched fraction (the fraction of all key blocks: what the pair work scales with)."""
+    cost = cost or SPCostModel()
+    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    for r in rows:
+        if r["mode"] == "context" and r["heads"] in base:
+            shape = _shape(r)
+            extra = exchange_seconds(shape, 1, r["P"], r["fetched_block_fraction"], cost)
+            r["predicted_fwd_bwd_ms"] = base[r["heads"]] / r["P"] + 1e3 * extra
+
+
+def fit_context_cost(rows: list[dict], latency_s: float, bytes_per_s: float) -> SPCostModel:
+    """The cost model with ``pair_seconds`` fitted (least squares) to the measured context rows: what each row's
+    time exceeds the P = 1 time / P and the link's share by, over its (head, query block, key block) pairs."""
+    link = SPCostModel(latency_s, bytes_per_s, 0.0)
+    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    excess, pairs = [], []
+    for r in rows:
+        if r["mode"] == "context" and r["heads"] in base:
+            shape, f = _shape(r), r["fetched_block_fraction"]
+            excess.append((r["fwd_bwd_ms"] - base[r["heads"]] / r["P"]) / 1e3 - exchange_seconds(shape, 1, r["P"], f,
+                                                                                                  link))
+            pairs.append(context_pairs(shape, 1, r["P"], f))
+    if not pairs:
+        raise ValueError("no context-parallel row with a P = 1 Ulysses row of the same heads to fit to")
+    pair_seconds = max(sum(e * p for e, p in zip(excess, pairs)) / sum(p * p for p in pairs), 0.0)
+    return SPCostModel(latency_s, bytes_per_s, pair_seconds)
+
+
+def _shape(row: dict, head_dim: int = 128) -> AttentionShape:
+    return AttentionShape(row["heads"], row["seq_len"], row.get("head_dim", head_dim))
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| mode | P | H | fwd ms | fwd+bwd ms | Ulysses eff. | peak GiB | bytes/rank fwd (MiB) | dense ring (MiB) "
-            "| fetched blocks |")
+    head = ("| mode | inputs | P | H | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. | peak GiB "
+            "| bytes/rank fwd (MiB) | dense ring (MiB) | fetched blocks | remote fetched | critical only |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    pct = lambda r, key: f"{100 * r[key]:.1f} %" if key in r else "-"  # noqa: E731
     for r in rows:
         sent = r.get("ulysses_bytes", r.get("cp_bytes", 0)) / 2**20
         ring = f"{r['ring_bytes'] / 2**20:.1f}" if "ring_bytes" in r else "-"
-        frac = f"{100 * r['fetched_block_fraction']:.1f} %" if "fetched_block_fraction" in r else "-"
         eff = f"{100 * r['efficiency']:.0f} %" if "efficiency" in r else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
-        lines.append(f"| {r['mode']} | {r['P']} | {r['heads']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {eff} "
-                     f"| {mem} | {sent:.1f} | {ring} | {frac} |")
+        pred = f"{r['predicted_fwd_bwd_ms']:.1f}" if "predicted_fwd_bwd_ms" in r else "-"
+        lines.append(f"| {r['mode']} | {r.get('locality', 'iid')} | {r['P']} | {r['heads']} | {r['fwd_ms']:.1f} "
+                     f"| {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} | {sent:.1f} | {ring} "
+                     f"| {pct(r, 'fetched_block_fraction')} | {pct(r, 'remote_block_fraction')} "
+                     f"| {pct(r, 'critical_block_fraction')} |")
     return "\n".join(lines)
 
 
@@ -245,7 +305,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-k", type=int, default=defaults.block_k)
     parser.add_argument("--feature-map", default=defaults.feature_map)
     parser.add_argument("--linear-scope", default=defaults.linear_scope)
-    parser.add_argument("--locality", type=float, default=defaults.locality)
+    parser.add_argument("--locality", nargs="+", choices=LOCALITIES, default=defaults.locality,
+                        help="q / k sources (any but iid set --seq-len to the --grid's T H W)")
+    triple = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
+    inputs = defaults.inputs
+    parser.add_argument("--grid", type=triple, default=inputs.grid, help="token grid T,H,W (default 32,64,64)")
+    parser.add_argument("--tile", type=triple, default=inputs.tile, help="3D tile of the token order")
+    parser.add_argument("--correlation", type=float, default=inputs.correlation, help="'field': tokens")
+    parser.add_argument("--noise", type=float, default=inputs.noise, help="'field': per-token noise std")
+    parser.add_argument("--dit-model", default=inputs.dit_model, help="'dit': named DiT shape")
+    parser.add_argument("--dit-layer", type=int, default=inputs.dit_layer)
+    parser.add_argument("--qk-init", choices=("independent", "tied"), default=inputs.qk_init)
+    parser.add_argument("--dit-checkpoint", type=Path, default=None, help="'dit': VideoDiT weights")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo instead of GPUs with NCCL")
@@ -256,15 +327,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tiny:
         args.seq_len, args.heads, args.head_dim, args.sizes = 1000, [4], 64, [1, 2]
-        args.warmup, args.iters, args.topk = 1, 1, 0.2
+        args.warmup, args.iters, args.topk, args.grid = 1, 1, 0.2, (4, 16, 16)
+    inputs = LocalityConfig(args.grid, args.tile, args.correlation, args.noise, args.dit_model, args.dit_layer,
+                            args.qk_init, args.dit_checkpoint)
+    if set(args.locality) - {"iid"}:
+        args.seq_len = inputs.seq_len
     config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.topk, args.negligible,
-                         args.block_q, args.block_k, args.feature_map, args.linear_scope, args.locality, args.warmup,
-                         args.iters, args.cpu)
+                         args.block_q, args.block_k, args.feature_map, args.linear_scope, args.locality, inputs,
+                         args.warmup, args.iters, args.cpu)
     if not config.cpu and torch.cuda.device_count() < max(config.sizes):
         raise ValueError(f"sizes={config.sizes} need {max(config.sizes)} GPUs; {torch.cuda.device_count()} visible "
                          f"(use --cpu for a gloo run)")
     card = "cpu" if config.cpu else torch.cuda.get_device_name(0)
-    print(f"{card}: SLA layer, {config.seq_len} tokens, heads {config.heads}, D {config.head_dim}, "
+    print(f"{card}: SLA layer, {config.seq_len} tokens, inputs {config.locality}, heads {config.heads}, "
+          f"D {config.head_dim}, "
           f"{config.dtype}, topk {config.topk}, sizes {config.sizes}", flush=True)
 
     rows = []
@@ -272,14 +348,19 @@ def main(argv: list[str] | None = None) -> None:
         rows += run_world(config, world)
         print(f"P={world} done", flush=True)
     add_efficiency(rows)
+    add_predictions(rows)
 
     text = table(rows)
-    save_results("sequence-parallel", card, dict(config=asdict(config), dtype=str(config.dtype)), rows,
+    settings = asdict(config, dict_factory=lambda items: {k: str(v) if isinstance(v, Path) else v for k, v in items})
+    save_results("sequence-parallel", card, dict(config=settings, dtype=str(config.dtype)), rows,
                  "Sequence-parallel SLA",
-                 f"One SLA layer, {config.seq_len} tokens, D {config.head_dim}, {config.dtype}, {asdict(config)}. "
+                 f"One SLA layer, {config.seq_len} tokens, D {config.head_dim}, {config.dtype}, {settings}. "
                  f"Times: median over {config.iters} iterations of the slowest rank. Bytes: forward, received per "
-                 f"rank (slowest rank); 'dense ring' is what passing every kv chunk around would move.", text,
-                 out=args.out, tiny=args.tiny)
+                 f"rank (slowest rank); 'dense ring' is what passing every kv chunk around would move. Fetched "
+                 f"blocks (slowest rank): of all key blocks, of the other ranks' key blocks, and of all key blocks "
+                 f"if only the critical lists were fetched (linear_scope 'marginal' also fetches the negligible "
+                 f"ones). Predicted: sla_dist.parallel.layout's model from the P = 1 time and the fetched fraction.",
+                 text, out=args.out, tiny=args.tiny)
     print(text)
 
 
