@@ -98,7 +98,8 @@ class SLAStrategy(DeepSpeedStrategy):
         sequence_parallel_size: ranks that share one sample's token sequence; the world size must divide by it.
         ulysses_degree: ranks of the SP group exchanging heads by all-to-all (None: all); the remaining
             ``sequence_parallel_size // ulysses_degree`` split is SLA-aware context parallel.
-        **kwargs: DeepSpeedStrategy's (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...).
+        **kwargs: DeepSpeedStrategy's (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``,
+            ``timeout``: the default process group's collective timeout, which the SP / DP groups take, ...).
     """
 
     strategy_name = "sla_deepspeed"
