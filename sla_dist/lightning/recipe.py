@@ -91,7 +91,8 @@ class SparsitySection:
     """Steps over which topk goes linearly from 1 to ``sla.topk`` after the dense warm-up (0: jump at once)."""
 
     error_every: int = 0
-    """Every this many steps log each SLA layer's relative L1 error vs dense attention on the live batch (0: off)."""
+    """Every this many steps log each SLA layer's relative L1 error vs dense attention on the live batch, measured on
+    the first logged step at or after each multiple (0: off)."""
 
     def __post_init__(self) -> None:
         _positive(self, "skip_first", "dense_steps", "anneal_steps", "error_every", allow_zero=True)
@@ -259,7 +260,8 @@ class TrainerSection:
     """Micro-batches per optimizer step."""
 
     log_every_n_steps: int = 10
-    """Logging interval (TensorBoard when installed, and CSV)."""
+    """Logging interval (TensorBoard when installed, and CSV): rows at steps n-1, 2n-1, ..., each with its own
+    step's values (SLA sparsity is measured on those steps)."""
 
     checkpoint_every: int = 50
     """Save the 'last' checkpoint every this many steps (and at the end)."""
