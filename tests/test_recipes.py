@@ -55,11 +55,21 @@ def test_overrides_apply():
     ("optim.teacher_weight=nan", "optim.teacher_weight=nan must be a finite number"),
     ("optim.teacher_weight=-inf", "optim.teacher_weight=-inf must be a finite number"),
     ("sample.every=-1", "every=-1 must be an integer >= 0"),
+    ("parallel.timeout_s=0", "timeout_s=0 must be an integer > 0"),
+    ("parallel.timeout_s=-60", "timeout_s=-60 must be an integer > 0"),
+    ("parallel.timeout_s=ten", "timeout_s"),
     ("output_dir=${oc.env:HOME}", r"override: output_dir='\$\{oc.env:HOME\}' calls a resolver"),
 ])
 def test_bad_values_are_rejected(override, match):
     with pytest.raises(ValueError, match=match):
         load_recipe(RECIPES[0].parent / "tiny_cpu.yaml", [override])
+
+
+def test_collective_timeout_is_for_the_sla_strategy():
+    assert load_recipe(RECIPES[0].parent / "tiny_cpu.yaml", ["parallel.timeout_s=90"]).parallel.timeout_s == 90
+    # Lightning's own strategies are built by name, without a timeout: a value other than theirs would be ignored
+    with pytest.raises(ValueError, match=r"^parallel.timeout_s=90 needs strategy='sla_deepspeed' [^\n]*1800 s\)$"):
+        load_recipe(RECIPES[0].parent / "tiny_cpu.yaml", ["parallel.strategy=auto", "parallel.timeout_s=90"])
 
 
 def test_unknown_key_in_file(tmp_path):

@@ -9,7 +9,10 @@ Add it to any Trainer whose LightningModule holds a VideoDiT (or a diffusers Wan
 
 Logged: ``sla/topk``, ``sla/sparsity/layer_i`` (realised fraction of key blocks not computed exactly) every
 ``log_every_n_steps``, and every ``error_every`` steps ``sla/error/layer_i``, the relative L1 error of each SLA
-layer's output vs dense softmax attention on the q, k, v of the live batch.
+layer's output vs dense softmax attention on the q, k, v of the live batch. Both are measured on the steps whose
+log row Lightning writes (steps n-1, 2n-1, ... for ``log_every_n_steps`` n), so a row holds its own step's values;
+the error on the first of them at or after every ``error_every`` steps (Lightning repeats its last value in the
+rows until the next measurement).
 """
 
 from __future__ import annotations
@@ -85,10 +88,14 @@ class SLACallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step
         self._apply_schedule(step)
-        with_error = bool(self.error_every) and step % self.error_every == 0
-        if with_error or step % trainer.log_every_n_steps == 0:
-            self._hooks = [layer.register_forward_hook(self._measure(i, with_error))
-                           for i, layer in enumerate(self.layers)]
+        # Lightning writes a row after the steps s with (s + 1) % n == 0, holding what was logged last: measure on
+        # those steps, not s % n == 0, or each row shows a step before its own (LearningRateMonitor asks the same)
+        if not trainer._logger_connector.should_update_logs:
+            return
+        # the error when a multiple of error_every lies among the steps this row covers, (s + 1 - n, s + 1]
+        end, n, every = step + 1, trainer.log_every_n_steps, self.error_every
+        with_error = bool(every) and end // every > (end - n) // every
+        self._hooks = [layer.register_forward_hook(self._measure(i, with_error)) for i, layer in enumerate(self.layers)]
 
     def _measure(self, index: int, with_error: bool):
         """A forward hook measuring one layer on the live batch right away (nothing large is kept)."""

@@ -25,6 +25,8 @@ PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 STRATEGIES = ("sla_deepspeed", "auto")
 DATA_KINDS = ("synthetic", "shards")
+DEFAULT_TIMEOUT_S = 1800
+"""Collective timeout of a run (torch's and Lightning's default: 30 minutes)."""
 
 
 def _positive(section: object, *names: str, allow_zero: bool = False) -> None:
@@ -89,7 +91,8 @@ class SparsitySection:
     """Steps over which topk goes linearly from 1 to ``sla.topk`` after the dense warm-up (0: jump at once)."""
 
     error_every: int = 0
-    """Every this many steps log each SLA layer's relative L1 error vs dense attention on the live batch (0: off)."""
+    """Every this many steps log each SLA layer's relative L1 error vs dense attention on the live batch, measured on
+    the first logged step at or after each multiple (0: off)."""
 
     def __post_init__(self) -> None:
         _positive(self, "skip_first", "dense_steps", "anneal_steps", "error_every", allow_zero=True)
@@ -214,9 +217,14 @@ class ParallelSection:
     offload_parameters: bool = False
     """Keep parameters on the CPU (ZeRO-3 only)."""
 
+    timeout_s: int = DEFAULT_TIMEOUT_S
+    """Seconds a collective waits for its peers before the job fails: SLAStrategy's process-group timeout, which
+    every SP / DP group takes. A rank that hangs, or dies where the launcher does not stop its peers, ends the job
+    after this long at most. Keep it above the slowest step (first-step compilation, a checkpoint save)."""
+
     def __post_init__(self) -> None:
         _choice(self, "strategy", STRATEGIES)
-        _positive(self, "sp_size")
+        _positive(self, "sp_size", "timeout_s")
         if self.ulysses_degree is not None and (self.ulysses_degree < 1 or self.sp_size % self.ulysses_degree):
             raise ValueError(f"parallel.ulysses_degree={self.ulysses_degree} must divide sp_size={self.sp_size}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -225,6 +233,9 @@ class ParallelSection:
             raise ValueError(f"parallel.offload_parameters needs zero_stage=3, not {self.zero_stage}")
         if self.strategy == "auto" and self.sp_size != 1:
             raise ValueError(f"parallel.sp_size={self.sp_size} needs strategy='sla_deepspeed'")
+        if self.strategy == "auto" and self.timeout_s != DEFAULT_TIMEOUT_S:
+            raise ValueError(f"parallel.timeout_s={self.timeout_s} needs strategy='sla_deepspeed' (Lightning's 'auto' "
+                             f"strategies keep their {DEFAULT_TIMEOUT_S} s)")
 
 
 @dataclass
@@ -250,7 +261,8 @@ class TrainerSection:
     """Micro-batches per optimizer step."""
 
     log_every_n_steps: int = 10
-    """Logging interval (TensorBoard when installed, and CSV)."""
+    """Logging interval (TensorBoard when installed, and CSV): rows at steps n-1, 2n-1, ..., each with its own
+    step's values (SLA sparsity is measured on those steps)."""
 
     checkpoint_every: int = 50
     """Save the 'last' checkpoint every this many steps (and at the end)."""

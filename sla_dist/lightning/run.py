@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -35,7 +36,8 @@ def build_strategy(recipe: Recipe):
         return "auto"
     config = zero_config(p.zero_stage, p.offload_optimizer, p.offload_parameters, recipe.optim.grad_clip,
                          recipe.data.batch_size)
-    return SLAStrategy(sequence_parallel_size=p.sp_size, ulysses_degree=p.ulysses_degree, config=config)
+    return SLAStrategy(sequence_parallel_size=p.sp_size, ulysses_degree=p.ulysses_degree, config=config,
+                       timeout=timedelta(seconds=p.timeout_s))
 
 
 def build_trainer(recipe: Recipe, extra_callbacks: list | None = None) -> pl.Trainer:

@@ -112,7 +112,8 @@ class SLAStrategy(DeepSpeedStrategy):
             from topk 1 it is near 1); None: unknown, taken as 1 (the worst case).
         sequence_length: tokens per sample, for the cost model; needed with ``context_fetch_fraction``.
         sp_cost: the cost model's constants (default: H200 NVLink, fitted; see ``sla_dist.parallel.layout``).
-        **kwargs: DeepSpeedStrategy's (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...).
+        **kwargs: DeepSpeedStrategy's (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``,
+            ``timeout``: the default process group's collective timeout, which the SP / DP groups take, ...).
 
     The automatic split (``ulysses_degree=None``). Candidates are the Ulysses degrees U dividing both
     ``sequence_parallel_size`` and every DiT's head count (the ring takes the rest); if any self-attention layer

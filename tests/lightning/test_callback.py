@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 from sla_dist import SLAConfig, SparseLinearAttention, dit_config
 from sla_dist.lightning.callback import SLACallback
 from sla_dist.lightning.module import DiTModule
+
+RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
 
 
 def test_schedule():
@@ -25,22 +29,23 @@ def test_schedule():
 
 def test_setup_converts_and_measures_live_batch():
     module = DiTModule(dit_config("tiny"), seed=random.randrange(1000))
-    cb = SLACallback(SLAConfig(topk=0.25, negligible=0.25), skip_first=1, dense_steps=2, error_every=3)
-    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1000)
+    cb = SLACallback(SLAConfig(topk=0.25, negligible=0.25), skip_first=1, dense_steps=2, error_every=2)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1,
+                              _logger_connector=SimpleNamespace(should_update_logs=True))
     cb.setup(trainer, module, "fit")
     layers = [m for m in module.model.modules() if isinstance(m, SparseLinearAttention)]
     assert cb.converted == [1] and len(layers) == 1 and layers[0].config.topk == 1.0
     logged = {}
     module.log_dict = lambda metrics, **kw: logged.update(metrics)
     batch = {"latents": torch.randn(2, 4, 4, 16, 16), "text": torch.randn(2, 5, 32)}
-    for step in (0, 3):  # step 0: dense (error ~ 0); step 3: sparse at the target (error > 0)
+    for step in (1, 3):  # step 1: dense (error ~ 0); step 3: sparse at the target (error > 0)
         trainer.global_step = step
         cb.on_train_batch_start(trainer, module, batch, 0)
         with torch.no_grad():
             module.model(batch["latents"], torch.rand(2) * 1000, batch["text"])
         trainer.global_step = step + 1
         cb.on_train_batch_end(trainer, module, None, batch, 0)
-        if step == 0:
+        if step == 1:
             assert logged["sla/error/layer_1"] < 1e-5 and logged["sla/sparsity/layer_1"] == 0.0
     assert layers[0].config.topk == 0.25
     assert logged["sla/error/layer_1"] > 1e-3 and logged["sla/sparsity/layer_1"] == pytest.approx(0.75)
@@ -49,3 +54,28 @@ def test_setup_converts_and_measures_live_batch():
     other.converted = [0]
     with pytest.raises(ValueError, match="converted layers"):
         other.load_state_dict(state)
+
+
+def test_logged_sparsity_is_measured_at_the_rows_step(tmp_path):
+    """Lightning writes a row every ``log_every_n_steps`` at steps n-1, 2n-1, ...; each row's sparsity and error
+    must be the ones measured on that step's batch, not a step before (the anneal changes them every step)."""
+    from sla_dist.lightning.recipe import load_recipe
+    from sla_dist.lightning.run import train
+
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}", "parallel.strategy=auto", "trainer.max_steps=6",
+                                  "trainer.log_every_n_steps=2", "trainer.checkpoint_every=6", "trainer.val_every=0",
+                                  "trainer.progress_bar=false", "sample.enabled=false", "data.batch_size=2",
+                                  "sparsity.dense_steps=1", "sparsity.anneal_steps=4", "sparsity.error_every=4"])
+    train(recipe)
+    rows = {int(row["step"]): row for row in csv.DictReader(next(tmp_path.glob("logs/csv/version_*/metrics.csv")).open())
+            if row.get("sla/topk")}
+    # topk 1, 1, 0.8125, 0.625, 0.4375, 0.25 at steps 0-5: max(1, floor(4 topk)) of the 4 key blocks are critical
+    assert {step: float(row["sla/topk"]) for step, row in rows.items()} == {1: 1.0, 3: 0.625, 5: 0.25}
+    for layer in (0, 1):
+        sparsity = {step: float(row[f"sla/sparsity/layer_{layer}"]) for step, row in rows.items()}
+        assert sparsity == {1: 0.0, 3: 0.5, 5: 0.75}, f"layer {layer}: {sparsity}"
+        # error_every=4: first on the row covering steps 2-3, measured at step 3 (sparse: not 0; step 0 was dense).
+        # Lightning repeats a step metric's last value in later rows, so row 5 shows it again.
+        errors = {step: float(row[f"sla/error/layer_{layer}"]) for step, row in rows.items()
+                  if row[f"sla/error/layer_{layer}"]}
+        assert min(errors) == 3 and errors[3] > 1e-3, f"layer {layer}: {errors}"

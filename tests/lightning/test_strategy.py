@@ -1,19 +1,29 @@
 """SLAStrategy's loss factor that makes DeepSpeed ZeRO-3 sum the sequence-parallel gradient shares (the end-to-end
-check is test_launch.py's ZeRO-3 SP=2 run following the single-process reference), and its automatic Ulysses x ring
-split."""
+check is test_launch.py's ZeRO-3 SP=2 run following the single-process reference), its automatic Ulysses x ring
+split, and the recipe's collective timeout reaching every process group the strategy makes."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from sla_dist import PatchConfig, SLAConfig, apply_sla, dit_config
+from sla_dist.lightning.recipe import load_recipe
+from sla_dist.lightning.run import build_trainer
 from sla_dist.lightning.strategy import (SequenceParallelUnit, SLAStrategy, attention_facts, choose_module_layout,
                                          sp_loss_factor, zero_config)
 from sla_dist.models import VideoDiT
 from sla_dist.parallel import SequenceParallelGroups
+from sla_dist.parallel.groups import group_timeout
 from sla_dist.parallel.layout import SPCostModel
+from tests.lightning.ranks import run_ranks
 from tests.parallel.dist_utils import run_distributed
+
+RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -97,3 +107,22 @@ def _settle(device: torch.device) -> None:
 
 def test_settle_layout_rebuilds_the_groups_on_every_rank():
     run_distributed(_settle, 2, "cpu")
+
+
+def _group_timeouts(rank: int, out: str) -> None:
+    recipe = load_recipe(RECIPE, [f"output_dir={out}", "trainer.devices=2", "trainer.accelerator=cpu",
+                                  "parallel.sp_size=2", "parallel.timeout_s=77"])
+    strategy = build_trainer(recipe).strategy
+    strategy.setup_environment()  # initialises the default process group, then the SP / DP groups and the mpu's
+    groups, mpu = strategy.sp_groups, strategy.mpu
+    timeouts = {"default": group_timeout(), "mpu": group_timeout(mpu.get_model_parallel_group()),
+                **{name: group_timeout(getattr(groups, f"{name}_group")) for name in ("sp", "dp", "ulysses", "ring")}}
+    dist.barrier()
+    dist.destroy_process_group()
+    assert timeouts == dict.fromkeys(timeouts, timedelta(seconds=77)), timeouts
+
+
+def test_recipe_timeout_reaches_every_group(tmp_path):
+    results = run_ranks(_group_timeouts, 2, tmp_path, 60, str(tmp_path / "run"))
+    logs = "\n".join(f"--- rank {i} (exit {r.exitcode}):\n{r.log[-3000:]}" for i, r in enumerate(results))
+    assert [r.exitcode for r in results] == [0, 0], logs
