@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import validate_branch_options
+from ..config import FEATURE_MAPS, validate_branch_options
 from .block_map import CRITICAL, MARGINAL, BlockMap, check_block_map
 
 
@@ -32,7 +32,7 @@ def feature_map_ref(x: torch.Tensor, name: str) -> torch.Tensor:
         return F.elu(x) + 1.0
     if name == "relu":
         return torch.relu(x)
-    raise ValueError(f"feature_map={name!r} is not one of ('softmax', 'elu', 'relu')")
+    raise ValueError(f"feature_map={name!r} is not one of {FEATURE_MAPS}")
 
 
 def _scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
