@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sla_dist import SLAConfig, SparseLinearAttention, dit_config
+from sla_dist.attention import dense_attention, relative_l1
 from sla_dist.lightning.callback import SLACallback
 from sla_dist.lightning.module import DiTModule
 
@@ -54,6 +55,32 @@ def test_setup_converts_and_measures_live_batch():
     other.converted = [0]
     with pytest.raises(ValueError, match="converted layers"):
         other.load_state_dict(state)
+
+
+def test_a_layer_called_several_times_in_a_step_logs_the_mean():
+    """Sequence parallel may run a layer once per chunk of heads, and activation checkpointing runs it again in the
+    backward: the row holds the mean over the step's calls, not whichever call came last."""
+    module = DiTModule(dit_config("tiny"), seed=0)
+    cb = SLACallback(SLAConfig(topk=0.25, negligible=0.0), error_every=1)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1,
+                              _logger_connector=SimpleNamespace(should_update_logs=True))
+    cb.setup(trainer, module, "fit")
+    layer = next(m for m in module.model.modules() if isinstance(m, SparseLinearAttention))
+    logged = {}
+    module.log_dict = lambda metrics, **kw: logged.update(metrics)
+    cb.on_train_batch_start(trainer, module, None, 0)
+    g = torch.Generator().manual_seed(0)
+    calls = [[torch.randn(1, 2, 256, layer.head_dim, generator=g) for _ in range(3)] for _ in range(2)]
+    calls[1][1] = calls[1][0].clone()  # k = q: attention concentrates on the diagonal, a different error
+    errors = []
+    with torch.no_grad():
+        for q, k, v in calls:
+            errors.append(float(relative_l1(layer(q, k, v), dense_attention(q, k, v))))
+    trainer.global_step = 1
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert errors[0] != pytest.approx(errors[1], rel=1e-2)
+    assert logged["sla/error/layer_0"] == pytest.approx(sum(errors) / 2)
+    assert logged["sla/sparsity/layer_0"] == pytest.approx(0.75)
 
 
 def test_logged_sparsity_is_measured_at_the_rows_step(tmp_path):
