@@ -22,7 +22,7 @@ from ..models import VideoDiT
 from ..models.layers import DenseAttention, SelfAttention
 from ..parallel import SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 from ..parallel.groups import ensure_deepspeed_comm
-from ..parallel.sharding import check_same_sequence, pad_along
+from ..parallel.sharding import check_same_sequence, pad_along, valid_length
 
 
 class ShardedDense:
@@ -54,7 +54,7 @@ class ShardedDense:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         """This rank's shard [B, H, L_local, D] of a sequence with ``seq_len`` valid tokens (None: no padding)."""
-        seq_len = q.shape[2] * self.groups.sp_size if seq_len is None else seq_len
+        seq_len = valid_length(seq_len, q.shape[2], self.groups.sp_size)
         out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
         return out.transpose(1, 2)
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import check_int
+from ..config import check_int, is_int
 from ..kernels.block_map import num_blocks
 from .groups import group_rank, group_size
 
@@ -106,6 +106,18 @@ class SequenceShard:
 
     def local_piece(self, padded: torch.Tensor, dim: int) -> torch.Tensor:
         return padded.narrow(dim, self.start, self.local_len)
+
+
+def valid_length(seq_len: object, local_len: int, sp_size: int) -> int:
+    """The valid token count of a sequence held as shards of ``local_len`` tokens over ``sp_size`` ranks (None: no
+    padding, every token); ValueError naming the value unless it is an integer in (0, local_len * sp_size]."""
+    padded_len = local_len * sp_size
+    if seq_len is None:
+        return padded_len
+    if not is_int(seq_len) or not 0 < seq_len <= padded_len:
+        raise ValueError(f"seq_len={seq_len!r} must be an integer in (0, {padded_len}] for shards of {local_len} "
+                         f"tokens over sp_size={sp_size}")
+    return seq_len
 
 
 def pad_along(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:

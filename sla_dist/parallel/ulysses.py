@@ -21,10 +21,9 @@ import copy
 import torch
 
 from ..attention import SparseLinearAttention
-from ..config import is_int
 from .context import context_parallel_sla
 from .groups import SequenceParallelGroups, ensure_deepspeed_comm, group_size
-from .sharding import pad_along
+from .sharding import pad_along, valid_length
 
 
 class SequenceParallelSLA:
@@ -87,11 +86,7 @@ class SequenceParallelSLA:
             raise ValueError(f"{heads} heads do not divide over ulysses_degree={ulysses}; choose a ulysses_degree "
                              f"that divides the head count and give the rest of sp_size={self.groups.sp_size} to "
                              f"ring_degree (context parallel)")
-        padded_len = local_len * self.groups.sp_size
-        seq_len = padded_len if seq_len is None else seq_len
-        if not is_int(seq_len) or not 0 < seq_len <= padded_len:
-            raise ValueError(f"seq_len={seq_len!r} must be an integer in (0, {padded_len}] for shards of {local_len} "
-                             f"tokens over sp_size={self.groups.sp_size}")
+        seq_len = valid_length(seq_len, local_len, self.groups.sp_size)
         if self.ulysses_group is None:
             return self._attend(q, k, v, seq_len)
         out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
