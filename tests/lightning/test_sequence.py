@@ -133,16 +133,15 @@ def test_sp_ranks_with_different_lengths_fail_with_both_lengths(device):
 
 
 @pytest.mark.parametrize("seq_len", [100.0, True, 0, 129])
-def test_sharded_dense_seq_len_must_be_an_integer_in_range(seq_len, tmp_path):
-    """One process, sp_size 1: a [1, 2, 128, 16] shard holds at most 128 valid tokens (the same rule as SLA's)."""
+def test_sharded_dense_seq_len_must_be_an_integer_in_range(seq_len):
+    """sp_size 1: a [1, 2, 128, 16] shard holds at most 128 valid tokens (the same rule as SLA's). Built without its
+    constructor, which starts DeepSpeed's communication backend for the whole process: the length is checked before
+    the exchange is reached."""
     from sla_dist.lightning.sequence import ShardedDense
     from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        dense = ShardedDense(SequenceParallelGroups.build(SequenceParallelConfig()))
-        q = torch.randn(1, 2, 128, 16)
-        with pytest.raises(ValueError, match=rf"seq_len={seq_len!r} must be an integer in \(0, 128\]"):
-            dense(q, q, q, seq_len=seq_len)
-    finally:
-        dist.destroy_process_group()
+    dense = object.__new__(ShardedDense)
+    dense.groups = SequenceParallelGroups.build(SequenceParallelConfig())
+    q = torch.randn(1, 2, 128, 16)
+    with pytest.raises(ValueError, match=rf"seq_len={seq_len!r} must be an integer in \(0, 128\]"):
+        dense(q, q, q, seq_len=seq_len)
