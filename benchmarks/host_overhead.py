@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     args = parser.parse_args()
 
-    from sla_dist import SparseLinearAttention
+    from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
+
     from sla_dist.kernels import configs
     from sla_dist.kernels.block_map import _tile_size, num_blocks, predict_block_map
     from sla_dist.kernels.op import sla_forward
@@ -49,21 +50,18 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    q, k, v = (torch.randn(1, args.H, args.L, args.D, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    layer = SparseLinearAttention(args.D, topk=0.05, BLKQ=128, backend="triton").to(device)
-    torch.nn.init.normal_(layer.proj_l.weight, std=args.D**-0.5)
-    g = torch.randn_like(q)
-    bm = predict_block_map(q.detach(), k.detach(), topk=0.05, negligible=0.1, block_q=128, block_k=64,
-                           kernels=True)
+    layer, q, k, v, g = sla_layer_inputs(args.L, args.H, args.D, device=device, dtype=dtype, backend="triton")
+    def predict():
+        return predict_block_map(q.detach(), k.detach(), topk=0.05, negligible=0.1, block_q=128, block_k=64,
+                                 kernels=True)
+
+    bm = predict()
     op_args = (q.detach(), k.detach(), v.detach(), bm.block_class, bm.kv_num_blocks, bm.kv_indices, 128, 64,
                "softmax", "marginal")
     n_blocks = num_blocks(args.L, 64)
     sums = torch.zeros(1, args.H, n_blocks, args.D, dtype=torch.float64, device=device)
     block_sums = configs.get_kernel("block_sums")
-    raw = getattr(block_sums, "fn", block_sums)  # the jitted kernel under the autotuner / fixed wrapper
-    while hasattr(raw, "fn") and not hasattr(raw, "arg_names"):
-        raw = raw.fn
+    raw = configs.jit_function("block_sums")
     launch = (q.detach(), sums, *q.stride()[:3], args.H, args.L, n_blocks, args.D)
     meta = dict(BLOCK=64, D_POW2=_tile_size(args.D))
     small = torch.ones(16, device=device)
@@ -73,8 +71,7 @@ def main() -> None:
         "Triton launch via get_kernel": lambda: block_sums[(n_blocks, args.H)](*launch, **meta),
         "Triton launch, bare kernel[grid]": lambda: raw[(n_blocks, args.H)](*launch, **meta, num_warps=4,
                                                                             num_stages=1),
-        "predict_block_map": lambda: predict_block_map(q.detach(), k.detach(), topk=0.05, negligible=0.1,
-                                                       block_q=128, block_k=64, kernels=True),
+        "predict_block_map": predict,
         "sla_forward op (dispatcher)": lambda: sla_forward(*op_args),
         "sla_forward implementation, direct": lambda: sla_forward._init_fn(*op_args),
     }

@@ -16,7 +16,7 @@ import pstats
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sla_dist import SparseLinearAttention
+from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
 
 
 def main() -> None:
@@ -35,11 +35,7 @@ def main() -> None:
 
 
 def profile_layer(L: int, args: argparse.Namespace) -> None:
-    m = SparseLinearAttention(args.D, topk=args.topk, BLKQ=args.block_q).cuda()
-    torch.nn.init.normal_(m.proj_l.weight, std=args.D**-0.5)
-    q, k, v = (torch.randn(1, args.H, L, args.D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    g = torch.randn_like(q)
+    m, q, k, v, g = sla_layer_inputs(L, args.H, args.D, topk=args.topk, block_q=args.block_q)
     for _ in range(3):  # compile and warm up
         m(q, k, v).backward(g)
     torch.cuda.synchronize()

@@ -22,16 +22,12 @@ import time
 
 def first_call_seconds(args: argparse.Namespace) -> float:
     import torch
+    from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
 
-    from sla_dist import SparseLinearAttention
-
-    m = SparseLinearAttention(args.D, topk=args.topk, BLKQ=args.block_q).cuda()
-    torch.nn.init.normal_(m.proj_l.weight, std=args.D**-0.5)
-    q, k, v = (torch.randn(1, args.H, args.L, args.D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    m, q, k, v, g = sla_layer_inputs(args.L, args.H, args.D, topk=args.topk, block_q=args.block_q)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    m(q, k, v).backward(torch.randn_like(q))
+    m(q, k, v).backward(g)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 

@@ -16,7 +16,7 @@ import time
 import torch
 import triton.testing as tt
 
-from sla_dist import SparseLinearAttention
+from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
 
 
 def host_side_ms(step, n: int = 20) -> float:
@@ -37,8 +37,7 @@ def main() -> None:
     label = args.label + (f"+compile:{args.compile}" if args.compile else "")
     print("sla_dist from", __import__("sla_dist").__file__)
     for L in (32768, 8192):
-        layer = SparseLinearAttention(128, topk=0.05, BLKQ=128).cuda()
-        torch.nn.init.normal_(layer.proj_l.weight, std=128**-0.5)
+        layer, q, k, v, g = sla_layer_inputs(L, 12, 128)
         compiled = torch.compile(layer, mode=args.compile) if args.compile else layer
 
         def m(*inputs):
@@ -46,9 +45,6 @@ def main() -> None:
                 torch.compiler.cudagraph_mark_step_begin()
             return compiled(*inputs)
 
-        q, k, v = (torch.randn(1, 12, L, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        g = torch.randn_like(q)
         with torch.no_grad():
             fwd = tt.do_bench(lambda: m(q, k, v), warmup=25, rep=100, return_mode="median")
         step = lambda: m(q, k, v).backward(g)  # noqa: E731

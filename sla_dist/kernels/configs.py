@@ -77,10 +77,16 @@ class _Fixed:
         return functools.partial(self.fn[grid], num_warps=self.num_warps, num_stages=self.num_stages, **self.meta)
 
 
+def jit_function(name: str):
+    """The bare ``triton.jit`` function of kernel ``name``, launched as ``fn[grid](..., num_warps=, num_stages=)``."""
+    t = _KERNELS[name]
+    return getattr(__import__(f"{__package__}.{t.module}", fromlist=[t.function]), t.function)
+
+
 @functools.cache
 def get_kernel(name: str):
     t = _KERNELS[name]
-    fn = getattr(__import__(f"{__package__}.{t.module}", fromlist=[t.function]), t.function)
+    fn = jit_function(name)
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
         return _Fixed(fn, *t.fixed, meta=t.metas()[0])
     configs = [triton.Config(m, num_warps=w, num_stages=st) for m, w, st in t.candidates()]
