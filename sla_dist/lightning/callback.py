@@ -52,8 +52,7 @@ class SLACallback(Callback):
         self.error_every, self.attribute = error_every, attribute
         self.converted: list[int] = []
         self.layers: list[SparseLinearAttention] = []
-        self._sums: dict[str, float] = {}
-        self._calls: dict[str, int] = {}
+        self._values: dict[str, list[float]] = {}
         self._hooks: list = []
 
     # ----------------------------------------------------------------------------------------------- schedule
@@ -98,10 +97,6 @@ class SLACallback(Callback):
         with_error = bool(every) and end // every > (end - n) // every
         self._hooks = [layer.register_forward_hook(self._measure(i, with_error)) for i, layer in enumerate(self.layers)]
 
-    def _add(self, name: str, value: float) -> None:
-        self._sums[name] = self._sums.get(name, 0.0) + value
-        self._calls[name] = self._calls.get(name, 0) + 1
-
     def _measure(self, index: int, with_error: bool):
         """A forward hook measuring one layer on the live batch right away (nothing large is kept). A layer may run
         more than once in a step (sequence parallel taking its heads in chunks, activation checkpointing's
@@ -114,9 +109,11 @@ class SLACallback(Callback):
             c = module.config
             block_map = predict_block_map(q, k, topk=c.topk, negligible=c.negligible, block_q=c.block_q,
                                           block_k=c.block_k)
-            self._add(f"sla/sparsity/layer_{layer_id}", 1.0 - float(block_map.critical_fraction()))
+            self._values.setdefault(f"sla/sparsity/layer_{layer_id}", []).append(
+                1.0 - float(block_map.critical_fraction()))
             if with_error:
-                self._add(f"sla/error/layer_{layer_id}", float(relative_l1(output, dense_attention(q, k, v))))
+                self._values.setdefault(f"sla/error/layer_{layer_id}", []).append(
+                    float(relative_l1(output, dense_attention(q, k, v))))
         return hook
 
     @override
@@ -126,8 +123,8 @@ class SLACallback(Callback):
             hook.remove()
         self._hooks = []
         metrics = {"sla/topk": self.settings_at(trainer.global_step - 1)[0],
-                   **{name: total / self._calls[name] for name, total in self._sums.items()}}
-        self._sums, self._calls = {}, {}
+                   **{name: sum(values) / len(values) for name, values in self._values.items()}}
+        self._values = {}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
     @override
