@@ -20,8 +20,8 @@ from sla_dist.models import VideoDiT
 from sla_dist.parallel import SequenceParallelGroups
 from sla_dist.parallel.groups import group_timeout
 from sla_dist.parallel.layout import SPCostModel
-from tests.lightning.ranks import run_ranks
-from tests.parallel.dist_utils import run_distributed
+from tests.lightning.ranks import backend_overrides, describe, rank_device, run_ranks
+from tests.parallel.dist_utils import device_params, run_distributed
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
 
@@ -109,20 +109,22 @@ def test_settle_layout_rebuilds_the_groups_on_every_rank():
     run_distributed(_settle, 2, "cpu")
 
 
-def _group_timeouts(rank: int, out: str) -> None:
-    recipe = load_recipe(RECIPE, [f"output_dir={out}", "trainer.devices=2", "trainer.accelerator=cpu",
+def _group_timeouts(rank: int, device: str, out: str) -> None:
+    recipe = load_recipe(RECIPE, [f"output_dir={out}", "trainer.devices=2", *backend_overrides(device),
                                   "parallel.sp_size=2", "parallel.timeout_s=77"])
     strategy = build_trainer(recipe).strategy
     strategy.setup_environment()  # initialises the default process group, then the SP / DP groups and the mpu's
     groups, mpu = strategy.sp_groups, strategy.mpu
     timeouts = {"default": group_timeout(), "mpu": group_timeout(mpu.get_model_parallel_group()),
                 **{name: group_timeout(getattr(groups, f"{name}_group")) for name in ("sp", "dp", "ulysses", "ring")}}
+    where = (dist.get_backend(), str(strategy.root_device))
     dist.barrier()
     dist.destroy_process_group()
+    assert where == ("nccl" if device == "cuda" else "gloo", rank_device(device, rank)), where
     assert timeouts == dict.fromkeys(timeouts, timedelta(seconds=77)), timeouts
 
 
-def test_recipe_timeout_reaches_every_group(tmp_path):
-    results = run_ranks(_group_timeouts, 2, tmp_path, 60, str(tmp_path / "run"))
-    logs = "\n".join(f"--- rank {i} (exit {r.exitcode}):\n{r.log[-3000:]}" for i, r in enumerate(results))
-    assert [r.exitcode for r in results] == [0, 0], logs
+@pytest.mark.parametrize("device", device_params(2))
+def test_recipe_timeout_reaches_every_group(tmp_path, device):
+    results = run_ranks(_group_timeouts, device, 2, tmp_path, 60, str(tmp_path / "run"))
+    assert [r.exitcode for r in results] == [0, 0], describe(results)
