@@ -6,7 +6,9 @@
 # dit-bench, attn-bench (the sweep), attn-quick (headline shape only), profile, sweep (every kernel's launch-setting
 # candidates and the first call's tuning time), ops (the op-level GPU tests, fixed launch settings),
 # e2e (2 GPUs: the wan1.3b recipe through launch/torchrun.sh at SP = 1 and SP = 2 with activation checkpointing,
-#   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s).
+#   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s),
+# ranks (2 GPUs: the multi-rank reliability tests on NCCL, independent spawned ranks: a rank that raises ends the
+#   job through the collective timeout, rank 0's resume choice shared, the recipe timeout on every group; ranks:500).
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -28,6 +30,7 @@ declare -A CMD=(
   [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"
   [ops]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_op.py tests/test_attention.py tests/kernels/test_block_select.py tests/kernels/test_block_map.py"
   [e2e]="python3 benchmarks/e2e_train.py --out $OUT/e2e_train"
+  [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
 summary=()
 for spec in "$@"; do
