@@ -5,8 +5,9 @@
 The sla_dist that PYTHONPATH points at is timed (its path is printed first), so two checkouts compare on one card in
 one device call, e.g. ``git worktree add /tmp/old <commit>`` beside this one. Medians of triton.testing.do_bench;
 "host-side" is the wall time of 20 unsynchronised forward+backward calls, the launch-bound floor at short L.
-``--compile MODE`` times ``torch.compile(layer, mode=MODE)`` instead (e.g. ``reduce-overhead``: CUDA graphs, which
-take the host's launch time out of the step).
+``--compile MODE`` times ``torch.compile(layer, mode=MODE)`` instead (e.g. ``reduce-overhead``); ``--graph`` times
+the layer captured by ``torch.cuda.make_graphed_callables`` (forward and backward replayed as CUDA graphs: no host
+time per call beyond the replay).
 """
 
 import argparse
@@ -33,12 +34,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("label", nargs="?", default="sla_dist")
     parser.add_argument("--compile", metavar="MODE", help="torch.compile mode, e.g. default or reduce-overhead")
+    parser.add_argument("--graph", action="store_true", help="time the layer captured in CUDA graphs")
     args = parser.parse_args()
-    label = args.label + (f"+compile:{args.compile}" if args.compile else "")
+    label = args.label + (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
     for L in (32768, 8192):
         layer, q, k, v, g = sla_layer_inputs(L, 12, 128)
         compiled = torch.compile(layer, mode=args.compile) if args.compile else layer
+        if args.graph:
+            compiled = torch.cuda.make_graphed_callables(layer, (q, k, v))
 
         def m(*inputs):
             if args.compile:  # CUDA-graph outputs of one call are reused by the next: say where a step begins
