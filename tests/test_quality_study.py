@@ -101,12 +101,22 @@ def test_resume_refuses_another_study(tmp_path):
     (["--resume-from", "x"], "--resume-from is for --phase finetune"),
     (["--sparsity", "1.5"], "sparsity=1.5 must lie in"),
     (["--time-budget", "-3"], "time_budget=-3.0 must be positive"),
+    (["--baselines", "sparse_only", "sparse_only"], "choose distinct entries"),
+    (["--baselines", "dense"], "invalid choice: 'dense'"),
 ])
 def test_cli_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         qs.main(["--preset", "tiny", "--cpu", *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_follow_up_run_picks_its_fine_tunes():
+    config = dataclasses.replace(qs.PRESETS["tiny"], dense_seeds=[3], baselines=["sparse_only"])
+    assert qs.fine_tune_runs(config) == [("dense_seed3", "dense", 3), ("sla", "sla", 0),
+                                         ("sparse_only", "sparse_only", 0)]
+    assert [n for n, _, _ in qs.fine_tune_runs(qs.PRESETS["tiny"])] == ["dense_seed0", "sla", "dense_seed1",
+                                                                        "sparse_only", "linear_only"]
 
 
 WORK = sb.Workload(pretrain_steps=1600, finetune_steps=400, pretrain_evals=4, eval_every=100, fvd_videos=64,

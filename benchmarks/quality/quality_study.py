@@ -89,7 +89,7 @@ from sla_dist.models import DiTConfig, VideoDiT, dit_config  # noqa: E402
 from study_attention import candidate_errors, own_errors  # noqa: E402
 from study_budget import Clock, Schedule, default_schedule, plan_steps  # noqa: E402
 from study_checkpoint import load_pretrained, rounded, save_pretrained, widened  # noqa: E402
-from study_config import PRESETS, StudyConfig  # noqa: E402
+from study_config import BASELINES, PRESETS, StudyConfig  # noqa: E402
 from study_report import markdown_report, plot, verdict  # noqa: E402
 from study_train import VARIANTS, Data, Trainer, convert, fresh_core, fvd_scores, module_for, probe  # noqa: E402
 
@@ -111,8 +111,8 @@ def fine_tune_runs(config: StudyConfig) -> list[tuple[str, str, int]]:
     """(name, variant, seed) of each fine-tune, most needed first: a run cut by a time limit keeps dense, SLA and
     the dense seed spread before the two baselines."""
     dense = [(f"dense_seed{s}", "dense", s) for s in config.dense_seeds]
-    return [dense[0], ("sla", "sla", 0), *dense[1:], ("sparse_only", "sparse_only", 0),
-            ("linear_only", "linear_only", 0)]
+    baselines = [(name, name, 0) for name in BASELINES if name in config.baselines]
+    return [dense[0], ("sla", "sla", 0), *dense[1:], *baselines]
 
 
 def _check_resumable(meta: dict, config: StudyConfig, dit: DiTConfig) -> None:
@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-map", choices=("softmax", "elu", "relu"), help="phi of the linear branch")
     parser.add_argument("--teacher-weight", type=float,
                         help="distillation weight towards the dense pretrained model in the non-dense fine-tunes")
+    parser.add_argument("--dense-seeds", type=int, nargs="+", help="seeds of the dense fine-tunes (default 0 1)")
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES,
+                        help="baseline fine-tunes besides dense and SLA (default: sparse_only linear_only)")
     parser.add_argument("--autotune", action="store_true",
                         help="autotune the SLA kernels (compiles every launch setting: minutes; default: fixed)")
     args = parser.parse_args(argv)
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--resume-from is for --phase finetune, not --phase {args.phase}")
     overrides = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
                                    ("sparsity", args.sparsity), ("feature_map", args.feature_map),
-                                   ("teacher_weight", args.teacher_weight)) if v is not None}
+                                   ("teacher_weight", args.teacher_weight), ("dense_seeds", args.dense_seeds),
+                                   ("baselines", args.baselines)) if v is not None}
     if args.time_budget is not None:
         overrides["time_budget"] = args.time_budget or None
     try:

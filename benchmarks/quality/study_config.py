@@ -8,6 +8,9 @@ from sla_dist import SLAConfig
 from sla_dist.lightning.recipe import OptimSection
 from study_budget import Workload
 
+BASELINES = ("sparse_only", "linear_only")
+"""The fine-tunes at SLA's sparsity that SLA must beat."""
+
 @dataclass
 class StudyConfig:
     """Sizes and schedule of the study."""
@@ -43,6 +46,9 @@ class StudyConfig:
     attention_samples: int = 4
     """Held-out clips of the per-layer attention-error pass."""
     dense_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    """Which of the sparse-only and linear-only fine-tunes run besides dense and SLA (a follow-up run with more
+    steps per fine-tune may drop one)."""
     render_workers: int = 0
     """Processes rendering the synthetic clips (0: in this process)."""
     time_budget: float | None = None
@@ -64,6 +70,8 @@ class StudyConfig:
             raise ValueError(f"sparsity={self.sparsity} must lie in (0, 1)")
         if not self.dense_seeds:
             raise ValueError("dense_seeds=[] needs at least one seed")
+        if set(self.baselines) - set(BASELINES) or len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines={self.baselines}: choose distinct entries of {list(BASELINES)}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget={self.time_budget} must be positive seconds (or None)")
         if self.attention_samples > max(self.val_samples, self.fvd_videos):
