@@ -15,7 +15,9 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 import triton.testing as tt
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
 
@@ -35,6 +37,8 @@ def main() -> None:
     parser.add_argument("label", nargs="?", default="sla_dist")
     parser.add_argument("--compile", metavar="MODE", help="torch.compile mode, e.g. default or reduce-overhead")
     parser.add_argument("--graph", action="store_true", help="time the layer captured in CUDA graphs")
+    parser.add_argument("--dense", action="store_true",
+                        help="also time dense SDPA (cuDNN) on the same q, k, v: the baseline of the same run")
     args = parser.parse_args()
     label = args.label + (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
@@ -55,6 +59,14 @@ def main() -> None:
         fwd_bwd = tt.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
         print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
               f"{host_side_ms(step):.3f} ms")
+        if args.dense:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                with torch.no_grad():
+                    fwd = tt.do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100,
+                                      return_mode="median")
+                fwd_bwd = tt.do_bench(lambda: F.scaled_dot_product_attention(q, k, v).backward(g), warmup=25,
+                                      rep=100, grad_to_none=[q, k, v], return_mode="median")
+            print(f"{'cuDNN':8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  (dense SDPA)")
 
 
 if __name__ == "__main__":
