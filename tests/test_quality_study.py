@@ -61,8 +61,8 @@ def test_tiny_preset_cli(tmp_path, capsys):
 
 
 def test_gpu_preset_path_split_phases_at_tiny_size(tmp_path):
-    """The gpu preset's code (probe, budget plan, worker rendering) in two calls: pretrain, then fine-tune from the
-    shards it wrote, as two device calls would."""
+    """The gpu preset's code (probe, budget plan, worker rendering, compact checkpoint) in three calls: pretrain,
+    pretrain on from its shards, then fine-tune from the shards of the second, as three device calls would."""
     config = GPU_AT_TINY
     assert config.time_budget == 450 and config.render_workers > 0
     pre = qs.run(config, torch.device("cpu"), tmp_path / "pre", phase="pretrain", started=time.monotonic())
@@ -72,18 +72,30 @@ def test_gpu_preset_path_split_phases_at_tiny_size(tmp_path):
     shards = sorted((tmp_path / "pre").glob("pretrained-*-of-*.pt"))
     assert [p.name for p in shards] == ["pretrained-0-of-1.pt"]
 
-    fine = qs.run(config, torch.device("cpu"), tmp_path / "fine", phase="finetune", resume_from=tmp_path / "pre",
+    # a second pretrain call continues the first: planned from the budget too, the compact checkpoint's optimizer
+    # state loaded
+    more = qs.run(config, torch.device("cpu"), tmp_path / "more", phase="pretrain", resume_from=tmp_path / "pre",
+                  started=time.monotonic())
+    assert more["status"] == "pretrained" and more["schedule"]["predicted_s"]
+    steps = config.pretrain_steps
+    assert more["schedule"]["pretrain_steps"] == steps and more["pretrain"]["steps"] == 2 * steps
+    assert [(c["start"], c["steps"]) for c in more["pretrain"]["calls"]] == [(0, steps), (steps, steps)]
+    assert more["pretrain"]["val_curve"][:len(pre["pretrain"]["val_curve"])] == pre["pretrain"]["val_curve"]
+    assert sc.load_pretrained(tmp_path / "more").meta["optimizer_step"] == 2 * steps
+
+    fine = qs.run(config, torch.device("cpu"), tmp_path / "fine", phase="finetune", resume_from=tmp_path / "more",
                   started=time.monotonic())
     assert fine["status"] == "complete" and len(fine["variants"]) == 5
     assert set(fine["step_times"]) == set(qs.VARIANTS)
-    assert fine["pretrain"]["val_curve"] == pre["pretrain"]["val_curve"]
-    assert fine["schedule"]["pretrain_steps"] == config.pretrain_steps
+    assert fine["pretrain"] == more["pretrain"]
+    assert fine["schedule"]["pretrain_steps"] == 2 * steps
+    assert f"dense pretrain {2 * steps} AdamW steps" in (tmp_path / "fine" / "quality-study.md").read_text()
     assert all(len(fine["variants"][n]["attention_after"]) == 2 for n in ("sla", "sparse_only", "linear_only"))
     assert all((tmp_path / "fine" / name).is_file() for name in OUTPUTS)
     # the fine-tunes start from the saved bf16 weights: the dense start equals the pretrain's last evaluation of
     # those weights up to the rounding
     start = fine["variants"]["dense_seed0"]["val_curve"][0][1]
-    assert start == pytest.approx(pre["pretrain"]["val_curve"][-1][1], rel=1e-2)
+    assert start == pytest.approx(more["pretrain"]["val_curve"][-1][1], rel=1e-2)
 
 
 def test_resume_refuses_another_study(tmp_path):
@@ -98,7 +110,11 @@ def test_resume_refuses_another_study(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--phase", "finetune"], "--phase finetune needs --resume-from"),
-    (["--resume-from", "x"], "--resume-from is for --phase finetune"),
+    (["--resume-from", "x"], "--resume-from is for --phase pretrain or finetune, not --phase all"),
+    (["--proj-lr-scale", "0"], "proj_lr_scale=0.0 must be a positive finite number"),
+    (["--proj-lr-scale", "-2"], "proj_lr_scale=-2.0 must be a positive finite number"),
+    (["--proj-lr-scale", "nan"], "proj_lr_scale=nan must be a positive finite number"),
+    (["--proj-lr-scale", "inf"], "proj_lr_scale=inf must be a positive finite number"),
     (["--sparsity", "1.5"], "sparsity=1.5 must lie in"),
     (["--time-budget", "-3"], "time_budget=-3.0 must be positive"),
     (["--baselines", "sparse_only", "sparse_only"], "choose distinct entries"),
@@ -174,11 +190,19 @@ def test_checkpoint_shards_round_trip(tmp_path, monkeypatch):
     state = VideoDiT(dit_config("tiny")).state_dict()
     paths = sc.save_pretrained(tmp_path, state, {"pretrain": {"steps": 3}})
     assert len(paths) > 2 and all(p.stat().st_size < 60_000 + 20_000 for p in paths)  # + pickle framing
-    loaded, meta = sc.load_pretrained(tmp_path)
-    assert meta == {"pretrain": {"steps": 3}} and loaded.keys() == state.keys()
+    loaded = sc.load_pretrained(tmp_path)
+    assert loaded.meta == {"pretrain": {"steps": 3}} and loaded.state.keys() == state.keys()
+    assert loaded.optimizer == {}
     for name, tensor in state.items():
-        assert loaded[name].dtype == torch.float32
-        assert torch.equal(loaded[name], tensor.to(torch.bfloat16).float()), name
+        assert loaded.state[name].dtype == torch.float32
+        assert torch.equal(loaded.state[name], tensor.to(torch.bfloat16).float()), name
+    # exact: float32 weights and both moments as they were
+    moments = {name: (torch.randn_like(t), torch.rand_like(t)) for name, t in state.items()}
+    sc.save_pretrained(tmp_path, state, {}, moments, encoding="exact")
+    loaded = sc.load_pretrained(tmp_path)
+    assert all(torch.equal(loaded.state[n], t) for n, t in state.items())
+    assert loaded.optimizer.keys() == moments.keys()
+    assert all(torch.equal(loaded.optimizer[n][i], moments[n][i]) for n in moments for i in (0, 1))
     # a second save replaces the first set
     sc.save_pretrained(tmp_path, {"w": torch.ones(3)}, {})
     assert [p.name for p in tmp_path.glob("pretrained-*")] == ["pretrained-0-of-1.pt"]
@@ -246,3 +270,126 @@ def test_verdict_against_the_goal():
     assert v["sparse_only_worse"] is False  # 0.0005 above SLA, inside the dense seeds' 0.001 spread
     partial = verdict({"variants": {"dense_seed0": runs["dense_seed0"], "sla": runs["sla"]}})
     assert partial["goal_met"] is None and partial["fvd_within_dense_spread"] is None
+
+
+def _pretrain_cli(out: Path, steps: int, *resume: str) -> dict:
+    assert qs.main(["--preset", "tiny", "--cpu", "--phase", "pretrain", "--pretrain-steps", str(steps),
+                    "--out", str(out), *resume]) == 0
+    return json.loads((out / "quality-study.json").read_text())
+
+
+def test_resumed_pretrain_equals_one_run(tmp_path):
+    """2 pretrain steps, then 2 more resumed from the shards, end where 4 steps in one go end: the tiny preset keeps
+    float32 weights and both AdamW moments, and the data, noise and warm-up are keyed by the global step, so on
+    one CPU process the two runs do the same arithmetic and agree bit for bit."""
+    config = qs.PRESETS["tiny"]
+    assert config.checkpoint == "exact"
+    whole = _pretrain_cli(tmp_path / "whole", 4)
+    _pretrain_cli(tmp_path / "first", 2)
+    split = _pretrain_cli(tmp_path / "second", 2, "--resume-from", str(tmp_path / "first"))
+    p = split["pretrain"]
+    assert p["steps"] == 4 and [(c["start"], c["steps"]) for c in p["calls"]] == [(0, 2), (2, 2)]
+    assert [s for s, _ in p["val_curve"]] == [0, 2, 2, 4]
+    assert p["val_curve"][0] == whole["pretrain"]["val_curve"][0]
+    assert p["val_curve"][-1] == whole["pretrain"]["val_curve"][-1]
+    assert p["val_curve"][1][1] == p["val_curve"][2][1]  # exact weights: the resumed start is where call 1 ended
+    one, two = sc.load_pretrained(tmp_path / "whole"), sc.load_pretrained(tmp_path / "second")
+    assert one.meta["optimizer_step"] == two.meta["optimizer_step"] == 4
+    for name, tensor in one.state.items():
+        assert torch.equal(two.state[name], tensor), name
+    assert one.optimizer.keys() == two.optimizer.keys() and one.optimizer
+    for name, (avg, avg_sq) in one.optimizer.items():
+        assert torch.equal(two.optimizer[name][0], avg) and torch.equal(two.optimizer[name][1], avg_sq), name
+    report = (tmp_path / "second" / "quality-study.md").read_text()
+    assert "Pretraining (4 steps in 2 calls: steps 0-2" in report and "| resumed 2:" in report
+
+
+def test_resumed_pretrain_refuses_a_foreign_or_weights_only_checkpoint(tmp_path):
+    _pretrain_cli(tmp_path / "first", 1)
+    with pytest.raises(ValueError, match=r"pretrain_lr: checkpoint 0.0003, this run 0.001"):
+        qs.run(dataclasses.replace(qs.PRESETS["tiny"], pretrain_lr=1e-3), torch.device("cpu"), tmp_path / "out",
+               phase="pretrain", resume_from=tmp_path / "first")
+    with pytest.raises(ValueError, match=r"model.num_layers: checkpoint 2, this run 3"):
+        qs.run(dataclasses.replace(qs.PRESETS["tiny"], model_overrides={"num_layers": 3}), torch.device("cpu"),
+               tmp_path / "out", phase="pretrain", resume_from=tmp_path / "first")
+    # weights without optimizer state (a checkpoint written before resumable pretraining) still fine-tune, but
+    # cannot continue pretraining
+    state = VideoDiT(dit_config("tiny")).state_dict()
+    meta = {"config": dataclasses.asdict(qs.PRESETS["tiny"]), "model": dataclasses.asdict(dit_config("tiny")),
+            "pretrain": {"steps": 1}}
+    sc.save_pretrained(tmp_path / "old", state, meta)
+    with pytest.raises(ValueError, match=r"holds no optimizer state"):
+        qs.run(qs.PRESETS["tiny"], torch.device("cpu"), tmp_path / "out", phase="pretrain",
+               resume_from=tmp_path / "old")
+
+
+def test_compact_optimizer_state():
+    """The gpu preset's encoding: weights in bf16, sqrt of AdamW's second moment in float8 e4m3 with a float32
+    scale per row (6.25 % relative rounding at most in the normal range, tiny values rounded up, never to 0), the
+    first moment not stored (a resumed pretrain rebuilds it)."""
+    torch.manual_seed(0)
+    avg_sq = torch.rand(6, 40) ** 12 * 1e-4  # spans many decades
+    avg_sq[0, 0] = 0.0
+    avg_sq[1, :] = 0.0  # a row that never saw a gradient
+    stored = sc.encode_optimizer({"w": (torch.randn(6, 40), avg_sq)}, "compact")
+    assert all(t.dtype in (torch.float8_e4m3fn, torch.float32) for t in stored.values())
+    (avg, back), = sc.decode_optimizer(stored).values()
+    assert avg is None and back.shape == avg_sq.shape
+    root, root_back = avg_sq.sqrt(), back.sqrt()
+    step = root.amax(1, keepdim=True) / 448  # one unit of the row's float8 scale
+    normal = root >= step * 2**-6
+    assert normal.sum() > 100 and (root < step * 2**-9)[2:].sum() > 5  # both ranges are exercised
+    assert torch.all((root_back[normal] - root[normal]).abs() <= root[normal] / 16)
+    below = (root < step * 2**-9) & (step > 0)
+    assert torch.allclose(root_back[below], step.expand_as(root)[below] * 2**-9)  # rounded up, not to 0
+    assert torch.all(back[[0, 2, 3, 4, 5]] > 0) and torch.equal(back[1], torch.zeros(40))
+    exact = sc.decode_optimizer(sc.encode_optimizer({"w": (torch.ones(3), avg_sq[2, :3])}, "exact"))["w"]
+    assert torch.equal(exact[0], torch.ones(3)) and torch.equal(exact[1], avg_sq[2, :3])
+
+
+def test_gpu_preset_checkpoint_fits_a_device_transfer():
+    """A device call returns at most 8 files of 16 MiB, 64 MiB together (3 of them the report), and carries at
+    most 64 MiB of working tree: the gpu preset's resumable checkpoint must fit in 5 shards and ~60 MiB."""
+    config = qs.PRESETS["gpu"]
+    assert config.checkpoint == "compact"
+    model = VideoDiT(dit_config(config.model, **config.model_overrides))
+    params = dict(model.named_parameters())
+    tensors = sc.encoded(model.state_dict(), {n: (p, p.detach().abs() + 1e-3) for n, p in params.items()},
+                         config.checkpoint)
+    shards = sc.plan_shards(tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert len(shards) <= 5 and total < 60 * 2**20, (len(shards), total / 2**20)
+
+
+def test_projection_lr_scale_is_a_param_group():
+    config = dataclasses.replace(qs.PRESETS["tiny"], proj_lr_scale=20.0)
+    dit = dit_config("tiny")
+    for variant, suffix in (("sla", ".proj_l."), ("linear_only", ".core.proj.")):
+        module = qs.module_for(dit, variant, 0, None, config.finetune_lr, config, torch.device("cpu"))
+        trainer = qs.Trainer(module, None, config.finetune_lr, 0, config, proj_lr_scale=config.proj_lr_scale)
+        names = {p: n for n, p in module.model.named_parameters()}
+        base, proj = trainer.opt.param_groups
+        assert base["lr"] == config.finetune_lr and proj["lr"] == pytest.approx(20 * config.finetune_lr)
+        assert proj["params"] and all(suffix in names[p] for p in proj["params"])
+        assert not any(suffix in names[p] for p in base["params"])
+        assert len(base["params"]) + len(proj["params"]) == sum(1 for _ in module.model.parameters())
+    dense = qs.Trainer(qs.module_for(dit, "dense", 0, None, 1e-4, config, torch.device("cpu")), None, 1e-4, 0,
+                       config, proj_lr_scale=20.0)
+    assert len(dense.opt.param_groups) == 1  # nothing to scale
+
+
+def test_projection_lr_scale_is_recorded(tmp_path):
+    config = dataclasses.replace(qs.PRESETS["tiny"], proj_lr_scale=10.0, dense_seeds=[0], baselines=[])
+    results = qs.run(config, torch.device("cpu"), tmp_path, phase="all")
+    assert results["config"]["proj_lr_scale"] == 10.0
+    assert json.loads((tmp_path / "quality-study.json").read_text())["config"]["proj_lr_scale"] == 10.0
+    assert "proj_l / linear-only projection lr 0.001 (x10)" in (tmp_path / "quality-study.md").read_text()
+
+
+def test_help_shows_the_multi_call_workflow(capsys):
+    with pytest.raises(SystemExit) as exc:
+        qs.main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the options' help to the terminal
+    assert "--phase pretrain --resume-from .quality-ckpt" in out and "--phase finetune --resume-from" in out
+    assert "this many MORE steps" in out

@@ -57,9 +57,35 @@ fine-tune steps per variant (~140 s)**; about 420 s in all. The preset caps the 
 than estimated changes the step counts, not the wall time. Explicit ``--pretrain-steps`` / ``--finetune-steps`` are
 kept as given (the other count is planned); ``--time-budget 0`` runs the caps.
 
-Between calls: ``--phase pretrain`` writes the pretrained weights as bf16 shards of <= 15 MiB
-(``pretrained-<i>-of-<n>.pt``, 3 files for the gpu preset; ``--phase all`` writes them too) and ``--phase finetune
---resume-from DIR`` fine-tunes from them (``torch.load(weights_only=True)``).
+Between calls: ``--phase pretrain`` writes the pretrained state as shards of <= 15 MiB (``pretrained-<i>-of-<n>.pt``;
+``--phase all`` writes them too): the weights, AdamW's moments, the step count and the pretrain record
+(study_checkpoint.py; the gpu preset's ``compact`` encoding, bf16 weights and a float8 second moment, makes 4 shards,
+59 MiB, so that with the 3 report files they come back from one device call: at most 8 files, 64 MiB). ``--phase
+finetune --resume-from DIR`` fine-tunes the weights; ``--phase pretrain --resume-from DIR`` continues the pretraining
+where it stopped: weights, AdamW state, and the global step, on which the data order, the noise and the warm-up
+depend, so two calls of N steps do what one call of 2N does (bit for bit with the ``exact`` encoding of the tiny and
+cpu presets; with ``compact``, up to the bf16 rounding of the weights and the first moment restarting at zero, which
+it averages over ~10 steps). Its ``--pretrain-steps`` counts the steps of this call, on top of the checkpoint's; left
+out, the budget plans them from this call's probe as for a fresh pretrain (at most the preset's 1600 per call). The
+results and the report show the total and each call's steps and validation curve. Files are read with
+``torch.load(weights_only=True)``.
+
+A longer pretrain over several device calls (each call at most ~9 minutes; ``--time-budget 510`` fills one with
+~1600 dense steps at the 0.23 s/step measured on the H200). The device returns ``$OUT``; copy what came back into a
+folder of the checkout that git ignores (e.g. ``.quality-ckpt``, listed in ``.git/info/exclude``) and carry it to
+the next call:
+
+    # call 1: pretrain from scratch; carry back $OUT/ckpt as .quality-ckpt
+    python benchmarks/quality/quality_study.py --phase pretrain --time-budget 510 --out $OUT/ckpt
+    # call 2 (carry .quality-ckpt): ~1600 more steps; carry back $OUT/ckpt as .quality-ckpt2
+    python benchmarks/quality/quality_study.py --phase pretrain --resume-from .quality-ckpt --time-budget 510 \\
+        --out $OUT/ckpt
+    # call 3 (carry .quality-ckpt2): fine-tune dense, SLA and sparse-only 700 steps each (~450 s on the H200)
+    python benchmarks/quality/quality_study.py --phase finetune --resume-from .quality-ckpt2 --time-budget 0 \\
+        --finetune-steps 700 --dense-seeds 0 --baselines sparse_only --proj-lr-scale 10 --out $OUT/quality
+
+``--proj-lr-scale X`` trains SLA's proj_l (zero at the start) and linear-only's projection at X times the fine-tune
+lr (a second AdamW param group): at 1e-4 proj_l learned nothing measurable in 700 steps (2026-11-30 H200 run).
 """
 
 from __future__ import annotations
@@ -88,12 +114,13 @@ from sla_dist.lightning.recipe import OptimSection  # noqa: E402
 from sla_dist.models import DiTConfig, VideoDiT, dit_config  # noqa: E402
 from study_attention import candidate_errors, own_errors  # noqa: E402
 from study_budget import Clock, Schedule, default_schedule, plan_steps  # noqa: E402
-from study_checkpoint import load_pretrained, rounded, save_pretrained, widened  # noqa: E402
+from study_checkpoint import Checkpoint, decoded, load_pretrained, save_pretrained  # noqa: E402
 from study_config import BASELINES, PRESETS, StudyConfig  # noqa: E402
 from study_report import markdown_report, plot, verdict  # noqa: E402
 from study_train import VARIANTS, Data, Trainer, convert, fresh_core, fvd_scores, module_for, probe  # noqa: E402
 
-__all__ = ["PHASES", "PRESETS", "VARIANTS", "Study", "StudyConfig", "convert", "fresh_core", "main", "run"]
+__all__ = ["PHASES", "PRESETS", "VARIANTS", "Study", "StudyConfig", "Trainer", "convert", "fresh_core", "main",
+           "module_for", "pretrain_record", "run"]
 
 PHASES = ("all", "pretrain", "finetune")
 BLOCK = 64
@@ -115,11 +142,19 @@ def fine_tune_runs(config: StudyConfig) -> list[tuple[str, str, int]]:
     return [dense[0], ("sla", "sla", 0), *dense[1:], *baselines]
 
 
-def _check_resumable(meta: dict, config: StudyConfig, dit: DiTConfig) -> None:
-    """The checkpoint's model and data must be this run's: name every field that differs."""
+RESUME_FIELDS = ("frames", "size", "text_len", "train_samples", "val_samples", "fvd_videos")
+"""StudyConfig fields a checkpoint must share with the run that reads it: the data (and the model, compared too)."""
+PRETRAIN_FIELDS = ("batch_size", "pretrain_lr", "warmup_steps")
+"""And with a run that continues its pretraining: the batches (data order) and the lr schedule."""
+
+
+def _check_resumable(checkpoint: Checkpoint, config: StudyConfig, dit: DiTConfig, pretrain: bool) -> None:
+    """The checkpoint's model and data (and, to continue pretraining, its optimizer settings and state) must be this
+    run's: name every field that differs."""
+    meta = checkpoint.meta
     saved_config, saved_model = meta["config"], meta["model"]
     here = asdict(config)
-    fields = ("frames", "size", "text_len", "train_samples", "val_samples", "fvd_videos")
+    fields = RESUME_FIELDS + (PRETRAIN_FIELDS if pretrain else ())
     diffs = [f"{k}: checkpoint {saved_config[k]!r}, this run {here[k]!r}" for k in fields
              if saved_config[k] != here[k]]
     model = json.loads(json.dumps(asdict(dit)))  # tuples as lists, as the checkpoint stores them
@@ -127,6 +162,23 @@ def _check_resumable(meta: dict, config: StudyConfig, dit: DiTConfig) -> None:
               if json.loads(json.dumps(saved_model[k])) != model[k]]
     if diffs:
         raise ValueError("the pretrained checkpoint does not match this run: " + "; ".join(diffs))
+    if pretrain and not checkpoint.optimizer:
+        raise ValueError("the checkpoint holds no optimizer state (weights only, written before resumable "
+                         "pretraining): it can be fine-tuned (--phase finetune) but not pretrained further")
+
+
+def pretrain_record(previous: dict | None, info: dict) -> dict:
+    """The pretraining across calls: the total steps, every call's steps, speed and validation curve (a resumed call
+    starts with an evaluation of the weights as loaded) and the curves joined; train_s / eval_s / s_per_step are
+    this call's. ``previous``: the record of the checkpoint resumed from (None for a fresh pretrain)."""
+    call = {k: info[k] for k in ("start", "steps", "s_per_step", "train_s", "eval_s", "val_curve")}
+    calls = []
+    if previous is not None:
+        # a record written before resumable pretraining is one call from step 0
+        calls = previous.get("calls") or [{"start": 0, **{k: previous[k] for k in call if k != "start"}}]
+    calls.append(call)
+    return {"steps": info["start"] + info["steps"], "val_curve": [p for c in calls for p in c["val_curve"]],
+            "calls": calls, **{k: info[k] for k in ("s_per_step", "train_s", "eval_s")}}
 
 
 class Study:
@@ -163,11 +215,12 @@ class Study:
         c, timings = self.config, self.results["timings"]
         self.log(f"quality study, phase {self.phase}, on {self.device}: {self.results['tokens_per_clip']} tokens per "
                  f"clip ({self.results['key_blocks']} key blocks of {BLOCK}), sparsity {c.sparsity}")
-        state, meta = (None, None) if resume_from is None else load_pretrained(resume_from)
-        if meta is not None:
-            _check_resumable(meta, c, self.dit)
-            self.results["pretrain"] = meta["pretrain"]
-            self.log(f"loaded pretrained weights from {resume_from} ({meta['pretrain']['steps']} steps)")
+        checkpoint = None if resume_from is None else load_pretrained(resume_from)
+        if checkpoint is not None:
+            _check_resumable(checkpoint, c, self.dit, pretrain=self.phase != "finetune")
+            self.results["pretrain"] = checkpoint.meta["pretrain"]
+            self.log(f"loaded the pretrained checkpoint {resume_from} ({checkpoint.meta['pretrain']['steps']} steps"
+                     + (", with optimizer state)" if checkpoint.optimizer else ")"))
         self.data = Data(c, self.dit.in_channels, self.dit.text_dim, self.device)
         if self.device.type == "cuda":
             # asked only now: the render workers fork before this process touches CUDA
@@ -175,17 +228,18 @@ class Study:
         self.extractors = {"random": VideoFVD(RandomVideoFeatures().to(self.device), self.data.reference)}
         if self.i3d is not None:
             self.extractors["i3d"] = VideoFVD(I3DFeatures(self.i3d).to(self.device), self.data.reference)
-        init = state if state is not None else DiTModule(self.dit, seed=0).model.state_dict()
+        init = checkpoint.state if checkpoint is not None else DiTModule(self.dit, seed=0).model.state_dict()
         self.results["parameters"] = sum(v.numel() for v in init.values())
         timings["setup_s"] = self.clock.elapsed()
         self.log(f"data rendered on {self.results['device']}, {self.results['parameters'] / 1e6:.1f} M parameters")
 
         schedule = self._schedule(init)
-        if meta is not None:
-            schedule.pretrain_steps = meta["pretrain"]["steps"]
+        if self.phase == "finetune":
+            schedule.pretrain_steps = checkpoint.meta["pretrain"]["steps"]
+            state = checkpoint.state
         self.results["schedule"] = schedule.as_dict()
         if self.phase != "finetune":
-            state = self._pretrain(schedule)
+            state = self._pretrain(schedule, checkpoint)
             if self.phase == "pretrain":
                 return self._finish("pretrained")
         t0 = time.monotonic()
@@ -217,19 +271,29 @@ class Study:
                  f"{left:.0f} left" + (" -- OVER BUDGET (steps fixed on the command line)" if total > left else ""))
         return schedule
 
-    def _pretrain(self, schedule: Schedule) -> dict:
+    def _pretrain(self, schedule: Schedule, checkpoint: Checkpoint | None) -> dict:
+        """Pretrain ``schedule.pretrain_steps`` steps, from scratch or on from ``checkpoint``; save the weights and
+        AdamW's state; return the weights as a checkpoint loads them."""
         c = self.config
-        module = DiTModule(self.dit, OptimSection(lr=c.pretrain_lr), seed=0).to(self.device)
+        init = None if checkpoint is None else checkpoint.state
+        module = DiTModule(self.dit, OptimSection(lr=c.pretrain_lr), seed=0, init_state=init).to(self.device)
         trainer = Trainer(module, self.data, c.pretrain_lr, 0, c, warmup=c.warmup_steps)
-        info = trainer.run(schedule.pretrain_steps, schedule.pretrain_eval_every, self.clock, "pretrain")
+        start, previous = 0, None
+        if checkpoint is not None:
+            previous = checkpoint.meta["pretrain"]
+            start = previous["steps"]
+            trainer.load_moments(checkpoint.optimizer, checkpoint.meta["optimizer_step"])
+        info = trainer.run(schedule.pretrain_steps, schedule.pretrain_eval_every, self.clock, "pretrain", start)
         self.results["timings"]["pretrain_s"] = info["train_s"] + info["eval_s"]
-        self.results["pretrain"] = info
-        meta = {"config": asdict(c), "model": asdict(self.dit), "pretrain": info}
-        paths = save_pretrained(self.out, module.model.state_dict(), meta)
-        self.log(f"pretrained weights saved: {', '.join(p.name for p in paths)}")
+        self.results["pretrain"] = pretrain_record(previous, info)
+        meta = {"config": asdict(c), "model": asdict(self.dit), "pretrain": self.results["pretrain"],
+                "optimizer_step": start + info["steps"], "checkpoint": c.checkpoint}
+        paths = save_pretrained(self.out, module.model.state_dict(), meta, trainer.moments(), c.checkpoint)
+        self.log(f"pretrained checkpoint ({c.checkpoint}, {start + info['steps']} steps in all) saved: "
+                 f"{', '.join(p.name for p in paths)}")
         self._write()
         # every fine-tune starts from the weights as saved, so a split run fine-tunes the same model
-        return widened(rounded(module.model.state_dict()))
+        return decoded(module.model.state_dict(), c.checkpoint)
 
     def _attention_before(self, state: dict) -> None:
         c, dit = self.config, self.dit
@@ -246,7 +310,7 @@ class Study:
         c = self.config
         t0 = time.monotonic()
         module = module_for(self.dit, variant, seed, state, c.finetune_lr, c, self.device)
-        trainer = Trainer(module, self.data, c.finetune_lr, seed, c)
+        trainer = Trainer(module, self.data, c.finetune_lr, seed, c, proj_lr_scale=c.proj_lr_scale)
         info = trainer.run(schedule.finetune_steps, schedule.finetune_eval_every, self.clock, name)
         t1 = time.monotonic()
         scores = fvd_scores(module.model, self.data, c, self.extractors)
@@ -284,24 +348,36 @@ def run(config: StudyConfig, device: torch.device, out: Path, *, phase: str = "a
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    workflow = __doc__[__doc__.index("A longer pretrain over several device calls"):]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=workflow,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu",
                         help="sizes and schedule: gpu (default, one H200 in ~7.5 min), cpu (about an hour on 2 "
                              "cores), tiny (smoke test)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (SLA uses its PyTorch reference)")
     parser.add_argument("--phase", choices=PHASES, default="all",
-                        help="all (default); pretrain: pretrain and save the weights to --out; finetune: fine-tune "
-                             "the weights of --resume-from")
-    parser.add_argument("--resume-from", type=Path, help="folder holding a pretrain phase's pretrained-*.pt shards")
+                        help="all (default); pretrain: pretrain (from scratch, or on from --resume-from) and save "
+                             "the weights and optimizer state to --out; finetune: fine-tune the weights of "
+                             "--resume-from")
+    parser.add_argument("--resume-from", type=Path,
+                        help="folder holding a pretrain phase's pretrained-*.pt shards: --phase finetune fine-tunes "
+                             "its weights, --phase pretrain continues its pretraining (weights, AdamW state, step "
+                             "count: data order and lr schedule go on where it stopped)")
     parser.add_argument("--i3d", help="I3D TorchScript detector for the standard FVD")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"), help="output directory")
-    parser.add_argument("--pretrain-steps", type=int, help="fixed pretrain steps (not planned from the budget)")
+    parser.add_argument("--pretrain-steps", type=int,
+                        help="fixed pretrain steps of this call (not planned from the budget); with --phase pretrain "
+                             "--resume-from: this many MORE steps, on top of the checkpoint's (the results record "
+                             "the total). Without it the budget plans this call's steps, at most the preset's cap")
     parser.add_argument("--finetune-steps", type=int, help="fixed fine-tune steps (not planned from the budget)")
     parser.add_argument("--time-budget", type=float,
                         help="seconds from process start to fit the run in (plans the steps from measured step "
                              "times); 0 turns the preset's budget off (the gpu preset's caps, 1600 + 5 x 400 "
                              "steps, then take ~11 min by the docstring's estimate: more than one device call)")
     parser.add_argument("--sparsity", type=float, help="block sparsity of the SLA variants (default 0.95)")
+    parser.add_argument("--proj-lr-scale", type=float,
+                        help="fine-tune lr of SLA's proj_l and linear-only's projection, as a multiple of the "
+                             "fine-tune lr (default 1; a positive finite number)")
     parser.add_argument("--feature-map", choices=("softmax", "elu", "relu"), help="phi of the linear branch")
     parser.add_argument("--teacher-weight", type=float,
                         help="distillation weight towards the dense pretrained model in the non-dense fine-tunes")
@@ -313,10 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.phase == "finetune" and args.resume_from is None:
         parser.error("--phase finetune needs --resume-from (the folder of a pretrain phase's weights)")
-    if args.phase != "finetune" and args.resume_from is not None:
-        parser.error(f"--resume-from is for --phase finetune, not --phase {args.phase}")
+    if args.phase == "all" and args.resume_from is not None:
+        parser.error("--resume-from is for --phase pretrain or finetune, not --phase all")
     overrides = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
                                    ("sparsity", args.sparsity), ("feature_map", args.feature_map),
+                                   ("proj_lr_scale", args.proj_lr_scale),
                                    ("teacher_weight", args.teacher_weight), ("dense_seeds", args.dense_seeds),
                                    ("baselines", args.baselines)) if v is not None}
     if args.time_budget is not None:

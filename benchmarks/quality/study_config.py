@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from sla_dist import SLAConfig
 from sla_dist.lightning.recipe import OptimSection
 from study_budget import Workload
+from study_checkpoint import ENCODINGS
 
 BASELINES = ("sparse_only", "linear_only")
 """The fine-tunes at SLA's sparsity that SLA must beat."""
@@ -30,6 +32,9 @@ class StudyConfig:
     finetune_steps: int = 500
     pretrain_lr: float = 3e-4
     finetune_lr: float = 1e-4
+    proj_lr_scale: float = 1.0
+    """The fine-tune lr of SLA's proj_l and linear-only's output projection, as a multiple of ``finetune_lr``:
+    proj_l starts at zero and at 1e-4 learned nothing measurable in 700 steps (2026-11-30 H200 run)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up of pretraining."""
     eval_every: int = 100
@@ -51,6 +56,10 @@ class StudyConfig:
     steps per fine-tune may drop one)."""
     render_workers: int = 0
     """Processes rendering the synthetic clips (0: in this process)."""
+    checkpoint: str = "exact"
+    """Encoding of the pretrained checkpoint (study_checkpoint.py): 'exact' (float32 weights and AdamW moments: a
+    resumed pretrain continues bit for bit) or 'compact' (bf16 weights, float8 second moment: what fits a device
+    transfer at the gpu preset's size)."""
     time_budget: float | None = None
     """Seconds from process start the whole run should fit in: the steps are planned from measured step times
     (at most the ones above); None runs the steps above."""
@@ -72,6 +81,10 @@ class StudyConfig:
             raise ValueError("dense_seeds=[] needs at least one seed")
         if set(self.baselines) - set(BASELINES) or len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"baselines={self.baselines}: choose distinct entries of {list(BASELINES)}")
+        if not (math.isfinite(self.proj_lr_scale) and self.proj_lr_scale > 0):
+            raise ValueError(f"proj_lr_scale={self.proj_lr_scale} must be a positive finite number")
+        if self.checkpoint not in ENCODINGS:
+            raise ValueError(f"checkpoint={self.checkpoint!r} is not one of {ENCODINGS}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget={self.time_budget} must be positive seconds (or None)")
         if self.attention_samples > max(self.val_samples, self.fvd_videos):
@@ -90,7 +103,7 @@ PRESETS = {
     "gpu": StudyConfig(model_overrides=dict(dim=384, num_heads=6, num_layers=8, ffn_dim=1536), frames=16, size=48,
                        train_samples=1024, val_samples=32, fvd_videos=64, reference_videos=256, batch_size=8,
                        pretrain_steps=1600, finetune_steps=400, warmup_steps=50, eval_every=100, sample_steps=12,
-                       render_workers=8, time_budget=450.0),
+                       render_workers=8, checkpoint="compact", time_budget=450.0),
     # 2 CPU cores in about an hour: a 4-layer, 128-wide DiT on 1024-token clips (16 key blocks of 64, so 95% asks
     # for one critical block per query block: 93.75% realised sparsity).
     "cpu": StudyConfig(model_overrides=dict(dim=128, num_heads=2, num_layers=4, ffn_dim=512, text_dim=128),

@@ -104,6 +104,7 @@ def _attention_table(results: dict) -> list[str]:
 def markdown_report(results: dict, image: str) -> str:
     """The write-up: setup, results table, attention errors and the verdict (``image``: the figure's file name)."""
     c, m, s, v = results["config"], results["model"], results["schedule"], results["verdict"]
+    scale = c.get("proj_lr_scale", 1.0)
     t = results["timings"]
     lines = [f"# SLA quality study — {results['date']} ({results['device']})", ""]
     if results["status"] != "complete":
@@ -115,6 +116,8 @@ def markdown_report(results: dict, image: str) -> str:
     if s["predicted_s"]:
         planned = (f"planned from measured step times to fit a {results['budget_s']:.0f} s budget, "
                    + ("below the preset's caps" if s["scaled"] else "the preset's caps"))
+    pretrained = results.get("pretrain")
+    pretrain_steps = pretrained["steps"] if pretrained else s["pretrain_steps"]
     sla_before = (results.get("attention_before") or {}).get("sla", {})
     realised = _mean(sla_before["sparsity"]) if sla_before.get("sparsity") else None
     lines += [
@@ -130,9 +133,10 @@ def markdown_report(results: dict, image: str) -> str:
         f"({m['in_channels']} channels) = {results['tokens_per_clip']} tokens ({results['key_blocks']} key blocks "
         f"of 64); {c['train_samples']} train, {c['val_samples']} validation ({c['draws']} noise levels each), "
         f"{c['fvd_videos']} FVD and {c['reference_videos']} reference clips.",
-        f"- Schedule ({planned}): dense pretrain {s['pretrain_steps']} AdamW steps (lr {c['pretrain_lr']}, "
+        f"- Schedule ({planned}): dense pretrain {pretrain_steps} AdamW steps (lr {c['pretrain_lr']}, "
         f"warm-up {c['warmup_steps']}, batch {c['batch_size']}), then {s['finetune_steps']} fine-tune steps "
-        f"(lr {c['finetune_lr']}) per variant, identical batches and noise per seed.",
+        f"(lr {c['finetune_lr']}; proj_l / linear-only projection lr {c['finetune_lr'] * scale:.3g} (x{scale:g})) "
+        "per variant, identical batches and noise per seed.",
         f"- SLA: topk {1 - c['sparsity']:.3g} ({_fmt(realised, '.2%')} realised block sparsity), negligible 0, "
         f"{c['feature_map']} feature map, linear_scope marginal"
         + (f", teacher weight {c['teacher_weight']}" if c["teacher_weight"] else "")
@@ -142,10 +146,8 @@ def markdown_report(results: dict, image: str) -> str:
         f"clips, {c['sample_steps']} Euler steps.",
         "",
     ]
-    if results.get("pretrain"):
-        p = results["pretrain"]
-        curve = ", ".join(f"{step}: {loss:.4f}" for step, loss in p["val_curve"])
-        lines += [f"Pretraining ({p['steps']} steps, {p['s_per_step']:.3f} s/step): validation loss {curve}.", ""]
+    if pretrained:
+        lines += [_pretrain_line(pretrained), ""]
     runs = results["variants"]
     if runs:
         fvds = [k for k in next(iter(runs.values())) if k.startswith(FVD_PREFIX)]
@@ -173,6 +175,21 @@ def markdown_report(results: dict, image: str) -> str:
     if v.get("loss_within_1pct") is False or v.get("fvd_within_dense_spread") is False:
         lines += ["", "What the data points to:", ""] + [f"- {h}" for h in _hints(results, v)]
     return "\n".join(lines) + "\n"
+
+
+def _pretrain_line(p: dict) -> str:
+    """Total steps, each call's step range and speed, and the validation curve across calls."""
+    calls = p.get("calls") or [{"start": 0, **p}]  # a record written before resumable pretraining: one call
+
+    def curve(points: list) -> str:
+        return ", ".join(f"{step}: {loss:.4f}" for step, loss in points)
+
+    if len(calls) == 1:
+        return (f"Pretraining ({p['steps']} steps, {p['s_per_step']:.3f} s/step): validation loss "
+                f"{curve(calls[0]['val_curve'])}.")
+    ranges = ", ".join(f"steps {c['start']}-{c['start'] + c['steps']} at {c['s_per_step']:.3f} s/step" for c in calls)
+    joined = curve(calls[0]["val_curve"]) + "".join(f" | resumed {curve(c['val_curve'])}" for c in calls[1:])
+    return f"Pretraining ({p['steps']} steps in {len(calls)} calls: {ranges}): validation loss {joined}."
 
 
 def _verdict_lines(v: dict) -> list[str]:

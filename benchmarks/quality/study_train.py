@@ -22,6 +22,7 @@ from sla_dist.lightning.recipe import OptimSection
 from sla_dist.lightning.synthetic import SyntheticVideoDataset
 from sla_dist.models import DiTConfig, PatchConfig, VideoDiT, apply_sla
 from study_budget import Clock, StepTimes
+from study_checkpoint import Moments
 from study_config import StudyConfig
 from study_report import FVD_PREFIX
 
@@ -140,23 +141,62 @@ def module_for(dit: DiTConfig, variant: str, seed: int, state: dict | None, lr: 
     return module.to(device)
 
 
+def is_projection(name: str) -> bool:
+    """Whether parameter ``name`` of a VideoDiT belongs to SLA's proj_l or linear-only's output projection, the
+    layers conversion adds (``proj_lr_scale`` applies to them)."""
+    return ".self_attn.core.proj_l." in name or ".self_attn.core.proj." in name
+
+
 class Trainer:
-    """AdamW steps of DiTModule's flow-matching loss with optional linear warm-up, and a timestamped progress log."""
+    """AdamW steps of DiTModule's flow-matching loss with optional linear warm-up, and a timestamped progress log.
+
+    ``proj_lr_scale`` multiplies the lr of the projections of ``is_projection`` (a second AdamW param group, present
+    only when the model has such parameters). Steps are numbered globally: the data, the noise and the warm-up of
+    step ``i`` depend on ``i`` alone, so a run resumed at step ``start`` with ``load_moments`` continues one that
+    stopped there."""
 
     LOG_EVERY_S = 15.0
 
     def __init__(self, module: DiTModule, data: Data, lr: float, seed: int, config: StudyConfig,
-                 warmup: int = 0) -> None:
+                 warmup: int = 0, proj_lr_scale: float = 1.0) -> None:
         self.module, self.data, self.lr, self.seed, self.config, self.warmup = module, data, lr, seed, config, warmup
-        self.params = [p for p in module.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        named = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad]
+        rest, projections = ([(n, p) for n, p in named if is_projection(n) == proj] for proj in (False, True))
+        groups = [{"params": [p for _, p in rest], "lr": lr}]
+        if projections:
+            groups.append({"params": [p for _, p in projections], "lr": lr * proj_lr_scale})
+        # the order of the optimizer's state_dict indices: group by group
+        self.names = [n for n, _ in rest + projections]
+        self.params = [p for _, p in rest + projections]
+        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+        self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.device = self.params[0].device
         module.seed = seed
 
+    def moments(self) -> Moments:
+        """AdamW's (exp_avg, exp_avg_sq) per parameter name (parameters that never had a gradient have none)."""
+        return {n: (self.opt.state[p]["exp_avg"], self.opt.state[p]["exp_avg_sq"])
+                for n, p in zip(self.names, self.params) if p in self.opt.state}
+
+    def load_moments(self, moments: Moments, step: int) -> None:
+        """Continue from ``moments`` (``moments()`` of a run that took ``step`` optimizer steps; a first moment the
+        checkpoint did not store starts at zero)."""
+        shapes = {n: tuple(p.shape) for n, p in zip(self.names, self.params)}
+        wrong = [f"{n}: {tuple(m[1].shape)}" + (f" (parameter {shapes[n]})" if n in shapes else " (no such parameter)")
+                 for n, m in moments.items() if shapes.get(n) != tuple(m[1].shape)]
+        if wrong:
+            raise ValueError(f"the optimizer state does not fit this model: {'; '.join(wrong[:4])}")
+        index = {n: i for i, n in enumerate(self.names)}
+        state = self.opt.state_dict()
+        state["state"] = {index[n]: {"step": torch.tensor(float(step)), "exp_avg_sq": avg_sq,
+                                     "exp_avg": torch.zeros_like(avg_sq) if avg is None else avg}
+                          for n, (avg, avg_sq) in moments.items()}
+        self.opt.load_state_dict(state)
+
     def step(self, step: int) -> torch.Tensor:
         if self.warmup:
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr * min(1.0, (step + 1) / self.warmup)
+            for group, lr in zip(self.opt.param_groups, self.base_lrs):
+                group["lr"] = lr * min(1.0, (step + 1) / self.warmup)
         batch = self.data.batch(step, self.seed, self.config.batch_size)
         with _autocast(self.device):
             loss = self.module.losses(batch, self.module.step_generator(step))["loss"]
@@ -166,33 +206,33 @@ class Trainer:
         self.opt.step()
         return loss.detach()
 
-    def run(self, steps: int, eval_every: int, clock: Clock, label: str) -> dict:
-        """``steps`` steps with a validation pass at the start, every ``eval_every`` steps and at the end.
-        Returns {'val_curve', 'train_s' (without evaluations), 'eval_s', 's_per_step', 'steps'}."""
+    def run(self, steps: int, eval_every: int, clock: Clock, label: str, start: int = 0) -> dict:
+        """Steps ``start`` to ``start + steps`` with a validation pass at the start, every ``eval_every`` steps and
+        at the end. Returns {'val_curve' (global steps), 'train_s' (without evaluations), 'eval_s', 's_per_step',
+        'steps' (of this run), 'start'}."""
         evaluate = lambda: self.data.validation(self.config, self.module.model)  # noqa: E731
         t0 = time.monotonic()
-        curve = [(0, evaluate())]
+        curve = [(start, evaluate())]
         eval_s = time.monotonic() - t0
         running, count, last_log = torch.zeros((), device=self.device), 0, time.monotonic()
-        for step in range(steps):
-            running += self.step(step)
+        for done in range(1, steps + 1):
+            running += self.step(start + done - 1)
             count += 1
-            done = step + 1
             if done % eval_every == 0 or done == steps:
                 t_eval = time.monotonic()
-                curve.append((done, evaluate()))
+                curve.append((start + done, evaluate()))
                 eval_s += time.monotonic() - t_eval
             if time.monotonic() - last_log > self.LOG_EVERY_S or done == steps:
                 _sync(self.device)
                 spent = time.monotonic() - t0 - eval_s
-                clock.log(f"{label}: step {done}/{steps}, train loss {float(running) / count:.4f}, "
+                clock.log(f"{label}: step {start + done}/{start + steps}, train loss {float(running) / count:.4f}, "
                           f"val {curve[-1][1]:.4f} at step {curve[-1][0]}, {spent / done:.3f} s/step, "
                           f"{(steps - done) * spent / done:.0f} s to go")
                 running, count, last_log = torch.zeros((), device=self.device), 0, time.monotonic()
         _sync(self.device)
         train_s = time.monotonic() - t0 - eval_s
         return {"val_curve": curve, "train_s": train_s, "eval_s": eval_s, "s_per_step": train_s / max(1, steps),
-                "steps": steps}
+                "steps": steps, "start": start}
 
 
 def probe(dit: DiTConfig, state: dict, variants: list[str], data: Data, config: StudyConfig,
@@ -206,7 +246,7 @@ def probe(dit: DiTConfig, state: dict, variants: list[str], data: Data, config: 
     for variant in variants:
         t0 = time.monotonic()
         module = module_for(dit, variant, 0, state, config.finetune_lr, config, device)
-        trainer = Trainer(module, data, config.finetune_lr, 0, config)
+        trainer = Trainer(module, data, config.finetune_lr, 0, config, proj_lr_scale=config.proj_lr_scale)
         forward = lambda: module.model(latents[:n], torch.full((n,), 500.0, device=device), text[:n])  # noqa: E731
         trainer.step(0)
         with torch.no_grad(), _autocast(device):
