@@ -13,8 +13,8 @@ Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online soft
 listed key block per step.
 Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j = colsum phi(K_j) [D] are built by
 ``_linear_summaries_kernel`` into one [D * D + D] row per key block; the launcher sums the rows over each query
-block's marginal blocks (one 0/1 matrix product, see op.py) into H_i, Z_i, and the forward kernel finishes with O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the
-denominator is 0. Addressing helpers live in tiles.py.
+block's marginal blocks (one 0/1 matrix product, see op.py) into H_i, Z_i, and the forward kernel finishes with
+O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the denominator is 0. Addressing helpers live in tiles.py.
 """
 
 import triton
