@@ -35,8 +35,9 @@ def host_side_ms(step, n: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("label", nargs="?", default="sla_dist")
-    parser.add_argument("--compile", metavar="MODE", help="torch.compile mode, e.g. default or reduce-overhead")
-    parser.add_argument("--graph", action="store_true", help="time the layer captured in CUDA graphs")
+    capture = parser.add_mutually_exclusive_group()
+    capture.add_argument("--compile", metavar="MODE", help="torch.compile mode, e.g. default or reduce-overhead")
+    capture.add_argument("--graph", action="store_true", help="time the layer captured in CUDA graphs")
     parser.add_argument("--dense", action="store_true",
                         help="also time dense SDPA (cuDNN) on the same q, k, v: the baseline of the same run")
     args = parser.parse_args()
