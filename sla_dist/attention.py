@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .config import SLAConfig
 from .kernels.block_map import BlockMap, predict_block_map
-from .kernels.op import check_inputs, sla_branches
+from .kernels.op import check_inputs, sla_branches, sparse_linear_attention
 from .kernels.reference import sla_branches_ref
 
 
@@ -79,15 +79,10 @@ class SparseLinearAttention(nn.Module):
             return torch.bfloat16 if self.use_bf16 else torch.float16
         return q.dtype
 
-    def branches(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, BlockMap]:
-        """(o_s, o_l, lse, block_map) before projection, for callers that merge attention parts by LSE.
-
-        q [B, H, Lq, D], k, v [B, H, Lk, D]; o_s, o_l [B, H, Lq, D] in the run dtype (float32 inputs on CUDA run in
-        bfloat16 / float16, see ``use_bf16``), o_l None for linear_scope 'none', lse [B, H, Lq] float32."""
-        kernel = self.uses_kernels(q.device)
-        check_inputs(q, k, v, kernel=kernel)
+    def _prepare(self, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BlockMap]:
+        """q, k, v checked and cast to the run dtype, and their block map."""
+        check_inputs(q, k, v, kernel=self.uses_kernels(q.device))
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]} but this layer was built with head_dim={self.head_dim}")
         dtype = self.run_dtype(q)
@@ -95,9 +90,34 @@ class SparseLinearAttention(nn.Module):
         c = self.config
         block_map = predict_block_map(q, k, topk=c.topk, negligible=c.negligible, block_q=c.block_q,
                                       block_k=c.block_k)
-        branches = sla_branches if kernel else sla_branches_ref
+        return q, k, v, block_map
+
+    def branches(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, BlockMap]:
+        """(o_s, o_l, lse, block_map) before projection, for callers that merge attention parts by LSE.
+
+        q [B, H, Lq, D], k, v [B, H, Lk, D]; o_s, o_l [B, H, Lq, D] in the run dtype (float32 inputs on CUDA run in
+        bfloat16 / float16, see ``use_bf16``), o_l None for linear_scope 'none', lse [B, H, Lq] float32."""
+        branches = sla_branches if self.uses_kernels(q.device) else sla_branches_ref
+        q, k, v, block_map = self._prepare(q, k, v)
+        c = self.config
         o_s, o_l, lse = branches(q, k, v, block_map, feature_map=c.feature_map, linear_scope=c.linear_scope)
         return o_s, o_l, lse, block_map
+
+    def fuses_projection(self, device: torch.device) -> bool:
+        """Whether ``forward`` applies proj_l inside the Triton forward kernel (no separate GEMM and add): when the
+        kernels run, the linear branch is on, and proj_l is a plain ``nn.Linear`` that nothing expects to be called.
+
+        Anything that hooks proj_l's forward or replaces the module (an adapter) keeps the unfused path, which calls
+        proj_l as a module. ZeRO-3 is one: it partitions parameters and gathers a module's own ones only around that
+        module's forward (hooks), so proj_l's weight is whole while proj_l is called (``project``) and an empty
+        partition (with a ``ds_id``) when this layer reads it directly. Gathering it with this layer instead
+        (``deepspeed.zero.register_external_parameter``) would let ZeRO-3 fuse too, once checked on GPUs."""
+        proj = self.proj_l
+        plain = (type(proj) is nn.Linear and not hasattr(proj.weight, "ds_id") and not proj._forward_pre_hooks
+                 and not proj._forward_hooks)
+        return plain and self.uses_kernels(device) and self.config.linear_scope != "none"
 
     def project(self, o_l: torch.Tensor) -> torch.Tensor:
         """proj_l(O_l) in O_l's dtype. proj_l is called as a module (not through its weight) so that wrappers that
@@ -116,9 +136,15 @@ class SparseLinearAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
         """q, k, v: [B, H, L, D] -> [B, H, L, D] (and the realised block sparsity if ``return_sparsity``)."""
-        out, o_l, _, block_map = self.branches(q, k, v)
-        if o_l is not None:
-            out = out + self.project(o_l)
+        if self.fuses_projection(q.device):
+            c = self.config
+            q_run, k_run, v_run, block_map = self._prepare(q, k, v)
+            out = sparse_linear_attention(q_run, k_run, v_run, block_map, self.proj_l.weight, self.proj_l.bias,
+                                          feature_map=c.feature_map, linear_scope=c.linear_scope)
+        else:
+            out, o_l, _, block_map = self.branches(q, k, v)
+            if o_l is not None:
+                out = out + self.project(o_l)
         out = out.to(q.dtype)
         if return_sparsity:
             return out, 1.0 - block_map.critical_fraction()

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sla_dist import SLAConfig, SparseLinearAttention
+from sla_dist.attention import relative_l1
 from tests.utils import DEVICE, HAS_CUDA
 
 # On CUDA, float32 inputs run the kernels in bfloat16 (use_bf16=True); on CPU both backends compute in float32.
@@ -48,6 +49,50 @@ def test_gradients_reach_proj_l():
     m(q, k, v).square().sum().backward()
     assert m.proj_l.weight.grad.abs().sum() > 0 and m.proj_l.bias.grad.abs().sum() > 0
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def _layer_grads(m, q, k, v):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    m.zero_grad()
+    out = m(*leaves)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out))
+    return [out.detach()] + [t.grad for t in leaves] + [m.proj_l.weight.grad, m.proj_l.bias.grad]
+
+
+def test_kernels_apply_proj_l_in_the_forward_kernel(monkeypatch):
+    """With the kernels, the layer projects O_l inside the forward kernel (``project`` is not called) and gives the
+    output and q, k, v, proj_l gradients of the unfused path (separate proj_l call), to rounding."""
+    torch.manual_seed(131)
+    q, k, v = _qkv(L=131)
+    m = SparseLinearAttention(64, topk=0.3, feature_map="relu", backend="triton").to(DEVICE)
+    torch.nn.init.normal_(m.proj_l.weight, std=0.1)
+    torch.nn.init.normal_(m.proj_l.bias, std=0.1)
+    assert m.fuses_projection(q.device)
+    with monkeypatch.context() as patch:
+        patch.setattr(SparseLinearAttention, "project", None)
+        fused = _layer_grads(m, q, k, v)
+    monkeypatch.setattr(SparseLinearAttention, "fuses_projection", lambda self, device: False)
+    unfused = _layer_grads(m, q, k, v)
+    tol = 1e-2 if HAS_CUDA else 1e-5  # on CUDA both run in bfloat16, the fused path rounding O_l W^T + b once less
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dW", "db"), fused, unfused):
+        assert relative_l1(a, b) < tol, (name, relative_l1(a, b))
+
+
+def test_hooked_or_partitioned_proj_l_is_called_as_a_module():
+    """proj_l stays a module call where something relies on it: a forward hook (ZeRO-3 gathers partitioned
+    parameters in such hooks), a ZeRO-3 parameter (``ds_id``), and of course without kernels or linear branch."""
+    m = SparseLinearAttention(64, topk=0.3, backend="triton").to(DEVICE)
+    assert m.fuses_projection(DEVICE)
+    calls = []
+    handle = m.proj_l.register_forward_hook(lambda *args: calls.append(args[1][0].shape))
+    assert not m.fuses_projection(DEVICE)
+    m(*_qkv(L=100))
+    assert calls == [(1, 2, 100, 64)]
+    handle.remove()
+    m.proj_l.weight.ds_id = 0  # what ZeRO-3 sets on the parameters it partitions
+    assert not m.fuses_projection(DEVICE)
+    assert not SparseLinearAttention(64, linear_scope="none", backend="triton").fuses_projection(DEVICE)
+    assert not SparseLinearAttention(64, backend="reference").fuses_projection(DEVICE)
 
 
 @pytest.mark.parametrize(

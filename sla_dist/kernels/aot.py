@@ -32,10 +32,11 @@ from .op import dot_precision, summary_dtype
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 # Pointer arguments by role: "x" the input dtype, "sum" the linear-branch summaries h, z and their sums and gradients
-# (op.summary_dtype, as on a GPU), "f32" / "f64" / "i32" / "i8" fixed. Other non-constexpr arguments are
-# int32 scalars, except the float scales.
+# (op.summary_dtype, as on a GPU), "proj" proj_l's weight and bias (Variant.proj_dtype), "f32" / "f64" / "i32" / "i8"
+# fixed. Other non-constexpr arguments are int32 scalars, except the float scales.
 _POINTERS = {
-    "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", KV_NUM="i32", KV_IDX="i32", HL="sum", ZL="sum"),
+    "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", OUT="x", W="proj", B="proj", KV_NUM="i32",
+                KV_IDX="i32", HL="sum", ZL="sum"),
     "summaries": dict(K="x", V="x", HZ="sum"),
     "block_sums": dict(X="x", SUMS="f64"),
     "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
@@ -60,6 +61,10 @@ class Variant:
     block_k: int = 64
     feature_map: str = "softmax"
     has_linear: bool = True
+    has_proj: bool = True
+    """The forward applies proj_l in its epilogue (with a bias), as the layer's forward does."""
+    proj_dtype: str = "float32"
+    """proj_l's stored dtype: float32 master weights under autocast."""
     num_warps: int | None = None
     """None: the kernel's fixed (non-autotuned) setting."""
     num_stages: int | None = None
@@ -71,6 +76,8 @@ class Variant:
             raise ValueError(f"kernel={self.kernel!r}; choose one of {sorted(_KERNELS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.proj_dtype not in DTYPES:
+            raise ValueError(f"proj_dtype={self.proj_dtype!r}; choose one of {sorted(DTYPES)}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r}; choose one of {FEATURE_MAPS}")
         known = {name for name, _ in _KERNELS[self.kernel].choices}
@@ -81,6 +88,7 @@ class Variant:
     def constexprs(self) -> dict:
         values = dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k,
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
+                      HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
@@ -107,7 +115,8 @@ class Compiled:
 
 def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
     summaries = str(summary_dtype(getattr(torch, variant.dtype), interpreting=False)).removeprefix("torch.")
-    roles = dict(x=DTYPES[variant.dtype], sum=DTYPES[summaries], f32="fp32", f64="fp64", i32="i32", i8="i8")
+    roles = dict(x=DTYPES[variant.dtype], sum=DTYPES[summaries], proj=DTYPES[variant.proj_dtype], f32="fp32",
+                 f64="fp64", i32="i32", i8="i8")
     pointers = _POINTERS[variant.kernel]
     names = fn.arg_names
     constexprs = {name: value for name, value in variant.constexprs().items() if name in names}
@@ -170,7 +179,8 @@ def check_variants() -> list[Variant]:
         for choice, options in tuning.choices:
             variants += [Variant(name, choices={choice: option}) for option in options[1:]]
         variants.append(Variant(name, dtype="float16", D=64, block_q=64, feature_map="elu", has_linear=False))
-        variants.append(Variant(name, dtype="float32", D=32, block_q=64, feature_map="relu"))
+        # The linear branch without the projection: sla_branches' forward.
+        variants.append(Variant(name, dtype="float32", D=32, block_q=64, feature_map="relu", has_proj=False))
     return variants
 
 

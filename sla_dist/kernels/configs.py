@@ -51,7 +51,8 @@ _CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
 # forward and dQ lost everywhere (by 10-25 %), so those loops take one block per step; every candidate compiles on a
 # layer shape's first call, so the list is kept short (the full search of 60 took 164 s).
 _KERNELS = {
-    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY, (4, 8), (2, 3, 4), fixed=(8, 3)),
+    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY + ("HAS_PROJ", "HAS_BIAS"), (4, 8), (2, 3, 4),
+                   fixed=(8, 3)),
     "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4,), (1,),
                          fixed=(4, 1)),
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),

@@ -15,6 +15,11 @@ Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j =
 ``_linear_summaries_kernel`` into one [D * D + D] row per key block; the launcher sums the rows over each query
 block's marginal blocks (one 0/1 matrix product, see op.py) into H_i, Z_i, and the forward kernel finishes with
 O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the denominator is 0. Addressing helpers live in tiles.py.
+
+Projection (HAS_PROJ): the layer's output O_s + O_l W^T + b (proj_l, a [D, D] Linear shared by all heads) is made in
+the epilogue as one more tile product accumulated onto O_s, so no separate GEMM and add read O_l and O_s back. W and b
+are read in their stored dtype (the float32 master weights under autocast) and rounded like O_l, to the inputs'
+dtype, for the product; the sum is rounded once, on the store. O_s and O_l are still stored: the backward needs them.
 """
 
 import triton
@@ -27,6 +32,7 @@ from .tiles import block_item, head_offset, listed_rows, row_tile, square
 @triton.jit
 def _sla_fwd_kernel(
     Q, K, V, O, OL, LSE,                     # q/o/ol [B, H, LQ, D], k/v [B, H, LK, D], lse [BH, LQ] float32
+    OUT, W, B,                               # out [B, H, LQ, D] (q strides), proj_l's W [D, D] and b [D] (HAS_PROJ)
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
     HL, ZL,                                  # H_i [BH, Nq or 1, D, D], Z_i [BH, Nq or 1, D] (float32 or bf16)
     stride_qb, stride_qh, stride_ql,         # strides of q/o/ol in elements
@@ -35,6 +41,7 @@ def _sla_fwd_kernel(
     H, LQ, LK, NQ, KV_WIDTH, qk_scale,       # qk_scale = log2(e) / sqrt(D)
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -79,8 +86,16 @@ def _sla_fwd_kernel(
         num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
         den = tl.sum(fq * zl[None, :], axis=1)
         o_l = num / tl.where(den != 0, den, 1.0)[:, None]
-        o_l = tl.where((den != 0)[:, None], o_l, 0.0)
-        tl.store(OL + tile, o_l.to(OL.dtype.element_ty), mask=row_ok[:, None])
+        o_l = tl.where((den != 0)[:, None], o_l, 0.0).to(OL.dtype.element_ty)
+        tl.store(OL + tile, o_l, mask=row_ok[:, None])
+        if HAS_PROJ:
+            # W^T is read as a transposed tile (W_T[e, d] = W[d, e]) and O_s is the product's accumulator: no second
+            # [BLOCK_Q, D] float32 tile is live beside it.
+            if HAS_BIAS:
+                o += tl.load(B + offs_d).to(tl.float32)[None, :]
+            w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None]).to(o_l.dtype)
+            o = tl.dot(o_l, w_t, acc=o, input_precision=PRECISION)
+            tl.store(OUT + tile, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit

@@ -1,9 +1,11 @@
 """SLA as a PyTorch operator: ``torch.library`` custom ops -> autograd -> one thin public function.
 
-The custom ops (``sla_dist::sla_forward`` / ``sla_dist::sla_backward``) have fake implementations, so
-``torch.compile`` traces through them without running a kernel. Eager calls run the same implementations under one
-``autograd.Function`` (``_EagerSLA``), which skips torch.library's per-call dispatch (host time). Block-map
-prediction stays outside the op in plain PyTorch: it is not differentiable and a compiler may fuse it.
+The custom ops (``sla_dist::sla_forward`` / ``sla_dist::sla_backward``, and ``sla_dist::sla_projected_forward``,
+which also applies the linear branch's projection proj_l in the forward kernel's epilogue) have fake
+implementations, so ``torch.compile`` traces through them without running a kernel. Eager calls run the same
+implementations under one ``autograd.Function`` (``_EagerSLA``), which skips torch.library's per-call dispatch (host
+time). Block-map prediction stays outside the op in plain PyTorch: it is not differentiable and a compiler may fuse
+it.
 
 The Triton kernel modules are imported on first launch, not here: ``triton.jit`` picks compiled or interpreted mode
 when a kernel is defined, so ``TRITON_INTERPRET=1`` only has to be set before the first call.
@@ -166,16 +168,21 @@ def _block_strides(x: torch.Tensor) -> tuple[int, int]:
     return x.stride(0), (0 if x.shape[1] == 1 else x.stride(1))
 
 
-def _sla_forward_impl(
+def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """(O_s, O_l, lse): sparse-branch output, unprojected linear-branch output (zeros for scope 'none') and the
-    sparse branch's base-2 log-sum-exp [B, H, Lq] float32."""
+    sparse branch's base-2 log-sum-exp [B, H, Lq] float32; with ``proj_weight`` (scope not 'none') preceded by the
+    layer output O_s + O_l W^T + b, made in the forward kernel's epilogue."""
     (q,) = _kernel_layout(q)
     k, v = _kernel_layout(k, v)
     has_linear = linear_scope != "none"
+    has_proj = proj_weight is not None
+    if has_proj and not has_linear:
+        raise ValueError("linear_scope='none' has no linear branch for proj_weight to project")
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
     o = _like(q)
     o_l = _like(q) if has_linear else torch.zeros_like(q)
@@ -184,21 +191,54 @@ def _sla_forward_impl(
         hl, zl = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
     else:  # never read: HAS_LINEAR=False compiles the branch away
         hl = zl = lse.view(p.bh, 1, -1)
+    # Never read without HAS_PROJ / HAS_BIAS: o stands in for the missing tensors.
+    out = _like(q) if has_proj else o
+    weight = proj_weight.contiguous() if has_proj else o
+    bias = proj_bias.contiguous() if proj_bias is not None and has_proj else o
     get_kernel("fwd")[(p.nq, p.bh)](
-        q, k, v, o, o_l, lse, kv_num_blocks, kv_indices, hl, zl,
+        q, k, v, o, o_l, lse, out, weight, bias, kv_num_blocks, kv_indices, hl, zl,
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
-        **p.meta(),
+        **p.meta(), HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
     )
-    return o, o_l, lse
+    return (out, o, o_l, lse) if has_proj else (o, o_l, lse)
+
+
+def _sla_forward_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_s, O_l, lse) of :func:`_forward`."""
+    return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope)
+
+
+def _sla_projected_forward_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_s + O_l W^T + b, O_s, O_l, lse) of :func:`_forward`; linear_scope is not 'none'."""
+    return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
+                    proj_weight, proj_bias)
 
 
 sla_forward = torch.library.custom_op("sla_dist::sla_forward", mutates_args=())(_sla_forward_impl)
+sla_projected_forward = torch.library.custom_op("sla_dist::sla_projected_forward",
+                                                mutates_args=())(_sla_projected_forward_impl)
 
 
 @sla_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope):
     return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@sla_projected_forward.register_fake
+def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, proj_weight,
+      proj_bias):
+    return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3],
+                                                                                     dtype=torch.float32)
 
 
 def _sla_backward_impl(
@@ -259,23 +299,55 @@ def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, bl
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope = inputs
-    o, _, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices)
+    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, *proj = inputs
+    o, o_l, lse = output[-3:]
+    # The projected op also keeps O_l (dW = sum dOut^T O_l) and W (dO_l = dOut W); of the bias only its dtype.
+    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *((o_l, proj[0]) if proj else ()))
     ctx.static = (block_q, block_k, feature_map, linear_scope)
+    ctx.bias_dtype = proj[1].dtype if proj and proj[1] is not None else None
 
 
-def _gradients(backward, ctx, do, dol, dlse):
-    """(dq, dk, dv, None x 7) through ``backward`` (the custom op or its implementation); None: a zero gradient."""
-    q, k, v, o, lse, block_class, kv_num_blocks, kv_indices = ctx.saved_tensors
+def _memory_order(x: torch.Tensor) -> tuple[int, ...]:
+    """x's dimensions, outermost in memory first and the last one kept last: x.permute(order) is row-major when x
+    is any permutation of a dense layout (e.g. a [B, L, H, D] tensor viewed as [B, H, L, D])."""
+    return (*sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)), x.dim() - 1)
+
+
+def _projection_backward(dout, do, dol, o_l, weight, bias_dtype):
+    """out = O_s + O_l W^T + b: (dO_s, dO_l, (dW, db)) with dOut added to ``do`` and dOut W to ``dol`` (None: zero).
+
+    The products run over rows in O_l's memory order, so that no operand is copied into a contiguous layout and
+    dO_l comes back with O_l's strides (those the backward kernels index with)."""
+    if dout is None:
+        return do, dol, (None, None)
+    order = _memory_order(o_l)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    rows = dout.permute(order)
+    dol_proj = (rows @ weight.to(dout.dtype)).permute(inverse)
+    rows, o_l_rows = rows.flatten(0, -2), o_l.permute(order).flatten(0, -2)
+    dw = (rows.mT @ o_l_rows).to(weight.dtype)
+    db = None if bias_dtype is None else rows.sum(0, dtype=torch.float32).to(bias_dtype)
+    return (dout if do is None else do + dout), (dol_proj if dol is None else dol + dol_proj), (dw, db)
+
+
+def _gradients(backward, ctx, *grads):
+    """Gradients of the forward's inputs through ``backward`` (the custom op or its implementation) from those of
+    its outputs, None standing for a zero gradient: (dq, dk, dv, None x 7) from (dO_s, dO_l, dlse), and for the
+    projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse)."""
+    q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *proj = ctx.saved_tensors
+    do, dol, dlse = grads[-3:]
+    dproj = ()
+    if proj:
+        do, dol, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, *dproj
 
 
-torch.library.register_autograd("sla_dist::sla_forward", functools.partial(_gradients, sla_backward),
-                                setup_context=_setup_context)
+for _op in ("sla_forward", "sla_projected_forward"):
+    torch.library.register_autograd(f"sla_dist::{_op}", functools.partial(_gradients, sla_backward),
+                                    setup_context=_setup_context)
 
 
 class _EagerSLA(torch.autograd.Function):
@@ -287,14 +359,14 @@ class _EagerSLA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _sla_forward_impl(*inputs)
+        output = _forward(*inputs)
         ctx.set_materialize_grads(False)  # unused outputs' gradients stay None, as through the custom op
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
-    def backward(ctx, do, dol, dlse):
-        return _gradients(_sla_backward_impl, ctx, do, dol, dlse)
+    def backward(ctx, *grads):
+        return _gradients(_sla_backward_impl, ctx, *grads)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: bool) -> None:
@@ -349,14 +421,7 @@ def sla_branches(
         lse [B, H, Lq] float32: natural-log log-sum-exp of the sparse branch's scaled scores. All three are
         differentiable, so two partial attentions merge exactly as (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2).
     """
-    check_inputs(q, k, v, kernel=True)
-    validate_branch_options(feature_map, linear_scope)
-    check_block_map(q, k, block_map, kernel=True)
-    # The kernels index the lists as dense [B * H, Nq(, W)] arrays; a no-op for maps built by block_map.py.
-    forward = sla_forward if torch.compiler.is_compiling() else _EagerSLA.apply
-    o, o_l, lse2 = forward(q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(),
-                           block_map.kv_indices.contiguous(), block_map.block_q, block_map.block_k, feature_map,
-                           linear_scope)
+    o, o_l, lse2 = _apply(sla_forward, q, k, v, block_map, feature_map, linear_scope)
     return o, (o_l if linear_scope != "none" else None), lse2 * math.log(2.0)
 
 
@@ -382,6 +447,39 @@ def sparse_linear_attention(
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
 
     Returns:
-        [B, H, Lq, D] in q's dtype: O_s + proj_l(O_l).
+        [B, H, Lq, D] in q's dtype: O_s + proj_l(O_l), the projection made in the forward kernel (O_l W^T + b is
+        rounded once, with the sum).
     """
-    return project_branches(sla_branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
+    validate_branch_options(feature_map, linear_scope)
+    if proj_weight is None or linear_scope == "none":
+        return project_branches(sla_branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
+    return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias)[0]
+
+
+def _apply(op, q, k, v, block_map, feature_map, linear_scope, *proj) -> tuple[torch.Tensor, ...]:
+    """``op``'s outputs after the input checks: the custom op under torch.compile, its implementation under
+    ``_EagerSLA`` in eager mode."""
+    check_inputs(q, k, v, kernel=True)
+    validate_branch_options(feature_map, linear_scope)
+    check_block_map(q, k, block_map, kernel=True)
+    if proj:
+        check_projection(q, *proj)
+    forward = op if torch.compiler.is_compiling() else _EagerSLA.apply
+    # The kernels index the lists as dense [B * H, Nq(, W)] arrays; a no-op for maps built by block_map.py.
+    return forward(q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(),
+                   block_map.kv_indices.contiguous(), block_map.block_q, block_map.block_k, feature_map, linear_scope,
+                   *proj)
+
+
+def check_projection(q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ValueError naming the offending value unless proj_l's weight [D, D] and bias [D] fit q [B, H, L, D]."""
+    D = q.shape[-1]
+    for name, t, shape in (("proj_weight", weight, (D, D)), ("proj_bias", bias, (D,))):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)} for head dim {D}; got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} has dtype {t.dtype}; it must be floating point")

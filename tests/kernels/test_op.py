@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, BlockMap, build_block_map, predict_block_map
-from sla_dist.kernels.op import sla_branches, sla_forward, sparse_linear_attention
+from sla_dist.kernels import op
+from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward, sparse_linear_attention
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
 
@@ -82,11 +83,47 @@ def test_lse_is_differentiable_for_merging(poison_outputs):
     _assert_close_to_float64(got, want)
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("projected", [False, True])
+def test_custom_op_registration(projected):
     q, k, v = _qkv(1, 1, 130, 130, 32)
     bm = predict_block_map(q, k, topk=0.5, negligible=0.0)
     args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", "marginal")
-    torch.library.opcheck(sla_forward, args, test_utils=("test_schema", "test_faketensor"))
+    if projected:
+        args += (torch.randn(32, 32, device=DEVICE), torch.randn(32, device=DEVICE))
+    torch.library.opcheck(sla_projected_forward if projected else sla_forward, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("bias, layout", [(True, "BHLD"), (False, "BLHD")])
+def test_projection_in_the_forward_kernel(bias, layout, monkeypatch, poison_outputs):
+    """With a weight, O_s + O_l W^T + b is made in the forward kernel's epilogue (the separate projection is not
+    called); its output and the gradients of q, k, v, W and b match the float64 reference, also for tensors in a
+    [B, L, H, D] layout viewed as [B, H, L, D] (the backward's products then run over rows in memory order)."""
+    monkeypatch.setattr(op, "project_branches", None)  # the unfused path would fail
+    q, k, v, grad_out = _qkv(1, 2, 150, 150, 32) + _qkv(1, 2, 150, 150, 32, seed=1)[:1]
+    if layout == "BLHD":
+        q, k, v, grad_out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, grad_out))
+    g = torch.Generator().manual_seed(2)
+    proj = [(torch.randn(32, 32, generator=g) * 32**-0.5).to(DEVICE), (torch.randn(32, generator=g) * 0.1).to(DEVICE)]
+    proj = proj if bias else proj[:1]
+    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+    got = _grads(lambda q, k, v, *p: sparse_linear_attention(q, k, v, bm, *p), (q, k, v, *proj), grad_out)
+    want = _grads(lambda q, k, v, *p: sla_reference(q, k, v, bm, *p), [t.double() for t in (q, k, v, *proj)],
+                  grad_out.double())
+    assert len(got) == len(want) == 5 + bias
+    _assert_close_to_float64(got, want)
+
+
+@pytest.mark.parametrize("weight, bias, match", [
+    ((32, 16), None, r"proj_weight must be \[32, 32\] for head dim 32; got shape \(32, 16\)"),
+    ((32, 32), (1, 32), r"proj_bias must be \[32\] for head dim 32; got shape \(1, 32\)"),
+])
+def test_bad_projection_names_the_shape(weight, bias, match):
+    q, k, v = _qkv(1, 1, 130, 130, 32)
+    bm = predict_block_map(q, k, topk=0.5, negligible=0.0)
+    with pytest.raises(ValueError, match=match):
+        sparse_linear_attention(q, k, v, bm, torch.ones(weight, device=DEVICE),
+                                None if bias is None else torch.ones(bias, device=DEVICE))
 
 
 def test_torch_compile_traces_through_the_op():
