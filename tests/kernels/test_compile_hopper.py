@@ -30,6 +30,7 @@ def test_every_variant_compiles_for_hopper():
     (dict(kernel="fwdd"), "kernel='fwdd'"),
     (dict(kernel="fwd", dtype="float64"), "dtype='float64'"),
     (dict(kernel="fwd", feature_map="tanh"), "feature_map='tanh'"),
+    (dict(kernel="fwd", proj_dtype="int8"), "proj_dtype='int8'"),
     (dict(kernel="fwd", choices={"Q_SPLIT": 2}), "Q_SPLIT"),
 ])
 def test_variant_names_what_is_wrong(bad, match):
