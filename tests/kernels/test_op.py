@@ -12,7 +12,7 @@ from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
 
-from .harness import relative_error
+from .harness import GRAD_FACTOR, OUTPUT_FACTOR, relative_error
 
 
 def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
@@ -112,6 +112,29 @@ def test_projection_in_the_forward_kernel(bias, layout, monkeypatch, poison_outp
                   grad_out.double())
     assert len(got) == len(want) == 5 + bias
     _assert_close_to_float64(got, want)
+
+
+def test_half_inputs_with_float32_projection(poison_outputs):
+    """float16 q, k, v with float32 proj_l (autocast's master weights): the kernel reads W and b as stored and rounds
+    W like O_l. Against float64, its output and gradients stay within the harness factors of the unfused path that
+    casts W and b to float16 first (as autocast does), and dW, db come back in float32."""
+    q, k, v, grad_out = (t.half() for t in _qkv(1, 2, 131, 131, 32) + _qkv(1, 2, 131, 131, 32, seed=1)[:1])
+    g = torch.Generator().manual_seed(3)
+    w, b = (torch.randn(32, 32, generator=g) * 32**-0.5).to(DEVICE), (torch.randn(32, generator=g) * 0.1).to(DEVICE)
+    bm = predict_block_map(q, k, topk=0.25, negligible=0.1)
+
+    def unfused(q, k, v, w, b):
+        o_s, o_l, _ = sla_branches(q, k, v, bm)
+        return o_s + torch.nn.functional.linear(o_l, w.half(), b.half())
+
+    fused = _grads(lambda q, k, v, w, b: sparse_linear_attention(q, k, v, bm, w, b), (q, k, v, w, b), grad_out)
+    unfused = _grads(unfused, (q, k, v, w, b), grad_out)
+    exact = _grads(lambda q, k, v, w, b: sla_reference(q, k, v, bm, w, b), [t.double() for t in (q, k, v, w, b)],
+                   grad_out.double())
+    assert fused[0].dtype == torch.float16 and fused[4].dtype == fused[5].dtype == torch.float32
+    for name, f, u, e in zip(("out", "dq", "dk", "dv", "dW", "db"), fused, unfused, exact):
+        factor = OUTPUT_FACTOR if name == "out" else GRAD_FACTOR
+        assert relative_error(f, e) <= factor * relative_error(u, e), (name, relative_error(f, e), relative_error(u, e))
 
 
 @pytest.mark.parametrize("weight, bias, match", [
