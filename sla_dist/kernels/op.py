@@ -4,8 +4,8 @@ The custom ops (``sla_dist::sla_forward`` / ``sla_dist::sla_backward``, and ``sl
 which also applies the linear branch's projection proj_l in the forward kernel's epilogue) have fake
 implementations, so ``torch.compile`` traces through them without running a kernel. Eager calls run the same
 implementations under one ``autograd.Function`` (``_EagerSLA``), which skips torch.library's per-call dispatch (host
-time). Block-map prediction stays outside the op in plain PyTorch: it is not differentiable and a compiler may fuse
-it.
+time). Block-map prediction stays outside the op (it is not differentiable and a compiler may fuse its PyTorch ops);
+its Triton launches are custom ops of their own, in block_map.py, so that a compiled layer has no graph break.
 
 The Triton kernel modules are imported on first launch, not here: ``triton.jit`` picks compiled or interpreted mode
 when a kernel is defined, so ``TRITON_INTERPRET=1`` only has to be set before the first call.
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import FEATURE_MAPS, validate_branch_options
-from .block_map import MARGINAL, BlockMap, check_block_map, num_blocks, transposed_lists
+from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
+                        transposed_lists)
 from .configs import get_kernel
 from .reference import project_branches
 
@@ -464,7 +465,7 @@ def _apply(op, q, k, v, block_map, feature_map, linear_scope, *proj) -> tuple[to
     check_block_map(q, k, block_map, kernel=True)
     if proj:
         check_projection(q, *proj)
-    forward = op if torch.compiler.is_compiling() else _EagerSLA.apply
+    forward = compiled_or_eager(op, _EagerSLA.apply)
     # The kernels index the lists as dense [B * H, Nq(, W)] arrays; a no-op for maps built by block_map.py.
     return forward(q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(),
                    block_map.kv_indices.contiguous(), block_map.block_q, block_map.block_k, feature_map, linear_scope,

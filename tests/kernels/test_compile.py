@@ -1,0 +1,92 @@
+"""torch.compile of the SLA layer on the Triton-kernel path: one graph, no graph break, forward and backward.
+
+Every Triton launch of the layer (block sums, ranking, the attention forward / backward, the transposed lists inside
+the backward) is a torch.library custom op with a fake implementation, so dynamo never traces into Triton. Whole DiT
+blocks can then be compiled, and ``mode="reduce-overhead"`` (CUDA graphs) removes the host time that bounds the layer
+up to ~16K tokens. On CPU the kernels run in the Triton interpreter; the block map, which by default takes its
+PyTorch path off CUDA, is forced onto its kernels as on a GPU.
+"""
+
+import pytest
+import torch
+
+from sla_dist import SparseLinearAttention
+from sla_dist.kernels import block_map
+from tests.utils import DEVICE, HAS_CUDA
+
+from .harness import layer_step, relative_error
+
+BLOCK_MAP_OPS = ("sla_dist.block_sums.default", "sla_dist.rank_blocks.default")
+
+
+@pytest.fixture
+def block_map_kernels(monkeypatch):
+    """Predict block maps with the Triton kernels on any device, as on a GPU (not only on CUDA tensors)."""
+    on_kernels = block_map._on_kernels
+    monkeypatch.setattr(block_map, "_on_kernels",
+                        lambda x, kernels: on_kernels(x, True if kernels is None else kernels))
+
+
+def _layer(seed: int = 0) -> SparseLinearAttention:
+    torch.manual_seed(seed)
+    layer = SparseLinearAttention(32, topk=0.5, negligible=0.25, backend="triton")
+    torch.nn.init.normal_(layer.proj_l.weight, std=0.2)  # a zero proj_l would hide the linear branch
+    return layer
+
+
+def _cpu_inputs(L: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 1, L, 32, generator=g) for _ in range(4))
+
+
+def test_layer_compiles_to_one_graph(block_map_kernels):
+    q, k, v, _ = _cpu_inputs(200, seed=1)
+    explained = torch._dynamo.explain(_layer())(q, k, v)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    ops = {str(node.target) for node in explained.graphs[0].graph.nodes}
+    assert {*BLOCK_MAP_OPS, "sla_dist.sla_forward.default"} <= ops, sorted(ops)
+
+
+def test_compiled_layer_matches_eager(block_map_kernels):
+    layer = _layer()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        inputs = _cpu_inputs(200, seed)
+        want, got = layer_step(layer, *inputs), layer_step(compiled, *inputs)
+        for name, g, w in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
+            torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("op, args", [
+    ("block_sums", lambda x: (x, 64, 5)),  # one zero-padded block past the sequence, as context parallelism pads
+    ("rank_blocks", lambda x: (x[0, :, :3, :4].float(), 2, 1)),
+    ("transposed_lists", lambda x: (torch.randint(0, 3, (1, 2, 3, 4), dtype=torch.int8),)),
+])
+def test_block_map_ops_have_fake_implementations(op, args):
+    x = torch.randn(1, 2, 200, 32)
+    torch.library.opcheck(getattr(torch.ops.sla_dist, op).default, args(x),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_reduce_overhead_layer_replays_eager_results():
+    """The layer compiled with CUDA graphs (fullgraph: a graph break is an error) gives the eager layer's output and
+    gradients on two input sets, each run twice: warm-up, recording, then replays that must read their own inputs."""
+    torch.manual_seed(0)
+    layer = SparseLinearAttention(64, topk=0.1, BLKQ=128).to(DEVICE)
+    torch.nn.init.normal_(layer.proj_l.weight, std=0.1)
+    sets = []
+    for seed in (1, 2):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        sets.append([torch.randn(2, 3, 1001, 64, generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)])
+    want = [layer_step(layer, *inputs) for inputs in sets]
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for i in (0, 1, 0, 1):
+        torch.compiler.cudagraph_mark_step_begin()
+        got = layer_step(compiled, *sets[i])
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want[i]):
+            assert torch.isfinite(a).all(), name
+            assert relative_error(a, b.double()) < 1e-2, (i, name, relative_error(a, b.double()))
+    assert relative_error(want[0][0], want[1][0].double()) > 0.5  # the two sets are told apart
