@@ -46,8 +46,10 @@ def num_blocks(length: int, block: int) -> int:
 def block_counts(nk: int, topk: float, negligible: float) -> tuple[int, int]:
     """(n_c, n_n): critical and negligible key blocks per query block out of ``nk``."""
     validate_fractions(topk, negligible)
-    n_c = min(nk, max(1, math.floor(topk * nk + 1e-6)))
-    n_n = min(nk - n_c, math.floor(negligible * nk + 1e-6))
+    # int() is floor for these non-negative values; unlike math.floor, torch.compile traces it when nk is symbolic
+    # (a length that changes between calls), so one graph serves every length.
+    n_c = min(nk, max(1, int(topk * nk + 1e-6)))
+    n_n = min(nk - n_c, int(negligible * nk + 1e-6))
     return n_c, n_n
 
 

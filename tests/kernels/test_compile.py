@@ -9,6 +9,7 @@ PyTorch path off CUDA, is forced onto its kernels as on a GPU.
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from sla_dist import SparseLinearAttention
 from sla_dist.kernels import block_map
@@ -56,6 +57,21 @@ def test_compiled_layer_matches_eager(block_map_kernels):
         want, got = layer_step(layer, *inputs), layer_step(compiled, *inputs)
         for name, g, w in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
             torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
+
+
+def test_one_graph_serves_every_length(block_map_kernels):
+    """With dynamic shapes (what torch.compile switches to when a length changes) the block counts stay symbolic:
+    one graph, no recompilation per length, and the eager layer's output at each length (odd, partial blocks)."""
+    layer = _layer()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    with torch.no_grad():
+        for L in (200, 333):
+            q, k, v, _ = _cpu_inputs(L, seed=L)
+            torch.testing.assert_close(compiled(q, k, v), layer(q, k, v), msg=lambda m: f"L={L}: {m}")
+            frames.append(counter.frame_count)
+    assert frames[0] == frames[1], f"recompiled for the second length: {frames} frames"
 
 
 @pytest.mark.parametrize("op, args", [
