@@ -101,9 +101,12 @@ class VideoDiT(nn.Module):
         return tuple(s // p for s, p in zip(sizes, patch))  # type: ignore[return-value]
 
     def _layout(self, grid: tuple[int, int, int], device: torch.device):
-        """RoPE tables and tiling of one grid, cached: they depend only on the shape."""
+        """RoPE tables and tiling of one grid, cached in eager mode: they depend only on the shape. A compiled graph
+        builds them itself (dynamo cannot trace ``is_inference_mode_enabled``, and a cache read would only add
+        guards on the dict)."""
+        compiling = torch.compiler.is_compiling()
         key = (grid, str(device))
-        if key in self._layouts:
+        if not compiling and key in self._layouts:
             return self._layouts[key]
         cos, sin = rope_tables(grid, self.config.head_dim, self.config.rope_theta, device)
         tiling = None
@@ -111,7 +114,7 @@ class VideoDiT(nn.Module):
             tiling = TokenTiling.build(grid, self.config.tile_size, device)
             cos, sin = tiling.tile(cos, dim=0), tiling.tile(sin, dim=0)
         # Tensors made under inference_mode cannot be saved for a later backward, so those are not kept.
-        if not torch.is_inference_mode_enabled():
+        if not compiling and not torch.is_inference_mode_enabled():
             self._layouts[key] = ((cos, sin), tiling)
         return (cos, sin), tiling
 

@@ -4,7 +4,7 @@ Every Triton launch of the layer (block sums, ranking, the attention forward / b
 the backward) is a torch.library custom op with a fake implementation, so dynamo never traces into Triton. Whole DiT
 blocks can then be compiled, and ``mode="reduce-overhead"`` (CUDA graphs) removes the host time that bounds the layer
 up to ~16K tokens. On CPU the kernels run in the Triton interpreter; the block map, which by default takes its
-PyTorch path off CUDA, is forced onto its kernels as on a GPU.
+PyTorch path off CUDA, is forced onto its kernels as on a GPU (the ``block_map_kernels`` fixture).
 """
 
 import pytest
@@ -12,20 +12,11 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from sla_dist import SparseLinearAttention
-from sla_dist.kernels import block_map
 from tests.utils import DEVICE, HAS_CUDA
 
 from .harness import layer_step, relative_error
 
 BLOCK_MAP_OPS = ("sla_dist.block_sums.default", "sla_dist.rank_blocks.default")
-
-
-@pytest.fixture
-def block_map_kernels(monkeypatch):
-    """Predict block maps with the Triton kernels on any device, as on a GPU (not only on CUDA tensors)."""
-    on_kernels = block_map._on_kernels
-    monkeypatch.setattr(block_map, "_on_kernels",
-                        lambda x, kernels: on_kernels(x, True if kernels is None else kernels))
 
 
 def _layer(seed: int = 0) -> SparseLinearAttention:
