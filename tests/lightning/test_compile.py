@@ -20,13 +20,14 @@ from sla_dist.lightning.checkpoint import consolidated_state_dict, safe_torch_lo
 from sla_dist.lightning.module import EMA, DiTModule
 from sla_dist.lightning.recipe import OptimSection, load_recipe
 from sla_dist.lightning.resume import incompatible
-from sla_dist.models import apply_sla, dit_config
+from sla_dist.lightning.callback import SLACallback
+from sla_dist.models import apply_compile, apply_sla, dit_config
 from tests.lightning.runs import in_process_runs
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
-FAST = ["trainer.progress_bar=false", "sample.enabled=false", "data.batch_size=2", "trainer.log_every_n_steps=1",
-        "sparsity.dense_steps=0", "sparsity.anneal_steps=0", "sparsity.error_every=0", "trainer.val_every=0",
-        "sample.every=0", "data.frames=1", "data.height=8", "data.width=8"]
+FAST = ["trainer.progress_bar=false", "sample.enabled=false", "data.batch_size=2", "sparsity.dense_steps=0",
+        "sparsity.anneal_steps=0", "sparsity.error_every=0", "trainer.val_every=0", "sample.every=0", "data.frames=1",
+        "data.height=8", "data.width=8"]
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def _module(compile_backend=None, checkpoint_blocks: bool = False) -> DiTModule:
 
 def _step(module: DiTModule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    batch = {"latents": torch.randn(2, 4, 2, 8, 16, generator=gen), "text": torch.randn(2, 5, 32, generator=gen),
+    batch = {"latents": torch.randn(2, 4, 2, 16, 16, generator=gen), "text": torch.randn(2, 5, 32, generator=gen),
              "index": torch.arange(2)}
     loss = module.losses(batch, torch.Generator().manual_seed(1))["loss"]
     loss.backward()
@@ -117,7 +118,8 @@ def test_eager_run_resumed_compiled_keeps_checkpoint_keys(tmp_path, monkeypatch,
     backend = CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(run, "DiTModule", functools.partial(DiTModule, compile_backend=backend))
     out = tmp_path / "run"
-    common = [f"output_dir={out}", *FAST, "trainer.checkpoint_every=1"]
+    # log rows every 4 steps: the steps SLACallback measures (steps 3, 7, ...) run eagerly
+    common = [f"output_dir={out}", *FAST, "trainer.checkpoint_every=1", "trainer.log_every_n_steps=4"]
     run.train(load_recipe(RECIPE, [*common, "trainer.max_steps=1"]))
     eager = _keys(out / "checkpoints" / "step1.ckpt")  # the rotation removes it once step 2 is saved
     assert backend.frame_count == 0
@@ -125,3 +127,33 @@ def test_eager_run_resumed_compiled_keeps_checkpoint_keys(tmp_path, monkeypatch,
     assert backend.frame_count >= 1
     compiled = _keys(out / "checkpoints" / "step2.ckpt")
     assert compiled == eager and not any("_orig_mod" in k for keys in compiled.values() for k in keys)
+
+
+def test_sla_schedule_and_measurements_with_compiled_blocks():
+    """SLACallback on a compiled DiT: the anneal steps (topk changing each step) and the measured steps run eagerly,
+    so the blocks compile once for the dense phase and once for the target settings instead of once per anneal
+    step, and every measured step logs each layer's sparsity (compiled code runs no hooks registered after
+    compilation)."""
+    callback = SLACallback(SLAConfig(topk=0.25, negligible=0.25, block_q=64, block_k=64), dense_steps=2,
+                           anneal_steps=6)
+    logged: dict[int, dict] = {}
+    module = SimpleNamespace(model=DiTModule(dit_config("tiny"), seed=5).model)  # dense: the callback converts it
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=4, _logger_connector=SimpleNamespace())
+    module.log_dict = lambda metrics, **kwargs: logged.setdefault(trainer.global_step - 1, metrics)
+    callback.setup(trainer, module, "fit")
+    apply_compile(module.model, backend="aot_eager")
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 4, 2, 16, 16, generator=gen), torch.randn(1, 5, 32, generator=gen)
+    t = torch.tensor([500.0])
+    for step in range(12):
+        trainer.global_step = step
+        trainer._logger_connector.should_update_logs = (step + 1) % 4 == 0
+        callback.on_train_batch_start(trainer, module, None, step)
+        module.model(x, t, text).sum().backward()
+        trainer.global_step = step + 1
+        callback.on_train_batch_end(trainer, module, None, None, step)
+    callback.teardown(trainer, module, "fit")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    for step in (3, 7, 11):
+        assert {"sla/sparsity/layer_0", "sla/sparsity/layer_1"} <= logged[step].keys(), (step, logged[step])
+    assert logged[11]["sla/sparsity/layer_0"] == 0.5  # at topk 0.25 of 2 key blocks: 1 computed exactly
