@@ -23,16 +23,17 @@ def _layer(seed: int = 0) -> SparseLinearAttention:
     torch.manual_seed(seed)
     layer = SparseLinearAttention(32, topk=0.5, negligible=0.25, backend="triton")
     torch.nn.init.normal_(layer.proj_l.weight, std=0.2)  # a zero proj_l would hide the linear branch
-    return layer
+    return layer.to(DEVICE)
 
 
-def _cpu_inputs(L: int, seed: int):
+def _inputs(L: int, seed: int):
+    """Float32 inputs on the test device: the interpreter on CPU, the compiled kernels on a GPU."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, 1, L, 32, generator=g) for _ in range(4))
+    return tuple(torch.randn(1, 1, L, 32, generator=g).to(DEVICE) for _ in range(4))
 
 
 def test_layer_compiles_to_one_graph(block_map_kernels):
-    q, k, v, _ = _cpu_inputs(200, seed=1)
+    q, k, v, _ = _inputs(200, seed=1)
     explained = torch._dynamo.explain(_layer())(q, k, v)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
@@ -44,7 +45,7 @@ def test_compiled_layer_matches_eager(block_map_kernels):
     layer = _layer()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     for seed in (1, 2):
-        inputs = _cpu_inputs(200, seed)
+        inputs = _inputs(200, seed)
         want, got = layer_step(layer, *inputs), layer_step(compiled, *inputs)
         for name, g, w in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
             torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
@@ -59,7 +60,7 @@ def test_one_graph_serves_every_length(block_map_kernels):
     frames = []
     with torch.no_grad():
         for L in (200, 333):
-            q, k, v, _ = _cpu_inputs(L, seed=L)
+            q, k, v, _ = _inputs(L, seed=L)
             torch.testing.assert_close(compiled(q, k, v), layer(q, k, v), msg=lambda m: f"L={L}: {m}")
             frames.append(counter.frame_count)
     assert frames[0] == frames[1], f"recompiled for the second length: {frames} frames"
@@ -68,10 +69,10 @@ def test_one_graph_serves_every_length(block_map_kernels):
 @pytest.mark.parametrize("op, args", [
     ("block_sums", lambda x: (x, 64, 5)),  # one zero-padded block past the sequence, as context parallelism pads
     ("rank_blocks", lambda x: (x[0, :, :3, :4].float(), 2, 1)),
-    ("transposed_lists", lambda x: (torch.randint(0, 3, (1, 2, 3, 4), dtype=torch.int8),)),
+    ("transposed_lists", lambda x: (torch.randint(0, 3, (1, 2, 3, 4), dtype=torch.int8, device=x.device),)),
 ])
 def test_block_map_ops_have_fake_implementations(op, args):
-    x = torch.randn(1, 2, 200, 32)
+    x = torch.randn(1, 2, 200, 32, device=DEVICE)
     torch.library.opcheck(getattr(torch.ops.sla_dist, op).default, args(x),
                           test_utils=("test_schema", "test_faketensor"))
 

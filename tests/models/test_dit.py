@@ -5,6 +5,7 @@ import torch
 
 from sla_dist.config import SLAConfig
 from sla_dist.models import VideoDiT, apply_sla, dit_config
+from tests.utils import DEVICE
 
 
 def _inputs(config, frames=3, height=8, width=10, batch=2, text_len=7):
@@ -122,6 +123,8 @@ def test_sla_dit_compiles_to_one_graph(block_map_kernels):
     config = dit_config("tiny", num_layers=1)
     model = VideoDiT(config)
     apply_sla(model, SLAConfig(topk=0.5, negligible=0.25, backend="triton"))
-    latents, timestep, text = _inputs(config, frames=1, height=16, width=20, batch=1)  # 80 tokens: 2 query blocks
+    model.to(DEVICE)  # the interpreter on CPU, the compiled kernels on a GPU
+    inputs = _inputs(config, frames=1, height=16, width=20, batch=1)  # 80 tokens: 2 query blocks
+    latents, timestep, text = (t.to(DEVICE) for t in inputs)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(latents, timestep, text), model(latents, timestep, text))
