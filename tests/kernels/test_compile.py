@@ -38,7 +38,7 @@ def test_layer_compiles_to_one_graph(block_map_kernels):
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
     ops = {str(node.target) for node in explained.graphs[0].graph.nodes}
-    assert {*BLOCK_MAP_OPS, "sla_dist.sla_forward.default"} <= ops, sorted(ops)
+    assert {*BLOCK_MAP_OPS, "sla_dist.sla_projected_forward.default"} <= ops, sorted(ops)  # proj_l in the kernel
 
 
 def test_compiled_layer_matches_eager(block_map_kernels):
