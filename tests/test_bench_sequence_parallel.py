@@ -93,3 +93,21 @@ def test_dit_inputs_from_a_checkpoint(tmp_path):
     assert q.shape == k.shape == v.shape == (1, 2, 256, 32) and not torch.equal(q, k)
     with pytest.raises(ValueError, match=r"model 'tiny' has 2 heads of dim 32; run the benchmark with --heads 2"):
         locality_qkv("dit", config, 4, 32, torch.device("cpu"))
+
+
+def test_exchanges_are_timed_side_by_side():
+    """Two gloo ranks: one Ulysses row per exchange, each with its exchange-only time and bandwidths."""
+    config = bench.BenchConfig(seq_len=300, heads=[2], head_dim=32, sizes=[2], modes=["ulysses"],
+                               exchanges=["fused", "deepspeed"], topk=0.2, warmup=0, iters=1, cpu=True)
+    rows = bench.run_world(config, 2)
+    assert [r["exchange"] for r in rows] == ["fused", "deepspeed"]
+    for r in rows:
+        assert 0 < r["exchange_ms"] and 0 < r["exchange_gbps"] and 0 < r["a2a_gbps"], r
+    assert "| ulysses | fused | iid | 2 | 2 |" in bench.table(rows)
+
+
+def test_bad_exchange_is_named():
+    with pytest.raises(ValueError, match=r"exchange 'nccl' is not one of \('fused', 'deepspeed'\)"):
+        bench.BenchConfig(exchanges=["nccl"])
+    with pytest.raises(ValueError, match="exchanges is empty"):
+        bench.BenchConfig(exchanges=[])
