@@ -17,9 +17,11 @@ Ulysses rows at P > 1 also time the exchanges alone: the same layer, forward + b
 pass-through (the output is q, the gradient of q, k and v the output's), so all that runs is the four all-to-alls
 each way with their copies. 'exch. GB/s' is the bytes that cross to other ranks (forward and backward) over that
 time; 'a2a GB/s' is what one bare all_to_all_single of the fused q, k, v buffer reaches (no copies): the link's
-ceiling for this message size. NCCL's settings are environment variables read when the workers start, e.g.
+ceiling for this message size. What each exchange copies depends on the inputs' memory order: ``--input-layout
+blhd`` gives the layer [B, L, H, D] buffers viewed as [B, H, L, D], as the model does (default: contiguous
+[B, H, L, D]). NCCL's settings are environment variables read when the workers start, e.g.
 
-    python benchmarks/bench_sequence_parallel.py --sizes 1 2 --exchange fused deepspeed
+    python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --exchange fused deepspeed
     NCCL_MIN_NCHANNELS=32 python benchmarks/bench_sequence_parallel.py --sizes 2 --heads 12 --exchange fused
 
 ``--locality`` picks the q / k inputs (locality_inputs.py): 'iid' Gaussian (the worst case for the fetch), 'field'
@@ -61,6 +63,7 @@ from sla_dist.parallel.layout import AttentionShape, SPCostModel, context_pairs,
 from sla_dist.parallel.ulysses import EXCHANGES
 
 MODES = ("ulysses", "context")
+LAYOUTS = ("bhld", "blhd")
 
 
 @dataclass
@@ -91,6 +94,9 @@ class BenchConfig:
     iters: int = 5
     cpu: bool = False
     """Run on CPU processes with gloo (the SLA module then runs its dense reference: keep seq_len small)."""
+    input_layout: str = "bhld"
+    """Memory order of the layer's [B, H, L_local, D] inputs and output gradient: 'bhld' contiguous, or 'blhd', the
+    model's ([B, L_local, H, D] buffers viewed transposed), which changes what each exchange has to copy."""
 
     def __post_init__(self) -> None:
         for mode in self.modes:
@@ -104,6 +110,8 @@ class BenchConfig:
         if self.seq_len < 1 or self.head_dim < 1 or min(self.heads) < 1 or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive: seq_len={self.seq_len}, heads={self.heads}, "
                              f"head_dim={self.head_dim}, sizes={self.sizes}")
+        if self.input_layout not in LAYOUTS:
+            raise ValueError(f"input_layout {self.input_layout!r} is not one of {LAYOUTS}")
         if self.iters < 1 or self.warmup < 0:
             raise ValueError(f"iters={self.iters} must be >= 1 and warmup={self.warmup} >= 0")
         for source in self.locality:
@@ -141,16 +149,21 @@ def _slowest(seconds: float, device: torch.device) -> float:
     return t.item()
 
 
+def _layer_inputs(local: list[torch.Tensor], config: BenchConfig) -> list[torch.Tensor]:
+    """The layer's [B, H, L_local, D] inputs from the leaves ``local`` (stored in ``config.input_layout``)."""
+    return [x.transpose(1, 2) for x in local] if config.input_layout == "blhd" else local
+
+
 def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], seq_len: int, config: BenchConfig,
                 device: torch.device) -> dict:
-    grad = torch.randn_like(local[0])
+    grad = torch.randn_like(_layer_inputs(local, config)[0])  # in the inputs' layout, as the model's would be
     fwd, step = [], []
     for i in range(config.warmup + config.iters):
         for x in local:
             x.grad = None
         _sync(device)
         start = time.perf_counter()
-        out = layer(*local, seq_len=seq_len)
+        out = layer(*_layer_inputs(local, config), seq_len=seq_len)
         _sync(device)
         mid = time.perf_counter()
         out.backward(grad)
@@ -243,7 +256,11 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
     torch.nn.init.normal_(attention.proj_l.weight, std=config.head_dim**-0.5)
     layer = SequenceParallelSLA(attention, groups, exchange)
     shard = SequenceShard.for_group(config.seq_len, groups.sp_group)
-    local = [shard.split(x, 2).detach().requires_grad_() for x in _inputs(config, locality, heads, device)]
+    full = _inputs(config, locality, heads, device)
+    if config.input_layout == "blhd":
+        local = [shard.split(x.transpose(1, 2).contiguous(), 1).detach().requires_grad_() for x in full]
+    else:
+        local = [shard.split(x, 2).detach().requires_grad_() for x in full]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = dict(mode=mode, exchange=exchange if mode == "ulysses" and world > 1 else "-", locality=locality, P=world,
@@ -259,7 +276,7 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
             row.update(_exchange_alone(attention, groups, exchange, local, config))
             row["exchange_gbps"] = 2 * row["ulysses_bytes"] / row["exchange_ms"] / 1e6
     else:
-        sizes = _context_bytes(layer, [x.detach() for x in local], shard, groups.sp_group)
+        sizes = _context_bytes(layer, [x.detach() for x in _layer_inputs(local, config)], shard, groups.sp_group)
         for key, value in sizes.items():
             t = torch.tensor(float(value), device=device, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -393,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo instead of GPUs with NCCL")
+    parser.add_argument("--input-layout", choices=LAYOUTS, default=defaults.input_layout,
+                        help="memory order of the inputs: bhld contiguous [B, H, L, D] (default), blhd the model's")
     parser.add_argument("--tiny", action="store_true", help="a small problem (1000 tokens, 4 heads, D 64, P 1 and "
                         "2, one timed iteration) for a smoke test")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (default: "
@@ -407,14 +426,15 @@ def main(argv: list[str] | None = None) -> None:
         args.seq_len = inputs.seq_len
     config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.exchange, args.topk,
                          args.negligible, args.block_q, args.block_k, args.feature_map, args.linear_scope,
-                         args.locality, inputs, args.warmup, args.iters, args.cpu)
+                         args.locality, inputs, args.warmup, args.iters, args.cpu, args.input_layout)
     if not config.cpu and torch.cuda.device_count() < max(config.sizes):
         raise ValueError(f"sizes={config.sizes} need {max(config.sizes)} GPUs; {torch.cuda.device_count()} visible "
                          f"(use --cpu for a gloo run)")
     card = "cpu" if config.cpu else torch.cuda.get_device_name(0)
     print(f"{card}: SLA layer, {config.seq_len} tokens, inputs {config.locality}, heads {config.heads}, "
           f"D {config.head_dim}, "
-          f"{config.dtype}, topk {config.topk}, sizes {config.sizes}, exchanges {config.exchanges}", flush=True)
+          f"{config.dtype}, topk {config.topk}, sizes {config.sizes}, exchanges {config.exchanges}, "
+          f"input layout {config.input_layout}", flush=True)
 
     rows = []
     for world in config.sizes:

@@ -96,9 +96,11 @@ def test_dit_inputs_from_a_checkpoint(tmp_path):
 
 
 def test_exchanges_are_timed_side_by_side():
-    """Two gloo ranks: one Ulysses row per exchange, each with its exchange-only time and bandwidths."""
+    """Two gloo ranks, the model's input layout: one Ulysses row per exchange, each with its exchange-only time and
+    bandwidths."""
     config = bench.BenchConfig(seq_len=300, heads=[2], head_dim=32, sizes=[2], modes=["ulysses"],
-                               exchanges=["fused", "deepspeed"], topk=0.2, warmup=0, iters=1, cpu=True)
+                               exchanges=["fused", "deepspeed"], topk=0.2, warmup=0, iters=1, cpu=True,
+                               input_layout="blhd")
     rows = bench.run_world(config, 2)
     assert [r["exchange"] for r in rows] == ["fused", "deepspeed"]
     for r in rows:
@@ -111,3 +113,5 @@ def test_bad_exchange_is_named():
         bench.BenchConfig(exchanges=["nccl"])
     with pytest.raises(ValueError, match="exchanges is empty"):
         bench.BenchConfig(exchanges=[])
+    with pytest.raises(ValueError, match="input_layout 'bshd' is not one of"):
+        bench.BenchConfig(input_layout="bshd")
