@@ -9,7 +9,7 @@ import torch
 
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 
-from dist_utils import check_matches_single_process, device_params, make_sla, run_distributed
+from dist_utils import assert_close, check_matches_single_process, device_params, make_sla, run_distributed
 
 
 def _check_block_maps(device: torch.device, world: int, heads: int, seq_len: int) -> None:
@@ -87,7 +87,10 @@ def _check_exchanges_agree(device: torch.device, world: int, batch: int, seq_len
         results[exchange] = [out, *(x.grad for x in local), *(p.grad.clone() for p in attn.proj_l.parameters())]
     names = ("output", "dq", "dk", "dv", "proj_l.weight grad", "proj_l.bias grad")
     for name, fused, reference in zip(names, results["fused"], results["deepspeed"]):
-        assert torch.equal(fused, reference), f"{name}: fused and deepspeed exchanges differ"
+        if device.type == "cpu":  # the same arithmetic on the same values: bit-equal
+            assert torch.equal(fused, reference), f"{name}: fused and deepspeed exchanges differ"
+        else:  # cuBLAS may choose its algorithms by layout
+            assert_close(fused, reference, f"{name} (fused vs deepspeed exchange)")
     out = results["fused"][0]
     assert out.transpose(1, 2).is_contiguous(), f"output strides {out.stride()}: not a [B, L_local, H, D] buffer"
     assert strides == [views[0].stride()] * 3, f"gradient strides {strides} differ from the inputs' {views[0].stride()}"
