@@ -17,11 +17,13 @@ Ulysses rows at P > 1 also time the exchanges alone: the same layer, forward + b
 pass-through (the output is q, the gradient of q, k and v the output's), so all that runs is the four all-to-alls
 each way with their copies. 'exch. GB/s' is the bytes that cross to other ranks (forward and backward) over that
 time; 'a2a GB/s' is what one bare all_to_all_single of the fused q, k, v buffer reaches (no copies): the link's
-ceiling for this message size. What each exchange copies depends on the inputs' memory order: ``--input-layout
-blhd`` gives the layer [B, L, H, D] buffers viewed as [B, H, L, D], as the model does (default: contiguous
-[B, H, L, D]). NCCL's settings are environment variables read when the workers start, e.g.
+ceiling for this message size. What each exchange copies depends on the inputs' memory order: ``--input-layout``
+'bhld' (the default) gives the layer contiguous [B, H, L, D] tensors, 'blhd' [B, L, H, D] buffers viewed as
+[B, H, L, D], as the model does; each layout gets its own P = 1 reference. NCCL's settings are environment variables
+read when the workers start, e.g.
 
-    python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --exchange fused deepspeed
+    python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --exchange fused deepspeed \
+        --input-layout bhld blhd
     NCCL_MIN_NCHANNELS=32 python benchmarks/bench_sequence_parallel.py --sizes 2 --heads 12 --exchange fused
 
 ``--locality`` picks the q / k inputs (locality_inputs.py): 'iid' Gaussian (the worst case for the fetch), 'field'
@@ -94,9 +96,9 @@ class BenchConfig:
     iters: int = 5
     cpu: bool = False
     """Run on CPU processes with gloo (the SLA module then runs its dense reference: keep seq_len small)."""
-    input_layout: str = "bhld"
-    """Memory order of the layer's [B, H, L_local, D] inputs and output gradient: 'bhld' contiguous, or 'blhd', the
-    model's ([B, L_local, H, D] buffers viewed transposed), which changes what each exchange has to copy."""
+    input_layouts: list[str] = field(default_factory=lambda: ["bhld"])
+    """Memory orders of the layer's [B, H, L_local, D] inputs and output gradient to time: 'bhld' contiguous, 'blhd'
+    the model's ([B, L_local, H, D] buffers viewed transposed); it changes what each exchange has to copy."""
 
     def __post_init__(self) -> None:
         for mode in self.modes:
@@ -110,8 +112,9 @@ class BenchConfig:
         if self.seq_len < 1 or self.head_dim < 1 or min(self.heads) < 1 or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive: seq_len={self.seq_len}, heads={self.heads}, "
                              f"head_dim={self.head_dim}, sizes={self.sizes}")
-        if self.input_layout not in LAYOUTS:
-            raise ValueError(f"input_layout {self.input_layout!r} is not one of {LAYOUTS}")
+        for layout in self.input_layouts:
+            if layout not in LAYOUTS:
+                raise ValueError(f"input layout {layout!r} is not one of {LAYOUTS}")
         if self.iters < 1 or self.warmup < 0:
             raise ValueError(f"iters={self.iters} must be >= 1 and warmup={self.warmup} >= 0")
         for source in self.locality:
@@ -149,21 +152,21 @@ def _slowest(seconds: float, device: torch.device) -> float:
     return t.item()
 
 
-def _layer_inputs(local: list[torch.Tensor], config: BenchConfig) -> list[torch.Tensor]:
-    """The layer's [B, H, L_local, D] inputs from the leaves ``local`` (stored in ``config.input_layout``)."""
-    return [x.transpose(1, 2) for x in local] if config.input_layout == "blhd" else local
+def _layer_inputs(local: list[torch.Tensor], layout: str) -> list[torch.Tensor]:
+    """The layer's [B, H, L_local, D] inputs from the leaves ``local``, stored in ``layout`` (LAYOUTS)."""
+    return [x.transpose(1, 2) for x in local] if layout == "blhd" else local
 
 
-def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], seq_len: int, config: BenchConfig,
-                device: torch.device) -> dict:
-    grad = torch.randn_like(_layer_inputs(local, config)[0])  # in the inputs' layout, as the model's would be
+def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], layout: str, seq_len: int,
+                config: BenchConfig, device: torch.device) -> dict:
+    grad = torch.randn_like(_layer_inputs(local, layout)[0])  # in the inputs' layout, as the model's would be
     fwd, step = [], []
     for i in range(config.warmup + config.iters):
         for x in local:
             x.grad = None
         _sync(device)
         start = time.perf_counter()
-        out = layer(*_layer_inputs(local, config), seq_len=seq_len)
+        out = layer(*_layer_inputs(local, layout), seq_len=seq_len)
         _sync(device)
         mid = time.perf_counter()
         out.backward(grad)
@@ -211,9 +214,10 @@ def _all_to_all_gbps(local: torch.Tensor, config: BenchConfig, group) -> float:
 
 
 def _exchange_alone(attention: SparseLinearAttention, groups: SequenceParallelGroups, exchange: str,
-                    local: list[torch.Tensor], config: BenchConfig) -> dict:
+                    local: list[torch.Tensor], layout: str, config: BenchConfig) -> dict:
     """The exchanges' fwd+bwd time (the layer with SLA passed through) and a bare all-to-all's GB/s."""
-    alone = _time_layer(_ExchangeOnly(attention, groups, exchange), local, config.seq_len, config, local[0].device)
+    alone = _time_layer(_ExchangeOnly(attention, groups, exchange), local, layout, config.seq_len, config,
+                        local[0].device)
     return dict(exchange_ms=alone["fwd_bwd_ms"],
                 a2a_gbps=_all_to_all_gbps(local[0].detach(), config, groups.ulysses_group))
 
@@ -243,7 +247,7 @@ def _context_bytes(layer: SequenceParallelSLA, local: list[torch.Tensor], shard:
 
 
 def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torch.device,
-         exchange: str = "fused") -> dict | None:
+         exchange: str = "fused", layout: str = "bhld") -> dict | None:
     world = dist.get_world_size()
     if mode == "context" and world == 1:
         return None  # one rank: context parallel is plain SLA, already timed as ulysses P=1
@@ -257,15 +261,16 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
     layer = SequenceParallelSLA(attention, groups, exchange)
     shard = SequenceShard.for_group(config.seq_len, groups.sp_group)
     full = _inputs(config, locality, heads, device)
-    if config.input_layout == "blhd":
+    if layout == "blhd":
         local = [shard.split(x.transpose(1, 2).contiguous(), 1).detach().requires_grad_() for x in full]
     else:
         local = [shard.split(x, 2).detach().requires_grad_() for x in full]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = dict(mode=mode, exchange=exchange if mode == "ulysses" and world > 1 else "-", locality=locality, P=world,
-               heads=heads, head_dim=config.head_dim, seq_len=config.seq_len, padded_len=shard.padded_len)
-    row.update(_time_layer(layer, local, config.seq_len, config, device))
+    row = dict(mode=mode, exchange=exchange if mode == "ulysses" and world > 1 else "-", locality=locality,
+               layout=layout, P=world, heads=heads, head_dim=config.head_dim, seq_len=config.seq_len,
+               padded_len=shard.padded_len)
+    row.update(_time_layer(layer, local, layout, config.seq_len, config, device))
     if device.type == "cuda":
         row["peak_mem_gib"] = _slowest(torch.cuda.max_memory_allocated(device) / 2**30, device)
     elem = local[0].element_size()
@@ -273,10 +278,10 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
         # q, k, v and the output each cross the all-to-all once: (P - 1) / P of every local tensor leaves the rank.
         row["ulysses_bytes"] = 4 * (world - 1) * local[0].numel() * elem // world
         if world > 1:
-            row.update(_exchange_alone(attention, groups, exchange, local, config))
+            row.update(_exchange_alone(attention, groups, exchange, local, layout, config))
             row["exchange_gbps"] = 2 * row["ulysses_bytes"] / row["exchange_ms"] / 1e6
     else:
-        sizes = _context_bytes(layer, [x.detach() for x in _layer_inputs(local, config)], shard, groups.sp_group)
+        sizes = _context_bytes(layer, [x.detach() for x in _layer_inputs(local, layout)], shard, groups.sp_group)
         for key, value in sizes.items():
             t = torch.tensor(float(value), device=device, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -291,8 +296,8 @@ def _worker(rank: int, world: int, port: int, config: BenchConfig, queue) -> Non
     dist.init_process_group("gloo" if config.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        rows = [_run(config, mode, locality, heads, device, exchange) for locality in config.locality
-                for heads in config.heads for mode in config.modes
+        rows = [_run(config, mode, locality, heads, device, exchange, layout) for locality in config.locality
+                for layout in config.input_layouts for heads in config.heads for mode in config.modes
                 for exchange in (config.exchanges if mode == "ulysses" and world > 1 else config.exchanges[:1])]
         if rank == 0:
             queue.put([r for r in rows if r is not None])
@@ -315,36 +320,46 @@ def run_world(config: BenchConfig, world: int) -> list[dict]:
     return queue.get()
 
 
+def _key(row: dict) -> tuple[int, str]:
+    """What a row's P = 1 reference shares with it: the head count and the input layout (rows written before the
+    layout was recorded had contiguous inputs)."""
+    return row["heads"], row.get("layout", "bhld")
+
+
+def _single_rank_ms(rows: list[dict]) -> dict[tuple[int, str], float]:
+    return {_key(r): r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+
+
 def add_efficiency(rows: list[dict]) -> None:
-    """Ulysses strong-scaling efficiency T(1) / (P T(P)) per head count."""
-    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    """Ulysses strong-scaling efficiency T(1) / (P T(P)) per head count and input layout."""
+    base = _single_rank_ms(rows)
     for r in rows:
-        if r["mode"] == "ulysses" and r["heads"] in base:
-            r["efficiency"] = base[r["heads"]] / (r["P"] * r["fwd_bwd_ms"])
+        if r["mode"] == "ulysses" and _key(r) in base:
+            r["efficiency"] = base[_key(r)] / (r["P"] * r["fwd_bwd_ms"])
 
 
 def add_predictions(rows: list[dict], cost: SPCostModel | None = None) -> None:
     """Context rows: the fwd+bwd time sla_dist.parallel.layout predicts, P = 1 time / P plus the exchange at the
     measured fetched fraction (the fraction of all key blocks: what the pair work scales with)."""
     cost = cost or SPCostModel()
-    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    base = _single_rank_ms(rows)
     for r in rows:
-        if r["mode"] == "context" and r["heads"] in base:
+        if r["mode"] == "context" and _key(r) in base:
             shape = _shape(r)
             extra = exchange_seconds(shape, 1, r["P"], r["fetched_block_fraction"], cost)
-            r["predicted_fwd_bwd_ms"] = base[r["heads"]] / r["P"] + 1e3 * extra
+            r["predicted_fwd_bwd_ms"] = base[_key(r)] / r["P"] + 1e3 * extra
 
 
 def fit_context_cost(rows: list[dict], latency_s: float, bytes_per_s: float) -> SPCostModel:
     """The cost model with ``pair_seconds`` fitted (least squares) to the measured context rows: what each row's
     time exceeds the P = 1 time / P and the link's share by, over its (head, query block, key block) pairs."""
     link = SPCostModel(latency_s, bytes_per_s, 0.0)
-    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    base = _single_rank_ms(rows)
     excess, pairs = [], []
     for r in rows:
-        if r["mode"] == "context" and r["heads"] in base:
+        if r["mode"] == "context" and _key(r) in base:
             shape, f = _shape(r), r["fetched_block_fraction"]
-            excess.append((r["fwd_bwd_ms"] - base[r["heads"]] / r["P"]) / 1e3 - exchange_seconds(shape, 1, r["P"], f,
+            excess.append((r["fwd_bwd_ms"] - base[_key(r)] / r["P"]) / 1e3 - exchange_seconds(shape, 1, r["P"], f,
                                                                                                   link))
             pairs.append(context_pairs(shape, 1, r["P"], f))
     if not pairs:
@@ -371,7 +386,8 @@ def table(rows: list[dict]) -> str:
         pred = f"{r['predicted_fwd_bwd_ms']:.1f}" if "predicted_fwd_bwd_ms" in r else "-"
         exch = (f"{r['exchange_ms']:.2f} | {r['exchange_gbps']:.0f} | {r['a2a_gbps']:.0f}" if "exchange_ms" in r
                 else "- | - | -")
-        lines.append(f"| {r['mode']} | {r.get('exchange', '-')} | {r.get('locality', 'iid')} | {r['P']} "
+        lines.append(f"| {r['mode']} | {r.get('exchange', '-')} | {r.get('locality', 'iid')} {_key(r)[1]} "
+                     f"| {r['P']} "
                      f"| {r['heads']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
                      f"| {sent:.1f} | {exch} | {ring} "
                      f"| {pct(r, 'fetched_block_fraction')} | {pct(r, 'remote_block_fraction')} "
@@ -410,8 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo instead of GPUs with NCCL")
-    parser.add_argument("--input-layout", choices=LAYOUTS, default=defaults.input_layout,
-                        help="memory order of the inputs: bhld contiguous [B, H, L, D] (default), blhd the model's")
+    parser.add_argument("--input-layout", nargs="+", choices=LAYOUTS, default=defaults.input_layouts,
+                        help="memory orders of the inputs to time: bhld contiguous [B, H, L, D] (default), blhd the "
+                        "model's")
     parser.add_argument("--tiny", action="store_true", help="a small problem (1000 tokens, 4 heads, D 64, P 1 and "
                         "2, one timed iteration) for a smoke test")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (default: "
@@ -434,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{card}: SLA layer, {config.seq_len} tokens, inputs {config.locality}, heads {config.heads}, "
           f"D {config.head_dim}, "
           f"{config.dtype}, topk {config.topk}, sizes {config.sizes}, exchanges {config.exchanges}, "
-          f"input layout {config.input_layout}", flush=True)
+          f"input layouts {config.input_layouts}", flush=True)
 
     rows = []
     for world in config.sizes:
