@@ -14,10 +14,10 @@ Layouts, with U ranks in the Ulysses group, h = H / U heads and Ll tokens per ra
 * the exchanged output is a [B, Ll, H, D] buffer viewed as [B, H, Ll, D], so the model's ``o.transpose(1, 2).
   flatten(2)`` is free.
 
-Per direction every tensor is copied once into the send buffer and once out of the receive buffer (the output's send
-copy is skipped where the buffer already is in rank order: one sample, no padding). The output exchange also pads:
-it takes the attention output over the valid prefix only and sends zeros for the padded tail, and its backward
-hands back the gradient of that prefix.
+Only the other ranks' pieces travel: each is copied once into the send buffer and once out of the receive buffer,
+and this rank's own piece is copied straight from input to output while the collective runs. The output exchange
+also pads: it takes the attention output over the valid prefix only, sends no padded rows and zero-fills them on
+arrival, and its backward hands back the gradient of that prefix.
 
 The collectives go through torch.distributed directly. These are plain autograd functions for eager execution;
 DeepSpeed's exchange (``exchange="deepspeed"`` in ulysses.py) is the one that registers a custom op for
@@ -26,21 +26,56 @@ torch.compile.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
-from .groups import group_size
+from .groups import group_rank, group_size
+
+Pieces = Callable[[int], list[torch.Tensor]]
+"""Rank r of the group -> the tensors exchanged with it, in an order and with shapes both sides agree on."""
 
 
-def _all_to_all(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Chunk i of dim 0 goes to rank i of ``group``; chunk i of the result came from rank i."""
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv
+def exchange(group: dist.ProcessGroup, send: Pieces, recv: Pieces) -> None:
+    """One all-to-all over ``group``: on every rank, the tensors ``send(r)`` are written into rank r's ``recv(me)``.
+
+    The pieces may be strided views: each is packed into (or unpacked from) one flat buffer. This rank's own pieces
+    never enter the collective; they are copied across while it runs."""
+    ranks, me = group_size(group), group_rank(group)
+    sizes = [0 if r == me else sum(t.numel() for t in send(r)) for r in range(ranks)]
+    recv_sizes = [0 if r == me else sum(t.numel() for t in recv(r)) for r in range(ranks)]
+    like = send(me)[0]
+    send_buffer = like.new_empty(sum(sizes))
+    for r in range(ranks):
+        if r != me:
+            _copy_pieces(send(r), _slices(send_buffer, sizes, r, send(r)))
+    recv_buffer = like.new_empty(sum(recv_sizes))
+    work = dist.all_to_all_single(recv_buffer, send_buffer, recv_sizes, sizes, group=group, async_op=True)
+    _copy_pieces(send(me), recv(me))
+    work.wait()
+    for r in range(ranks):
+        if r != me:
+            _copy_pieces(_slices(recv_buffer, recv_sizes, r, recv(r)), recv(r))
 
 
-def _empty_like_layout(like: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty_strided(like.shape, like.stride(), device=device, dtype=dtype)
+def _slices(buffer: torch.Tensor, sizes: list[int], rank: int, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of rank ``rank``'s part of a flat ``buffer`` (parts in rank order) shaped like ``pieces``."""
+    offset, out = sum(sizes[:rank]), []
+    for piece in pieces:
+        out.append(buffer[offset:offset + piece.numel()].view(piece.shape))
+        offset += piece.numel()
+    return out
+
+
+def _copy_pieces(sources: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    for source, target in zip(sources, targets):
+        target.copy_(source)
+
+
+def _valid_rows(valid: int, local_len: int, rank: int) -> int:
+    """How many of rank ``rank``'s ``local_len`` tokens lie in the first ``valid`` tokens of the sequence."""
+    return min(max(valid - rank * local_len, 0), local_len)
 
 
 class FusedQKVExchange(torch.autograd.Function):
@@ -51,19 +86,13 @@ class FusedQKVExchange(torch.autograd.Function):
         ranks = group_size(group)
         B, H, Ll, D = q.shape
         h = H // ranks
-        send = q.new_empty(ranks, 3, B, Ll, h, D)
-        for i, x in enumerate((q, k, v)):
-            send[:, i].copy_(x.unflatten(1, (ranks, h)).permute(1, 0, 3, 2, 4))
-        recv = _all_to_all(send, group)  # [source rank (sequence chunk), 3, B, Ll, h, D]
-        outs = []
-        for i in range(3):
-            out = q.new_empty(B, ranks * Ll, h, D)
-            out.unflatten(1, (ranks, Ll)).copy_(recv[:, i].transpose(0, 1))
-            outs.append(out.transpose(1, 2))
+        outs = [q.new_empty(B, ranks * Ll, h, D) for _ in range(3)]  # [B, L, h, D]
+        exchange(group, lambda r: [x[:, r * h:(r + 1) * h].transpose(1, 2) for x in (q, k, v)],
+                 lambda r: [out[:, r * Ll:(r + 1) * Ll] for out in outs])
         ctx.group = group
         # shapes and strides only (meta tensors hold no memory): the gradients are built in the inputs' layouts
         ctx.layouts = [torch.empty_like(x, device="meta") for x in (q, k, v)]
-        return tuple(outs)
+        return tuple(out.transpose(1, 2) for out in outs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
@@ -71,22 +100,11 @@ class FusedQKVExchange(torch.autograd.Function):
         B, H, Ll, D = ctx.layouts[0].shape
         h = H // ranks
         ref = next(g for g in grads if g is not None)
-        send = ref.new_empty(ranks, 3, B, Ll, h, D)
-        for i, g in enumerate(grads):
-            if g is None:
-                send[:, i].zero_()
-            else:
-                send[:, i].copy_(g.transpose(1, 2).unflatten(1, (ranks, Ll)).transpose(0, 1))
-        recv = _all_to_all(send, ctx.group)  # [source rank (head group), 3, B, Ll, h, D]
-        out = []
-        for i, like in enumerate(ctx.layouts):
-            if not ctx.needs_input_grad[i + 1]:
-                out.append(None)
-                continue
-            grad = _empty_like_layout(like, ref.device, ref.dtype)
-            grad.unflatten(1, (ranks, h)).copy_(recv[:, i].permute(1, 0, 3, 2, 4))
-            out.append(grad)
-        return None, *out
+        rows = [(ref.new_zeros(B, h, ranks * Ll, D) if g is None else g).transpose(1, 2) for g in grads]
+        out = [torch.empty_strided(x.shape, x.stride(), device=ref.device, dtype=ref.dtype) for x in ctx.layouts]
+        exchange(ctx.group, lambda r: [g[:, r * Ll:(r + 1) * Ll] for g in rows],
+                 lambda r: [x[:, r * h:(r + 1) * h].transpose(1, 2) for x in out])
+        return None, *(x if needed else None for x, needed in zip(out, ctx.needs_input_grad[1:]))
 
 
 class OutputExchange(torch.autograd.Function):
@@ -95,31 +113,27 @@ class OutputExchange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group: dist.ProcessGroup, o: torch.Tensor, padded_len: int) -> torch.Tensor:
-        ranks = group_size(group)
+        ranks, me = group_size(group), group_rank(group)
         B, h, n, D = o.shape
         Ll = padded_len // ranks
         tokens = o.transpose(1, 2)  # [B, n, h, D]
-        if n == padded_len:
-            send = tokens.unflatten(1, (ranks, Ll)).transpose(0, 1).contiguous()
-        else:  # pad while packing: chunk r holds tokens [r Ll, (r + 1) Ll), zeros past n
-            send = o.new_empty(ranks, B, Ll, h, D)
-            for r in range(ranks):
-                valid = min(max(n - r * Ll, 0), Ll)
-                send[r, :, :valid].copy_(tokens[:, r * Ll:r * Ll + valid])
-                send[r, :, valid:].zero_()
-        recv = _all_to_all(send, group)  # [source rank (head group), B, Ll, h, D]
         out = o.new_empty(B, Ll, ranks, h, D)
-        out.copy_(recv.permute(1, 2, 0, 3, 4))
+        mine = _valid_rows(n, Ll, me)  # every rank sends this many rows of this rank's chunk: no padding travels
+        exchange(group, lambda r: [tokens[:, r * Ll:r * Ll + _valid_rows(n, Ll, r)]],
+                 lambda r: [out[:, :mine, r]])
+        out[:, mine:].zero_()
         ctx.group, ctx.valid, ctx.padded_len = group, n, padded_len
         return out.flatten(2, 3).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ranks = group_size(ctx.group)
+        ranks, me = group_size(ctx.group), group_rank(ctx.group)
         B, H, Ll, D = grad.shape
-        send = grad.transpose(1, 2).unflatten(2, (ranks, H // ranks)).permute(2, 0, 1, 3, 4).contiguous()
-        recv = _all_to_all(send, ctx.group)  # [source rank (sequence chunk), B, Ll, h, D]
-        # [B, L, h, D]: a view for one sample, else one copy; transposed, its prefix has the strides the kernels give
-        # the output (those of the exchanged q)
-        full = recv.transpose(0, 1).reshape(B, ctx.padded_len, H // ranks, D)
-        return None, full[:, :ctx.valid].transpose(1, 2), None
+        h, n = H // ranks, ctx.valid
+        heads = grad.transpose(1, 2).unflatten(2, (ranks, h))  # [B, Ll, U, h, D]
+        # [B, L, h, D]; transposed, its prefix has the strides the kernels give the output (those of the exchanged
+        # q). Rows past n are never read.
+        full = grad.new_empty(B, ctx.padded_len, h, D)
+        exchange(ctx.group, lambda r: [heads[:, :_valid_rows(n, Ll, me), r]],
+                 lambda r: [full[:, r * Ll:r * Ll + _valid_rows(n, Ll, r)]])
+        return None, full[:, :n].transpose(1, 2), None
