@@ -5,16 +5,16 @@ An all-to-all over the Ulysses group (U ranks) exchanges [B, L/U, H, D] for [B, 
 on the whole sequence for H/U heads, and the reverse exchange restores the shards; the backward is the same
 collective reversed. Two implementations of the exchange (``exchange=``):
 
-* ``"fused"`` (default): q, k and v cross in one all-to-all and the output in another (exchange.py), each tensor
-  copied once on either side of the collective.
+* ``"fused"`` (default): q, k and v cross in one all-to-all and the output in another (exchange.py); only the
+  other ranks' pieces travel, this rank's own is copied across while the collective runs.
 * ``"deepspeed"``: DeepSpeed's ``DistributedAttention``, one all-to-all per tensor with its own permute copies, and
   the one to use under torch.compile (it registers its collective as a custom op).
 
 Because the padding sits at the tail of the global sequence, after the exchange the valid tokens are exactly the
 prefix ``[:seq_len]``: SLA runs on that prefix (a strided view, no copy), so padded tokens never reach pooling, the
 block scores, the softmax or the linear sums, and each head's block map is bit-for-bit the single-GPU one. The
-output is zero-padded back (the fused exchange writes the zeros while packing its send buffer), so padded positions
-get zero outputs and zero gradients.
+output is zero-padded back (the fused exchange sends no padded rows and zero-fills them where they arrive), so padded
+positions get zero outputs and zero gradients.
 
 With ``ring_degree > 1`` (hybrid layout) the exchange yields this ring rank's chunk of the sequence rather than the
 whole of it, and context parallel (context.py) runs across the ring group instead of plain SLA.
