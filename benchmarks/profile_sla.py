@@ -1,10 +1,13 @@
 """Where an SLA layer's time goes on one GPU: CUDA kernels of a forward and of a forward+backward, by total time.
 
     python benchmarks/profile_sla.py [--L 32768 8192] [--H 12] [--D 128] [--topk 0.05] [--block-q 128]
+                                     [--linear-scope marginal none]
 
 Each table lists CUDA time per kernel and, in its last lines, the CPU time of the calls: at short sequences the
 layer is bound by launching work, not by the GPU. ``--host N`` adds the N Python functions with the most own time
-over 20 forward+backward calls (cProfile): where the host time goes.
+over 20 forward+backward calls (cProfile): where the host time goes. ``--linear-scope marginal none`` profiles the
+layer with and without the linear branch, splitting the forward kernel's time into its FlashAttention loop and its
+linear epilogue.
 """
 
 from __future__ import annotations
@@ -26,16 +29,20 @@ def main() -> None:
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--topk", type=float, default=0.05)
     parser.add_argument("--block-q", type=int, default=128)
+    parser.add_argument("--linear-scope", nargs="+", default=["marginal"], choices=("marginal", "all", "none"),
+                        help="the layer's linear_scope; several: one profile each")
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--host", type=int, default=0, metavar="N", help="also list the N Python functions with the "
                         "most own time (cProfile)")
     args = parser.parse_args()
     for L in args.L:
-        profile_layer(L, args)
+        for scope in args.linear_scope:
+            profile_layer(L, scope, args)
 
 
-def profile_layer(L: int, args: argparse.Namespace) -> None:
-    m, q, k, v, g = sla_layer_inputs(L, args.H, args.D, topk=args.topk, block_q=args.block_q)
+def profile_layer(L: int, linear_scope: str, args: argparse.Namespace) -> None:
+    m, q, k, v, g = sla_layer_inputs(L, args.H, args.D, topk=args.topk, block_q=args.block_q,
+                                     linear_scope=linear_scope)
     for _ in range(3):  # compile and warm up
         m(q, k, v).backward(g)
     torch.cuda.synchronize()
@@ -45,7 +52,8 @@ def profile_layer(L: int, args: argparse.Namespace) -> None:
                 for _ in range(5):
                     step()
                 torch.cuda.synchronize()
-        print(f"\n== {name}, L={L} H={args.H} D={args.D} topk={args.topk} BQ={args.block_q} (5 iterations)")
+        print(f"\n== {name}, L={L} H={args.H} D={args.D} topk={args.topk} BQ={args.block_q} "
+              f"linear_scope={linear_scope} (5 iterations)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.host:
         host = cProfile.Profile()
@@ -56,6 +64,7 @@ def profile_layer(L: int, args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         print(f"\n== host, L={L}: 20 forward+backward calls, top {args.host} functions by own time")
         pstats.Stats(host).sort_stats("tottime").print_stats(args.host)
+
 
 if __name__ == "__main__":
     main()
