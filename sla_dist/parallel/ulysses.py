@@ -46,7 +46,10 @@ class SequenceParallelSLA:
             state_dict names are those of the unsharded model at every SP size, and checkpoints move between them.
         groups: the process groups; ``ulysses_degree`` must divide the head count.
         exchange: the Ulysses all-to-all, one of ``EXCHANGES``: ``"fused"`` (one collective for q, k, v) or
-            ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results.
+            ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results. Under torch.compile
+            (``model.compile``) the DeepSpeed exchange runs either way: the fused one overlaps its own copy with an
+            asynchronous collective, which dynamo cannot trace, while DeepSpeed registers its exchange as a custom
+            op.
 
     ``forward(q, k, v, seq_len)`` (also ``self(...)``) takes this rank's shard [B, H, L_local, D] (all heads) of a
     sequence with ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard
@@ -65,7 +68,7 @@ class SequenceParallelSLA:
         self.exchange = exchange
         self.ulysses_group = groups.ulysses_group if groups.ulysses_degree > 1 else None
         self.ring_group = groups.ring_group if groups.ring_degree > 1 else None
-        if self.ulysses_group is not None and exchange == "deepspeed":
+        if self.ulysses_group is not None:
             from deepspeed.sequence.layer import DistributedAttention
 
             ensure_deepspeed_comm()
@@ -106,7 +109,7 @@ class SequenceParallelSLA:
         seq_len = valid_length(seq_len, local_len, self.groups.sp_size)
         if self.ulysses_group is None:
             return self._attend(q, k, v, seq_len)
-        if self.exchange == "fused":
+        if self.exchange == "fused" and not torch.compiler.is_compiling():
             q, k, v = FusedQKVExchange.apply(self.ulysses_group, q, k, v)
             return OutputExchange.apply(self.ulysses_group, self._attend_valid(q, k, v, seq_len), q.shape[2])
         out = self.distributed(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
