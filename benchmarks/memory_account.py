@@ -46,26 +46,25 @@ def no_op_kernels():
         yield
 
 
-def timeline_peak(fn) -> tuple[int, list[tuple[int, int]]]:
-    """(peak bytes above the start, [(time ns, bytes live above the start)]) of the CPU allocations ``fn`` makes."""
+def allocations(fn) -> tuple[int, int]:
+    """(peak bytes above the start, bytes still allocated at the end) of the CPU allocations ``fn`` makes."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    live, peak, trace = 0, 0, []
-    for t, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
         if action == Action.CREATE:
             live += size
         elif action == Action.DESTROY:
             live -= size
-        else:
-            continue
         peak = max(peak, live)
-        trace.append((t, live))
-    return peak, trace
+    return peak, live
 
 
-def layer_peak_extra(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
-                     dtype: torch.dtype = torch.bfloat16) -> int:
-    """Peak extra bytes of ``layer(q, k, v).backward(g)`` for the kernel path at [1, H, L, D]."""
+def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
+                  dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
+    ("forward_peak"), what it leaves allocated for the backward, output included ("held"), and the peak over both
+    ("peak"), each above what was allocated before."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1: the layer takes its kernel path on a CPU only in interpreter mode")
     from sla_dist import SparseLinearAttention
@@ -75,12 +74,16 @@ def layer_peak_extra(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int
     torch.nn.init.normal_(layer.proj_l.weight, std=D**-0.5)
     q, k, v = (torch.randn(1, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
-
-    def step():
-        layer(q, k, v).backward(g)
-
+    out = []
     with no_op_kernels():
-        return timeline_peak(step)[0]
+        forward_peak, held = allocations(lambda: out.append(layer(q, k, v)))
+        backward_peak, _ = allocations(lambda: out[0].backward(g))
+    return dict(forward_peak=forward_peak, held=held, peak=max(forward_peak, held + backward_peak))
+
+
+def layer_peak_extra(L: int, H: int, D: int, **kwargs) -> int:
+    """Peak extra bytes of ``layer(q, k, v).backward(g)`` (see :func:`layer_account`)."""
+    return layer_account(L, H, D, **kwargs)["peak"]
 
 
 def main() -> None:
@@ -90,13 +93,16 @@ def main() -> None:
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
-    peak = layer_peak_extra(args.L, args.H, args.D)
+    account = layer_account(args.L, args.H, args.D)
     one = args.H * args.L * args.D * 2
-    print(f"SLA layer fwd+bwd, kernel path, bf16, [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, topk 0.05: "
-          f"peak extra {peak / MIB:.1f} MiB = {peak / one:.2f} x one q-sized tensor ({one / MIB:.1f} MiB)")
+    print(f"SLA layer fwd+bwd, kernel path, bf16, [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, topk 0.05; "
+          f"MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
+    for name, n in account.items():
+        print(f"  {name:12} {n / MIB:8.1f} MiB  {n / one:5.2f} x q")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(L=args.L, H=args.H, D=args.D, peak_extra_mib=peak / MIB, q_mib=one / MIB), f, indent=1)
+            json.dump(dict(L=args.L, H=args.H, D=args.D, q_mib=one / MIB,
+                           **{f"{name}_mib": n / MIB for name, n in account.items()}), f, indent=1)
 
 
 if __name__ == "__main__":
