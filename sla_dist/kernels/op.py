@@ -149,18 +149,19 @@ def _summary_rows(n: int, like: torch.Tensor, p: _Problem, pairs: int | None = N
     return _new((p.bh if pairs is None else pairs, n, p.D * p.D + p.D), like, p.summary_dtype)
 
 
-# The summary rows are the largest buffers (per (batch, head) pair, D / BLOCK_K times a head's q for the per-key-block
-# rows: twice q at D 128, BK 64), so they are built and consumed a chunk of pairs at a time, each chunk's rows taking
-# at most this fraction of q's bytes. A chunk costs a few more launches (host time), not GPU time: the products stay
-# large (at 32K a chunk of 2 of 12 heads is a [2, 256, 512] x [2, 512, 16512] product).
-SUMMARY_CHUNK_FRACTION = 0.5
+# The summary rows are the largest buffers (per (batch, head) pair, D / BLOCK_K times a head's k for the per-key-block
+# rows: twice k at D 128, BK 64), so they are built and consumed a chunk of pairs at a time, each chunk's rows taking
+# at most this fraction of q's and k's bytes together (half of q in self-attention; the budget grows with k because a
+# context-parallel rank's gathered keys outnumber its queries). A chunk costs a few more launches (host time), not
+# GPU time: the products stay large (at 32K a chunk of 2 of 12 heads is a [2, 256, 512] x [2, 512, 16512] product).
+SUMMARY_CHUNK_FRACTION = 0.25
 
 
-def _pair_chunks(p: _Problem, rows_per_pair: int, like: torch.Tensor) -> list[tuple[int, int]]:
+def _pair_chunks(p: _Problem, rows_per_pair: int, itemsize: int) -> list[tuple[int, int]]:
     """[(first pair, end)] covering the BH pairs in chunks whose ``rows_per_pair`` summary rows each fit in
-    SUMMARY_CHUNK_FRACTION of ``like``'s bytes (at least one pair per chunk)."""
+    SUMMARY_CHUNK_FRACTION of q's and k's bytes (``itemsize`` bytes per element; at least one pair per chunk)."""
     per_pair = rows_per_pair * (p.D * p.D + p.D) * p.summary_dtype.itemsize
-    budget = SUMMARY_CHUNK_FRACTION * like.numel() * like.element_size()
+    budget = SUMMARY_CHUNK_FRACTION * p.bh * (p.Lq + p.Lk) * p.D * itemsize
     n_chunks = max(1, math.ceil(p.bh * per_pair / budget))
     size = math.ceil(p.bh / n_chunks)
     return [(start, min(start + size, p.bh)) for start in range(0, p.bh, size)]
@@ -185,7 +186,7 @@ def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | No
     """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope, built a
     chunk of pairs at a time (only one chunk's per-key-block rows exist at once)."""
     totals = _summary_rows(1 if marginal is None else p.nq, k, p)
-    for start, end in _pair_chunks(p, p.nk, k):
+    for start, end in _pair_chunks(p, p.nk, k.element_size()):
         _sum_over_scope(_key_block_summaries(k, v, p, start, end),
                         None if marginal is None else marginal[start:end], out=totals[start:end])
     return _split_rows(totals, p.D)
@@ -300,7 +301,7 @@ def _sla_backward_impl(
     bias = proj_bias.contiguous() if has_proj and proj_bias is not None else delta
     marginal = _marginal_matrix(block_class, linear_scope, p.summary_dtype) if has_linear else None
     q_num_blocks, q_indices = transposed_lists(block_class)
-    for start, end in _pair_chunks(p, p.nk + p.nq, q) if has_linear else [(0, p.bh)]:
+    for start, end in _pair_chunks(p, p.nk + p.nq, q.element_size()) if has_linear else [(0, p.bh)]:
         pairs = end - start
         if has_linear:
             scope = None if marginal is None else marginal[start:end]

@@ -236,7 +236,7 @@ def test_backward_saves_no_per_block_summaries():
 @pytest.mark.parametrize("scope", ["marginal", "all"])
 @pytest.mark.parametrize("fraction, chunks", [
     (1e-9, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]),  # one (batch, head) pair per chunk
-    (0.3, [(0, 2), (2, 4), (4, 6)]),                            # the middle chunk spans both batches
+    (0.15, [(0, 2), (2, 4), (4, 6)]),                           # the middle chunk spans both batches
     (100.0, [(0, 6)]),                                          # everything at once
 ])
 def test_summaries_in_chunks_of_pairs(scope, fraction, chunks, monkeypatch, poison_outputs):
@@ -259,8 +259,24 @@ def test_summaries_in_chunks_of_pairs(scope, fraction, chunks, monkeypatch, pois
                   [t.double() for t in (q, k, v, *proj)], grad_out.double())
     _assert_close_to_float64(got, want)
     # The forward's chunks hold the per-key-block rows only, the backward's also the per-query-block ones: at
-    # fraction 0.3 both come to two pairs.
+    # fraction 0.15 both come to two pairs.
     assert seen[len(seen) - len(chunks):] == chunks and seen[: len(seen) - len(chunks)] == chunks, seen
+
+
+def test_summary_chunks_grow_with_the_keys(monkeypatch):
+    """The chunk budget counts q's and k's bytes: at the headline shape the backward takes its summaries 2 pairs at a
+    time (48 MiB of rows, half of q), and a context-parallel rank with 8x more (gathered) keys than queries gets 8
+    chunks of 5 of its 40 heads, not one launch sequence per head (a budget of q alone gave 20)."""
+    monkeypatch.setattr(op, "summary_dtype", lambda dtype, interpreting: torch.bfloat16)  # as on a GPU
+
+    def chunks(H, Lq, Lk, backward=True):
+        q, k = (torch.empty(1, H, n, 128, dtype=torch.bfloat16, device="meta") for n in (Lq, Lk))
+        p = op._problem(q, k, 128, 64, "softmax", True)
+        return op._pair_chunks(p, p.nk + p.nq if backward else p.nk, 2)
+
+    assert chunks(12, 32768, 32768) == [(i, i + 2) for i in range(0, 12, 2)]
+    assert chunks(12, 32768, 32768, backward=False) == [(i, i + 3) for i in range(0, 12, 3)]
+    assert chunks(40, 4096, 32768) == [(i, i + 5) for i in range(0, 40, 5)]
 
 
 def test_projected_op_takes_gradients_of_every_output(poison_outputs):
