@@ -279,6 +279,25 @@ def test_summary_chunks_grow_with_the_keys(monkeypatch):
     assert chunks(40, 4096, 32768) == [(i, i + 5) for i in range(0, 40, 5)]
 
 
+@pytest.mark.gpu
+def test_prepass_autotuning_restores_the_summaries(monkeypatch):
+    """The pre-pass writes dH_i over H_i: when it is autotuned over more than one setting, every timed run must find
+    H_i again (configs restores HL, ZL), or the real run reads dH_i and the gradients are wrong."""
+    from dataclasses import replace
+
+    from sla_dist.kernels import configs
+
+    monkeypatch.delenv("SLA_DIST_AUTOTUNE", raising=False)
+    monkeypatch.setitem(configs._KERNELS, "prepass", replace(configs._KERNELS["prepass"], warps=(4, 8)))
+    configs.get_kernel.cache_clear()
+    try:
+        q, k, v = _qkv(1, 2, 300, 300, 64)
+        bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+        _assert_kernel_matches_float64(q, k, v, bm, torch.randn(64, 64, device=DEVICE) * 0.1, torch.randn_like(q))
+    finally:
+        configs.get_kernel.cache_clear()
+
+
 def test_projected_op_takes_gradients_of_every_output(poison_outputs):
     """The projected forward's O_l and lse are outputs too (the custom op saves them): gradients that reach them
     directly add to those through the layer's output (the pre-pass adds dO_l to dOut W, and dlse to delta)."""
