@@ -262,13 +262,36 @@ sla_projected_forward = torch.library.custom_op("sla_dist::sla_projected_forward
 
 @sla_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope):
-    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _forward_outputs_like(q, linear_scope != "none")
 
 
 @sla_projected_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, proj_weight,
       proj_bias):
-    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _forward_outputs_like(q, True)
+
+
+def _forward_outputs_like(q: torch.Tensor, has_linear: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake outputs (O_s or out, O_l, lse) with the strides :func:`_forward` gives them (inductor checks them)."""
+    (q,) = _kernel_layout(q)
+    return _like(q), (_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _backward_flags(dol: torch.Tensor | None, linear_scope: str,
+                    proj_weight: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    """(has_proj, has_linear, has_dol) of a backward call."""
+    has_proj = proj_weight is not None
+    has_linear = linear_scope != "none" and (dol is not None or has_proj)
+    return has_proj, has_linear, has_linear and dol is not None
+
+
+def _backward_layout(do, dol, q, k, v, o, o_l, linear_scope, proj_weight) -> tuple[torch.Tensor, ...]:
+    """(q, k, v, o, do, dol, o_l) in the layouts the backward kernels index (the gradients take q's, k's and v's):
+    shared by the implementation and the fake, whose output strides must agree (inductor checks them)."""
+    has_proj, _, has_dol = _backward_flags(dol, linear_scope, proj_weight)
+    q, o, do, dol_, o_l_ = _kernel_layout(q, o, do, dol if has_dol else do, o_l if has_proj else do)
+    k, v = _kernel_layout(k, v)
+    return q, k, v, o, do, dol_, o_l_
 
 
 def _sla_backward_impl(
@@ -288,11 +311,8 @@ def _sla_backward_impl(
     The linear branch's summaries and their gradients are built and consumed a chunk of (batch, head) pairs at a
     time (see SUMMARY_CHUNK_FRACTION): per chunk, h_j -> H_i -> pre-pass -> dH_i (written over H_i) -> dh_j -> dK,
     dV; dQ's sparse part runs last, over all pairs."""
-    has_proj = proj_weight is not None
-    has_linear = linear_scope != "none" and (dol is not None or has_proj)
-    has_dol = has_linear and dol is not None
-    q, o, do, dol_, o_l_ = _kernel_layout(q, o, do, dol if has_dol else do, o_l if has_proj else do)
-    k, v = _kernel_layout(k, v)
+    has_proj, has_linear, has_dol = _backward_flags(dol, linear_scope, proj_weight)
+    q, k, v, o, do, dol_, o_l_ = _backward_layout(do, dol, q, k, v, o, o_l, linear_scope, proj_weight)
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
 
     dq, dk, dv = _like(q), _like(k), _like(v)
@@ -345,7 +365,8 @@ sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=()
 @sla_backward.register_fake
 def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
       linear_scope, o_l=None, proj_weight=None, proj_bias=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    q, k, v, *_ = _backward_layout(do, dol, q, k, v, o, o_l, linear_scope, proj_weight)
+    return _like(q), _like(k), _like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:

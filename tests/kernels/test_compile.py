@@ -98,3 +98,38 @@ def test_reduce_overhead_layer_replays_eager_results():
             assert torch.isfinite(a).all(), name
             assert relative_error(a, b.double()) < 1e-2, (i, name, relative_error(a, b.double()))
     assert relative_error(want[0][0], want[1][0].double()) > 0.5  # the two sets are told apart
+
+
+def test_fake_outputs_have_the_kernels_strides(block_map_kernels):
+    """Inductor asserts that a custom op's outputs have the strides its fake gave. The ops re-lay out inputs whose
+    strides disagree (q a [B, L, H, D] view, the output gradient contiguous, as inductor may make it) or that are not
+    dense (a sliced sequence), so the fakes must make the same choice: a compiled DiT step on the H200 failed with
+    "expected ... stride 4193280==128" in sla_backward before they did."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sla_dist.kernels.block_map import predict_block_map
+
+    layer = _layer()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 201, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    q, k = q[:, :, :200], k[:, :, :200]  # sliced along the sequence: not dense
+    v = v[:, :, :200]
+    block_map = predict_block_map(q, k, topk=0.5, negligible=0.25)
+    lists = (block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
+             block_map.block_q, block_map.block_k, "softmax", "marginal")
+    weight, bias = layer.proj_l.weight.detach(), layer.proj_l.bias.detach()
+    ops = torch.ops.sla_dist
+
+    def strides(outputs):
+        return [t.stride() for t in outputs]
+
+    out, o_l, lse = ops.sla_projected_forward(q, k, v, *lists, weight, bias)
+    do = torch.randn(out.shape, generator=g).to(DEVICE)  # contiguous: not out's layout
+    backward_args = (do, None, None, q, k, v, out, lse, *lists, o_l, weight, bias)
+    grads = ops.sla_backward(*backward_args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in (q, k, v, *lists, weight, bias)]
+        assert strides(ops.sla_projected_forward(*fake)) == strides((out, o_l, lse))
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in backward_args]
+        assert strides(ops.sla_backward(*fake)) == strides(grads)
+    assert q.stride() != grads[0].stride()  # the backward did re-lay out q: the case is exercised
