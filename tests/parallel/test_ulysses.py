@@ -23,14 +23,15 @@ def _check_block_maps(device: torch.device, world: int, heads: int, seq_len: int
 
     seen, used = [], []
     attn.register_forward_pre_hook(lambda module, args: seen.append(args))
-    branches = attn.branches
+    prepare = attn._prepare
 
     def recording(*args):
-        result = branches(*args)
+        result = prepare(*args)
         used.append(result[3])
         return result
 
-    attn.branches = recording  # what SLA's forward calls: records the block map the rank really used
+    # what both forward paths (proj_l in the kernel or as a module) call: records the block map the rank really used
+    attn._prepare = recording
     shard = SequenceShard.for_group(seq_len, groups.sp_group)
     SequenceParallelSLA(attn, groups)(*(shard.split(x, 2) for x in (q, k, v)), seq_len=seq_len)
 
