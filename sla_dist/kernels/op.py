@@ -151,16 +151,21 @@ def _summary_rows(n: int, like: torch.Tensor, p: _Problem, pairs: int | None = N
 
 
 # The summary rows are the largest buffers (per (batch, head) pair, D / BLOCK_K times a head's k for the per-key-block
-# rows: twice k at D 128, BK 64), so they are built and consumed a chunk of pairs at a time, each chunk's rows taking
-# at most this fraction of q's and k's bytes together (half of q in self-attention; the budget grows with k because a
-# context-parallel rank's gathered keys outnumber its queries). A chunk costs a few more launches (host time), not
-# GPU time: the products stay large (at 32K a chunk of 2 of 12 heads is a [2, 256, 512] x [2, 512, 16512] product).
-SUMMARY_CHUNK_FRACTION = 0.25
+# rows: twice k at D 128, BK 64). With a fraction set they are built and consumed a chunk of pairs at a time, each
+# chunk's rows taking at most that fraction of q's and k's bytes together (the budget grows with k because a
+# context-parallel rank's gathered keys outnumber its queries); None builds them for all pairs at once. Measured on an
+# H200 at [1, 12, 32768, 128] bf16 (benchmarks/results/2026-11-30-h200x2-memory-exchange-compile.md): None, 784 MiB
+# peak extra for a forward+backward (CPU count) at 5.56 ms; 0.25 (6 backward chunks), 542 MiB at 5.93 ms, below
+# dense cuDNN's 580 MiB: the chunks' partial last waves and launches cost ~6 %. Speed is the default.
+SUMMARY_CHUNK_FRACTION: float | None = None
 
 
 def _pair_chunks(p: _Problem, rows_per_pair: int, itemsize: int) -> list[tuple[int, int]]:
     """[(first pair, end)] covering the BH pairs in chunks whose ``rows_per_pair`` summary rows each fit in
-    SUMMARY_CHUNK_FRACTION of q's and k's bytes (``itemsize`` bytes per element; at least one pair per chunk)."""
+    SUMMARY_CHUNK_FRACTION of q's and k's bytes (``itemsize`` bytes per element; at least one pair per chunk); one
+    chunk of all pairs when it is None."""
+    if SUMMARY_CHUNK_FRACTION is None:
+        return [(0, p.bh)]
     per_pair = rows_per_pair * (p.D * p.D + p.D) * p.summary_dtype.itemsize
     budget = SUMMARY_CHUNK_FRACTION * p.bh * (p.Lq + p.Lk) * p.D * itemsize
     n_chunks = max(1, math.ceil(p.bh * per_pair / budget))

@@ -268,6 +268,7 @@ def test_summary_chunks_grow_with_the_keys(monkeypatch):
     time (48 MiB of rows, half of q), and a context-parallel rank with 8x more (gathered) keys than queries gets 8
     chunks of 5 of its 40 heads, not one launch sequence per head (a budget of q alone gave 20)."""
     monkeypatch.setattr(op, "summary_dtype", lambda dtype, interpreting: torch.bfloat16)  # as on a GPU
+    monkeypatch.setattr(op, "SUMMARY_CHUNK_FRACTION", 0.25)
 
     def chunks(H, Lq, Lk, backward=True):
         q, k = (torch.empty(1, H, n, 128, dtype=torch.bfloat16, device="meta") for n in (Lq, Lk))
@@ -277,6 +278,8 @@ def test_summary_chunks_grow_with_the_keys(monkeypatch):
     assert chunks(12, 32768, 32768) == [(i, i + 2) for i in range(0, 12, 2)]
     assert chunks(12, 32768, 32768, backward=False) == [(i, i + 3) for i in range(0, 12, 3)]
     assert chunks(40, 4096, 32768) == [(i, i + 5) for i in range(0, 40, 5)]
+    monkeypatch.setattr(op, "SUMMARY_CHUNK_FRACTION", None)  # the default: every pair at once
+    assert chunks(12, 32768, 32768) == [(0, 12)]
 
 
 @pytest.mark.gpu
