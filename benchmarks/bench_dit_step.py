@@ -8,9 +8,10 @@ init, bf16) and each self-attention variant:
     none    self-attention replaced by "return v" (projections, RoPE and everything else kept): the time of the
             non-attention part, whose model-FLOPs utilisation (MFU) says how efficient that part is
 
-it times a no-grad forward and a training step (forward + backward, per-block activation checkpointing; no
-optimizer) at 21 x 60 x 104 latents = 32760 tokens, and reports MFU from analytic model FLOPs (matmuls only,
-backward = 2 x forward, recomputation not counted; SLA's attention counted at its realised critical fraction).
+it times a no-grad forward and a training step (forward + backward, per-block activation checkpointing unless
+--no-checkpoint; no optimizer) at 21 x 60 x 104 latents = 32760 tokens, and reports MFU from analytic model FLOPs
+(matmuls only, backward = 2 x forward, recomputation not counted; SLA's attention counted at its realised critical
+fraction). --compile compiles each block (torch.compile, default mode) for every variant alike.
 
     python benchmarks/bench_dit_step.py                 # GPU, the 1.3B shape; table last, JSON + markdown written
     python benchmarks/bench_dit_step.py --tiny          # CPU smoke test of every code path
@@ -72,14 +73,14 @@ class ValueOnly(nn.Module):
         return v
 
 
-def build_reference(shape: Shape) -> nn.Module:
+def build_reference(shape: Shape, checkpoint: bool) -> nn.Module:
     config = DiTConfig(dim=shape.dim, num_heads=shape.heads, num_layers=shape.layers, ffn_dim=shape.ffn,
                        text_dim=shape.text_dim, in_channels=shape.channels, out_channels=shape.channels,
-                       freq_dim=shape.freq_dim, checkpoint_blocks=True)
+                       freq_dim=shape.freq_dim, checkpoint_blocks=checkpoint)
     return VideoDiT(config)
 
 
-def build_wan(shape: Shape) -> nn.Module:
+def build_wan(shape: Shape, checkpoint: bool) -> nn.Module:
     from diffusers import WanTransformer3DModel
     from diffusers.utils import logging
 
@@ -90,7 +91,8 @@ def build_wan(shape: Shape) -> nn.Module:
         patch_size=(1, 2, 2), num_attention_heads=shape.heads, attention_head_dim=shape.dim // shape.heads,
         in_channels=shape.channels, out_channels=shape.channels, text_dim=shape.text_dim, freq_dim=shape.freq_dim,
         ffn_dim=shape.ffn, num_layers=shape.layers)
-    model.enable_gradient_checkpointing()
+    if checkpoint:
+        model.enable_gradient_checkpointing()
     return model
 
 
@@ -169,7 +171,7 @@ def critical_fraction(shape: Shape, sla: SLAConfig) -> float:
 def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
-        model = BUILDERS[model_name](shape)
+        model = BUILDERS[model_name](shape, args.checkpoint)
     model = cast_model(model, dtype)
     set_variant(model, variant, args.sla)
     if args.compile:
@@ -244,6 +246,8 @@ def main() -> None:
     parser.add_argument("--linear-scope", default="marginal")
     parser.add_argument("--dense-backend", choices=("cudnn", "flash", "efficient", "auto"), default="cudnn")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                        help="train without per-block activation checkpointing (the 1.3B shape fits an H200 without)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (auto on "
@@ -276,14 +280,16 @@ def main() -> None:
                 results.append(run_one(model_name, variant, shape, args, device, dtype))
 
     meta = dict(shape=asdict(shape), tokens=shape.tokens, dtype=str(dtype), sla=asdict(args.sla),
-                dense_backend=args.dense_backend, compile=args.compile, warmup=args.warmup, iters=args.iters,
+                dense_backend=args.dense_backend, compile=args.compile, checkpoint=args.checkpoint,
+                warmup=args.warmup, iters=args.iters,
                 peak_flops=args.peak)
     text = table(results)
     save_results("dit-step", card, meta, results, "DiT step: dense vs SLA",
                  f"{shape.tokens} tokens, {shape.layers} layers, dim {shape.dim}, {dtype}; SLA {asdict(args.sla)}; "
-                 f"dense SDPA backend {args.dense_backend}; training step = forward + backward with per-block "
-                 f"checkpointing; median of {args.iters}. MFU: analytic matmul FLOPs (training = 3 x forward) over "
-                 f"peak {args.peak}.", text, out=args.out, tiny=args.tiny)
+                 f"dense SDPA backend {args.dense_backend}; training step = forward + backward "
+                 f"{'with' if args.checkpoint else 'without'} per-block checkpointing"
+                 f"{', blocks compiled' if args.compile else ''}; median of {args.iters}. MFU: analytic matmul "
+                 f"FLOPs (training = 3 x forward) over peak {args.peak}.", text, out=args.out, tiny=args.tiny)
     print(text)
 
 

@@ -3,13 +3,28 @@
 For every head count and world size P (one process per GPU, spawned here; NCCL), one SLA layer runs on a sequence of
 --seq-len tokens sharded over the P ranks:
 
-    ulysses   DeepSpeed all-to-all (heads <-> sequence), SLA on the full sequence for H/P heads
+    ulysses   all-to-all (heads <-> sequence), SLA on the full sequence for H/P heads; --exchange picks the
+              all-to-all ('fused': q, k, v in one collective; 'deepspeed': DeepSpeed's DistributedAttention, one
+              per tensor), several of them timed side by side in one run
     context   SLA-aware context parallel over P ranks (global block map, fetch of the needed kv blocks only)
 
 It reports the median forward + backward time (slowest rank), the Ulysses strong-scaling efficiency
 T(1) / (P T(P)), peak memory, and per-rank forward bytes: the Ulysses all-to-all volume, and for context parallel the
 fetched kv blocks plus the pooled-sum gather and the linear totals' all-reduce, next to what a dense ring (every kv
 chunk passed around) would move.
+
+Ulysses rows at P > 1 also time the exchanges alone: the same layer, forward + backward, with SLA replaced by a
+pass-through (the output is q, the gradient of q, k and v the output's), so all that runs is the four all-to-alls
+each way with their copies. 'exch. GB/s' is the bytes that cross to other ranks (forward and backward) over that
+time; 'a2a GB/s' is what one bare all_to_all_single of the fused q, k, v buffer reaches (no copies): the link's
+ceiling for this message size. What each exchange copies depends on the inputs' memory order: ``--input-layout``
+'bhld' (the default) gives the layer contiguous [B, H, L, D] tensors, 'blhd' [B, L, H, D] buffers viewed as
+[B, H, L, D], as the model does; each layout gets its own P = 1 reference. NCCL's settings are environment variables
+read when the workers start, e.g.
+
+    python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --exchange fused deepspeed \
+        --input-layout bhld blhd
+    NCCL_MIN_NCHANNELS=32 python benchmarks/bench_sequence_parallel.py --sizes 2 --heads 12 --exchange fused
 
 ``--locality`` picks the q / k inputs (locality_inputs.py): 'iid' Gaussian (the worst case for the fetch), 'field'
 (a synthetic smooth content field over the T x H x W token grid, in the project's 3D-tiled order) and 'dit' (q / k
@@ -47,8 +62,10 @@ from sla_dist.kernels.block_map import CRITICAL
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 from sla_dist.parallel.context import ChunkLayout, FetchPlan, global_block_class
 from sla_dist.parallel.layout import AttentionShape, SPCostModel, context_pairs, exchange_seconds
+from sla_dist.parallel.ulysses import EXCHANGES
 
 MODES = ("ulysses", "context")
+LAYOUTS = ("bhld", "blhd")
 
 
 @dataclass
@@ -63,6 +80,8 @@ class BenchConfig:
     sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     """World sizes P; each needs P GPUs (or P CPU processes with --cpu)."""
     modes: list[str] = field(default_factory=lambda: list(MODES))
+    exchanges: list[str] = field(default_factory=lambda: ["fused"])
+    """Ulysses all-to-alls to time (sla_dist.parallel.ulysses.EXCHANGES), each at every P > 1."""
     topk: float = 0.05
     negligible: float = 0.10
     block_q: int = 128
@@ -77,14 +96,25 @@ class BenchConfig:
     iters: int = 5
     cpu: bool = False
     """Run on CPU processes with gloo (the SLA module then runs its dense reference: keep seq_len small)."""
+    input_layouts: list[str] = field(default_factory=lambda: ["bhld"])
+    """Memory orders of the layer's [B, H, L_local, D] inputs and output gradient to time: 'bhld' contiguous, 'blhd'
+    the model's ([B, L_local, H, D] buffers viewed transposed); it changes what each exchange has to copy."""
 
     def __post_init__(self) -> None:
         for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if not self.exchanges:
+            raise ValueError(f"exchanges is empty: give at least one of {EXCHANGES}")
+        for exchange in self.exchanges:
+            if exchange not in EXCHANGES:
+                raise ValueError(f"exchange {exchange!r} is not one of {EXCHANGES}")
         if self.seq_len < 1 or self.head_dim < 1 or min(self.heads) < 1 or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive: seq_len={self.seq_len}, heads={self.heads}, "
                              f"head_dim={self.head_dim}, sizes={self.sizes}")
+        for layout in self.input_layouts:
+            if layout not in LAYOUTS:
+                raise ValueError(f"input layout {layout!r} is not one of {LAYOUTS}")
         if self.iters < 1 or self.warmup < 0:
             raise ValueError(f"iters={self.iters} must be >= 1 and warmup={self.warmup} >= 0")
         for source in self.locality:
@@ -122,16 +152,21 @@ def _slowest(seconds: float, device: torch.device) -> float:
     return t.item()
 
 
-def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], seq_len: int, config: BenchConfig,
-                device: torch.device) -> dict:
-    grad = torch.randn_like(local[0])
+def _layer_inputs(local: list[torch.Tensor], layout: str) -> list[torch.Tensor]:
+    """The layer's [B, H, L_local, D] inputs from the leaves ``local``, stored in ``layout`` (LAYOUTS)."""
+    return [x.transpose(1, 2) for x in local] if layout == "blhd" else local
+
+
+def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], layout: str, seq_len: int,
+                config: BenchConfig, device: torch.device) -> dict:
+    grad = torch.randn_like(_layer_inputs(local, layout)[0])  # in the inputs' layout, as the model's would be
     fwd, step = [], []
     for i in range(config.warmup + config.iters):
         for x in local:
             x.grad = None
         _sync(device)
         start = time.perf_counter()
-        out = layer(*local, seq_len=seq_len)
+        out = layer(*_layer_inputs(local, layout), seq_len=seq_len)
         _sync(device)
         mid = time.perf_counter()
         out.backward(grad)
@@ -141,6 +176,50 @@ def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], seq_len: 
             fwd.append(_slowest(mid - start, device))
             step.append(_slowest(end - start, device))
     return dict(fwd_ms=1e3 * statistics.median(fwd), fwd_bwd_ms=1e3 * statistics.median(step))
+
+
+class _PassThrough(torch.autograd.Function):
+    """Attention's stand-in for timing the exchanges alone: q comes out, and the output's gradient goes to q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad, grad
+
+
+class _ExchangeOnly(SequenceParallelSLA):
+    """The Ulysses layer with SLA replaced by ``_PassThrough``: what is left is the exchanges and their copies."""
+
+    def _attend_valid(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
+        return _PassThrough.apply(q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len])
+
+
+def _all_to_all_gbps(local: torch.Tensor, config: BenchConfig, group) -> float:
+    """GB/s to the other ranks (slowest rank) of one all_to_all_single of a buffer the size of q, k and v."""
+    world = dist.get_world_size(group)
+    send = torch.empty(world, 3 * local.numel() // world, dtype=local.dtype, device=local.device)
+    recv = torch.empty_like(send)
+    times = []
+    for i in range(config.warmup + config.iters):
+        _sync(local.device)
+        start = time.perf_counter()
+        dist.all_to_all_single(recv, send, group=group)
+        _sync(local.device)
+        if i >= config.warmup:
+            times.append(_slowest(time.perf_counter() - start, local.device))
+    return (world - 1) / world * send.numel() * send.element_size() / statistics.median(times) / 1e9
+
+
+def _exchange_alone(attention: SparseLinearAttention, groups: SequenceParallelGroups, exchange: str,
+                    local: list[torch.Tensor], layout: str, config: BenchConfig) -> dict:
+    """The exchanges' fwd+bwd time (the layer with SLA passed through) and a bare all-to-all's GB/s."""
+    alone = _time_layer(_ExchangeOnly(attention, groups, exchange), local, layout, config.seq_len, config,
+                        local[0].device)
+    return dict(exchange_ms=alone["fwd_bwd_ms"],
+                a2a_gbps=_all_to_all_gbps(local[0].detach(), config, groups.ulysses_group))
 
 
 def _context_bytes(layer: SequenceParallelSLA, local: list[torch.Tensor], shard: SequenceShard, group) -> dict:
@@ -167,7 +246,8 @@ def _context_bytes(layer: SequenceParallelSLA, local: list[torch.Tensor], shard:
                 critical_block_fraction=float((block_class == CRITICAL).any(2).float().mean()) if n else 0.0)
 
 
-def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torch.device) -> dict | None:
+def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torch.device,
+         exchange: str = "fused", layout: str = "bhld") -> dict | None:
     world = dist.get_world_size()
     if mode == "context" and world == 1:
         return None  # one rank: context parallel is plain SLA, already timed as ulysses P=1
@@ -178,22 +258,30 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
                                       config.block_k, negligible=config.negligible,
                                       linear_scope=config.linear_scope).to(device)
     torch.nn.init.normal_(attention.proj_l.weight, std=config.head_dim**-0.5)
-    layer = SequenceParallelSLA(attention, groups)
+    layer = SequenceParallelSLA(attention, groups, exchange)
     shard = SequenceShard.for_group(config.seq_len, groups.sp_group)
-    local = [shard.split(x, 2).detach().requires_grad_() for x in _inputs(config, locality, heads, device)]
+    full = _inputs(config, locality, heads, device)
+    if layout == "blhd":
+        local = [shard.split(x.transpose(1, 2).contiguous(), 1).detach().requires_grad_() for x in full]
+    else:
+        local = [shard.split(x, 2).detach().requires_grad_() for x in full]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = dict(mode=mode, locality=locality, P=world, heads=heads, head_dim=config.head_dim, seq_len=config.seq_len,
+    row = dict(mode=mode, exchange=exchange if mode == "ulysses" and world > 1 else "-", locality=locality,
+               layout=layout, P=world, heads=heads, head_dim=config.head_dim, seq_len=config.seq_len,
                padded_len=shard.padded_len)
-    row.update(_time_layer(layer, local, config.seq_len, config, device))
+    row.update(_time_layer(layer, local, layout, config.seq_len, config, device))
     if device.type == "cuda":
         row["peak_mem_gib"] = _slowest(torch.cuda.max_memory_allocated(device) / 2**30, device)
     elem = local[0].element_size()
     if mode == "ulysses":
         # q, k, v and the output each cross the all-to-all once: (P - 1) / P of every local tensor leaves the rank.
         row["ulysses_bytes"] = 4 * (world - 1) * local[0].numel() * elem // world
+        if world > 1:
+            row.update(_exchange_alone(attention, groups, exchange, local, layout, config))
+            row["exchange_gbps"] = 2 * row["ulysses_bytes"] / row["exchange_ms"] / 1e6
     else:
-        sizes = _context_bytes(layer, [x.detach() for x in local], shard, groups.sp_group)
+        sizes = _context_bytes(layer, [x.detach() for x in _layer_inputs(local, layout)], shard, groups.sp_group)
         for key, value in sizes.items():
             t = torch.tensor(float(value), device=device, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -208,8 +296,9 @@ def _worker(rank: int, world: int, port: int, config: BenchConfig, queue) -> Non
     dist.init_process_group("gloo" if config.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        rows = [_run(config, mode, locality, heads, device) for locality in config.locality
-                for heads in config.heads for mode in config.modes]
+        rows = [_run(config, mode, locality, heads, device, exchange, layout) for locality in config.locality
+                for layout in config.input_layouts for heads in config.heads for mode in config.modes
+                for exchange in (config.exchanges if mode == "ulysses" and world > 1 else config.exchanges[:1])]
         if rank == 0:
             queue.put([r for r in rows if r is not None])
         dist.barrier()  # rank 0 hosts the store: no exit while others may still use it
@@ -231,36 +320,46 @@ def run_world(config: BenchConfig, world: int) -> list[dict]:
     return queue.get()
 
 
+def _key(row: dict) -> tuple[int, str]:
+    """What a row's P = 1 reference shares with it: the head count and the input layout (rows written before the
+    layout was recorded had contiguous inputs)."""
+    return row["heads"], row.get("layout", "bhld")
+
+
+def _single_rank_ms(rows: list[dict]) -> dict[tuple[int, str], float]:
+    return {_key(r): r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+
+
 def add_efficiency(rows: list[dict]) -> None:
-    """Ulysses strong-scaling efficiency T(1) / (P T(P)) per head count."""
-    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    """Ulysses strong-scaling efficiency T(1) / (P T(P)) per head count and input layout."""
+    base = _single_rank_ms(rows)
     for r in rows:
-        if r["mode"] == "ulysses" and r["heads"] in base:
-            r["efficiency"] = base[r["heads"]] / (r["P"] * r["fwd_bwd_ms"])
+        if r["mode"] == "ulysses" and _key(r) in base:
+            r["efficiency"] = base[_key(r)] / (r["P"] * r["fwd_bwd_ms"])
 
 
 def add_predictions(rows: list[dict], cost: SPCostModel | None = None) -> None:
     """Context rows: the fwd+bwd time sla_dist.parallel.layout predicts, P = 1 time / P plus the exchange at the
     measured fetched fraction (the fraction of all key blocks: what the pair work scales with)."""
     cost = cost or SPCostModel()
-    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    base = _single_rank_ms(rows)
     for r in rows:
-        if r["mode"] == "context" and r["heads"] in base:
+        if r["mode"] == "context" and _key(r) in base:
             shape = _shape(r)
             extra = exchange_seconds(shape, 1, r["P"], r["fetched_block_fraction"], cost)
-            r["predicted_fwd_bwd_ms"] = base[r["heads"]] / r["P"] + 1e3 * extra
+            r["predicted_fwd_bwd_ms"] = base[_key(r)] / r["P"] + 1e3 * extra
 
 
 def fit_context_cost(rows: list[dict], latency_s: float, bytes_per_s: float) -> SPCostModel:
     """The cost model with ``pair_seconds`` fitted (least squares) to the measured context rows: what each row's
     time exceeds the P = 1 time / P and the link's share by, over its (head, query block, key block) pairs."""
     link = SPCostModel(latency_s, bytes_per_s, 0.0)
-    base = {r["heads"]: r["fwd_bwd_ms"] for r in rows if r["mode"] == "ulysses" and r["P"] == 1}
+    base = _single_rank_ms(rows)
     excess, pairs = [], []
     for r in rows:
-        if r["mode"] == "context" and r["heads"] in base:
+        if r["mode"] == "context" and _key(r) in base:
             shape, f = _shape(r), r["fetched_block_fraction"]
-            excess.append((r["fwd_bwd_ms"] - base[r["heads"]] / r["P"]) / 1e3 - exchange_seconds(shape, 1, r["P"], f,
+            excess.append((r["fwd_bwd_ms"] - base[_key(r)] / r["P"]) / 1e3 - exchange_seconds(shape, 1, r["P"], f,
                                                                                                   link))
             pairs.append(context_pairs(shape, 1, r["P"], f))
     if not pairs:
@@ -274,8 +373,9 @@ def _shape(row: dict, head_dim: int = 128) -> AttentionShape:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| mode | inputs | P | H | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. | peak GiB "
-            "| bytes/rank fwd (MiB) | dense ring (MiB) | fetched blocks | remote fetched | critical only |")
+    head = ("| mode | exchange | inputs | P | H | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. | peak GiB "
+            "| bytes/rank fwd (MiB) | exchange ms | exch. GB/s | a2a GB/s | dense ring (MiB) | fetched blocks "
+            "| remote fetched | critical only |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pct = lambda r, key: f"{100 * r[key]:.1f} %" if key in r else "-"  # noqa: E731
     for r in rows:
@@ -284,8 +384,12 @@ def table(rows: list[dict]) -> str:
         eff = f"{100 * r['efficiency']:.0f} %" if "efficiency" in r else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         pred = f"{r['predicted_fwd_bwd_ms']:.1f}" if "predicted_fwd_bwd_ms" in r else "-"
-        lines.append(f"| {r['mode']} | {r.get('locality', 'iid')} | {r['P']} | {r['heads']} | {r['fwd_ms']:.1f} "
-                     f"| {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} | {sent:.1f} | {ring} "
+        exch = (f"{r['exchange_ms']:.2f} | {r['exchange_gbps']:.0f} | {r['a2a_gbps']:.0f}" if "exchange_ms" in r
+                else "- | - | -")
+        lines.append(f"| {r['mode']} | {r.get('exchange', '-')} | {r.get('locality', 'iid')} {_key(r)[1]} "
+                     f"| {r['P']} "
+                     f"| {r['heads']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
+                     f"| {sent:.1f} | {exch} | {ring} "
                      f"| {pct(r, 'fetched_block_fraction')} | {pct(r, 'remote_block_fraction')} "
                      f"| {pct(r, 'critical_block_fraction')} |")
     return "\n".join(lines)
@@ -299,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
     parser.add_argument("--sizes", type=int, nargs="+", default=defaults.sizes)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=defaults.modes)
+    parser.add_argument("--exchange", nargs="+", choices=EXCHANGES, default=defaults.exchanges,
+                        help="Ulysses all-to-alls to time side by side (default: fused)")
     parser.add_argument("--topk", type=float, default=defaults.topk)
     parser.add_argument("--negligible", type=float, default=defaults.negligible)
     parser.add_argument("--block-q", type=int, default=defaults.block_q)
@@ -320,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo instead of GPUs with NCCL")
+    parser.add_argument("--input-layout", nargs="+", choices=LAYOUTS, default=defaults.input_layouts,
+                        help="memory orders of the inputs to time: bhld contiguous [B, H, L, D] (default), blhd the "
+                        "model's")
     parser.add_argument("--tiny", action="store_true", help="a small problem (1000 tokens, 4 heads, D 64, P 1 and "
                         "2, one timed iteration) for a smoke test")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (default: "
@@ -332,16 +441,17 @@ def main(argv: list[str] | None = None) -> None:
                             args.qk_init, args.dit_checkpoint)
     if set(args.locality) - {"iid"}:
         args.seq_len = inputs.seq_len
-    config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.topk, args.negligible,
-                         args.block_q, args.block_k, args.feature_map, args.linear_scope, args.locality, inputs,
-                         args.warmup, args.iters, args.cpu)
+    config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.exchange, args.topk,
+                         args.negligible, args.block_q, args.block_k, args.feature_map, args.linear_scope,
+                         args.locality, inputs, args.warmup, args.iters, args.cpu, args.input_layout)
     if not config.cpu and torch.cuda.device_count() < max(config.sizes):
         raise ValueError(f"sizes={config.sizes} need {max(config.sizes)} GPUs; {torch.cuda.device_count()} visible "
                          f"(use --cpu for a gloo run)")
     card = "cpu" if config.cpu else torch.cuda.get_device_name(0)
     print(f"{card}: SLA layer, {config.seq_len} tokens, inputs {config.locality}, heads {config.heads}, "
           f"D {config.head_dim}, "
-          f"{config.dtype}, topk {config.topk}, sizes {config.sizes}", flush=True)
+          f"{config.dtype}, topk {config.topk}, sizes {config.sizes}, exchanges {config.exchanges}, "
+          f"input layouts {config.input_layouts}", flush=True)
 
     rows = []
     for world in config.sizes:
@@ -359,7 +469,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"rank (slowest rank); 'dense ring' is what passing every kv chunk around would move. Fetched "
                  f"blocks (slowest rank): of all key blocks, of the other ranks' key blocks, and of all key blocks "
                  f"if only the critical lists were fetched (linear_scope 'marginal' also fetches the negligible "
-                 f"ones). Predicted: sla_dist.parallel.layout's model from the P = 1 time and the fetched fraction.",
+                 f"ones). Predicted: sla_dist.parallel.layout's model from the P = 1 time and the fetched fraction. "
+                 f"Exchange: the Ulysses layer's fwd+bwd with SLA replaced by a pass-through, its bytes to other "
+                 f"ranks per second, and one bare all_to_all_single of the q, k, v volume.",
                  text, out=args.out, tiny=args.tiny)
     print(text)
 

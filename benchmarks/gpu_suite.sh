@@ -4,7 +4,8 @@
 # Parts: kernels (full GPU grid, fixed launch settings, one pytest worker per 2 CPU cores spread over the GPUs),
 # tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
 # dit-bench, attn-bench (the sweep), attn-quick (headline shape only), profile, sweep (every kernel's launch-setting
-# candidates and the first call's tuning time), ops (the op-level GPU tests, fixed launch settings),
+# candidates and the first call's tuning time), ops (the op-level GPU tests, fixed launch settings), memory (peak
+# extra memory of a fwd+bwd: dense cuDNN vs the SLA layer at 8K and 32K),
 # e2e (2 GPUs: the wan1.3b recipe through launch/torchrun.sh at SP = 1 and SP = 2 with activation checkpointing,
 #   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s),
 # ranks (2 GPUs: the multi-rank reliability tests on NCCL, independent spawned ranks: a rank that raises ends the
@@ -28,6 +29,7 @@ declare -A CMD=(
   [profile]="python3 benchmarks/profile_sla.py --L 32768 8192 --host 25"
   [host]="python3 benchmarks/host_overhead.py --L 1024"
   [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"
+  [memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --out $OUT/memory_layer.json"
   [ops]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_op.py tests/test_attention.py tests/kernels/test_block_select.py tests/kernels/test_block_map.py"
   [e2e]="python3 benchmarks/e2e_train.py --out $OUT/e2e_train"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"

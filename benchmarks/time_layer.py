@@ -56,7 +56,13 @@ def main() -> None:
 
         with torch.no_grad():
             fwd = tt.do_bench(lambda: m(q, k, v), warmup=25, rep=100, return_mode="median")
-        step = lambda: m(q, k, v).backward(g)  # noqa: E731
+        def step():
+            # Under reduce-overhead a .grad allocated in a CUDA graph is overwritten by the next replay, so
+            # accumulating into it (proj_l's, which do_bench never resets; q, k, v's in host_side_ms) fails.
+            for t in (q, k, v, *layer.parameters()):
+                t.grad = None
+            m(q, k, v).backward(g)
+
         fwd_bwd = tt.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
         print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
               f"{host_side_ms(step):.3f} ms")

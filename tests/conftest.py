@@ -33,6 +33,18 @@ def poison_outputs(monkeypatch):
     yield
 
 
+@pytest.fixture
+def block_map_kernels(monkeypatch):
+    """Predict block maps with the Triton kernels on any device, as on a GPU (by default only CUDA tensors take
+    them; on CPU they run in the interpreter)."""
+    from sla_dist.kernels import block_map
+
+    on_kernels = block_map._on_kernels
+    monkeypatch.setattr(block_map, "_on_kernels",
+                        lambda x, kernels: on_kernels(x, True if kernels is None else kernels))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_process_group():
     """Destroy the default process group a test leaves behind: an in-process Lightning / DeepSpeed run (devices=1)

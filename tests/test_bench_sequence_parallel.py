@@ -93,3 +93,33 @@ def test_dit_inputs_from_a_checkpoint(tmp_path):
     assert q.shape == k.shape == v.shape == (1, 2, 256, 32) and not torch.equal(q, k)
     with pytest.raises(ValueError, match=r"model 'tiny' has 2 heads of dim 32; run the benchmark with --heads 2"):
         locality_qkv("dit", config, 4, 32, torch.device("cpu"))
+
+
+def test_exchanges_are_timed_side_by_side():
+    """Two gloo ranks: one Ulysses row per exchange and input layout, each with its exchange-only time and
+    bandwidths."""
+    config = bench.BenchConfig(seq_len=300, heads=[2], head_dim=32, sizes=[2], modes=["ulysses"],
+                               exchanges=["fused", "deepspeed"], topk=0.2, warmup=0, iters=1, cpu=True,
+                               input_layouts=["bhld", "blhd"])
+    rows = bench.run_world(config, 2)
+    assert [(r["layout"], r["exchange"]) for r in rows] == [("bhld", "fused"), ("bhld", "deepspeed"),
+                                                            ("blhd", "fused"), ("blhd", "deepspeed")]
+    for r in rows:
+        assert 0 < r["exchange_ms"] and 0 < r["exchange_gbps"] and 0 < r["a2a_gbps"], r
+    assert "| ulysses | fused | iid blhd | 2 | 2 |" in bench.table(rows)
+
+
+def test_efficiency_is_against_the_single_rank_time_of_the_same_layout():
+    rows = [dict(mode="ulysses", heads=12, layout=layout, P=P, fwd_bwd_ms=ms)
+            for layout, P, ms in (("bhld", 1, 80.0), ("blhd", 1, 60.0), ("bhld", 2, 50.0), ("blhd", 2, 50.0))]
+    bench.add_efficiency(rows)
+    assert [r["efficiency"] for r in rows] == [1.0, 1.0, 0.8, 0.6]
+
+
+def test_bad_exchange_and_layout_are_named():
+    with pytest.raises(ValueError, match=r"exchange 'nccl' is not one of \('fused', 'deepspeed'\)"):
+        bench.BenchConfig(exchanges=["nccl"])
+    with pytest.raises(ValueError, match="exchanges is empty"):
+        bench.BenchConfig(exchanges=[])
+    with pytest.raises(ValueError, match=r"input layout 'bshd' is not one of \('bhld', 'blhd'\)"):
+        bench.BenchConfig(input_layouts=["bshd"])

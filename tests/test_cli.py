@@ -28,6 +28,7 @@ def test_train_bad_override_is_one_line_in_a_subprocess(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["train", RECIPE, "trainer.max_step=5"], "trainer.max_step"),
     (["train", RECIPE, "optim.lr=-1"], "optim.lr=-1.0"),
+    (["train", RECIPE, "model.compile_mode=reduce-overhead"], "model.compile_mode='reduce-overhead'"),
     (["train", "{tmp}/missing.yaml"], "missing.yaml"),
     (["export", "{tmp}/missing.ckpt", "{tmp}/x.safetensors"], "missing.ckpt"),
     (["eval", "{tmp}/missing.ckpt", "--recipe", RECIPE, "--out", "{tmp}/eval"], "missing.ckpt"),

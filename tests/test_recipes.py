@@ -59,10 +59,28 @@ def test_overrides_apply():
     ("parallel.timeout_s=-60", "timeout_s=-60 must be an integer > 0"),
     ("parallel.timeout_s=ten", "timeout_s"),
     ("output_dir=${oc.env:HOME}", r"override: output_dir='\$\{oc.env:HOME\}' calls a resolver"),
+    ("model.compile_mode=fast", r"model.compile_mode='fast' is not one of \('default', 'max-autotune-no-cudagraphs'\)"),
+    ("model.compile_mode=reduce-overhead", "model.compile_mode='reduce-overhead' is not supported for training: its "
+                                           "CUDA graphs reuse their gradient buffers"),
+    ("model.compile_mode=max-autotune", "model.compile_mode='max-autotune' is not supported for training"),
+    ("model.compile=maybe", "compile"),
 ])
 def test_bad_values_are_rejected(override, match):
     with pytest.raises(ValueError, match=match):
         load_recipe(RECIPES[0].parent / "tiny_cpu.yaml", [override])
+
+
+def test_compile_options():
+    tiny = RECIPES[0].parent / "tiny_cpu.yaml"
+    assert not load_recipe(tiny).model.compile
+    recipe = load_recipe(tiny, ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs"])
+    assert recipe.model.compile and recipe.model.compile_mode == "max-autotune-no-cudagraphs"
+    with pytest.raises(ValueError, match="model.compile=true with parallel.zero_stage=3 is not supported"):
+        load_recipe(tiny, ["model.compile=true", "parallel.zero_stage=3"])
+    load_recipe(tiny, ["model.compile=true", "parallel.zero_stage=3", "parallel.strategy=auto"])
+    with pytest.raises(ValueError, match="model.compile=true with parallel.sp_size=2 is not supported yet"):
+        load_recipe(tiny, ["model.compile=true", "parallel.sp_size=2", "trainer.devices=2"])
+    load_recipe(tiny, ["parallel.sp_size=2", "trainer.devices=2"])
 
 
 def test_collective_timeout_is_for_the_sla_strategy():

@@ -32,6 +32,13 @@ from ..config import check_int, validate_block_sizes, validate_fractions
 NEGLIGIBLE, MARGINAL, CRITICAL = 0, 1, 2
 
 
+def compiled_or_eager(op, eager):
+    """``op``, a torch.library custom op that torch.compile traces through its fake implementation, while compiling;
+    else ``eager``, its implementation (or an autograd.Function over it), called directly: torch.library's per-call
+    dispatch costs tens of microseconds of host time, and up to ~16K tokens the eager layer is bound by host time."""
+    return op if torch.compiler.is_compiling() else eager
+
+
 def num_blocks(length: int, block: int) -> int:
     return -(-length // block)
 
@@ -39,8 +46,10 @@ def num_blocks(length: int, block: int) -> int:
 def block_counts(nk: int, topk: float, negligible: float) -> tuple[int, int]:
     """(n_c, n_n): critical and negligible key blocks per query block out of ``nk``."""
     validate_fractions(topk, negligible)
-    n_c = min(nk, max(1, math.floor(topk * nk + 1e-6)))
-    n_n = min(nk - n_c, math.floor(negligible * nk + 1e-6))
+    # int() is floor for these non-negative values; unlike math.floor, torch.compile traces it when nk is symbolic
+    # (a length that changes between calls), so one graph serves every length.
+    n_c = min(nk, max(1, int(topk * nk + 1e-6)))
+    n_n = min(nk - n_c, int(negligible * nk + 1e-6))
     return n_c, n_n
 
 
@@ -191,6 +200,11 @@ def transposed_lists(block_class: torch.Tensor, *, kernels: bool | None = None) 
     ascending; entries past q_num_blocks are unspecified. ``kernels``: see :func:`predict_block_map`."""
     if not _on_kernels(block_class, kernels):
         return critical_lists(block_class.transpose(-1, -2))
+    return compiled_or_eager(_transposed_lists_op, _kernel_transposed_lists)(block_class)
+
+
+def _kernel_transposed_lists(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of :func:`transposed_lists`."""
     from .configs import get_kernel
 
     *lead, nq, nk = block_class.shape
@@ -200,6 +214,16 @@ def transposed_lists(block_class: torch.Tensor, *, kernels: bool | None = None) 
     if q_num.numel():
         get_kernel("critical_columns")[(q_num.numel(),)](block_class, q_num, q_idx, nq, nk, NQ_POW2=_tile_size(nq))
     return q_num, q_idx
+
+
+_transposed_lists_op = torch.library.custom_op("sla_dist::transposed_lists", mutates_args=())(_kernel_transposed_lists)
+
+
+@_transposed_lists_op.register_fake
+def _(block_class):
+    *lead, nq, nk = block_class.shape
+    return (block_class.new_empty((*lead, nk), dtype=torch.int32),
+            block_class.new_empty((*lead, nk, nq), dtype=torch.int32))
 
 
 def _tile_size(n: int) -> int:
@@ -225,13 +249,7 @@ def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None, *, kern
     B, H, L, D = x.shape
     n_blocks = num_blocks(L, block) if n_blocks is None else n_blocks
     if _on_kernels(x, kernels):
-        from .configs import get_kernel
-
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        sums = torch.zeros(B, H, n_blocks, D, dtype=torch.float64, device=x.device)
-        get_kernel("block_sums")[(min(num_blocks(L, block), n_blocks), B * H)](
-            x, sums, *x.stride()[:3], H, L, n_blocks, D, BLOCK=block, D_POW2=_tile_size(D))
-        return sums
+        return compiled_or_eager(_block_sums_op, _kernel_block_sums)(x, block, n_blocks)
     full = min(L // block, n_blocks)
     # Reduce in float64 without materialising an upcast copy; a partial tail block is summed on its own.
     parts = [x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float64)]
@@ -243,14 +261,42 @@ def block_sums(x: torch.Tensor, block: int, n_blocks: int | None = None, *, kern
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
-@functools.lru_cache(maxsize=256)
+def _kernel_block_sums(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """The Triton path of :func:`block_sums`."""
+    from .configs import get_kernel
+
+    B, H, L, D = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    sums = torch.zeros(B, H, n_blocks, D, dtype=torch.float64, device=x.device)
+    get_kernel("block_sums")[(min(num_blocks(L, block), n_blocks), B * H)](
+        x, sums, *x.stride()[:3], H, L, n_blocks, D, BLOCK=block, D_POW2=_tile_size(D))
+    return sums
+
+
+_block_sums_op = torch.library.custom_op("sla_dist::block_sums", mutates_args=())(_kernel_block_sums)
+
+
+@_block_sums_op.register_fake
+def _(x, block, n_blocks):
+    B, H, _, D = x.shape
+    return x.new_empty((B, H, n_blocks, D), dtype=torch.float64)
+
+
 def rows_per_block(length: int, block: int, n_blocks: int, device: torch.device) -> torch.Tensor:
     """Valid rows of each of ``n_blocks`` blocks covering ``length`` rows, as a float64 column [n_blocks, 1].
 
-    Cached per shape (read-only): built anew, it was five small device ops per tensor on every forward, which at
-    short sequences cost more host time than the GPU spends on the whole block map."""
+    Cached per shape in eager mode (read-only): built anew, it was five small device ops per tensor on every forward,
+    which at short sequences cost more host time than the GPU spends on the whole block map. A compiled graph builds
+    it in the graph instead (torch.compile would ignore the cache anyway, and warn)."""
+    return compiled_or_eager(_rows_per_block, _cached_rows_per_block)(length, block, n_blocks, device)
+
+
+def _rows_per_block(length: int, block: int, n_blocks: int, device: torch.device) -> torch.Tensor:
     starts = torch.arange(n_blocks, device=device, dtype=torch.float64) * block
     return (length - starts).clamp(0, block)[:, None]
+
+
+_cached_rows_per_block = functools.lru_cache(maxsize=256)(_rows_per_block)
 
 
 def smooth_k_scores(q_sums: torch.Tensor, q_rows: torch.Tensor, k_sums: torch.Tensor, k_rows: torch.Tensor,
@@ -279,16 +325,7 @@ def rank_blocks(scores: torch.Tensor, topk: float, negligible: float, *,
     nk = scores.shape[-1]
     n_c, n_n = block_counts(nk, topk, negligible)
     if _on_kernels(scores, kernels):
-        from .configs import get_kernel
-
-        scores = scores.float().contiguous()
-        block_class = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
-        kv_indices = torch.empty((*scores.shape[:-1], n_c), dtype=torch.int32, device=scores.device)
-        rows = scores.numel() // nk
-        if rows:
-            get_kernel("classify")[(rows,)](scores, block_class, kv_indices, nk, n_c, n_n,
-                                            NK_POW2=_tile_size(nk))
-        return block_class, kv_indices
+        return compiled_or_eager(_rank_blocks_op, _kernel_rank_blocks)(scores, n_c, n_n)
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     by_rank = torch.full((nk,), MARGINAL, dtype=torch.int8, device=scores.device)
     by_rank[:n_c] = CRITICAL
@@ -297,6 +334,29 @@ def rank_blocks(scores: torch.Tensor, topk: float, negligible: float, *,
     block_class = torch.empty_like(order, dtype=torch.int8).scatter_(-1, order, by_rank.expand_as(order))
     # The critical list is the top n_c of the ranking, put in ascending order for memory locality.
     return block_class, order[..., :n_c].sort(dim=-1).values.to(torch.int32)
+
+
+def _kernel_rank_blocks(scores: torch.Tensor, n_c: int, n_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of :func:`rank_blocks`, with the block counts of :func:`block_counts`."""
+    from .configs import get_kernel
+
+    nk = scores.shape[-1]
+    scores = scores.float().contiguous()
+    block_class = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
+    kv_indices = torch.empty((*scores.shape[:-1], n_c), dtype=torch.int32, device=scores.device)
+    rows = scores.numel() // nk
+    if rows:
+        get_kernel("classify")[(rows,)](scores, block_class, kv_indices, nk, n_c, n_n, NK_POW2=_tile_size(nk))
+    return block_class, kv_indices
+
+
+_rank_blocks_op = torch.library.custom_op("sla_dist::rank_blocks", mutates_args=())(_kernel_rank_blocks)
+
+
+@_rank_blocks_op.register_fake
+def _(scores, n_c, n_n):
+    return (scores.new_empty(scores.shape, dtype=torch.int8),
+            scores.new_empty((*scores.shape[:-1], n_c), dtype=torch.int32))
 
 
 def classify(scores: torch.Tensor, topk: float, negligible: float, *, kernels: bool | None = None) -> torch.Tensor:

@@ -13,6 +13,11 @@ layer's output vs dense softmax attention on the q, k, v of the live batch. Both
 log row Lightning writes (steps n-1, 2n-1, ... for ``log_every_n_steps`` n), so a row holds its own step's values;
 the error on the first of them at or after every ``error_every`` steps (Lightning repeats its last value in the
 rows until the next measurement).
+
+Compiled models (``model.compile``): the anneal steps and the measured steps run eagerly (``torch.compiler``'s
+``force_eager`` stance). Compiled code reads topk as a constant, so a topk that changes every step would recompile
+the blocks every step until Dynamo's recompile limit, after which they stay eager for the rest of the run; and it
+does not run forward hooks registered after compilation, so the measurements would be lost.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class SLACallback(Callback):
         self.layers: list[SparseLinearAttention] = []
         self._values: dict[str, list[float]] = {}
         self._hooks: list = []
+        self._annealing = False
+        self._eager_stance = None
 
     # ----------------------------------------------------------------------------------------------- schedule
     def settings_at(self, step: int) -> tuple[float, float]:
@@ -71,6 +78,16 @@ class SLACallback(Callback):
         for layer in self.layers:
             if (layer.config.topk, layer.config.negligible) != (topk, negligible):
                 layer.config = dataclasses.replace(layer.config, topk=topk, negligible=negligible)
+        self._annealing = self.dense_steps < step < self.dense_steps + self.anneal_steps
+        self._run_eagerly(self._annealing or bool(self._hooks))
+
+    def _run_eagerly(self, eager: bool) -> None:
+        """Compiled code runs eagerly (the ``force_eager`` stance) while ``eager``; see the module docstring."""
+        if eager and self._eager_stance is None:
+            self._eager_stance = torch.compiler.set_stance("force_eager")
+        elif not eager and self._eager_stance is not None:
+            self._eager_stance.__exit__(None, None, None)
+            self._eager_stance = None
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
@@ -96,6 +113,7 @@ class SLACallback(Callback):
         end, n, every = step + 1, trainer.log_every_n_steps, self.error_every
         with_error = bool(every) and end // every > (end - n) // every
         self._hooks = [layer.register_forward_hook(self._measure(i, with_error)) for i, layer in enumerate(self.layers)]
+        self._run_eagerly(True)
 
     def _measure(self, index: int, with_error: bool):
         """A forward hook measuring one layer on the live batch right away (nothing large is kept). A layer may run
@@ -122,10 +140,15 @@ class SLACallback(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._run_eagerly(self._annealing)
         metrics = {"sla/topk": self.settings_at(trainer.global_step - 1)[0],
                    **{name: sum(values) / len(values) for name, values in self._values.items()}}
         self._values = {}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._run_eagerly(False)
 
     @override
     def state_dict(self) -> dict:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import copy
 import zlib
+from typing import Callable
 
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from ..models import DiTConfig, VideoDiT
+from ..models import DiTConfig, VideoDiT, apply_compile
 from ..sampling import flow_sigmas
 from .recipe import OptimSection
 from .sequence import predict_local
@@ -84,12 +85,17 @@ class DiTModule(pl.LightningModule):
         optim: objective and optimizer settings (lr, warm-up, EMA decay, teacher weight, flow shift).
         seed: seeds the model initialisation and the per-step noise.
         init_state: weights to start from (e.g. an exported dense checkpoint); None keeps the random init.
+        compile_mode: torch.compile each block of the model (and of the teacher) with this mode in
+            ``configure_model`` (``apply_compile``); None: eager.
+        compile_backend: the torch.compile backend ('inductor'; tests take 'aot_eager', which skips code generation).
     """
 
     def __init__(self, config: DiTConfig, optim: OptimSection | None = None, seed: int = 0,
-                 init_state: dict | None = None) -> None:
+                 init_state: dict | None = None, compile_mode: str | None = None,
+                 compile_backend: str | Callable = "inductor") -> None:
         super().__init__()
         self.config, self.optim, self.seed = config, optim or OptimSection(), seed
+        self.compile_mode, self.compile_backend = compile_mode, compile_backend
         torch.manual_seed(seed)
         self.model = VideoDiT(config)
         if init_state is not None:
@@ -162,6 +168,23 @@ class DiTModule(pl.LightningModule):
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed},val,{batch_idx},{self.dp_rank}".encode()))
         flow = self.full_value(self.losses(batch, generator, caption_dropout=False)["flow"])
         self.log("val/flow", flow, prog_bar=True, sync_dist=True, batch_size=len(batch["index"]))
+
+    @override
+    def configure_model(self) -> None:
+        # Lightning calls this after the callbacks' setup, where SLACallback has converted the attention, and before
+        # the strategy's setup, which makes the attention sequence-parallel and then wraps the module in DeepSpeed:
+        # torchtitan's order (model conversions, activation checkpointing, compile, data-parallel wrapper).
+        # Checkpointing sits inside each block's forward, so the compiled block traces it; compilation itself waits
+        # for a block's first call, by which time the sequence-parallel attention is in place too.
+        for model in (self.model, self.teacher):
+            if model is not None:
+                self.compile_blocks(model)
+
+    def compile_blocks(self, model: VideoDiT) -> None:
+        """``apply_compile`` with this module's settings (nothing when it trains eagerly): also for copies of the
+        model, such as the EMA one samples are drawn from, since a deep copy of a compiled block is not compiled."""
+        if self.compile_mode is not None:
+            apply_compile(model, self.compile_mode, self.compile_backend)
 
     @override
     def on_fit_start(self) -> None:

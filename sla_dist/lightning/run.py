@@ -80,7 +80,8 @@ def checkpoint_step(path: Path) -> int | None:
 
 def build_module(recipe: Recipe) -> DiTModule:
     init = load_weights(recipe.model.init_from) if recipe.model.init_from else None
-    return DiTModule(recipe.dit, recipe.optim, seed=recipe.seed, init_state=init)
+    return DiTModule(recipe.dit, recipe.optim, seed=recipe.seed, init_state=init,
+                     compile_mode=recipe.model.compile_mode if recipe.model.compile else None)
 
 
 def train(recipe: Recipe, resume: bool = True, extra_callbacks: list | None = None) -> pl.Trainer:
@@ -198,4 +199,5 @@ def _with_ema(module: DiTModule):
     with torch.no_grad():
         for name, value in module.ema.shadow.items():
             params[name].copy_(value)
+    module.compile_blocks(model)
     return model

@@ -42,9 +42,19 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, t_mod: torch.Tensor,
-                context: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+                context: torch.Tensor, seq_len: int | None = None, checkpointed: bool = False) -> torch.Tensor:
         """x [B, L, dim], RoPE tables [L, D / 2], t_mod [B, 6, dim], context [B, Lt, dim] -> [B, L, dim].
-        ``seq_len``: valid tokens of the whole sequence when x is a tail-padded shard (see ``SelfAttention``)."""
+        ``seq_len``: valid tokens of the whole sequence when x is a tail-padded shard (see ``SelfAttention``).
+        ``checkpointed``: recompute the block's activations in backward (when gradients are on). The checkpoint is
+        taken here, inside the block, so that a compiled block (``apply_compile``) traces it with the block, as
+        torchtitan compiles its checkpointed blocks: the compiler then plans the recomputation."""
+        if checkpointed and torch.is_grad_enabled():
+            return checkpoint(self.layers, x, cos, sin, t_mod, context, seq_len, use_reentrant=False)
+        return self.layers(x, cos, sin, t_mod, context, seq_len)
+
+    def layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, t_mod: torch.Tensor,
+               context: torch.Tensor, seq_len: int | None) -> torch.Tensor:
+        """The block's computation (``forward`` without the checkpoint)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + t_mod).chunk(6, dim=1)
         x = torch.addcmul(x, gate1, self.self_attn(modulate(self.norm1(x), shift1, scale1), cos, sin, seq_len))
         x = x + self.cross_attn(self.norm2(x), context)
@@ -101,9 +111,12 @@ class VideoDiT(nn.Module):
         return tuple(s // p for s, p in zip(sizes, patch))  # type: ignore[return-value]
 
     def _layout(self, grid: tuple[int, int, int], device: torch.device):
-        """RoPE tables and tiling of one grid, cached: they depend only on the shape."""
+        """RoPE tables and tiling of one grid, cached in eager mode: they depend only on the shape. A compiled graph
+        builds them itself (dynamo cannot trace ``is_inference_mode_enabled``, and a cache read would only add
+        guards on the dict)."""
+        compiling = torch.compiler.is_compiling()
         key = (grid, str(device))
-        if key in self._layouts:
+        if not compiling and key in self._layouts:
             return self._layouts[key]
         cos, sin = rope_tables(grid, self.config.head_dim, self.config.rope_theta, device)
         tiling = None
@@ -111,7 +124,7 @@ class VideoDiT(nn.Module):
             tiling = TokenTiling.build(grid, self.config.tile_size, device)
             cos, sin = tiling.tile(cos, dim=0), tiling.tile(sin, dim=0)
         # Tensors made under inference_mode cannot be saved for a later backward, so those are not kept.
-        if not torch.is_inference_mode_enabled():
+        if not compiling and not torch.is_inference_mode_enabled():
             self._layouts[key] = ((cos, sin), tiling)
         return (cos, sin), tiling
 
@@ -154,10 +167,7 @@ class VideoDiT(nn.Module):
         checkpointing recomputes a block in backward, after this call has returned, from its arguments alone."""
         cos, sin = inputs.rope
         for block in self.blocks:
-            if self.config.checkpoint_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, inputs.t_mod, inputs.context, seq_len, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, inputs.t_mod, inputs.context, seq_len)
+            x = block(x, cos, sin, inputs.t_mod, inputs.context, seq_len, self.config.checkpoint_blocks)
         return x
 
     def head_tokens(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,20 @@
 """Sequence-parallel SLA: a Ulysses all-to-all around SLA on the full sequence (or around context parallel).
 
 Each rank of the SP group holds a contiguous, tail-padded shard of the sequence with every head (see sharding.py).
-DeepSpeed's ``DistributedAttention`` exchanges [B, L/U, H, D] for [B, L, H/U, D] over the Ulysses group (U ranks),
-the local attention runs on the whole sequence for H/U heads, and the reverse exchange restores the shards; the
-backward is the same collective reversed (DeepSpeed's autograd function).
+An all-to-all over the Ulysses group (U ranks) exchanges [B, L/U, H, D] for [B, L, H/U, D], the local attention runs
+on the whole sequence for H/U heads, and the reverse exchange restores the shards; the backward is the same
+collective reversed. Two implementations of the exchange (``exchange=``):
+
+* ``"fused"`` (default): q, k and v cross in one all-to-all and the output in another (exchange.py); only the
+  other ranks' pieces travel, this rank's own is copied across while the collective runs.
+* ``"deepspeed"``: DeepSpeed's ``DistributedAttention``, one all-to-all per tensor with its own permute copies, and
+  the one to use under torch.compile (it registers its collective as a custom op).
 
 Because the padding sits at the tail of the global sequence, after the exchange the valid tokens are exactly the
 prefix ``[:seq_len]``: SLA runs on that prefix (a strided view, no copy), so padded tokens never reach pooling, the
 block scores, the softmax or the linear sums, and each head's block map is bit-for-bit the single-GPU one. The
-output is zero-padded back, so padded positions get zero outputs and zero gradients.
+output is zero-padded back (the fused exchange sends no padded rows and zero-fills them where they arrive), so padded
+positions get zero outputs and zero gradients.
 
 With ``ring_degree > 1`` (hybrid layout) the exchange yields this ring rank's chunk of the sequence rather than the
 whole of it, and context parallel (context.py) runs across the ring group instead of plain SLA.
@@ -22,8 +28,12 @@ import torch
 
 from ..attention import SparseLinearAttention
 from .context import context_parallel_sla
+from .exchange import FusedQKVExchange, OutputExchange
 from .groups import SequenceParallelGroups, ensure_deepspeed_comm, group_size
 from .sharding import pad_along, valid_length
+
+EXCHANGES = ("fused", "deepspeed")
+"""Implementations of the Ulysses all-to-all (see the module docstring)."""
 
 
 class SequenceParallelSLA:
@@ -35,6 +45,11 @@ class SequenceParallelSLA:
             model (e.g. ``block.self_attn.core``, run through ``SelfAttention.parallel``), so parameter and
             state_dict names are those of the unsharded model at every SP size, and checkpoints move between them.
         groups: the process groups; ``ulysses_degree`` must divide the head count.
+        exchange: the Ulysses all-to-all, one of ``EXCHANGES``: ``"fused"`` (one collective for q, k, v) or
+            ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results. Under torch.compile
+            (``model.compile``) the DeepSpeed exchange runs either way: the fused one overlaps its own copy with an
+            asynchronous collective, which dynamo cannot trace, while DeepSpeed registers its exchange as a custom
+            op.
 
     ``forward(q, k, v, seq_len)`` (also ``self(...)``) takes this rank's shard [B, H, L_local, D] (all heads) of a
     sequence with ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard
@@ -42,11 +57,15 @@ class SequenceParallelSLA:
     whole (unpadded) sequence, so its forward hooks see exactly what a single GPU would give those heads.
     """
 
-    def __init__(self, attention: SparseLinearAttention, groups: SequenceParallelGroups) -> None:
+    def __init__(self, attention: SparseLinearAttention, groups: SequenceParallelGroups,
+                 exchange: str = "fused") -> None:
         if not isinstance(attention, SparseLinearAttention):
             raise TypeError(f"SequenceParallelSLA wraps a SparseLinearAttention, not {type(attention).__name__}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
         self.attention = attention
         self.groups = groups
+        self.exchange = exchange
         self.ulysses_group = groups.ulysses_group if groups.ulysses_degree > 1 else None
         self.ring_group = groups.ring_group if groups.ring_degree > 1 else None
         if self.ulysses_group is not None:
@@ -55,14 +74,14 @@ class SequenceParallelSLA:
             ensure_deepspeed_comm()
             # batch-first [B, L, H, D]: scatter heads (dim 2), gather the sequence (dim 1). The local attention is a
             # bound method and DistributedAttention has no parameters of its own.
-            self.exchange = DistributedAttention(self._local_attention, self.ulysses_group, scatter_idx=2,
-                                                 gather_idx=1)
+            self.distributed = DistributedAttention(self._local_attention, self.ulysses_group, scatter_idx=2,
+                                                    gather_idx=1)
 
     def __deepcopy__(self, memo: dict) -> "SequenceParallelSLA":
         """Copies (an EMA or teacher model) wrap the copy of the SLA layer (the same one the copied model holds,
         through ``memo``) but share the process groups, which are handles to this process's communicators and
         cannot be copied."""
-        clone = type(self)(copy.deepcopy(self.attention, memo), self.groups)
+        clone = type(self)(copy.deepcopy(self.attention, memo), self.groups, self.exchange)
         memo[id(self)] = clone
         return clone
 
@@ -74,7 +93,8 @@ class SequenceParallelSLA:
 
     def extra_repr(self) -> str:
         g = self.groups
-        return f"sp_size={g.sp_size}, ulysses_degree={g.ulysses_degree}, ring_degree={g.ring_degree}"
+        return (f"sp_size={g.sp_size}, ulysses_degree={g.ulysses_degree}, ring_degree={g.ring_degree}, "
+                f"exchange={self.exchange!r}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         if not (q.dim() == 4 and q.shape == k.shape == v.shape):
@@ -89,7 +109,10 @@ class SequenceParallelSLA:
         seq_len = valid_length(seq_len, local_len, self.groups.sp_size)
         if self.ulysses_group is None:
             return self._attend(q, k, v, seq_len)
-        out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
+        if self.exchange == "fused" and not torch.compiler.is_compiling():
+            q, k, v = FusedQKVExchange.apply(self.ulysses_group, q, k, v)
+            return OutputExchange.apply(self.ulysses_group, self._attend_valid(q, k, v, seq_len), q.shape[2])
+        out = self.distributed(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
         return out.transpose(1, 2)
 
     def _local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -99,10 +122,13 @@ class SequenceParallelSLA:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
         """Attention of this rank's heads over its (ring) chunk [B, h, L_chunk, D] of the padded sequence."""
+        return pad_along(self._attend_valid(q, k, v, seq_len), 2, q.shape[2])
+
+    def _attend_valid(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``_attend`` without the zero padding: the output [B, h, n, D] over the chunk's first n tokens, n the valid
+        ones (all of them under context parallel, whose padded rows are zero already)."""
         if self.ring_group is not None:
             return context_parallel_sla(self.attention, q, k, v, seq_len, self.ring_group)
-        full_len = q.shape[2]
-        if seq_len == full_len:
+        if seq_len == q.shape[2]:
             return self.attention(q, k, v)
-        out = self.attention(q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len])
-        return pad_along(out, 2, full_len)
+        return self.attention(q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len])

@@ -122,3 +122,13 @@ def assert_within_reference_error(errors: dict[str, tuple]) -> None:
     for name, (kernel_err, ref_err) in errors.items():
         factor = OUTPUT_FACTOR if name == "out" else GRAD_FACTOR
         assert kernel_err <= factor * ref_err, f"{name} error {kernel_err:.3e} > {factor} x {ref_err:.3e} ({report})"
+
+
+def layer_step(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    """Output and gradients (q, k, v, proj_l weight) of one forward+backward of an SLA layer on fresh leaves, copied
+    at once: a CUDA-graph replay reuses the memory of the previous one's outputs and gradients."""
+    layer.zero_grad(set_to_none=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = layer(*leaves)
+    out.backward(grad)
+    return [out.detach().clone()] + [t.grad.clone() for t in leaves] + [layer.proj_l.weight.grad.clone()]

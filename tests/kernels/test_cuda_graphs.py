@@ -11,7 +11,7 @@ import torch
 from sla_dist import SparseLinearAttention
 from tests.utils import DEVICE, HAS_CUDA
 
-from .harness import relative_error
+from .harness import layer_step, relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")]
 
@@ -22,28 +22,19 @@ def _inputs(L: int, seed: int):
     return q, k, v, grad
 
 
-def _step(layer, q, k, v, grad):
-    """Output and gradients (q, k, v, proj_l weight) of one forward+backward on fresh leaves."""
-    layer.zero_grad(set_to_none=True)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = layer(*leaves)
-    out.backward(grad)
-    return [out.detach().clone()] + [t.grad.clone() for t in leaves] + [layer.proj_l.weight.grad.clone()]
-
-
 @pytest.mark.parametrize("L", [1000, 4096])
 def test_graphed_layer_replays_eager_results(L):
     torch.manual_seed(0)
     layer = SparseLinearAttention(64, topk=0.1, BLKQ=128).to(DEVICE)
     torch.nn.init.normal_(layer.proj_l.weight, std=0.1)
     first, second = _inputs(L, seed=1), _inputs(L, seed=2)
-    want = [_step(layer, *first), _step(layer, *second)]
+    want = [layer_step(layer, *first), layer_step(layer, *second)]
 
     sample = tuple(t.clone().requires_grad_() for t in first[:3])
     graphed = torch.cuda.make_graphed_callables(layer, sample)
     # Replays on both input sets, in the opposite order: a graph that kept the capture's inputs would fail one.
     for inputs, expected in ((second, want[1]), (first, want[0])):
-        got = _step(graphed, *inputs)
+        got = layer_step(graphed, *inputs)
         for name, g, w in zip(("out", "dq", "dk", "dv", "dproj_w"), got, expected):
             assert torch.isfinite(g).all(), name
             assert relative_error(g, w.double()) < 1e-2, (name, relative_error(g, w.double()))

@@ -14,7 +14,7 @@ import torch
 from sla_dist.lightning import rotation, run
 from sla_dist.lightning.checkpoint import safe_torch_load
 from sla_dist.lightning.recipe import load_recipe
-from tests.lightning.runs import logged_losses
+from tests.lightning.runs import in_process_runs, logged_losses
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny_cpu.yaml"
 FAST = ["trainer.progress_bar=false", "sample.enabled=false", "data.batch_size=2", "trainer.log_every_n_steps=1",
@@ -42,15 +42,8 @@ class Payload:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_process_group():
-    """SLAStrategy initialises a (world 1, gloo) default process group in this process, which the module's runs
-    share, and sets MASTER_PORT, RANK, ... in the environment; later tests fork workers or start training
-    subprocesses that set up their own, so neither may outlive the module."""
-    environ = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environ)
+    with in_process_runs():
+        yield
 
 
 @pytest.fixture(scope="module")

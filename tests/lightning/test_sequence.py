@@ -16,7 +16,7 @@ from sla_dist import SLAConfig, apply_sla, dit_config
 from sla_dist.lightning.checkpoint import canonical_name
 from sla_dist.lightning.module import DiTModule
 from sla_dist.lightning.sequence import enable_sequence_parallel, predict_full, predict_local, target_tokens
-from sla_dist.models import VideoDiT
+from sla_dist.models import VideoDiT, apply_compile
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups
 from tests.parallel.dist_utils import device_params, run_distributed
 
@@ -66,7 +66,7 @@ def _grads(module: DiTModule, batch: dict, groups) -> tuple[dict, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.model.named_parameters()}, loss
 
 
-def _check_sp_grads(device: torch.device, seed: int, checkpoint_blocks: bool = False) -> None:
+def _check_sp_grads(device: torch.device, seed: int, checkpoint_blocks: bool = False, compiled: bool = False) -> None:
     torch.manual_seed(seed)
     batch = {"latents": torch.randn(LATENT_SHAPE, device=device), "text": torch.randn(2, 5, 32, device=device),
              "index": torch.arange(2)}
@@ -88,7 +88,14 @@ def _check_sp_grads(device: torch.device, seed: int, checkpoint_blocks: bool = F
     clone = copy.deepcopy(sharded.model).blocks[1].self_attn
     assert clone.parallel.attention is clone.core and clone.parallel.groups is groups
     assert clone.core is not sharded.model.blocks[1].self_attn.core
+    if compiled:  # as DiTModule.configure_model (model.compile) does, before the sequence-parallel forward
+        apply_compile(sharded.model, backend="aot_eager")
     got, got_loss = _grads(sharded, batch, groups)
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        # the blocks compiled, the sequence-parallel attention and the checkpoint inside them without a break
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     # on CUDA the SLA layers run the Triton kernels, whose summation order differs from the reference's
     rtol, grad_tol = (1e-5, 1e-4) if device.type == "cpu" else (1e-3, 1e-2)
     torch.testing.assert_close(got_loss, want_loss, rtol=rtol, atol=0)
@@ -105,10 +112,14 @@ def _check_sp_grads(device: torch.device, seed: int, checkpoint_blocks: bool = F
                                    rtol=100 * rtol, atol=1e-5 if device.type == "cpu" else 1e-3)
 
 
-@pytest.mark.parametrize("checkpoint_blocks", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("checkpoint_blocks, compiled", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "checkpointed", "compiled-checkpointed"])
 @pytest.mark.parametrize("device", device_params(2))
-def test_sp2_gradients_equal_sp1(device, checkpoint_blocks):
-    run_distributed(_check_sp_grads, 2, device, random.randrange(1000), checkpoint_blocks)
+def test_sp2_gradients_equal_sp1(device, checkpoint_blocks, compiled, request):
+    if compiled and device == "cuda":  # the recipe refuses model.compile with sp_size > 1 until this passes
+        request.applymarker(pytest.mark.xfail(strict=True, reason="on 2x H200 (NCCL, 2026-11-30) the compiled "
+                                              "SP=2 gradients differed from SP=1 by 7.7e-2 of their max"))
+    run_distributed(_check_sp_grads, 2, device, random.randrange(1000), checkpoint_blocks, compiled)
 
 
 def _check_disagreeing_lengths(device: torch.device) -> None:

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from sla_dist.models import VideoDiT, dit_config
+from sla_dist.config import SLAConfig
+from sla_dist.models import VideoDiT, apply_sla, dit_config
+from tests.utils import DEVICE
 
 
 def _inputs(config, frames=3, height=8, width=10, batch=2, text_len=7):
@@ -111,3 +113,18 @@ def test_unembed_is_head_tokens_then_untile_and_unpatchify():
                                model.unpatchify(inputs.tiling.untile(tokens, dim=1), inputs.grid))
     model.head_tokens = lambda x, t_emb: torch.zeros_like(tokens)
     assert not model.unembed(x, inputs).any()
+
+
+def test_sla_dit_compiles_to_one_graph(block_map_kernels):
+    """The whole DiT with SLA on the Triton-kernel path (the interpreter on CPU) traces as one graph, so a user can
+    compile the model (fusing the non-attention ops) or capture it in CUDA graphs; the compiled forward, whose
+    backward AOTAutograd traces at compile time, gives the eager output."""
+    torch.manual_seed(0)
+    config = dit_config("tiny", num_layers=1)
+    model = VideoDiT(config)
+    apply_sla(model, SLAConfig(topk=0.5, negligible=0.25, backend="triton"))
+    model.to(DEVICE)  # the interpreter on CPU, the compiled kernels on a GPU
+    inputs = _inputs(config, frames=1, height=16, width=20, batch=1)  # 80 tokens: 2 query blocks
+    latents, timestep, text = (t.to(DEVICE) for t in inputs)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(latents, timestep, text), model(latents, timestep, text))

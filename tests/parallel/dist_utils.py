@@ -75,9 +75,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 
 
 def check_matches_single_process(device: torch.device, config: SequenceParallelConfig, *, batch: int, heads: int,
-                                 seq_len: int, head_dim: int = 64, seed: int = 0, **sla_kwargs) -> None:
+                                 seq_len: int, head_dim: int = 64, seed: int = 0, exchange: str = "fused",
+                                 **sla_kwargs) -> None:
     """Sequence-parallel SLA on shards equals single-process SLA on the full sequence: outputs, q/k/v gradients and
-    proj_l gradients (each rank holds the part from its heads; their sum over the SP group is the full one)."""
+    proj_l gradients (each rank holds the part from its heads; their sum over the SP group is the full one).
+    ``exchange``: SequenceParallelSLA's Ulysses all-to-all."""
     groups = SequenceParallelGroups.build(config)
     attn = make_sla(head_dim, device, seed, **sla_kwargs)
     torch.manual_seed(seed + 1)
@@ -91,7 +93,7 @@ def check_matches_single_process(device: torch.device, config: SequenceParallelC
 
     shard = SequenceShard.for_group(seq_len, groups.sp_group)
     local = [shard.split(x, dim=2).requires_grad_() for x in (q, k, v)]
-    sp_out = SequenceParallelSLA(attn, groups)(*local, seq_len=seq_len)
+    sp_out = SequenceParallelSLA(attn, groups, exchange)(*local, seq_len=seq_len)
     sp_out.backward(shard.split(grad_out, dim=2))
 
     valid = shard.num_valid

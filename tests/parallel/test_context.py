@@ -85,9 +85,11 @@ def _four_ranks(device: torch.device) -> None:
     # 200 tokens: ranks 2 and 3 hold only padding yet take part in every collective
     check_matches_single_process(device, ring, batch=1, heads=2, seq_len=200, topk=0.5, negligible=0.25,
                                  feature_map="relu")
-    # hybrid: Ulysses pairs exchange heads, the two ring ranks split the sequence
+    # hybrid: Ulysses pairs exchange heads (by either all-to-all), the two ring ranks split the sequence
     hybrid = SequenceParallelConfig(sp_size=4, ulysses_degree=2)
-    check_matches_single_process(device, hybrid, batch=1, heads=2, seq_len=1000, topk=0.2, negligible=0.1)
+    for exchange in ("fused", "deepspeed"):
+        check_matches_single_process(device, hybrid, batch=1, heads=2, seq_len=1000, topk=0.2, negligible=0.1,
+                                     exchange=exchange)
     _check_block_maps(device, 1000, topk=0.15, negligible=0.1)
 
 

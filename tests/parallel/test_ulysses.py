@@ -9,7 +9,7 @@ import torch
 
 from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups, SequenceParallelSLA, SequenceShard
 
-from dist_utils import check_matches_single_process, device_params, make_sla, run_distributed
+from dist_utils import assert_close, check_matches_single_process, device_params, make_sla, run_distributed
 
 
 def _check_block_maps(device: torch.device, world: int, heads: int, seq_len: int) -> None:
@@ -65,10 +65,48 @@ def _check_deepcopy(device: torch.device) -> None:
     assert torch.equal(clone(q, k, v), layer(q, k, v))
 
 
+def _check_exchanges_agree(device: torch.device, world: int, batch: int, seq_len: int) -> None:
+    """The fused exchange and DeepSpeed's give the same outputs and q/k/v/proj_l gradients, on the model's layout
+    (shards of [B, L_local, H, D] buffers viewed as [B, H, L_local, D]); the fused one returns the gradients in
+    the inputs' layout and the output as a [B, L_local, H, D] buffer, so the model's reshapes around it are views."""
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=world))
+    attn = make_sla(64, device, seed=7, topk=0.2, negligible=0.1)
+    shard = SequenceShard.for_group(seq_len, groups.sp_group)
+    torch.manual_seed(8)
+    q, k, v, grad_out = (shard.split(torch.randn(batch, seq_len, 2 * world, 64, device=device), 1)
+                         for _ in range(4))
+    results, strides = {}, []
+    for exchange in ("fused", "deepspeed"):
+        attn.zero_grad()
+        local = [x.detach().requires_grad_() for x in (q, k, v)]
+        views = [x.transpose(1, 2) for x in local]
+        if exchange == "fused":  # the gradients as the exchange returns them (a leaf's .grad takes the leaf's layout)
+            for x in views:
+                x.register_hook(lambda grad: strides.append(grad.stride()))
+        out = SequenceParallelSLA(attn, groups, exchange)(*views, seq_len=seq_len)
+        out.backward(grad_out.transpose(1, 2))
+        results[exchange] = [out, *(x.grad for x in local), *(p.grad.clone() for p in attn.proj_l.parameters())]
+    names = ("output", "dq", "dk", "dv", "proj_l.weight grad", "proj_l.bias grad")
+    for name, fused, reference in zip(names, results["fused"], results["deepspeed"]):
+        if device.type == "cpu":  # the same arithmetic on the same values: bit-equal
+            assert torch.equal(fused, reference), f"{name}: fused and deepspeed exchanges differ"
+        else:  # cuBLAS may choose its algorithms by layout
+            assert_close(fused, reference, f"{name} (fused vs deepspeed exchange)")
+    out = results["fused"][0]
+    assert out.transpose(1, 2).is_contiguous(), f"output strides {out.stride()}: not a [B, L_local, H, D] buffer"
+    assert strides == [views[0].stride()] * 3, f"gradient strides {strides} differ from the inputs' {views[0].stride()}"
+    if shard.num_valid < shard.local_len:
+        assert out[:, :, shard.num_valid:].abs().max().item() == 0, "padded positions must have zero output"
+
+
 def _two_ranks(device: torch.device) -> None:
     ulysses = SequenceParallelConfig(sp_size=2)
-    # odd length: 1000 tokens padded to 1024, the second shard holds 24 padded tokens
-    check_matches_single_process(device, ulysses, batch=2, heads=4, seq_len=1000, topk=0.2, negligible=0.1)
+    # odd length: 1000 tokens padded to 1024, the second shard holds 24 padded tokens; both exchanges
+    for exchange in ("fused", "deepspeed"):
+        check_matches_single_process(device, ulysses, batch=2, heads=4, seq_len=1000, topk=0.2, negligible=0.1,
+                                     exchange=exchange)
+    _check_exchanges_agree(device, 2, batch=2, seq_len=1000)
+    _check_exchanges_agree(device, 2, batch=1, seq_len=1024)  # one sample, no padding: the output is sent in place
     # no padding; the paper's other linear scope and feature map
     check_matches_single_process(device, ulysses, batch=1, heads=2, seq_len=1024, topk=0.25, negligible=0.25,
                                  linear_scope="all", feature_map="elu")
@@ -89,6 +127,7 @@ def _four_ranks(device: torch.device) -> None:
                                  feature_map="relu")
     _check_block_maps(device, 4, heads=8, seq_len=1000)
     _check_heads_error(device, 4)
+    _check_exchanges_agree(device, 4, batch=1, seq_len=200)  # ranks 2 and 3 hold nothing but padding
 
 
 @pytest.mark.parametrize("device", device_params(2))
@@ -109,3 +148,9 @@ def test_seq_len_must_be_an_integer_in_range(seq_len):
     q = torch.randn(1, 2, 128, 64)
     with pytest.raises(ValueError, match=rf"seq_len={seq_len!r} must be an integer in \(0, 128\]"):
         layer(q, q, q, seq_len=seq_len)
+
+
+def test_exchange_must_be_known():
+    with pytest.raises(ValueError, match=r"exchange='nccl' is not one of \('fused', 'deepspeed'\)"):
+        SequenceParallelSLA(make_sla(64, torch.device("cpu"), seed=0),
+                            SequenceParallelGroups.build(SequenceParallelConfig()), exchange="nccl")

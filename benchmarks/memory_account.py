@@ -1,0 +1,109 @@
+"""Peak extra memory of the SLA layer's forward+backward, counted on a CPU with the Triton kernels replaced by no-ops.
+
+    TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128] [--json PATH]
+
+Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in bfloat16, the
+block map through its kernel path), but no kernel runs, so the full 32K shape takes a minute or two (the 0/1
+products and proj_l's GEMMs run on the CPU). The CPU allocator's allocations and frees are read back from the
+profiler's memory timeline; "extra" is the peak above what was allocated before the forward (inputs, the output
+gradient, parameters), as ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` reports on a GPU, up to the
+caching allocator's rounding (512 bytes) and its workspaces. The output is held during the backward (as in
+``layer(q, k, v).backward(g)``), and the kernels' outputs hold no values, so only sizes are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from unittest import mock
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action, MemoryProfile
+
+MIB = 2**20
+
+
+class _NoOpKernel:
+    """Launched as ``kernel[grid](*args, **meta)``; does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def no_op_kernels():
+    """Every SLA Triton launch a no-op, the block map and the summaries on their GPU code paths."""
+    from sla_dist.kernels import block_map, configs, op
+
+    gpu_summary_dtype = op.summary_dtype
+    with mock.patch.object(op, "get_kernel", lambda name: _NoOpKernel()), \
+            mock.patch.object(configs, "get_kernel", lambda name: _NoOpKernel()), \
+            mock.patch.object(block_map, "_on_kernels", lambda x, kernels: x.dtype != torch.float64), \
+            mock.patch.object(op, "summary_dtype", lambda dtype, interpreting: gpu_summary_dtype(dtype, False)):
+        yield
+
+
+def allocations(fn) -> tuple[int, int]:
+    """(peak bytes above the start, bytes still allocated at the end) of the CPU allocations ``fn`` makes."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak, live
+
+
+def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
+                  dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
+    ("forward_peak"), what it leaves allocated for the backward, output included ("held"), and the peak over both
+    ("peak"), each above what was allocated before."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("set TRITON_INTERPRET=1: the layer takes its kernel path on a CPU only in interpreter mode")
+    from sla_dist import SparseLinearAttention
+
+    torch.manual_seed(0)
+    layer = SparseLinearAttention(D, topk=topk, BLKQ=block_q, BLKK=block_k, backend="triton")
+    torch.nn.init.normal_(layer.proj_l.weight, std=D**-0.5)
+    q, k, v = (torch.randn(1, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    out = []
+    with no_op_kernels():
+        forward_peak, held = allocations(lambda: out.append(layer(q, k, v)))
+        backward_peak, _ = allocations(lambda: out[0].backward(g))
+    return dict(forward_peak=forward_peak, held=held, peak=max(forward_peak, held + backward_peak))
+
+
+def layer_peak_extra(L: int, H: int, D: int, **kwargs) -> int:
+    """Peak extra bytes of ``layer(q, k, v).backward(g)`` (see :func:`layer_account`)."""
+    return layer_account(L, H, D, **kwargs)["peak"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--L", type=int, default=32768)
+    parser.add_argument("--H", type=int, default=12)
+    parser.add_argument("--D", type=int, default=128)
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args()
+    account = layer_account(args.L, args.H, args.D)
+    one = args.H * args.L * args.D * 2
+    print(f"SLA layer fwd+bwd, kernel path, bf16, [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, topk 0.05; "
+          f"MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
+    for name, n in account.items():
+        print(f"  {name:12} {n / MIB:8.1f} MiB  {n / one:5.2f} x q")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(L=args.L, H=args.H, D=args.D, q_mib=one / MIB,
+                           **{f"{name}_mib": n / MIB for name, n in account.items()}), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""torch.compile of the SLA layer on the Triton-kernel path: one graph, no graph break, forward and backward.
+
+Every Triton launch of the layer (block sums, ranking, the attention forward / backward, the transposed lists inside
+the backward) is a torch.library custom op with a fake implementation, so dynamo never traces into Triton. Whole DiT
+blocks can then be compiled, and ``mode="reduce-overhead"`` (CUDA graphs) removes the host time that bounds the layer
+up to ~16K tokens. On CPU the kernels run in the Triton interpreter; the block map, which by default takes its
+PyTorch path off CUDA, is forced onto its kernels as on a GPU (the ``block_map_kernels`` fixture).
+"""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from sla_dist import SparseLinearAttention
+from tests.utils import DEVICE, HAS_CUDA
+
+from .harness import layer_step, relative_error
+
+BLOCK_MAP_OPS = ("sla_dist.block_sums.default", "sla_dist.rank_blocks.default")
+
+
+def _layer(seed: int = 0) -> SparseLinearAttention:
+    torch.manual_seed(seed)
+    layer = SparseLinearAttention(32, topk=0.5, negligible=0.25, backend="triton")
+    torch.nn.init.normal_(layer.proj_l.weight, std=0.2)  # a zero proj_l would hide the linear branch
+    return layer.to(DEVICE)
+
+
+def _inputs(L: int, seed: int):
+    """Float32 inputs on the test device: the interpreter on CPU, the compiled kernels on a GPU."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 1, L, 32, generator=g).to(DEVICE) for _ in range(4))
+
+
+def test_layer_compiles_to_one_graph(block_map_kernels):
+    q, k, v, _ = _inputs(200, seed=1)
+    explained = torch._dynamo.explain(_layer())(q, k, v)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    ops = {str(node.target) for node in explained.graphs[0].graph.nodes}
+    assert {*BLOCK_MAP_OPS, "sla_dist.sla_projected_forward.default"} <= ops, sorted(ops)  # proj_l in the kernel
+
+
+def test_compiled_layer_matches_eager(block_map_kernels):
+    layer = _layer()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        inputs = _inputs(200, seed)
+        want, got = layer_step(layer, *inputs), layer_step(compiled, *inputs)
+        for name, g, w in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
+            torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
+
+
+def test_one_graph_serves_every_length(block_map_kernels):
+    """With dynamic shapes (what torch.compile switches to when a length changes) the block counts stay symbolic:
+    one graph, no recompilation per length, and the eager layer's output at each length (odd, partial blocks)."""
+    layer = _layer()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    with torch.no_grad():
+        for L in (200, 333):
+            q, k, v, _ = _inputs(L, seed=L)
+            torch.testing.assert_close(compiled(q, k, v), layer(q, k, v), msg=lambda m: f"L={L}: {m}")
+            frames.append(counter.frame_count)
+    assert frames[0] == frames[1], f"recompiled for the second length: {frames} frames"
+
+
+@pytest.mark.parametrize("op, args", [
+    ("block_sums", lambda x: (x, 64, 5)),  # one zero-padded block past the sequence, as context parallelism pads
+    ("rank_blocks", lambda x: (x[0, :, :3, :4].float(), 2, 1)),
+    ("transposed_lists", lambda x: (torch.randint(0, 3, (1, 2, 3, 4), dtype=torch.int8, device=x.device),)),
+])
+def test_block_map_ops_have_fake_implementations(op, args):
+    x = torch.randn(1, 2, 200, 32, device=DEVICE)
+    torch.library.opcheck(getattr(torch.ops.sla_dist, op).default, args(x),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_reduce_overhead_layer_replays_eager_results():
+    """The layer compiled with CUDA graphs (fullgraph: a graph break is an error) gives the eager layer's output and
+    gradients on two input sets, each run twice: warm-up, recording, then replays that must read their own inputs."""
+    torch.manual_seed(0)
+    layer = SparseLinearAttention(64, topk=0.1, BLKQ=128).to(DEVICE)
+    torch.nn.init.normal_(layer.proj_l.weight, std=0.1)
+    sets = []
+    for seed in (1, 2):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        sets.append([torch.randn(2, 3, 1001, 64, generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)])
+    want = [layer_step(layer, *inputs) for inputs in sets]
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for i in (0, 1, 0, 1):
+        torch.compiler.cudagraph_mark_step_begin()
+        got = layer_step(compiled, *sets[i])
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want[i]):
+            assert torch.isfinite(a).all(), name
+            assert relative_error(a, b.double()) < 1e-2, (i, name, relative_error(a, b.double()))
+    assert relative_error(want[0][0], want[1][0].double()) > 0.5  # the two sets are told apart
+
+
+def test_fake_outputs_have_the_kernels_strides(block_map_kernels):
+    """Inductor asserts that a custom op's outputs have the strides its fake gave. The ops re-lay out inputs whose
+    strides disagree (q a [B, L, H, D] view, the output gradient contiguous, as inductor may make it) or that are not
+    dense (a sliced sequence), so the fakes must make the same choice: a compiled DiT step on the H200 failed with
+    "expected ... stride 4193280==128" in sla_backward before they did."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sla_dist.kernels.block_map import predict_block_map
+
+    layer = _layer()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 201, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    q, k = q[:, :, :200], k[:, :, :200]  # sliced along the sequence: not dense
+    v = v[:, :, :200]
+    block_map = predict_block_map(q, k, topk=0.5, negligible=0.25)
+    lists = (block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
+             block_map.block_q, block_map.block_k, "softmax", "marginal")
+    weight, bias = layer.proj_l.weight.detach(), layer.proj_l.bias.detach()
+    ops = torch.ops.sla_dist
+
+    def strides(outputs):
+        return [t.stride() for t in outputs]
+
+    out, o_l, lse = ops.sla_projected_forward(q, k, v, *lists, weight, bias)
+    do = torch.randn(out.shape, generator=g).to(DEVICE)  # contiguous: not out's layout
+    backward_args = (do, None, None, q, k, v, out, lse, *lists, o_l, weight, bias)
+    grads = ops.sla_backward(*backward_args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in (q, k, v, *lists, weight, bias)]
+        assert strides(ops.sla_projected_forward(*fake)) == strides((out, o_l, lse))
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in backward_args]
+        assert strides(ops.sla_backward(*fake)) == strides(grads)
+    assert q.stride() != grads[0].stride()  # the backward did re-lay out q: the case is exercised
