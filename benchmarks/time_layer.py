@@ -40,15 +40,7 @@ def main() -> None:
     capture.add_argument("--graph", action="store_true", help="time the layer captured in CUDA graphs")
     parser.add_argument("--dense", action="store_true",
                         help="also time dense SDPA (cuDNN) on the same q, k, v: the baseline of the same run")
-    parser.add_argument("--summary-chunks", type=float, metavar="FRACTION",
-                        help="build the linear branch's summaries in chunks of (batch, head) pairs, each at most this "
-                             "fraction of q's and k's bytes (sla_dist.kernels.op.SUMMARY_CHUNK_FRACTION; default: "
-                             "all pairs at once)")
     args = parser.parse_args()
-    if args.summary_chunks is not None:
-        from sla_dist.kernels import op
-
-        op.SUMMARY_CHUNK_FRACTION = args.summary_chunks
     label = args.label + (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
     for L in (32768, 8192):

@@ -41,8 +41,7 @@ _POINTERS = {
     "block_sums": dict(X="x", SUMS="f64"),
     "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
     "critical_columns": dict(CLASS="i8", Q_NUM="i32", Q_IDX="i32"),
-    "prepass": dict(Q="x", O="x", DO="x", DOL="x", DQ="x", DLSE="f32", DELTA="f32", OL="x", W="proj", B="proj",
-                    HL="sum", ZL="sum", DHZ="sum"),
+    "prepass": dict(Q="x", O="x", DO="x", DOL="x", DQ="x", DLSE="f32", DELTA="f32", HL="sum", ZL="sum", DHZ="sum"),
     "dq": dict(Q="x", K="x", V="x", DO="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32"),
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
                  DHS="sum", DZS="sum"),
@@ -89,7 +88,7 @@ class Variant:
     def constexprs(self) -> dict:
         values = dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k,
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
-                      HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=False,
+                      HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})

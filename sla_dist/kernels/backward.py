@@ -5,9 +5,7 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
 1. ``_bwd_prepass_kernel``: one program per query block i, everything that needs only its own rows:
        delta = rowsum(dO_s * O_s) - log2(e) dlse
    (the softmax backward's correction term; dlse, the gradient of the saved base-2 lse, is nonzero when a caller
-   merges partial attentions by their LSE), and the query side of the linear branch. For the projected layer
-   (HAS_PROJ) it also makes dO_l = dOut W and takes O_s from the layer's output, out - O_l W^T - b, so that neither
-   dO_l nor O_s is ever stored in full. With N = phi(Q_i) H_i,
+   merges partial attentions by their LSE), and the query side of the linear branch. With N = phi(Q_i) H_i,
    den = phi(Q_i) . Z_i, O_l = N / den:
        dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2,  dphi(Q) = dN H_i^T + dden Z_i^T
    It writes the linear branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers
@@ -32,52 +30,34 @@ from .tiles import block_item, head_offset, listed_rows, query_rows, row_tile, s
 @triton.jit
 def _bwd_prepass_kernel(
     Q, O, DO, DOL, DQ, DLSE, DELTA,          # q/o/do/dol/dq [B, H, LQ, D] (q strides), dlse/delta [BH, LQ] float32
-    OL, W, B,                                # HAS_PROJ: O is the layer output O_s + O_l W^T + b; O_l, W [D, D], b [D]
-    HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [chunk, Nq, D*D+D]
+    HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
     stride_qb, stride_qh, stride_ql,
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
-    H, LQ, NQ, BH0,                          # this launch covers the (batch, head) pairs BH0, BH0 + 1, ...
+    H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOL: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
-    chunk_row = tl.program_id(1)             # HL, ZL and DHZ hold this launch's chunk of pairs only
-    bh = BH0 + chunk_row
+    bh = tl.program_id(1)
     base = head_offset(bh, H, stride_qb, stride_qh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
     tile = row_tile(base, offs_m, stride_ql, offs_d)
     o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do_x = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
-    do = do_x.to(tl.float32)
+    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
-    if HAS_PROJ:
-        # dO_l = dOut W, made here rather than read from a [B, H, LQ, D] buffer, and O_s = out - O_l W^T - b rebuilt
-        # inside delta: rowsum(dOut * O_s) = rowsum(dOut * out) - rowsum(dO_l * O_l) - dOut . b. O_l and W are the
-        # values the forward's epilogue multiplied (O_l as stored, W rounded to the inputs' dtype), so the only
-        # difference from the stored O_s is the rounding of out.
-        w = tl.load(W + offs_d[:, None] * D + offs_d[None, :]).to(do_x.dtype)
-        dol = tl.dot(do_x, w, input_precision=PRECISION)
-        o_l = tl.load(OL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        delta -= tl.sum(dol * o_l, axis=1)
-        if HAS_BIAS:
-            delta -= tl.sum(do * tl.load(B + offs_d).to(tl.float32)[None, :], axis=1)
-        if HAS_DOL:  # a gradient that reached O_l directly
-            dol += tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     rows = bh.to(tl.int64) * LQ + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     tl.store(DELTA + rows, delta, mask=row_ok)
 
     if HAS_LINEAR:
-        if not HAS_PROJ:
-            dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
         x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
         fq = phi_fwd(x, FEATURE_MAP)
-        hl = tl.load(HL + block_item(chunk_row, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
-        zl = tl.load(ZL + block_item(chunk_row, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
+        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
+        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
         num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
         den = tl.sum(fq * zl[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
@@ -89,14 +69,9 @@ def _bwd_prepass_kernel(
         # summaries' dtype (bf16 for half inputs, as in the forward's phi(Q_i) H_i): float32 operands ran it at
         # tf32 rate and took 128 KiB of shared memory at D = 128 (one program per SM).
         dh = tl.dot(tl.trans(fq).to(hl.dtype), dnum.to(hl.dtype), input_precision=PRECISION)
-        dz = tl.sum(fq * dden[:, None], axis=0)
-        # DHZ may be HL's own buffer (one row per query block: the launcher overwrites H_i with dH_i to save a
-        # buffer). This program alone reads and writes its row; the barrier keeps every thread's reads of H_i, Z_i
-        # before any thread's write.
-        tl.debug_barrier()
-        out = DHZ + (chunk_row.to(tl.int64) * NQ + pid_q) * (D * D + D)
+        out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
         tl.store(out + square(offs_d, D), dh.to(DHZ.dtype.element_ty))
-        tl.store(out + D * D + offs_d, dz.to(DHZ.dtype.element_ty))
+        tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
 
 
 @triton.jit
@@ -142,18 +117,17 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D]
     LSE, DELTA,                              # [BH, LQ] float32
     Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
-    DHS, DZS,                                # dh_j, dz_j of this launch's chunk of pairs (may be broadcast over Nk)
+    DHS, DZS,                                # dh_j, dz_j (may be broadcast over Nk)
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_dh_bh, stride_dh_k, stride_dz_bh, stride_dz_k,
-    H, LQ, LK, NK, NQ, BH0, qk_scale, sm_scale,  # this launch covers the (batch, head) pairs BH0, BH0 + 1, ...
+    H, LQ, LK, NK, NQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
-    chunk_row = tl.program_id(1)             # DHS and DZS hold this launch's chunk of pairs only
-    bh = BH0 + chunk_row
+    bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -203,8 +177,8 @@ def _bwd_dkdv_kernel(
     if HAS_LINEAR:
         x = k.to(tl.float32)
         fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
-        dh = tl.load(DHS + block_item(chunk_row, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
-        dz = tl.load(DZS + block_item(chunk_row, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
+        dh = tl.load(DHS + block_item(bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
+        dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
         dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
         dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
         dk += tl.where(col_ok[:, None], phi_bwd(x, fk, dfk, FEATURE_MAP), 0.0)

@@ -19,8 +19,7 @@ O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i), 0 where the denominator is 0. Addressing 
 Projection (HAS_PROJ): the layer's output O_s + O_l W^T + b (proj_l, a [D, D] Linear shared by all heads) is made in
 the epilogue as one more tile product accumulated onto O_s, so no separate GEMM and add read O_l and O_s back. W and b
 are read in their stored dtype (the float32 master weights under autocast) and rounded like O_l, to the inputs'
-dtype, for the product; the sum is rounded once, on the store. O_l is still stored (the backward needs it, for dW and
-to rebuild O_s from the output); O_s is not, which saves a [B, H, LQ, D] buffer between forward and backward.
+dtype, for the product; the sum is rounded once, on the store. O_s and O_l are still stored: the backward needs them.
 """
 
 import triton
@@ -76,8 +75,7 @@ def _sla_fwd_kernel(
     # A row with no critical block (possible only for hand-built maps) yields 0 and lse = -inf.
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if not HAS_PROJ:  # the projected layer's backward rebuilds O_s from its output (backward.py): not stored
-        tl.store(O + tile, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + tile, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(LSE + bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
 
@@ -102,16 +100,15 @@ def _sla_fwd_kernel(
 
 @triton.jit
 def _linear_summaries_kernel(
-    K, V, HZ,                                # [B, H, LK, D] x2; output [chunk, Nk, D * D + D]: h_j then z_j per block
+    K, V, HZ,                                # [B, H, LK, D] x2; output [BH, Nk, D * D + D]: h_j then z_j per block
     stride_kb, stride_kh, stride_kl,
-    H, LK, NK, BH0,                          # this launch covers the (batch, head) pairs BH0, BH0 + 1, ...
+    H, LK, NK,
     D: tl.constexpr, BLOCK_K: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """h_j = phi(K_j)^T V_j and z_j = colsum phi(K_j) for key block j; padded rows contribute nothing. The launcher
-    builds the rows a chunk of (batch, head) pairs at a time (op.py), so they never exist for all heads at once."""
+    """h_j = phi(K_j)^T V_j and z_j = colsum phi(K_j) for key block j; padded rows contribute nothing."""
     pid_k = tl.program_id(0)
-    row = tl.program_id(1)
-    base = head_offset(BH0 + row, H, stride_kb, stride_kh)
+    bh = tl.program_id(1)
+    base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     row_ok = offs_k < LK
@@ -120,6 +117,6 @@ def _linear_summaries_kernel(
     v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
     fk = tl.where(row_ok[:, None], phi_fwd(k.to(tl.float32), FEATURE_MAP), 0.0)
     h = tl.dot(tl.trans(fk).to(v.dtype), v, input_precision=PRECISION)
-    out = HZ + (row.to(tl.int64) * NK + pid_k) * (D * D + D)
+    out = HZ + (bh.to(tl.int64) * NK + pid_k) * (D * D + D)
     tl.store(out + square(offs_d, D), h.to(HZ.dtype.element_ty))
     tl.store(out + D * D + offs_d, tl.sum(fk, axis=0).to(HZ.dtype.element_ty))

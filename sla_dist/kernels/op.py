@@ -134,53 +134,19 @@ def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) 
     return None if scope == "all" else (block_class == MARGINAL).flatten(0, 1).to(dtype)
 
 
-def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: bool = False,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: bool = False) -> torch.Tensor:
     """sum_j M_ij x_j: [BH, Nk, F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
-    [BH, Nk or 1, F]; written into ``out`` if given. A product with the 0/1 matrix runs on tensor cores and
-    accumulates in float32; a broadcast total keeps a size-1 block dimension."""
+    [BH, Nk or 1, F]. A product with the 0/1 matrix runs on tensor cores and accumulates in float32; a broadcast
+    total keeps a size-1 block dimension."""
     if marginal is None:
-        return torch.sum(x, 1, keepdim=True, out=out)
-    return torch.matmul(marginal.transpose(1, 2) if transpose else marginal, x, out=out)
+        return x.sum(1, keepdim=True)
+    return (marginal.transpose(1, 2) if transpose else marginal) @ x
 
 
-def _summary_rows(n: int, like: torch.Tensor, p: _Problem, pairs: int | None = None) -> torch.Tensor:
-    """A buffer of one row per block, [pairs (default BH), n, D * D + D]: a [D, D] summary (h_j, or a gradient of
-    H_i) followed by its [D] vector (z_j, or of Z_i), so that one 0/1 product sums both."""
-    return _new((p.bh if pairs is None else pairs, n, p.D * p.D + p.D), like, p.summary_dtype)
-
-
-# The summary rows are the largest buffers (per (batch, head) pair, D / BLOCK_K times a head's k for the per-key-block
-# rows: twice k at D 128, BK 64). With a fraction set they are built and consumed a chunk of pairs at a time, each
-# chunk's rows taking at most that fraction of q's and k's bytes together (the budget grows with k because a
-# context-parallel rank's gathered keys outnumber its queries); None builds them for all pairs at once. Measured on an
-# H200 at [1, 12, 32768, 128] bf16 (benchmarks/results/2026-11-30-h200x2-memory-exchange-compile.md): None, 784 MiB
-# peak extra for a forward+backward (CPU count) at 5.56 ms; 0.25 (6 backward chunks), 542 MiB at 5.93 ms, below
-# dense cuDNN's 580 MiB: the chunks' partial last waves and launches cost ~6 %. Speed is the default.
-SUMMARY_CHUNK_FRACTION: float | None = None
-
-
-def _pair_chunks(p: _Problem, rows_per_pair: int, itemsize: int) -> list[tuple[int, int]]:
-    """[(first pair, end)] covering the BH pairs in chunks whose ``rows_per_pair`` summary rows each fit in
-    SUMMARY_CHUNK_FRACTION of q's and k's bytes (``itemsize`` bytes per element; at least one pair per chunk); one
-    chunk of all pairs when it is None."""
-    if SUMMARY_CHUNK_FRACTION is None:
-        return [(0, p.bh)]
-    per_pair = rows_per_pair * (p.D * p.D + p.D) * p.summary_dtype.itemsize
-    budget = SUMMARY_CHUNK_FRACTION * p.bh * (p.Lq + p.Lk) * p.D * itemsize
-    n_chunks = max(1, math.ceil(p.bh * per_pair / budget))
-    size = math.ceil(p.bh / n_chunks)
-    return [(start, min(start + size, p.bh)) for start in range(0, p.bh, size)]
-
-
-def _key_block_summaries(k: torch.Tensor, v: torch.Tensor, p: _Problem, start: int, end: int) -> torch.Tensor:
-    """h_j, z_j rows [end - start, Nk, D * D + D] of the pairs start..end - 1."""
-    hz = _summary_rows(p.nk, k, p, end - start)
-    get_kernel("summaries")[(p.nk, end - start)](
-        k, v, hz, *p.kv_strides, p.H, p.Lk, p.nk, start,
-        D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
-    )
-    return hz
+def _summary_rows(n: int, like: torch.Tensor, p: _Problem) -> torch.Tensor:
+    """A buffer of one row per block, [BH, n, D * D + D]: a [D, D] summary (h_j, or a gradient of H_i) followed by
+    its [D] vector (z_j, or of Z_i), so that one 0/1 product sums both."""
+    return _new((p.bh, n, p.D * p.D + p.D), like, p.summary_dtype)
 
 
 def _split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,13 +155,13 @@ def _split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: _Problem):
-    """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope, built a
-    chunk of pairs at a time (only one chunk's per-key-block rows exist at once)."""
-    totals = _summary_rows(1 if marginal is None else p.nq, k, p)
-    for start, end in _pair_chunks(p, p.nk, k.element_size()):
-        _sum_over_scope(_key_block_summaries(k, v, p, start, end),
-                        None if marginal is None else marginal[start:end], out=totals[start:end])
-    return _split_rows(totals, p.D)
+    """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
+    hz = _summary_rows(p.nk, k, p)
+    get_kernel("summaries")[(p.nk, p.bh)](
+        k, v, hz, *p.kv_strides, p.H, p.Lk, p.nk,
+        D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
+    )
+    return _split_rows(_sum_over_scope(hz, marginal), p.D)
 
 
 def _block_strides(x: torch.Tensor) -> tuple[int, int]:
@@ -210,9 +176,8 @@ def _forward(
     proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(O_s, O_l, lse): sparse-branch output, unprojected linear-branch output (zeros for scope 'none') and the
-    sparse branch's base-2 log-sum-exp [B, H, Lq] float32; with ``proj_weight`` (scope not 'none') (out, O_l, lse)
-    instead, out = O_s + O_l W^T + b made in the forward kernel's epilogue (O_s itself is not kept: the backward
-    rebuilds it from out)."""
+    sparse branch's base-2 log-sum-exp [B, H, Lq] float32; with ``proj_weight`` (scope not 'none') preceded by the
+    layer output O_s + O_l W^T + b, made in the forward kernel's epilogue."""
     (q,) = _kernel_layout(q)
     k, v = _kernel_layout(k, v)
     has_linear = linear_scope != "none"
@@ -220,24 +185,24 @@ def _forward(
     if has_proj and not has_linear:
         raise ValueError("linear_scope='none' has no linear branch for proj_weight to project")
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
-    # The sums first: their chunks' temporaries are then not added to the outputs.
-    if has_linear:
-        hl, zl = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
-    o = _like(q)  # O_s; with HAS_PROJ the layer's output, passed as OUT (O_s is then not stored)
+    o = _like(q)
     o_l = _like(q) if has_linear else torch.zeros_like(q)
     lse = _new((p.B, p.H, p.Lq), q, torch.float32)
-    if not has_linear:  # never read: HAS_LINEAR=False compiles the branch away
+    if has_linear:
+        hl, zl = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
+    else:  # never read: HAS_LINEAR=False compiles the branch away
         hl = zl = lse.view(p.bh, 1, -1)
     # Never read without HAS_PROJ / HAS_BIAS: o stands in for the missing tensors.
+    out = _like(q) if has_proj else o
     weight = proj_weight.contiguous() if has_proj else o
     bias = proj_bias.contiguous() if proj_bias is not None and has_proj else o
     get_kernel("fwd")[(p.nq, p.bh)](
-        q, k, v, o, o_l, lse, o, weight, bias, kv_num_blocks, kv_indices, hl, zl,
+        q, k, v, o, o_l, lse, out, weight, bias, kv_num_blocks, kv_indices, hl, zl,
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
         **p.meta(), HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
     )
-    return o, o_l, lse
+    return (out, o, o_l, lse) if has_proj else (o, o_l, lse)
 
 
 def _sla_forward_impl(
@@ -254,8 +219,8 @@ def _sla_projected_forward_impl(
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s + O_l W^T + b, O_l, lse) of :func:`_forward`; linear_scope is not 'none'."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_s + O_l W^T + b, O_s, O_l, lse) of :func:`_forward`; linear_scope is not 'none'."""
     return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
                     proj_weight, proj_bias)
 
@@ -273,30 +238,23 @@ def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature
 @sla_projected_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, proj_weight,
       proj_bias):
-    return _forward_outputs_like(q, True)
+    (q,) = _kernel_layout(q)
+    return (_like(q), *_forward_outputs_like(q, True))
 
 
 def _forward_outputs_like(q: torch.Tensor, has_linear: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fake outputs (O_s or out, O_l, lse) with the strides :func:`_forward` gives them (inductor checks them)."""
+    """Fake (O_s, O_l, lse) with the strides :func:`_forward` gives them (inductor checks them)."""
     (q,) = _kernel_layout(q)
     return _like(q), (_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _backward_flags(dol: torch.Tensor | None, linear_scope: str,
-                    proj_weight: torch.Tensor | None) -> tuple[bool, bool, bool]:
-    """(has_proj, has_linear, has_dol) of a backward call."""
-    has_proj = proj_weight is not None
-    has_linear = linear_scope != "none" and (dol is not None or has_proj)
-    return has_proj, has_linear, has_linear and dol is not None
-
-
-def _backward_layout(do, dol, q, k, v, o, o_l, linear_scope, proj_weight) -> tuple[torch.Tensor, ...]:
-    """(q, k, v, o, do, dol, o_l) in the layouts the backward kernels index (the gradients take q's, k's and v's):
-    shared by the implementation and the fake, whose output strides must agree (inductor checks them)."""
-    has_proj, _, has_dol = _backward_flags(dol, linear_scope, proj_weight)
-    q, o, do, dol_, o_l_ = _kernel_layout(q, o, do, dol if has_dol else do, o_l if has_proj else do)
+def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
+    """(q, k, v, o, do, dol) in the layouts the backward kernels index (the gradients take q's, k's and v's): shared
+    by the implementation and the fake, whose output strides must agree (inductor checks them)."""
+    has_linear = linear_scope != "none" and dol is not None
+    q, o, do, dol_ = _kernel_layout(q, o, do, dol if has_linear else do)
     k, v = _kernel_layout(k, v)
-    return q, k, v, o, do, dol_, o_l_
+    return q, k, v, o, do, dol_
 
 
 def _sla_backward_impl(
@@ -304,62 +262,44 @@ def _sla_backward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str,
-    o_l: torch.Tensor | None = None, proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
-    (``dlse``); None stands for a zero gradient.
-
-    With ``proj_weight`` (the projected forward) ``o`` is the layer's output out = O_s + O_l W^T + b, ``do`` its
-    gradient, and ``dol`` only a gradient that reached O_l directly: the pre-pass makes dO_l = dOut W and rebuilds
-    O_s from out, O_l, W and b.
-
-    The linear branch's summaries and their gradients are built and consumed a chunk of (batch, head) pairs at a
-    time (see SUMMARY_CHUNK_FRACTION): per chunk, h_j -> H_i -> pre-pass -> dH_i (written over H_i) -> dh_j -> dK,
-    dV; dQ's sparse part runs last, over all pairs."""
-    has_proj, has_linear, has_dol = _backward_flags(dol, linear_scope, proj_weight)
-    q, k, v, o, do, dol_, o_l_ = _backward_layout(do, dol, q, k, v, o, o_l, linear_scope, proj_weight)
+    (``dlse``); None stands for a zero gradient."""
+    has_linear = linear_scope != "none" and dol is not None
+    q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
 
     dq, dk, dv = _like(q), _like(k), _like(v)
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
-    weight = proj_weight.contiguous() if has_proj else delta
-    bias = proj_bias.contiguous() if has_proj and proj_bias is not None else delta
-    marginal = _marginal_matrix(block_class, linear_scope, p.summary_dtype) if has_linear else None
-    q_num_blocks, q_indices = transposed_lists(block_class)
-    for start, end in _pair_chunks(p, p.nk + p.nq, q.element_size()) if has_linear else [(0, p.bh)]:
-        pairs = end - start
-        if has_linear:
-            scope = None if marginal is None else marginal[start:end]
-            totals = _sum_over_scope(_key_block_summaries(k, v, p, start, end), scope)
-            hl, zl = _split_rows(totals, p.D)
-            # dH_i overwrites H_i where each query block has its own row (the pre-pass reads its row first).
-            dhz = totals if totals.shape[1] == p.nq else _summary_rows(p.nq, q, p, pairs)
-        else:  # never read
-            hl = zl = dhz = delta.view(p.bh, 1, -1)
-        get_kernel("prepass")[(p.nq, pairs)](
-            q, o, do, dol_, dq, dlse if dlse is not None else delta, delta, o_l_, weight, bias, hl, zl, dhz,
-            *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq, start,
-            D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
-            PRECISION=p.precision, HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None, HAS_DOL=has_dol,
-        )
-        if has_linear:
-            del hl, zl, totals
-            dhs, dzs = _split_rows(_sum_over_scope(dhz, scope, transpose=True), p.D)
-            del dhz
-        else:  # never read
-            dhs = dzs = delta.view(p.bh, 1, -1)
-        get_kernel("dkdv")[(p.nk, pairs)](
-            q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
-            *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
-            p.H, p.Lq, p.Lk, p.nk, p.nq, start, p.qk_scale, p.sm_scale,
-            **p.meta(),
-        )
-        del dhs, dzs
+    if has_linear:
+        marginal = _marginal_matrix(block_class, linear_scope, p.summary_dtype)
+        hl, zl = _linear_totals(k, v, marginal, p)
+        dhz = _summary_rows(p.nq, q, p)
+    else:  # never read
+        hl = zl = dhz = delta.view(p.bh, 1, -1)
+    get_kernel("prepass")[(p.nq, p.bh)](
+        q, o, do, dol_, dq, dlse if dlse is not None else delta, delta, hl, zl, dhz,
+        *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq,
+        D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
+        PRECISION=p.precision,
+    )
     get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
         D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision,
+    )
+
+    if has_linear:
+        dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, transpose=True), p.D)
+    else:  # never read
+        dhs = dzs = delta.view(p.bh, 1, -1)
+    q_num_blocks, q_indices = transposed_lists(block_class)
+    get_kernel("dkdv")[(p.nk, p.bh)](
+        q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
+        *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
+        p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
+        **p.meta(),
     )
     return dq, dk, dv
 
@@ -369,18 +309,18 @@ sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=()
 
 @sla_backward.register_fake
 def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
-      linear_scope, o_l=None, proj_weight=None, proj_bias=None):
-    q, k, v, *_ = _backward_layout(do, dol, q, k, v, o, o_l, linear_scope, proj_weight)
+      linear_scope):
+    q, k, v, *_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     return _like(q), _like(k), _like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, *proj = inputs
-    o, o_l, lse = output
-    # The projected op's o is its output out: O_s is rebuilt from it in the backward. It also keeps O_l (dW = sum
-    # dOut^T O_l, and O_s = out - O_l W^T - b) and proj_l's W and b.
-    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *((o_l, *proj) if proj else ()))
+    o, o_l, lse = output[-3:]
+    # The projected op also keeps O_l (dW = sum dOut^T O_l) and W (dO_l = dOut W); of the bias only its dtype.
+    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *((o_l, proj[0]) if proj else ()))
     ctx.static = (block_q, block_k, feature_map, linear_scope)
+    ctx.bias_dtype = proj[1].dtype if proj and proj[1] is not None else None
 
 
 def _memory_order(x: torch.Tensor) -> tuple[int, ...]:
@@ -389,32 +329,35 @@ def _memory_order(x: torch.Tensor) -> tuple[int, ...]:
     return (*sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)), x.dim() - 1)
 
 
-def _projection_grads(dout, o_l, weight, bias):
-    """(dW, db) of out = O_s + O_l W^T + b (None for a zero dOut or a missing bias), in the parameters' dtypes.
+def _projection_backward(dout, do, dol, o_l, weight, bias_dtype):
+    """out = O_s + O_l W^T + b: (dO_s, dO_l, (dW, db)) with dOut added to ``do`` and dOut W to ``dol`` (None: zero).
 
-    The product runs over rows in O_l's memory order, so that no operand is copied into a contiguous layout."""
+    The products run over rows in O_l's memory order, so that no operand is copied into a contiguous layout and
+    dO_l comes back with O_l's strides (those the backward kernels index with)."""
     if dout is None:
-        return None, None
+        return do, dol, (None, None)
     order = _memory_order(o_l)
-    rows, o_l_rows = dout.permute(order).flatten(0, -2), o_l.permute(order).flatten(0, -2)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    rows = dout.permute(order)
+    dol_proj = (rows @ weight.to(dout.dtype)).permute(inverse)
+    rows, o_l_rows = rows.flatten(0, -2), o_l.permute(order).flatten(0, -2)
     dw = (rows.mT @ o_l_rows).to(weight.dtype)
-    db = None if bias is None else rows.sum(0, dtype=torch.float32).to(bias.dtype)
-    return dw, db
+    db = None if bias_dtype is None else rows.sum(0, dtype=torch.float32).to(bias_dtype)
+    return (dout if do is None else do + dout), (dol_proj if dol is None else dol + dol_proj), (dw, db)
 
 
 def _gradients(backward, ctx, *grads):
     """Gradients of the forward's inputs through ``backward`` (the custom op or its implementation) from those of
     its outputs, None standing for a zero gradient: (dq, dk, dv, None x 7) from (dO_s, dO_l, dlse), and for the
-    projected forward (..., dW, db) from (dOut, dO_l, dlse)."""
+    projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse)."""
     q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *proj = ctx.saved_tensors
-    do, dol, dlse = grads
+    do, dol, dlse = grads[-3:]
     dproj = ()
     if proj:
-        dproj = _projection_grads(do, *proj)
+        do, dol, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static,
-                          *proj)
+    dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static)
     return dq, dk, dv, None, None, None, None, None, None, None, *dproj
 
 

@@ -123,13 +123,14 @@ def test_fake_outputs_have_the_kernels_strides(block_map_kernels):
     def strides(outputs):
         return [t.stride() for t in outputs]
 
-    out, o_l, lse = ops.sla_projected_forward(q, k, v, *lists, weight, bias)
-    do = torch.randn(out.shape, generator=g).to(DEVICE)  # contiguous: not out's layout
-    backward_args = (do, None, None, q, k, v, out, lse, *lists, o_l, weight, bias)
+    outputs = ops.sla_projected_forward(q, k, v, *lists, weight, bias)  # (out, O_s, O_l, lse)
+    _, o_s, o_l, lse = outputs
+    do, dol = (torch.randn(o_s.shape, generator=g).to(DEVICE) for _ in range(2))  # contiguous: not O_s's layout
+    backward_args = (do, dol, None, q, k, v, o_s, lse, *lists)
     grads = ops.sla_backward(*backward_args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in (q, k, v, *lists, weight, bias)]
-        assert strides(ops.sla_projected_forward(*fake)) == strides((out, o_l, lse))
+        assert strides(ops.sla_projected_forward(*fake)) == strides(outputs)
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in backward_args]
         assert strides(ops.sla_backward(*fake)) == strides(grads)
     assert q.stride() != grads[0].stride()  # the backward did re-lay out q: the case is exercised

@@ -2,7 +2,6 @@
 sla_branches, the custom-op registration (fake kernels, torch.compile) and input errors."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -231,99 +230,6 @@ def test_backward_saves_no_per_block_summaries():
     assert saved  # the hooks saw the forward's saved tensors
     per_block = [s for s in saved if len(s) >= 3 and s[-2:] == (32, 32)]
     assert not per_block, f"saved per-block [D, D] tensors of shapes {per_block}"
-
-
-@pytest.mark.parametrize("scope", ["marginal", "all"])
-@pytest.mark.parametrize("fraction, chunks", [
-    (1e-9, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]),  # one (batch, head) pair per chunk
-    (0.15, [(0, 2), (2, 4), (4, 6)]),                           # the middle chunk spans both batches
-    (100.0, [(0, 6)]),                                          # everything at once
-])
-def test_summaries_in_chunks_of_pairs(scope, fraction, chunks, monkeypatch, poison_outputs):
-    """The linear branch's summaries are built and consumed a chunk of (batch, head) pairs at a time: output and
-    gradients match float64 whatever the chunks, also where a chunk spans two batches; the forward and the backward
-    each cover every pair once."""
-    seen = []
-    build = op._key_block_summaries
-    monkeypatch.setattr(op, "_key_block_summaries", lambda k, v, p, start, end: seen.append((start, end)) or
-                        build(k, v, p, start, end))
-    monkeypatch.setattr(op, "SUMMARY_CHUNK_FRACTION", fraction)
-    q, k, v = _qkv(2, 3, 200, 200, 32)
-    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
-    g = torch.Generator().manual_seed(4)
-    proj = [(torch.randn(32, 32, generator=g) * 32**-0.5).to(DEVICE), (torch.randn(32, generator=g) * 0.1).to(DEVICE)]
-    grad_out = torch.randn(q.shape, generator=g).to(DEVICE)
-    got = _grads(lambda q, k, v, *p: sparse_linear_attention(q, k, v, bm, *p, linear_scope=scope), (q, k, v, *proj),
-                 grad_out)
-    want = _grads(lambda q, k, v, *p: sla_reference(q, k, v, bm, *p, linear_scope=scope),
-                  [t.double() for t in (q, k, v, *proj)], grad_out.double())
-    _assert_close_to_float64(got, want)
-    # The forward's chunks hold the per-key-block rows only, the backward's also the per-query-block ones: at
-    # fraction 0.15 both come to two pairs.
-    assert seen[len(seen) - len(chunks):] == chunks and seen[: len(seen) - len(chunks)] == chunks, seen
-
-
-def test_summary_chunks_grow_with_the_keys(monkeypatch):
-    """The chunk budget counts q's and k's bytes: at the headline shape the backward takes its summaries 2 pairs at a
-    time (48 MiB of rows, half of q), and a context-parallel rank with 8x more (gathered) keys than queries gets 8
-    chunks of 5 of its 40 heads, not one launch sequence per head (a budget of q alone gave 20)."""
-    monkeypatch.setattr(op, "summary_dtype", lambda dtype, interpreting: torch.bfloat16)  # as on a GPU
-    monkeypatch.setattr(op, "SUMMARY_CHUNK_FRACTION", 0.25)
-
-    def chunks(H, Lq, Lk, backward=True):
-        q, k = (torch.empty(1, H, n, 128, dtype=torch.bfloat16, device="meta") for n in (Lq, Lk))
-        p = op._problem(q, k, 128, 64, "softmax", True)
-        return op._pair_chunks(p, p.nk + p.nq if backward else p.nk, 2)
-
-    assert chunks(12, 32768, 32768) == [(i, i + 2) for i in range(0, 12, 2)]
-    assert chunks(12, 32768, 32768, backward=False) == [(i, i + 3) for i in range(0, 12, 3)]
-    assert chunks(40, 4096, 32768) == [(i, i + 5) for i in range(0, 40, 5)]
-    monkeypatch.setattr(op, "SUMMARY_CHUNK_FRACTION", None)  # the default: every pair at once
-    assert chunks(12, 32768, 32768) == [(0, 12)]
-
-
-@pytest.mark.gpu
-def test_prepass_autotuning_restores_the_summaries(monkeypatch):
-    """The pre-pass writes dH_i over H_i: when it is autotuned over more than one setting, every timed run must find
-    H_i again (configs restores HL, ZL), or the real run reads dH_i and the gradients are wrong."""
-    from dataclasses import replace
-
-    from sla_dist.kernels import configs
-
-    monkeypatch.delenv("SLA_DIST_AUTOTUNE", raising=False)
-    monkeypatch.setitem(configs._KERNELS, "prepass", replace(configs._KERNELS["prepass"], warps=(4, 8)))
-    configs.get_kernel.cache_clear()
-    try:
-        q, k, v = _qkv(1, 2, 300, 300, 64)
-        bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
-        _assert_kernel_matches_float64(q, k, v, bm, torch.randn(64, 64, device=DEVICE) * 0.1, torch.randn_like(q))
-    finally:
-        configs.get_kernel.cache_clear()
-
-
-def test_projected_op_takes_gradients_of_every_output(poison_outputs):
-    """The projected forward's O_l and lse are outputs too (the custom op saves them): gradients that reach them
-    directly add to those through the layer's output (the pre-pass adds dO_l to dOut W, and dlse to delta)."""
-    q, k, v = _qkv(1, 2, 150, 150, 32)
-    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
-    g = torch.Generator().manual_seed(5)
-    w, b = (torch.randn(32, 32, generator=g) * 32**-0.5).to(DEVICE), (torch.randn(32, generator=g) * 0.1).to(DEVICE)
-    g_out, g_l = (torch.randn(q.shape, generator=g).to(DEVICE) for _ in range(2))
-    g_lse = torch.randn(q.shape[:3], generator=g).to(DEVICE)
-
-    def kernel(q, k, v, w, b):
-        out, o_l, lse2 = op._EagerSLA.apply(q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64,
-                                            "softmax", "marginal", w, b)
-        return (out * g_out).sum() + (o_l * g_l).sum() + (lse2 * math.log(2.0) * g_lse).sum()
-
-    def reference(q, k, v, w, b):
-        o_s, o_l, lse = sla_branches_ref(q, k, v, bm)
-        out = o_s + torch.nn.functional.linear(o_l, w, b)
-        return (out * g_out).sum() + (o_l * g_l).sum() + (lse * g_lse).sum()
-
-    got = _grads(kernel, (q, k, v, w, b), torch.tensor(1.0, device=DEVICE))
-    want = _grads(reference, [t.double() for t in (q, k, v, w, b)], torch.tensor(1.0, device=DEVICE).double())
-    _assert_close_to_float64(got[1:], want[1:])
 
 
 def _map_with_critical_rows(rows: list[list[int]], L: int = 130) -> BlockMap:
