@@ -238,8 +238,8 @@ def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature
 @sla_projected_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, proj_weight,
       proj_bias):
-    (q,) = _kernel_layout(q)
-    return (_like(q), *_forward_outputs_like(q, True))
+    outputs = _forward_outputs_like(q, True)
+    return (_like(outputs[0]), *outputs)  # out has O_s's layout
 
 
 def _forward_outputs_like(q: torch.Tensor, has_linear: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -466,8 +466,7 @@ def sparse_linear_attention(
         [B, H, Lq, D] in q's dtype: O_s + proj_l(O_l), the projection made in the forward kernel (O_l W^T + b is
         rounded once, with the sum).
     """
-    validate_branch_options(feature_map, linear_scope)
-    if proj_weight is None or linear_scope == "none":
+    if proj_weight is None or linear_scope == "none":  # both paths validate the options
         return project_branches(sla_branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
     return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias)[0]
 
