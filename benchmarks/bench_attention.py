@@ -19,11 +19,11 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
+from layer_inputs import dense_sdpa, flex_block_sparse  # this script's folder is on sys.path when it runs
 from sla_dist import SparseLinearAttention
-from sla_dist.kernels.block_map import block_counts, block_scores, classify, critical_lists
+from sla_dist.kernels.block_map import block_counts
 
 
 @dataclass
@@ -67,25 +67,6 @@ def _measure(row: Row, fn, q, k, v, kept_keys: float) -> Row:
     return row
 
 
-def _dense(backend):
-    def run(q, k, v):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    return run
-
-
-def _flex(q, k, topk: float):
-    """FlexAttention with a 128x128 block mask of the same density, chosen by the same pooled scores."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    cls = classify(block_scores(q, k, 128, 128), topk, 0.0)
-    num, idx = critical_lists(cls)
-    mask = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128)
-    compiled = torch.compile(flex_attention)
-    return (lambda q, k, v: compiled(q, k, v, block_mask=mask)), float(num[0, 0, 0]) * 128
-
-
 def _xformers():
     import xformers.ops as xops
 
@@ -107,13 +88,13 @@ def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[
     def wanted(method: str) -> bool:
         return not only or any(name in method for name in only)
 
-    rows = [_measure(Row(L, H, D, sparsity, "dense SDPA cuDNN"), _dense(SDPBackend.CUDNN_ATTENTION), q, k, v, L)]
+    rows = [_measure(Row(L, H, D, sparsity, "dense SDPA cuDNN"), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, L)]
     if full and wanted("dense SDPA flash"):
-        rows.append(_measure(Row(L, H, D, sparsity, "dense SDPA flash"), _dense(SDPBackend.FLASH_ATTENTION),
+        rows.append(_measure(Row(L, H, D, sparsity, "dense SDPA flash"), dense_sdpa(SDPBackend.FLASH_ATTENTION),
                              q, k, v, L))
     if full and wanted("FlexAttention"):
         try:
-            fn, kept = _flex(q, k, topk)
+            fn, kept = flex_block_sparse(q, k, topk)
             rows.append(_measure(Row(L, H, D, sparsity, "FlexAttention 128x128 (sparse only)"), fn, q, k, v, kept))
         except Exception as exc:
             rows.append(Row(L, H, D, sparsity, "FlexAttention 128x128 (sparse only)", note=type(exc).__name__))

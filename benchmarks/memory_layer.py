@@ -22,7 +22,9 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+from layer_inputs import dense_sdpa, flex_block_sparse  # this script's folder is on sys.path when it runs
 
 MIB = 2**20
 
@@ -70,31 +72,12 @@ def measure(row: Row, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     return row
 
 
-def dense_cudnn(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v)
-
-
 def sla_layer(D: int, topk: float):
     from sla_dist import SparseLinearAttention
 
     layer = SparseLinearAttention(D, topk=topk, BLKQ=128, BLKK=64).cuda()
     torch.nn.init.normal_(layer.proj_l.weight, std=D**-0.5)  # a trained layer's proj_l is not zero
     return layer
-
-
-def flex_block_sparse(q, k, topk: float):
-    """FlexAttention with a 128 x 128 block mask of the same density, chosen by the same pooled scores."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    from sla_dist.kernels.block_map import block_scores, classify, critical_lists
-
-    num, idx = critical_lists(classify(block_scores(q, k, 128, 128), topk, 0.0))
-    mask = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128)
-    compiled = torch.compile(flex_attention)
-    return lambda q, k, v: compiled(q, k, v, block_mask=mask)
 
 
 def main() -> None:
@@ -115,11 +98,11 @@ def main() -> None:
     rows = []
     for L in args.lengths:
         q, k, v, g = (torch.randn(1, args.H, L, args.D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        rows.append(measure(Row(L, "dense SDPA cuDNN"), dense_cudnn, q, k, v, g))
+        rows.append(measure(Row(L, "dense SDPA cuDNN"), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, g))
         rows.append(measure(Row(L, "SLA layer (kernels)"), layer, q, k, v, g))
         if args.flex:
             try:
-                flex = flex_block_sparse(q, k, args.topk)
+                flex = flex_block_sparse(q, k, args.topk)[0]
             except Exception as exc:  # not importable, or no block mask API in this torch
                 rows.append(Row(L, "FlexAttention 128x128", note=f"{type(exc).__name__}: {exc}"[:80]))
             else:
