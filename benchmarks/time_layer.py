@@ -15,11 +15,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 import triton.testing as tt
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
-from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
+from layer_inputs import dense_sdpa, sla_layer_inputs  # this script's folder is on sys.path when it runs
 
 
 def host_side_ms(step, n: int = 20) -> float:
@@ -67,12 +66,11 @@ def main() -> None:
         print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
               f"{host_side_ms(step):.3f} ms")
         if args.dense:
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                with torch.no_grad():
-                    fwd = tt.do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100,
-                                      return_mode="median")
-                fwd_bwd = tt.do_bench(lambda: F.scaled_dot_product_attention(q, k, v).backward(g), warmup=25,
-                                      rep=100, grad_to_none=[q, k, v], return_mode="median")
+            dense = dense_sdpa(SDPBackend.CUDNN_ATTENTION)
+            with torch.no_grad():
+                fwd = tt.do_bench(lambda: dense(q, k, v), warmup=25, rep=100, return_mode="median")
+            fwd_bwd = tt.do_bench(lambda: dense(q, k, v).backward(g), warmup=25, rep=100, grad_to_none=[q, k, v],
+                                  return_mode="median")
             print(f"{'cuDNN':8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  (dense SDPA)")
 
 
