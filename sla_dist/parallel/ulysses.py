@@ -28,7 +28,7 @@ import torch
 
 from ..attention import SparseLinearAttention
 from .context import context_parallel_sla
-from .exchange import FusedQKVExchange, OutputExchange
+from .exchange import FusedQKVExchange, OutputExchange, traced_output_exchange, traced_qkv_exchange
 from .groups import SequenceParallelGroups, ensure_deepspeed_comm, group_size
 from .sharding import pad_along, valid_length
 
@@ -109,7 +109,10 @@ class SequenceParallelSLA:
         seq_len = valid_length(seq_len, local_len, self.groups.sp_size)
         if self.ulysses_group is None:
             return self._attend(q, k, v, seq_len)
-        if self.exchange == "fused" and not torch.compiler.is_compiling():
+        if self.exchange == "fused":
+            if torch.compiler.is_compiling():
+                q, k, v = traced_qkv_exchange(self.ulysses_group, q, k, v)
+                return traced_output_exchange(self.ulysses_group, self._attend_valid(q, k, v, seq_len), q.shape[2])
             q, k, v = FusedQKVExchange.apply(self.ulysses_group, q, k, v)
             return OutputExchange.apply(self.ulysses_group, self._attend_valid(q, k, v, seq_len), q.shape[2])
         out = self.distributed(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
