@@ -169,3 +169,15 @@ def traced_output_exchange(group: dist.ProcessGroup, o: torch.Tensor, padded_len
     recv = funcol.all_to_all_single(send.flatten(), None, None, group).view(send.shape)
     # piece r holds head group r of my tokens: [B, Ll, U h, D], viewed [B, H, Ll, D] like OutputExchange's result
     return recv.permute(1, 2, 0, 3, 4).flatten(2, 3).transpose(1, 2)
+
+
+def fused_ulysses(group: dist.ProcessGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Shards [B, H, Ll, D] of q, k, v -> ``attend`` on this rank's heads over the whole sequence ([B, h, L, D] in,
+    [B, h, n, D] out over the first n valid tokens) -> the output shard [B, H, Ll, D], zero on padded positions.
+    The autograd functions in eager mode, their traceable form under torch.compile."""
+    if torch.compiler.is_compiling():
+        q, k, v = traced_qkv_exchange(group, q, k, v)
+        return traced_output_exchange(group, attend(q, k, v), q.shape[2])
+    q, k, v = FusedQKVExchange.apply(group, q, k, v)
+    return OutputExchange.apply(group, attend(q, k, v), q.shape[2])
