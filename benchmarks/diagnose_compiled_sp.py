@@ -20,7 +20,8 @@ dense layer's SDPA on its math backend, and a device synchronisation around ever
 there). ``sp2-eager-perturbed`` nudges the last block's weights: it must FAIL, from that block on. The last lines
 are a table.
 
-    python benchmarks/diagnose_compiled_sp.py                 # 2 GPUs, NCCL
+    python benchmarks/diagnose_compiled_sp.py                 # 2 GPUs, NCCL: the QUICK settings
+    python benchmarks/diagnose_compiled_sp.py --all           # every setting
     python benchmarks/diagnose_compiled_sp.py --cpu           # smoke test: 2 processes, gloo
     python benchmarks/diagnose_compiled_sp.py --only sp2-aot-ckpt sp1-aot-ckpt --seeds 0 1 2
     python benchmarks/diagnose_compiled_sp.py --blocking      # CUDA_LAUNCH_BLOCKING=1, TORCH_NCCL_BLOCKING_WAIT=1
@@ -86,6 +87,10 @@ SETTINGS = [
     Setting("sp2-eager-ckpt-fp32", 2, fp32_kernels=True),
     Setting("sp2-eager-perturbed", 2, perturb=True),  # the tool's own check: must FAIL from the last block on
 ]
+
+QUICK = ("sp1-aot-ckpt", "sp2-eager-ds-ckpt", "sp2-aot-ckpt-ds", "sp2-aot-ckpt-ds-again", "sp2-aot-nockpt-ds",
+         "sp2-aot-ckpt-ds-fp32", "sp2-aot-ckpt-ds-refsla", "sp2-aot-ckpt-ds-mathsdpa", "sp2-aot-ckpt")
+"""The default run (about 2 minutes on 2 H200s): one setting per hypothesis and the fix; ``--all`` runs every one."""
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -317,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="2 CPU processes over gloo (a smoke test)")
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SETTINGS], help="settings to run")
+    parser.add_argument("--all", action="store_true", help="every setting (default: QUICK)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--blocking", action="store_true",
                         help="CUDA_LAUNCH_BLOCKING=1 and TORCH_NCCL_BLOCKING_WAIT=1 in the workers (a race check)")
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.parallel.dist_utils import run_distributed
 
     tolerance = 1e-4 if args.cpu else 1e-2  # the test's
-    run_distributed(worker, 2, device, args.only or [s.name for s in SETTINGS], args.seeds, tolerance)
+    run_distributed(worker, 2, device, args.only or [s.name for s in SETTINGS if args.all or s.name in QUICK], args.seeds, tolerance)
     return 0
 
 
