@@ -2,14 +2,16 @@
 
 The model, batch and loss are those of ``tests/lightning/test_sequence.py::test_sp2_gradients_equal_sp1`` (a tiny
 DiT, layer 0 dense, the rest SLA, a teacher term). Two ranks each run every setting below and compare it with the
-eager SP=1 model on the same device (computed once per numerics: kernel dtype and SLA backend):
+eager SP=1 model on the same device (computed once per numerics: kernel dtype, SLA and SDPA backends):
 
 * per block: the block's output (forward hooks; SP=2 shards gathered, padding dropped);
 * per SLA layer: its input q, k and output (hooks on the SLA module, which under SP=2 sees its heads over the whole
   sequence, exactly what SP=1 gives those heads), and how many block-map entries differ when both maps are
   predicted again, eagerly, from the recorded q and k (a flipped top-k choice moves the output by far more than
   rounding does);
-* per parameter: the gradient, summed over the SP group as ZeRO does.
+* per parameter: the gradient, summed over the SP group as ZeRO does;
+* on GPU, ``torch.library.opcheck`` of the SLA custom op on the inputs (layouts included) each compiled run gave it:
+  fake vs real output metadata, autograd registration, AOTAutograd vs eager.
 
 Settings isolate the hypotheses: SP=1 compiled (compile alone, no exchange), the exchange (fused / DeepSpeed, for
 the SLA and the dense layers alike; under torch.compile the fused one is traced as functional collectives, and
@@ -55,7 +57,8 @@ class Setting:
     """float32 inputs run the kernels in float32 rather than bfloat16 (SparseLinearAttention.run_dtype)."""
     sla_backend: str = "auto"
     sync: bool = False
-    """device synchronisation before and after every Ulysses exchange (a graph break under compile)."""
+    """device synchronisation before and after every Ulysses exchange (a graph break under compile; inside a
+    checkpointed block that break runs the whole block body eagerly, so use it without checkpointing)."""
     math_sdpa: bool = False
     """the dense layer's scaled_dot_product_attention on the math backend (not flash / memory-efficient)"""
     hooks: bool = True
@@ -64,8 +67,8 @@ class Setting:
     """record block and SLA outputs (off: gradients only, the compiled graph exactly the test's)"""
 
     @property
-    def numerics(self) -> tuple[bool, str]:
-        return self.fp32_kernels, self.sla_backend
+    def numerics(self) -> tuple[bool, str, bool]:
+        return self.fp32_kernels, self.sla_backend, self.math_sdpa
 
 
 SETTINGS = [
@@ -80,7 +83,8 @@ SETTINGS = [
     Setting("sp2-aot-ckpt-ds-fp32", 2, "aot_eager", exchange="deepspeed", fp32_kernels=True),
     Setting("sp2-aot-ckpt-ds-refsla", 2, "aot_eager", exchange="deepspeed", sla_backend="reference"),
     Setting("sp2-aot-ckpt-ds-mathsdpa", 2, "aot_eager", exchange="deepspeed", math_sdpa=True),
-    Setting("sp2-aot-ckpt-ds-sync", 2, "aot_eager", exchange="deepspeed", sync=True),
+    # without checkpointing: a graph break inside a checkpointed body runs that whole body eagerly
+    Setting("sp2-aot-nockpt-ds-sync", 2, "aot_eager", checkpoint=False, exchange="deepspeed", sync=True),
     Setting("sp2-aot-ckpt", 2, "aot_eager"),  # the fused exchange traced (functional collectives): the fix
     Setting("sp2-aot-nockpt", 2, "aot_eager", checkpoint=False),
     Setting("sp2-aot-ckpt-fp32", 2, "aot_eager", fp32_kernels=True),
@@ -156,8 +160,8 @@ class Record:
     grads: dict[str, torch.Tensor]
     blocks: list[torch.Tensor]
     """each block's output over the whole sequence [B, L, C]"""
-    sla: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    """(q, k, out) of each SLA layer's call, this rank's heads (all of them at SP=1)"""
+    sla: list[tuple[torch.Tensor, ...]]
+    """(q, k, v, out) of each SLA layer's call, this rank's heads (all of them at SP=1)"""
     graph_breaks: int
     seconds: float
 
@@ -194,12 +198,12 @@ def _run(setting: Setting, reference, batch: dict, groups) -> Record:
                         and isinstance(attn.parallel.exchange, str):
                     attn.parallel.exchange = setting.exchange
     blocks: list[torch.Tensor] = []
-    sla: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    sla: list[tuple[torch.Tensor, ...]] = []
     for block in module.model.blocks if setting.hooks else ():
         block.register_forward_hook(lambda m, args, out: blocks.append(out.detach()))
     for layer in module.model.modules():
         if setting.hooks and isinstance(layer, SparseLinearAttention):
-            layer.register_forward_hook(lambda m, args, out: sla.append((args[0].detach(), args[1].detach(),
+            layer.register_forward_hook(lambda m, args, out: sla.append((*(x.detach() for x in args[:3]),
                                                                          out.detach())))
     if setting.backend is not None:
         apply_compile(module.model, backend=setting.backend)
@@ -243,7 +247,7 @@ def _compare(setting: Setting, got: Record, want: Record, sla_layers: list, rank
     row["block_err"] = errs[row["block"]] if errs else float("nan")
     row["blocks"] = errs
     sla_rows = []
-    for layer, (q, k, o), (qw, kw, ow) in zip(sla_layers, got.sla, want.sla):
+    for layer, (q, k, _, o), (qw, kw, _, ow) in zip(sla_layers, got.sla, want.sla):
         if sp == 2:  # this rank's heads of the SP=1 call
             h = q.shape[1]
             qw, kw, ow = (x[:, rank * h:(rank + 1) * h] for x in (qw, kw, ow))
@@ -254,6 +258,25 @@ def _compare(setting: Setting, got: Record, want: Record, sla_layers: list, rank
     row["grad_err"] = grad_errs[row["param"]]
     row["grads"] = grad_errs
     return row
+
+
+def opcheck_sla(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, str]:
+    """torch.library.opcheck of the SLA forward custom op on these inputs, as the layer calls it (run dtype, strides,
+    block map): the fake's output metadata against the real op's, the autograd registration, and AOTAutograd's
+    forward and backward against eager. {} where the layer does not run the kernels (CPU)."""
+    if not layer.uses_kernels(q.device):
+        return {}
+    q, k, v, block_map = layer._prepare(q, k, v)
+    c = layer.config
+    tensors = [x.detach().requires_grad_() for x in (q, k, v)]
+    args = (*tensors, block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
+            block_map.block_q, block_map.block_k, c.feature_map, c.linear_scope)
+    if layer.fuses_projection(q.device):
+        op = torch.ops.sla_dist.sla_projected_forward.default
+        args += tuple(p.detach().clone().requires_grad_() for p in (layer.proj_l.weight, layer.proj_l.bias))
+    else:
+        op = torch.ops.sla_dist.sla_forward.default
+    return torch.library.opcheck(op, args, raise_exception=False)
 
 
 def worker(device: torch.device, names: list[str], seeds: list[int], tolerance: float) -> None:
@@ -279,7 +302,7 @@ def worker(device: torch.device, names: list[str], seeds: list[int], tolerance: 
         for setting in settings:
             if setting.numerics not in references:
                 base = Setting("sp1-eager-reference", 1, checkpoint=False, fp32_kernels=setting.fp32_kernels,
-                               sla_backend=setting.sla_backend)
+                               sla_backend=setting.sla_backend, math_sdpa=setting.math_sdpa)
                 references[setting.numerics] = _run(base, reference, batch, groups)
             try:
                 got = _run(setting, reference, batch, groups)
@@ -295,6 +318,13 @@ def worker(device: torch.device, names: list[str], seeds: list[int], tolerance: 
                 print(f"seed {seed} {setting.name}: blocks [{blocks}] sla [{sla}]", flush=True)
                 worst = sorted(row["grads"].items(), key=lambda kv: -kv[1])[:4]
                 print("    worst grads: " + ", ".join(f"{n} {e:.2e}" for n, e in worst), flush=True)
+            if rank == 0 and setting.backend is not None and setting.hooks:
+                # the SLA op on the inputs (layouts included) it saw in this compiled run
+                for layer, (q, k, v, _) in zip(sla_layers, got.sla):
+                    with _Patches(setting):
+                        checks = opcheck_sla(layer, q, k, v)
+                    if checks:
+                        print(f"    opcheck {tuple(q.shape)} strides {q.stride()}: {checks}", flush=True)
     dist.barrier()
     if rank == 0:
         _print_table(table, tolerance)
