@@ -194,8 +194,7 @@ def _run(setting: Setting, reference, batch: dict, groups) -> Record:
         for model in (module.model, module.teacher):
             enable_sequence_parallel(model, groups)
             for attn in model.modules():
-                if getattr(attn, "parallel", None) is not None and hasattr(attn.parallel, "exchange") \
-                        and isinstance(attn.parallel.exchange, str):
+                if getattr(attn, "parallel", None) is not None:  # SequenceParallelSLA or ShardedDense
                     attn.parallel.exchange = setting.exchange
     blocks: list[torch.Tensor] = []
     sla: list[tuple[torch.Tensor, ...]] = []
@@ -220,14 +219,14 @@ def _run(setting: Setting, reference, batch: dict, groups) -> Record:
     blocks = blocks[:n_blocks]
     sla = sla[:sum(isinstance(m, SparseLinearAttention) for m in module.model.modules())]
     if sp_groups is not None:
-        seq_len = reference_len(batch, reference)
+        seq_len = _reference_len(batch, reference)
         shard = SequenceShard.for_group(seq_len, groups.sp_group)
         blocks = [shard.gather(b, 1) for b in blocks]
     breaks = sum(counters["graph_break"].values())
     return Record(loss, grads, blocks, sla, breaks, seconds)
 
 
-def reference_len(batch: dict, module) -> int:
+def _reference_len(batch: dict, module) -> int:
     """Tokens in the model's sequence for the batch's latents."""
     T, H, W = module.model.token_grid(tuple(batch["latents"].shape))
     return T * H * W
@@ -365,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     from tests.parallel.dist_utils import run_distributed
 
     tolerance = 1e-4 if args.cpu else 1e-2  # the test's
-    run_distributed(worker, 2, device, args.only or [s.name for s in SETTINGS if args.all or s.name in QUICK], args.seeds, tolerance)
+    names = args.only or [s.name for s in SETTINGS if args.all or s.name in QUICK]
+    run_distributed(worker, 2, device, names, args.seeds, tolerance)
     return 0
 
 
