@@ -25,6 +25,7 @@ are a table.
     python benchmarks/diagnose_compiled_sp.py                 # 2 GPUs, NCCL: the QUICK settings
     python benchmarks/diagnose_compiled_sp.py --all           # every setting
     python benchmarks/diagnose_compiled_sp.py --cpu           # smoke test: 2 processes, gloo
+    python benchmarks/diagnose_compiled_sp.py --cpu --cpu-kernels --only sp2-aot-ckpt   # the custom ops, interpreted
     python benchmarks/diagnose_compiled_sp.py --only sp2-aot-ckpt sp1-aot-ckpt --seeds 0 1 2
     python benchmarks/diagnose_compiled_sp.py --blocking      # CUDA_LAUNCH_BLOCKING=1, TORCH_NCCL_BLOCKING_WAIT=1
 """
@@ -40,6 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--cpu-kernels" in sys.argv[1:]:  # Triton reads it once, when importing torch imports Triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -278,11 +281,23 @@ def opcheck_sla(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dic
     return torch.library.opcheck(op, args, raise_exception=False)
 
 
-def worker(device: torch.device, names: list[str], seeds: list[int], tolerance: float) -> None:
+def _force_kernels() -> None:
+    """The SLA layers and their block maps on the Triton kernels on CPU too (with TRITON_INTERPRET=1)."""
+    from sla_dist import SparseLinearAttention
+    from sla_dist.kernels import block_map
+
+    on_kernels = block_map._on_kernels
+    block_map._on_kernels = lambda x, kernels: on_kernels(x, True if kernels is None else kernels)
+    SparseLinearAttention.uses_kernels = lambda layer, device: layer.config.backend != "reference"
+
+
+def worker(device: torch.device, names: list[str], seeds: list[int], tolerance: float, kernels: bool) -> None:
     from sla_dist import SparseLinearAttention
     from sla_dist.parallel import SequenceParallelConfig, SequenceParallelGroups
     from tests.lightning.test_sequence import LATENT_SHAPE, _module
 
+    if kernels:
+        _force_kernels()
     torch._dynamo.config.cache_size_limit = 64
     # the SLA hooks run inside the checkpointed block: without this their list appends break the checkpoint's graph
     # (then run eagerly), which is not what the test compiles
@@ -298,6 +313,7 @@ def worker(device: torch.device, names: list[str], seeds: list[int], tolerance: 
         reference = _module(seed, teacher=True, device=device)
         sla_layers = [m for m in reference.model.modules() if isinstance(m, SparseLinearAttention)]
         references: dict[tuple, Record] = {}
+        opchecked: set[tuple] = set()
         for setting in settings:
             if setting.numerics not in references:
                 base = Setting("sp1-eager-reference", 1, checkpoint=False, fp32_kernels=setting.fp32_kernels,
@@ -317,12 +333,18 @@ def worker(device: torch.device, names: list[str], seeds: list[int], tolerance: 
                 print(f"seed {seed} {setting.name}: blocks [{blocks}] sla [{sla}]", flush=True)
                 worst = sorted(row["grads"].items(), key=lambda kv: -kv[1])[:4]
                 print("    worst grads: " + ", ".join(f"{n} {e:.2e}" for n, e in worst), flush=True)
-            if rank == 0 and setting.backend is not None and setting.hooks:
-                # the SLA op on the inputs (layouts included) it saw in this compiled run
+            layouts = (setting.sp, setting.exchange, setting.fp32_kernels)
+            if setting.backend is not None and setting.hooks and layouts not in opchecked:
+                # the SLA op on the inputs (layouts included) it saw in this compiled run, once per layout; on both
+                # ranks, so that neither waits on the other's checks inside a collective
+                opchecked.add(layouts)
                 for layer, (q, k, v, _) in zip(sla_layers, got.sla):
-                    with _Patches(setting):
-                        checks = opcheck_sla(layer, q, k, v)
-                    if checks:
+                    try:
+                        with _Patches(setting):
+                            checks = opcheck_sla(layer, q, k, v)
+                    except Exception as error:  # report it; the table still comes
+                        checks = {"opcheck": f"{type(error).__name__}: {error}"}
+                    if checks and rank == 0:
                         print(f"    opcheck {tuple(q.shape)} strides {q.stride()}: {checks}", flush=True)
     dist.barrier()
     if rank == 0:
@@ -352,11 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="2 CPU processes over gloo (a smoke test)")
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SETTINGS], help="settings to run")
     parser.add_argument("--all", action="store_true", help="every setting (default: QUICK)")
+    parser.add_argument("--cpu-kernels", action="store_true",
+                        help="with --cpu: the SLA kernels and their custom ops in Triton's interpreter (slow)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--blocking", action="store_true",
                         help="CUDA_LAUNCH_BLOCKING=1 and TORCH_NCCL_BLOCKING_WAIT=1 in the workers (a race check)")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
+    if args.cpu_kernels and not args.cpu:
+        parser.error("--cpu-kernels goes with --cpu (on GPUs the kernels run anyway)")
     if device == "cuda" and torch.cuda.device_count() < 2:
         parser.error(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}; use --cpu for the smoke test")
     if args.blocking:
@@ -365,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tolerance = 1e-4 if args.cpu else 1e-2  # the test's
     names = args.only or [s.name for s in SETTINGS if args.all or s.name in QUICK]
-    run_distributed(worker, 2, device, names, args.seeds, tolerance)
+    run_distributed(worker, 2, device, names, args.seeds, tolerance, args.cpu_kernels)
     return 0
 
 
