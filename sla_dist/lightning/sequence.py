@@ -21,41 +21,56 @@ from ..attention import SparseLinearAttention
 from ..models import VideoDiT
 from ..models.layers import DenseAttention, SelfAttention
 from ..parallel import SequenceParallelGroups, SequenceParallelSLA, SequenceShard
+from ..parallel.exchange import fused_ulysses
 from ..parallel.groups import ensure_deepspeed_comm
+from ..parallel.ulysses import EXCHANGES
 from ..parallel.sharding import check_same_sequence, pad_along, valid_length
 
 
 class ShardedDense:
     """Dense softmax attention over a sequence sharded across the SP group (Ulysses all-to-all, no ring split).
-    Like SequenceParallelSLA it is a plain callable (``SelfAttention.parallel``), not a module."""
+    Like SequenceParallelSLA it is a plain callable (``SelfAttention.parallel``), not a module, and takes the same
+    ``exchange`` (``EXCHANGES``): the fused one (traced as functional collectives under torch.compile) or
+    DeepSpeed's."""
 
-    def __init__(self, groups: SequenceParallelGroups) -> None:
+    def __init__(self, groups: SequenceParallelGroups, exchange: str = "fused") -> None:
         if groups.ring_degree > 1:
             raise ValueError(f"dense attention layers under sequence parallelism need ring_degree=1, not "
                              f"{groups.ring_degree}; convert every layer to SLA or use pure Ulysses")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
         from deepspeed.sequence.layer import DistributedAttention
 
         ensure_deepspeed_comm()
         self.groups = groups
-        self.exchange = DistributedAttention(self._local, groups.ulysses_group, scatter_idx=2, gather_idx=1)
+        self.exchange = exchange
+        self.distributed = DistributedAttention(self._local, groups.ulysses_group, scatter_idx=2, gather_idx=1)
 
     def __deepcopy__(self, memo: dict) -> "ShardedDense":
         # process groups are communicator handles: copies (EMA, teacher) share them
-        return type(self)(self.groups)
+        return type(self)(self.groups, self.exchange)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(sp_size={self.groups.sp_size})"
+        return f"{type(self).__name__}(sp_size={self.groups.sp_size}, exchange={self.exchange!r})"
 
     def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """[B, L_padded, H/U, D] after the exchange; padded keys must not enter the softmax."""
+        """[B, L_padded, H/U, D] after DeepSpeed's exchange; padded keys must not enter the softmax."""
         full = q.shape[1]
-        q, k, v = (x.transpose(1, 2)[:, :, :seq_len] for x in (q, k, v))
-        return pad_along(F.scaled_dot_product_attention(q, k, v), 2, full).transpose(1, 2)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        return pad_along(self._attend_valid(q, k, v, seq_len), 2, full).transpose(1, 2)
+
+    @staticmethod
+    def _attend_valid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """[B, h, L_padded, D] -> attention over (and of) the first ``seq_len`` tokens, [B, h, seq_len, D]."""
+        return F.scaled_dot_product_attention(q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len])
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         """This rank's shard [B, H, L_local, D] of a sequence with ``seq_len`` valid tokens (None: no padding)."""
         seq_len = valid_length(seq_len, q.shape[2], self.groups.sp_size)
-        out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
+        if self.exchange == "fused":
+            return fused_ulysses(self.groups.ulysses_group, q, k, v,
+                                 lambda *qkv: self._attend_valid(*qkv, seq_len))
+        out = self.distributed(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
         return out.transpose(1, 2)
 
 

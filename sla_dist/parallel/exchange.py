@@ -19,9 +19,11 @@ and this rank's own piece is copied straight from input to output while the coll
 also pads: it takes the attention output over the valid prefix only, sends no padded rows and zero-fills them on
 arrival, and its backward hands back the gradient of that prefix.
 
-The collectives go through torch.distributed directly. These are plain autograd functions for eager execution;
-DeepSpeed's exchange (``exchange="deepspeed"`` in ulysses.py) is the one that registers a custom op for
-torch.compile.
+The collectives go through torch.distributed directly. The autograd functions are for eager execution: their
+collective is asynchronous (this rank's own piece is copied while it runs), which Dynamo cannot trace. Under
+torch.compile the same two exchanges are written with functional collectives instead (``traced_qkv_exchange``,
+``traced_output_exchange``): plain tensor ops around one differentiable ``all_to_all_single`` each, whose backward
+autograd derives and which the compiler schedules (and fuses the packing copies) itself.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
 
 from .groups import group_rank, group_size
 
@@ -137,3 +140,44 @@ class OutputExchange(torch.autograd.Function):
         exchange(ctx.group, lambda r: [heads[:, :_valid_rows(n, Ll, me), r]],
                  lambda r: [full[:, r * Ll:r * Ll + _valid_rows(n, Ll, r)]])
         return None, full[:, :n].transpose(1, 2), None
+
+
+def traced_qkv_exchange(group: dist.ProcessGroup, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``FusedQKVExchange`` for torch.compile: the same result (views [B, h, L, D] of dense [B, L, h, D] buffers),
+    one all-to-all for q, k and v, written in traceable ops (this rank's own piece travels through the collective)."""
+    ranks = group_size(group)
+    B, H, Ll, D = q.shape
+    h = H // ranks
+    # [3, B, U, h, Ll, D] -> [U, 3, B, Ll, h, D]: the piece for rank r (its heads, all my tokens) first
+    send = torch.stack((q, k, v)).unflatten(2, (ranks, h)).permute(2, 0, 1, 4, 3, 5).contiguous()
+    recv = funcol.all_to_all_single(send.flatten(), None, None, group).view(send.shape)
+    # piece r holds rank r's tokens, the r-th chunk of the sequence: [3, B, U Ll, h, D]
+    full = recv.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
+    return tuple(x.transpose(1, 2) for x in full.unbind(0))
+
+
+def traced_output_exchange(group: dist.ProcessGroup, o: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """``OutputExchange`` for torch.compile: this rank's heads' output [B, h, n, D] over the valid prefix -> the
+    output shard [B, H, Ll, D] with every head, zero on the padded tail (padding travels here, as zeros)."""
+    ranks = group_size(group)
+    B, h, n, D = o.shape
+    Ll = padded_len // ranks
+    padded = torch.nn.functional.pad(o, (0, 0, 0, padded_len - n))
+    # [B, h, U, Ll, D] -> [U, B, Ll, h, D]: rank r's tokens of my heads first
+    send = padded.unflatten(2, (ranks, Ll)).permute(2, 0, 3, 1, 4).contiguous()
+    recv = funcol.all_to_all_single(send.flatten(), None, None, group).view(send.shape)
+    # piece r holds head group r of my tokens: [B, Ll, U h, D], viewed [B, H, Ll, D] like OutputExchange's result
+    return recv.permute(1, 2, 0, 3, 4).flatten(2, 3).transpose(1, 2)
+
+
+def fused_ulysses(group: dist.ProcessGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Shards [B, H, Ll, D] of q, k, v -> ``attend`` on this rank's heads over the whole sequence ([B, h, L, D] in,
+    [B, h, n, D] out over the first n valid tokens) -> the output shard [B, H, Ll, D], zero on padded positions.
+    The autograd functions in eager mode, their traceable form under torch.compile."""
+    if torch.compiler.is_compiling():
+        q, k, v = traced_qkv_exchange(group, q, k, v)
+        return traced_output_exchange(group, attend(q, k, v), q.shape[2])
+    q, k, v = FusedQKVExchange.apply(group, q, k, v)
+    return OutputExchange.apply(group, attend(q, k, v), q.shape[2])

@@ -6,9 +6,10 @@ on the whole sequence for H/U heads, and the reverse exchange restores the shard
 collective reversed. Two implementations of the exchange (``exchange=``):
 
 * ``"fused"`` (default): q, k and v cross in one all-to-all and the output in another (exchange.py); only the
-  other ranks' pieces travel, this rank's own is copied across while the collective runs.
-* ``"deepspeed"``: DeepSpeed's ``DistributedAttention``, one all-to-all per tensor with its own permute copies, and
-  the one to use under torch.compile (it registers its collective as a custom op).
+  other ranks' pieces travel, this rank's own is copied across while the collective runs. Under torch.compile the
+  same exchange is traced as functional collectives (every piece travels; the compiler fuses the packing copies).
+* ``"deepspeed"``: DeepSpeed's ``DistributedAttention``, one all-to-all per tensor with its own permute copies (an
+  autograd function around ``all_to_all_single`` into a fresh buffer, which Dynamo also traces).
 
 Because the padding sits at the tail of the global sequence, after the exchange the valid tokens are exactly the
 prefix ``[:seq_len]``: SLA runs on that prefix (a strided view, no copy), so padded tokens never reach pooling, the
@@ -28,7 +29,7 @@ import torch
 
 from ..attention import SparseLinearAttention
 from .context import context_parallel_sla
-from .exchange import FusedQKVExchange, OutputExchange
+from .exchange import fused_ulysses
 from .groups import SequenceParallelGroups, ensure_deepspeed_comm, group_size
 from .sharding import pad_along, valid_length
 
@@ -46,10 +47,7 @@ class SequenceParallelSLA:
             state_dict names are those of the unsharded model at every SP size, and checkpoints move between them.
         groups: the process groups; ``ulysses_degree`` must divide the head count.
         exchange: the Ulysses all-to-all, one of ``EXCHANGES``: ``"fused"`` (one collective for q, k, v) or
-            ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results. Under torch.compile
-            (``model.compile``) the DeepSpeed exchange runs either way: the fused one overlaps its own copy with an
-            asynchronous collective, which dynamo cannot trace, while DeepSpeed registers its exchange as a custom
-            op.
+            ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results, eager or compiled.
 
     ``forward(q, k, v, seq_len)`` (also ``self(...)``) takes this rank's shard [B, H, L_local, D] (all heads) of a
     sequence with ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard
@@ -109,9 +107,8 @@ class SequenceParallelSLA:
         seq_len = valid_length(seq_len, local_len, self.groups.sp_size)
         if self.ulysses_group is None:
             return self._attend(q, k, v, seq_len)
-        if self.exchange == "fused" and not torch.compiler.is_compiling():
-            q, k, v = FusedQKVExchange.apply(self.ulysses_group, q, k, v)
-            return OutputExchange.apply(self.ulysses_group, self._attend_valid(q, k, v, seq_len), q.shape[2])
+        if self.exchange == "fused":
+            return fused_ulysses(self.ulysses_group, q, k, v, lambda *qkv: self._attend_valid(*qkv, seq_len))
         out = self.distributed(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
         return out.transpose(1, 2)
 

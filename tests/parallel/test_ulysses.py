@@ -99,6 +99,48 @@ def _check_exchanges_agree(device: torch.device, world: int, batch: int, seq_len
         assert out[:, :, shard.num_valid:].abs().max().item() == 0, "padded positions must have zero output"
 
 
+def _refuse_deepspeed(*args, **kwargs):
+    raise AssertionError("the compiled fused exchange fell back to DeepSpeed's")
+
+
+def _check_compiled_fused_exchange(device: torch.device, seq_len: int) -> None:
+    """Under torch.compile the fused exchange is traced whole (no graph break, DeepSpeed's exchange never called)
+    and gives the eager fused exchange's output, output layout and q/k/v/proj_l gradients."""
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=2))
+    attn = make_sla(64, device, seed=9, topk=0.3, negligible=0.1)
+    shard = SequenceShard.for_group(seq_len, groups.sp_group)
+    torch.manual_seed(10)
+    q, k, v, grad_out = (shard.split(torch.randn(2, seq_len, 4, 64, device=device), 1) for _ in range(4))
+    layer = SequenceParallelSLA(attn, groups)
+    layer.distributed = _refuse_deepspeed
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: layer(*x, seq_len=seq_len), backend="aot_eager", fullgraph=True)
+    results = []
+    for run in (lambda *x: layer(*x, seq_len=seq_len), compiled):
+        attn.zero_grad()
+        local = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = run(*(x.transpose(1, 2) for x in local))
+        out.backward(grad_out.transpose(1, 2))
+        results.append([out, *(x.grad for x in local), *(p.grad.clone() for p in attn.proj_l.parameters())])
+    names = ("output", "dq", "dk", "dv", "proj_l.weight grad", "proj_l.bias grad")
+    for name, got, want in zip(names, results[1], results[0]):
+        assert_close(got, want, f"{name} (compiled vs eager fused exchange, seq_len={seq_len})")
+    out = results[1][0]
+    assert out.transpose(1, 2).is_contiguous(), f"output strides {out.stride()}: not a [B, L_local, H, D] buffer"
+    if shard.num_valid < shard.local_len:
+        assert out[:, :, shard.num_valid:].abs().max().item() == 0, "padded positions must have zero output"
+
+
+@pytest.mark.parametrize("device", device_params(2))
+def test_compiled_fused_exchange(device):
+    run_distributed(_compiled_fused_exchange, 2, device)
+
+
+def _compiled_fused_exchange(device: torch.device) -> None:
+    _check_compiled_fused_exchange(device, seq_len=1000)  # the second shard holds 24 padded tokens
+    _check_compiled_fused_exchange(device, seq_len=100)  # the second shard holds nothing but padding
+
+
 def _two_ranks(device: torch.device) -> None:
     ulysses = SequenceParallelConfig(sp_size=2)
     # odd length: 1000 tokens padded to 1024, the second shard holds 24 padded tokens; both exchanges
