@@ -78,9 +78,7 @@ def test_compile_options():
     with pytest.raises(ValueError, match="model.compile=true with parallel.zero_stage=3 is not supported"):
         load_recipe(tiny, ["model.compile=true", "parallel.zero_stage=3"])
     load_recipe(tiny, ["model.compile=true", "parallel.zero_stage=3", "parallel.strategy=auto"])
-    with pytest.raises(ValueError, match="model.compile=true with parallel.sp_size=2 is not supported yet"):
-        load_recipe(tiny, ["model.compile=true", "parallel.sp_size=2", "trainer.devices=2"])
-    load_recipe(tiny, ["parallel.sp_size=2", "trainer.devices=2"])
+    assert load_recipe(tiny, ["model.compile=true", "parallel.sp_size=2", "trainer.devices=2"]).model.compile
 
 
 def test_collective_timeout_is_for_the_sla_strategy():

@@ -352,11 +352,6 @@ class Recipe:
             raise ValueError("model.compile=true with parallel.zero_stage=3 is not supported: ZeRO-3 gathers each "
                              "parameter in module hooks around every submodule, which a compiled block would "
                              "trace; use zero_stage 0-2 or model.compile=false")
-        if self.model.compile and self.parallel.sp_size > 1:
-            raise ValueError(f"model.compile=true with parallel.sp_size={self.parallel.sp_size} is not supported "
-                             "yet: on two H200s the compiled sequence-parallel step's gradients differed from the "
-                             "single-GPU ones by 7.7e-2 of their largest value (they agree on CPU); use "
-                             "model.compile=false with sequence parallelism")
         heads = self.model.build().num_heads
         ulysses = self.parallel.ulysses_degree
         if ulysses is not None and heads % ulysses:

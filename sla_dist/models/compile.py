@@ -40,8 +40,15 @@ def apply_compile(model: VideoDiT, mode: str = "default", backend: str | Callabl
     checkpointing (``DiTConfig.checkpoint_blocks``) runs inside the block's forward, so the compiled graph holds
     the checkpoint and its recomputation. ``mode`` is for Inductor only: other backends (a name such as
     ``"aot_eager"``, which tests use to skip code generation, or a callable) take none. Blocks compiled before
-    are left as they are."""
+    are left as they are. Sequence-parallel layers must use the fused Ulysses exchange (the default)."""
     check_compile_mode(mode, "mode")
+    for name, module in model.named_modules():
+        if getattr(getattr(module, "parallel", None), "exchange", None) == "deepspeed":
+            raise NotImplementedError(
+                f"{name}.parallel uses exchange='deepspeed', which torch.compile does not support: on 2 H200s (NCCL) "
+                "compiled blocks with DeepSpeed's all-to-all gave gradients off by 100% of their largest value "
+                "(benchmarks/diagnose_compiled_sp.py); use exchange='fused', which compiles as functional "
+                "collectives")
     options = {"mode": mode} if backend == "inductor" else {}
     for block in model.blocks:
         if block._compiled_call_impl is None:

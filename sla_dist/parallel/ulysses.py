@@ -47,7 +47,8 @@ class SequenceParallelSLA:
             state_dict names are those of the unsharded model at every SP size, and checkpoints move between them.
         groups: the process groups; ``ulysses_degree`` must divide the head count.
         exchange: the Ulysses all-to-all, one of ``EXCHANGES``: ``"fused"`` (one collective for q, k, v) or
-            ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results, eager or compiled.
+            ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results eagerly; under
+            torch.compile only the fused one is supported (``apply_compile`` refuses the other).
 
     ``forward(q, k, v, seq_len)`` (also ``self(...)``) takes this rank's shard [B, H, L_local, D] (all heads) of a
     sequence with ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard

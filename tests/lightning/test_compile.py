@@ -93,6 +93,16 @@ def test_ema_sample_of_the_compiled_model_equals_eager():
     torch.testing.assert_close(videos[1], videos[0], rtol=1e-5, atol=1e-6)
 
 
+def test_compile_refuses_deepspeeds_exchange():
+    model = DiTModule(dit_config("tiny"), seed=5).model
+    model.blocks[1].self_attn.parallel = SimpleNamespace(exchange="deepspeed")
+    with pytest.raises(NotImplementedError, match=r"blocks\.1\.self_attn\.parallel uses exchange='deepspeed'"):
+        apply_compile(model, backend="aot_eager")
+    model.blocks[1].self_attn.parallel.exchange = "fused"
+    apply_compile(model, backend="aot_eager")
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+
+
 def test_compile_is_not_a_resume_compatibility_setting():
     eager = load_recipe(RECIPE)
     assert incompatible(eager, load_recipe(RECIPE, ["model.compile=true"])) == []

@@ -129,10 +129,7 @@ def _check_sp_grads(device: torch.device, seed: int, checkpoint_blocks: bool = F
                           (True, True, "fused")],
                          ids=["plain", "plain-deepspeed", "checkpointed", "compiled-checkpointed"])
 @pytest.mark.parametrize("device", device_params(2))
-def test_sp2_gradients_equal_sp1(device, checkpoint_blocks, compiled, exchange, request):
-    if compiled and device == "cuda":  # the recipe refuses model.compile with sp_size > 1 until this passes
-        request.applymarker(pytest.mark.xfail(strict=True, reason="on 2x H200 (NCCL, 2026-11-30) the compiled "
-                                              "SP=2 gradients differed from SP=1 by 7.7e-2 of their max"))
+def test_sp2_gradients_equal_sp1(device, checkpoint_blocks, compiled, exchange):
     run_distributed(_check_sp_grads, 2, device, random.randrange(1000), checkpoint_blocks, compiled, exchange)
 
 
