@@ -46,7 +46,14 @@ def profile_layer(L: int, linear_scope: str, args: argparse.Namespace) -> None:
     for _ in range(3):  # compile and warm up
         m(q, k, v).backward(g)
     torch.cuda.synchronize()
-    for name, step in (("forward", lambda: m(q, k, v)), ("forward+backward", lambda: m(q, k, v).backward(g))):
+    def train_step():
+        # gradients set to None first, as a training step has them: accumulating into q, k, v's and proj_l's .grad
+        # would add three q-sized elementwise kernels that no real step runs
+        for t in (q, k, v, *m.parameters()):
+            t.grad = None
+        m(q, k, v).backward(g)
+
+    for name, step in (("forward", lambda: m(q, k, v)), ("forward+backward", train_step)):
         with torch.no_grad() if name == "forward" else torch.enable_grad():
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):

@@ -137,6 +137,16 @@ def test_half_inputs_with_float32_projection(poison_outputs):
         assert relative_error(f, e) <= factor * relative_error(u, e), (name, relative_error(f, e), relative_error(u, e))
 
 
+@pytest.mark.parametrize("n", [1, 255, 256, 300, 1024])
+def test_column_sums_cover_every_row(n):
+    """The bias gradient's two-stage sum (float32 partials over chunks of rows, then their sum) counts every row,
+    the chunks' and the ones left over, once."""
+    rows = torch.randn(n, 8, generator=torch.Generator().manual_seed(n)).to(DEVICE, torch.bfloat16)
+    got = op.column_sums(rows)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), rows.double().sum(0), rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("weight, bias, match", [
     ((32, 16), None, r"proj_weight must be \[32, 32\] for head dim 32; got shape \(32, 16\)"),
     ((32, 32), (1, 32), r"proj_bias must be \[32\] for head dim 32; got shape \(1, 32\)"),
