@@ -8,22 +8,27 @@ Per optimizer step, per GPU (one sample per SP group, sequence split over SP = P
     step = layers x [non-attention + attention + Ulysses all-to-all]  +  ZeRO collectives  +  Adam  +  fixed overhead
     non-attention  matmul FLOPs of the sample (bench_dit_step.model_flops, attention excluded) / P, times 3 (fwd +
                    bwd) or 4 (+ recompute under activation checkpointing), at an MFU fitted to the measured
-                   "no attention" DiT step
-    attention      SLA layer time t(L, heads, topk) = heads x (a x topk x L^2 + b x L), a (sparse blocks) and b
-                   (linear branch, block map, glue) fitted to the measured layer sweeps, at H / P heads per rank,
-                   times an in-model factor fitted to the measured DiT step (SLA minus no-attention)
-    all-to-all     4 per attention forward (q, k, v in, o out), 4 in backward (dq, dk, dv out, do in), 4 more when
-                   the forward is recomputed; each moves (L/P) x H x D bf16 x (P-1)/P bytes per rank; per-call
-                   latency and bandwidth fitted to the measured Ulysses strong-scaling points
+                   "no attention" DiT step, eager or with compiled blocks
+    attention      SLA layer time t(L, heads, topk) = level x heads x (a x topk x L^2 + b x L), a (sparse blocks)
+                   and b (linear branch, block map, glue) fitted to a measured layer sweep, ``level`` the code's
+                   time over the sweep's at L 32768 (each measurement is predicted at the level of the code that ran
+                   it), at H / P heads per rank, times an in-model factor fitted to the measured DiT step (SLA minus
+                   no-attention)
+    all-to-all     per attention pass (forward, backward, and the recompute under checkpointing) the four bf16
+                   shards q, k, v and o (or their gradients), (L/P) x H x D x (P-1)/P bytes each per rank, in 2
+                   collectives (the fused exchange) or 4 (DeepSpeed's); per-call latency and bandwidth fitted to
+                   the measured exchange at two volumes
     ZeRO           gradient reduce-scatter + parameter all-gather (ZeRO-2: once after the step; ZeRO-3: before
                    forward, recompute and backward, plus a per-gathered-tensor latency fitted to the measured
-                   ZeRO-3 - ZeRO-2 difference); a ring over more than one node runs at the inter-node bandwidth
+                   ZeRO-3 - ZeRO-2 difference) at a bare all-to-all's measured rate inside a node; a ring over more
+                   than one node runs at the inter-node bandwidth
 
 Memory per GPU: bf16 params (ZeRO-2 full, ZeRO-3 sharded) + fp32 gradient partition + fp32 Adam master, m, v
 (sharded) + DeepSpeed's reduce bucket + activations (bytes per token per layer fitted to the measured 112 GiB peak;
 with checkpointing, the block inputs plus one block's activations).
 
-    python benchmarks/scaling_model.py            # checks against the measurements, the 14B table, results files
+    python benchmarks/scaling_model.py --out benchmarks/results/<date>-scaling-model   # checks, 14B tables, files
+    python benchmarks/scaling_model.py --no-write                                      # print only
 """
 
 from __future__ import annotations
@@ -57,40 +62,105 @@ class LayerTiming:
     topk: float
     fwd_ms: float
     fwd_bwd_ms: float
+    source: str = ""
+    """The results file (and row) it comes from."""
 
 
-# results/2026-11-27-h200-attention.md (autotuned, dfa268d) and, for L 131072, the P = 1 rows of
-# results/2026-11-27-h200x4-sequence-parallel.md (same code). L 8192 is left out: there the layer is bound by the host
-# (3.9 ms of launches per fwd+bwd, results/2026-11-29-h200-attention.md), not by the a L^2 + b L of the GPU.
+_SWEEP = "2026-11-27-h200-attention.md (autotuned, dfa268d)"
+# The per-head shape of the layer. L 131072 comes from the P = 1 rows of 2026-11-27-h200x4-sequence-parallel.md (same
+# code). L 8192 is left out: there the eager layer is bound by the host (3.9 ms of launches per fwd+bwd,
+# 2026-11-29-h200-attention.md), not by the a L^2 + b L of the GPU.
 LAYER_SWEEP = (
-    LayerTiming(16384, 12, 0.05, 1.551, 4.485),
-    LayerTiming(32768, 12, 0.05, 2.147, 7.953),
-    LayerTiming(75600, 12, 0.05, 7.846, 34.358),
-    LayerTiming(131072, 12, 0.05, 18.9, 85.8),
-    LayerTiming(131072, 24, 0.05, 36.6, 168.7),
-    LayerTiming(32768, 12, 0.20, 4.717, 20.963),
-    LayerTiming(32768, 12, 0.10, 3.624, 12.899),
-    LayerTiming(32768, 12, 0.03, 2.569, 6.703),
+    LayerTiming(16384, 12, 0.05, 1.551, 4.485, _SWEEP),
+    LayerTiming(32768, 12, 0.05, 2.147, 7.953, _SWEEP),
+    LayerTiming(75600, 12, 0.05, 7.846, 34.358, _SWEEP),
+    LayerTiming(131072, 12, 0.05, 18.9, 85.8, "2026-11-27-h200x4-sequence-parallel.md, P 1"),
+    LayerTiming(131072, 24, 0.05, 36.6, 168.7, "2026-11-27-h200x4-sequence-parallel.md, P 1"),
+    LayerTiming(32768, 12, 0.20, 4.717, 20.963, _SWEEP),
+    LayerTiming(32768, 12, 0.10, 3.624, 12.899, _SWEEP),
+    LayerTiming(32768, 12, 0.03, 2.569, 6.703, _SWEEP),
 )
-# results/2026-11-29-h200-attention.md, "SLA full layer, BQ128": today's code, fixed launch settings (as the training
-# runs of issue #12). The fitted sweep is scaled by its ratio to the sweep's point of the same shape.
-LAYER_NOW = LayerTiming(32768, 12, 0.05, 1.879, 7.534)
-# results/2026-11-27-h200x4-sequence-parallel.md, Ulysses rows at L 131072: (P, heads, fwd ms, fwd+bwd ms).
-ULYSSES = ((2, 12, 14.1, 53.0), (2, 24, 26.3, 102.2), (4, 12, 8.6, 28.8), (4, 24, 14.5, 53.8))
+# Code levels: the layer at L 32768, H 12, topk 0.05 as each later code ran it. A measurement is predicted at the
+# level of the code it ran (the sweep's shape scaled by this over the sweep's point of the same shape).
+LAYER_1129 = LayerTiming(32768, 12, 0.05, 1.879, 7.534,
+                         "2026-11-29-h200-attention.md, SLA full layer, BQ128 (the code of issue #12's runs)")
+LAYER_9C25E82 = LayerTiming(32768, 12, 0.05, 1.577, 5.610,
+                            "2026-11-30-h200x2-bias-grad-compiled-sp.md, 9c25e82, CUDA graphs (the kernels of "
+                            "e0fe62c: the memory branch merged and reverted between them, 240f411)")
+LAYER_MEMORY_BRANCH = LayerTiming(32768, 12, 0.05, 1.608, 5.927,
+                                  "2026-11-30-h200x2-memory-exchange-compile.md, merge with summaries in chunks of "
+                                  "0.25, call 2 (the tree of the compiled DiT step and of the exchange timings)")
+LAYER_NOW = LayerTiming(32768, 12, 0.05, 1.579, 5.444,
+                        "2026-11-30-h200x2-bias-grad-compiled-sp.md, beec4b4 (main), CUDA graphs")
+# Layer timings no fit uses, with the code level each ran: checks of the per-head fit times the level.
+LAYER_CHECKS = (
+    (LayerTiming(8192, 12, 0.05, 0.275, 0.872, "2026-11-30-h200x2-bias-grad-compiled-sp.md, beec4b4, CUDA graphs"),
+     LAYER_NOW),
+    (LayerTiming(131072, 12, 0.05, 21.4, 72.4, "2026-11-30-h200x2-ulysses-exchange.md, P 1, blhd"),
+     LAYER_MEMORY_BRANCH),
+    (LayerTiming(131072, 24, 0.05, 41.7, 140.7, "2026-11-30-h200x2-ulysses-exchange.md, P 1, blhd"),
+     LAYER_MEMORY_BRANCH),
+)
+
+
+@dataclass(frozen=True)
+class ExchangeTiming:
+    """One measured Ulysses exchange: fwd+bwd milliseconds of the Ulysses layer with SLA replaced by a pass-through
+    (packing copies and collectives, both directions), and the SLA layer's fwd and fwd+bwd at P and at P = 1."""
+
+    exchange: str
+    P: int
+    L: int
+    heads: int
+    exchange_ms: float
+    fwd_ms: float
+    fwd_bwd_ms: float
+    one: LayerTiming
+    source: str = "2026-11-30-h200x2-ulysses-exchange.md, blhd"
+    """The file and layout: blhd is what training feeds the layer."""
+
+
+_ONE_12, _ONE_24 = LAYER_CHECKS[1][0], LAYER_CHECKS[2][0]
+EXCHANGE_TIMINGS = (
+    ExchangeTiming("fused", 2, 131072, 12, 5.66, 12.9, 41.5, _ONE_12),
+    ExchangeTiming("fused", 2, 131072, 24, 9.86, 25.5, 80.3, _ONE_24),
+    ExchangeTiming("deepspeed", 2, 131072, 12, 6.14, 13.2, 41.9, _ONE_12),
+    ExchangeTiming("deepspeed", 2, 131072, 24, 10.66, 25.7, 81.1, _ONE_24),
+)
+# Same file, "a2a GB/s": one bare all_to_all_single of the q, k, v volume at P = 2, every row (GB/s).
+BARE_ALL_TO_ALL_GBPS = (281, 270, 279, 285, 244, 260, 294, 302)
+# All-to-all calls per attention pass (forward, backward or recompute): the fused exchange sends q, k, v in one and
+# the output in another (sla_dist/parallel/exchange.py); DeepSpeed's sends each of the four alone.
+EXCHANGE_CALLS = {"fused": 2, "deepspeed": 4}
+# 2026-11-27-h200x4-sequence-parallel.md, Ulysses rows at L 131072 (DeepSpeed's exchange of then, 11-27 code):
+# (P, heads, fwd ms, fwd+bwd ms).
+ULYSSES_1127 = ((2, 12, 14.1, 53.0), (2, 24, 26.3, 102.2), (4, 12, 8.6, 28.8), (4, 24, 14.5, 53.8))
 ULYSSES_L, ULYSSES_HEAD_DIM = 131072, 128
-# Issue #12 (bench_dit_step.py, one H200, wan2.1-1.3b, 21 x 60 x 104 latents = 32760 tokens, checkpointing, no
-# optimizer): training step of the reference DiT with SLA and with attention replaced by "return v", seconds.
-DIT_STEP_SLA_S, DIT_STEP_NO_ATTENTION_S = 1.279, 0.839
-# Issue #12 (bench_train.py, wan1.3b recipe, 32760 tokens per sample, one SP group: world = SP). SP = 1 no
-# checkpointing: 1.11 s, 112 GiB peak, steady-state topk; SP = 1 with checkpointing 1.43 s; SP = 2 no checkpointing
-# 0.72 s; SP = 2 with checkpointing (today, fixed launch settings): ZeRO-2 3.06 s 17.2 GiB, ZeRO-3 3.38 s 18.3 GiB.
-TRAIN_1GPU_NO_CKPT = (1.11, 112.0)
-TRAIN_1GPU_CKPT_S = 1.43
-TRAIN_2GPU_NO_CKPT_S = 0.72
-TRAIN_2GPU_CKPT = {2: (3.06, 17.2), 3: (3.38, 18.3)}
+
+
+@dataclass(frozen=True)
+class DiTStep:
+    """bench_dit_step.py on one H200: the training step (no optimizer) of the reference wan2.1-1.3b DiT at 21 x 60 x
+    104 latents = 32760 tokens, with SLA and with attention replaced by "return v", seconds; the code level of its
+    SLA layer."""
+
+    sla_s: float
+    none_s: float
+    checkpoint: bool
+    compiled: bool
+    code: LayerTiming
+    source: str
+
+
+DIT_STEPS = {
+    "eager": DiTStep(1.279, 0.839, True, False, LAYER_1129, "issue #12, bench_dit_step.py"),
+    # Blocks compiled, no checkpointing; its tree held the memory branch (summaries in chunks of 0.25).
+    "compiled": DiTStep(0.7785, 0.5136, False, True, LAYER_MEMORY_BRANCH, "2026-11-30-h200-dit-step-compiled.md"),
+}
 # bench_train.py times steps 3..7 of 8 while SLACallback anneals topk from 1 to 0.05 over the recipe's 500 steps
 # (recipes/wan1.3b_sla_finetune.yaml): the mean topk of the timed steps, unless the run overrode the schedule.
 BENCH_TRAIN_TOPK = 1 - 5 / 500 * (1 - 0.05)
+
 
 # --- assumptions: hardware and DeepSpeed defaults (not measured here) -----------------------------------------------
 
@@ -155,14 +225,18 @@ class Workload:
 
 @dataclass(frozen=True)
 class Parallel:
-    """SP x DP ranks, ZeRO stage, activation checkpointing, and the fraction of ZeRO traffic hidden behind compute
-    (0: the strategy's ``overlap_comm: False``, sla_dist/lightning/strategy.py)."""
+    """SP x DP ranks, ZeRO stage, activation checkpointing, the fraction of ZeRO traffic hidden behind compute
+    (0: the strategy's ``overlap_comm: False``, sla_dist/lightning/strategy.py) and the Ulysses exchange."""
 
     sp: int
     dp: int
     zero_stage: int = 2
     checkpoint: bool = True
     overlap: float = 0.0
+    exchange: str = "fused"
+    compile: bool = False
+    """Blocks compiled (``model.compile``): the recipe refuses it with ZeRO-3, apply_compile with DeepSpeed's
+    exchange."""
 
     def __post_init__(self) -> None:
         for name in ("sp", "dp"):
@@ -172,39 +246,152 @@ class Parallel:
             raise ValueError(f"zero_stage={self.zero_stage!r} must be 2 or 3")
         if not 0 <= self.overlap <= 1:
             raise ValueError(f"overlap={self.overlap} must be in [0, 1]")
+        if self.exchange not in EXCHANGE_CALLS:
+            raise ValueError(f"exchange={self.exchange!r} must be one of {sorted(EXCHANGE_CALLS)}")
+        if self.compile and (self.zero_stage == 3 or self.exchange == "deepspeed"):
+            raise ValueError(f"compile=True with zero_stage={self.zero_stage}, exchange={self.exchange!r}: compiled "
+                             "blocks run with ZeRO-2 and the fused exchange only")
 
     @property
     def world(self) -> int:
         return self.sp * self.dp
 
+    @property
+    def blocks(self) -> str:
+        """How the blocks run: the key of ``DIT_STEPS`` and ``Calibration.blocks``."""
+        return "compiled" if self.compile else "eager"
+
+
+# --- measured training steps (each with the split it ran) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One measured training step of the wan1.3b recipe (32760 tokens per sample, one SP group: world = SP):
+    seconds and peak GiB per rank (None: not measured), the code level and topk it ran at, and where it is from."""
+
+    par: Parallel
+    step_s: float | None
+    peak_gib: float | None
+    code: LayerTiming
+    source: str
+    topk: float = 0.05
+    peak_kind: str = "peak"
+    """What the peak counts: 'peak' as issue #12 recorded it, or nvidia-smi's memory.used (allocator cache and
+    CUDA context included)."""
+
+    def predicted(self, cal: Calibration) -> Prediction:
+        """The model's step and memory for this run: its split, topk and code level."""
+        return predict(dataclasses.replace(WAN13, topk=self.topk), self.par, cal.at(self.code))
+
+
+_ISSUE = "issue #12 (bench_train.py)"
+_E2E = "2026-11-30-h200x2-e2e-train.md (e0fe62c, per-step sparsity measurement in every step)"
+_SMI = "nvidia-smi memory.used"
+# Issue #12: SP = 1 no checkpointing 1.11 s, 112 GiB peak, steady-state topk; SP = 1 checkpointing 1.43 s; SP = 2 no
+# checkpointing 0.72 s; SP = 2 checkpointing (fixed launch settings): ZeRO-2 3.06 s 17.2 GiB, ZeRO-3 3.38 s 18.3 GiB,
+# timed inside the anneal (BENCH_TRAIN_TOPK). SP = 2 ran DeepSpeed's exchange (the fused one came later).
+TRAIN_1GPU_NO_CKPT = TrainStep(Parallel(1, 1, checkpoint=False), 1.11, 112.0, LAYER_1129, _ISSUE)
+TRAIN_1GPU_CKPT = TrainStep(Parallel(1, 1), 1.43, None, LAYER_1129, _ISSUE)
+TRAIN_2GPU_NO_CKPT = TrainStep(Parallel(2, 1, checkpoint=False, exchange="deepspeed"), 0.72, None, LAYER_1129, _ISSUE)
+TRAIN_2GPU_CKPT = {stage: TrainStep(Parallel(2, 1, stage, exchange="deepspeed"), seconds, gib, LAYER_1129, _ISSUE,
+                                    BENCH_TRAIN_TOPK)
+                   for stage, seconds, gib in ((2, 3.06, 17.2), (3, 3.38, 18.3))}
+# 2026-11-30 end to end: the recipe (ZeRO-2) with checkpointing, sparsity.anneal_steps=0 (topk 0.05 from step 0),
+# trainer.log_every_n_steps=1; medians of the logged steps after the first 3, without checkpoint steps. SP = 2 ran
+# DeepSpeed's exchange (e0fe62c predates the fused one).
+E2E_SP1 = TrainStep(Parallel(1, 1), 1.389, 43.7, LAYER_9C25E82, _E2E, peak_kind=_SMI)
+E2E_SP2 = TrainStep(Parallel(2, 1, exchange="deepspeed"), 0.875, 27.7, LAYER_9C25E82, _E2E, peak_kind=_SMI)
+
+# --- the model, continued -------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SLALayerFit:
     """t(L, heads, topk) = level x heads x (a x topk x L^2 + b x L) ms, for the forward and for forward+backward:
-    (a, b) fitted to a sweep, ``level`` the ratio of today's code to the sweep's at one measured point."""
+    (a, b) fitted to a sweep; ``level`` the ratio of a code's time to the sweep's at the sweep's point of its shape
+    (``base``). ``code`` is the code predictions are for."""
 
-    fwd: tuple[float, float, float]
-    fwd_bwd: tuple[float, float, float]
+    fwd: tuple[float, float]
+    fwd_bwd: tuple[float, float]
+    base: LayerTiming
+    code: LayerTiming
 
     @staticmethod
-    def fit(points: tuple[LayerTiming, ...], level: LayerTiming) -> SLALayerFit:
-        """Least squares in relative error over ``points``; the level is ``level`` (today's code) over the point of
-        ``points`` with its L, heads and topk (the sweep's code)."""
-        same = [p for p in points if (p.L, p.heads, p.topk) == (level.L, level.heads, level.topk)]
+    def fit(points: tuple[LayerTiming, ...], code: LayerTiming) -> SLALayerFit:
+        """Least squares in relative error over ``points``; the level of ``code`` is taken against the point of
+        ``points`` with its L, heads and topk."""
+        same = [p for p in points if (p.L, p.heads, p.topk) == (code.L, code.heads, code.topk)]
         if not same:
-            raise ValueError(f"no point of the sweep has L={level.L}, heads={level.heads}, topk={level.topk}")
+            raise ValueError(f"no point of the sweep has L={code.L}, heads={code.heads}, topk={code.topk}")
 
-        def one(attr: str) -> tuple[float, float, float]:
+        def one(attr: str) -> tuple[float, float]:
             y = np.array([getattr(p, attr) for p in points])
             x = np.array([[p.heads * p.topk * p.L**2, p.heads * p.L] for p in points]) / y[:, None]
             a, b = np.linalg.lstsq(x, np.ones(len(points)), rcond=None)[0]
-            return float(a), float(b), getattr(level, attr) / getattr(same[0], attr)
-        return SLALayerFit(one("fwd_ms"), one("fwd_bwd_ms"))
+            return float(a), float(b)
+        return SLALayerFit(one("fwd_ms"), one("fwd_bwd_ms"), same[0], code)
 
-    def ms(self, L: int, heads: float, topk: float, backward: bool, sweep: bool = False) -> float:
-        """Milliseconds of one layer call; ``sweep``: at the sweep's code level instead of today's."""
-        a, b, level = self.fwd_bwd if backward else self.fwd
-        return (1.0 if sweep else level) * heads * (a * topk * L**2 + b * L)
+    def level(self, backward: bool, code: LayerTiming | None = None) -> float:
+        """``code``'s time (default: the predicted code's) over the sweep's at the sweep's point of that shape."""
+        code = code or self.code
+        if (code.L, code.heads, code.topk) != (self.base.L, self.base.heads, self.base.topk):
+            raise ValueError(f"code level at L={code.L}, heads={code.heads}, topk={code.topk}: it must be measured "
+                             f"at the sweep's L={self.base.L}, heads={self.base.heads}, topk={self.base.topk}")
+        attr = "fwd_bwd_ms" if backward else "fwd_ms"
+        return getattr(code, attr) / getattr(self.base, attr)
+
+    def ms(self, L: int, heads: float, topk: float, backward: bool, code: LayerTiming | None = None) -> float:
+        """Milliseconds of one layer call at the level of ``code`` (default: the predicted code; ``base``: the
+        sweep's own)."""
+        a, b = self.fwd_bwd if backward else self.fwd
+        return self.level(backward, code) * heads * (a * topk * L**2 + b * L)
+
+
+@dataclass(frozen=True)
+class ExchangeFit:
+    """One Ulysses exchange per attention pass (forward, backward or recompute): ``calls`` all-to-alls of latency
+    ``latency_s`` and the four [tokens / P, dim] bf16 shards (q, k, v and o, or their gradients) at
+    ``bytes_per_s``."""
+
+    calls: int
+    latency_s: float
+    bytes_per_s: float
+
+    @staticmethod
+    def fit(name: str, points: tuple[ExchangeTiming, ...]) -> ExchangeFit:
+        """Least squares over ``points`` of exchange ``name``: each is two passes (fwd + bwd) of its bytes."""
+        mine = [p for p in points if p.exchange == name]
+        if len({p.heads * p.L // p.P for p in mine}) < 2:
+            raise ValueError(f"exchange {name!r}: {len(mine)} timing(s), at least two volumes are needed")
+        calls = EXCHANGE_CALLS[name]
+        rows = [[2 * calls, 2 * 4 * a2a_bytes(p.L, p.P, p.heads * ULYSSES_HEAD_DIM)] for p in mine]
+        lat, inv_bw = np.linalg.lstsq(np.array(rows), np.array([p.exchange_ms / 1e3 for p in mine]), rcond=None)[0]
+        return ExchangeFit(calls, float(lat), float(1 / inv_bw))
+
+    def pass_s(self, tokens: int, P: int, channels: int, bytes_per_s: float | None = None) -> float:
+        """Seconds of one pass's exchange on one rank; ``bytes_per_s`` overrides the fitted rate (other links)."""
+        return self.calls * self.latency_s + 4 * a2a_bytes(tokens, P, channels) / (bytes_per_s or self.bytes_per_s)
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """The DiT's blocks outside the isolated SLA layer, eager or compiled: the non-attention matmuls' model-FLOPs
+    utilisation (recomputation counted) and the DiT-step attention time over the isolated layer's (layout, RoPE'd
+    copies, the SP wrapper's glue)."""
+
+    mfu: float
+    attention_in_model: float
+
+    @staticmethod
+    def fit(step: DiTStep, sla: SLALayerFit, cluster: Cluster) -> BlockFit:
+        """The no-attention step fixes the MFU (3 passes, 4 with checkpointing), the SLA - no-attention difference
+        the attention factor, against the layer of the code that ran the step."""
+        s = WAN13.shape
+        mfu = (3 + step.checkpoint) * model_flops(s, 0.0, False) / step.none_s / cluster.peak_flops
+        layer_ms = (sla.ms(s.tokens, s.heads, WAN13.topk, True, step.code)
+                    + step.checkpoint * sla.ms(s.tokens, s.heads, WAN13.topk, False, step.code))
+        return BlockFit(mfu, (step.sla_s - step.none_s) / s.layers / (layer_ms / 1e3))
 
 
 @dataclass(frozen=True)
@@ -234,13 +421,12 @@ class Calibration:
     """The fitted parameters; ``calibrate()`` says which measurement fixes each."""
 
     sla: SLALayerFit
-    attention_in_model: float
-    """DiT-step attention time over the isolated layer's (layout, RoPE'd copies, the SP wrapper's glue)."""
-    mfu: float
-    """Model-FLOPs utilisation of the non-attention matmuls (recomputation counted)."""
-    a2a_latency_s: float
-    a2a_bytes_per_s: float
-    """Ulysses all-to-all per call and per byte; also used for every collective inside one node."""
+    blocks: dict[str, BlockFit]
+    """Eager and compiled blocks (``Parallel.blocks``)."""
+    exchanges: dict[str, ExchangeFit]
+    """The Ulysses exchanges by name (EXCHANGE_CALLS)."""
+    collective_bytes_per_s: float
+    """A plain collective inside one node (ZeRO's reduce-scatter and all-gather)."""
     step_overhead_s: float
     """Per-step time beyond the DiT step and Adam (loss, Lightning / DeepSpeed bookkeeping, gradient clipping)."""
     zero3_gather_latency_s: float
@@ -248,6 +434,10 @@ class Calibration:
     activation_bytes_per_dim: float
     """Bytes kept per token per layer per model channel, beside MLP_ACTIVATION_BYTES_PER_FFN x ffn."""
     cluster: Cluster = field(default_factory=Cluster)
+
+    def at(self, code: LayerTiming) -> Calibration:
+        """The same calibration predicting the SLA layer of ``code`` (a measurement's, not today's)."""
+        return dataclasses.replace(self, sla=dataclasses.replace(self.sla, code=code))
 
 
 @dataclass
@@ -269,7 +459,7 @@ def a2a_bytes(tokens: int, P: int, channels: int) -> float:
 
 def _ring_s(nbytes: float, ranks: int, cal: Calibration) -> float:
     """Seconds for a reduce-scatter or all-gather of ``nbytes`` over ``ranks`` (ring: (n-1)/n of it per rank)."""
-    bw = cal.a2a_bytes_per_s if ranks <= cal.cluster.gpus_per_node else cal.cluster.inter_node_bytes_per_s
+    bw = cal.collective_bytes_per_s if ranks <= cal.cluster.gpus_per_node else cal.cluster.inter_node_bytes_per_s
     return nbytes * (ranks - 1) / ranks / bw
 
 
@@ -279,14 +469,14 @@ def predict(work: Workload, par: Parallel, cal: Calibration, counts: ModelCounts
     P, L, ckpt = par.sp, s.tokens, int(par.checkpoint)
     if s.heads % P or L % P:
         raise ValueError(f"sp={P} must divide the heads ({s.heads}) and the tokens ({L})")
-    passes = 3 + ckpt  # fwd + bwd (2 x fwd) [+ recompute]
-    nonattn = passes * model_flops(s, 0.0, False) / P / (cal.mfu * cal.cluster.peak_flops)
+    passes, blocks = 3 + ckpt, cal.blocks[par.blocks]  # fwd + bwd (2 x fwd) [+ recompute]
+    nonattn = passes * model_flops(s, 0.0, False) / P / (blocks.mfu * cal.cluster.peak_flops)
     attn_ms = cal.sla.ms(L, s.heads / P, work.topk, True) + ckpt * cal.sla.ms(L, s.heads / P, work.topk, False)
-    attention = s.layers * cal.attention_in_model * attn_ms / 1e3
+    attention = s.layers * blocks.attention_in_model * attn_ms / 1e3
     a2a = 0.0
     if P > 1:
-        bw = cal.a2a_bytes_per_s if P <= cal.cluster.gpus_per_node else cal.cluster.inter_node_bytes_per_s
-        a2a = s.layers * 4 * (2 + ckpt) * (cal.a2a_latency_s + a2a_bytes(L, P, s.dim) / bw)
+        inter = None if P <= cal.cluster.gpus_per_node else cal.cluster.inter_node_bytes_per_s
+        a2a = s.layers * (2 + ckpt) * cal.exchanges[par.exchange].pass_s(L, P, s.dim, inter)
     N, grads = par.world, BF16 * counts.params  # gradients and parameters on the wire
     zero = 0.0
     if N > 1:
@@ -322,31 +512,25 @@ WAN14 = Workload("wan2.1-14b", (21, 90, 160))  # recipes/wan14b_sla_sp8.yaml: 75
 def calibrate(cluster: Cluster | None = None) -> Calibration:
     """Fit each free parameter to one measurement (in this order, each using those before it)."""
     cluster = cluster or Cluster()
-    s, counts = WAN13.shape, ModelCounts.of(WAN13.model)
+    s = WAN13.shape
     sla = SLALayerFit.fit(LAYER_SWEEP, LAYER_NOW)
-    # Non-attention MFU and the in-model attention factor: the two DiT steps (checkpointing: 4 passes, 1 recompute).
-    mfu = 4 * model_flops(s, 0.0, False) / DIT_STEP_NO_ATTENTION_S / cluster.peak_flops
-    layer_ms = sla.ms(s.tokens, s.heads, WAN13.topk, True) + sla.ms(s.tokens, s.heads, WAN13.topk, False)
-    in_model = (DIT_STEP_SLA_S - DIT_STEP_NO_ATTENTION_S) / s.layers / (layer_ms / 1e3)
-    # All-to-all: measured P-rank time minus the 1-rank time over P, against 4 (fwd) or 8 (fwd+bwd) calls of bytes.
-    one = {p.heads: p for p in LAYER_SWEEP if p.L == ULYSSES_L}
-    rows, comm = [], []
-    for P, H, fwd, fwd_bwd in ULYSSES:
-        nbytes = a2a_bytes(ULYSSES_L, P, H * ULYSSES_HEAD_DIM)
-        for calls, ms, base in ((4, fwd, one[H].fwd_ms), (8, fwd_bwd, one[H].fwd_bwd_ms)):
-            rows.append([calls, calls * nbytes])
-            comm.append((ms - base / P) / 1e3)
-    lat, inv_bw = np.linalg.lstsq(np.array(rows), np.array(comm), rcond=None)[0]
-    cal = Calibration(sla, in_model, mfu, float(lat), float(1 / inv_bw), 0.0, 0.0, 0.0, cluster)
+    # Non-attention MFU and the in-model attention factor, eager and compiled: each from its pair of DiT steps.
+    blocks = {name: BlockFit.fit(step, sla, cluster) for name, step in DIT_STEPS.items()}
+    # Exchanges: latency and bandwidth of each from its two measured volumes; plain collectives at the median rate
+    # of the bare all-to-all (no packing copies, as ZeRO's flat buffers).
+    exchanges = {name: ExchangeFit.fit(name, EXCHANGE_TIMINGS) for name in EXCHANGE_CALLS}
+    collective = float(np.median(BARE_ALL_TO_ALL_GBPS)) * 1e9
+    cal = Calibration(sla, blocks, exchanges, collective, 0.0, 0.0, 0.0, cluster)
     # Fixed per-step overhead: the 1-GPU checkpointed training step minus the same DiT step and Adam.
-    cal.step_overhead_s = TRAIN_1GPU_CKPT_S - predict(WAN13, Parallel(1, 1), cal, counts).step_s
-    # ZeRO-3 latency per gathered tensor: the measured ZeRO-3 - ZeRO-2 step difference at SP = 2 beyond the bytes.
-    z2, z3 = (predict(WAN13, Parallel(2, 1, stage), cal, counts).step_s for stage in (2, 3))
-    measured = TRAIN_2GPU_CKPT[3][0] - TRAIN_2GPU_CKPT[2][0]
-    cal.zero3_gather_latency_s = (measured - (z3 - z2)) / (3 * counts.gathered_tensors)
+    cal.step_overhead_s = TRAIN_1GPU_CKPT.step_s - TRAIN_1GPU_CKPT.predicted(cal).step_s
+    # ZeRO-3 latency per gathered tensor: the measured ZeRO-3 - ZeRO-2 step difference at SP = 2 beyond the bytes
+    # (both runs inside the same anneal, so the attention cancels).
+    z2, z3 = (TRAIN_2GPU_CKPT[stage].predicted(cal).step_s for stage in (2, 3))
+    measured = TRAIN_2GPU_CKPT[3].step_s - TRAIN_2GPU_CKPT[2].step_s
+    cal.zero3_gather_latency_s = (measured - (z3 - z2)) / (3 * ModelCounts.of(WAN13.model).gathered_tensors)
     # Activation bytes: the 1-GPU peak without checkpointing, less states and bucket, over layers x tokens.
-    base = predict(WAN13, Parallel(1, 1, checkpoint=False), cal, counts).memory_parts
-    per_token_layer = ((TRAIN_1GPU_NO_CKPT[1] * GIB - base["states"] - base["reduce_bucket"])
+    base = TRAIN_1GPU_NO_CKPT.predicted(cal).memory_parts
+    per_token_layer = ((TRAIN_1GPU_NO_CKPT.peak_gib * GIB - base["states"] - base["reduce_bucket"])
                        / (s.layers * s.tokens))
     cal.activation_bytes_per_dim = (per_token_layer - MLP_ACTIVATION_BYTES_PER_FFN * s.ffn) / s.dim
     return cal
@@ -361,8 +545,9 @@ TOLERANCE = 0.15
 @dataclass(frozen=True)
 class Check:
     """A measured number beside the model's. ``role``: 'fit' (a calibration input; the error is the fit's
-    residual), 'check' (not used by any fit: must be within TOLERANCE) or 'hypothesis' (an input the measurement
-    did not record, assumed as said in ``name``)."""
+    residual), 'check' (not used by any fit: must be within TOLERANCE) or 'history' (a measurement of code or
+    settings since replaced, or whose conditions the model can only assume as ``name`` says: shown, not held to
+    TOLERANCE)."""
 
     name: str
     measured: float
@@ -379,43 +564,82 @@ class Check:
         return abs(self.error) <= TOLERANCE
 
 
+def _direction(backward: bool) -> str:
+    return "fwd+bwd" if backward else "fwd"
+
+
+def _layer_checks(cal: Calibration) -> list[Check]:
+    """The layer sweep (fitted at its own code level) and the later layer timings (checks at theirs)."""
+    out = []
+    for points, role in ((tuple((p, cal.sla.base) for p in LAYER_SWEEP), "fit"), (LAYER_CHECKS, "check")):
+        for p, code in points:
+            for backward in (False, True):
+                measured = p.fwd_bwd_ms if backward else p.fwd_ms
+                model = cal.sla.ms(p.L, p.heads, p.topk, backward, code)
+                out.append(Check(f"SLA layer {_direction(backward)}, L {p.L}, H {p.heads}, topk {p.topk} "
+                                 f"({p.source})", measured, model, "ms", role))
+    return out
+
+
+def _exchange_checks(cal: Calibration) -> list[Check]:
+    """Each exchange timing (fitted), the Ulysses layer at P = 2 as the same file's P = 1 layer / P plus the
+    modelled exchange (checks: the additive form), and 2026-11-27's Ulysses layers (history: older exchange)."""
+    out = []
+    for e in EXCHANGE_TIMINGS:
+        ex = cal.exchanges[e.exchange]
+        channels = e.heads * ULYSSES_HEAD_DIM
+        out.append(Check(f"{e.exchange} exchange fwd+bwd, P {e.P}, H {e.heads}, L {e.L} ({e.source})",
+                         e.exchange_ms, 2e3 * ex.pass_s(e.L, e.P, channels), "ms", "fit"))
+        for backward, measured, one in ((False, e.fwd_ms, e.one.fwd_ms), (True, e.fwd_bwd_ms, e.one.fwd_bwd_ms)):
+            model = one / e.P + (1 + backward) * 1e3 * ex.pass_s(e.L, e.P, channels)
+            out.append(Check(f"Ulysses layer {_direction(backward)}, {e.exchange}, P {e.P}, H {e.heads}, L {e.L}: "
+                             f"P 1 layer / P + exchange ({e.source})", measured, model, "ms", "check"))
+    ex = cal.exchanges["deepspeed"]
+    for P, H, fwd, fwd_bwd in ULYSSES_1127:
+        for backward, measured in ((False, fwd), (True, fwd_bwd)):
+            model = (cal.sla.ms(ULYSSES_L, H / P, 0.05, backward, cal.sla.base)
+                     + (1 + backward) * 1e3 * ex.pass_s(ULYSSES_L, P, H * ULYSSES_HEAD_DIM))
+            out.append(Check(f"Ulysses layer {_direction(backward)}, P {P}, H {H}, L {ULYSSES_L} "
+                             "(2026-11-27-h200x4-sequence-parallel.md, 11-27 code and exchange; 2026-11-30 "
+                             "DeepSpeed exchange fit)", measured, model, "ms", "history"))
+    return out
+
+
+def _train_name(t: TrainStep, what: str) -> str:
+    p = t.par
+    split = f"SP {p.sp}" + (f" ({p.exchange} exchange)" if p.sp > 1 else "")
+    kind = f", {t.peak_kind}" if what == "peak" and t.peak_kind != "peak" else ""
+    anneal = " inside the anneal (mean topk assumed)" if t.topk == BENCH_TRAIN_TOPK else ""
+    return (f"1.3B train {what}, {split}, {'checkpointing' if p.checkpoint else 'no checkpointing'}, "
+            f"ZeRO-{p.zero_stage}, topk {t.topk:.3g}{anneal}{kind} ({t.source})")
+
+
+# (measurement, role of its step time, role of its peak): what calibrate() fits and what is held to TOLERANCE.
+TRAIN_ROLES = (
+    (TRAIN_1GPU_CKPT, "fit", None),
+    (TRAIN_1GPU_NO_CKPT, "check", "fit"),
+    (TRAIN_2GPU_NO_CKPT, "check", None),
+    (TRAIN_2GPU_CKPT[2], "history", "check"),
+    (TRAIN_2GPU_CKPT[3], "history", "check"),
+    (E2E_SP1, "check", "check"),
+    (E2E_SP2, "check", "check"),
+)
+
+
 def checks(cal: Calibration) -> list[Check]:
     """Every measurement the model can be held against, fitted or not."""
-    out = []
-    for p in LAYER_SWEEP:
-        for attr, backward in (("fwd_ms", False), ("fwd_bwd_ms", True)):
-            name = f"SLA layer {'fwd+bwd' if backward else 'fwd'}, L {p.L}, H {p.heads}, topk {p.topk} (11-27 code)"
-            model = cal.sla.ms(p.L, p.heads, p.topk, backward, sweep=True)
-            out.append(Check(name, getattr(p, attr), model, "ms", "fit"))
-    for P, H, fwd, fwd_bwd in ULYSSES:
-        nbytes = a2a_bytes(ULYSSES_L, P, H * ULYSSES_HEAD_DIM)
-        for calls, ms, backward in ((4, fwd, False), (8, fwd_bwd, True)):
-            model = (cal.sla.ms(ULYSSES_L, H / P, 0.05, backward, sweep=True)
-                     + 1e3 * calls * (cal.a2a_latency_s + nbytes / cal.a2a_bytes_per_s))
-            out.append(Check(f"Ulysses layer {'fwd+bwd' if backward else 'fwd'}, P {P}, H {H}, L {ULYSSES_L}", ms,
-                             model, "ms", "fit"))
-    counts = ModelCounts.of(WAN13.model)
-    step = lambda par, work=WAN13: predict(work, par, cal, counts)  # noqa: E731
-    out += [
-        Check("1.3B DiT step, 1 GPU, SLA, checkpointing, no optimizer", DIT_STEP_SLA_S,
-              step(Parallel(1, 1)).step_s - step(Parallel(1, 1)).time_parts["adam"] - cal.step_overhead_s, "s", "fit"),
-        Check("1.3B train step, 1 GPU, checkpointing", TRAIN_1GPU_CKPT_S, step(Parallel(1, 1)).step_s, "s", "fit"),
-        Check("1.3B train peak, 1 GPU, no checkpointing", TRAIN_1GPU_NO_CKPT[1],
-              step(Parallel(1, 1, checkpoint=False)).memory_bytes / GIB, "GiB", "fit"),
-        Check("1.3B train step, 1 GPU, no checkpointing", TRAIN_1GPU_NO_CKPT[0],
-              step(Parallel(1, 1, checkpoint=False)).step_s, "s", "check"),
-        Check("1.3B train step, SP 2, no checkpointing, ZeRO-2", TRAIN_2GPU_NO_CKPT_S,
-              step(Parallel(2, 1, checkpoint=False)).step_s, "s", "check"),
-    ]
-    annealing = dataclasses.replace(WAN13, topk=BENCH_TRAIN_TOPK)
-    for stage, (seconds, gib) in TRAIN_2GPU_CKPT.items():
-        out.append(Check(f"1.3B train peak, SP 2, checkpointing, ZeRO-{stage}", gib,
-                         step(Parallel(2, 1, stage)).memory_bytes / GIB, "GiB", "check"))
-        out.append(Check(f"1.3B train step, SP 2, checkpointing, ZeRO-{stage}, steady topk 0.05", seconds,
-                         step(Parallel(2, 1, stage)).step_s, "s", "check"))
-        out.append(Check(f"1.3B train step, SP 2, checkpointing, ZeRO-{stage}, topk {BENCH_TRAIN_TOPK:.3f} "
-                         "(bench_train.py's steps inside the anneal)", seconds,
-                         step(Parallel(2, 1, stage), annealing).step_s, "s", "hypothesis"))
+    out = _layer_checks(cal) + _exchange_checks(cal)
+    for name, d in DIT_STEPS.items():
+        p = predict(WAN13, Parallel(1, 1, checkpoint=d.checkpoint, compile=d.compiled), cal.at(d.code)).time_parts
+        how = f"{name} blocks, {'checkpointing' if d.checkpoint else 'no checkpointing'}, no optimizer ({d.source})"
+        out += [Check(f"1.3B DiT step, 1 GPU, SLA, {how}", d.sla_s, p["non_attention"] + p["attention"], "s", "fit"),
+                Check(f"1.3B DiT step, 1 GPU, no attention, {how}", d.none_s, p["non_attention"], "s", "fit")]
+    for t, step_role, peak_role in TRAIN_ROLES:
+        p = t.predicted(cal)
+        if step_role:
+            out.append(Check(_train_name(t, "step"), t.step_s, p.step_s, "s", step_role))
+        if peak_role:
+            out.append(Check(_train_name(t, "peak"), t.peak_gib, p.memory_bytes / GIB, "GiB", peak_role))
     return out
 
 
@@ -426,19 +650,21 @@ SP_SIZES = (1, 2, 4, 8)
 
 
 def prediction_table(cal: Calibration, work: Workload = WAN14) -> list[dict]:
-    """One row per (GPUs, SP, ZeRO stage): step time, tokens/s per GPU and peak GiB with and without checkpointing."""
+    """One row per (GPUs, SP, ZeRO stage, eager or compiled blocks; compiled with ZeRO-2 only): step time, tokens/s
+    per GPU and peak GiB with and without checkpointing."""
     counts, rows = ModelCounts.of(work.model), []
-    for gpus in GPU_COUNTS:
-        for sp in SP_SIZES:
-            for stage in (2, 3):
-                row = dict(gpus=gpus, sp=sp, dp=gpus // sp, zero_stage=stage)
-                for ckpt in (True, False):
-                    p = predict(work, Parallel(sp, gpus // sp, stage, ckpt), cal, counts)
-                    key = "ckpt" if ckpt else "no_ckpt"
-                    row[key] = dict(step_s=p.step_s, tokens_per_s_per_gpu=work.shape.tokens / sp / p.step_s,
-                                    memory_gib=p.memory_bytes / GIB, fits=p.fits, time_parts=p.time_parts,
-                                    memory_gib_parts={k: v / GIB for k, v in p.memory_parts.items()})
-                rows.append(row)
+    for compiled, stages in ((False, (2, 3)), (True, (2,))):
+        for gpus in GPU_COUNTS:
+            for sp in SP_SIZES:
+                for stage in stages:
+                    row = dict(gpus=gpus, sp=sp, dp=gpus // sp, zero_stage=stage, compile=compiled)
+                    for ckpt in (True, False):
+                        p = predict(work, Parallel(sp, gpus // sp, stage, ckpt, compile=compiled), cal, counts)
+                        key = "ckpt" if ckpt else "no_ckpt"
+                        row[key] = dict(step_s=p.step_s, tokens_per_s_per_gpu=work.shape.tokens / sp / p.step_s,
+                                        memory_gib=p.memory_bytes / GIB, fits=p.fits, time_parts=p.time_parts,
+                                        memory_gib_parts={k: v / GIB for k, v in p.memory_parts.items()})
+                    rows.append(row)
     return rows
 
 
@@ -447,22 +673,45 @@ def _cell(p: dict) -> str:
     return f"{p['step_s']:.2f} | {p['tokens_per_s_per_gpu']:.0f} | {p['memory_gib']:.1f}{mark}"
 
 
+def _summary(found: list[Check]) -> list[str]:
+    """Which 'check' rows are within TOLERANCE and which are not, by name."""
+    held = [c for c in found if c.role == "check"]
+    inside, outside = [c for c in held if c.within], [c for c in held if not c.within]
+    lines = [f"**Checks: {len(inside)} of {len(held)} within ±{TOLERANCE:.0%}.**", ""]
+    for title, group in (("Within", inside), ("Outside", outside)):
+        lines += [f"{title}:", ""] + [f"- {c.name}: {c.measured:.3g} {c.unit} measured, {c.predicted:.3g} predicted "
+                                      f"({c.error:+.1%})" for c in group] + [""]
+    return lines
+
+
+def _blocks_table(rows: list[dict], compiled: bool) -> list[str]:
+    out = ["| GPUs | SP | DP | ZeRO | ckpt: step s | tok/s/GPU | GiB/GPU | no ckpt: step s | tok/s/GPU | GiB/GPU |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    return out + [f"| {r['gpus']} | {r['sp']} | {r['dp']} | {r['zero_stage']} | {_cell(r['ckpt'])} | "
+                  f"{_cell(r['no_ckpt'])} |" for r in rows if r["compile"] == compiled]
+
+
 def markdown(cal: Calibration, found: list[Check], rows: list[dict]) -> tuple[str, str]:
-    """The preamble (model, fitted parameters, checks) and the prediction table."""
+    """The preamble (changes, check summary, fitted parameters, checks) and the prediction tables."""
     cap = cal.cluster.capacity_bytes / GIB
+    sla, ex = cal.sla, cal.exchanges
     lines = ["All times and memory below the checks are **predicted** by `benchmarks/scaling_model.py` (no GPU was "
-             "used); the *measured* column of the checks is H200 data from `benchmarks/results/2026-11-27-*`, "
-             "`2026-11-29-h200-attention` and issue #12. Model: see the script's docstring.", "",
+             "used); the *measured* column of the checks is H200 data, each row naming its results file under "
+             "`benchmarks/results/` (or issue #12). Model: see the script's docstring.", "",
+             CHANGES, ""] + _summary(found) + [
              "## Fitted parameters", "",
-             f"- SLA layer (per head, ms): fwd+bwd = {cal.sla.fwd_bwd[2]:.3f} x ({cal.sla.fwd_bwd[0]:.3e} x topk x "
-             f"L^2 + {cal.sla.fwd_bwd[1]:.3e} x L); fwd = {cal.sla.fwd[2]:.3f} x ({cal.sla.fwd[0]:.3e} x topk x L^2 "
-             f"+ {cal.sla.fwd[1]:.3e} x L) (level: 2026-11-29 code over 2026-11-27 at L 32768)",
-             f"- attention in the DiT / isolated layer: {cal.attention_in_model:.2f}; non-attention MFU "
-             f"{cal.mfu:.1%} (recompute counted)",
-             f"- Ulysses all-to-all: {cal.a2a_latency_s * 1e3:.3f} ms per call + {cal.a2a_bytes_per_s / 1e9:.0f} GB/s "
-             f"(also used for ZeRO collectives inside a node); inter-node "
-             f"{cal.cluster.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU (assumed), {cal.cluster.gpus_per_node} "
-             "GPUs per node",
+             f"- SLA layer (per head, ms): fwd+bwd = level x ({sla.fwd_bwd[0]:.3e} x topk x L^2 + "
+             f"{sla.fwd_bwd[1]:.3e} x L); fwd = level x ({sla.fwd[0]:.3e} x topk x L^2 + {sla.fwd[1]:.3e} x L), "
+             f"fitted to the 2026-11-27 sweep; predicted at the level of {sla.code.source}: "
+             f"{sla.level(True):.3f} (fwd+bwd), {sla.level(False):.3f} (fwd)",
+             *(f"- {name} blocks: non-attention MFU {b.mfu:.1%} (recompute counted), attention in the DiT / "
+               f"isolated layer {b.attention_in_model:.2f} ({DIT_STEPS[name].source})"
+               for name, b in cal.blocks.items()),
+             *(f"- {name} Ulysses exchange: {f.calls} all-to-alls per pass, {f.latency_s * 1e3:.3f} ms per call + "
+               f"{f.bytes_per_s / 1e9:.0f} GB/s" for name, f in ex.items()),
+             f"- plain collectives inside a node (ZeRO): {cal.collective_bytes_per_s / 1e9:.0f} GB/s (median bare "
+             f"all_to_all_single); inter-node {cal.cluster.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU (assumed), "
+             f"{cal.cluster.gpus_per_node} GPUs per node",
              f"- per-step overhead {cal.step_overhead_s:.3f} s; ZeRO-3 {cal.zero3_gather_latency_s * 1e3:.3f} ms per "
              f"gathered tensor per pass; activations {cal.activation_bytes_per_dim:.1f} B x dim + "
              f"{MLP_ACTIVATION_BYTES_PER_FFN} B x ffn per token per layer", "",
@@ -472,40 +721,69 @@ def markdown(cal: Calibration, found: list[Check], rows: list[dict]) -> tuple[st
         flag = "" if c.role != "check" or c.within else " **outside**"
         lines.append(f"| {c.name} | {c.role} | {c.measured:.3g} {c.unit} | {c.predicted:.3g} {c.unit} | "
                      f"{c.error:+.1%}{flag} |")
+    parts = rows[0]["ckpt"]
     table = [f"## Predicted: wan2.1-14b, {WAN14.shape.tokens} tokens per sample, topk {WAN14.topk}, one sample per "
-             f"SP group per step", "",
-             f"✗: more than {cap:.1f} GiB ({cal.cluster.capacity_bytes / 1e9:.0f} GB) per GPU.", "",
-             "| GPUs | SP | DP | ZeRO | ckpt: step s | tok/s/GPU | GiB/GPU | no ckpt: step s | tok/s/GPU | GiB/GPU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        table.append(f"| {r['gpus']} | {r['sp']} | {r['dp']} | {r['zero_stage']} | {_cell(r['ckpt'])} | "
-                     f"{_cell(r['no_ckpt'])} |")
+             f"SP group per step, eager blocks (the recipes' default), fused exchange", "",
+             f"✗: more than {cap:.1f} GiB ({cal.cluster.capacity_bytes / 1e9:.0f} GB) per GPU.", ""]
+    table += _blocks_table(rows, compiled=False)
     table += ["", "Where the time and memory go (predicted, checkpointing), recipes/wan14b_sla_sp8.yaml's 32 GPUs:", "",
-              "| SP x DP | ZeRO | " + " | ".join(f"{k} s" for k in rows[0]["ckpt"]["time_parts"]) + " | "
-              + " | ".join(f"{k} GiB" for k in rows[0]["ckpt"]["memory_gib_parts"]) + " |",
-              "|---|---|" + "---|" * (len(rows[0]["ckpt"]["time_parts"]) + len(rows[0]["ckpt"]["memory_gib_parts"]))]
+              "| SP x DP | ZeRO | blocks | " + " | ".join(f"{k} s" for k in parts["time_parts"]) + " | "
+              + " | ".join(f"{k} GiB" for k in parts["memory_gib_parts"]) + " |",
+              "|---|---|---|" + "---|" * (len(parts["time_parts"]) + len(parts["memory_gib_parts"]))]
     for r in rows:
         if r["gpus"] == 32 and r["sp"] == 8:
             p = r["ckpt"]
-            table.append(f"| {r['sp']} x {r['dp']} | {r['zero_stage']} | "
+            table.append(f"| {r['sp']} x {r['dp']} | {r['zero_stage']} | {'compiled' if r['compile'] else 'eager'} | "
                          + " | ".join(f"{v:.2f}" for v in p["time_parts"].values()) + " | "
                          + " | ".join(f"{v:.1f}" for v in p["memory_gib_parts"].values()) + " |")
+    table += ["", "### Compiled blocks (`model.compile`; ZeRO-2 only: the recipe refuses it with ZeRO-3)", "",
+              "The compiled fit is one DiT step without checkpointing (no compiled training step was measured); "
+              "memory is the eager model's (compiled memory not modelled).", ""]
+    table += _blocks_table(rows, compiled=True)
     return "\n".join(lines), "\n".join(table + ["", CAVEATS])
 
 
+CHANGES = """## What changed from 2026-11-29
+
+- SLA layer level: main's current layer (beec4b4, CUDA graphs, L 32768: 1.579 / 5.444 ms fwd / fwd+bwd,
+  `2026-11-30-h200x2-bias-grad-compiled-sp.md`) instead of 2026-11-29's (1.879 / 7.534 ms). Each measurement is now
+  predicted at the level of the code that ran it: issue #12's runs at 2026-11-29's, the 2026-11-30 end-to-end runs at
+  9c25e82's (e0fe62c's kernels), the exchange timings and the compiled DiT step at the memory branch's tree.
+- Ulysses exchange: fitted to the directly measured exchange (`2026-11-30-h200x2-ulysses-exchange.md`, blhd, P 2,
+  H 12 and 24), the fused one (2 all-to-alls per pass, the default now) and DeepSpeed's (4) each on its own. Before,
+  one latency and bandwidth came from 2026-11-27's layer times at P 2 and 4 minus P 1 / P: those rows are now
+  'history' (older code and exchange). The same file's P 2 layer times are checks (its P 1 layer / P + exchange).
+- ZeRO collectives inside a node: at the median bare all_to_all_single rate of that file (280 GB/s) instead of the
+  old Ulysses fit's 108 GB/s.
+- 1- and 2-GPU training checks: `2026-11-30-h200x2-e2e-train.md` (the wan1.3b recipe, ZeRO-2, checkpointing, steady
+  topk 0.05). 2026-11-29's SP 2 checkpointed steps (3.06 / 3.38 s, timed inside the topk anneal) are kept as
+  'history' rows at the anneal's mean topk; their "steady topk 0.05" check rows are dropped; their difference still
+  fixes ZeRO-3's per-tensor latency and their peaks stay checks (the model's memory does not depend on topk).
+- Compiled blocks: new (`Parallel.compile`). Their MFU and attention factor are fitted to
+  `2026-11-30-h200-dit-step-compiled.md` (a fit: no compiled measurement is left to check them); a second table.
+- New layer checks: L 8192 in CUDA graphs (main), L 131072 at P 1 (the exchange file's tree).
+- Roles: 'hypothesis' became 'history' (shown, not held to the tolerance)."""
+
 CAVEATS = """## Limits of the prediction
 
-- Assumed, not measured: the inter-node bandwidth (no multi-node run yet), ZeRO collectives inside a node at the
-  all-to-all's fitted rate, no overlap of ZeRO traffic with compute (the strategy sets `overlap_comm: False`).
-- The non-attention MFU is the 1.3B model's (dim 1536); the 14B's larger matmuls probably run at a higher MFU, so its
-  non-attention time is probably overestimated.
-- ZeRO-3's per-tensor latency comes from one untuned 2-GPU difference (3.38 - 3.06 s); for the 14B it adds
-  3 passes x 287 gathered tensors of it to every step.
-- The two checkpointed SP 2 training steps (3.06 / 3.38 s) are 2.6-3.1x the model at steady-state topk 0.05 and
-  within ~14 % of it at topk 0.99, the mean topk of the steps bench_train.py times inside the recipe's 500-step
-  anneal; the issue does not record which. Re-measuring them with `sparsity.anneal_steps=0` would settle it.
-- SLA's two-term fit leaves -23 % at L 16384 (a fixed per-call cost it has no term for) and +12 / +25 % (fwd+bwd /
-  fwd) at L 32768, topk 0.05; at L >= 75600, where the 14B runs, it is within 5 %."""
+- Assumed, not measured: the inter-node bandwidth (no multi-node run yet); ZeRO collectives inside a node at a bare
+  2-rank all-to-all's rate (no 8-rank ring was measured); no overlap of ZeRO traffic with compute (the strategy sets
+  `overlap_comm: False`); the exchange's P 2 latency and bandwidth at P 4 and 8.
+- The SLA level comes from L 32768 alone. At L 131072 (P 1, the exchange file's tree with the memory branch, fixed
+  launch settings) the level-scaled fit is 11-14 % under the measured fwd+bwd and 34-36 % under the forward: the
+  14B's attention (L 75600) may be underestimated. A timing of main's layer at L 75600 and 131072 would settle it.
+  At L 8192 in CUDA graphs the fit is over the measurement (the two-term fit has no per-call term; its residuals
+  are -23 % at L 16384 and +12 / +25 % at L 32768 on the sweep).
+- Memory: the model counts allocated bytes; the 2026-11-30 end-to-end peaks are nvidia-smi's memory.used
+  (allocator cache and CUDA context included) and lie 11-13 GiB above it. A ✓ within ~13 GiB of the limit may not
+  fit in practice.
+- The 2026-11-30 end-to-end steps ran SLACallback's sparsity measurement in every step (log_every_n_steps=1); the
+  per-step overhead was fitted to issue #12's 1.43 s step, whose logging is not recorded. The resumed session's
+  1.33 s (two steps, warm-up unclear) is not used.
+- The non-attention MFU is the 1.3B model's (dim 1536); the 14B's larger matmuls probably run at a higher MFU.
+- ZeRO-3's per-tensor latency comes from one untuned 2-GPU difference (3.38 - 3.06 s, both inside the anneal).
+- Compiled blocks: fitted on one DiT step without checkpointing (recompute assumed at the same MFU), and the
+  per-step overhead is the eager one; no compiled training step has been measured."""
 
 
 def main() -> None:
