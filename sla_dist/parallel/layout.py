@@ -21,9 +21,11 @@ parallel then moves P / 2 times Ulysses' bytes in more calls and adds its pair w
 measured-safe one. The bytes term applies f to the other ranks' blocks, an upper bound (a rank needs its own chunk's
 blocks most, so its remote fraction is lower), i.e. conservative against the ring.
 
-The link constants are benchmarks/scaling_model.py's fit to the measured Ulysses strong-scaling points (2x and 4x
-H200, NVLink); ``pair_seconds`` is fitted by benchmarks/bench_sequence_parallel.py (``fit_context_cost``) to the
-measured context-parallel layer times of 2026-11-27. tests/test_bench_sequence_parallel.py recomputes all three from
+The link constants are benchmarks/scaling_model.py's fit of DeepSpeed's Ulysses exchange (4 all-to-alls per pass,
+the 8 per layer counted above) to its measured times on 2x H200 (NVLink, 2026-11-30); the fused exchange, the
+default, makes 4 per layer, so Ulysses is if anything overcharged. ``pair_seconds`` is fitted by
+benchmarks/bench_sequence_parallel.py (``fit_context_cost``) to the measured context-parallel layer times of
+2026-11-27 with those link constants. tests/test_bench_sequence_parallel.py recomputes all three from
 those sources, so these defaults cannot drift from them silently.
 """
 
@@ -38,11 +40,11 @@ from ..config import check_int
 class SPCostModel:
     """Per-rank cost constants of the two sequence-parallel exchanges (defaults: H200 NVLink, see the module doc)."""
 
-    latency_s: float = 2.227e-4
-    """Seconds per collective call (scaling_model.calibrate().a2a_latency_s)."""
-    bytes_per_s: float = 1.0795e11
-    """Bytes per second one rank sends or receives (scaling_model.calibrate().a2a_bytes_per_s)."""
-    pair_seconds: float = 3.501e-9
+    latency_s: float = 2.025e-4
+    """Seconds per collective call (scaling_model.calibrate().exchanges["deepspeed"].latency_s)."""
+    bytes_per_s: float = 1.7817e11
+    """Bytes per second one rank sends or receives (scaling_model.calibrate().exchanges["deepspeed"].bytes_per_s)."""
+    pair_seconds: float = 3.845e-9
     """Context parallel's own work per (head, local query block, fetched key block) pair, seconds
     (bench_sequence_parallel.fit_context_cost on results/2026-11-27-h200x4-sequence-parallel.json)."""
 
