@@ -45,122 +45,15 @@ import torch
 
 from bench_dit_step import PEAKS, Shape, model_flops
 from results_io import save_results
+from scaling_measurements import (
+    BARE_ALL_TO_ALL_GBPS, BENCH_TRAIN_TOPK, DIT_STEPS, EXCHANGE_CALLS, EXCHANGE_TIMINGS, LAYER_1129, LAYER_9C25E82,
+    LAYER_CHECKS, LAYER_NOW, LAYER_SWEEP, ULYSSES_1127, ULYSSES_HEAD_DIM, ULYSSES_L, DiTStep, ExchangeTiming,
+    LayerTiming,
+)
 from sla_dist.models import VideoDiT, dit_config
 
 GIB = 2**30
 RESULTS = Path(__file__).resolve().parent / "results"
-
-# --- measurements (H200, bf16, D 128, 95 % sparsity = topk 0.05 unless given) -------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerTiming:
-    """One measured SLA layer call: fwd and fwd+bwd milliseconds at sequence length L, heads and topk."""
-
-    L: int
-    heads: int
-    topk: float
-    fwd_ms: float
-    fwd_bwd_ms: float
-    source: str = ""
-    """The results file (and row) it comes from."""
-
-
-_SWEEP = "2026-11-27-h200-attention.md (autotuned, dfa268d)"
-# The per-head shape of the layer. L 131072 comes from the P = 1 rows of 2026-11-27-h200x4-sequence-parallel.md (same
-# code). L 8192 is left out: there the eager layer is bound by the host (3.9 ms of launches per fwd+bwd,
-# 2026-11-29-h200-attention.md), not by the a L^2 + b L of the GPU.
-LAYER_SWEEP = (
-    LayerTiming(16384, 12, 0.05, 1.551, 4.485, _SWEEP),
-    LayerTiming(32768, 12, 0.05, 2.147, 7.953, _SWEEP),
-    LayerTiming(75600, 12, 0.05, 7.846, 34.358, _SWEEP),
-    LayerTiming(131072, 12, 0.05, 18.9, 85.8, "2026-11-27-h200x4-sequence-parallel.md, P 1"),
-    LayerTiming(131072, 24, 0.05, 36.6, 168.7, "2026-11-27-h200x4-sequence-parallel.md, P 1"),
-    LayerTiming(32768, 12, 0.20, 4.717, 20.963, _SWEEP),
-    LayerTiming(32768, 12, 0.10, 3.624, 12.899, _SWEEP),
-    LayerTiming(32768, 12, 0.03, 2.569, 6.703, _SWEEP),
-)
-# Code levels: the layer at L 32768, H 12, topk 0.05 as each later code ran it. A measurement is predicted at the
-# level of the code it ran (the sweep's shape scaled by this over the sweep's point of the same shape).
-LAYER_1129 = LayerTiming(32768, 12, 0.05, 1.879, 7.534,
-                         "2026-11-29-h200-attention.md, SLA full layer, BQ128 (the code of issue #12's runs)")
-LAYER_9C25E82 = LayerTiming(32768, 12, 0.05, 1.577, 5.610,
-                            "2026-11-30-h200x2-bias-grad-compiled-sp.md, 9c25e82, CUDA graphs (the kernels of "
-                            "e0fe62c: the memory branch merged and reverted between them, 240f411)")
-LAYER_MEMORY_BRANCH = LayerTiming(32768, 12, 0.05, 1.608, 5.927,
-                                  "2026-11-30-h200x2-memory-exchange-compile.md, merge with summaries in chunks of "
-                                  "0.25, call 2 (the tree of the compiled DiT step and of the exchange timings)")
-LAYER_NOW = LayerTiming(32768, 12, 0.05, 1.579, 5.444,
-                        "2026-11-30-h200x2-bias-grad-compiled-sp.md, beec4b4 (main), CUDA graphs")
-# Layer timings no fit uses, with the code level each ran: checks of the per-head fit times the level.
-LAYER_CHECKS = (
-    (LayerTiming(8192, 12, 0.05, 0.275, 0.872, "2026-11-30-h200x2-bias-grad-compiled-sp.md, beec4b4, CUDA graphs"),
-     LAYER_NOW),
-    (LayerTiming(131072, 12, 0.05, 21.4, 72.4, "2026-11-30-h200x2-ulysses-exchange.md, P 1, blhd"),
-     LAYER_MEMORY_BRANCH),
-    (LayerTiming(131072, 24, 0.05, 41.7, 140.7, "2026-11-30-h200x2-ulysses-exchange.md, P 1, blhd"),
-     LAYER_MEMORY_BRANCH),
-)
-
-
-@dataclass(frozen=True)
-class ExchangeTiming:
-    """One measured Ulysses exchange: fwd+bwd milliseconds of the Ulysses layer with SLA replaced by a pass-through
-    (packing copies and collectives, both directions), and the SLA layer's fwd and fwd+bwd at P and at P = 1."""
-
-    exchange: str
-    P: int
-    L: int
-    heads: int
-    exchange_ms: float
-    fwd_ms: float
-    fwd_bwd_ms: float
-    one: LayerTiming
-    source: str = "2026-11-30-h200x2-ulysses-exchange.md, blhd"
-    """The file and layout: blhd is what training feeds the layer."""
-
-
-_ONE_12, _ONE_24 = LAYER_CHECKS[1][0], LAYER_CHECKS[2][0]
-EXCHANGE_TIMINGS = (
-    ExchangeTiming("fused", 2, 131072, 12, 5.66, 12.9, 41.5, _ONE_12),
-    ExchangeTiming("fused", 2, 131072, 24, 9.86, 25.5, 80.3, _ONE_24),
-    ExchangeTiming("deepspeed", 2, 131072, 12, 6.14, 13.2, 41.9, _ONE_12),
-    ExchangeTiming("deepspeed", 2, 131072, 24, 10.66, 25.7, 81.1, _ONE_24),
-)
-# Same file, "a2a GB/s": one bare all_to_all_single of the q, k, v volume at P = 2, every row (GB/s).
-BARE_ALL_TO_ALL_GBPS = (281, 270, 279, 285, 244, 260, 294, 302)
-# All-to-all calls per attention pass (forward, backward or recompute): the fused exchange sends q, k, v in one and
-# the output in another (sla_dist/parallel/exchange.py); DeepSpeed's sends each of the four alone.
-EXCHANGE_CALLS = {"fused": 2, "deepspeed": 4}
-# 2026-11-27-h200x4-sequence-parallel.md, Ulysses rows at L 131072 (DeepSpeed's exchange of then, 11-27 code):
-# (P, heads, fwd ms, fwd+bwd ms).
-ULYSSES_1127 = ((2, 12, 14.1, 53.0), (2, 24, 26.3, 102.2), (4, 12, 8.6, 28.8), (4, 24, 14.5, 53.8))
-ULYSSES_L, ULYSSES_HEAD_DIM = 131072, 128
-
-
-@dataclass(frozen=True)
-class DiTStep:
-    """bench_dit_step.py on one H200: the training step (no optimizer) of the reference wan2.1-1.3b DiT at 21 x 60 x
-    104 latents = 32760 tokens, with SLA and with attention replaced by "return v", seconds; the code level of its
-    SLA layer."""
-
-    sla_s: float
-    none_s: float
-    checkpoint: bool
-    compiled: bool
-    code: LayerTiming
-    source: str
-
-
-DIT_STEPS = {
-    "eager": DiTStep(1.279, 0.839, True, False, LAYER_1129, "issue #12, bench_dit_step.py"),
-    # Blocks compiled, no checkpointing; its tree held the memory branch (summaries in chunks of 0.25).
-    "compiled": DiTStep(0.7785, 0.5136, False, True, LAYER_MEMORY_BRANCH, "2026-11-30-h200-dit-step-compiled.md"),
-}
-# bench_train.py times steps 3..7 of 8 while SLACallback anneals topk from 1 to 0.05 over the recipe's 500 steps
-# (recipes/wan1.3b_sla_finetune.yaml): the mean topk of the timed steps, unless the run overrode the schedule.
-BENCH_TRAIN_TOPK = 1 - 5 / 500 * (1 - 0.05)
-
 
 # --- assumptions: hardware and DeepSpeed defaults (not measured here) -----------------------------------------------
 

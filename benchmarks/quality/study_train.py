@@ -75,7 +75,14 @@ def convert(model: VideoDiT, variant: str, config: StudyConfig) -> VideoDiT:
     return model
 
 
-def _render_chunk(dataset: SyntheticVideoDataset, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_set(config: StudyConfig, channels: int, text_dim: int) -> SyntheticVideoDataset:
+    """The study's clip generator: its train, held-out and reference clips are disjoint index ranges of it."""
+    c = config
+    total = c.train_samples + max(c.val_samples, c.fvd_videos) + c.reference_videos
+    return SyntheticVideoDataset(total, channels, c.frames, c.size, c.size, text_dim, c.text_len)
+
+
+def render_clips(dataset: SyntheticVideoDataset, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Latents and text of ``indices``, as arrays: they travel back through the pool's pipe, not through shared
     memory (which a small /dev/shm would refuse)."""
     torch.set_num_threads(1)
@@ -89,10 +96,9 @@ class Data:
 
     def __init__(self, config: StudyConfig, channels: int, text_dim: int, device: torch.device) -> None:
         c = config
-        total = c.train_samples + max(c.val_samples, c.fvd_videos) + c.reference_videos
-        self.dataset = SyntheticVideoDataset(total, channels, c.frames, c.size, c.size, text_dim, c.text_len)
+        self.dataset = synthetic_set(c, channels, text_dim)
         held = c.train_samples + max(c.val_samples, c.fvd_videos)
-        latents, text = self._render(range(total), c.render_workers)
+        latents, text = self._render(range(len(self.dataset)), c.render_workers)
         self.train = latents[:c.train_samples].to(device), text[:c.train_samples].to(device)
         self.held_out = latents[c.train_samples:held].to(device), text[c.train_samples:held].to(device)
         self.reference = self.dataset.codec.decode(latents[held:])
@@ -102,12 +108,12 @@ class Data:
         ~0.01 s a clip at 16 x 48 x 48 on one core (~16 s for the gpu preset's 1344 serially). Called before this
         process creates a CUDA context, and the workers never touch CUDA, so forking is safe."""
         if workers == 0:
-            latents, text = _render_chunk(self.dataset, list(indices))
+            latents, text = render_clips(self.dataset, list(indices))
             return torch.from_numpy(latents), torch.from_numpy(text)
         size = math.ceil(len(indices) / (4 * workers))
         chunks = [list(indices[i:i + size]) for i in range(0, len(indices), size)]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(_render_chunk, [self.dataset] * len(chunks), chunks))
+            parts = list(pool.map(render_clips, [self.dataset] * len(chunks), chunks))
         return (torch.from_numpy(np.concatenate([p[0] for p in parts])),
                 torch.from_numpy(np.concatenate([p[1] for p in parts])))
 

@@ -1,0 +1,152 @@
+"""Where a pretrained study model's attention sits, and how much SLA's linear branch could ever recover of it.
+
+For every self-attention layer of a quality-study checkpoint (``quality_study.py --phase pretrain`` writes one), on
+held-out clips, per topk:
+
+* ``kept mass``: the share of each query's softmax mass inside the key blocks SLA's block map keeps (predicted from
+  pooled q and k, as training uses it), and ``oracle mass``: inside the same number of key blocks chosen by their
+  true mass (the best any block map of that size could keep);
+* ``sparse error``: the sparse branch alone (sparse-only, and SLA before fine-tuning, when proj_l is zero) against
+  full attention, relative L2;
+* ``best SLA error``: O_s + O_l W + b against full attention with the least-squares W, b over all of the layer's
+  rows (proj_l is shared by the heads): no training of proj_l can go below it on these q, k, v. When it stays close to
+  the sparse error, the linear branch's features cannot carry what the dropped blocks held, whatever proj_l learns;
+  when it is much lower, proj_l's training (learning rate, steps, distillation) is what falls short.
+
+Runs on CPU in float32 with the PyTorch reference, one head at a time (a few minutes for the gpu preset's 9216-token
+clips):
+
+    python benchmarks/quality/attention_mass.py --resume-from .quality-ft --topk 0.05 0.1 0.2 --clips 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sla_dist.config import SLAConfig  # noqa: E402
+from sla_dist.kernels.block_map import CRITICAL, block_counts, predict_block_map  # noqa: E402
+from sla_dist.kernels.reference import sla_branches_ref  # noqa: E402
+from sla_dist.models import DiTConfig, VideoDiT  # noqa: E402
+from study_attention import visit_attention  # noqa: E402
+from study_checkpoint import load_pretrained  # noqa: E402
+from study_config import StudyConfig  # noqa: E402
+from study_train import render_clips, sla_config, synthetic_set  # noqa: E402
+
+class LayerStats:
+    """Sums over one layer's heads and clips, per topk: kept / oracle mass, squared errors, and the normal
+    equations of the least-squares projection [O_l, 1] -> O - O_s."""
+
+    def __init__(self, topks: list[float], head_dim: int) -> None:
+        self.rows = 0
+        self.reference_sq = 0.0
+        self.kept = dict.fromkeys(topks, 0.0)
+        self.oracle = dict.fromkeys(topks, 0.0)
+        self.sparse_sq = dict.fromkeys(topks, 0.0)
+        self.gram = {t: torch.zeros(head_dim + 1, head_dim + 1, dtype=torch.float64) for t in topks}
+        self.cross = {t: torch.zeros(head_dim + 1, head_dim, dtype=torch.float64) for t in topks}
+
+    def add(self, topk: float, kept: torch.Tensor, oracle: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor,
+            reference: torch.Tensor) -> None:
+        residual = (reference - o_s).double().flatten(0, -2)
+        features = torch.cat([o_l.double().flatten(0, -2), torch.ones(residual.shape[0], 1, dtype=torch.float64)], 1)
+        self.kept[topk] += float(kept.sum())
+        self.oracle[topk] += float(oracle.sum())
+        self.sparse_sq[topk] += float(residual.square().sum())
+        self.gram[topk] += features.T @ features
+        self.cross[topk] += features.T @ residual
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for t in self.kept:
+            # ||R - F W||^2 at the least-squares W = ||R||^2 - tr(W^T F^T R); a small ridge keeps W finite
+            gram = self.gram[t] + 1e-9 * torch.eye(self.gram[t].shape[0], dtype=torch.float64)
+            w = torch.linalg.solve(gram, self.cross[t])
+            best_sq = max(self.sparse_sq[t] - float((w * self.cross[t]).sum()), 0.0)
+            out[str(t)] = {"kept_mass": self.kept[t] / self.rows, "oracle_mass": self.oracle[t] / self.rows,
+                           "sparse_error": (self.sparse_sq[t] / self.reference_sq) ** 0.5,
+                           "best_sla_error": (best_sq / self.reference_sq) ** 0.5}
+        return out
+
+
+def head_stats(stats: LayerStats, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sla: SLAConfig) -> None:
+    """Add one head ([1, 1, L, D] each, float32) to ``stats``; ``sla`` gives the block sizes and feature map."""
+    length, block_q = q.shape[2], sla.block_q
+    probs = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)[0, 0]
+    reference = (probs @ v[0, 0])[None, None]
+    n_blocks, q_blocks = -(-length // sla.block_k), -(-length // block_q)
+    padded = F.pad(probs, (0, n_blocks * sla.block_k - length))
+    block_mass = padded.view(length, n_blocks, sla.block_k).sum(-1)  # [L, Nk]: each query's mass per key block
+    # per query block: [Nq, block_q, Nk], padded rows carry no mass
+    per_q_block = F.pad(block_mass, (0, 0, 0, q_blocks * block_q - length)).view(q_blocks, block_q, n_blocks)
+    stats.rows += length
+    stats.reference_sq += float(reference.double().square().sum())
+    for topk in stats.kept:
+        bm = predict_block_map(q, k, topk=topk, negligible=0.0, block_q=block_q, block_k=sla.block_k, kernels=False)
+        critical = bm.block_class[0, 0] == CRITICAL  # [Nq, Nk]
+        kept = (per_q_block * critical[:, None, :]).sum(-1)
+        # the oracle keeps, per query block, the n_c key blocks with the most mass over that block's queries
+        n_c, _ = block_counts(n_blocks, topk, 0.0)
+        best = per_q_block.sum(1).topk(n_c, dim=-1).indices
+        oracle = per_q_block.gather(2, best[:, None, :].expand(-1, block_q, -1)).sum(-1)
+        o_s, o_l, _ = sla_branches_ref(q, k, v, bm, feature_map=sla.feature_map, linear_scope="marginal")
+        stats.add(topk, kept, oracle, o_s, o_l, reference)
+
+
+def held_out_clips(config: StudyConfig, dit: DiTConfig, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The study's first ``clips`` held-out clips (the ones its attention errors are measured on)."""
+    dataset = synthetic_set(config, dit.in_channels, dit.text_dim)
+    threads = torch.get_num_threads()  # render_clips runs single-threaded (it is a worker's function)
+    latents, text = render_clips(dataset, list(range(config.train_samples, config.train_samples + clips)))
+    torch.set_num_threads(threads)
+    return torch.from_numpy(latents), torch.from_numpy(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resume-from", type=Path, required=True, help="a quality-study checkpoint folder")
+    parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--clips", type=int, default=1, help="held-out clips (noise levels spread over (0, 1))")
+    parser.add_argument("--json", type=Path, help="write the per-layer results here")
+    args = parser.parse_args()
+    checkpoint = load_pretrained(args.resume_from)
+    config = StudyConfig(**checkpoint.meta["config"])
+    dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint.meta["model"].items()})
+    sla = sla_config("sla", config)
+    model = VideoDiT(dit)
+    model.load_state_dict(checkpoint.state)
+    latents, text = held_out_clips(config, dit, args.clips)
+    layers: list[LayerStats] = []
+
+    def visit(layer, core, q, k, v, out):
+        stats = LayerStats(args.topk, q.shape[-1])
+        for n in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                head_stats(stats, *(t[n:n + 1, h:h + 1].float() for t in (q, k, v)), sla)
+        layers.append(stats)
+        print(f"layer {layer}: " + "  ".join(f"topk {t}: kept {r['kept_mass']:.3f} oracle {r['oracle_mass']:.3f} "
+                                             f"sparse err {r['sparse_error']:.3f} best SLA err "
+                                             f"{r['best_sla_error']:.3f}" for t, r in stats.summary().items()),
+              flush=True)
+
+    visit_attention(model, latents, text, visit)
+    results = {"checkpoint": str(args.resume_from), "pretrain_steps": checkpoint.meta["pretrain"]["steps"],
+               "clips": args.clips, "block_q": sla.block_q, "block_k": sla.block_k, "layers": [s.summary() for s in layers]}
+    print("\n| layer | " + " | ".join(f"topk {t}: kept / oracle mass, sparse / best-SLA error" for t in args.topk) + " |")
+    print("|---|" + "---|" * len(args.topk))
+    for i, layer in enumerate(results["layers"]):
+        print(f"| {i} | " + " | ".join(f"{r['kept_mass']:.3f} / {r['oracle_mass']:.3f}, {r['sparse_error']:.3f} / "
+                                      f"{r['best_sla_error']:.3f}" for r in layer.values()) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
