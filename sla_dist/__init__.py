@@ -1,6 +1,7 @@
 """sla-dist: Sparse-Linear Attention (SLA) for training video Diffusion Transformers at scale."""
 
 from .attention import SparseLinearAttention
+from .calibration import calibrate_projections
 from .config import SLAConfig
 from .kernels.block_map import BlockMap, predict_block_map
 from .kernels.op import sla_branches, sparse_linear_attention
@@ -14,6 +15,7 @@ __all__ = [
     "SparseLinearAttention",
     "VideoDiT",
     "apply_sla",
+    "calibrate_projections",
     "dit_config",
     "predict_block_map",
     "sla_branches",

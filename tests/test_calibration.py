@@ -1,0 +1,81 @@
+"""calibrate_projections: proj_l set to the least-squares fit of O_s + O_l W^T + b to full attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sla_dist import PatchConfig, SLAConfig, SparseLinearAttention, VideoDiT, apply_sla, calibrate_projections, dit_config
+from sla_dist.attention import dense_attention
+
+
+def _qkv(seed: int, L: int = 201, H: int = 2, D: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, H, L, D, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _layer(**kwargs) -> SparseLinearAttention:
+    return SparseLinearAttention(16, topk=0.25, negligible=0.0, backend="reference", **kwargs).double()
+
+
+@torch.no_grad()
+def _error(layer: SparseLinearAttention, inputs: list[list[torch.Tensor]]) -> float:
+    """Relative L2 of the layer against full attention over all rows of ``inputs``."""
+    diff = sum(float((layer(*qkv) - dense_attention(*qkv)).square().sum()) for qkv in inputs)
+    return (diff / sum(float(dense_attention(*qkv).square().sum()) for qkv in inputs)) ** 0.5
+
+
+def test_calibration_is_the_least_squares_fit_over_every_forward():
+    layer = _layer()
+    inputs = [_qkv(0), _qkv(1, L=77)]  # two forwards of different lengths: their rows are pooled
+    sparse_error = _error(layer, inputs)
+    report = calibrate_projections(layer, lambda: [layer(*qkv) for qkv in inputs], ridge=0.0)
+    assert report[""]["rows"] == 2 * (201 + 77)
+    assert report[""]["sparse_error"] == pytest.approx(sparse_error, rel=1e-9)
+    # the closed form on the concatenated rows, independently
+    xs, ys = [], []
+    for q, k, v in inputs:
+        o_s, o_l, _, _ = layer.branches(q, k, v)
+        xs.append(torch.cat([o_l.flatten(0, -2), torch.ones(o_l[..., :1].numel(), 1, dtype=torch.float64)], 1))
+        ys.append((dense_attention(q, k, v) - o_s).flatten(0, -2))
+    solution = torch.linalg.lstsq(torch.cat(xs), torch.cat(ys)).solution
+    torch.testing.assert_close(layer.proj_l.weight.detach(), solution[:-1].T, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(layer.proj_l.bias.detach(), solution[-1], rtol=1e-6, atol=1e-8)
+    calibrated = _error(layer, inputs)
+    assert report[""]["calibrated_error"] == pytest.approx(calibrated, rel=1e-6)
+    assert calibrated < 0.9 * sparse_error
+    assert not layer._forward_hooks
+
+
+def test_a_dit_is_calibrated_layer_by_layer():
+    torch.manual_seed(0)
+    model = VideoDiT(dit_config("tiny"))
+    apply_sla(model, PatchConfig(sla=SLAConfig(topk=0.25, negligible=0.0, block_q=64, block_k=64)))
+    before = {n: p.clone() for n, p in model.named_parameters() if "proj_l" not in n}
+    x, t, text = torch.randn(2, 4, 2, 16, 16), torch.full((2,), 500.0), torch.randn(2, 5, 32)
+    report = calibrate_projections(model, lambda: model(x, t, text))
+    assert sorted(report) == [f"blocks.{i}.self_attn.core" for i in range(len(model.blocks))]
+    for name, r in report.items():
+        assert r["calibrated_error"] < r["sparse_error"], name
+        assert model.get_submodule(name).proj_l.weight.abs().sum() > 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "proj_l" not in n)
+
+
+def test_layers_without_a_linear_branch_and_bad_calls():
+    sparse_only = _layer(linear_scope="none")
+    q, k, v = _qkv(2)
+    assert calibrate_projections(sparse_only, lambda: sparse_only(q, k, v)) == {}
+    assert sparse_only.proj_l.weight.abs().sum() == 0
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"ridge=-1 must be a non-negative number"):
+        calibrate_projections(layer, lambda: layer(q, k, v), ridge=-1)
+    with pytest.raises(ValueError, match="the calibration run called none of the model's 1 SLA layers"):
+        calibrate_projections(layer, lambda: None)
+
+    def failing_run():
+        layer(q, k, v)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        calibrate_projections(layer, failing_run)
+    assert not layer._forward_hooks and layer.proj_l.weight.abs().sum() == 0
