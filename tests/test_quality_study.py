@@ -393,3 +393,14 @@ def test_help_shows_the_multi_call_workflow(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the options' help to the terminal
     assert "--phase pretrain --resume-from .quality-ckpt" in out and "--phase finetune --resume-from" in out
     assert "this many MORE steps" in out
+
+
+def test_calibrated_proj_l_is_fitted_before_the_sla_fine_tune(tmp_path):
+    config = dataclasses.replace(qs.PRESETS["tiny"], calibrate_clips=3, dense_seeds=[0], baselines=[])
+    results = qs.run(config, torch.device("cpu"), tmp_path, phase="all")
+    calibration = results["variants"]["sla"]["calibration"]
+    assert calibration["clips"] == 3 and len(calibration["layers"]) == qs.dit_config("tiny").num_layers
+    assert calibration["calibrated_error"] < calibration["sparse_error"]
+    assert "proj_l fitted to the dense model's attention on 3 training clips" in (tmp_path / "quality-study.md").read_text()
+    with pytest.raises(ValueError, match=r"calibrate_clips=17 must lie in \[0, train_samples=16\]"):
+        dataclasses.replace(qs.PRESETS["tiny"], calibrate_clips=17)

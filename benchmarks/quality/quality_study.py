@@ -85,7 +85,10 @@ the next call:
         --finetune-steps 700 --dense-seeds 0 --baselines sparse_only --proj-lr-scale 10 --out $OUT/quality
 
 ``--proj-lr-scale X`` trains SLA's proj_l (zero at the start) and linear-only's projection at X times the fine-tune
-lr (a second AdamW param group): at 1e-4 proj_l learned nothing measurable in 700 steps (2026-11-30 H200 run).
+lr (a second AdamW param group): at 1e-4 proj_l learned nothing measurable in 700 steps (2026-11-30 H200 run), at
+1e-3 neither (393 steps, from a 1600-step pretrain). ``--calibrate-clips N`` starts SLA's fine-tune from proj_l
+fitted by least squares to the dense model's attention on N training clips (``sla_dist.calibrate_projections``):
+``attention_mass.py`` found that fit far below the sparse branch's error on the pretrained model.
 """
 
 from __future__ import annotations
@@ -117,7 +120,9 @@ from study_budget import Clock, Schedule, default_schedule, plan_steps  # noqa: 
 from study_checkpoint import Checkpoint, decoded, load_pretrained, save_pretrained  # noqa: E402
 from study_config import BASELINES, PRESETS, StudyConfig  # noqa: E402
 from study_report import markdown_report, plot, verdict  # noqa: E402
-from study_train import VARIANTS, Data, Trainer, convert, fresh_core, fvd_scores, module_for, probe  # noqa: E402
+from study_train import (  # noqa: E402
+    VARIANTS, Data, Trainer, calibrate_sla, convert, fresh_core, fvd_scores, module_for, probe,
+)
 
 __all__ = ["PHASES", "PRESETS", "VARIANTS", "Study", "StudyConfig", "Trainer", "convert", "fresh_core", "main",
            "module_for", "pretrain_record", "run"]
@@ -310,8 +315,15 @@ class Study:
         c = self.config
         t0 = time.monotonic()
         module = module_for(self.dit, variant, seed, state, c.finetune_lr, c, self.device)
+        calibration = None
+        if variant == "sla" and c.calibrate_clips:
+            calibration = calibrate_sla(module.model, self.data, c)
+            self.log(f"{name}: proj_l calibrated on {c.calibrate_clips} clips, mean attention error "
+                     f"{calibration['sparse_error']:.4f} -> {calibration['calibrated_error']:.4f}")
         trainer = Trainer(module, self.data, c.finetune_lr, seed, c, proj_lr_scale=c.proj_lr_scale)
         info = trainer.run(schedule.finetune_steps, schedule.finetune_eval_every, self.clock, name)
+        if calibration is not None:
+            info["calibration"] = calibration
         t1 = time.monotonic()
         scores = fvd_scores(module.model, self.data, c, self.extractors)
         info["sampling_s"] = time.monotonic() - t1
@@ -378,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proj-lr-scale", type=float,
                         help="fine-tune lr of SLA's proj_l and linear-only's projection, as a multiple of the "
                              "fine-tune lr (default 1; a positive finite number)")
+    parser.add_argument("--calibrate-clips", type=int,
+                        help="fit SLA's proj_l to the dense model's attention on this many training clips before "
+                             "its fine-tune (least squares; default 0: proj_l starts at zero)")
     parser.add_argument("--feature-map", choices=("softmax", "elu", "relu"), help="phi of the linear branch")
     parser.add_argument("--teacher-weight", type=float,
                         help="distillation weight towards the dense pretrained model in the non-dense fine-tunes")
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume-from is for --phase pretrain or finetune, not --phase all")
     overrides = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
                                    ("sparsity", args.sparsity), ("feature_map", args.feature_map),
-                                   ("proj_lr_scale", args.proj_lr_scale),
+                                   ("proj_lr_scale", args.proj_lr_scale), ("calibrate_clips", args.calibrate_clips),
                                    ("teacher_weight", args.teacher_weight), ("dense_seeds", args.dense_seeds),
                                    ("baselines", args.baselines)) if v is not None}
     if args.time_budget is not None:

@@ -48,6 +48,10 @@ class StudyConfig:
     """phi of SLA's linear branch and of linear-only attention."""
     teacher_weight: float = 0.0
     """Distillation from the frozen dense pretrained model in the SLA, sparse-only and linear-only fine-tunes."""
+    calibrate_clips: int = 0
+    """Training clips SLA's proj_l is fitted on before its fine-tune: the least-squares fit of each layer's
+    O_s + O_l W^T + b to the dense model's attention (``sla_dist.calibrate_projections``). 0: proj_l starts at zero,
+    as conversion leaves it."""
     attention_samples: int = 4
     """Held-out clips of the per-layer attention-error pass."""
     dense_seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -72,6 +76,9 @@ class StudyConfig:
         if self.fvd_videos < 2 or self.reference_videos < 2:
             raise ValueError(f"fvd_videos={self.fvd_videos} and reference_videos={self.reference_videos} must be "
                              ">= 2")
+        if not 0 <= self.calibrate_clips <= self.train_samples:
+            raise ValueError(f"calibrate_clips={self.calibrate_clips} must lie in [0, train_samples="
+                             f"{self.train_samples}]")
         if self.warmup_steps < 0 or self.render_workers < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} and render_workers={self.render_workers} must be "
                              ">= 0")

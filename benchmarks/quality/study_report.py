@@ -101,6 +101,17 @@ def _attention_table(results: dict) -> list[str]:
     return lines
 
 
+def _calibration_note(results: dict) -> str:
+    """How SLA's proj_l started: calibrated (and the attention error that bought) or at zero."""
+    clips = results["config"].get("calibrate_clips", 0)
+    if not clips:
+        return ", proj_l from zero"
+    calibration = (results["variants"].get("sla") or {}).get("calibration")
+    errors = (f" (mean attention error on them {calibration['sparse_error']:.3f} -> "
+              f"{calibration['calibrated_error']:.3f})" if calibration else "")
+    return f", proj_l fitted to the dense model's attention on {clips} training clips before fine-tuning{errors}"
+
+
 def markdown_report(results: dict, image: str) -> str:
     """The write-up: setup, results table, attention errors and the verdict (``image``: the figure's file name)."""
     c, m, s, v = results["config"], results["model"], results["schedule"], results["verdict"]
@@ -140,6 +151,7 @@ def markdown_report(results: dict, image: str) -> str:
         f"- SLA: topk {1 - c['sparsity']:.3g} ({_fmt(realised, '.2%')} realised block sparsity), negligible 0, "
         f"{c['feature_map']} feature map, linear_scope marginal"
         + (f", teacher weight {c['teacher_weight']}" if c["teacher_weight"] else "")
+        + _calibration_note(results)
         + ". Sparse-only: the same without the linear branch. Linear-only: normalised linear attention over all "
         "keys with a learnable projection.",
         f"- FVD: seeded random 3D-conv extractor, {c['fvd_videos']} generated vs {c['reference_videos']} reference "

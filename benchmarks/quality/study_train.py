@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sla_dist import SLAConfig, SparseLinearAttention
+from sla_dist import SLAConfig, SparseLinearAttention, calibrate_projections
 from sla_dist.eval.flow_loss import validation_loss
 from sla_dist.eval.fvd import VideoFVD
 from sla_dist.eval.sampling import SamplerConfig, sample
@@ -21,6 +21,7 @@ from sla_dist.lightning.module import DiTModule
 from sla_dist.lightning.recipe import OptimSection
 from sla_dist.lightning.synthetic import SyntheticVideoDataset
 from sla_dist.models import DiTConfig, PatchConfig, VideoDiT, apply_sla
+from study_attention import visit_attention
 from study_budget import Clock, StepTimes
 from study_checkpoint import Moments
 from study_config import StudyConfig
@@ -145,6 +146,22 @@ def module_for(dit: DiTConfig, variant: str, seed: int, state: dict | None, lr: 
     module = DiTModule(dit, OptimSection(lr=lr, teacher_weight=teacher), seed=seed, init_state=state)
     convert(module.model, variant, config)
     return module.to(device)
+
+
+def calibrate_sla(model: VideoDiT, data: Data, config: StudyConfig) -> dict:
+    """Fit every SLA layer's proj_l to the model's full attention on the first ``config.calibrate_clips`` training
+    clips (``calibrate_projections``; batches of ``batch_size`` clips at noise levels spread over (0, 1), as the
+    attention-error pass draws them). Returns the mean errors over layers and the per-layer report."""
+    latents, text = (t[:config.calibrate_clips] for t in data.train)
+
+    def run() -> None:
+        for start in range(0, latents.shape[0], config.batch_size):
+            batch = slice(start, start + config.batch_size)
+            visit_attention(model, latents[batch], text[batch], lambda *site: None, seed=start)
+
+    layers = calibrate_projections(model, run)
+    mean = {key: sum(r[key] for r in layers.values()) / len(layers) for key in ("sparse_error", "calibrated_error")}
+    return {"clips": config.calibrate_clips, **mean, "layers": layers}
 
 
 def is_projection(name: str) -> bool:
