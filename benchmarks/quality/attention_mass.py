@@ -38,7 +38,7 @@ from sla_dist.models import DiTConfig, VideoDiT  # noqa: E402
 from study_attention import visit_attention  # noqa: E402
 from study_checkpoint import load_pretrained  # noqa: E402
 from study_config import StudyConfig  # noqa: E402
-from study_train import render_clips, sla_config, synthetic_set  # noqa: E402
+from study_train import sla_config, study_clips  # noqa: E402
 
 class LayerStats:
     """Sums over one layer's heads and clips, per topk: kept / oracle mass, squared errors, and the normal
@@ -100,29 +100,20 @@ def head_stats(stats: LayerStats, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         stats.add(topk, kept, oracle, o_s, o_l, reference)
 
 
-def held_out_clips(config: StudyConfig, dit: DiTConfig, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The study's first ``clips`` held-out clips (the ones its attention errors are measured on)."""
-    dataset = synthetic_set(config, dit.in_channels, dit.text_dim)
-    threads = torch.get_num_threads()  # render_clips runs single-threaded (it is a worker's function)
-    latents, text = render_clips(dataset, list(range(config.train_samples, config.train_samples + clips)))
-    torch.set_num_threads(threads)
-    return torch.from_numpy(latents), torch.from_numpy(text)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resume-from", type=Path, required=True, help="a quality-study checkpoint folder")
     parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--clips", type=int, default=1, help="held-out clips (noise levels spread over (0, 1))")
     parser.add_argument("--json", type=Path, help="write the per-layer results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     checkpoint = load_pretrained(args.resume_from)
     config = StudyConfig(**checkpoint.meta["config"])
     dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint.meta["model"].items()})
     sla = sla_config("sla", config)
     model = VideoDiT(dit)
     model.load_state_dict(checkpoint.state)
-    latents, text = held_out_clips(config, dit, args.clips)
+    latents, text = study_clips(config, dit, range(config.train_samples, config.train_samples + args.clips))
     layers: list[LayerStats] = []
 
     def visit(layer, core, q, k, v, out):

@@ -317,7 +317,8 @@ class Study:
         module = module_for(self.dit, variant, seed, state, c.finetune_lr, c, self.device)
         calibration = None
         if variant == "sla" and c.calibrate_clips:
-            calibration = calibrate_sla(module.model, self.data, c)
+            latents, text = (t[:c.calibrate_clips] for t in self.data.train)
+            calibration = calibrate_sla(module.model, latents, text, c.batch_size)
             self.log(f"{name}: proj_l calibrated on {c.calibrate_clips} clips, mean attention error "
                      f"{calibration['sparse_error']:.4f} -> {calibration['calibrated_error']:.4f}")
         trainer = Trainer(module, self.data, c.finetune_lr, seed, c, proj_lr_scale=c.proj_lr_scale)

@@ -148,20 +148,28 @@ def module_for(dit: DiTConfig, variant: str, seed: int, state: dict | None, lr: 
     return module.to(device)
 
 
-def calibrate_sla(model: VideoDiT, data: Data, config: StudyConfig) -> dict:
-    """Fit every SLA layer's proj_l to the model's full attention on the first ``config.calibrate_clips`` training
-    clips (``calibrate_projections``; batches of ``batch_size`` clips at noise levels spread over (0, 1), as the
-    attention-error pass draws them). Returns the mean errors over layers and the per-layer report."""
-    latents, text = (t[:config.calibrate_clips] for t in data.train)
+def calibrate_sla(model: VideoDiT, latents: torch.Tensor, text: torch.Tensor, batch_size: int) -> dict:
+    """Fit every SLA layer's proj_l to the model's full attention on ``latents`` / ``text`` (training clips;
+    ``calibrate_projections``), in batches of ``batch_size`` clips at noise levels spread over (0, 1) as the
+    attention-error pass draws them. Returns the mean errors over layers and the per-layer report."""
 
     def run() -> None:
-        for start in range(0, latents.shape[0], config.batch_size):
-            batch = slice(start, start + config.batch_size)
+        for start in range(0, latents.shape[0], batch_size):
+            batch = slice(start, start + batch_size)
             visit_attention(model, latents[batch], text[batch], lambda *site: None, seed=start)
 
     layers = calibrate_projections(model, run)
     mean = {key: sum(r[key] for r in layers.values()) / len(layers) for key in ("sparse_error", "calibrated_error")}
-    return {"clips": config.calibrate_clips, **mean, "layers": layers}
+    return {"clips": latents.shape[0], **mean, "layers": layers}
+
+
+def study_clips(config: StudyConfig, dit: DiTConfig, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips ``indices`` of the study's synthetic set, rendered in this process (train: from 0, held-out: from
+    ``train_samples``), for tools that need a few clips rather than ``Data``'s whole sets."""
+    threads = torch.get_num_threads()  # render_clips runs single-threaded (it is a worker's function)
+    latents, text = render_clips(synthetic_set(config, dit.in_channels, dit.text_dim), list(indices))
+    torch.set_num_threads(threads)
+    return torch.from_numpy(latents), torch.from_numpy(text)
 
 
 def is_projection(name: str) -> bool:
