@@ -18,8 +18,10 @@ layers' attention error against full attention well below the sparse branch's (e
 in two layers; benchmarks/quality/attention_mass.py), while 400 fine-tune steps from zero left SLA level with
 sparse-only attention. Calibration starts fine-tuning from there.
 
-Run it in one process before sequence parallelism or ZeRO-3 wrap the model (each rank would see only its heads or
-a partition of proj_l).
+With several processes (data parallel, Ulysses sequence parallel: each rank's layers see its own samples or heads),
+pass the ``group`` every rank of which holds the same proj_l: the normal equations are summed over it before the
+solve, so every rank sets the same proj_l, the fit over all of their rows. Not for ZeRO-3 (proj_l partitioned) or
+context parallel (its ranks never run a layer's forward on a whole sequence).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .attention import SparseLinearAttention, dense_attention
@@ -61,6 +64,17 @@ class ProjectionFit:
         self.reference_sq += float(reference.double().square().sum())
         self.rows += residual.shape[0]
 
+    def all_reduce(self, group: dist.ProcessGroup) -> None:
+        """Sum the statistics over ``group`` (one collective)."""
+        n = self.gram.shape[0]
+        flat = torch.cat([self.gram.flatten(), self.cross.flatten(), self.gram.new_tensor(
+            [self.residual_sq, self.reference_sq, float(self.rows)])])
+        dist.all_reduce(flat, group=group)
+        self.gram.copy_(flat[:n * n].view(n, n))
+        self.cross.copy_(flat[n * n:-3].view(n, n - 1))
+        self.residual_sq, self.reference_sq, rows = flat[-3:].tolist()
+        self.rows = round(rows)
+
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(W [D, D], b [D], the relative error ||O_s + O_l W^T + b - O|| / ||O|| the solution reaches on the
         calibration rows). ``ridge`` is relative to the Gram matrix's mean diagonal."""
@@ -76,14 +90,16 @@ class ProjectionFit:
 
 
 @torch.no_grad()
-def calibrate_projections(model: nn.Module, run: Callable[[], Any], *, ridge: float = 1e-6) -> dict[str, dict]:
+def calibrate_projections(model: nn.Module, run: Callable[[], Any], *, ridge: float = 1e-6,
+                          group: dist.ProcessGroup | None = None) -> dict[str, dict]:
     """Set every SparseLinearAttention's proj_l in ``model`` (or ``model`` itself) to the least-squares fit to full
     attention over the forwards that ``run()`` makes (e.g. ``lambda: model(x, t, text)`` over a few batches).
 
     Layers without a linear branch (``linear_scope='none'``) are left as they are. Returns, per calibrated layer
     (by module name), ``rows``, ``sparse_error`` (the sparse branch alone against full attention, relative L2 over
     the calibration rows: the layer with proj_l = 0) and ``calibrated_error`` (with the fitted proj_l, on the same
-    rows). Raises ValueError for a negative ``ridge`` or when ``run`` reached none of the layers."""
+    rows). ``group``: sum the fits over these processes first (module docstring); every rank must call this.
+    Raises ValueError for a negative ``ridge`` or when ``run`` reached none of the layers (on any rank)."""
     if not ridge >= 0:
         raise ValueError(f"ridge={ridge!r} must be a non-negative number")
     layers = {name: m for name, m in model.named_modules()
@@ -104,6 +120,12 @@ def calibrate_projections(model: nn.Module, run: Callable[[], Any], *, ridge: fl
     finally:
         for handle in handles:
             handle.remove()
+    if group is not None:
+        for name, layer in layers.items():  # the same order on every rank; a layer this rank missed adds zeros
+            if name not in fits:
+                fits[name] = ProjectionFit.empty(layer.head_dim, layer.proj_l.weight.device)
+            fits[name].all_reduce(group)
+        fits = {name: fit for name, fit in fits.items() if fit.rows}
     if layers and not fits:
         raise ValueError(f"the calibration run called none of the model's {len(layers)} SLA layers")
     report = {}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from sla_dist import PatchConfig, SLAConfig, SparseLinearAttention, VideoDiT, apply_sla, calibrate_projections, dit_config
 from sla_dist.attention import dense_attention
+from tests.parallel.dist_utils import run_distributed
 
 
 def _qkv(seed: int, L: int = 201, H: int = 2, D: int = 16) -> list[torch.Tensor]:
@@ -79,3 +81,20 @@ def test_layers_without_a_linear_branch_and_bad_calls():
     with pytest.raises(RuntimeError, match="boom"):
         calibrate_projections(layer, failing_run)
     assert not layer._forward_hooks and layer.proj_l.weight.abs().sum() == 0
+
+
+def _two_rank_calibration(device: torch.device) -> None:
+    rank = dist.get_rank()
+    layer = _layer().to(device)
+    inputs = [[t.to(device) for t in _qkv(seed, L=120 + 31 * seed)] for seed in (0, 1)]
+    report = calibrate_projections(layer, lambda: layer(*inputs[rank]), group=dist.group.WORLD)
+    alone = _layer().to(device)  # one process, both ranks' inputs
+    want = calibrate_projections(alone, lambda: [alone(*qkv) for qkv in inputs])
+    assert report[""]["rows"] == want[""]["rows"] == 2 * (120 + 151)
+    for a, b in ((layer.proj_l.weight, alone.proj_l.weight), (layer.proj_l.bias, alone.proj_l.bias)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-9, atol=1e-12)
+    assert report[""]["calibrated_error"] == pytest.approx(want[""]["calibrated_error"], rel=1e-9)
+
+
+def test_ranks_fit_one_proj_l_over_all_their_rows():
+    run_distributed(_two_rank_calibration, 2, "cpu")
