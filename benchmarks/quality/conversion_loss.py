@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=1, help="noise levels per clip (the study uses 4)")
     parser.add_argument("--calibrate-clips", type=int, default=2, help="training clips proj_l is fitted on")
     parser.add_argument("--sparsity", type=float, help="block sparsity (default: the checkpoint's study's)")
+    parser.add_argument("--batch-size", type=int, default=1, help="clips per forward (the CPU reference SLA holds "
+                        "a clip's [heads, L, L] scores: ~2 GiB per clip at the gpu preset's 9216 tokens)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -61,18 +63,19 @@ def main(argv: list[str] | None = None) -> None:
     def loss(model: VideoDiT) -> float:
         t0 = time.monotonic()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            value = validation_loss(model, *val, draws=args.draws, batch_size=config.batch_size)
+            value = validation_loss(model, *val, draws=args.draws, batch_size=args.batch_size)
         print(f"  {time.monotonic() - t0:.0f} s", flush=True)
         return value
 
     results = {"checkpoint": str(args.resume_from), "pretrain_steps": checkpoint.meta["pretrain"]["steps"],
-               "sparsity": config.sparsity, "val_clips": args.val_clips, "draws": args.draws, "device": str(device)}
+               "sparsity": config.sparsity, "val_clips": args.val_clips, "draws": args.draws,
+               "calibrate_clips": args.calibrate_clips, "device": str(device)}
     results["dense"] = loss(dense)
     print(f"dense: {results['dense']:.4f}", flush=True)
     sparse = convert(copy.deepcopy(dense), "sla", config)  # proj_l = 0: the sparse branch alone
     results["sparse_only"] = loss(sparse)
     print(f"sparse-only (SLA, proj_l = 0): {results['sparse_only']:.4f}", flush=True)
-    calibration = calibrate_sla(sparse, *(t.to(device) for t in train), config.batch_size)
+    calibration = calibrate_sla(sparse, *(t.to(device) for t in train), args.batch_size)
     results["calibration"] = calibration
     print(f"calibrated on {args.calibrate_clips} clips: mean attention error {calibration['sparse_error']:.4f} -> "
           f"{calibration['calibrated_error']:.4f}", flush=True)
