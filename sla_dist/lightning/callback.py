@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -245,6 +246,7 @@ def _set_trained_parameter(trainer: pl.Trainer, param: torch.nn.Parameter, value
             safe_set_full_optimizer_state(param, torch.zeros_like(param, dtype=torch.float32), "exp_avg")
         return
     for optimizer in getattr(trainer, "optimizers", []):
-        momentum = optimizer.state.get(param, {}).get("exp_avg")
+        state = getattr(optimizer, "state", None)  # torch optimizers: per-parameter state dicts
+        momentum = state.get(param, {}).get("exp_avg") if isinstance(state, Mapping) else None
         if momentum is not None:
             momentum.zero_()

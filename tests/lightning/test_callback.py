@@ -192,3 +192,52 @@ def test_calibration_refuses_a_partitioned_proj_l_and_ring_context_parallel():
         cb.on_train_start(trainer, module)
     cb.calibrated = True  # a resumed run past its calibration checks nothing
     cb.on_train_start(trainer, module)
+
+
+def test_without_warm_up_calibration_collects_on_step_zero():
+    module = DiTModule(dit_config("tiny"), seed=0)
+    cb = SLACallback(SLAConfig(topk=0.25), calibrate=True)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1,
+                              _logger_connector=SimpleNamespace(should_update_logs=False))
+    cb.setup(trainer, module, "fit")
+    assert cb.calibration_step == 0
+    cb.on_train_batch_start(trainer, module, None, 0)
+    assert cb._calibration is not None and all(layer._forward_hooks for layer in cb.layers)
+    cb.teardown(trainer, module, "fit")  # a fit stopped inside the step leaves no hooks behind
+    assert cb._calibration is None and not any(layer._forward_hooks for layer in cb.layers)
+
+
+def _two_rank_callback_calibration(device: torch.device) -> None:
+    import copy
+
+    import torch.distributed as dist
+
+    from sla_dist import calibrate_projections
+
+    module = DiTModule(dit_config("tiny"), seed=0)  # the same weights on both ranks
+    cb = SLACallback(SLAConfig(topk=0.25, negligible=0.0), calibrate=True)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1,
+                              _logger_connector=SimpleNamespace(should_update_logs=False))
+    cb.setup(trainer, module, "fit")
+    module.log_dict = lambda metrics, **kw: None
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(1, 4, 4, 16, 16, generator=g), torch.rand(1, generator=g) * 1000,
+                torch.randn(1, 5, 32, generator=g)) for _ in range(2)]
+    alone = copy.deepcopy(module.model)  # one process, both ranks' samples
+    report = calibrate_projections(alone, lambda: [alone(*b) for b in batches])
+    cb.on_train_batch_start(trainer, module, None, 0)
+    with torch.no_grad():
+        module.model(*batches[dist.get_rank()])
+    trainer.global_step = 1
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    for name in report:
+        torch.testing.assert_close(module.model.get_submodule(name).proj_l.weight.detach(),
+                                   alone.get_submodule(name).proj_l.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_calibrate_one_proj_l_over_all_their_samples():
+    """With torch.distributed initialised the fit is summed over the world: each rank's proj_l is the fit over both
+    ranks' samples (data parallel; Ulysses ranks likewise hold different heads of one sample)."""
+    from tests.parallel.dist_utils import run_distributed
+
+    run_distributed(_two_rank_callback_calibration, 2, "cpu")
