@@ -22,6 +22,10 @@ With several processes (data parallel, Ulysses sequence parallel: each rank's la
 pass the ``group`` every rank of which holds the same proj_l: the normal equations are summed over it before the
 solve, so every rank sets the same proj_l, the fit over all of their rows. Not for ZeRO-3 (proj_l partitioned) or
 context parallel (its ranks never run a layer's forward on a whole sequence).
+
+``ProjectionCalibration`` holds the two phases apart (hooks around forwards the caller makes, then the solve):
+``SLACallback(calibrate=True)`` collects during a training step's own forward (sparsity.calibrate in a recipe). A
+layer run twice on the same inputs (activation checkpointing's recompute) adds its rows twice: the same fit.
 """
 
 from __future__ import annotations
