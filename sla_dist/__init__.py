@@ -1,7 +1,7 @@
 """sla-dist: Sparse-Linear Attention (SLA) for training video Diffusion Transformers at scale."""
 
 from .attention import SparseLinearAttention
-from .calibration import calibrate_projections
+from .calibration import ProjectionCalibration, calibrate_projections
 from .config import SLAConfig
 from .kernels.block_map import BlockMap, predict_block_map
 from .kernels.op import sla_branches, sparse_linear_attention
@@ -11,6 +11,7 @@ from .models import PatchConfig, VideoDiT, apply_sla, dit_config
 __all__ = [
     "BlockMap",
     "PatchConfig",
+    "ProjectionCalibration",
     "SLAConfig",
     "SparseLinearAttention",
     "VideoDiT",

@@ -22,6 +22,10 @@ With several processes (data parallel, Ulysses sequence parallel: each rank's la
 pass the ``group`` every rank of which holds the same proj_l: the normal equations are summed over it before the
 solve, so every rank sets the same proj_l, the fit over all of their rows. Not for ZeRO-3 (proj_l partitioned) or
 context parallel (its ranks never run a layer's forward on a whole sequence).
+
+``ProjectionCalibration`` holds the two phases apart (hooks around forwards the caller makes, then the solve):
+``SLACallback(calibrate=True)`` collects during a training step's own forward (sparsity.calibrate in a recipe). A
+layer run twice on the same inputs (activation checkpointing's recompute) adds its rows twice: the same fit.
 """
 
 from __future__ import annotations
@@ -89,7 +93,73 @@ class ProjectionFit:
         return solution[:-1].T, solution[-1], error
 
 
-@torch.no_grad()
+class ProjectionCalibration:
+    """The two phases of a calibration, for callers that own the forwards (e.g. a training step's own forward):
+
+        with ProjectionCalibration(model) as calibration:  # hooks on every SLA layer with a linear branch
+            model(x, t, text)                              # any number of forwards
+        report = calibration.apply(ridge=1e-6, group=...)  # all-reduce, solve, set proj_l
+
+    Entering registers the hooks, leaving removes them (also on an exception); ``apply`` is ``calibrate_projections``'
+    solve phase and returns its report. ``set_weight(param, value)``: how a solution is written into proj_l's weight
+    and bias (default: a copy into the parameter), for optimizers that keep a master copy of their own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = {name: m for name, m in model.named_modules()
+                       if isinstance(m, SparseLinearAttention) and m.config.linear_scope != "none"}
+        self.fits: dict[str, ProjectionFit] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str, layer: SparseLinearAttention, args: tuple, _output: Any) -> None:
+        with torch.no_grad():
+            q, k, v = args[:3]
+            o_s, o_l, _, _ = layer.branches(q, k, v)
+            reference = dense_attention(q, k, v)
+            if name not in self.fits:
+                self.fits[name] = ProjectionFit.empty(layer.head_dim, q.device)
+            self.fits[name].add(o_s, o_l, reference)
+
+    def __enter__(self) -> "ProjectionCalibration":
+        self._handles = [layer.register_forward_hook(lambda m, a, o, n=name: self._hook(n, m, a, o))
+                         for name, layer in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def apply(self, ridge: float = 1e-6, group: dist.ProcessGroup | None = None,
+              set_weight: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> dict[str, dict]:
+        """Sum the fits over ``group`` (every rank must call this), solve and set each layer's proj_l; the report
+        of ``calibrate_projections``. Raises ValueError for a negative ``ridge`` or when no forward reached any
+        layer (on any rank)."""
+        if not ridge >= 0:
+            raise ValueError(f"ridge={ridge!r} must be a non-negative number")
+        set_weight = set_weight or (lambda param, value: param.copy_(value.to(param)))
+        fits = self.fits
+        if group is not None:
+            for name, layer in self.layers.items():  # the same order on every rank; a layer this rank missed adds 0
+                if name not in fits:
+                    fits[name] = ProjectionFit.empty(layer.head_dim, layer.proj_l.weight.device)
+                fits[name].all_reduce(group)
+            fits = {name: fit for name, fit in fits.items() if fit.rows}
+        if self.layers and not fits:
+            raise ValueError(f"the calibration run called none of the model's {len(self.layers)} SLA layers")
+        report = {}
+        for name, fit in fits.items():
+            weight, bias, error = fit.solve(ridge)
+            proj = self.layers[name].proj_l
+            set_weight(proj.weight, weight)
+            set_weight(proj.bias, bias)
+            report[name] = {"rows": fit.rows,
+                            "sparse_error": (fit.residual_sq / max(fit.reference_sq, 1e-300)) ** 0.5,
+                            "calibrated_error": error}
+        self.fits = {}
+        return report
+
+
 def calibrate_projections(model: nn.Module, run: Callable[[], Any], *, ridge: float = 1e-6,
                           group: dist.ProcessGroup | None = None) -> dict[str, dict]:
     """Set every SparseLinearAttention's proj_l in ``model`` (or ``model`` itself) to the least-squares fit to full
@@ -102,38 +172,6 @@ def calibrate_projections(model: nn.Module, run: Callable[[], Any], *, ridge: fl
     Raises ValueError for a negative ``ridge`` or when ``run`` reached none of the layers (on any rank)."""
     if not ridge >= 0:
         raise ValueError(f"ridge={ridge!r} must be a non-negative number")
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, SparseLinearAttention) and m.config.linear_scope != "none"}
-    fits: dict[str, ProjectionFit] = {}
-
-    def hook(name: str, layer: SparseLinearAttention, args: tuple, _output: Any) -> None:
-        q, k, v = args[:3]
-        o_s, o_l, _, _ = layer.branches(q, k, v)
-        reference = dense_attention(q, k, v)
-        if name not in fits:
-            fits[name] = ProjectionFit.empty(layer.head_dim, q.device)
-        fits[name].add(o_s, o_l, reference)
-
-    handles = [layer.register_forward_hook(lambda m, a, o, n=name: hook(n, m, a, o)) for name, layer in layers.items()]
-    try:
+    with ProjectionCalibration(model) as calibration, torch.no_grad():
         run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    if group is not None:
-        for name, layer in layers.items():  # the same order on every rank; a layer this rank missed adds zeros
-            if name not in fits:
-                fits[name] = ProjectionFit.empty(layer.head_dim, layer.proj_l.weight.device)
-            fits[name].all_reduce(group)
-        fits = {name: fit for name, fit in fits.items() if fit.rows}
-    if layers and not fits:
-        raise ValueError(f"the calibration run called none of the model's {len(layers)} SLA layers")
-    report = {}
-    for name, fit in fits.items():
-        weight, bias, error = fit.solve(ridge)
-        proj = layers[name].proj_l
-        proj.weight.copy_(weight.to(proj.weight))
-        proj.bias.copy_(bias.to(proj.bias))
-        report[name] = {"rows": fit.rows, "sparse_error": (fit.residual_sq / max(fit.reference_sq, 1e-300)) ** 0.5,
-                        "calibrated_error": error}
-    return report
+    return calibration.apply(ridge, group)

@@ -146,3 +146,16 @@ def test_only_the_recipes_own_interpolations(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="trainer.max_steps=") as info:
         load_recipe(path)
     assert "hunter2" not in str(info.value)
+
+
+def test_calibration_options():
+    tiny = RECIPES[0].parent / "tiny_cpu.yaml"
+    assert not load_recipe(tiny).sparsity.calibrate
+    assert load_recipe(tiny, ["sparsity.calibrate=true"]).sparsity.calibrate
+    with pytest.raises(ValueError, match=r"sparsity.calibrate=true with parallel.zero_stage=3 is not supported"):
+        load_recipe(tiny, ["sparsity.calibrate=true", "parallel.zero_stage=3"])
+    load_recipe(tiny, ["sparsity.calibrate=true", "parallel.zero_stage=3", "parallel.strategy=auto"])
+    sp4 = ["sparsity.calibrate=true", "trainer.devices=4", "parallel.sp_size=4", "model.name=small"]
+    with pytest.raises(ValueError, match=r"parallel.ulysses_degree=2 < sp_size=4 is not supported"):
+        load_recipe(tiny, [*sp4, "parallel.ulysses_degree=2"])
+    assert load_recipe(tiny, [*sp4, "parallel.ulysses_degree=4"]).sparsity.calibrate

@@ -106,6 +106,12 @@ class SparsitySection:
     """Every this many steps log each SLA layer's relative L1 error vs dense attention on the live batch, measured on
     the first logged step at or after each multiple (0: off)."""
 
+    calibrate: bool = False
+    """Start the linear branch from its least-squares fit: on step ``dense_steps + anneal_steps`` (the first at the
+    target topk) each SLA layer also computes dense attention on that step's own inputs, and at the step's end proj_l
+    is set to the fit of the sparse + linear output to it, over all ranks' rows (``sla/calibration/error_before`` /
+    ``error_after`` are logged). Once per run; not with ZeRO-3 or ring context parallel."""
+
     def __post_init__(self) -> None:
         _positive(self, "skip_first", "dense_steps", "anneal_steps", "error_every", allow_zero=True)
 
@@ -352,11 +358,19 @@ class Recipe:
             raise ValueError("model.compile=true with parallel.zero_stage=3 is not supported: ZeRO-3 gathers each "
                              "parameter in module hooks around every submodule, which a compiled block would "
                              "trace; use zero_stage 0-2 or model.compile=false")
+        if self.sparsity.calibrate and self.parallel.strategy == "sla_deepspeed" and self.parallel.zero_stage == 3:
+            raise ValueError("sparsity.calibrate=true with parallel.zero_stage=3 is not supported: ZeRO-3 partitions "
+                             "proj_l, which calibration sets whole; use zero_stage 0-2 or sparsity.calibrate=false")
         heads = self.model.build().num_heads
         ulysses = self.parallel.ulysses_degree
         if ulysses is not None and heads % ulysses:
             raise ValueError(f"model {self.model.name!r} has {heads} heads, which do not divide over "
                              f"ulysses_degree={ulysses}; set parallel.ulysses_degree to a divisor")
+        if self.sparsity.calibrate and ulysses is not None and ulysses < self.parallel.sp_size:
+            raise ValueError(f"sparsity.calibrate=true with parallel.ulysses_degree={ulysses} < sp_size="
+                             f"{self.parallel.sp_size} is not supported: context parallel (ring) ranks never run an "
+                             f"attention layer on a whole sequence; use ulysses_degree=sp_size or "
+                             f"sparsity.calibrate=false")
 
     @property
     def dit(self) -> DiTConfig:

@@ -57,7 +57,8 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None) -> pl.Tra
                                          recipe.output_dir))
     if s.enabled:
         callbacks.insert(0, SLACallback(recipe.sla, skip_first=s.skip_first, dense_steps=s.dense_steps,
-                                        anneal_steps=s.anneal_steps, error_every=s.error_every))
+                                        anneal_steps=s.anneal_steps, error_every=s.error_every,
+                                        calibrate=s.calibrate))
     # validation every val_every optimizer steps, counted in batches across epochs (the synthetic stream is endless)
     validation = (dict(val_check_interval=t.val_every * t.accumulate_grad_batches, check_val_every_n_epoch=None)
                   if t.val_every else dict(limit_val_batches=0))

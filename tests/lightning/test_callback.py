@@ -106,3 +106,138 @@ def test_logged_sparsity_is_measured_at_the_rows_step(tmp_path):
         errors = {step: float(row[f"sla/error/layer_{layer}"]) for step, row in rows.items()
                   if row[f"sla/error/layer_{layer}"]}
         assert min(errors) == 3 and errors[3] > 1e-3, f"layer {layer}: {errors}"
+
+
+def test_calibration_fits_proj_l_once_on_the_first_step_at_the_target():
+    """calibrate=True: the forwards of step dense_steps + anneal_steps (both micro-batches of an accumulated step)
+    give proj_l the fit calibrate_projections finds on the same inputs, once; momentum and EMA follow; the state
+    says so, and a checkpoint from before the flag existed still loads."""
+    import copy
+
+    from sla_dist import calibrate_projections
+    from sla_dist.lightning.module import EMA
+
+    module = DiTModule(dit_config("tiny"), seed=0)
+    cb = SLACallback(SLAConfig(topk=0.25, negligible=0.0), dense_steps=1, anneal_steps=1, calibrate=True)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1, strategy=None,
+                              _logger_connector=SimpleNamespace(should_update_logs=False))
+    cb.setup(trainer, module, "fit")
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)  # after setup, as configure_optimizers
+    trainer.optimizers = [optimizer]
+    cb.on_train_start(trainer, module)
+    module.ema = EMA(module.model, 0.9)
+    logged = {}
+    module.log_dict = lambda metrics, **kw: logged.update(metrics)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 4, 4, 16, 16, generator=g), torch.rand(2, generator=g) * 1000,
+                torch.randn(2, 5, 32, generator=g)) for _ in range(5)]
+    layers = [m for m in module.model.modules() if isinstance(m, SparseLinearAttention)]
+    reference = None
+    for batch, (step, micro) in zip(batches, [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)]):
+        trainer.global_step = step
+        cb.on_train_batch_start(trainer, module, None, micro)
+        if (step, micro) == (2, 0):  # the model as step 2's forwards see it, at the target topk, without the hooks
+            reference = copy.deepcopy(module.model)
+            for m in reference.modules():
+                m._forward_hooks.clear()
+        assert (cb._eager_stance is not None) == (step == 2)  # hooks of a compiled model need eager execution
+        module.model(*batch).square().mean().backward()
+        if micro == 1 or step != 2:  # step 2 accumulates two micro-batches: one optimizer step after both
+            optimizer.step()
+            optimizer.zero_grad()
+            trainer.global_step = step + 1
+        cb.on_train_batch_end(trainer, module, None, None, micro)
+        assert ("sla/calibration/error_after" in logged) == (trainer.global_step == 3), (step, micro)
+        if trainer.global_step == 3:
+            assert not cb._hooks and cb.calibrated and cb._eager_stance is None
+            assert not any(layer._forward_hooks for layer in layers)
+            calibrated = [layer.proj_l.weight.detach().clone() for layer in layers]
+            # what calibrate_projections fits on the same inputs
+            report = calibrate_projections(reference, lambda: [reference(*b) for b in batches[2:4]])
+            for layer, want in zip(layers, report):
+                fitted = reference.get_submodule(want).proj_l.weight
+                torch.testing.assert_close(layer.proj_l.weight.detach(), fitted, rtol=1e-5, atol=1e-6)
+                assert layer.proj_l.weight.abs().sum() > 0
+                assert not optimizer.state[layer.proj_l.weight]["exp_avg"].any()
+                assert optimizer.state[layer.proj_l.weight]["exp_avg_sq"].any()  # kept (module docstring)
+                key = f"{want}.proj_l.weight"
+                torch.testing.assert_close(module.ema.shadow[key], layer.proj_l.weight.detach())
+            assert logged["sla/calibration/error_after"] < logged["sla/calibration/error_before"]
+            logged.clear()
+    # step 3 did not calibrate again: proj_l moved by one optimizer step only
+    for layer, before in zip(layers, calibrated):
+        assert (layer.proj_l.weight.detach() - before).abs().max() < 2e-3
+    state = cb.state_dict()
+    assert state["calibrated"] is True
+    resumed = SLACallback(SLAConfig(topk=0.25), calibrate=True)
+    resumed.load_state_dict(state)
+    assert resumed.calibrated
+    old = {k: v for k, v in state.items() if k != "calibrated"}
+    resumed.load_state_dict(old)
+    assert not resumed.calibrated
+
+
+def test_calibration_refuses_a_partitioned_proj_l_and_ring_context_parallel():
+    module = DiTModule(dit_config("tiny"), seed=0)
+    cb = SLACallback(SLAConfig(topk=0.25), calibrate=True)
+    trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(sp_groups=SimpleNamespace(ring_degree=2,
+                                                                                                 sp_size=4)))
+    cb.setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match=r"context parallel \(ring degree 2 of sp 4\)"):
+        cb.on_train_start(trainer, module)
+    trainer.strategy.sp_groups.ring_degree = 1  # Ulysses only: fine
+    cb.on_train_start(trainer, module)
+    cb.layers[0].proj_l.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match="ZeRO-3 partitions it"):
+        cb.on_train_start(trainer, module)
+    cb.calibrated = True  # a resumed run past its calibration checks nothing
+    cb.on_train_start(trainer, module)
+
+
+def test_without_warm_up_calibration_collects_on_step_zero():
+    module = DiTModule(dit_config("tiny"), seed=0)
+    cb = SLACallback(SLAConfig(topk=0.25), calibrate=True)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1,
+                              _logger_connector=SimpleNamespace(should_update_logs=False))
+    cb.setup(trainer, module, "fit")
+    assert cb.calibration_step == 0
+    cb.on_train_batch_start(trainer, module, None, 0)
+    assert cb._calibration is not None and all(layer._forward_hooks for layer in cb.layers)
+    cb.teardown(trainer, module, "fit")  # a fit stopped inside the step leaves no hooks behind
+    assert cb._calibration is None and not any(layer._forward_hooks for layer in cb.layers)
+
+
+def _two_rank_callback_calibration(device: torch.device) -> None:
+    import copy
+
+    import torch.distributed as dist
+
+    from sla_dist import calibrate_projections
+
+    module = DiTModule(dit_config("tiny"), seed=0)  # the same weights on both ranks
+    cb = SLACallback(SLAConfig(topk=0.25, negligible=0.0), calibrate=True)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1,
+                              _logger_connector=SimpleNamespace(should_update_logs=False))
+    cb.setup(trainer, module, "fit")
+    module.log_dict = lambda metrics, **kw: None
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(1, 4, 4, 16, 16, generator=g), torch.rand(1, generator=g) * 1000,
+                torch.randn(1, 5, 32, generator=g)) for _ in range(2)]
+    alone = copy.deepcopy(module.model)  # one process, both ranks' samples
+    report = calibrate_projections(alone, lambda: [alone(*b) for b in batches])
+    cb.on_train_batch_start(trainer, module, None, 0)
+    with torch.no_grad():
+        module.model(*batches[dist.get_rank()])
+    trainer.global_step = 1
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    for name in report:
+        torch.testing.assert_close(module.model.get_submodule(name).proj_l.weight.detach(),
+                                   alone.get_submodule(name).proj_l.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_calibrate_one_proj_l_over_all_their_samples():
+    """With torch.distributed initialised the fit is summed over the world: each rank's proj_l is the fit over both
+    ranks' samples (data parallel; Ulysses ranks likewise hold different heads of one sample)."""
+    from tests.parallel.dist_utils import run_distributed
+
+    run_distributed(_two_rank_callback_calibration, 2, "cpu")
