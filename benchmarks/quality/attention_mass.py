@@ -31,14 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sla_dist.calibration import ProjectionFit  # noqa: E402
 from sla_dist.config import SLAConfig  # noqa: E402
 from sla_dist.kernels.block_map import CRITICAL, block_counts, predict_block_map  # noqa: E402
 from sla_dist.kernels.reference import sla_branches_ref  # noqa: E402
-from sla_dist.models import DiTConfig, VideoDiT  # noqa: E402
 from study_attention import visit_attention  # noqa: E402
-from study_checkpoint import load_pretrained  # noqa: E402
-from study_config import StudyConfig  # noqa: E402
-from study_train import sla_config, study_clips  # noqa: E402
+from study_train import load_study_model, sla_config, study_clips  # noqa: E402
 
 class LayerStats:
     """Sums over one layer's heads and clips, per topk: kept / oracle mass, squared errors, and the normal
@@ -46,33 +44,23 @@ class LayerStats:
 
     def __init__(self, topks: list[float], head_dim: int) -> None:
         self.rows = 0
-        self.reference_sq = 0.0
         self.kept = dict.fromkeys(topks, 0.0)
         self.oracle = dict.fromkeys(topks, 0.0)
-        self.sparse_sq = dict.fromkeys(topks, 0.0)
-        self.gram = {t: torch.zeros(head_dim + 1, head_dim + 1, dtype=torch.float64) for t in topks}
-        self.cross = {t: torch.zeros(head_dim + 1, head_dim, dtype=torch.float64) for t in topks}
+        self.fits = {t: ProjectionFit.empty(head_dim, torch.device("cpu")) for t in topks}
 
     def add(self, topk: float, kept: torch.Tensor, oracle: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor,
             reference: torch.Tensor) -> None:
-        residual = (reference - o_s).double().flatten(0, -2)
-        features = torch.cat([o_l.double().flatten(0, -2), torch.ones(residual.shape[0], 1, dtype=torch.float64)], 1)
         self.kept[topk] += float(kept.sum())
         self.oracle[topk] += float(oracle.sum())
-        self.sparse_sq[topk] += float(residual.square().sum())
-        self.gram[topk] += features.T @ features
-        self.cross[topk] += features.T @ residual
+        self.fits[topk].add(o_s, o_l, reference)
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
-        for t in self.kept:
-            # ||R - F W||^2 at the least-squares W = ||R||^2 - tr(W^T F^T R); a small ridge keeps W finite
-            gram = self.gram[t] + 1e-9 * torch.eye(self.gram[t].shape[0], dtype=torch.float64)
-            w = torch.linalg.solve(gram, self.cross[t])
-            best_sq = max(self.sparse_sq[t] - float((w * self.cross[t]).sum()), 0.0)
+        for t, fit in self.fits.items():
+            _, _, best_error = fit.solve(ridge=1e-9)  # a tiny ridge keeps the solve finite
             out[str(t)] = {"kept_mass": self.kept[t] / self.rows, "oracle_mass": self.oracle[t] / self.rows,
-                           "sparse_error": (self.sparse_sq[t] / self.reference_sq) ** 0.5,
-                           "best_sla_error": (best_sq / self.reference_sq) ** 0.5}
+                           "sparse_error": (fit.residual_sq / fit.reference_sq) ** 0.5,
+                           "best_sla_error": best_error}
         return out
 
 
@@ -87,7 +75,6 @@ def head_stats(stats: LayerStats, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     # per query block: [Nq, block_q, Nk], padded rows carry no mass
     per_q_block = F.pad(block_mass, (0, 0, 0, q_blocks * block_q - length)).view(q_blocks, block_q, n_blocks)
     stats.rows += length
-    stats.reference_sq += float(reference.double().square().sum())
     for topk in stats.kept:
         bm = predict_block_map(q, k, topk=topk, negligible=0.0, block_q=block_q, block_k=sla.block_k, kernels=False)
         critical = bm.block_class[0, 0] == CRITICAL  # [Nq, Nk]
@@ -107,12 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=1, help="held-out clips (noise levels spread over (0, 1))")
     parser.add_argument("--json", type=Path, help="write the per-layer results here")
     args = parser.parse_args(argv)
-    checkpoint = load_pretrained(args.resume_from)
-    config = StudyConfig(**checkpoint.meta["config"])
-    dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint.meta["model"].items()})
+    checkpoint, config, dit, model = load_study_model(args.resume_from)
     sla = sla_config("sla", config)
-    model = VideoDiT(dit)
-    model.load_state_dict(checkpoint.state)
     latents, text = study_clips(config, dit, range(config.train_samples, config.train_samples + args.clips))
     layers: list[LayerStats] = []
 

@@ -28,10 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sla_dist.eval.flow_loss import validation_loss  # noqa: E402
-from sla_dist.models import DiTConfig, VideoDiT  # noqa: E402
-from study_checkpoint import load_pretrained  # noqa: E402
-from study_config import StudyConfig  # noqa: E402
-from study_train import calibrate_sla, convert, study_clips  # noqa: E402
+from sla_dist.models import VideoDiT  # noqa: E402
+from study_train import calibrate_sla, convert, load_study_model, study_clips  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,14 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    checkpoint = load_pretrained(args.resume_from)
-    fields = dict(checkpoint.meta["config"])
-    if args.sparsity is not None:
-        fields["sparsity"] = args.sparsity
-    config = StudyConfig(**fields)
-    dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint.meta["model"].items()})
-    dense = VideoDiT(dit)
-    dense.load_state_dict(checkpoint.state)
+    overrides = {} if args.sparsity is None else {"sparsity": args.sparsity}
+    checkpoint, config, dit, dense = load_study_model(args.resume_from, **overrides)
     dense.to(device).eval()
     val = study_clips(config, dit, range(config.train_samples, config.train_samples + args.val_clips))
     train = study_clips(config, dit, range(args.calibrate_clips))

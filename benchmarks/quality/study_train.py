@@ -7,6 +7,7 @@ import multiprocessing
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from sla_dist.lightning.synthetic import SyntheticVideoDataset
 from sla_dist.models import DiTConfig, PatchConfig, VideoDiT, apply_sla
 from study_attention import visit_attention
 from study_budget import Clock, StepTimes
-from study_checkpoint import Moments
+from study_checkpoint import Checkpoint, Moments, load_pretrained
 from study_config import StudyConfig
 from study_report import FVD_PREFIX
 
@@ -161,6 +162,17 @@ def calibrate_sla(model: VideoDiT, latents: torch.Tensor, text: torch.Tensor, ba
     layers = calibrate_projections(model, run)
     mean = {key: sum(r[key] for r in layers.values()) / len(layers) for key in ("sparse_error", "calibrated_error")}
     return {"clips": latents.shape[0], **mean, "layers": layers}
+
+
+def load_study_model(folder: Path, **overrides) -> tuple[Checkpoint, StudyConfig, DiTConfig, VideoDiT]:
+    """The pretrained checkpoint in ``folder``, its study config (with ``overrides``), model config and the model
+    with its weights loaded (on the CPU), for the tools that analyse a pretrained study model."""
+    checkpoint = load_pretrained(folder)
+    config = StudyConfig(**{**checkpoint.meta["config"], **overrides})
+    dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint.meta["model"].items()})
+    model = VideoDiT(dit)
+    model.load_state_dict(checkpoint.state)
+    return checkpoint, config, dit, model
 
 
 def study_clips(config: StudyConfig, dit: DiTConfig, indices: range) -> tuple[torch.Tensor, torch.Tensor]:

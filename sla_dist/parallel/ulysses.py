@@ -8,8 +8,8 @@ collective reversed. Two implementations of the exchange (``exchange=``):
 * ``"fused"`` (default): q, k and v cross in one all-to-all and the output in another (exchange.py); only the
   other ranks' pieces travel, this rank's own is copied across while the collective runs. Under torch.compile the
   same exchange is traced as functional collectives (every piece travels; the compiler fuses the packing copies).
-* ``"deepspeed"``: DeepSpeed's ``DistributedAttention``, one all-to-all per tensor with its own permute copies (an
-  autograd function around ``all_to_all_single`` into a fresh buffer, which Dynamo also traces).
+* ``"deepspeed"``: DeepSpeed's ``DistributedAttention``, one all-to-all per tensor with its own permute copies; eager
+  only: compiled, it gave wrong gradients on two H200s (NCCL), and ``apply_compile`` refuses it.
 
 Because the padding sits at the tail of the global sequence, after the exchange the valid tokens are exactly the
 prefix ``[:seq_len]``: SLA runs on that prefix (a strided view, no copy), so padded tokens never reach pooling, the
