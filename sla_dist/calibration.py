@@ -31,7 +31,7 @@ layer run twice on the same inputs (activation checkpointing's recompute) adds i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -86,11 +86,16 @@ class ProjectionFit:
         scale = float(self.gram.diagonal().mean()) or 1.0
         solution = torch.linalg.solve(self.gram + ridge * scale * torch.eye(n, dtype=self.gram.dtype,
                                                                             device=self.gram.device), self.cross)
+        weight, bias = solution[:-1].T, solution[-1]
+        return weight, bias, self.error(weight, bias)
+
+    def error(self, weight: torch.Tensor, bias: torch.Tensor) -> float:
+        """||O_s + O_l W^T + b - O|| / ||O|| over the accumulated rows, for any W [D, D] and b [D]."""
+        solution = torch.cat([weight.T, bias[None]]).detach().to(self.gram)
         # ||R - X S||^2 = ||R||^2 - 2 <S, X^T R> + <S, X^T X S>
         fitted_sq = (self.residual_sq - 2 * float((solution * self.cross).sum())
                      + float((solution * (self.gram @ solution)).sum()))
-        error = (max(fitted_sq, 0.0) / max(self.reference_sq, 1e-300)) ** 0.5
-        return solution[:-1].T, solution[-1], error
+        return (max(fitted_sq, 0.0) / max(self.reference_sq, 1e-300)) ** 0.5
 
 
 class ProjectionCalibration:
@@ -104,9 +109,15 @@ class ProjectionCalibration:
     solve phase and returns its report. ``set_weight(param, value)``: how a solution is written into proj_l's weight
     and bias (default: a copy into the parameter), for optimizers that keep a master copy of their own."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = {name: m for name, m in model.named_modules()
-                       if isinstance(m, SparseLinearAttention) and m.config.linear_scope != "none"}
+    def __init__(self, model: nn.Module, names: Iterable[str] | None = None) -> None:
+        self.layers = calibrated_layers(model)
+        if names is not None:  # a subset, e.g. one layer of a sequential calibration
+            names = list(names)
+            unknown = sorted(set(names) - set(self.layers))
+            if unknown:
+                raise ValueError(f"names {unknown} are not SLA layers with a linear branch in the model; "
+                                 f"those are {sorted(self.layers)}")
+            self.layers = {name: self.layers[name] for name in names}
         self.fits: dict[str, ProjectionFit] = {}
         self._handles: list = []
 
@@ -160,8 +171,15 @@ class ProjectionCalibration:
         return report
 
 
+def calibrated_layers(model: nn.Module) -> dict[str, SparseLinearAttention]:
+    """The SparseLinearAttention modules of ``model`` (or ``model`` itself) with a linear branch, by name, in module
+    order: those calibration fits."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, SparseLinearAttention) and m.config.linear_scope != "none"}
+
+
 def calibrate_projections(model: nn.Module, run: Callable[[], Any], *, ridge: float = 1e-6,
-                          group: dist.ProcessGroup | None = None) -> dict[str, dict]:
+                          group: dist.ProcessGroup | None = None, sequential: bool = False) -> dict[str, dict]:
     """Set every SparseLinearAttention's proj_l in ``model`` (or ``model`` itself) to the least-squares fit to full
     attention over the forwards that ``run()`` makes (e.g. ``lambda: model(x, t, text)`` over a few batches).
 
@@ -169,9 +187,19 @@ def calibrate_projections(model: nn.Module, run: Callable[[], Any], *, ridge: fl
     (by module name), ``rows``, ``sparse_error`` (the sparse branch alone against full attention, relative L2 over
     the calibration rows: the layer with proj_l = 0) and ``calibrated_error`` (with the fitted proj_l, on the same
     rows). ``group``: sum the fits over these processes first (module docstring); every rank must call this.
-    Raises ValueError for a negative ``ridge`` or when ``run`` reached none of the layers (on any rank)."""
+
+    ``sequential=False`` fits every layer in one pass of ``run()``, each on the inputs that the layers before it
+    produce with their proj_l as it was; once those change, a layer's inputs are no longer the ones it was fitted
+    on. ``sequential=True`` fits the layers one at a time in module order, each on the inputs of the already fitted
+    layers before it (one ``run()`` per layer), so every reported error is the layer's error in the final model on
+    the calibration inputs. Raises ValueError for a negative ``ridge`` or when ``run`` reached none of the layers
+    (on any rank)."""
     if not ridge >= 0:
         raise ValueError(f"ridge={ridge!r} must be a non-negative number")
-    with ProjectionCalibration(model) as calibration, torch.no_grad():
-        run()
-    return calibration.apply(ridge, group)
+    steps = [[name] for name in calibrated_layers(model)] if sequential else [None]
+    report = {}
+    for names in steps:
+        with ProjectionCalibration(model, names) as calibration, torch.no_grad():
+            run()
+        report.update(calibration.apply(ridge, group))
+    return report

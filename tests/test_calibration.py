@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from sla_dist import PatchConfig, SLAConfig, SparseLinearAttention, VideoDiT, apply_sla, calibrate_projections, dit_config
+from sla_dist.calibration import ProjectionCalibration
 from sla_dist.attention import dense_attention
 from tests.parallel.dist_utils import run_distributed
 
@@ -61,6 +62,42 @@ def test_a_dit_is_calibrated_layer_by_layer():
         assert r["calibrated_error"] < r["sparse_error"], name
         assert model.get_submodule(name).proj_l.weight.abs().sum() > 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "proj_l" not in n)
+
+
+def _measured_errors(model: VideoDiT, run) -> dict[str, float]:
+    """Each layer's error against full attention on its inputs in ``run()``, with proj_l as it is now."""
+    with ProjectionCalibration(model) as measure, torch.no_grad():
+        run()
+    return {name: fit.error(layer.proj_l.weight.double(), layer.proj_l.bias.double())
+            for (name, fit), layer in zip(measure.fits.items(), measure.layers.values())}
+
+
+def test_sequential_calibration_fits_each_layer_on_the_fitted_layers_outputs():
+    """sequential=True: layer l is fitted with layers < l already calibrated, so the reported errors are those of
+    the final model; the one-pass fit's later layers were fitted on inputs that no longer occur."""
+    x, t, text = torch.randn(2, 4, 2, 16, 16), torch.full((2,), 500.0), torch.randn(2, 5, 32)
+    models = {}
+    for sequential in (False, True):
+        torch.manual_seed(0)
+        models[sequential] = model = VideoDiT(dit_config("tiny")).double()
+        apply_sla(model, PatchConfig(sla=SLAConfig(topk=0.25, negligible=0.0, block_q=64, block_k=64)))
+        run = lambda model=model: model(x.double(), t.double(), text.double())  # noqa: E731
+        report = calibrate_projections(model, run, sequential=sequential)
+        measured = _measured_errors(model, run)
+        names = list(report)
+        assert names == [f"blocks.{i}.self_attn.core" for i in range(len(model.blocks))]
+        reported = [report[n]["calibrated_error"] for n in names]
+        if sequential:
+            assert reported == pytest.approx([measured[n] for n in names], rel=1e-6)
+        else:  # the first layer's inputs never change; the later layers' do
+            assert reported[0] == pytest.approx(measured[names[0]], rel=1e-6)
+            assert max(abs(r / measured[n] - 1) for r, n in zip(reported[1:], names[1:])) > 1e-3
+    first = [m.blocks[0].self_attn.core.proj_l.weight for m in models.values()]
+    torch.testing.assert_close(first[0], first[1])  # same inputs, same fit
+    last = [m.blocks[-1].self_attn.core.proj_l.weight for m in models.values()]
+    assert not torch.allclose(last[0], last[1])
+    with pytest.raises(ValueError, match=r"names \['blocks.9'\] are not SLA layers"):
+        ProjectionCalibration(models[True], ["blocks.9"])
 
 
 def test_layers_without_a_linear_branch_and_bad_calls():

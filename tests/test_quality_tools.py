@@ -40,8 +40,13 @@ def test_attention_mass(checkpoint, tmp_path):
 def test_conversion_loss(checkpoint, tmp_path):
     out = tmp_path / "conversion.json"
     conversion_loss.main(["--resume-from", str(checkpoint), "--val-clips", "2", "--draws", "2", "--calibrate-clips",
-                          "2", "--cpu", "--json", str(out)])
+                          "2", "--sequential", "--cpu", "--json", str(out)])
     r = json.loads(out.read_text())
     assert r["val_clips"] == 2 and r["draws"] == 2 and r["sparsity"] == qs.PRESETS["tiny"].sparsity
-    assert min(r["dense"], r["sparse_only"], r["sla_calibrated"]) > 0
-    assert r["calibration"]["calibrated_error"] < r["calibration"]["sparse_error"]
+    assert min(r["dense"], r["sparse_only"], r["sla_calibrated"], r["sla_calibrated_sequential"]) > 0
+    for report in (r["calibration"], r["calibration_sequential"]):
+        assert report["calibrated_error"] < report["sparse_error"]
+    # both start from the same sparse model: the first layer's fit and the proj_l = 0 errors are the same
+    first = [next(iter(report["layers"].values())) for report in (r["calibration"], r["calibration_sequential"])]
+    assert first[0]["calibrated_error"] == pytest.approx(first[1]["calibrated_error"], rel=1e-6)
+    assert r["calibration"]["sparse_error"] != pytest.approx(r["calibration_sequential"]["sparse_error"], rel=1e-6)

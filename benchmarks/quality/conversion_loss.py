@@ -6,7 +6,9 @@ flow-matching loss on held-out clips (the study's own clips and noise) of:
 * ``dense``: the pretrained model as it is;
 * ``sparse_only``: every layer block-sparse at the study's sparsity (SLA with proj_l = 0 is the same);
 * ``sla_calibrated``: SLA with proj_l fitted to the dense model's attention on ``--calibrate-clips`` training clips
-  (``sla_dist.calibrate_projections``), with the per-layer attention errors before / after the fit.
+  (``sla_dist.calibrate_projections``), with the per-layer attention errors before / after the fit;
+* ``sla_calibrated_sequential`` (``--sequential``): the same fitted one layer at a time, each on the outputs of
+  the already fitted layers before it.
 
 The fine-tunes of the study start from these losses (its table's "fine-tune start" column). On CPU the SLA layers
 run the PyTorch reference (a few minutes for the gpu preset's 9216-token clips with the defaults below):
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparsity", type=float, help="block sparsity (default: the checkpoint's study's)")
     parser.add_argument("--batch-size", type=int, default=1, help="clips per forward (the CPU reference SLA holds "
                         "a clip's [heads, L, L] scores: ~2 GiB per clip at the gpu preset's 9216 tokens)")
+    parser.add_argument("--sequential", action="store_true", help="also calibrate layer by layer (one pass of the "
+                        "calibration clips per layer) and measure that model")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -67,18 +71,22 @@ def main(argv: list[str] | None = None) -> None:
     sparse = convert(copy.deepcopy(dense), "sla", config)  # proj_l = 0: the sparse branch alone
     results["sparse_only"] = loss(sparse)
     print(f"sparse-only (SLA, proj_l = 0): {results['sparse_only']:.4f}", flush=True)
-    calibration = calibrate_sla(sparse, *(t.to(device) for t in train), args.batch_size)
-    results["calibration"] = calibration
-    print(f"calibrated on {args.calibrate_clips} clips: mean attention error {calibration['sparse_error']:.4f} -> "
-          f"{calibration['calibrated_error']:.4f}", flush=True)
-    results["sla_calibrated"] = loss(sparse)
-    print(f"SLA, proj_l calibrated: {results['sla_calibrated']:.4f}", flush=True)
-    print("\n| layer | attention error, proj_l = 0 | calibrated |\n|---|---|---|")
-    for name, r in calibration["layers"].items():
-        print(f"| {name} | {r['sparse_error']:.4f} | {r['calibrated_error']:.4f} |")
+    variants = {"sla_calibrated": ("calibration", False)}  # results key: (its calibration report's key, sequential)
+    if args.sequential:
+        variants["sla_calibrated_sequential"] = ("calibration_sequential", True)
+    for key, (report, sequential) in variants.items():
+        model = copy.deepcopy(sparse)
+        calibration = calibrate_sla(model, *(t.to(device) for t in train), args.batch_size, sequential=sequential)
+        results[report] = calibration
+        results[key] = loss(model)
+        print(f"{key} ({args.calibrate_clips} clips): mean attention error {calibration['sparse_error']:.4f} -> "
+              f"{calibration['calibrated_error']:.4f}; validation loss {results[key]:.4f}", flush=True)
+        print("\n| layer | attention error, proj_l = 0 | calibrated |\n|---|---|---|")
+        for name, r in calibration["layers"].items():
+            print(f"| {name} | {r['sparse_error']:.4f} | {r['calibrated_error']:.4f} |")
     print(f"\nvalidation flow loss ({args.val_clips} clips x {args.draws} draws, sparsity {config.sparsity}): dense "
-          f"{results['dense']:.4f}, sparse-only {results['sparse_only']:.4f}, SLA calibrated "
-          f"{results['sla_calibrated']:.4f}")
+          f"{results['dense']:.4f}, sparse-only {results['sparse_only']:.4f}, "
+          + ", ".join(f"{key} {results[key]:.4f}" for key in variants))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -149,17 +149,19 @@ def module_for(dit: DiTConfig, variant: str, seed: int, state: dict | None, lr: 
     return module.to(device)
 
 
-def calibrate_sla(model: VideoDiT, latents: torch.Tensor, text: torch.Tensor, batch_size: int) -> dict:
+def calibrate_sla(model: VideoDiT, latents: torch.Tensor, text: torch.Tensor, batch_size: int,
+                  sequential: bool = False) -> dict:
     """Fit every SLA layer's proj_l to the model's full attention on ``latents`` / ``text`` (training clips;
-    ``calibrate_projections``), in batches of ``batch_size`` clips at noise levels spread over (0, 1) as the
-    attention-error pass draws them. Returns the mean errors over layers and the per-layer report."""
+    ``calibrate_projections``, one pass or ``sequential``), in batches of ``batch_size`` clips at noise levels
+    spread over (0, 1) as the attention-error pass draws them. Returns the mean errors over layers and the
+    per-layer report."""
 
     def run() -> None:
         for start in range(0, latents.shape[0], batch_size):
             batch = slice(start, start + batch_size)
             visit_attention(model, latents[batch], text[batch], lambda *site: None, seed=start)
 
-    layers = calibrate_projections(model, run)
+    layers = calibrate_projections(model, run, sequential=sequential)
     mean = {key: sum(r[key] for r in layers.values()) / len(layers) for key in ("sparse_error", "calibrated_error")}
     return {"clips": latents.shape[0], **mean, "layers": layers}
 
