@@ -13,10 +13,12 @@ in float64 (a [D + 1, D + 1] Gram matrix of [O_l, 1] and its [D + 1, D] product 
 kept), and sets proj_l to the ridge-regularised solution. It needs the dense reference once per layer and forward:
 O(L^2) attention, as the pretrained model's own forward.
 
-Why: on the quality study's pretrained model (9216 tokens, 95 % sparsity) the least-squares proj_l lowers the
-layers' attention error against full attention well below the sparse branch's (e.g. 0.31 -> 0.13 and 0.48 -> 0.26
-in two layers; benchmarks/quality/attention_mass.py), while 400 fine-tune steps from zero left SLA level with
-sparse-only attention. Calibration starts fine-tuning from there.
+Why: on the quality study's pretrained model (9216 tokens, 95 % sparsity) the least-squares proj_l lowers each
+layer's attention error against full attention (mean 0.59 -> 0.47), where 400 fine-tune steps from zero left SLA
+level with sparse-only attention. Measured on an H200 it is no better start there: the converted model's validation
+loss doubles (one pass or sequential) and the fine-tune from it ends behind sparse-only
+(benchmarks/results/2026-11-30-quality-conversion-h200.md). A tool to measure what a linear branch can add to a
+model, not a default.
 
 With several processes (data parallel, Ulysses sequence parallel: each rank's layers see its own samples or heads),
 pass the ``group`` every rank of which holds the same proj_l: the normal equations are summed over it before the
