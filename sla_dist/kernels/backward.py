@@ -6,11 +6,13 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
        delta = rowsum(dO_s * O_s) - log2(e) dlse
    (the softmax backward's correction term; dlse, the gradient of the saved base-2 lse, is nonzero when a caller
    merges partial attentions by their LSE), and the query side of the linear branch. With N = phi(Q_i) H_i,
-   den = phi(Q_i) . Z_i, O_l = N / den:
-       dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2,  dphi(Q) = dN H_i^T + dden Z_i^T
-   It writes the linear branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers
-   hold only the FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to
-   the summaries' gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
+   den = phi(Q_i) . Z_i, O_l = N / den and G = dO_l H_i^T:
+       dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2 = -rowsum(G * phi(Q_i)) / den^2,
+       dphi(Q) = dN H_i^T + dden Z_i^T = G / den + dden Z_i^T
+   (G serves both, so N is never formed: one [BQ, D] x [D, D] product fewer than the forward's order). It writes
+   the linear branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers hold only the
+   FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to the summaries'
+   gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
    key blocks (dh_j = sum over the query blocks for which j is marginal).
 2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
-from .tiles import block_item, head_offset, listed_rows, query_rows, row_tile, square
+from .tiles import block_item, columns, head_offset, listed_rows, query_rows, row_tile, square
 
 
 @triton.jit
@@ -44,34 +46,45 @@ def _bwd_prepass_kernel(
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
     tile = row_tile(base, offs_m, stride_ql, offs_d)
-    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, axis=1)
+    # Loaded tiles stay in their storage dtype (half the registers of float32) and are widened where they are used.
+    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     rows = bh.to(tl.int64) * LQ + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     tl.store(DELTA + rows, delta, mask=row_ok)
 
     if HAS_LINEAR:
-        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        fq = phi_fwd(x, FEATURE_MAP)
-        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
-        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
-        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
+        x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
+        fq = phi_fwd(x.to(tl.float32), FEATURE_MAP)
+        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d).to(tl.float32)
         den = tl.sum(fq * zl[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-        dnum = dol * inv[:, None]
-        dden = -tl.sum(dol * num, axis=1) * inv * inv
-        dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
-        tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i. The product takes its operands in the
-        # summaries' dtype (bf16 for half inputs, as in the forward's phi(Q_i) H_i): float32 operands ran it at
-        # tf32 rate and took 128 KiB of shared memory at D = 128 (one program per SM).
-        dh = tl.dot(tl.trans(fq).to(hl.dtype), dnum.to(hl.dtype), input_precision=PRECISION)
+        fq = fq.to(x.dtype)  # phi(Q_i) in the inputs' dtype from here on: it stays live to the end
+        # The products take their operands in the summaries' dtype (bf16 for half inputs, as in the forward's
+        # phi(Q_i) H_i): float32 operands ran them at tf32 rate and took 128 KiB of shared memory at D = 128.
+        dt = HL.dtype.element_ty
+        fq_t = tl.trans(fq.to(dt))
         out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
-        tl.store(out + square(offs_d, D), dh.to(DHZ.dtype.element_ty))
+        hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
+        # dO_l is taken in two column halves: each half gives its half of dH_i = phi(Q_i)^T dN (a [D, D / 2]
+        # accumulator) and its share of G = dO_l H_i^T (a sum over dO_l's columns), so no [D, D] accumulator and
+        # no whole dO_l tile is ever live. Rows past LQ carry dO_l = 0 and add nothing to dH_i or dZ_i.
+        HALF: tl.constexpr = D // 2
+        cols = tl.arange(0, HALF)
+        g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+        for c in tl.static_range(0, D, HALF):
+            dol = tl.load(DOL + row_tile(base, offs_m, stride_ql, c + cols), mask=row_ok[:, None], other=0.0)
+            dol = dol.to(tl.float32)
+            dh = tl.dot(fq_t, (dol * inv[:, None]).to(dt), input_precision=PRECISION)
+            tl.store(out + columns(offs_d, c + cols, D), dh.to(DHZ.dtype.element_ty))
+            g = tl.dot(dol.to(dt), tl.trans(tl.load(hl + columns(offs_d, c + cols, D))), g, input_precision=PRECISION)
+        fq = fq.to(tl.float32)
+        dden = -tl.sum(g * fq, axis=1) * inv * inv
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
+        dfq = g * inv[:, None] + dden[:, None] * zl[None, :]
+        tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
