@@ -9,8 +9,10 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    den = phi(Q_i) . Z_i, O_l = N / den and G = dO_l H_i^T:
        dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2 = -rowsum(G * phi(Q_i)) / den^2,
        dphi(Q) = dN H_i^T + dden Z_i^T = G / den + dden Z_i^T
-   (G serves both, so N is never formed: one [BQ, D] x [D, D] product fewer than the forward's order). It writes
-   the linear branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers hold only the
+   (G serves both, so N is never formed: one [BQ, D] x [D, D] product fewer than the forward's order). For the
+   projected layer (HAS_PROJ) dO_l = dOut W is made here from dOut (then also dO_s) instead of being read from a
+   q-sized buffer that a separate GEMM wrote; a stored dO_l (HAS_DOL) is added to it. It writes the linear
+   branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers hold only the
    FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to the summaries'
    gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
    key blocks (dh_j = sum over the query blocks for which j is marginal).
@@ -30,14 +32,29 @@ from .tiles import block_item, columns, head_offset, listed_rows, query_rows, ro
 
 
 @triton.jit
+def _dol_columns(do, W, DOL, tile, row_ok, offs_d, cols, D: tl.constexpr, HAS_PROJ: tl.constexpr,
+                 HAS_DOL: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns ``cols`` of dO_l for the rows of ``do`` (``tile``: their offsets in DOL), in float32: dOut W[:, cols]
+    with HAS_PROJ (``do`` is then dOut), plus the gradient stored in DOL with HAS_DOL."""
+    if HAS_PROJ:
+        dol = tl.dot(do, tl.load(W + columns(offs_d, cols, D)), input_precision=PRECISION)
+        if HAS_DOL:
+            dol += tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return dol
+
+
+@triton.jit
 def _bwd_prepass_kernel(
-    Q, O, DO, DOL, DQ, DLSE, DELTA,          # q/o/do/dol/dq [B, H, LQ, D] (q strides), dlse/delta [BH, LQ] float32
+    Q, O, DO, DOL, W, DQ, DLSE, DELTA,       # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], dlse/delta [BH, LQ]
     HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
     stride_qb, stride_qh, stride_ql,
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
     H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -75,8 +92,8 @@ def _bwd_prepass_kernel(
         cols = tl.arange(0, HALF)
         g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
         for c in tl.static_range(0, D, HALF):
-            dol = tl.load(DOL + row_tile(base, offs_m, stride_ql, c + cols), mask=row_ok[:, None], other=0.0)
-            dol = dol.to(tl.float32)
+            dol = _dol_columns(do, W, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, offs_d, c + cols, D,
+                               HAS_PROJ, HAS_DOL, PRECISION)
             dh = tl.dot(fq_t, (dol * inv[:, None]).to(dt), input_precision=PRECISION)
             tl.store(out + columns(offs_d, c + cols, D), dh.to(DHZ.dtype.element_ty))
             g = tl.dot(dol.to(dt), tl.trans(tl.load(hl + columns(offs_d, c + cols, D))), g, input_precision=PRECISION)
