@@ -101,7 +101,7 @@ def _bwd_prepass_kernel(
         dden = -tl.sum(g * fq, axis=1) * inv * inv
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
         dfq = g * inv[:, None] + dden[:, None] * zl[None, :]
-        tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DQ + tile, phi_bwd(fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -211,7 +211,7 @@ def _bwd_dkdv_kernel(
         dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
         dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
         dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
-        dk += tl.where(col_ok[:, None], phi_bwd(x, fk, dfk, FEATURE_MAP), 0.0)
+        dk += tl.where(col_ok[:, None], phi_bwd(fk, dfk, FEATURE_MAP), 0.0)
 
     tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

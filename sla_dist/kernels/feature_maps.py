@@ -20,11 +20,13 @@ def phi_fwd(x, FEATURE_MAP: tl.constexpr):
 
 
 @triton.jit
-def phi_bwd(x, phi, dphi, FEATURE_MAP: tl.constexpr):
-    """dL/dx given x, phi(x) and dL/dphi."""
+def phi_bwd(phi, dphi, FEATURE_MAP: tl.constexpr):
+    """dL/dx given phi(x) and dL/dphi. Each map's derivative is a function of its value, so x need not stay live:
+    elu(x) + 1 > 1 exactly where x > 0 (where x + 1 rounds to 1 the two branches agree), relu(x) > 0 exactly
+    where x > 0."""
     if FEATURE_MAP == 0:
         return phi * (dphi - tl.sum(dphi * phi, axis=1)[:, None])
     elif FEATURE_MAP == 1:
-        return tl.where(x > 0, dphi, dphi * phi)
+        return tl.where(phi > 1.0, dphi, dphi * phi)
     else:
-        return tl.where(x > 0, dphi, 0.0)
+        return tl.where(phi > 0.0, dphi, 0.0)
