@@ -326,6 +326,10 @@ def _setup_context(ctx, inputs, output) -> None:
     # of the bias only its dtype.
     ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *((o_l, proj[0]) if proj else ()))
     ctx.static = (block_q, block_k, feature_map, linear_scope)
+    # Unused outputs' gradients stay None, not zeros, in eager mode and in a compiled graph alike: with zeros the
+    # kernels would read a dO_l / dlse of zeros, and the projected op would make dO_l = dOut W in PyTorch (IEEE float32
+    # on a GPU) instead of in the pre-pass (tf32), so compiled and eager gradients would differ.
+    ctx.set_materialize_grads(False)
     ctx.bias_dtype = proj[1].dtype if proj and proj[1] is not None else None
 
 
@@ -409,7 +413,6 @@ class _EagerSLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         output = _forward(*inputs)
-        ctx.set_materialize_grads(False)  # unused outputs' gradients stay None, as through the custom op
         _setup_context(ctx, inputs, output)
         return output
 

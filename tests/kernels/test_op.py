@@ -13,7 +13,7 @@ from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
 
-from .harness import GRAD_FACTOR, OUTPUT_FACTOR, relative_error
+from .harness import GRAD_FACTOR, OUTPUT_FACTOR, MatrixProducts, relative_error
 
 
 def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
@@ -141,24 +141,11 @@ def test_half_inputs_with_float32_projection(poison_outputs):
 def test_projected_backward_makes_no_q_sized_product(poison_outputs):
     """dO_l = dOut W is made in the backward's pre-pass from dOut (one tile product per query block): the only
     PyTorch product left in the projected layer's backward is the [D, D] dW, none has a q-sized output."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Products(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default):
-                self.shapes.append(tuple(out.shape))
-            return out
-
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 200, 200, 32))
     w = (torch.randn(32, 32, device=DEVICE) * 0.2).requires_grad_()
     bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
     out = sparse_linear_attention(q, k, v, bm, w, None)
-    with Products() as products:
+    with MatrixProducts() as products:
         out.backward(torch.randn_like(out))
     assert (32, 32) in products.shapes, products.shapes  # dW: the mode saw the backward's products
     assert all(math.prod(shape) < q.numel() for shape in products.shapes), products.shapes
