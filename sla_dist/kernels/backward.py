@@ -75,32 +75,36 @@ def _bwd_prepass_kernel(
     if HAS_LINEAR:
         x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
         fq = phi_fwd(x.to(tl.float32), FEATURE_MAP)
-        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d).to(tl.float32)
-        den = tl.sum(fq * zl[None, :], axis=1)
+        # Z_i is loaded again after the loop (a [D] vector, from L1/L2) instead of being held across it: broadcast in
+        # the products' register layout it took 32 registers per thread (Triton 3.6 then spilled).
+        zl_ptrs = ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d
+        den = tl.sum(fq * tl.load(zl_ptrs).to(tl.float32)[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
         fq = fq.to(x.dtype)  # phi(Q_i) in the inputs' dtype from here on: it stays live to the end
         # The products take their operands in the summaries' dtype (bf16 for half inputs, as in the forward's
         # phi(Q_i) H_i): float32 operands ran them at tf32 rate and took 128 KiB of shared memory at D = 128.
         dt = HL.dtype.element_ty
-        fq_t = tl.trans(fq.to(dt))
+        fq_dt = fq.to(dt)
         out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
         hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
-        # dO_l is taken in two column halves: each half gives its half of dH_i = phi(Q_i)^T dN (a [D, D / 2]
+        # dO_l is taken in two column halves: each half gives its rows of dH_i^T = dN^T phi(Q_i) (a [D / 2, D]
         # accumulator) and its share of G = dO_l H_i^T (a sum over dO_l's columns), so no [D, D] accumulator and
-        # no whole dO_l tile is ever live. Rows past LQ carry dO_l = 0 and add nothing to dH_i or dZ_i.
+        # no whole dO_l tile is ever live. phi(Q_i) is the second operand of dN^T phi(Q_i), which the tensor cores
+        # read from shared memory: as the first operand of phi(Q_i)^T dN it took a second register copy of phi(Q_i)
+        # for the whole loop (Triton 3.6 then spilled up to 328 B). Rows past LQ carry dO_l = 0 and add nothing.
         HALF: tl.constexpr = D // 2
         cols = tl.arange(0, HALF)
         g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
         for c in tl.static_range(0, D, HALF):
             dol = _dol_columns(do, W, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, offs_d, c + cols, D,
                                HAS_PROJ, HAS_DOL, PRECISION)
-            dh = tl.dot(fq_t, (dol * inv[:, None]).to(dt), input_precision=PRECISION)
-            tl.store(out + columns(offs_d, c + cols, D), dh.to(DHZ.dtype.element_ty))
+            dht = tl.dot(tl.trans((dol * inv[:, None]).to(dt)), fq_dt, input_precision=PRECISION)
+            tl.store(out + tl.trans(columns(offs_d, c + cols, D)), dht.to(DHZ.dtype.element_ty))
             g = tl.dot(dol.to(dt), tl.trans(tl.load(hl + columns(offs_d, c + cols, D))), g, input_precision=PRECISION)
         fq = fq.to(tl.float32)
         dden = -tl.sum(g * fq, axis=1) * inv * inv
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
-        dfq = g * inv[:, None] + dden[:, None] * zl[None, :]
+        dfq = g * inv[:, None] + dden[:, None] * tl.load(zl_ptrs).to(tl.float32)[None, :]
         tl.store(DQ + tile, phi_bwd(fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
