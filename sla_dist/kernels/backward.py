@@ -87,19 +87,26 @@ def _bwd_prepass_kernel(
         fq_dt = fq.to(dt)
         out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
         hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
-        # dO_l is taken in two column halves: each half gives its rows of dH_i^T = dN^T phi(Q_i) (a [D / 2, D]
+        # dO_l is taken in two column halves: each half gives its columns of dH_i = phi(Q_i)^T dN (a [D, D / 2]
         # accumulator) and its share of G = dO_l H_i^T (a sum over dO_l's columns), so no [D, D] accumulator and
-        # no whole dO_l tile is ever live. phi(Q_i) is the second operand of dN^T phi(Q_i), which the tensor cores
-        # read from shared memory: as the first operand of phi(Q_i)^T dN it took a second register copy of phi(Q_i)
-        # for the whole loop (Triton 3.6 then spilled up to 328 B). Rows past LQ carry dO_l = 0 and add nothing.
+        # no whole dO_l tile is ever live. Rows past LQ carry dO_l = 0 and add nothing to dH_i or dZ_i.
+        # From D 128 the half is made as rows of dH_i^T = dN^T phi(Q_i): phi(Q_i) is then the second operand, which
+        # the tensor cores read from shared memory, where as the first it took a second register copy of phi(Q_i)
+        # for the whole loop (Triton 3.6 spilled up to 328 B). Below, D / 2 rows are too few for Hopper's warp-group
+        # MMA (64 per warp group): there the first form keeps wgmma and fits two 8-warp programs per SM.
         HALF: tl.constexpr = D // 2
         cols = tl.arange(0, HALF)
         g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
         for c in tl.static_range(0, D, HALF):
             dol = _dol_columns(do, W, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, offs_d, c + cols, D,
                                HAS_PROJ, HAS_DOL, PRECISION)
-            dht = tl.dot(tl.trans((dol * inv[:, None]).to(dt)), fq_dt, input_precision=PRECISION)
-            tl.store(out + tl.trans(columns(offs_d, c + cols, D)), dht.to(DHZ.dtype.element_ty))
+            dn = (dol * inv[:, None]).to(dt)
+            if HALF >= 64:  # dH_i^T's rows
+                dht = tl.dot(tl.trans(dn), fq_dt, input_precision=PRECISION)
+                tl.store(out + tl.trans(columns(offs_d, c + cols, D)), dht.to(DHZ.dtype.element_ty))
+            else:
+                dh = tl.dot(tl.trans(fq_dt), dn, input_precision=PRECISION)
+                tl.store(out + columns(offs_d, c + cols, D), dh.to(DHZ.dtype.element_ty))
             g = tl.dot(dol.to(dt), tl.trans(tl.load(hl + columns(offs_d, c + cols, D))), g, input_precision=PRECISION)
         fq = fq.to(tl.float32)
         dden = -tl.sum(g * fq, axis=1) * inv * inv

@@ -51,6 +51,17 @@ def test_prepass_does_not_spill_at_head_dim_128():
         assert spills[3] <= elu_bound, (triton.__version__, results[3])
 
 
+@pytest.mark.skipif(not os.path.exists(nvidia_tool("ptxas")), reason="this Triton has no NVIDIA assembler")
+def test_prepass_fits_two_programs_per_sm_at_head_dim_64():
+    """At D 64 the pre-pass (8 warps) fits in 128 registers per thread, so two programs share an SM, for
+    sla_branches at BQ 128 and for both paths at BQ 64 (Triton 3.6 / 3.9: 126 / 128, 124 / 122, 93 / 95). Making dH_i
+    as dH_i^T = dN^T phi(Q_i) at D 64 too took 169-178 and 130 registers."""
+    variants = [Variant("prepass", D=64, block_q=128, has_proj=False), Variant("prepass", D=64, block_q=64),
+                Variant("prepass", D=64, block_q=64, has_proj=False)]
+    results = run_in_clean_process(variants, arch=90)
+    assert all(r["registers"] <= 128 and r["spill_bytes"] == 0 for r in results), results
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(kernel="fwdd"), "kernel='fwdd'"),
     (dict(kernel="fwd", dtype="float64"), "dtype='float64'"),
