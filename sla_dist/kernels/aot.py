@@ -41,7 +41,9 @@ _POINTERS = {
     "block_sums": dict(X="x", SUMS="f64"),
     "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
     "critical_columns": dict(CLASS="i8", Q_NUM="i32", Q_IDX="i32"),
-    "prepass": dict(Q="x", O="x", DO="x", DOL="x", DQ="x", DLSE="f32", DELTA="f32", HL="sum", ZL="sum", DHZ="sum"),
+    # The pre-pass takes proj_l's W in the inputs' dtype (the launcher casts it, as for the product it replaces).
+    "prepass": dict(Q="x", O="x", DO="x", DOL="x", W="x", DQ="x", DLSE="f32", DELTA="f32", HL="sum", ZL="sum",
+                    DHZ="sum"),
     "dq": dict(Q="x", K="x", V="x", DO="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32"),
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
                  DHS="sum", DZS="sum"),
@@ -62,7 +64,8 @@ class Variant:
     feature_map: str = "softmax"
     has_linear: bool = True
     has_proj: bool = True
-    """The forward applies proj_l in its epilogue (with a bias), as the layer's forward does."""
+    """The forward applies proj_l in its epilogue (with a bias), and the backward's pre-pass makes dO_l = dOut W
+    (no stored dO_l), as in the layer; False: sla_branches, whose dO_l the pre-pass reads."""
     proj_dtype: str = "float32"
     """proj_l's stored dtype: float32 master weights under autocast."""
     num_warps: int | None = None
@@ -88,7 +91,7 @@ class Variant:
     def constexprs(self) -> dict:
         values = dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k,
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
-                      HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj,
+                      HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})

@@ -6,11 +6,15 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
        delta = rowsum(dO_s * O_s) - log2(e) dlse
    (the softmax backward's correction term; dlse, the gradient of the saved base-2 lse, is nonzero when a caller
    merges partial attentions by their LSE), and the query side of the linear branch. With N = phi(Q_i) H_i,
-   den = phi(Q_i) . Z_i, O_l = N / den:
-       dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2,  dphi(Q) = dN H_i^T + dden Z_i^T
-   It writes the linear branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers
-   hold only the FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to
-   the summaries' gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
+   den = phi(Q_i) . Z_i, O_l = N / den and G = dO_l H_i^T:
+       dN = dO_l / den,  dden = -rowsum(dO_l * N) / den^2 = -rowsum(G * phi(Q_i)) / den^2,
+       dphi(Q) = dN H_i^T + dden Z_i^T = G / den + dden Z_i^T
+   (G serves both, so N is never formed: one [BQ, D] x [D, D] product fewer than the forward's order). For the
+   projected layer (HAS_PROJ) dO_l = dOut W is made here from dOut (then also dO_s) instead of being read from a
+   q-sized buffer that a separate GEMM wrote; a stored dO_l (HAS_DOL) is added to it. It writes the linear
+   branch's dQ into the dQ buffer (the sparse dQ kernel adds to it, so that kernel's registers hold only the
+   FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to the summaries'
+   gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
    key blocks (dh_j = sum over the query blocks for which j is marginal).
 2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
@@ -24,18 +28,33 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
-from .tiles import block_item, head_offset, listed_rows, query_rows, row_tile, square
+from .tiles import block_item, columns, head_offset, listed_rows, query_rows, row_tile, square
+
+
+@triton.jit
+def _dol_columns(do, W, DOL, tile, row_ok, offs_d, cols, D: tl.constexpr, HAS_PROJ: tl.constexpr,
+                 HAS_DOL: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns ``cols`` of dO_l for the rows of ``do`` (``tile``: their offsets in DOL), in float32: dOut W[:, cols]
+    with HAS_PROJ (``do`` is then dOut), plus the gradient stored in DOL with HAS_DOL."""
+    if HAS_PROJ:
+        dol = tl.dot(do, tl.load(W + columns(offs_d, cols, D)), input_precision=PRECISION)
+        if HAS_DOL:
+            dol += tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return dol
 
 
 @triton.jit
 def _bwd_prepass_kernel(
-    Q, O, DO, DOL, DQ, DLSE, DELTA,          # q/o/do/dol/dq [B, H, LQ, D] (q strides), dlse/delta [BH, LQ] float32
+    Q, O, DO, DOL, W, DQ, DLSE, DELTA,       # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], dlse/delta [BH, LQ]
     HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
     stride_qb, stride_qh, stride_ql,
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
     H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -44,34 +63,56 @@ def _bwd_prepass_kernel(
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
     tile = row_tile(base, offs_m, stride_ql, offs_d)
-    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, axis=1)
+    # Loaded tiles stay in their storage dtype (half the registers of float32) and are widened where they are used.
+    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     rows = bh.to(tl.int64) * LQ + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     tl.store(DELTA + rows, delta, mask=row_ok)
 
     if HAS_LINEAR:
-        dol = tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        fq = phi_fwd(x, FEATURE_MAP)
-        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
-        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
-        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
-        den = tl.sum(fq * zl[None, :], axis=1)
+        x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
+        fq = phi_fwd(x.to(tl.float32), FEATURE_MAP)
+        # Z_i is loaded again after the loop (a [D] vector, from L1/L2) instead of being held across it: broadcast in
+        # the products' register layout it took 32 registers per thread (Triton 3.6 then spilled).
+        zl_ptrs = ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d
+        den = tl.sum(fq * tl.load(zl_ptrs).to(tl.float32)[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-        dnum = dol * inv[:, None]
-        dden = -tl.sum(dol * num, axis=1) * inv * inv
-        dfq = tl.dot(dnum.to(hl.dtype), tl.trans(hl), input_precision=PRECISION) + dden[:, None] * zl[None, :]
-        tl.store(DQ + tile, phi_bwd(x, fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        # Rows past LQ carry dO_l = 0, so they add nothing to dH_i and dZ_i. The product takes its operands in the
-        # summaries' dtype (bf16 for half inputs, as in the forward's phi(Q_i) H_i): float32 operands ran it at
-        # tf32 rate and took 128 KiB of shared memory at D = 128 (one program per SM).
-        dh = tl.dot(tl.trans(fq).to(hl.dtype), dnum.to(hl.dtype), input_precision=PRECISION)
+        fq = fq.to(x.dtype)  # phi(Q_i) in the inputs' dtype from here on: it stays live to the end
+        # The products take their operands in the summaries' dtype (bf16 for half inputs, as in the forward's
+        # phi(Q_i) H_i): float32 operands ran them at tf32 rate and took 128 KiB of shared memory at D = 128.
+        dt = HL.dtype.element_ty
+        fq_dt = fq.to(dt)
         out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
-        tl.store(out + square(offs_d, D), dh.to(DHZ.dtype.element_ty))
+        hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
+        # dO_l is taken in two column halves: each half gives its columns of dH_i = phi(Q_i)^T dN (a [D, D / 2]
+        # accumulator) and its share of G = dO_l H_i^T (a sum over dO_l's columns), so no [D, D] accumulator and
+        # no whole dO_l tile is ever live. Rows past LQ carry dO_l = 0 and add nothing to dH_i or dZ_i.
+        # From D 128 the half is made as rows of dH_i^T = dN^T phi(Q_i): phi(Q_i) is then the second operand, which
+        # the tensor cores read from shared memory, where as the first it took a second register copy of phi(Q_i)
+        # for the whole loop (Triton 3.6 spilled up to 328 B). Below, D / 2 rows are too few for Hopper's warp-group
+        # MMA (64 per warp group): there the first form keeps wgmma and fits two 8-warp programs per SM.
+        HALF: tl.constexpr = D // 2
+        cols = tl.arange(0, HALF)
+        g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+        for c in tl.static_range(0, D, HALF):
+            dol = _dol_columns(do, W, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, offs_d, c + cols, D,
+                               HAS_PROJ, HAS_DOL, PRECISION)
+            dn = (dol * inv[:, None]).to(dt)
+            if HALF >= 64:  # dH_i^T's rows
+                dht = tl.dot(tl.trans(dn), fq_dt, input_precision=PRECISION)
+                tl.store(out + tl.trans(columns(offs_d, c + cols, D)), dht.to(DHZ.dtype.element_ty))
+            else:
+                dh = tl.dot(tl.trans(fq_dt), dn, input_precision=PRECISION)
+                tl.store(out + columns(offs_d, c + cols, D), dh.to(DHZ.dtype.element_ty))
+            g = tl.dot(dol.to(dt), tl.trans(tl.load(hl + columns(offs_d, c + cols, D))), g, input_precision=PRECISION)
+        fq = fq.to(tl.float32)
+        dden = -tl.sum(g * fq, axis=1) * inv * inv
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
+        dfq = g * inv[:, None] + dden[:, None] * tl.load(zl_ptrs).to(tl.float32)[None, :]
+        tl.store(DQ + tile, phi_bwd(fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -181,7 +222,7 @@ def _bwd_dkdv_kernel(
         dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
         dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
         dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
-        dk += tl.where(col_ok[:, None], phi_bwd(x, fk, dfk, FEATURE_MAP), 0.0)
+        dk += tl.where(col_ok[:, None], phi_bwd(fk, dfk, FEATURE_MAP), 0.0)
 
     tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

@@ -58,8 +58,8 @@ _KERNELS = {
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),
     "classify": _Tuning("block_select", "_classify_kernel", ("NK_POW2",), (4,), (1,), fixed=(4, 1)),
     "critical_columns": _Tuning("block_select", "_critical_columns_kernel", ("NQ_POW2",), (4,), (1,), fixed=(4, 1)),
-    "prepass": _Tuning("backward", "_bwd_prepass_kernel", ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR"), (8,),
-                       (1,), fixed=(8, 1)),
+    "prepass": _Tuning("backward", "_bwd_prepass_kernel",
+                       ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR", "HAS_PROJ", "HAS_DOL"), (8,), (1,), fixed=(8, 1)),
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),

@@ -250,9 +250,10 @@ def _forward_outputs_like(q: torch.Tensor, has_linear: bool) -> tuple[torch.Tens
 
 def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
     """(q, k, v, o, do, dol) in the layouts the backward kernels index (the gradients take q's, k's and v's): shared
-    by the implementation and the fake, whose output strides must agree (inductor checks them)."""
-    has_linear = linear_scope != "none" and dol is not None
-    q, o, do, dol_ = _kernel_layout(q, o, do, dol if has_linear else do)
+    by the implementation and the fake, whose output strides must agree (inductor checks them). Without a stored
+    dO_l, ``do`` stands in for it (never read)."""
+    has_dol = linear_scope != "none" and dol is not None
+    q, o, do, dol_ = _kernel_layout(q, o, do, dol if has_dol else do)
     k, v = _kernel_layout(k, v)
     return q, k, v, o, do, dol_
 
@@ -261,11 +262,15 @@ def _sla_backward_impl(
     do: torch.Tensor, dol: torch.Tensor | None, dlse: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
-    (``dlse``); None stands for a zero gradient."""
-    has_linear = linear_scope != "none" and dol is not None
+    (``dlse``); None stands for a zero gradient. With ``proj_weight`` (proj_l's W in ``do``'s dtype, from the
+    projected forward, whose output's gradient ``do`` is), the pre-pass adds dOut W to dO_l itself: the q-sized
+    dO_l = dOut W is never stored."""
+    has_proj = proj_weight is not None  # the projected forward, whose scope is not 'none'
+    has_dol = linear_scope != "none" and dol is not None
+    has_linear = has_dol or has_proj
     q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
 
@@ -279,10 +284,10 @@ def _sla_backward_impl(
     else:  # never read
         hl = zl = dhz = delta.view(p.bh, 1, -1)
     get_kernel("prepass")[(p.nq, p.bh)](
-        q, o, do, dol_, dq, dlse if dlse is not None else delta, delta, hl, zl, dhz,
-        *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq,
+        q, o, do, dol_, proj_weight.contiguous() if has_proj else delta, dq, dlse if dlse is not None else delta,
+        delta, hl, zl, dhz, *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq,
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
-        PRECISION=p.precision,
+        PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
     get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
@@ -309,7 +314,7 @@ sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=()
 
 @sla_backward.register_fake
 def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
-      linear_scope):
+      linear_scope, proj_weight=None):
     q, k, v, *_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     return _like(q), _like(k), _like(v)
 
@@ -317,9 +322,14 @@ def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, bl
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, *proj = inputs
     o, o_l, lse = output[-3:]
-    # The projected op also keeps O_l (dW = sum dOut^T O_l) and W (dO_l = dOut W); of the bias only its dtype.
+    # The projected op also keeps O_l (dW = sum dOut^T O_l) and W (dO_l = dOut W, made in the backward's pre-pass);
+    # of the bias only its dtype.
     ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *((o_l, proj[0]) if proj else ()))
     ctx.static = (block_q, block_k, feature_map, linear_scope)
+    # Unused outputs' gradients stay None, not zeros, in eager mode and in a compiled graph alike: with zeros the
+    # kernels would read a dO_l / dlse of zeros, and the projected op would make dO_l = dOut W in PyTorch (IEEE float32
+    # on a GPU) instead of in the pre-pass (tf32), so compiled and eager gradients would differ.
+    ctx.set_materialize_grads(False)
     ctx.bias_dtype = proj[1].dtype if proj and proj[1] is not None else None
 
 
@@ -348,20 +358,28 @@ def column_sums(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _projection_backward(dout, do, dol, o_l, weight, bias_dtype):
-    """out = O_s + O_l W^T + b: (dO_s, dO_l, (dW, db)) with dOut added to ``do`` and dOut W to ``dol`` (None: zero).
+    """out = O_s + O_l W^T + b: (dO_s, dO_l, W for the kernels, (dW, db)), dOut added to ``do`` (None: zero).
 
-    The products run over rows in O_l's memory order, so that no operand is copied into a contiguous layout and
-    dO_l comes back with O_l's strides (those the backward kernels index with)."""
+    dO_l's share dOut W is made by the backward's pre-pass from dOut, given W in dOut's dtype, when dOut is all of
+    dO_s (the layer's case); when a gradient reached O_s directly too, the kernels' dO_s is no longer dOut, so the
+    product is made here and added to ``dol``. The products run over rows in O_l's memory order, so that no operand
+    is copied into a contiguous layout and dO_l comes back with O_l's strides (those the backward kernels index
+    with)."""
     if dout is None:
-        return do, dol, (None, None)
+        return do, dol, None, (None, None)
     order = _memory_order(o_l)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
     rows = dout.permute(order)
-    dol_proj = (rows @ weight.to(dout.dtype)).permute(inverse)
+    weight_x = weight.to(dout.dtype)
+    if do is None:  # the layer's case
+        do, kernel_weight = dout, weight_x
+    else:
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        dol_proj = (rows @ weight_x).permute(inverse)
+        do, dol, kernel_weight = do + dout, (dol_proj if dol is None else dol + dol_proj), None
     rows, o_l_rows = rows.flatten(0, -2), o_l.permute(order).flatten(0, -2)
     dw = (rows.mT @ o_l_rows).to(weight.dtype)
     db = None if bias_dtype is None else column_sums(rows).to(bias_dtype)
-    return (dout if do is None else do + dout), (dol_proj if dol is None else dol + dol_proj), (dw, db)
+    return do, dol, kernel_weight, (dw, db)
 
 
 def _gradients(backward, ctx, *grads):
@@ -370,12 +388,13 @@ def _gradients(backward, ctx, *grads):
     projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse)."""
     q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *proj = ctx.saved_tensors
     do, dol, dlse = grads[-3:]
-    dproj = ()
+    dproj, weight = (), None
     if proj:
-        do, dol, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
+        do, dol, weight, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static)
+    dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static,
+                          weight)
     return dq, dk, dv, None, None, None, None, None, None, None, *dproj
 
 
@@ -394,7 +413,6 @@ class _EagerSLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         output = _forward(*inputs)
-        ctx.set_materialize_grads(False)  # unused outputs' gradients stay None, as through the custom op
         _setup_context(ctx, inputs, output)
         return output
 

@@ -32,6 +32,12 @@ def square(offs_d, D: tl.constexpr):
 
 
 @triton.jit
+def columns(offs_d, cols, D: tl.constexpr):
+    """Offsets of the columns ``cols`` of a row-major [D, D] matrix."""
+    return offs_d[:, None] * D + cols[None, :]
+
+
+@triton.jit
 def listed_rows(IDX, position, LK, BLOCK_K: tl.constexpr):
     """Rows of the key block listed at ``position`` of the block list at IDX, and which of them are real (< LK). The
     index is loaded once, as a scalar, so the key/value loads stay contiguous along D and rows."""

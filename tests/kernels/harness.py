@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sla_dist.kernels.block_map import BlockMap, predict_block_map
 from sla_dist.kernels.op import sparse_linear_attention
@@ -122,6 +123,23 @@ def assert_within_reference_error(errors: dict[str, tuple]) -> None:
     for name, (kernel_err, ref_err) in errors.items():
         factor = OUTPUT_FACTOR if name == "out" else GRAD_FACTOR
         assert kernel_err <= factor * ref_err, f"{name} error {kernel_err:.3e} > {factor} x {ref_err:.3e} ({report})"
+
+
+class MatrixProducts(TorchDispatchMode):
+    """Records the output shape of every PyTorch matrix product (mm, bmm, addmm) run while it is active, eager or
+    inside a compiled graph."""
+
+    PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.PRODUCTS:
+            self.shapes.append(tuple(out.shape))
+        return out
 
 
 def layer_step(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:

@@ -7,6 +7,8 @@ up to ~16K tokens. On CPU the kernels run in the Triton interpreter; the block m
 PyTorch path off CUDA, is forced onto its kernels as on a GPU (the ``block_map_kernels`` fixture).
 """
 
+import math
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -14,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from sla_dist import SparseLinearAttention
 from tests.utils import DEVICE, HAS_CUDA
 
-from .harness import layer_step, relative_error
+from .harness import MatrixProducts, layer_step, relative_error
 
 BLOCK_MAP_OPS = ("sla_dist.block_sums.default", "sla_dist.rank_blocks.default")
 
@@ -49,6 +51,21 @@ def test_compiled_layer_matches_eager(block_map_kernels):
         want, got = layer_step(layer, *inputs), layer_step(compiled, *inputs)
         for name, g, w in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
             torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_layer_makes_dol_in_the_prepass(block_map_kernels):
+    """Compiled, the layer's backward takes the eager route: the op's unused outputs (O_s, O_l, lse) get None
+    gradients, not zeros, so dO_l = dOut W is made in the pre-pass (on a GPU a tf32 tile product for float32
+    inputs) and the only PyTorch product is dW [D, D]. With zeros the backward took the PyTorch GEMM (IEEE float32
+    on a GPU): compiled and eager gradients then differed on the H200 (dk by 0.004)."""
+    compiled = torch.compile(_layer(), backend="aot_eager", fullgraph=True)
+    q, k, v, grad = _inputs(200, seed=1)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = compiled(*leaves)
+    with MatrixProducts() as products:
+        out.backward(grad)
+    assert (32, 32) in products.shapes, products.shapes  # dW: the mode saw the compiled backward's products
+    assert all(math.prod(shape) < q.numel() for shape in products.shapes), products.shapes
 
 
 def test_one_graph_serves_every_length(block_map_kernels):

@@ -2,6 +2,7 @@
 sla_branches, the custom-op registration (fake kernels, torch.compile) and input errors."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
 
-from .harness import GRAD_FACTOR, OUTPUT_FACTOR, relative_error
+from .harness import GRAD_FACTOR, OUTPUT_FACTOR, MatrixProducts, relative_error
 
 
 def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
@@ -135,6 +136,52 @@ def test_half_inputs_with_float32_projection(poison_outputs):
     for name, f, u, e in zip(("out", "dq", "dk", "dv", "dW", "db"), fused, unfused, exact):
         factor = OUTPUT_FACTOR if name == "out" else GRAD_FACTOR
         assert relative_error(f, e) <= factor * relative_error(u, e), (name, relative_error(f, e), relative_error(u, e))
+
+
+def test_projected_backward_makes_no_q_sized_product(poison_outputs):
+    """dO_l = dOut W is made in the backward's pre-pass from dOut (one tile product per query block): the only
+    PyTorch product left in the projected layer's backward is the [D, D] dW, none has a q-sized output."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 200, 200, 32))
+    w = (torch.randn(32, 32, device=DEVICE) * 0.2).requires_grad_()
+    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+    out = sparse_linear_attention(q, k, v, bm, w, None)
+    with MatrixProducts() as products:
+        out.backward(torch.randn_like(out))
+    assert (32, 32) in products.shapes, products.shapes  # dW: the mode saw the backward's products
+    assert all(math.prod(shape) < q.numel() for shape in products.shapes), products.shapes
+
+
+@pytest.mark.parametrize("used", [("out", "o_l"), ("out", "o_s"), ("out", "o_s", "o_l", "lse")])
+def test_projected_op_takes_gradients_of_every_output(used, poison_outputs):
+    """The projected op's O_s, O_l and lse may take gradients besides its output: a stored dO_l is added to the
+    pre-pass' dOut W, and a gradient of O_s (after which the kernels' dO_s is no longer dOut) moves dOut W back into
+    a PyTorch product. Same gradients as the unprojected op with the projection in PyTorch."""
+    q, k, v = _qkv(1, 2, 150, 150, 32)
+    g = torch.Generator().manual_seed(4)
+    w, b = (torch.randn(32, 32, generator=g) * 0.2).to(DEVICE), (torch.randn(32, generator=g) * 0.1).to(DEVICE)
+    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+    lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, bm.block_q, bm.block_k, "softmax", "marginal")
+    weights = {name: torch.randn(q.shape, generator=g).to(DEVICE) for name in ("out", "o_s", "o_l", "lse")}
+
+    def loss(outputs):
+        return sum((outputs[name] * weights[name][..., : outputs[name].shape[-1]]).sum() for name in used)
+
+    def projected(q, k, v, w, b):
+        out, o_s, o_l, lse = sla_projected_forward(q, k, v, *lists, w, b)
+        return loss(dict(out=out, o_s=o_s, o_l=o_l, lse=lse[..., None]))
+
+    def unprojected(q, k, v, w, b):
+        o_s, o_l, lse = sla_forward(q, k, v, *lists)
+        out = o_s + torch.nn.functional.linear(o_l, w, b)
+        return loss(dict(out=out, o_s=o_s, o_l=o_l, lse=lse[..., None]))
+
+    grads = []
+    for fn in (projected, unprojected):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, w, b)]
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(("dq", "dk", "dv", "dW", "db"), *grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("n", [1, 255, 256, 300, 1024])
