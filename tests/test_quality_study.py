@@ -119,6 +119,7 @@ def test_resume_refuses_another_study(tmp_path):
     (["--time-budget", "-3"], "time_budget=-3.0 must be positive"),
     (["--baselines", "sparse_only", "sparse_only"], "choose distinct entries"),
     (["--baselines", "dense"], "invalid choice: 'dense'"),
+    (["--scene", "foggy"], "invalid choice: 'foggy'"),
 ])
 def test_cli_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -35,6 +35,7 @@ from sla_dist.calibration import ProjectionFit  # noqa: E402
 from sla_dist.config import SLAConfig  # noqa: E402
 from sla_dist.kernels.block_map import CRITICAL, block_counts, predict_block_map  # noqa: E402
 from sla_dist.kernels.reference import sla_branches_ref  # noqa: E402
+from sla_dist.lightning.synthetic import SCENES  # noqa: E402
 from study_attention import visit_attention  # noqa: E402
 from study_train import load_study_model, sla_config, study_clips  # noqa: E402
 
@@ -90,11 +91,13 @@ def head_stats(stats: LayerStats, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resume-from", type=Path, required=True, help="a quality-study checkpoint folder")
+    parser.add_argument("--scene", choices=SCENES, help="the synthetic scene of the clips: the checkpoint's (the "
+                        "default); another one is refused")
     parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--clips", type=int, default=1, help="held-out clips (noise levels spread over (0, 1))")
     parser.add_argument("--json", type=Path, help="write the per-layer results here")
     args = parser.parse_args(argv)
-    checkpoint, config, dit, model = load_study_model(args.resume_from)
+    checkpoint, config, dit, model = load_study_model(args.resume_from, scene=args.scene)
     sla = sla_config("sla", config)
     latents, text = study_clips(config, dit, range(config.train_samples, config.train_samples + args.clips))
     layers: list[LayerStats] = []
@@ -111,8 +114,10 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
 
     visit_attention(model, latents, text, visit)
-    results = {"checkpoint": str(args.resume_from), "pretrain_steps": checkpoint.meta["pretrain"]["steps"],
-               "clips": args.clips, "block_q": sla.block_q, "block_k": sla.block_k, "layers": [s.summary() for s in layers]}
+    results = {"checkpoint": str(args.resume_from), "scene": config.scene,
+               "pretrain_steps": checkpoint.meta["pretrain"]["steps"], "clips": args.clips, "block_q": sla.block_q,
+               "block_k": sla.block_k, "layers": [s.summary() for s in layers]}
+    print(f"\n{config.scene} scene, {results['pretrain_steps']} pretrain steps, {args.clips} held-out clip(s)")
     print("\n| layer | " + " | ".join(f"topk {t}: kept / oracle mass, sparse / best-SLA error" for t in args.topk) + " |")
     print("|---|" + "---|" * len(args.topk))
     for i, layer in enumerate(results["layers"]):

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sla_dist.eval.flow_loss import validation_loss  # noqa: E402
+from sla_dist.lightning.synthetic import SCENES  # noqa: E402
 from sla_dist.models import VideoDiT  # noqa: E402
 from study_train import calibrate_sla, convert, load_study_model, study_clips  # noqa: E402
 
@@ -37,6 +38,8 @@ from study_train import calibrate_sla, convert, load_study_model, study_clips  #
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resume-from", type=Path, required=True, help="a quality-study checkpoint folder")
+    parser.add_argument("--scene", choices=SCENES, help="the synthetic scene of the clips: the checkpoint's (the "
+                        "default); another one is refused")
     parser.add_argument("--val-clips", type=int, default=4, help="held-out clips (the study uses 32)")
     parser.add_argument("--draws", type=int, default=1, help="noise levels per clip (the study uses 4)")
     parser.add_argument("--calibrate-clips", type=int, default=2, help="training clips proj_l is fitted on")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     overrides = {} if args.sparsity is None else {"sparsity": args.sparsity}
-    checkpoint, config, dit, dense = load_study_model(args.resume_from, **overrides)
+    checkpoint, config, dit, dense = load_study_model(args.resume_from, scene=args.scene, **overrides)
     dense.to(device).eval()
     val = study_clips(config, dit, range(config.train_samples, config.train_samples + args.val_clips))
     train = study_clips(config, dit, range(args.calibrate_clips))
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {time.monotonic() - t0:.0f} s", flush=True)
         return value
 
-    results = {"checkpoint": str(args.resume_from), "pretrain_steps": checkpoint.meta["pretrain"]["steps"],
+    results = {"checkpoint": str(args.resume_from), "scene": config.scene,
+               "pretrain_steps": checkpoint.meta["pretrain"]["steps"],
                "sparsity": config.sparsity, "val_clips": args.val_clips, "draws": args.draws,
                "calibrate_clips": args.calibrate_clips, "device": str(device)}
     results["dense"] = loss(dense)
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n| layer | attention error, proj_l = 0 | calibrated |\n|---|---|---|")
         for name, r in calibration["layers"].items():
             print(f"| {name} | {r['sparse_error']:.4f} | {r['calibrated_error']:.4f} |")
-    print(f"\nvalidation flow loss ({args.val_clips} clips x {args.draws} draws, sparsity {config.sparsity}): dense "
+    print(f"\nvalidation flow loss ({config.scene} scene, {args.val_clips} clips x {args.draws} draws, sparsity "
+          f"{config.sparsity}): dense "
           f"{results['dense']:.4f}, sparse-only {results['sparse_only']:.4f}, "
           + ", ".join(f"{key} {results[key]:.4f}" for key in variants))
     if args.json:

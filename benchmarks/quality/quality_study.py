@@ -20,6 +20,13 @@ The loop is deliberately plain (one process, AdamW, bf16 autocast on GPU: SLA ru
 SDPA) and uses DiTModule's objective (``DiTModule.losses``) without a Trainer, so every variant sees identical
 batches and noise for one seed.
 
+``--scene textured`` trains on clips whose background is a panning procedural texture instead of a flat colour
+(``sla_dist.lightning.synthetic``): on the flat set the pretrained model's attention is diffuse (at 95 % sparsity the
+kept blocks hold 8-35 % of the softmax mass, 2026-11-30-quality-attention-mass-cpu.md), so no 95 %-sparse map can
+keep its outputs; textured, panning frames ask for local and cross-frame attention, as real video does. The default,
+``plain``, is the scene of every result before it. A pretrained checkpoint records its scene, and the phases and
+tools that read it run on that scene (``--scene`` may repeat it; another one is refused).
+
     PYTHONPATH=$PWD python3 benchmarks/quality/quality_study.py --preset gpu --out $OUT/quality   # one H200, ~7.5 min
     python benchmarks/quality/quality_study.py --preset cpu --cpu               # 2 CPU cores, ~1 hour
     python benchmarks/quality/quality_study.py --preset tiny --cpu --out /tmp/q # smoke test, seconds
@@ -114,11 +121,12 @@ import torch  # noqa: E402
 from sla_dist.eval.fvd import I3D_MIN_FRAMES, I3DFeatures, RandomVideoFeatures, VideoFVD  # noqa: E402
 from sla_dist.lightning.module import DiTModule  # noqa: E402
 from sla_dist.lightning.recipe import OptimSection  # noqa: E402
+from sla_dist.lightning.synthetic import SCENES  # noqa: E402
 from sla_dist.models import DiTConfig, VideoDiT, dit_config  # noqa: E402
 from study_attention import candidate_errors, own_errors  # noqa: E402
 from study_budget import Clock, Schedule, default_schedule, plan_steps  # noqa: E402
-from study_checkpoint import Checkpoint, decoded, load_pretrained, save_pretrained  # noqa: E402
-from study_config import BASELINES, PRESETS, StudyConfig  # noqa: E402
+from study_checkpoint import Checkpoint, decoded, load_meta, load_pretrained, save_pretrained  # noqa: E402
+from study_config import BASELINES, PRESETS, StudyConfig, checkpoint_scene, saved_config  # noqa: E402
 from study_report import markdown_report, plot, verdict  # noqa: E402
 from study_train import (  # noqa: E402
     VARIANTS, Data, Trainer, calibrate_sla, convert, fresh_core, fvd_scores, module_for, probe,
@@ -147,7 +155,7 @@ def fine_tune_runs(config: StudyConfig) -> list[tuple[str, str, int]]:
     return [dense[0], ("sla", "sla", 0), *dense[1:], *baselines]
 
 
-RESUME_FIELDS = ("frames", "size", "text_len", "train_samples", "val_samples", "fvd_videos")
+RESUME_FIELDS = ("scene", "frames", "size", "text_len", "train_samples", "val_samples", "fvd_videos")
 """StudyConfig fields a checkpoint must share with the run that reads it: the data (and the model, compared too)."""
 PRETRAIN_FIELDS = ("batch_size", "pretrain_lr", "warmup_steps")
 """And with a run that continues its pretraining: the batches (data order) and the lr schedule."""
@@ -157,11 +165,10 @@ def _check_resumable(checkpoint: Checkpoint, config: StudyConfig, dit: DiTConfig
     """The checkpoint's model and data (and, to continue pretraining, its optimizer settings and state) must be this
     run's: name every field that differs."""
     meta = checkpoint.meta
-    saved_config, saved_model = meta["config"], meta["model"]
+    saved, saved_model = saved_config(meta), meta["model"]
     here = asdict(config)
     fields = RESUME_FIELDS + (PRETRAIN_FIELDS if pretrain else ())
-    diffs = [f"{k}: checkpoint {saved_config[k]!r}, this run {here[k]!r}" for k in fields
-             if saved_config[k] != here[k]]
+    diffs = [f"{k}: checkpoint {saved[k]!r}, this run {here[k]!r}" for k in fields if saved[k] != here[k]]
     model = json.loads(json.dumps(asdict(dit)))  # tuples as lists, as the checkpoint stores them
     diffs += [f"model.{k}: checkpoint {saved_model[k]!r}, this run {model[k]!r}" for k in model
               if json.loads(json.dumps(saved_model[k])) != model[k]]
@@ -387,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds from process start to fit the run in (plans the steps from measured step "
                              "times); 0 turns the preset's budget off (the gpu preset's caps, 1600 + 5 x 400 "
                              "steps, then take ~11 min by the docstring's estimate: more than one device call)")
+    parser.add_argument("--scene", choices=SCENES,
+                        help="background of the synthetic clips: plain (default: flat, the earlier results) or "
+                             "textured (a panning procedural texture, as real video). With --resume-from: the "
+                             "checkpoint's scene (another one is refused)")
     parser.add_argument("--sparsity", type=float, help="block sparsity of the SLA variants (default 0.95)")
     parser.add_argument("--proj-lr-scale", type=float,
                         help="fine-tune lr of SLA's proj_l and linear-only's projection, as a multiple of the "
@@ -411,10 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                                    ("sparsity", args.sparsity), ("feature_map", args.feature_map),
                                    ("proj_lr_scale", args.proj_lr_scale), ("calibrate_clips", args.calibrate_clips),
                                    ("teacher_weight", args.teacher_weight), ("dense_seeds", args.dense_seeds),
-                                   ("baselines", args.baselines)) if v is not None}
+                                   ("baselines", args.baselines), ("scene", args.scene)) if v is not None}
     if args.time_budget is not None:
         overrides["time_budget"] = args.time_budget or None
     try:
+        if args.resume_from is not None:
+            overrides["scene"] = checkpoint_scene(load_meta(args.resume_from), args.scene)
         config = dataclasses.replace(PRESETS[args.preset], **overrides)
     except ValueError as err:
         parser.error(str(err))

@@ -151,8 +151,8 @@ def decoded(state: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Te
     return widened(rounded(state, encoding))
 
 
-def load_pretrained(folder: Path) -> Checkpoint:
-    """The checkpoint in ``folder``; ValueError when shards are missing or foreign."""
+def _shard_paths(folder: Path) -> list[Path]:
+    """The paths of the checkpoint's shards in ``folder``, in order; ValueError when shards are missing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--resume-from {folder} is not a folder (it should hold pretrained-<i>-of-<n>.pt files)")
@@ -168,11 +168,26 @@ def load_pretrained(folder: Path) -> Checkpoint:
     missing = sorted(set(range(count)) - set(paths))
     if missing:
         raise ValueError(f"{folder} lacks shards {missing} of pretrained-*-of-{count}.pt")
+    return [paths[i] for i in range(count)]
+
+
+def _load_shard(path: Path, i: int) -> dict:
+    shard = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(shard, dict) or shard.get("format") != FORMAT or shard.get("shard") != i:
+        raise ValueError(f"{path} is not shard {i} of a quality-study checkpoint ({FORMAT})")
+    return shard
+
+
+def load_meta(folder: Path) -> dict:
+    """The ``meta`` of the checkpoint in ``folder`` (its first shard alone is read)."""
+    return _load_shard(_shard_paths(folder)[0], 0)["meta"]
+
+
+def load_pretrained(folder: Path) -> Checkpoint:
+    """The checkpoint in ``folder``; ValueError when shards are missing or foreign."""
     tensors, meta = {}, None
-    for i in range(count):
-        shard = torch.load(paths[i], map_location="cpu", weights_only=True)
-        if not isinstance(shard, dict) or shard.get("format") != FORMAT or shard.get("shard") != i:
-            raise ValueError(f"{paths[i]} is not shard {i} of a quality-study checkpoint ({FORMAT})")
+    for i, path in enumerate(_shard_paths(folder)):
+        shard = _load_shard(path, i)
         # shards written before resumable pretraining hold the weights alone, under 'state'
         tensors.update(shard["tensors"] if "tensors" in shard else {f"state/{k}": v for k, v in shard["state"].items()})
         meta = shard["meta"] if i == 0 else meta

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from sla_dist import SLAConfig
 from sla_dist.lightning.recipe import OptimSection
+from sla_dist.lightning.synthetic import SCENES
 from study_budget import Workload
 from study_checkpoint import ENCODINGS
 
@@ -20,6 +21,10 @@ class StudyConfig:
     model: str = "small"
     model_overrides: dict[str, int] = field(default_factory=dict)
     """DiTConfig fields changed from the named config (e.g. a narrower model for CPU runs)."""
+    scene: str = "plain"
+    """Background of the synthetic clips (``sla_dist.lightning.synthetic.SCENES``): 'plain' (flat, the results up to
+    2026-11-30) or 'textured' (a panning procedural texture: attention to neighbours and correspondences, as in real
+    video). A pretrained checkpoint records it; later phases use the checkpoint's."""
     frames: int = 8
     size: int = 32
     text_len: int = 16
@@ -69,6 +74,8 @@ class StudyConfig:
     (at most the ones above); None runs the steps above."""
 
     def __post_init__(self) -> None:
+        if self.scene not in SCENES:
+            raise ValueError(f"scene={self.scene!r} is not one of {SCENES}")
         for name in ("frames", "size", "text_len", "train_samples", "val_samples", "batch_size", "pretrain_steps",
                      "finetune_steps", "eval_every", "pretrain_evals", "draws", "sample_steps", "attention_samples"):
             if getattr(self, name) < 1:
@@ -121,3 +128,18 @@ PRESETS = {
                         reference_videos=4, batch_size=2, pretrain_steps=2, finetune_steps=2, eval_every=1,
                         pretrain_evals=1, draws=2, sample_steps=1, attention_samples=2),
 }
+
+
+def saved_config(meta: dict) -> dict:
+    """The study config a checkpoint's ``meta`` records, with the fields added since at the value its run had."""
+    return {"scene": "plain", **meta["config"]}  # written before scenes existed: the plain set
+
+
+def checkpoint_scene(meta: dict, asked: str | None) -> str:
+    """The scene a later phase (or analysis) of a checkpoint runs on: the checkpoint's; ``asked`` (the --scene
+    given, None if none) must be that one."""
+    saved = saved_config(meta)["scene"]
+    if asked is not None and asked != saved:
+        raise ValueError(f"--scene {asked}: the checkpoint was pretrained on scene {saved!r}, and later phases run on "
+                         f"the checkpoint's scene (leave --scene out or pass --scene {saved})")
+    return saved

@@ -140,7 +140,8 @@ def markdown_report(results: dict, image: str) -> str:
         f"- Model: VideoDiT, {m['num_layers']} layers, dim {m['dim']}, {m['num_heads']} heads of "
         f"{m['dim'] // m['num_heads']}, FFN {m['ffn_dim']}, text dim {m['text_dim']}; "
         f"{results['parameters'] / 1e6:.1f} M parameters.",
-        f"- Data: built-in synthetic text-to-video set, clips of {c['frames']} x {c['size']} x {c['size']} latents "
+        f"- Data: built-in synthetic text-to-video set, {c.get('scene', 'plain')} scene, clips of {c['frames']} x "
+        f"{c['size']} x {c['size']} latents "
         f"({m['in_channels']} channels) = {results['tokens_per_clip']} tokens ({results['key_blocks']} key blocks "
         f"of 64); {c['train_samples']} train, {c['val_samples']} validation ({c['draws']} noise levels each), "
         f"{c['fvd_videos']} FVD and {c['reference_videos']} reference clips.",

@@ -25,7 +25,7 @@ from sla_dist.models import DiTConfig, PatchConfig, VideoDiT, apply_sla
 from study_attention import visit_attention
 from study_budget import Clock, StepTimes
 from study_checkpoint import Checkpoint, Moments, load_pretrained
-from study_config import StudyConfig
+from study_config import StudyConfig, checkpoint_scene, saved_config
 from study_report import FVD_PREFIX
 
 VARIANTS = ("dense", "sla", "sparse_only", "linear_only")
@@ -81,7 +81,7 @@ def synthetic_set(config: StudyConfig, channels: int, text_dim: int) -> Syntheti
     """The study's clip generator: its train, held-out and reference clips are disjoint index ranges of it."""
     c = config
     total = c.train_samples + max(c.val_samples, c.fvd_videos) + c.reference_videos
-    return SyntheticVideoDataset(total, channels, c.frames, c.size, c.size, text_dim, c.text_len)
+    return SyntheticVideoDataset(total, channels, c.frames, c.size, c.size, text_dim, c.text_len, scene=c.scene)
 
 
 def render_clips(dataset: SyntheticVideoDataset, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,11 +166,14 @@ def calibrate_sla(model: VideoDiT, latents: torch.Tensor, text: torch.Tensor, ba
     return {"clips": latents.shape[0], **mean, "layers": layers}
 
 
-def load_study_model(folder: Path, **overrides) -> tuple[Checkpoint, StudyConfig, DiTConfig, VideoDiT]:
+def load_study_model(folder: Path, scene: str | None = None,
+                     **overrides) -> tuple[Checkpoint, StudyConfig, DiTConfig, VideoDiT]:
     """The pretrained checkpoint in ``folder``, its study config (with ``overrides``), model config and the model
-    with its weights loaded (on the CPU), for the tools that analyse a pretrained study model."""
+    with its weights loaded (on the CPU), for the tools that analyse a pretrained study model. ``scene`` (their
+    --scene), if given, must be the checkpoint's."""
     checkpoint = load_pretrained(folder)
-    config = StudyConfig(**{**checkpoint.meta["config"], **overrides})
+    checkpoint_scene(checkpoint.meta, scene)
+    config = StudyConfig(**{**saved_config(checkpoint.meta), **overrides})
     dit = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint.meta["model"].items()})
     model = VideoDiT(dit)
     model.load_state_dict(checkpoint.state)

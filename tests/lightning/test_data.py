@@ -15,7 +15,9 @@ import torch
 from sla_dist.data import LatentShardDataset, collate_latents
 from sla_dist.lightning.data import LatentShardDataModule, ResumableSampler, SyntheticVideoDataModule
 from sla_dist.lightning.recipe import DataSection
-from sla_dist.lightning.synthetic import CaptionEncoder, LatentCodec, SyntheticVideoDataset, render
+from sla_dist.lightning.synthetic import (
+    _PLAIN_VOCAB, VOCAB, CaptionEncoder, LatentCodec, SyntheticVideoDataset, render, scene_texture,
+)
 from sla_dist.models import dit_config
 from tests.data.synthetic import write_dataset
 
@@ -147,3 +149,68 @@ def test_validation_needs_held_out_data(tmp_path):
 
     with pytest.raises(ValueError, match="trainer.val_every=5 needs held-out data"):
         load_recipe(None, ["data.kind=shards", f"data.shards_dir={tmp_path}", "trainer.val_every=5"])
+
+
+def _shift_error(a: torch.Tensor, b: torch.Tensor, reach: int) -> torch.Tensor:
+    """[2 reach + 1, 2 reach + 1]: mean squared difference of b(y, x) and a(y + dy, x + dx) over b's interior."""
+    h, w = a.shape[-2:]
+    inner = b[..., reach:h - reach, reach:w - reach]
+    return torch.stack([torch.stack([(inner - a[..., reach + dy:h - reach + dy, reach + dx:w - reach + dx]).square()
+                                     .mean() for dx in range(-reach, reach + 1)]) for dy in range(-reach, reach + 1)])
+
+
+def test_textured_scene_is_deterministic_captioned_and_keeps_the_plain_clip():
+    seed = random.randrange(1000)
+    data = SyntheticVideoDataset(8, channels=4, frames=4, height=16, width=16, text_dim=32, text_len=16, seed=seed,
+                                 scene="textured")
+    a, b = data[5], data[5]
+    assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])
+    assert not torch.equal(a["latents"], data[6]["latents"])
+    video, caption = render(5, seed, 4, 16, 16, "textured")
+    torch.testing.assert_close(data.codec.decode(a["latents"]), video, atol=1e-5, rtol=0)
+    # the same shape, colour and motion as the plain clip, then the pan's direction
+    plain = render(5, seed, 4, 16, 16)[1]
+    assert caption == f"{plain} panning {scene_texture(5, seed, 16, 16).pan_words()}" == data.caption(5)
+    assert a["text_mask"].sum() == len(caption.split())
+    # a textured background: far more distinct colours than the plain scene's one plus a shape
+    assert len(torch.unique(video[:, 0].reshape(3, -1), dim=1).T) > 100
+    pans = {" ".join(data.caption(i).split()[6:]) for i in range(8)}
+    assert len(pans) > 2 and all(p.startswith("panning ") for p in pans)
+
+
+def test_plain_caption_words_keep_their_embeddings():
+    enc = CaptionEncoder(text_dim=8, text_len=4, seed=3)
+    plain = torch.randn(len(_PLAIN_VOCAB), 8, generator=torch.Generator().manual_seed(4))
+    plain[0] = 0
+    assert torch.equal(enc.table[:len(_PLAIN_VOCAB)], plain) and len(enc.table) == len(VOCAB)
+
+
+def test_textured_background_pans_by_its_velocity():
+    """Frame t + k shows the texture of frame t moved by k x pan: the best-matching integer shift is next to it and
+    the sub-pixel estimate on it; the rendered clip is that texture wherever the shape is not."""
+    steps, size, reach = 4, 32, 7
+    for index in range(4):
+        texture = scene_texture(index, 0, size, size)
+        frames = texture.render(steps + 1, size, size)
+        expected = torch.tensor(texture.pan) * steps
+        error = _shift_error(frames[:, 0], frames[:, steps], reach)
+        peak = divmod(int(error.argmin()), 2 * reach + 1)
+        # an anisotropic texture can favour the farther of the two integer shifts around the pan
+        assert ((torch.tensor(peak) - reach - expected).abs() < 1).all(), (index, peak, expected)
+        # parabolic interpolation around the minimum, per axis
+        y, x = peak
+        sub = [y - reach + 0.5 * float((error[y - 1, x] - error[y + 1, x])
+                                       / (error[y - 1, x] - 2 * error[y, x] + error[y + 1, x])),
+               x - reach + 0.5 * float((error[y, x - 1] - error[y, x + 1])
+                                       / (error[y, x - 1] - 2 * error[y, x] + error[y, x + 1]))]
+        assert torch.allclose(torch.tensor(sub), expected.float(), atol=0.35), (index, sub, expected)
+        assert error.min() < 0.2 * error[reach, reach]  # a shift the texture shows, not noise around 0
+        video, _ = render(index, 0, steps + 1, size, size, "textured")
+        assert (video == frames).all(0).float().mean() > 0.5
+
+
+def test_scene_is_checked():
+    with pytest.raises(ValueError, match="scene='foggy' is not one of"):
+        SyntheticVideoDataset(2, 4, 1, 8, 8, 8, 4, scene="foggy")
+    with pytest.raises(ValueError, match="scene='foggy'"):
+        render(0, 0, 1, 8, 8, "foggy")
