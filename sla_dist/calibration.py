@@ -97,7 +97,15 @@ class ProjectionFit:
         # ||R - X S||^2 = ||R||^2 - 2 <S, X^T R> + <S, X^T X S>
         fitted_sq = (self.residual_sq - 2 * float((solution * self.cross).sum())
                      + float((solution * (self.gram @ solution)).sum()))
-        return (max(fitted_sq, 0.0) / max(self.reference_sq, 1e-300)) ** 0.5
+        return self._relative(fitted_sq)
+
+    @property
+    def sparse_error(self) -> float:
+        """||O_s - O|| / ||O|| over the accumulated rows: the layer with proj_l = 0."""
+        return self._relative(self.residual_sq)
+
+    def _relative(self, squared_error: float) -> float:
+        return (max(squared_error, 0.0) / max(self.reference_sq, 1e-300)) ** 0.5
 
 
 class ProjectionCalibration:
@@ -167,7 +175,7 @@ class ProjectionCalibration:
             set_weight(proj.weight, weight)
             set_weight(proj.bias, bias)
             report[name] = {"rows": fit.rows,
-                            "sparse_error": (fit.residual_sq / max(fit.reference_sq, 1e-300)) ** 0.5,
+                            "sparse_error": fit.sparse_error,
                             "calibrated_error": error}
         self.fits = {}
         return report

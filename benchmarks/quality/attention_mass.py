@@ -39,6 +39,7 @@ from sla_dist.lightning.synthetic import SCENES  # noqa: E402
 from study_attention import visit_attention  # noqa: E402
 from study_train import load_study_model, sla_config, study_clips  # noqa: E402
 
+
 class LayerStats:
     """Sums over one layer's heads and clips, per topk: kept / oracle mass, squared errors, and the normal
     equations of the least-squares projection [O_l, 1] -> O - O_s."""
@@ -60,7 +61,7 @@ class LayerStats:
         for t, fit in self.fits.items():
             _, _, best_error = fit.solve(ridge=1e-9)  # a tiny ridge keeps the solve finite
             out[str(t)] = {"kept_mass": self.kept[t] / self.rows, "oracle_mass": self.oracle[t] / self.rows,
-                           "sparse_error": (fit.residual_sq / fit.reference_sq) ** 0.5,
+                           "sparse_error": fit.sparse_error,
                            "best_sla_error": best_error}
         return out
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint, config, dit, dense = load_study_model(args.resume_from, scene=args.scene, **overrides)
     dense.to(device).eval()
     val = study_clips(config, dit, range(config.train_samples, config.train_samples + args.val_clips))
-    train = study_clips(config, dit, range(args.calibrate_clips))
+    train = tuple(t.to(device) for t in study_clips(config, dit, range(args.calibrate_clips)))
     val = tuple(t.to(device) for t in val)
 
     def loss(model: VideoDiT) -> float:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         variants["sla_calibrated_sequential"] = ("calibration_sequential", True)
     for key, (report, sequential) in variants.items():
         model = copy.deepcopy(sparse)
-        calibration = calibrate_sla(model, *(t.to(device) for t in train), args.batch_size, sequential=sequential)
+        calibration = calibrate_sla(model, *train, args.batch_size, sequential=sequential)
         results[report] = calibration
         results[key] = loss(model)
         print(f"{key} ({args.calibrate_clips} clips): mean attention error {calibration['sparse_error']:.4f} -> "

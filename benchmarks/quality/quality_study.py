@@ -95,7 +95,8 @@ the next call:
 lr (a second AdamW param group): at 1e-4 proj_l learned nothing measurable in 700 steps (2026-11-30 H200 run), at
 1e-3 neither (393 steps, from a 1600-step pretrain). ``--calibrate-clips N`` starts SLA's fine-tune from proj_l
 fitted by least squares to the dense model's attention on N training clips (``sla_dist.calibrate_projections``):
-``attention_mass.py`` found that fit far below the sparse branch's error on the pretrained model.
+``attention_mass.py`` found that fit far below the sparse branch's error on the pretrained model, but on an
+H200 the fine-tune from it ended behind sparse-only (results/2026-11-30-quality-study-h200-calibrated.md).
 """
 
 from __future__ import annotations
