@@ -17,7 +17,9 @@ Ulysses rows at P > 1 also time the exchanges alone: the same layer, forward + b
 pass-through (the output is q, the gradient of q, k and v the output's), so all that runs is the four all-to-alls
 each way with their copies. 'exch. GB/s' is the bytes that cross to other ranks (forward and backward) over that
 time; 'a2a GB/s' is what one bare all_to_all_single of the fused q, k, v buffer reaches (no copies): the link's
-ceiling for this message size. What each exchange copies depends on the inputs' memory order: ``--input-layout``
+ceiling for this message size. ``--overlap-chunks`` times the fused exchange pipelined with SLA in that many
+chunks of each rank's heads (SequenceParallelConfig.overlap_chunks; counts that do not divide H / P are skipped),
+rows side by side with the unchunked one (1). What each exchange copies depends on the inputs' memory order: ``--input-layout``
 'bhld' (the default) gives the layer contiguous [B, H, L, D] tensors, 'blhd' [B, L, H, D] buffers viewed as
 [B, H, L, D], as the model does; each layout gets its own P = 1 reference. NCCL's settings are environment variables
 read when the workers start, e.g.
@@ -25,6 +27,7 @@ read when the workers start, e.g.
     python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --exchange fused deepspeed \
         --input-layout bhld blhd
     NCCL_MIN_NCHANNELS=32 python benchmarks/bench_sequence_parallel.py --sizes 2 --heads 12 --exchange fused
+    python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --overlap-chunks 1 2 3
 
 ``--locality`` picks the q / k inputs (locality_inputs.py): 'iid' Gaussian (the worst case for the fetch), 'field'
 (a synthetic smooth content field over the T x H x W token grid, in the project's 3D-tiled order) and 'dit' (q / k
@@ -99,6 +102,9 @@ class BenchConfig:
     input_layouts: list[str] = field(default_factory=lambda: ["bhld"])
     """Memory orders of the layer's [B, H, L_local, D] inputs and output gradient to time: 'bhld' contiguous, 'blhd'
     the model's ([B, L_local, H, D] buffers viewed transposed); it changes what each exchange has to copy."""
+    overlap_chunks: list[int] = field(default_factory=lambda: [1])
+    """Chunks of each rank's heads the fused exchange is pipelined in (SequenceParallelConfig.overlap_chunks), one
+    row each at every P > 1; counts that do not divide H / P are skipped."""
 
     def __post_init__(self) -> None:
         for mode in self.modes:
@@ -109,6 +115,8 @@ class BenchConfig:
         for exchange in self.exchanges:
             if exchange not in EXCHANGES:
                 raise ValueError(f"exchange {exchange!r} is not one of {EXCHANGES}")
+        if not self.overlap_chunks or min(self.overlap_chunks) < 1:
+            raise ValueError(f"overlap_chunks={self.overlap_chunks} must be positive chunk counts")
         if self.seq_len < 1 or self.head_dim < 1 or min(self.heads) < 1 or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive: seq_len={self.seq_len}, heads={self.heads}, "
                              f"head_dim={self.head_dim}, sizes={self.sizes}")
@@ -247,13 +255,14 @@ def _context_bytes(layer: SequenceParallelSLA, local: list[torch.Tensor], shard:
 
 
 def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torch.device,
-         exchange: str = "fused", layout: str = "bhld") -> dict | None:
+         exchange: str = "fused", layout: str = "bhld", chunks: int = 1) -> dict | None:
     world = dist.get_world_size()
     if mode == "context" and world == 1:
         return None  # one rank: context parallel is plain SLA, already timed as ulysses P=1
-    if mode == "ulysses" and (heads % world or locality != config.locality[0]):
+    if mode == "ulysses" and (heads % world or (heads // world) % chunks or locality != config.locality[0]):
         return None
-    groups = SequenceParallelGroups.build(SequenceParallelConfig(world, world if mode == "ulysses" else 1))
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(world, world if mode == "ulysses" else 1,
+                                                                 overlap_chunks=chunks))
     attention = SparseLinearAttention(config.head_dim, config.topk, config.feature_map, config.block_q,
                                       config.block_k, negligible=config.negligible,
                                       linear_scope=config.linear_scope).to(device)
@@ -269,7 +278,7 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     row = dict(mode=mode, exchange=exchange if mode == "ulysses" and world > 1 else "-", locality=locality,
                layout=layout, P=world, heads=heads, head_dim=config.head_dim, seq_len=config.seq_len,
-               padded_len=shard.padded_len)
+               padded_len=shard.padded_len, overlap_chunks=chunks)
     row.update(_time_layer(layer, local, layout, config.seq_len, config, device))
     if device.type == "cuda":
         row["peak_mem_gib"] = _slowest(torch.cuda.max_memory_allocated(device) / 2**30, device)
@@ -296,9 +305,12 @@ def _worker(rank: int, world: int, port: int, config: BenchConfig, queue) -> Non
     dist.init_process_group("gloo" if config.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        rows = [_run(config, mode, locality, heads, device, exchange, layout) for locality in config.locality
-                for layout in config.input_layouts for heads in config.heads for mode in config.modes
-                for exchange in (config.exchanges if mode == "ulysses" and world > 1 else config.exchanges[:1])]
+        rows = [_run(config, mode, locality, heads, device, exchange, layout, chunks)
+                for locality in config.locality for layout in config.input_layouts for heads in config.heads
+                for mode in config.modes
+                for exchange in (config.exchanges if mode == "ulysses" and world > 1 else config.exchanges[:1])
+                for chunks in (config.overlap_chunks if (mode, exchange) == ("ulysses", "fused") and world > 1
+                               else [1])]
         if rank == 0:
             queue.put([r for r in rows if r is not None])
         dist.barrier()  # rank 0 hosts the store: no exit while others may still use it
@@ -373,7 +385,7 @@ def _shape(row: dict, head_dim: int = 128) -> AttentionShape:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| mode | exchange | inputs | P | H | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. | peak GiB "
+    head = ("| mode | exchange | inputs | P | H | chunks | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. | peak GiB "
             "| bytes/rank fwd (MiB) | exchange ms | exch. GB/s | a2a GB/s | dense ring (MiB) | fetched blocks "
             "| remote fetched | critical only |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -388,7 +400,7 @@ def table(rows: list[dict]) -> str:
                 else "- | - | -")
         lines.append(f"| {r['mode']} | {r.get('exchange', '-')} | {r.get('locality', 'iid')} {_key(r)[1]} "
                      f"| {r['P']} "
-                     f"| {r['heads']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
+                     f"| {r['heads']} | {r.get('overlap_chunks', 1) if r['P'] > 1 else '-'} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
                      f"| {sent:.1f} | {exch} | {ring} "
                      f"| {pct(r, 'fetched_block_fraction')} | {pct(r, 'remote_block_fraction')} "
                      f"| {pct(r, 'critical_block_fraction')} |")
@@ -405,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=defaults.modes)
     parser.add_argument("--exchange", nargs="+", choices=EXCHANGES, default=defaults.exchanges,
                         help="Ulysses all-to-alls to time side by side (default: fused)")
+    parser.add_argument("--overlap-chunks", type=int, nargs="+", default=defaults.overlap_chunks,
+                        help="chunks of each rank's heads to pipeline the fused exchange in, side by side "
+                        "(default: 1, no pipelining)")
     parser.add_argument("--topk", type=float, default=defaults.topk)
     parser.add_argument("--negligible", type=float, default=defaults.negligible)
     parser.add_argument("--block-q", type=int, default=defaults.block_q)
@@ -443,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
         args.seq_len = inputs.seq_len
     config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.exchange, args.topk,
                          args.negligible, args.block_q, args.block_k, args.feature_map, args.linear_scope,
-                         args.locality, inputs, args.warmup, args.iters, args.cpu, args.input_layout)
+                         args.locality, inputs, args.warmup, args.iters, args.cpu, args.input_layout,
+                         args.overlap_chunks)
     if not config.cpu and torch.cuda.device_count() < max(config.sizes):
         raise ValueError(f"sizes={config.sizes} need {max(config.sizes)} GPUs; {torch.cuda.device_count()} visible "
                          f"(use --cpu for a gloo run)")
@@ -451,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{card}: SLA layer, {config.seq_len} tokens, inputs {config.locality}, heads {config.heads}, "
           f"D {config.head_dim}, "
           f"{config.dtype}, topk {config.topk}, sizes {config.sizes}, exchanges {config.exchanges}, "
+          f"overlap chunks {config.overlap_chunks}, "
           f"input layouts {config.input_layouts}", flush=True)
 
     rows = []
