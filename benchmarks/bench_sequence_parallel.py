@@ -17,17 +17,18 @@ Ulysses rows at P > 1 also time the exchanges alone: the same layer, forward + b
 pass-through (the output is q, the gradient of q, k and v the output's), so all that runs is the four all-to-alls
 each way with their copies. 'exch. GB/s' is the bytes that cross to other ranks (forward and backward) over that
 time; 'a2a GB/s' is what one bare all_to_all_single of the fused q, k, v buffer reaches (no copies): the link's
-ceiling for this message size. ``--overlap-chunks`` times the fused exchange pipelined with SLA in that many
-chunks of each rank's heads (SequenceParallelConfig.overlap_chunks; counts that do not divide H / P are skipped),
-rows side by side with the unchunked one (1). What each exchange copies depends on the inputs' memory order: ``--input-layout``
-'bhld' (the default) gives the layer contiguous [B, H, L, D] tensors, 'blhd' [B, L, H, D] buffers viewed as
-[B, H, L, D], as the model does; each layout gets its own P = 1 reference. NCCL's settings are environment variables
-read when the workers start, e.g.
+ceiling for this message size. ``--overlap-chunks`` times the fused exchange pipelined with SLA in that many chunks
+of each rank's heads (SequenceParallelConfig.overlap_chunks; counts that do not divide H / P are skipped), rows side
+by side with the unchunked one (1). What each exchange copies depends on the inputs' memory order:
+``--input-layout`` 'bhld' (the default) gives the layer contiguous [B, H, L, D] tensors, 'blhd' [B, L, H, D] buffers
+viewed as [B, H, L, D], as the model does; each layout gets its own P = 1 reference. NCCL's settings are environment
+variables read when the workers start, e.g.
 
     python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --exchange fused deepspeed \
         --input-layout bhld blhd
     NCCL_MIN_NCHANNELS=32 python benchmarks/bench_sequence_parallel.py --sizes 2 --heads 12 --exchange fused
-    python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --overlap-chunks 1 2 3
+    TORCH_NCCL_HIGH_PRIORITY=1 python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses \
+        --overlap-chunks 1 2 3    # NCCL on high-priority streams: its kernels go ahead of queued attention blocks
 
 ``--locality`` picks the q / k inputs (locality_inputs.py): 'iid' Gaussian (the worst case for the fetch), 'field'
 (a synthetic smooth content field over the T x H x W token grid, in the project's 3D-tiled order) and 'dit' (q / k
@@ -385,7 +386,8 @@ def _shape(row: dict, head_dim: int = 128) -> AttentionShape:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| mode | exchange | inputs | P | H | chunks | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. | peak GiB "
+    head = ("| mode | exchange | inputs | P | H | chunks | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. "
+            "| peak GiB "
             "| bytes/rank fwd (MiB) | exchange ms | exch. GB/s | a2a GB/s | dense ring (MiB) | fetched blocks "
             "| remote fetched | critical only |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -398,9 +400,10 @@ def table(rows: list[dict]) -> str:
         pred = f"{r['predicted_fwd_bwd_ms']:.1f}" if "predicted_fwd_bwd_ms" in r else "-"
         exch = (f"{r['exchange_ms']:.2f} | {r['exchange_gbps']:.0f} | {r['a2a_gbps']:.0f}" if "exchange_ms" in r
                 else "- | - | -")
+        chunks = r.get("overlap_chunks", 1) if r.get("exchange") == "fused" else "-"
         lines.append(f"| {r['mode']} | {r.get('exchange', '-')} | {r.get('locality', 'iid')} {_key(r)[1]} "
                      f"| {r['P']} "
-                     f"| {r['heads']} | {r.get('overlap_chunks', 1) if r['P'] > 1 else '-'} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
+                     f"| {r['heads']} | {chunks} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
                      f"| {sent:.1f} | {exch} | {ring} "
                      f"| {pct(r, 'fetched_block_fraction')} | {pct(r, 'remote_block_fraction')} "
                      f"| {pct(r, 'critical_block_fraction')} |")

@@ -127,10 +127,20 @@ class UlyssesPipeline:
                              f"{self.local_heads}")
         self.B, self.H, self.Ll, self.D, self.hc = B, H, Ll, D, self.local_heads // chunks
         self.valid = self.padded_len = self.ranks * Ll
+        """The attention output's valid tokens n (set by its first chunk) and the padded sequence length L."""
         self.pending: dict[tuple[str, int], PendingExchange] = {}
         """The exchanges in flight by (what, chunk): started by one node, waited for by the next one."""
-        self.buffers: dict[str, object] = {}
-        """Tensors the nodes of one pass hand on outside autograd's edges (see the classes)."""
+        # What the nodes hand on beside their tokens: the tensors the exchanges in flight write into.
+        self.received: dict[int, list[torch.Tensor]] = {}
+        """Forward, per chunk: its q, k, v [B, L, hc, D] (from _SendQKV to _WaitQKV)."""
+        self.out: torch.Tensor | None = None
+        """Forward: the output shard [B, Ll, U, h, D] (from _SendOutput to _WaitOutput)."""
+        self.out_grads: dict[int, torch.Tensor] = {}
+        """Backward, per chunk: its output gradient [B, L, hc, D] (from _WaitOutput to _SendOutput)."""
+        self.grads: list[torch.Tensor] | None = None
+        """Backward: dq, dk, dv of the shards (from the _WaitQKV nodes to _SendQKV)."""
+        self.layouts: list[torch.Tensor] = []
+        """Meta tensors with the shapes and strides of q, k, v: the gradients are built in the inputs' layouts."""
 
     def heads(self, rank: int, chunk: int) -> slice:
         """Chunk ``chunk`` of rank ``rank``'s heads, as indices into all H heads."""
@@ -151,8 +161,8 @@ class UlyssesPipeline:
 
 
 def _token(like: torch.Tensor) -> torch.Tensor:
-    """An empty tensor that carries an autograd edge between two nodes of one exchange: the data travel outside
-    autograd (``UlyssesPipeline.buffers``), the edge keeps the order of the nodes in both passes."""
+    """An empty tensor that carries an autograd edge between two nodes of one exchange: the data travel beside it
+    (in ``UlyssesPipeline``), the edge keeps the order of the nodes in both passes."""
     return like.new_zeros(0)
 
 
@@ -165,13 +175,11 @@ class _SendQKV(torch.autograd.Function):
     def forward(ctx, pipe: UlyssesPipeline, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         p = pipe
         for c in range(p.chunks):
-            outs = [q.new_empty(p.B, p.padded_len, p.hc, p.D) for _ in range(3)]  # [B, L, hc, D]
-            p.buffers["qkv", c] = outs
+            p.received[c] = outs = [q.new_empty(p.B, p.padded_len, p.hc, p.D) for _ in range(3)]
             p.start("qkv", c, lambda r, c=c: [x[:, p.heads(r, c)].transpose(1, 2) for x in (q, k, v)],
                     lambda r, outs=outs: [out[:, p.tokens(r)] for out in outs])
         ctx.pipe = pipe
-        # shapes and strides only (meta tensors hold no memory): the gradients are built in the inputs' layouts
-        p.buffers["layouts"] = [torch.empty_like(x, device="meta") for x in (q, k, v)]
+        p.layouts = [torch.empty_like(x, device="meta") for x in (q, k, v)]  # meta tensors hold no memory
         return tuple(_token(q) for _ in range(p.chunks))
 
     @staticmethod
@@ -179,7 +187,7 @@ class _SendQKV(torch.autograd.Function):
         p: UlyssesPipeline = ctx.pipe
         for c in reversed(range(p.chunks)):  # in the order _WaitQKV started them
             p.wait("dqkv", c)
-        grads = p.buffers.pop("dqkv")
+        grads, p.grads = p.grads, None
         return None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[1:]))
 
 
@@ -191,16 +199,15 @@ class _WaitQKV(torch.autograd.Function):
     def forward(ctx, pipe: UlyssesPipeline, chunk: int, token: torch.Tensor):
         pipe.wait("qkv", chunk)
         ctx.pipe, ctx.chunk = pipe, chunk
-        return tuple(out.transpose(1, 2) for out in pipe.buffers.pop(("qkv", chunk)))
+        return tuple(out.transpose(1, 2) for out in pipe.received.pop(chunk))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         p, c = ctx.pipe, ctx.chunk
-        if "dqkv" not in p.buffers:  # the first chunk to get here (the last one: see fused_ulysses)
-            p.buffers["dqkv"] = [torch.empty_strided(x.shape, x.stride(), device=grads[0].device,
-                                                     dtype=grads[0].dtype) for x in p.buffers["layouts"]]
-        rows = [g.transpose(1, 2) for g in grads]  # [B, L, hc, D]
-        shards = p.buffers["dqkv"]
+        if p.grads is None:  # the first chunk to get here (the last one: see fused_ulysses)
+            p.grads = [torch.empty_strided(x.shape, x.stride(), device=grads[0].device, dtype=grads[0].dtype)
+                       for x in p.layouts]
+        rows, shards = [g.transpose(1, 2) for g in grads], p.grads  # [B, L, hc, D]
         p.start("dqkv", c, lambda r: [g[:, p.tokens(r)] for g in rows],
                 lambda r: [x[:, p.heads(r, c)].transpose(1, 2) for x in shards])
         return None, None, _token(grads[0])
@@ -216,8 +223,8 @@ class _SendOutput(torch.autograd.Function):
         p, c = pipe, chunk
         p.valid = n = o.shape[2]
         if c == 0:
-            p.buffers["out"] = o.new_empty(p.B, p.Ll, p.ranks, p.local_heads, p.D)  # [B, Ll, U, h, D]
-        out, tokens = p.buffers["out"], o.transpose(1, 2)  # [B, n, hc, D]
+            p.out = o.new_empty(p.B, p.Ll, p.ranks, p.local_heads, p.D)
+        out, tokens = p.out, o.transpose(1, 2)  # [B, n, hc, D]
         mine = _valid_rows(n, p.Ll, p.me)  # every rank sends this many rows of this rank's tokens
         heads = slice(c * p.hc, (c + 1) * p.hc)
         p.start("out", c, lambda r: [tokens[:, p.tokens(r, n)]], lambda r: [out[:, :mine, r, heads]])
@@ -228,7 +235,7 @@ class _SendOutput(torch.autograd.Function):
     def backward(ctx, token: torch.Tensor):
         p, c = ctx.pipe, ctx.chunk
         p.wait("dout", c)
-        return None, None, p.buffers.pop(("dout", c))[:, :p.valid].transpose(1, 2)
+        return None, None, p.out_grads.pop(c)[:, :p.valid].transpose(1, 2)
 
 
 class _WaitOutput(torch.autograd.Function):
@@ -240,7 +247,7 @@ class _WaitOutput(torch.autograd.Function):
         p = pipe
         for c in range(p.chunks):
             p.wait("out", c)
-        out = p.buffers.pop("out")
+        out, p.out = p.out, None
         out[:, _valid_rows(p.valid, p.Ll, p.me):].zero_()
         ctx.pipe = pipe
         return out.flatten(2, 3).transpose(1, 2)
@@ -255,8 +262,7 @@ class _WaitOutput(torch.autograd.Function):
         for c in reversed(range(p.chunks)):
             # [B, L, hc, D]; transposed, its prefix has the strides the kernels give the output (those of the
             # exchanged q). Rows past the valid ones are never read.
-            full = grad.new_empty(p.B, p.padded_len, p.hc, p.D)
-            p.buffers["dout", c] = full
+            p.out_grads[c] = full = grad.new_empty(p.B, p.padded_len, p.hc, p.D)
             chunk = slice(c * p.hc, (c + 1) * p.hc)
             p.start("dout", c, lambda r, chunk=chunk: [heads[:, :mine, r, chunk]],
                     lambda r, full=full: [full[:, p.tokens(r, p.valid)]])
@@ -265,8 +271,9 @@ class _WaitOutput(torch.autograd.Function):
 
 def traced_qkv_exchange(group: dist.ProcessGroup, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``FusedQKVExchange`` for torch.compile: the same result (views [B, h, L, D] of dense [B, L, h, D] buffers),
-    one all-to-all for q, k and v, written in traceable ops (this rank's own piece travels through the collective)."""
+    """The eager q|k|v exchange (``_SendQKV``, ``_WaitQKV``) for torch.compile: the same result (views [B, h, L, D]
+    of dense [B, L, h, D] buffers), one all-to-all for q, k and v, written in traceable ops (this rank's own piece
+    travels through the collective)."""
     ranks = group_size(group)
     B, H, Ll, D = q.shape
     h = H // ranks
@@ -279,8 +286,9 @@ def traced_qkv_exchange(group: dist.ProcessGroup, q: torch.Tensor, k: torch.Tens
 
 
 def traced_output_exchange(group: dist.ProcessGroup, o: torch.Tensor, padded_len: int) -> torch.Tensor:
-    """``OutputExchange`` for torch.compile: this rank's heads' output [B, h, n, D] over the valid prefix -> the
-    output shard [B, H, Ll, D] with every head, zero on the padded tail (padding travels here, as zeros)."""
+    """The eager output exchange (``_SendOutput``, ``_WaitOutput``) for torch.compile: this rank's heads' output
+    [B, h, n, D] over the valid prefix -> the output shard [B, H, Ll, D] with every head, zero on the padded tail
+    (padding travels here, as zeros)."""
     ranks = group_size(group)
     B, h, n, D = o.shape
     Ll = padded_len // ranks
@@ -288,7 +296,7 @@ def traced_output_exchange(group: dist.ProcessGroup, o: torch.Tensor, padded_len
     # [B, h, U, Ll, D] -> [U, B, Ll, h, D]: rank r's tokens of my heads first
     send = padded.unflatten(2, (ranks, Ll)).permute(2, 0, 3, 1, 4).contiguous()
     recv = funcol.all_to_all_single(send.flatten(), None, None, group).view(send.shape)
-    # piece r holds head group r of my tokens: [B, Ll, U h, D], viewed [B, H, Ll, D] like OutputExchange's result
+    # piece r holds head group r of my tokens: [B, Ll, U h, D], viewed [B, H, Ll, D] like _WaitOutput's result
     return recv.permute(1, 2, 0, 3, 4).flatten(2, 3).transpose(1, 2)
 
 
