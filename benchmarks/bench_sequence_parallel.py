@@ -49,6 +49,7 @@ on CPU it skips DeepSpeed's shared-memory op build, which would otherwise take m
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import time
@@ -106,6 +107,9 @@ class BenchConfig:
     overlap_chunks: list[int] = field(default_factory=lambda: [1])
     """Chunks of each rank's heads the fused exchange is pipelined in (SequenceParallelConfig.overlap_chunks), one
     row each at every P > 1; counts that do not divide H / P are skipped."""
+    profile: Path | None = None
+    """GPUs only: profile one more forward + backward of every Ulysses row at P > 1, keep each rank's trace in this
+    folder and report how long NCCL's kernels ran and how much of that no other kernel ran beside them."""
 
     def __post_init__(self) -> None:
         for mode in self.modes:
@@ -118,6 +122,8 @@ class BenchConfig:
                 raise ValueError(f"exchange {exchange!r} is not one of {EXCHANGES}")
         if not self.overlap_chunks or min(self.overlap_chunks) < 1:
             raise ValueError(f"overlap_chunks={self.overlap_chunks} must be positive chunk counts")
+        if self.profile is not None and self.cpu:
+            raise ValueError(f"profile={str(self.profile)!r} needs GPUs: it measures NCCL's kernels")
         if self.seq_len < 1 or self.head_dim < 1 or min(self.heads) < 1 or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive: seq_len={self.seq_len}, heads={self.heads}, "
                              f"head_dim={self.head_dim}, sizes={self.sizes}")
@@ -185,6 +191,54 @@ def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], layout: s
             fwd.append(_slowest(mid - start, device))
             step.append(_slowest(end - start, device))
     return dict(fwd_ms=1e3 * statistics.median(fwd), fwd_bwd_ms=1e3 * statistics.median(step))
+
+
+def _profile_nccl(layer: SequenceParallelSLA, local: list[torch.Tensor], layout: str, seq_len: int,
+                  device: torch.device, trace: Path) -> dict:
+    """One more forward + backward under torch.profiler, its trace written to ``trace``: how long NCCL's kernels
+    ran (the union of their spans) and how much of that no other kernel or copy ran beside them (exposed), in ms,
+    slowest rank. An NCCL kernel's span includes waiting for its peers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grad = torch.randn_like(_layer_inputs(local, layout)[0])
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        layer(*_layer_inputs(local, layout), seq_len=seq_len).backward(grad)
+        torch.cuda.synchronize(device)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    nccl, other = [], []
+    for event in json.loads(trace.read_text())["traceEvents"]:
+        if event.get("ph") == "X" and event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            spans = nccl if "nccl" in event["name"].lower() else other
+            spans.append((event["ts"], event["ts"] + event["dur"]))  # microseconds
+    busy = _union(nccl)
+    total = sum(end - start for start, end in busy)
+    exposed = total - _intersection(busy, _union(other))
+    return dict(nccl_ms=_slowest(total / 1e3, device), nccl_exposed_ms=_slowest(exposed / 1e3, device))
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, disjoint spans covering the same time as ``spans``."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """The time two lists of sorted, disjoint spans share."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 class _PassThrough(torch.autograd.Function):
@@ -288,6 +342,9 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
         # q, k, v and the output each cross the all-to-all once: (P - 1) / P of every local tensor leaves the rank.
         row["ulysses_bytes"] = 4 * (world - 1) * local[0].numel() * elem // world
         if world > 1:
+            if config.profile is not None:
+                trace = config.profile / f"{layout}-H{heads}-P{world}-{exchange}-c{chunks}-rank{dist.get_rank()}.json"
+                row.update(_profile_nccl(layer, local, layout, config.seq_len, device, trace))
             row.update(_exchange_alone(attention, groups, exchange, local, layout, config))
             row["exchange_gbps"] = 2 * row["ulysses_bytes"] / row["exchange_ms"] / 1e6
     else:
@@ -389,7 +446,7 @@ def table(rows: list[dict]) -> str:
     head = ("| mode | exchange | inputs | P | H | chunks | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. "
             "| peak GiB "
             "| bytes/rank fwd (MiB) | exchange ms | exch. GB/s | a2a GB/s | dense ring (MiB) | fetched blocks "
-            "| remote fetched | critical only |")
+            "| remote fetched | critical only | NCCL ms | NCCL exposed ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pct = lambda r, key: f"{100 * r[key]:.1f} %" if key in r else "-"  # noqa: E731
     for r in rows:
@@ -401,12 +458,13 @@ def table(rows: list[dict]) -> str:
         exch = (f"{r['exchange_ms']:.2f} | {r['exchange_gbps']:.0f} | {r['a2a_gbps']:.0f}" if "exchange_ms" in r
                 else "- | - | -")
         chunks = r.get("overlap_chunks", 1) if r.get("exchange") == "fused" else "-"
+        nccl = f"{r['nccl_ms']:.2f} | {r['nccl_exposed_ms']:.2f}" if "nccl_ms" in r else "- | -"
         lines.append(f"| {r['mode']} | {r.get('exchange', '-')} | {r.get('locality', 'iid')} {_key(r)[1]} "
                      f"| {r['P']} "
                      f"| {r['heads']} | {chunks} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
                      f"| {sent:.1f} | {exch} | {ring} "
                      f"| {pct(r, 'fetched_block_fraction')} | {pct(r, 'remote_block_fraction')} "
-                     f"| {pct(r, 'critical_block_fraction')} |")
+                     f"| {pct(r, 'critical_block_fraction')} | {nccl} |")
     return "\n".join(lines)
 
 
@@ -447,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-layout", nargs="+", choices=LAYOUTS, default=defaults.input_layouts,
                         help="memory orders of the inputs to time: bhld contiguous [B, H, L, D] (default), blhd the "
                         "model's")
+    parser.add_argument("--profile", type=Path, default=None, help="GPUs: profile one more step of every Ulysses "
+                        "row at P > 1, keep the traces in this folder, report NCCL's kernel time and its exposed part")
     parser.add_argument("--tiny", action="store_true", help="a small problem (1000 tokens, 4 heads, D 64, P 1 and "
                         "2, one timed iteration) for a smoke test")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (default: "
@@ -462,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.exchange, args.topk,
                          args.negligible, args.block_q, args.block_k, args.feature_map, args.linear_scope,
                          args.locality, inputs, args.warmup, args.iters, args.cpu, args.input_layout,
-                         args.overlap_chunks)
+                         args.overlap_chunks, args.profile)
     if not config.cpu and torch.cuda.device_count() < max(config.sizes):
         raise ValueError(f"sizes={config.sizes} need {max(config.sizes)} GPUs; {torch.cuda.device_count()} visible "
                          f"(use --cpu for a gloo run)")
