@@ -17,14 +17,18 @@ Ulysses rows at P > 1 also time the exchanges alone: the same layer, forward + b
 pass-through (the output is q, the gradient of q, k and v the output's), so all that runs is the four all-to-alls
 each way with their copies. 'exch. GB/s' is the bytes that cross to other ranks (forward and backward) over that
 time; 'a2a GB/s' is what one bare all_to_all_single of the fused q, k, v buffer reaches (no copies): the link's
-ceiling for this message size. What each exchange copies depends on the inputs' memory order: ``--input-layout``
-'bhld' (the default) gives the layer contiguous [B, H, L, D] tensors, 'blhd' [B, L, H, D] buffers viewed as
-[B, H, L, D], as the model does; each layout gets its own P = 1 reference. NCCL's settings are environment variables
-read when the workers start, e.g.
+ceiling for this message size. ``--overlap-chunks`` times the fused exchange pipelined with SLA in that many chunks
+of each rank's heads (SequenceParallelConfig.overlap_chunks; counts that do not divide H / P are skipped), rows side
+by side with the unchunked one (1). What each exchange copies depends on the inputs' memory order:
+``--input-layout`` 'bhld' (the default) gives the layer contiguous [B, H, L, D] tensors, 'blhd' [B, L, H, D] buffers
+viewed as [B, H, L, D], as the model does; each layout gets its own P = 1 reference. NCCL's settings are environment
+variables read when the workers start, e.g.
 
     python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses --exchange fused deepspeed \
         --input-layout bhld blhd
     NCCL_MIN_NCHANNELS=32 python benchmarks/bench_sequence_parallel.py --sizes 2 --heads 12 --exchange fused
+    TORCH_NCCL_HIGH_PRIORITY=1 python benchmarks/bench_sequence_parallel.py --sizes 1 2 --modes ulysses \
+        --overlap-chunks 1 2 3    # NCCL on high-priority streams: its kernels go ahead of queued attention blocks
 
 ``--locality`` picks the q / k inputs (locality_inputs.py): 'iid' Gaussian (the worst case for the fetch), 'field'
 (a synthetic smooth content field over the T x H x W token grid, in the project's 3D-tiled order) and 'dit' (q / k
@@ -45,6 +49,7 @@ on CPU it skips DeepSpeed's shared-memory op build, which would otherwise take m
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import time
@@ -99,6 +104,12 @@ class BenchConfig:
     input_layouts: list[str] = field(default_factory=lambda: ["bhld"])
     """Memory orders of the layer's [B, H, L_local, D] inputs and output gradient to time: 'bhld' contiguous, 'blhd'
     the model's ([B, L_local, H, D] buffers viewed transposed); it changes what each exchange has to copy."""
+    overlap_chunks: list[int] = field(default_factory=lambda: [1])
+    """Chunks of each rank's heads the fused exchange is pipelined in (SequenceParallelConfig.overlap_chunks), one
+    row each at every P > 1; counts that do not divide H / P are skipped."""
+    profile: Path | None = None
+    """GPUs only: profile one more forward + backward of every Ulysses row at P > 1, keep each rank's trace in this
+    folder and report how long NCCL's kernels ran and how much of that no other kernel ran beside them."""
 
     def __post_init__(self) -> None:
         for mode in self.modes:
@@ -109,6 +120,10 @@ class BenchConfig:
         for exchange in self.exchanges:
             if exchange not in EXCHANGES:
                 raise ValueError(f"exchange {exchange!r} is not one of {EXCHANGES}")
+        if not self.overlap_chunks or min(self.overlap_chunks) < 1:
+            raise ValueError(f"overlap_chunks={self.overlap_chunks} must be positive chunk counts")
+        if self.profile is not None and self.cpu:
+            raise ValueError(f"profile={str(self.profile)!r} needs GPUs: it measures NCCL's kernels")
         if self.seq_len < 1 or self.head_dim < 1 or min(self.heads) < 1 or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive: seq_len={self.seq_len}, heads={self.heads}, "
                              f"head_dim={self.head_dim}, sizes={self.sizes}")
@@ -176,6 +191,54 @@ def _time_layer(layer: SequenceParallelSLA, local: list[torch.Tensor], layout: s
             fwd.append(_slowest(mid - start, device))
             step.append(_slowest(end - start, device))
     return dict(fwd_ms=1e3 * statistics.median(fwd), fwd_bwd_ms=1e3 * statistics.median(step))
+
+
+def _profile_nccl(layer: SequenceParallelSLA, local: list[torch.Tensor], layout: str, seq_len: int,
+                  device: torch.device, trace: Path) -> dict:
+    """One more forward + backward under torch.profiler, its trace written to ``trace``: how long NCCL's kernels
+    ran (the union of their spans) and how much of that no other kernel or copy ran beside them (exposed), in ms,
+    slowest rank. An NCCL kernel's span includes waiting for its peers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grad = torch.randn_like(_layer_inputs(local, layout)[0])
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        layer(*_layer_inputs(local, layout), seq_len=seq_len).backward(grad)
+        torch.cuda.synchronize(device)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    nccl, other = [], []
+    for event in json.loads(trace.read_text())["traceEvents"]:
+        if event.get("ph") == "X" and event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            spans = nccl if "nccl" in event["name"].lower() else other
+            spans.append((event["ts"], event["ts"] + event["dur"]))  # microseconds
+    busy = _union(nccl)
+    total = sum(end - start for start, end in busy)
+    exposed = total - _intersection(busy, _union(other))
+    return dict(nccl_ms=_slowest(total / 1e3, device), nccl_exposed_ms=_slowest(exposed / 1e3, device))
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, disjoint spans covering the same time as ``spans``."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """The time two lists of sorted, disjoint spans share."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 class _PassThrough(torch.autograd.Function):
@@ -247,13 +310,14 @@ def _context_bytes(layer: SequenceParallelSLA, local: list[torch.Tensor], shard:
 
 
 def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torch.device,
-         exchange: str = "fused", layout: str = "bhld") -> dict | None:
+         exchange: str = "fused", layout: str = "bhld", chunks: int = 1) -> dict | None:
     world = dist.get_world_size()
     if mode == "context" and world == 1:
         return None  # one rank: context parallel is plain SLA, already timed as ulysses P=1
-    if mode == "ulysses" and (heads % world or locality != config.locality[0]):
+    if mode == "ulysses" and (heads % world or (heads // world) % chunks or locality != config.locality[0]):
         return None
-    groups = SequenceParallelGroups.build(SequenceParallelConfig(world, world if mode == "ulysses" else 1))
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(world, world if mode == "ulysses" else 1,
+                                                                 overlap_chunks=chunks))
     attention = SparseLinearAttention(config.head_dim, config.topk, config.feature_map, config.block_q,
                                       config.block_k, negligible=config.negligible,
                                       linear_scope=config.linear_scope).to(device)
@@ -269,7 +333,7 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     row = dict(mode=mode, exchange=exchange if mode == "ulysses" and world > 1 else "-", locality=locality,
                layout=layout, P=world, heads=heads, head_dim=config.head_dim, seq_len=config.seq_len,
-               padded_len=shard.padded_len)
+               padded_len=shard.padded_len, overlap_chunks=chunks)
     row.update(_time_layer(layer, local, layout, config.seq_len, config, device))
     if device.type == "cuda":
         row["peak_mem_gib"] = _slowest(torch.cuda.max_memory_allocated(device) / 2**30, device)
@@ -278,6 +342,9 @@ def _run(config: BenchConfig, mode: str, locality: str, heads: int, device: torc
         # q, k, v and the output each cross the all-to-all once: (P - 1) / P of every local tensor leaves the rank.
         row["ulysses_bytes"] = 4 * (world - 1) * local[0].numel() * elem // world
         if world > 1:
+            if config.profile is not None:
+                trace = config.profile / f"{layout}-H{heads}-P{world}-{exchange}-c{chunks}-rank{dist.get_rank()}.json"
+                row.update(_profile_nccl(layer, local, layout, config.seq_len, device, trace))
             row.update(_exchange_alone(attention, groups, exchange, local, layout, config))
             row["exchange_gbps"] = 2 * row["ulysses_bytes"] / row["exchange_ms"] / 1e6
     else:
@@ -296,9 +363,12 @@ def _worker(rank: int, world: int, port: int, config: BenchConfig, queue) -> Non
     dist.init_process_group("gloo" if config.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        rows = [_run(config, mode, locality, heads, device, exchange, layout) for locality in config.locality
-                for layout in config.input_layouts for heads in config.heads for mode in config.modes
-                for exchange in (config.exchanges if mode == "ulysses" and world > 1 else config.exchanges[:1])]
+        rows = [_run(config, mode, locality, heads, device, exchange, layout, chunks)
+                for locality in config.locality for layout in config.input_layouts for heads in config.heads
+                for mode in config.modes
+                for exchange in (config.exchanges if mode == "ulysses" and world > 1 else config.exchanges[:1])
+                for chunks in (config.overlap_chunks if (mode, exchange) == ("ulysses", "fused") and world > 1
+                               else [1])]
         if rank == 0:
             queue.put([r for r in rows if r is not None])
         dist.barrier()  # rank 0 hosts the store: no exit while others may still use it
@@ -373,9 +443,10 @@ def _shape(row: dict, head_dim: int = 128) -> AttentionShape:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| mode | exchange | inputs | P | H | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. | peak GiB "
+    head = ("| mode | exchange | inputs | P | H | chunks | fwd ms | fwd+bwd ms | predicted ms | Ulysses eff. "
+            "| peak GiB "
             "| bytes/rank fwd (MiB) | exchange ms | exch. GB/s | a2a GB/s | dense ring (MiB) | fetched blocks "
-            "| remote fetched | critical only |")
+            "| remote fetched | critical only | NCCL ms | NCCL exposed ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pct = lambda r, key: f"{100 * r[key]:.1f} %" if key in r else "-"  # noqa: E731
     for r in rows:
@@ -386,12 +457,14 @@ def table(rows: list[dict]) -> str:
         pred = f"{r['predicted_fwd_bwd_ms']:.1f}" if "predicted_fwd_bwd_ms" in r else "-"
         exch = (f"{r['exchange_ms']:.2f} | {r['exchange_gbps']:.0f} | {r['a2a_gbps']:.0f}" if "exchange_ms" in r
                 else "- | - | -")
+        chunks = r.get("overlap_chunks", 1) if r.get("exchange") == "fused" else "-"
+        nccl = f"{r['nccl_ms']:.2f} | {r['nccl_exposed_ms']:.2f}" if "nccl_ms" in r else "- | -"
         lines.append(f"| {r['mode']} | {r.get('exchange', '-')} | {r.get('locality', 'iid')} {_key(r)[1]} "
                      f"| {r['P']} "
-                     f"| {r['heads']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
+                     f"| {r['heads']} | {chunks} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {pred} | {eff} | {mem} "
                      f"| {sent:.1f} | {exch} | {ring} "
                      f"| {pct(r, 'fetched_block_fraction')} | {pct(r, 'remote_block_fraction')} "
-                     f"| {pct(r, 'critical_block_fraction')} |")
+                     f"| {pct(r, 'critical_block_fraction')} | {nccl} |")
     return "\n".join(lines)
 
 
@@ -405,6 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=defaults.modes)
     parser.add_argument("--exchange", nargs="+", choices=EXCHANGES, default=defaults.exchanges,
                         help="Ulysses all-to-alls to time side by side (default: fused)")
+    parser.add_argument("--overlap-chunks", type=int, nargs="+", default=defaults.overlap_chunks,
+                        help="chunks of each rank's heads to pipeline the fused exchange in, side by side "
+                        "(default: 1, no pipelining)")
     parser.add_argument("--topk", type=float, default=defaults.topk)
     parser.add_argument("--negligible", type=float, default=defaults.negligible)
     parser.add_argument("--block-q", type=int, default=defaults.block_q)
@@ -429,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-layout", nargs="+", choices=LAYOUTS, default=defaults.input_layouts,
                         help="memory orders of the inputs to time: bhld contiguous [B, H, L, D] (default), blhd the "
                         "model's")
+    parser.add_argument("--profile", type=Path, default=None, help="GPUs: profile one more step of every Ulysses "
+                        "row at P > 1, keep the traces in this folder, report NCCL's kernel time and its exposed part")
     parser.add_argument("--tiny", action="store_true", help="a small problem (1000 tokens, 4 heads, D 64, P 1 and "
                         "2, one timed iteration) for a smoke test")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (default: "
@@ -443,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
         args.seq_len = inputs.seq_len
     config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.exchange, args.topk,
                          args.negligible, args.block_q, args.block_k, args.feature_map, args.linear_scope,
-                         args.locality, inputs, args.warmup, args.iters, args.cpu, args.input_layout)
+                         args.locality, inputs, args.warmup, args.iters, args.cpu, args.input_layout,
+                         args.overlap_chunks, args.profile)
     if not config.cpu and torch.cuda.device_count() < max(config.sizes):
         raise ValueError(f"sizes={config.sizes} need {max(config.sizes)} GPUs; {torch.cuda.device_count()} visible "
                          f"(use --cpu for a gloo run)")
@@ -451,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{card}: SLA layer, {config.seq_len} tokens, inputs {config.locality}, heads {config.heads}, "
           f"D {config.head_dim}, "
           f"{config.dtype}, topk {config.topk}, sizes {config.sizes}, exchanges {config.exchanges}, "
+          f"overlap chunks {config.overlap_chunks}, "
           f"input layouts {config.input_layouts}", flush=True)
 
     rows = []

@@ -159,3 +159,14 @@ def test_calibration_options():
     with pytest.raises(ValueError, match=r"parallel.ulysses_degree=2 < sp_size=4 is not supported"):
         load_recipe(tiny, [*sp4, "parallel.ulysses_degree=2"])
     assert load_recipe(tiny, [*sp4, "parallel.ulysses_degree=4"]).sparsity.calibrate
+
+
+def test_overlap_chunks_reach_the_strategy():
+    from sla_dist.lightning.run import build_strategy
+
+    tiny = RECIPES[0].parent / "tiny_cpu.yaml"
+    sp2 = ["trainer.devices=2", "parallel.sp_size=2"]
+    assert build_strategy(load_recipe(tiny, sp2)).sp_config.overlap_chunks == 1
+    assert build_strategy(load_recipe(tiny, [*sp2, "parallel.overlap_chunks=2"])).sp_config.overlap_chunks == 2
+    with pytest.raises(ValueError, match=r"overlap_chunks=0 must be an integer > 0"):
+        load_recipe(tiny, [*sp2, "parallel.overlap_chunks=0"])

@@ -226,6 +226,11 @@ class ParallelSection:
     """Ranks of an SP group doing Ulysses all-to-all; the rest is SLA-aware context parallel (ring). None: chosen by
     SLAStrategy from the model's heads (the largest degree dividing them, so all of SP whenever it can)."""
 
+    overlap_chunks: int = 1
+    """Chunks of each rank's heads that pipeline the fused Ulysses exchange with the attention (eager only; under
+    model.compile the exchange is traced whole): chunk c + 1's q, k, v travel while chunk c attends. 1: no
+    overlap. It must divide the heads per Ulysses rank; the first forward names the numbers otherwise."""
+
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
 
@@ -242,7 +247,7 @@ class ParallelSection:
 
     def __post_init__(self) -> None:
         _choice(self, "strategy", STRATEGIES)
-        _positive(self, "sp_size", "timeout_s")
+        _positive(self, "sp_size", "timeout_s", "overlap_chunks")
         if self.ulysses_degree is not None and (self.ulysses_degree < 1 or self.sp_size % self.ulysses_degree):
             raise ValueError(f"parallel.ulysses_degree={self.ulysses_degree} must divide sp_size={self.sp_size}")
         if self.zero_stage not in (0, 1, 2, 3):

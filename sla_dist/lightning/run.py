@@ -37,7 +37,7 @@ def build_strategy(recipe: Recipe):
     config = zero_config(p.zero_stage, p.offload_optimizer, p.offload_parameters, recipe.optim.grad_clip,
                          recipe.data.batch_size)
     return SLAStrategy(sequence_parallel_size=p.sp_size, ulysses_degree=p.ulysses_degree, config=config,
-                       timeout=timedelta(seconds=p.timeout_s))
+                       timeout=timedelta(seconds=p.timeout_s), overlap_chunks=p.overlap_chunks)
 
 
 def build_trainer(recipe: Recipe, extra_callbacks: list | None = None) -> pl.Trainer:

@@ -24,6 +24,7 @@ What it adds to DeepSpeedStrategy:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -112,6 +113,8 @@ class SLAStrategy(DeepSpeedStrategy):
             from topk 1 it is near 1); None: unknown, taken as 1 (the worst case).
         sequence_length: tokens per sample, for the cost model; needed with ``context_fetch_fraction``.
         sp_cost: the cost model's constants (default: H200 NVLink, fitted; see ``sla_dist.parallel.layout``).
+        overlap_chunks: chunks of each rank's heads that pipeline the fused Ulysses exchange with the attention
+            (``SequenceParallelConfig.overlap_chunks``; 1: no overlap).
         **kwargs: DeepSpeedStrategy's (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``,
             ``timeout``: the default process group's collective timeout, which the SP / DP groups take, ...).
 
@@ -130,11 +133,11 @@ class SLAStrategy(DeepSpeedStrategy):
 
     def __init__(self, sequence_parallel_size: int = 1, ulysses_degree: Optional[int] = None,
                  context_fetch_fraction: Optional[float] = None, sequence_length: Optional[int] = None,
-                 sp_cost: Optional[SPCostModel] = None, **kwargs: Any) -> None:
+                 sp_cost: Optional[SPCostModel] = None, overlap_chunks: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # None: pure Ulysses until ``setup`` knows the model and settles the split (the SP and DP groups, which
         # setup_distributed builds and DeepSpeed's mpu uses, are the same for every split)
-        self.sp_config = SequenceParallelConfig(sequence_parallel_size, ulysses_degree)
+        self.sp_config = SequenceParallelConfig(sequence_parallel_size, ulysses_degree, overlap_chunks)
         self.auto_layout = ulysses_degree is None
         if context_fetch_fraction is not None:
             check_fraction(context_fetch_fraction)
@@ -214,7 +217,8 @@ class SLAStrategy(DeepSpeedStrategy):
             self.layout_choice = choose_module_layout(heads, head_dims, ring_allowed, sp,
                                                       self.context_fetch_fraction, self.sequence_length, self.sp_cost)
             if self.layout_choice.ulysses_degree != self.sp_groups.ulysses_degree:
-                self.sp_config = SequenceParallelConfig(sp, self.layout_choice.ulysses_degree)
+                self.sp_config = dataclasses.replace(self.sp_config,
+                                                     ulysses_degree=self.layout_choice.ulysses_degree)
                 self.sp_groups = SequenceParallelGroups.build(self.sp_config)
                 self.mpu.groups = self.sp_groups
         why = f": {self.layout_choice.reason}" if self.layout_choice is not None else " (given)"

@@ -33,8 +33,16 @@ class SequenceParallelConfig:
     """Ranks of the SP group that exchange heads by all-to-all (Ulysses). None means all of them (pure Ulysses).
     The rest of the SP split, ``ring_degree = sp_size // ulysses_degree``, is context parallel."""
 
+    overlap_chunks: int = 1
+    """Chunks each rank's heads (H / ulysses_degree of them) are cut into to pipeline the fused Ulysses exchange
+    with the attention (parallel/exchange.py): chunk c + 1's q, k, v travel while chunk c attends, chunk c's output
+    while chunk c + 1 attends, and likewise in backward, so about 1 / overlap_chunks of the exchange stays exposed.
+    1: one exchange each way, nothing overlapped. It must divide the heads per rank (checked at the first forward,
+    which knows the head count). Eager execution only: under torch.compile the exchange is traced unchunked."""
+
     def __post_init__(self) -> None:
         check_int("sp_size", self.sp_size, 1)
+        check_int("overlap_chunks", self.overlap_chunks, 1)
         if self.ulysses_degree is None:
             self.ulysses_degree = self.sp_size
         if not is_int(self.ulysses_degree) or self.ulysses_degree < 1 or self.sp_size % self.ulysses_degree:

@@ -6,8 +6,10 @@ on the whole sequence for H/U heads, and the reverse exchange restores the shard
 collective reversed. Two implementations of the exchange (``exchange=``):
 
 * ``"fused"`` (default): q, k and v cross in one all-to-all and the output in another (exchange.py); only the
-  other ranks' pieces travel, this rank's own is copied across while the collective runs. Under torch.compile the
-  same exchange is traced as functional collectives (every piece travels; the compiler fuses the packing copies).
+  other ranks' pieces travel, this rank's own is copied across while the collective runs. With
+  ``SequenceParallelConfig.overlap_chunks`` C > 1 each rank's heads are exchanged and attended in C chunks,
+  pipelined: the exchanges of one chunk run while another attends. Under torch.compile the same exchange is traced
+  as functional collectives (every piece travels; the compiler fuses the packing copies), unchunked.
 * ``"deepspeed"``: DeepSpeed's ``DistributedAttention``, one all-to-all per tensor with its own permute copies; eager
   only: compiled, it gave wrong gradients on two H200s (NCCL), and ``apply_compile`` refuses it.
 
@@ -48,12 +50,16 @@ class SequenceParallelSLA:
         groups: the process groups; ``ulysses_degree`` must divide the head count.
         exchange: the Ulysses all-to-all, one of ``EXCHANGES``: ``"fused"`` (one collective for q, k, v) or
             ``"deepspeed"`` (DeepSpeed's DistributedAttention). Both give the same results eagerly; under
-            torch.compile only the fused one is supported (``apply_compile`` refuses the other).
+            torch.compile only the fused one is supported (``apply_compile`` refuses the other). The fused one
+            pipelines its exchange with the attention in ``groups.config.overlap_chunks`` chunks of heads (eager
+            only); DeepSpeed's cannot, and takes only ``overlap_chunks=1``.
 
     ``forward(q, k, v, seq_len)`` (also ``self(...)``) takes this rank's shard [B, H, L_local, D] (all heads) of a
     sequence with ``seq_len`` valid tokens (default: no padding, ``L_local * sp_size``) and returns the output shard
     of the same shape, zero on padded positions. Under pure Ulysses the SLA layer is called as a module on its heads'
-    whole (unpadded) sequence, so its forward hooks see exactly what a single GPU would give those heads.
+    whole (unpadded) sequence, so its forward hooks see exactly what a single GPU would give those heads (one call
+    per chunk of heads with ``overlap_chunks`` > 1; hooks that collect per call, such as SLACallback's measurements
+    and calibration's statistics, combine the calls).
     """
 
     def __init__(self, attention: SparseLinearAttention, groups: SequenceParallelGroups,
@@ -62,6 +68,9 @@ class SequenceParallelSLA:
             raise TypeError(f"SequenceParallelSLA wraps a SparseLinearAttention, not {type(attention).__name__}")
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
+        if exchange == "deepspeed" and groups.config.overlap_chunks > 1:
+            raise ValueError(f"overlap_chunks={groups.config.overlap_chunks} needs exchange='fused': DeepSpeed's "
+                             "exchange runs all heads at once")
         self.attention = attention
         self.groups = groups
         self.exchange = exchange
@@ -93,7 +102,7 @@ class SequenceParallelSLA:
     def extra_repr(self) -> str:
         g = self.groups
         return (f"sp_size={g.sp_size}, ulysses_degree={g.ulysses_degree}, ring_degree={g.ring_degree}, "
-                f"exchange={self.exchange!r}")
+                f"exchange={self.exchange!r}, overlap_chunks={g.config.overlap_chunks}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         if not (q.dim() == 4 and q.shape == k.shape == v.shape):
@@ -109,7 +118,8 @@ class SequenceParallelSLA:
         if self.ulysses_group is None:
             return self._attend(q, k, v, seq_len)
         if self.exchange == "fused":
-            return fused_ulysses(self.ulysses_group, q, k, v, lambda *qkv: self._attend_valid(*qkv, seq_len))
+            return fused_ulysses(self.ulysses_group, q, k, v, lambda *qkv: self._attend_valid(*qkv, seq_len),
+                                 self.groups.config.overlap_chunks)
         out = self.distributed(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, seq_len=seq_len)
         return out.transpose(1, 2)
 

@@ -90,14 +90,15 @@ def test_strategy_layout_arguments_are_checked():
 
 def _settle(device: torch.device) -> None:
     """Two gloo ranks: the automatic split of a 3-head SLA DiT is pure context parallel, groups rebuilt to match;
-    an explicit ulysses_degree is kept."""
-    strategy = SLAStrategy(sequence_parallel_size=2)
+    an explicit ulysses_degree is kept; overlap_chunks survives the rebuild."""
+    strategy = SLAStrategy(sequence_parallel_size=2, overlap_chunks=3)
     strategy.sp_groups = SequenceParallelGroups.build(strategy.sp_config)
     strategy.mpu = SequenceParallelUnit(strategy.sp_groups)
     assert strategy.sp_groups.ulysses_degree == 2
     strategy._settle_layout(_dit(3, sla=True))
     assert (strategy.sp_groups.ulysses_degree, strategy.sp_groups.ring_degree) == (1, 2)
     assert strategy.mpu.groups is strategy.sp_groups and strategy.layout_choice.ulysses_degree == 1
+    assert strategy.sp_groups.config.overlap_chunks == 3
     fixed = SLAStrategy(sequence_parallel_size=2, ulysses_degree=2)
     fixed.sp_groups = SequenceParallelGroups.build(fixed.sp_config)
     fixed.mpu = SequenceParallelUnit(fixed.sp_groups)

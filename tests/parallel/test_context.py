@@ -90,6 +90,9 @@ def _four_ranks(device: torch.device) -> None:
     for exchange in ("fused", "deepspeed"):
         check_matches_single_process(device, hybrid, batch=1, heads=2, seq_len=1000, topk=0.2, negligible=0.1,
                                      exchange=exchange)
+    # the fused exchange pipelined in two chunks of each Ulysses rank's 2 heads, context parallel per chunk
+    check_matches_single_process(device, SequenceParallelConfig(sp_size=4, ulysses_degree=2, overlap_chunks=2),
+                                 batch=1, heads=4, seq_len=1000, topk=0.2, negligible=0.1)
     _check_block_maps(device, 1000, topk=0.15, negligible=0.1)
 
 

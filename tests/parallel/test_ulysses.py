@@ -103,10 +103,11 @@ def _refuse_deepspeed(*args, **kwargs):
     raise AssertionError("the compiled fused exchange fell back to DeepSpeed's")
 
 
-def _check_compiled_fused_exchange(device: torch.device, seq_len: int) -> None:
+def _check_compiled_fused_exchange(device: torch.device, seq_len: int, overlap_chunks: int = 1) -> None:
     """Under torch.compile the fused exchange is traced whole (no graph break, DeepSpeed's exchange never called)
-    and gives the eager fused exchange's output, output layout and q/k/v/proj_l gradients."""
-    groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=2))
+    and gives the eager fused exchange's output, output layout and q/k/v/proj_l gradients. ``overlap_chunks`` > 1
+    pipelines the eager exchange and is ignored by the traced one."""
+    groups = SequenceParallelGroups.build(SequenceParallelConfig(sp_size=2, overlap_chunks=overlap_chunks))
     attn = make_sla(64, device, seed=9, topk=0.3, negligible=0.1)
     shard = SequenceShard.for_group(seq_len, groups.sp_group)
     torch.manual_seed(10)
@@ -139,6 +140,7 @@ def test_compiled_fused_exchange(device):
 def _compiled_fused_exchange(device: torch.device) -> None:
     _check_compiled_fused_exchange(device, seq_len=1000)  # the second shard holds 24 padded tokens
     _check_compiled_fused_exchange(device, seq_len=100)  # the second shard holds nothing but padding
+    _check_compiled_fused_exchange(device, seq_len=1000, overlap_chunks=2)  # eager: one head per chunk
 
 
 def _two_ranks(device: torch.device) -> None:
