@@ -9,11 +9,11 @@ Per optimizer step, per GPU (one sample per SP group, sequence split over SP = P
     non-attention  matmul FLOPs of the sample (bench_dit_step.model_flops, attention excluded) / P, times 3 (fwd +
                    bwd) or 4 (+ recompute under activation checkpointing), at an MFU fitted to the measured
                    "no attention" DiT step, eager or with compiled blocks
-    attention      SLA layer time t(L, heads, topk) = level x heads x (a x topk x L^2 + b x L), a (sparse blocks)
-                   and b (linear branch, block map, glue) fitted to a measured layer sweep, ``level`` the code's
-                   time over the sweep's at L 32768 (each measurement is predicted at the level of the code that ran
-                   it), at H / P heads per rank, times an in-model factor fitted to the measured DiT step (SLA minus
-                   no-attention)
+    attention      SLA layer time t(L, heads, topk) = level x (heads x (a x topk x L^2 + b x L) + c), a (sparse
+                   blocks), b (linear branch, block map, glue) and c (per call) solved through today's kernels at
+                   three lengths, ``level`` a code's time over the fit's at L 32768 (each measurement is predicted at
+                   the level of the code that ran it), at H / P heads per rank, times an in-model factor fitted to
+                   the measured DiT step (SLA minus no-attention)
     all-to-all     per attention pass (forward, backward, and the recompute under checkpointing) the four bf16
                    shards q, k, v and o (or their gradients), (L/P) x H x D x (P-1)/P bytes each per rank, in 2
                    collectives (the fused exchange) or 4 (DeepSpeed's); per-call latency and bandwidth fitted to
@@ -23,28 +23,27 @@ Per optimizer step, per GPU (one sample per SP group, sequence split over SP = P
                    ZeRO-3 - ZeRO-2 difference) at a bare all-to-all's measured rate inside a node; a ring over more
                    than one node runs at the inter-node bandwidth
 
-Memory per GPU: bf16 params (ZeRO-2 full, ZeRO-3 sharded) + fp32 gradient partition + fp32 Adam master, m, v
-(sharded) + DeepSpeed's reduce bucket + activations (bytes per token per layer fitted to the measured 112 GiB peak;
-with checkpointing, the block inputs plus one block's activations).
+Memory per GPU (allocated): bf16 params (ZeRO-2 full, ZeRO-3 sharded) + fp32 gradient partition + fp32 Adam
+master, m, v (sharded) + DeepSpeed's reduce bucket + activations (bytes per token per layer fitted to the measured
+112 GiB peak; with checkpointing, the block inputs plus one block's activations). nvidia-smi's memory.used adds what
+it was measured to count beyond the allocated peak on the same split (CUDA context, allocator reserve, NCCL).
 
     python benchmarks/scaling_model.py --out benchmarks/results/<date>-scaling-model   # checks, 14B tables, files
     python benchmarks/scaling_model.py --no-write                                      # print only
+
+The results file is written by scaling_report.py (which this script runs).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench_dit_step import PEAKS, Shape, model_flops
-from results_io import save_results
 from scaling_measurements import (
     BARE_ALL_TO_ALL_GBPS, BENCH_TRAIN_TOPK, DIT_STEPS, EXCHANGE_CALLS, EXCHANGE_CHECKS, EXCHANGE_TIMINGS, LAYER_1129,
     LAYER_9C25E82, LAYER_CHECKS, LAYER_DFA268D, LAYER_FIT, LAYER_NOW, LAYER_SWEEP, ULYSSES_1127, ULYSSES_HEAD_DIM,
@@ -53,7 +52,6 @@ from scaling_measurements import (
 from sla_dist.models import VideoDiT, dit_config
 
 GIB = 2**30
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # --- assumptions: hardware and DeepSpeed defaults (not measured here) -----------------------------------------------
 
@@ -579,148 +577,14 @@ def prediction_table(cal: Calibration, work: Workload = WAN14) -> list[dict]:
                         p = predict(work, Parallel(sp, gpus // sp, stage, ckpt, compile=compiled), cal, counts)
                         key = "ckpt" if ckpt else "no_ckpt"
                         row[key] = dict(step_s=p.step_s, tokens_per_s_per_gpu=work.shape.tokens / sp / p.step_s,
-                                        memory_gib=p.memory_bytes / GIB, fits=p.fits, time_parts=p.time_parts,
+                                        memory_gib=p.memory_bytes / GIB, fits=p.fits,
+                                        used_gib=p.used_bytes / GIB, fits_used=p.fits_used, time_parts=p.time_parts,
                                         memory_gib_parts={k: v / GIB for k, v in p.memory_parts.items()})
                     rows.append(row)
     return rows
 
 
-def _cell(p: dict) -> str:
-    mark = "" if p["fits"] else " ✗"
-    return f"{p['step_s']:.2f} | {p['tokens_per_s_per_gpu']:.0f} | {p['memory_gib']:.1f}{mark}"
-
-
-def _summary(found: list[Check]) -> list[str]:
-    """Which 'check' rows are within TOLERANCE and which are not, by name."""
-    held = [c for c in found if c.role == "check"]
-    inside, outside = [c for c in held if c.within], [c for c in held if not c.within]
-    lines = [f"**Checks: {len(inside)} of {len(held)} within ±{TOLERANCE:.0%}.**", ""]
-    for title, group in (("Within", inside), ("Outside", outside)):
-        lines += [f"{title}:", ""] + [f"- {c.name}: {c.measured:.3g} {c.unit} measured, {c.predicted:.3g} predicted "
-                                      f"({c.error:+.1%})" for c in group] + [""]
-    return lines
-
-
-def _blocks_table(rows: list[dict], compiled: bool) -> list[str]:
-    out = ["| GPUs | SP | DP | ZeRO | ckpt: step s | tok/s/GPU | GiB/GPU | no ckpt: step s | tok/s/GPU | GiB/GPU |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    return out + [f"| {r['gpus']} | {r['sp']} | {r['dp']} | {r['zero_stage']} | {_cell(r['ckpt'])} | "
-                  f"{_cell(r['no_ckpt'])} |" for r in rows if r["compile"] == compiled]
-
-
-def markdown(cal: Calibration, found: list[Check], rows: list[dict]) -> tuple[str, str]:
-    """The preamble (changes, check summary, fitted parameters, checks) and the prediction tables."""
-    cap = cal.cluster.capacity_bytes / GIB
-    sla, ex = cal.sla, cal.exchanges
-    lines = ["All times and memory below the checks are **predicted** by `benchmarks/scaling_model.py` (no GPU was "
-             "used); the *measured* column of the checks is H200 data, each row naming its results file under "
-             "`benchmarks/results/` (or issue #12). Model: see the script's docstring.", "",
-             CHANGES, ""] + _summary(found) + [
-             "## Fitted parameters", "",
-             f"- SLA layer (per head, ms): fwd+bwd = level x ({sla.fwd_bwd[0]:.3e} x topk x L^2 + "
-             f"{sla.fwd_bwd[1]:.3e} x L); fwd = level x ({sla.fwd[0]:.3e} x topk x L^2 + {sla.fwd[1]:.3e} x L), "
-             f"fitted to the 2026-11-27 sweep; predicted at the level of {sla.code.source}: "
-             f"{sla.level(True):.3f} (fwd+bwd), {sla.level(False):.3f} (fwd)",
-             *(f"- {name} blocks: non-attention MFU {b.mfu:.1%} (recompute counted), attention in the DiT / "
-               f"isolated layer {b.attention_in_model:.2f} ({DIT_STEPS[name].source})"
-               for name, b in cal.blocks.items()),
-             *(f"- {name} Ulysses exchange: {f.calls} all-to-alls per pass, {f.latency_s * 1e3:.3f} ms per call + "
-               f"{f.bytes_per_s / 1e9:.0f} GB/s" for name, f in ex.items()),
-             f"- plain collectives inside a node (ZeRO): {cal.collective_bytes_per_s / 1e9:.0f} GB/s (median bare "
-             f"all_to_all_single); inter-node {cal.cluster.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU (assumed), "
-             f"{cal.cluster.gpus_per_node} GPUs per node",
-             f"- per-step overhead {cal.step_overhead_s:.3f} s; ZeRO-3 {cal.zero3_gather_latency_s * 1e3:.3f} ms per "
-             f"gathered tensor per pass; activations {cal.activation_bytes_per_dim:.1f} B x dim + "
-             f"{MLP_ACTIVATION_BYTES_PER_FFN} B x ffn per token per layer", "",
-             f"## Checks (tolerance ±{TOLERANCE:.0%} on 'check' rows)", "",
-             "| measurement | role | measured | predicted | error |", "|---|---|---|---|---|"]
-    for c in found:
-        flag = "" if c.role != "check" or c.within else " **outside**"
-        lines.append(f"| {c.name} | {c.role} | {c.measured:.3g} {c.unit} | {c.predicted:.3g} {c.unit} | "
-                     f"{c.error:+.1%}{flag} |")
-    parts = rows[0]["ckpt"]
-    table = [f"## Predicted: wan2.1-14b, {WAN14.shape.tokens} tokens per sample, topk {WAN14.topk}, one sample per "
-             f"SP group per step, eager blocks (the recipes' default), fused exchange", "",
-             f"✗: more than {cap:.1f} GiB ({cal.cluster.capacity_bytes / 1e9:.0f} GB) per GPU.", ""]
-    table += _blocks_table(rows, compiled=False)
-    table += ["", "Where the time and memory go (predicted, checkpointing), recipes/wan14b_sla_sp8.yaml's 32 GPUs:", "",
-              "| SP x DP | ZeRO | blocks | " + " | ".join(f"{k} s" for k in parts["time_parts"]) + " | "
-              + " | ".join(f"{k} GiB" for k in parts["memory_gib_parts"]) + " |",
-              "|---|---|---|" + "---|" * (len(parts["time_parts"]) + len(parts["memory_gib_parts"]))]
-    for r in rows:
-        if r["gpus"] == 32 and r["sp"] == 8:
-            p = r["ckpt"]
-            table.append(f"| {r['sp']} x {r['dp']} | {r['zero_stage']} | {'compiled' if r['compile'] else 'eager'} | "
-                         + " | ".join(f"{v:.2f}" for v in p["time_parts"].values()) + " | "
-                         + " | ".join(f"{v:.1f}" for v in p["memory_gib_parts"].values()) + " |")
-    table += ["", "### Compiled blocks (`model.compile`; ZeRO-2 only: the recipe refuses it with ZeRO-3)", "",
-              "The compiled fit is one DiT step without checkpointing (no compiled training step was measured); "
-              "memory is the eager model's (compiled memory not modelled).", ""]
-    table += _blocks_table(rows, compiled=True)
-    return "\n".join(lines), "\n".join(table + ["", CAVEATS])
-
-
-CHANGES = """## What changed from 2026-11-29
-
-- SLA layer level: main's current layer (beec4b4, CUDA graphs, L 32768: 1.579 / 5.444 ms fwd / fwd+bwd,
-  `2026-11-30-h200x2-bias-grad-compiled-sp.md`) instead of 2026-11-29's (1.879 / 7.534 ms). Each measurement is now
-  predicted at the level of the code that ran it: issue #12's runs at 2026-11-29's, the 2026-11-30 end-to-end runs at
-  9c25e82's (e0fe62c's kernels), the exchange timings and the compiled DiT step at the memory branch's tree.
-- Ulysses exchange: fitted to the directly measured exchange (`2026-11-30-h200x2-ulysses-exchange.md`, blhd, P 2,
-  H 12 and 24), the fused one (2 all-to-alls per pass, the default now) and DeepSpeed's (4) each on its own. Before,
-  one latency and bandwidth came from 2026-11-27's layer times at P 2 and 4 minus P 1 / P: those rows are now
-  'history' (older code and exchange). The same file's P 2 layer times are checks (its P 1 layer / P + exchange).
-- ZeRO collectives inside a node: at the median bare all_to_all_single rate of that file (280 GB/s) instead of the
-  old Ulysses fit's 108 GB/s.
-- 1- and 2-GPU training checks: `2026-11-30-h200x2-e2e-train.md` (the wan1.3b recipe, ZeRO-2, checkpointing, steady
-  topk 0.05). 2026-11-29's SP 2 checkpointed steps (3.06 / 3.38 s, timed inside the topk anneal) are kept as
-  'history' rows at the anneal's mean topk; their "steady topk 0.05" check rows are dropped; their difference still
-  fixes ZeRO-3's per-tensor latency and their peaks stay checks (the model's memory does not depend on topk).
-- Compiled blocks: new (`Parallel.compile`). Their MFU and attention factor are fitted to
-  `2026-11-30-h200-dit-step-compiled.md` (a fit: no compiled measurement is left to check them); a second table.
-- New layer checks: L 8192 in CUDA graphs (main), L 131072 at P 1 (the exchange file's tree).
-- Roles: 'hypothesis' became 'history' (shown, not held to the tolerance)."""
-
-CAVEATS = """## Limits of the prediction
-
-- Assumed, not measured: the inter-node bandwidth (no multi-node run yet); ZeRO collectives inside a node at a bare
-  2-rank all-to-all's rate (no 8-rank ring was measured); no overlap of ZeRO traffic with compute (the strategy sets
-  `overlap_comm: False`); the exchange's P 2 latency and bandwidth at P 4 and 8.
-- The SLA level comes from L 32768 alone. At L 131072 (P 1, the exchange file's tree with the memory branch, fixed
-  launch settings) the level-scaled fit is 11-14 % under the measured fwd+bwd and 34-36 % under the forward: the
-  14B's attention (L 75600) may be underestimated. A timing of main's layer at L 75600 and 131072 would settle it.
-  At L 8192 in CUDA graphs the fit is over the measurement (the two-term fit has no per-call term; its residuals
-  are -23 % at L 16384 and +12 / +25 % at L 32768 on the sweep).
-- Memory: the model counts allocated bytes; the 2026-11-30 end-to-end peaks are nvidia-smi's memory.used
-  (allocator cache and CUDA context included) and lie 11-13 GiB above it. A ✓ within ~13 GiB of the limit may not
-  fit in practice.
-- The 2026-11-30 end-to-end steps ran SLACallback's sparsity measurement in every step (log_every_n_steps=1); the
-  per-step overhead was fitted to issue #12's 1.43 s step, whose logging is not recorded. The resumed session's
-  1.33 s (two steps, warm-up unclear) is not used.
-- The non-attention MFU is the 1.3B model's (dim 1536); the 14B's larger matmuls probably run at a higher MFU.
-- ZeRO-3's per-tensor latency comes from one untuned 2-GPU difference (3.38 - 3.06 s, both inside the anneal).
-- Compiled blocks: fitted on one DiT step without checkpointing (recompute assumed at the same MFU), and the
-  per-step overhead is the eager one; no compiled training step has been measured."""
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="results path stem (default: dated, in results/)")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-    cal = calibrate()
-    found = checks(cal)
-    rows = prediction_table(cal)
-    preamble, table = markdown(cal, found, rows)
-    print(preamble, "\n", table, sep="\n")
-    if not args.no_write:
-        out = args.out or RESULTS / f"{time.strftime('%Y-%m-%d')}-scaling-model"
-        meta = dict(kind="predicted (analytical model), not measured", calibration=dataclasses.asdict(cal),
-                    checks=[dict(dataclasses.asdict(c), error=c.error) for c in found],
-                    workload=dataclasses.asdict(WAN14))
-        save_results("scaling-model", "H200 model", meta, rows, "Scaling model: wan2.1-14b over SP x DP x ZeRO",
-                     preamble, table, out=out)
-
-
 if __name__ == "__main__":
+    from scaling_report import main  # the report imports this module: run it from there, not as __main__'s copy
+
     main()
