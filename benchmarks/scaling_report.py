@@ -73,7 +73,16 @@ def efficiency(cal: Calibration) -> list[str]:
                   f"difference to this configuration: SP 1 {m1:.0f}, SP 2 {m2:.0f} ms). To reach {TARGET:.0%}, SP 2 "
                   f"must lose {_share(_needed(m1, m2), exchange)} from the measured steps, "
                   f"{_share(_needed(s1, s2), exchange)} in the model's own.", ""]
-    return lines
+    overhead, zero = 1e3 * cal.step_overhead_s, two["ZeRO collectives (reduce-scatter + all-gather)"]
+    return lines + [
+        f"Reading: the exchange (three passes under checkpointing: forward, backward, recompute) is the largest part "
+        f"of the gap and the fixed per-step overhead ({overhead:.0f} ms, the same at SP 1 and 2 in the model) the "
+        f"second ({overhead / 2:.0f} ms of it); ZeRO-2's two collectives cost {zero:.0f} ms, and the attention's "
+        "excess is the layer's per-call constant, which does not shrink with the heads per rank. Hiding the "
+        "whole exchange would reach 90 % from the measured steps but not in the model's own, where part of the "
+        "overhead would have to go too. The pipelined exchange is no measured route to it at this model's 6 heads "
+        "per rank: in `2026-11-30-h200x2-ulysses-overlap.md` two chunks of 3 heads gain nothing at H 12, P 2 "
+        "(blhd 40.0 vs 39.9 ms per layer fwd+bwd, bhld 40.0 vs 39.8).", ""]
 
 
 def _cell(p: dict) -> str:
@@ -180,6 +189,14 @@ This file replaces the one committed in 080126a (same date); its summary is kept
   max_memory_allocated (issue #12, bench_train.py). That SP 2 memory.used row is therefore 'fit' now; the SP 1 one
   (43.7 GiB) stays a check. The tables' GiB stay the allocated peak; "~" marks splits that fit allocated but not
   with the 10.5 GiB.
+- Effect on the wan2.1-14b table: its attention at L 75600 now lies between two lengths of today's kernels
+  (before: the sweep's shape, scaled at L 32768, which underestimated the forward at long L): the recipe's split
+  (32 GPUs, SP 8 x DP 4, ZeRO-3, checkpointing) 6.53 -> 6.76 s per step, with ZeRO-2 4.74 -> 4.96 s. Allocated
+  memory is unchanged; 5 cells that fit allocated are now marked "~".
+- Checks: 16 of 22 within before, 73 of 73 now (51 more rows: the overlap file and the re-measured layers). The 6
+  outside before: the forward at L 8192 (+48.6 %, now -1.7 % at beec4b4's level) and at L 131072 (-35.8 / -34.1 %,
+  now +2.9 / +5.2 % at the memory branch's level), L 8192 fwd+bwd (+16.2 %, now -1.8 %), and the memory.used peaks
+  (SP 1 -30.3 %, now -6.3 %; SP 2 now the unallocated term's fit row).
 - New section: the SP 2 efficiency of the 1.3B training step by part (issue #12).
 - The pipelined exchange (`parallel.overlap_chunks` > 1) is not modelled: see the limits below.
 - The report moved to `benchmarks/scaling_report.py` (scaling_model.py still runs it).
