@@ -9,11 +9,11 @@ Per optimizer step, per GPU (one sample per SP group, sequence split over SP = P
     non-attention  matmul FLOPs of the sample (bench_dit_step.model_flops, attention excluded) / P, times 3 (fwd +
                    bwd) or 4 (+ recompute under activation checkpointing), at an MFU fitted to the measured
                    "no attention" DiT step, eager or with compiled blocks
-    attention      SLA layer time t(L, heads, topk) = level x heads x (a x topk x L^2 + b x L), a (sparse blocks)
-                   and b (linear branch, block map, glue) fitted to a measured layer sweep, ``level`` the code's
-                   time over the sweep's at L 32768 (each measurement is predicted at the level of the code that ran
-                   it), at H / P heads per rank, times an in-model factor fitted to the measured DiT step (SLA minus
-                   no-attention)
+    attention      SLA layer time t(L, heads, topk) = level x (heads x (a x topk x L^2 + b x L) + c), a (sparse
+                   blocks), b (linear branch, block map, glue) and c (per call) solved through today's kernels at
+                   three lengths, ``level`` a code's time over the fit's at L 32768 (each measurement is predicted at
+                   the level of the code that ran it), at H / P heads per rank, times an in-model factor fitted to
+                   the measured DiT step (SLA minus no-attention)
     all-to-all     per attention pass (forward, backward, and the recompute under checkpointing) the four bf16
                    shards q, k, v and o (or their gradients), (L/P) x H x D x (P-1)/P bytes each per rank, in 2
                    collectives (the fused exchange) or 4 (DeepSpeed's); per-call latency and bandwidth fitted to
@@ -23,37 +23,35 @@ Per optimizer step, per GPU (one sample per SP group, sequence split over SP = P
                    ZeRO-3 - ZeRO-2 difference) at a bare all-to-all's measured rate inside a node; a ring over more
                    than one node runs at the inter-node bandwidth
 
-Memory per GPU: bf16 params (ZeRO-2 full, ZeRO-3 sharded) + fp32 gradient partition + fp32 Adam master, m, v
-(sharded) + DeepSpeed's reduce bucket + activations (bytes per token per layer fitted to the measured 112 GiB peak;
-with checkpointing, the block inputs plus one block's activations).
+Memory per GPU (allocated): bf16 params (ZeRO-2 full, ZeRO-3 sharded) + fp32 gradient partition + fp32 Adam
+master, m, v (sharded) + DeepSpeed's reduce bucket + activations (bytes per token per layer fitted to the measured
+112 GiB peak; with checkpointing, the block inputs plus one block's activations). nvidia-smi's memory.used adds what
+it was measured to count beyond the allocated peak on the same split (CUDA context, allocator reserve, NCCL).
 
     python benchmarks/scaling_model.py --out benchmarks/results/<date>-scaling-model   # checks, 14B tables, files
     python benchmarks/scaling_model.py --no-write                                      # print only
+
+The results file is written by scaling_report.py (which this script runs).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench_dit_step import PEAKS, Shape, model_flops
-from results_io import save_results
 from scaling_measurements import (
-    BARE_ALL_TO_ALL_GBPS, BENCH_TRAIN_TOPK, DIT_STEPS, EXCHANGE_CALLS, EXCHANGE_TIMINGS, LAYER_1129, LAYER_9C25E82,
-    LAYER_CHECKS, LAYER_NOW, LAYER_SWEEP, ULYSSES_1127, ULYSSES_HEAD_DIM, ULYSSES_L, DiTStep, ExchangeTiming,
-    LayerTiming,
+    BARE_ALL_TO_ALL_GBPS, BENCH_TRAIN_TOPK, DIT_STEPS, EXCHANGE_CALLS, EXCHANGE_CHECKS, EXCHANGE_TIMINGS, LAYER_1129,
+    LAYER_9C25E82, LAYER_CHECKS, LAYER_DFA268D, LAYER_FIT, LAYER_NOW, LAYER_SWEEP, ULYSSES_1127, ULYSSES_HEAD_DIM,
+    ULYSSES_L, DiTStep, ExchangeTiming, LayerTiming,
 )
 from sla_dist.models import VideoDiT, dit_config
 
 GIB = 2**30
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # --- assumptions: hardware and DeepSpeed defaults (not measured here) -----------------------------------------------
 
@@ -199,46 +197,54 @@ E2E_SP2 = TrainStep(Parallel(2, 1, exchange="deepspeed"), 0.875, 27.7, LAYER_9C2
 # --- the model, continued -------------------------------------------------------------------------------------------
 
 
+def _layer_terms(L: int, heads: float, topk: float) -> tuple[float, float, float]:
+    """The per-length terms of the SLA layer's time: sparse blocks (topk L^2 per head), the linear branch, block map
+    and glue (L per head), and a per-call constant (launch tails of its ~10 kernels, which dominate at small L)."""
+    return heads * topk * L**2, heads * L, 1.0
+
+
 @dataclass(frozen=True)
 class SLALayerFit:
-    """t(L, heads, topk) = level x heads x (a x topk x L^2 + b x L) ms, for the forward and for forward+backward:
-    (a, b) fitted to a sweep; ``level`` the ratio of a code's time to the sweep's at the sweep's point of its shape
-    (``base``). ``code`` is the code predictions are for."""
+    """t(L, heads, topk) = level x (heads x (a x topk x L^2 + b x L) + c) ms, for the forward and for
+    forward+backward: (a, b, c) solved through one code's timings at three lengths; ``level`` the ratio of a code's
+    time to the fit's at the shape every code level is measured at (``base``'s). ``code``: the code predictions are
+    for."""
 
-    fwd: tuple[float, float]
-    fwd_bwd: tuple[float, float]
+    fwd: tuple[float, float, float]
+    fwd_bwd: tuple[float, float, float]
     base: LayerTiming
     code: LayerTiming
 
     @staticmethod
     def fit(points: tuple[LayerTiming, ...], code: LayerTiming) -> SLALayerFit:
-        """Least squares in relative error over ``points``; the level of ``code`` is taken against the point of
-        ``points`` with its L, heads and topk."""
-        same = [p for p in points if (p.L, p.heads, p.topk) == (code.L, code.heads, code.topk)]
-        if not same:
-            raise ValueError(f"no point of the sweep has L={code.L}, heads={code.heads}, topk={code.topk}")
+        """Least squares in relative error over ``points`` (exact through three lengths); code levels are taken at
+        ``code``'s L, heads and topk."""
+        if len({p.L for p in points}) < 3:
+            raise ValueError(f"lengths {sorted({p.L for p in points})}: the three terms need at least three")
 
-        def one(attr: str) -> tuple[float, float]:
+        def one(attr: str) -> tuple[float, float, float]:
             y = np.array([getattr(p, attr) for p in points])
-            x = np.array([[p.heads * p.topk * p.L**2, p.heads * p.L] for p in points]) / y[:, None]
-            a, b = np.linalg.lstsq(x, np.ones(len(points)), rcond=None)[0]
-            return float(a), float(b)
-        return SLALayerFit(one("fwd_ms"), one("fwd_bwd_ms"), same[0], code)
+            x = np.array([_layer_terms(p.L, p.heads, p.topk) for p in points]) / y[:, None]
+            a, b, c = np.linalg.lstsq(x, np.ones(len(points)), rcond=None)[0]
+            return float(a), float(b), float(c)
+        return SLALayerFit(one("fwd_ms"), one("fwd_bwd_ms"), code, code)
+
+    def _fitted_ms(self, L: int, heads: float, topk: float, backward: bool) -> float:
+        coefficients = self.fwd_bwd if backward else self.fwd
+        return float(np.dot(coefficients, _layer_terms(L, heads, topk)))
 
     def level(self, backward: bool, code: LayerTiming | None = None) -> float:
-        """``code``'s time (default: the predicted code's) over the sweep's at the sweep's point of that shape."""
+        """``code``'s time (default: the predicted code's) over the fit's at the level shape."""
         code = code or self.code
         if (code.L, code.heads, code.topk) != (self.base.L, self.base.heads, self.base.topk):
             raise ValueError(f"code level at L={code.L}, heads={code.heads}, topk={code.topk}: it must be measured "
-                             f"at the sweep's L={self.base.L}, heads={self.base.heads}, topk={self.base.topk}")
-        attr = "fwd_bwd_ms" if backward else "fwd_ms"
-        return getattr(code, attr) / getattr(self.base, attr)
+                             f"at L={self.base.L}, heads={self.base.heads}, topk={self.base.topk}")
+        return (code.fwd_bwd_ms if backward else code.fwd_ms) / self._fitted_ms(code.L, code.heads, code.topk,
+                                                                               backward)
 
     def ms(self, L: int, heads: float, topk: float, backward: bool, code: LayerTiming | None = None) -> float:
-        """Milliseconds of one layer call at the level of ``code`` (default: the predicted code; ``base``: the
-        sweep's own)."""
-        a, b = self.fwd_bwd if backward else self.fwd
-        return self.level(backward, code) * heads * (a * topk * L**2 + b * L)
+        """Milliseconds of one layer call at the level of ``code`` (default: the predicted code)."""
+        return self.level(backward, code) * self._fitted_ms(L, heads, topk, backward)
 
 
 @dataclass(frozen=True)
@@ -325,6 +331,9 @@ class Calibration:
     zero3_gather_latency_s: float
     """Per all-gathered parameter tensor per pass, ZeRO-3 only (hooks, small collectives)."""
     activation_bytes_per_dim: float
+    unallocated_bytes: float
+    """Device memory nvidia-smi's memory.used counts beyond the allocated peak (CUDA context, the caching allocator's
+    reserve, NCCL buffers): the same split measured both ways."""
     """Bytes kept per token per layer per model channel, beside MLP_ACTIVATION_BYTES_PER_FFN x ffn."""
     cluster: Cluster = field(default_factory=Cluster)
 
@@ -340,8 +349,14 @@ class Prediction:
     step_s: float
     time_parts: dict[str, float]
     memory_bytes: float
+    """Allocated (``torch.cuda.max_memory_allocated``)."""
     memory_parts: dict[str, float]
     fits: bool
+    """The allocated peak fits the GPU."""
+    used_bytes: float
+    """What nvidia-smi would show: allocated plus ``Calibration.unallocated_bytes``."""
+    fits_used: bool
+    """``used_bytes`` fits too (else the run relies on the allocator giving its cache back under pressure)."""
 
 
 def a2a_bytes(tokens: int, P: int, channels: int) -> float:
@@ -394,8 +409,9 @@ def predict(work: Workload, par: Parallel, cal: Calibration, counts: ModelCounts
     # Checkpointing keeps each block's input and rebuilds one block's activations at a time.
     acts = (s.layers * local * BF16 * s.dim + local * per_token_layer) if ckpt else s.layers * local * per_token_layer
     memory = dict(states=states, reduce_bucket=BF16 * REDUCE_BUCKET_ELEMENTS, activations=acts)
-    total = sum(memory.values())
-    return Prediction(sum(times.values()), times, total, memory, total <= cal.cluster.capacity_bytes)
+    total, cap = sum(memory.values()), cal.cluster.capacity_bytes
+    used = total + cal.unallocated_bytes
+    return Prediction(sum(times.values()), times, total, memory, total <= cap, used, used <= cap)
 
 
 WAN13 = Workload("wan2.1-1.3b", (21, 60, 104))  # bench_dit_step.py / bench_train.py: 32760 tokens
@@ -406,14 +422,14 @@ def calibrate(cluster: Cluster | None = None) -> Calibration:
     """Fit each free parameter to one measurement (in this order, each using those before it)."""
     cluster = cluster or Cluster()
     s = WAN13.shape
-    sla = SLALayerFit.fit(LAYER_SWEEP, LAYER_NOW)
+    sla = SLALayerFit.fit(LAYER_FIT, LAYER_NOW)
     # Non-attention MFU and the in-model attention factor, eager and compiled: each from its pair of DiT steps.
     blocks = {name: BlockFit.fit(step, sla, cluster) for name, step in DIT_STEPS.items()}
     # Exchanges: latency and bandwidth of each from its two measured volumes; plain collectives at the median rate
     # of the bare all-to-all (no packing copies, as ZeRO's flat buffers).
     exchanges = {name: ExchangeFit.fit(name, EXCHANGE_TIMINGS) for name in EXCHANGE_CALLS}
     collective = float(np.median(BARE_ALL_TO_ALL_GBPS)) * 1e9
-    cal = Calibration(sla, blocks, exchanges, collective, 0.0, 0.0, 0.0, cluster)
+    cal = Calibration(sla, blocks, exchanges, collective, 0.0, 0.0, 0.0, 0.0, cluster)
     # Fixed per-step overhead: the 1-GPU checkpointed training step minus the same DiT step and Adam.
     cal.step_overhead_s = TRAIN_1GPU_CKPT.step_s - TRAIN_1GPU_CKPT.predicted(cal).step_s
     # ZeRO-3 latency per gathered tensor: the measured ZeRO-3 - ZeRO-2 step difference at SP = 2 beyond the bytes
@@ -426,6 +442,9 @@ def calibrate(cluster: Cluster | None = None) -> Calibration:
     per_token_layer = ((TRAIN_1GPU_NO_CKPT.peak_gib * GIB - base["states"] - base["reduce_bucket"])
                        / (s.layers * s.tokens))
     cal.activation_bytes_per_dim = (per_token_layer - MLP_ACTIVATION_BYTES_PER_FFN * s.ffn) / s.dim
+    # Unallocated memory: the same split (SP 2, checkpointing, ZeRO-2, DeepSpeed's exchange) by nvidia-smi in the
+    # 2026-11-30 end-to-end run minus its allocated peak in issue #12's bench_train.py; no prediction enters.
+    cal.unallocated_bytes = (E2E_SP2.peak_gib - TRAIN_2GPU_CKPT[2].peak_gib) * GIB
     return cal
 
 
@@ -464,7 +483,8 @@ def _direction(backward: bool) -> str:
 def _layer_checks(cal: Calibration) -> list[Check]:
     """The layer sweep (fitted at its own code level) and the later layer timings (checks at theirs)."""
     out = []
-    for points, role in ((tuple((p, cal.sla.base) for p in LAYER_SWEEP), "fit"), (LAYER_CHECKS, "check")):
+    for points, role in ((((p, LAYER_NOW) for p in LAYER_FIT), "fit"), (LAYER_CHECKS, "check"),
+                         (((p, LAYER_DFA268D) for p in LAYER_SWEEP), "history")):
         for p, code in points:
             for backward in (False, True):
                 measured = p.fwd_bwd_ms if backward else p.fwd_ms
@@ -475,14 +495,15 @@ def _layer_checks(cal: Calibration) -> list[Check]:
 
 
 def _exchange_checks(cal: Calibration) -> list[Check]:
-    """Each exchange timing (fitted), the Ulysses layer at P = 2 as the same file's P = 1 layer / P plus the
-    modelled exchange (checks: the additive form), and 2026-11-27's Ulysses layers (history: older exchange)."""
+    """Each exchange timing (fitted, or a check where a later run re-measured it), the Ulysses layer at P = 2 as the
+    same run's P = 1 layer / P plus the modelled exchange (checks: the additive form), and 2026-11-27's Ulysses
+    layers (history: older exchange)."""
     out = []
-    for e in EXCHANGE_TIMINGS:
+    for e, role in [(e, "fit") for e in EXCHANGE_TIMINGS] + [(e, "check") for e in EXCHANGE_CHECKS]:
         ex = cal.exchanges[e.exchange]
         channels = e.heads * ULYSSES_HEAD_DIM
         out.append(Check(f"{e.exchange} exchange fwd+bwd, P {e.P}, H {e.heads}, L {e.L} ({e.source})",
-                         e.exchange_ms, 2e3 * ex.pass_s(e.L, e.P, channels), "ms", "fit"))
+                         e.exchange_ms, 2e3 * ex.pass_s(e.L, e.P, channels), "ms", role))
         for backward, measured, one in ((False, e.fwd_ms, e.one.fwd_ms), (True, e.fwd_bwd_ms, e.one.fwd_bwd_ms)):
             model = one / e.P + (1 + backward) * 1e3 * ex.pass_s(e.L, e.P, channels)
             out.append(Check(f"Ulysses layer {_direction(backward)}, {e.exchange}, P {e.P}, H {e.heads}, L {e.L}: "
@@ -490,7 +511,7 @@ def _exchange_checks(cal: Calibration) -> list[Check]:
     ex = cal.exchanges["deepspeed"]
     for P, H, fwd, fwd_bwd in ULYSSES_1127:
         for backward, measured in ((False, fwd), (True, fwd_bwd)):
-            model = (cal.sla.ms(ULYSSES_L, H / P, 0.05, backward, cal.sla.base)
+            model = (cal.sla.ms(ULYSSES_L, H / P, 0.05, backward, LAYER_DFA268D)
                      + (1 + backward) * 1e3 * ex.pass_s(ULYSSES_L, P, H * ULYSSES_HEAD_DIM))
             out.append(Check(f"Ulysses layer {_direction(backward)}, P {P}, H {H}, L {ULYSSES_L} "
                              "(2026-11-27-h200x4-sequence-parallel.md, 11-27 code and exchange; 2026-11-30 "
@@ -515,7 +536,7 @@ TRAIN_ROLES = (
     (TRAIN_2GPU_CKPT[2], "history", "check"),
     (TRAIN_2GPU_CKPT[3], "history", "check"),
     (E2E_SP1, "check", "check"),
-    (E2E_SP2, "check", "check"),
+    (E2E_SP2, "check", "fit"),
 )
 
 
@@ -532,7 +553,8 @@ def checks(cal: Calibration) -> list[Check]:
         if step_role:
             out.append(Check(_train_name(t, "step"), t.step_s, p.step_s, "s", step_role))
         if peak_role:
-            out.append(Check(_train_name(t, "peak"), t.peak_gib, p.memory_bytes / GIB, "GiB", peak_role))
+            peak = p.used_bytes if t.peak_kind == _SMI else p.memory_bytes
+            out.append(Check(_train_name(t, "peak"), t.peak_gib, peak / GIB, "GiB", peak_role))
     return out
 
 
@@ -555,148 +577,14 @@ def prediction_table(cal: Calibration, work: Workload = WAN14) -> list[dict]:
                         p = predict(work, Parallel(sp, gpus // sp, stage, ckpt, compile=compiled), cal, counts)
                         key = "ckpt" if ckpt else "no_ckpt"
                         row[key] = dict(step_s=p.step_s, tokens_per_s_per_gpu=work.shape.tokens / sp / p.step_s,
-                                        memory_gib=p.memory_bytes / GIB, fits=p.fits, time_parts=p.time_parts,
+                                        memory_gib=p.memory_bytes / GIB, fits=p.fits,
+                                        used_gib=p.used_bytes / GIB, fits_used=p.fits_used, time_parts=p.time_parts,
                                         memory_gib_parts={k: v / GIB for k, v in p.memory_parts.items()})
                     rows.append(row)
     return rows
 
 
-def _cell(p: dict) -> str:
-    mark = "" if p["fits"] else " ✗"
-    return f"{p['step_s']:.2f} | {p['tokens_per_s_per_gpu']:.0f} | {p['memory_gib']:.1f}{mark}"
-
-
-def _summary(found: list[Check]) -> list[str]:
-    """Which 'check' rows are within TOLERANCE and which are not, by name."""
-    held = [c for c in found if c.role == "check"]
-    inside, outside = [c for c in held if c.within], [c for c in held if not c.within]
-    lines = [f"**Checks: {len(inside)} of {len(held)} within ±{TOLERANCE:.0%}.**", ""]
-    for title, group in (("Within", inside), ("Outside", outside)):
-        lines += [f"{title}:", ""] + [f"- {c.name}: {c.measured:.3g} {c.unit} measured, {c.predicted:.3g} predicted "
-                                      f"({c.error:+.1%})" for c in group] + [""]
-    return lines
-
-
-def _blocks_table(rows: list[dict], compiled: bool) -> list[str]:
-    out = ["| GPUs | SP | DP | ZeRO | ckpt: step s | tok/s/GPU | GiB/GPU | no ckpt: step s | tok/s/GPU | GiB/GPU |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    return out + [f"| {r['gpus']} | {r['sp']} | {r['dp']} | {r['zero_stage']} | {_cell(r['ckpt'])} | "
-                  f"{_cell(r['no_ckpt'])} |" for r in rows if r["compile"] == compiled]
-
-
-def markdown(cal: Calibration, found: list[Check], rows: list[dict]) -> tuple[str, str]:
-    """The preamble (changes, check summary, fitted parameters, checks) and the prediction tables."""
-    cap = cal.cluster.capacity_bytes / GIB
-    sla, ex = cal.sla, cal.exchanges
-    lines = ["All times and memory below the checks are **predicted** by `benchmarks/scaling_model.py` (no GPU was "
-             "used); the *measured* column of the checks is H200 data, each row naming its results file under "
-             "`benchmarks/results/` (or issue #12). Model: see the script's docstring.", "",
-             CHANGES, ""] + _summary(found) + [
-             "## Fitted parameters", "",
-             f"- SLA layer (per head, ms): fwd+bwd = level x ({sla.fwd_bwd[0]:.3e} x topk x L^2 + "
-             f"{sla.fwd_bwd[1]:.3e} x L); fwd = level x ({sla.fwd[0]:.3e} x topk x L^2 + {sla.fwd[1]:.3e} x L), "
-             f"fitted to the 2026-11-27 sweep; predicted at the level of {sla.code.source}: "
-             f"{sla.level(True):.3f} (fwd+bwd), {sla.level(False):.3f} (fwd)",
-             *(f"- {name} blocks: non-attention MFU {b.mfu:.1%} (recompute counted), attention in the DiT / "
-               f"isolated layer {b.attention_in_model:.2f} ({DIT_STEPS[name].source})"
-               for name, b in cal.blocks.items()),
-             *(f"- {name} Ulysses exchange: {f.calls} all-to-alls per pass, {f.latency_s * 1e3:.3f} ms per call + "
-               f"{f.bytes_per_s / 1e9:.0f} GB/s" for name, f in ex.items()),
-             f"- plain collectives inside a node (ZeRO): {cal.collective_bytes_per_s / 1e9:.0f} GB/s (median bare "
-             f"all_to_all_single); inter-node {cal.cluster.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU (assumed), "
-             f"{cal.cluster.gpus_per_node} GPUs per node",
-             f"- per-step overhead {cal.step_overhead_s:.3f} s; ZeRO-3 {cal.zero3_gather_latency_s * 1e3:.3f} ms per "
-             f"gathered tensor per pass; activations {cal.activation_bytes_per_dim:.1f} B x dim + "
-             f"{MLP_ACTIVATION_BYTES_PER_FFN} B x ffn per token per layer", "",
-             f"## Checks (tolerance ±{TOLERANCE:.0%} on 'check' rows)", "",
-             "| measurement | role | measured | predicted | error |", "|---|---|---|---|---|"]
-    for c in found:
-        flag = "" if c.role != "check" or c.within else " **outside**"
-        lines.append(f"| {c.name} | {c.role} | {c.measured:.3g} {c.unit} | {c.predicted:.3g} {c.unit} | "
-                     f"{c.error:+.1%}{flag} |")
-    parts = rows[0]["ckpt"]
-    table = [f"## Predicted: wan2.1-14b, {WAN14.shape.tokens} tokens per sample, topk {WAN14.topk}, one sample per "
-             f"SP group per step, eager blocks (the recipes' default), fused exchange", "",
-             f"✗: more than {cap:.1f} GiB ({cal.cluster.capacity_bytes / 1e9:.0f} GB) per GPU.", ""]
-    table += _blocks_table(rows, compiled=False)
-    table += ["", "Where the time and memory go (predicted, checkpointing), recipes/wan14b_sla_sp8.yaml's 32 GPUs:", "",
-              "| SP x DP | ZeRO | blocks | " + " | ".join(f"{k} s" for k in parts["time_parts"]) + " | "
-              + " | ".join(f"{k} GiB" for k in parts["memory_gib_parts"]) + " |",
-              "|---|---|---|" + "---|" * (len(parts["time_parts"]) + len(parts["memory_gib_parts"]))]
-    for r in rows:
-        if r["gpus"] == 32 and r["sp"] == 8:
-            p = r["ckpt"]
-            table.append(f"| {r['sp']} x {r['dp']} | {r['zero_stage']} | {'compiled' if r['compile'] else 'eager'} | "
-                         + " | ".join(f"{v:.2f}" for v in p["time_parts"].values()) + " | "
-                         + " | ".join(f"{v:.1f}" for v in p["memory_gib_parts"].values()) + " |")
-    table += ["", "### Compiled blocks (`model.compile`; ZeRO-2 only: the recipe refuses it with ZeRO-3)", "",
-              "The compiled fit is one DiT step without checkpointing (no compiled training step was measured); "
-              "memory is the eager model's (compiled memory not modelled).", ""]
-    table += _blocks_table(rows, compiled=True)
-    return "\n".join(lines), "\n".join(table + ["", CAVEATS])
-
-
-CHANGES = """## What changed from 2026-11-29
-
-- SLA layer level: main's current layer (beec4b4, CUDA graphs, L 32768: 1.579 / 5.444 ms fwd / fwd+bwd,
-  `2026-11-30-h200x2-bias-grad-compiled-sp.md`) instead of 2026-11-29's (1.879 / 7.534 ms). Each measurement is now
-  predicted at the level of the code that ran it: issue #12's runs at 2026-11-29's, the 2026-11-30 end-to-end runs at
-  9c25e82's (e0fe62c's kernels), the exchange timings and the compiled DiT step at the memory branch's tree.
-- Ulysses exchange: fitted to the directly measured exchange (`2026-11-30-h200x2-ulysses-exchange.md`, blhd, P 2,
-  H 12 and 24), the fused one (2 all-to-alls per pass, the default now) and DeepSpeed's (4) each on its own. Before,
-  one latency and bandwidth came from 2026-11-27's layer times at P 2 and 4 minus P 1 / P: those rows are now
-  'history' (older code and exchange). The same file's P 2 layer times are checks (its P 1 layer / P + exchange).
-- ZeRO collectives inside a node: at the median bare all_to_all_single rate of that file (280 GB/s) instead of the
-  old Ulysses fit's 108 GB/s.
-- 1- and 2-GPU training checks: `2026-11-30-h200x2-e2e-train.md` (the wan1.3b recipe, ZeRO-2, checkpointing, steady
-  topk 0.05). 2026-11-29's SP 2 checkpointed steps (3.06 / 3.38 s, timed inside the topk anneal) are kept as
-  'history' rows at the anneal's mean topk; their "steady topk 0.05" check rows are dropped; their difference still
-  fixes ZeRO-3's per-tensor latency and their peaks stay checks (the model's memory does not depend on topk).
-- Compiled blocks: new (`Parallel.compile`). Their MFU and attention factor are fitted to
-  `2026-11-30-h200-dit-step-compiled.md` (a fit: no compiled measurement is left to check them); a second table.
-- New layer checks: L 8192 in CUDA graphs (main), L 131072 at P 1 (the exchange file's tree).
-- Roles: 'hypothesis' became 'history' (shown, not held to the tolerance)."""
-
-CAVEATS = """## Limits of the prediction
-
-- Assumed, not measured: the inter-node bandwidth (no multi-node run yet); ZeRO collectives inside a node at a bare
-  2-rank all-to-all's rate (no 8-rank ring was measured); no overlap of ZeRO traffic with compute (the strategy sets
-  `overlap_comm: False`); the exchange's P 2 latency and bandwidth at P 4 and 8.
-- The SLA level comes from L 32768 alone. At L 131072 (P 1, the exchange file's tree with the memory branch, fixed
-  launch settings) the level-scaled fit is 11-14 % under the measured fwd+bwd and 34-36 % under the forward: the
-  14B's attention (L 75600) may be underestimated. A timing of main's layer at L 75600 and 131072 would settle it.
-  At L 8192 in CUDA graphs the fit is over the measurement (the two-term fit has no per-call term; its residuals
-  are -23 % at L 16384 and +12 / +25 % at L 32768 on the sweep).
-- Memory: the model counts allocated bytes; the 2026-11-30 end-to-end peaks are nvidia-smi's memory.used
-  (allocator cache and CUDA context included) and lie 11-13 GiB above it. A ✓ within ~13 GiB of the limit may not
-  fit in practice.
-- The 2026-11-30 end-to-end steps ran SLACallback's sparsity measurement in every step (log_every_n_steps=1); the
-  per-step overhead was fitted to issue #12's 1.43 s step, whose logging is not recorded. The resumed session's
-  1.33 s (two steps, warm-up unclear) is not used.
-- The non-attention MFU is the 1.3B model's (dim 1536); the 14B's larger matmuls probably run at a higher MFU.
-- ZeRO-3's per-tensor latency comes from one untuned 2-GPU difference (3.38 - 3.06 s, both inside the anneal).
-- Compiled blocks: fitted on one DiT step without checkpointing (recompute assumed at the same MFU), and the
-  per-step overhead is the eager one; no compiled training step has been measured."""
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="results path stem (default: dated, in results/)")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-    cal = calibrate()
-    found = checks(cal)
-    rows = prediction_table(cal)
-    preamble, table = markdown(cal, found, rows)
-    print(preamble, "\n", table, sep="\n")
-    if not args.no_write:
-        out = args.out or RESULTS / f"{time.strftime('%Y-%m-%d')}-scaling-model"
-        meta = dict(kind="predicted (analytical model), not measured", calibration=dataclasses.asdict(cal),
-                    checks=[dict(dataclasses.asdict(c), error=c.error) for c in found],
-                    workload=dataclasses.asdict(WAN14))
-        save_results("scaling-model", "H200 model", meta, rows, "Scaling model: wan2.1-14b over SP x DP x ZeRO",
-                     preamble, table, out=out)
-
-
 if __name__ == "__main__":
+    from scaling_report import main  # the report imports this module: run it from there, not as __main__'s copy
+
     main()
