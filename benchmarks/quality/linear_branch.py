@@ -51,24 +51,22 @@ class BranchStats:
     """One layer's sums over heads and clips: branch sizes, O_l's spread and rounding, and two projection fits."""
 
     def __init__(self, head_dim: int, keep_rows: bool = False) -> None:
-        self.sums = dict.fromkeys(("o_s", "o_l", "spread", "bf16_noise", "residual_spread"), 0.0)
+        self.sums = dict.fromkeys(("o_s", "o_l", "spread", "bf16_noise"), 0.0)
         self.fit = ProjectionFit.empty(head_dim, torch.device("cpu"))
         self.fit_bf16 = ProjectionFit.empty(head_dim, torch.device("cpu"))
-        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = [] if keep_rows else None
+        self.rows: list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]] | None = [] if keep_rows else None
         self.by_clip: dict[int, ProjectionFit] = {}
 
     def add_head(self, o_s: torch.Tensor, o_l: torch.Tensor, reference: torch.Tensor, clip: int) -> None:
         """o_s, o_l, reference: one head's [L, D] (float32) of held-out clip ``clip``."""
         rounded = o_l.bfloat16().float()
-        residual = reference - o_s
-        for key, value in (("o_s", o_s), ("o_l", o_l), ("spread", o_l - o_l.mean(0)), ("bf16_noise", rounded - o_l),
-                           ("residual_spread", residual - residual.mean(0))):
+        for key, value in (("o_s", o_s), ("o_l", o_l), ("spread", o_l - o_l.mean(0)), ("bf16_noise", rounded - o_l)):
             self.sums[key] += float(value.double().square().sum())
         self.fit.add(o_s, o_l, reference)
         self.fit_bf16.add(o_s, rounded, reference)
         self.by_clip.setdefault(clip, ProjectionFit.empty(o_l.shape[-1], torch.device("cpu"))).add(o_s, o_l, reference)
         if self.rows is not None:
-            self.rows.append((o_s, o_l, reference))
+            self.rows.append(((o_s, o_l, reference), clip))
 
     def effective_rank(self) -> float:
         """Participation ratio (sum lambda)^2 / sum lambda^2 of the covariance of O_l's rows."""
@@ -94,51 +92,69 @@ class BranchStats:
                 best = min(best, error)
         return best
 
-    def transfer_errors(self) -> dict[str, float]:
-        """With two or more clips: the fit of clip 0 (least squares, and the best ridge of the path) applied to the
-        other clips, against their own sparse error."""
-        if len(self.by_clip) < 2:
-            return {}
-        fitted, *others = (self.by_clip[c] for c in sorted(self.by_clip))
-        held = ProjectionFit.empty(self.fit.gram.shape[0] - 1, torch.device("cpu"))
-        for fit in others:
-            for key in ("gram", "cross"):
-                getattr(held, key).add_(getattr(fit, key))
-            held.residual_sq += fit.residual_sq
-            held.reference_sq += fit.reference_sq
-            held.rows += fit.rows
-        path = [held.error(*fitted.solve(ridge)[:2]) for ridge in RIDGES]
-        return {"held_out_sparse_error": held.sparse_error, "held_out_error_of_clip0_fit": path[0],
-                "held_out_error_best_ridge": min(path), "held_out_error_ridge_1e-3": path[RIDGES.index(1e-3)]}
+    def _pooled(self, clips: list[int]) -> ProjectionFit:
+        pooled = ProjectionFit.empty(self.fit.gram.shape[0] - 1, torch.device("cpu"))
+        for fit in (self.by_clip[c] for c in clips):
+            pooled.gram += fit.gram
+            pooled.cross += fit.cross
+            pooled.residual_sq += fit.residual_sq
+            pooled.reference_sq += fit.reference_sq
+            pooled.rows += fit.rows
+        return pooled
 
-    def adam_error(self, lr: float, steps: int) -> tuple[float, float]:
-        """(error, ||W||_F) after ``steps`` full-batch Adam steps of lr ``lr`` on the fit's own objective, from
-        W = 0, b = 0 as conversion leaves proj_l: how far the optimizer of the fine-tune gets on it with nothing
-        else moving and no gradient noise."""
-        o_s, o_l, reference = (torch.cat(t) for t in zip(*self.rows))
+    def split(self) -> tuple[list[int], list[int]]:
+        """(fitted, held-out) clips: even and odd ones, so that both spread over the noise levels; with one clip,
+        that clip and none."""
+        clips = sorted(self.by_clip)
+        return clips[::2], clips[1::2]
+
+    def transfer_errors(self) -> dict[str, float]:
+        """With two or more clips: the fit of the even clips (least squares, and the best ridge of the path) applied
+        to the odd ones, against their own sparse error."""
+        fitted, held = (self._pooled(c) for c in self.split())
+        if not held.rows:
+            return {}
+        path = [held.error(*fitted.solve(ridge)[:2]) for ridge in RIDGES]
+        return {"held_out_sparse_error": held.sparse_error, "held_out_error_of_fit": path[0],
+                "held_out_error_best_ridge": min(path)}
+
+    def adam_errors(self, lr: float, steps: int) -> dict[str, float]:
+        """``steps`` full-batch Adam steps of lr ``lr`` on the least-squares objective of the fitted clips' rows,
+        from W = 0, b = 0 as conversion leaves proj_l (how far the fine-tune's optimizer gets on it with nothing
+        else moving and no gradient noise): the error on those rows, ||W||_F and, with held-out clips, the error
+        there."""
+        fit_clips, held_clips = self.split()
+        o_s, o_l, reference = (torch.cat(t) for t in zip(*(r for r, c in self.rows if c in fit_clips)))
         residual = reference - o_s
         D = o_l.shape[-1]
         weight = torch.zeros(D, D, requires_grad=True)
         bias = torch.zeros(D, requires_grad=True)
         opt = torch.optim.Adam([weight, bias], lr=lr)
-        for _ in range(steps):
-            loss = (F.linear(o_l, weight, bias) - residual).square().sum() / self.fit.reference_sq
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return self.fit.error(weight.double(), bias.double()), float(weight.norm())
+        scale = self._pooled(fit_clips).reference_sq
+        with torch.enable_grad():  # the layer visits run under no_grad
+            for _ in range(steps):
+                loss = (F.linear(o_l, weight, bias) - residual).square().sum() / scale
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        solution = weight.detach().double(), bias.detach().double()
+        tag = f"adam_{lr:g}x{steps}"
+        out = {f"error_{tag}": self._pooled(fit_clips).error(*solution), f"weight_norm_{tag}": float(weight.norm())}
+        if held_clips:
+            out[f"held_out_error_{tag}"] = self._pooled(held_clips).error(*solution)
+        return out
 
     def summary(self, reach: list[float], adam: list[tuple[float, int]] = ()) -> dict[str, float]:
         s = self.sums
         weight, _, best = self.fit.solve(1e-9)  # a tiny ridge keeps the solve finite
-        return {"o_l_over_o_s": (s["o_l"] / s["o_s"]) ** 0.5, "spread": (s["spread"] / s["o_l"]) ** 0.5,
-                "bf16_noise_over_spread": (s["bf16_noise"] / s["spread"]) ** 0.5,
+        ratio = lambda a, b: (s[a] / max(s[b], 1e-300)) ** 0.5  # noqa: E731
+        return {"o_l_over_o_s": ratio("o_l", "o_s"), "spread": ratio("spread", "o_l"),
+                "bf16_noise_over_spread": ratio("bf16_noise", "spread"),
                 "effective_rank": self.effective_rank(), "sparse_error": self.fit.sparse_error,
                 "bias_error": self.bias_error(), "best_error": best, "best_error_bf16": self.fit_bf16.solve(1e-9)[2],
                 "best_weight_norm": float(weight.norm()),
                 **{f"error_reach_{r:g}": self.reachable_error(r) for r in reach}, **self.transfer_errors(),
-                **{f"{key}_adam_{lr:g}x{steps}": value for lr, steps in adam
-                   for key, value in zip(("error", "weight_norm"), self.adam_error(lr, steps))}}
+                **{k: v for lr, steps in adam for k, v in self.adam_errors(lr, steps).items()}}
 
 
 def head_branches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sla: SLAConfig, topk: float):
