@@ -1,5 +1,6 @@
 """The quality study's analysis tools on a tiny pretrained checkpoint: attention_mass.py (kept softmax mass and the
-least-squares proj_l's error per layer) and conversion_loss.py (validation loss right after conversion)."""
+least-squares proj_l's error per layer), conversion_loss.py (validation loss right after conversion) and
+linear_branch.py (what the linear branch holds and how much of it a proj_l reaches)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
 sys.path.insert(0, str(QUALITY))
 
 import attention_mass  # noqa: E402
 import conversion_loss  # noqa: E402
+import linear_branch  # noqa: E402
 import quality_study as qs  # noqa: E402
 
 
@@ -50,3 +53,35 @@ def test_conversion_loss(checkpoint, tmp_path):
     first = [next(iter(report["layers"].values())) for report in (r["calibration"], r["calibration_sequential"])]
     assert first[0]["calibrated_error"] == pytest.approx(first[1]["calibrated_error"], rel=1e-6)
     assert r["calibration"]["sparse_error"] != pytest.approx(r["calibration_sequential"]["sparse_error"], rel=1e-6)
+
+
+def test_linear_branch(checkpoint, tmp_path):
+    out = tmp_path / "branch.json"
+    linear_branch.main(["--resume-from", str(checkpoint), "--topk", "0.25", "--clips", "2", "--layers", "0",
+                        "--reach", "0", "1e9", "--adam-lr", "1e-2", "--adam-steps", "20", "--json", str(out)])
+    (layer,) = json.loads(out.read_text())["layers"]
+    assert layer["layer"] == 0 and 0 < layer["spread"] <= 1 and 1 <= layer["effective_rank"] <= 32
+    # the least-squares W, b beat W = 0 with the best b, which beats proj_l = 0 (b = 0 is a candidate)
+    assert layer["best_error"] <= layer["bias_error"] + 1e-9 <= layer["sparse_error"] + 2e-9
+    # a norm bound of 0 leaves the bias fit; no bound reaches the least-squares W (the smallest ridge)
+    assert layer["error_reach_0"] == pytest.approx(layer["bias_error"])
+    assert layer["error_reach_1e+09"] == pytest.approx(layer["best_error"], rel=1e-6)
+    assert layer["error_adam_0.01x20"] < layer["sparse_error"] and layer["weight_norm_adam_0.01x20"] > 0
+    assert layer["held_out_sparse_error"] > 0 and layer["held_out_error_best_ridge"] <= layer["held_out_error_of_fit"]
+    assert layer["held_out_error_adam_0.01x20"] > 0
+
+
+def test_branch_stats_on_known_rows():
+    """A residual O - O_s that is exactly O_l W^T + b: the least-squares fit recovers it (error 0, ||W*|| = ||W||);
+    a constant O_l has no spread and leaves the bias fit as the best."""
+    g = torch.Generator().manual_seed(0)
+    o_s, o_l = torch.randn(2, 500, 8, generator=g)
+    weight, bias = torch.randn(8, 8, generator=g), torch.randn(8, generator=g)
+    stats = linear_branch.BranchStats(8)
+    stats.add_head(o_s, o_l, o_s + o_l @ weight.T + bias, clip=0)
+    summary = stats.summary([])
+    assert summary["best_error"] < 1e-6 and summary["best_weight_norm"] == pytest.approx(float(weight.norm()), rel=1e-4)
+    flat = linear_branch.BranchStats(8)
+    flat.add_head(o_s, o_l[:1].expand(500, 8), o_s + o_l @ weight.T, clip=0)
+    summary = flat.summary([])
+    assert summary["spread"] < 1e-6 and summary["best_error"] == pytest.approx(summary["bias_error"], rel=1e-4)

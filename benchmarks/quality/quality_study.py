@@ -97,6 +97,8 @@ lr (a second AdamW param group): at 1e-4 proj_l learned nothing measurable in 70
 fitted by least squares to the dense model's attention on N training clips (``sla_dist.calibrate_projections``):
 ``attention_mass.py`` found that fit far below the sparse branch's error on the pretrained model, but on an
 H200 the fine-tune from it ended behind sparse-only (results/2026-11-30-quality-study-h200-calibrated.md).
+``linear_branch.py`` shows why neither helps: with the softmax feature map O_l is mostly one vector per head and
+clip, and the proj_l that lowers one clip's attention error raises another's (2026-11-30-quality-linear-branch-cpu.md).
 """
 
 from __future__ import annotations
