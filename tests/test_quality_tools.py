@@ -85,3 +85,20 @@ def test_branch_stats_on_known_rows():
     flat.add_head(o_s, o_l[:1].expand(500, 8), o_s + o_l @ weight.T, clip=0)
     summary = flat.summary([])
     assert summary["spread"] < 1e-6 and summary["best_error"] == pytest.approx(summary["bias_error"], rel=1e-4)
+
+
+def test_linear_variants_change_only_o_l():
+    """The screens act on O_l alone: a phi scale of 1 is the default branch, another scale changes O_l but not O_s or
+    the reference, and centring leaves O_l with zero mean over the queries and the same query-dependent part."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 1, 1, 500, 16, generator=g)
+    sla = linear_branch.SLAConfig(block_q=64, block_k=64)
+    base = linear_branch.head_branches(q, k, v, sla, 0.25)
+    same = linear_branch.head_branches(q, k, v, sla, 0.25, linear_branch.LinearVariant(phi_scale=1.0))
+    sharp = linear_branch.head_branches(q, k, v, sla, 0.25, linear_branch.LinearVariant(phi_scale=4.0))
+    centred = linear_branch.head_branches(q, k, v, sla, 0.25, linear_branch.LinearVariant(center=True))
+    assert all(torch.equal(a, b) for a, b in zip(base, same))
+    assert torch.equal(sharp[0], base[0]) and torch.equal(sharp[2], base[2])
+    assert (sharp[1] - base[1]).norm() > 0.05 * base[1].norm()
+    assert centred[1].mean(dim=0).abs().max() < 1e-6
+    torch.testing.assert_close(centred[1], base[1] - base[1].mean(dim=0, keepdim=True))

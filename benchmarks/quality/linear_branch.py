@@ -157,11 +157,28 @@ class BranchStats:
                 **{k: v for lr, steps in adam for k, v in self.adam_errors(lr, steps).items()}}
 
 
-def head_branches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sla: SLAConfig, topk: float):
+@dataclasses.dataclass(frozen=True)
+class LinearVariant:
+    """Screens of changes to the linear branch that the kernels do not have (yet): measured here first."""
+
+    phi_scale: float = 1.0
+    """phi's input is phi_scale * q and phi_scale * k (a temperature: > 1 sharpens the softmax feature map)."""
+    center: bool = False
+    """O_l minus its mean over the head's queries, so proj_l sees only the query-dependent part."""
+
+
+def head_branches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sla: SLAConfig, topk: float,
+                  variant: LinearVariant = LinearVariant()):
     """(O_s, O_l, full attention) of one head, [1, 1, L, D] float32 each -> [L, D] each."""
     bm = predict_block_map(q, k, topk=topk, negligible=0.0, block_q=sla.block_q, block_k=sla.block_k, kernels=False)
     o_s, o_l, _ = sla_branches_ref(q, k, v, bm, feature_map=sla.feature_map, linear_scope="marginal")
-    return o_s[0, 0], o_l[0, 0], F.scaled_dot_product_attention(q, k, v)[0, 0]
+    if variant.phi_scale != 1.0:
+        s = variant.phi_scale
+        _, o_l, _ = sla_branches_ref(q * s, k * s, v, bm, feature_map=sla.feature_map, linear_scope="marginal")
+    o_l = o_l[0, 0]
+    if variant.center:
+        o_l = o_l - o_l.mean(dim=0, keepdim=True)
+    return o_s[0, 0], o_l, F.scaled_dot_product_attention(q, k, v)[0, 0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,8 +195,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="train proj_l alone on each layer's rows with full-batch Adam at these lrs")
     parser.add_argument("--layers", type=int, nargs="*", help="only these layers (default: all)")
     parser.add_argument("--adam-steps", type=int, default=400)
+    parser.add_argument("--phi-scale", type=float, default=1.0,
+                        help="screen: phi of (this x q, this x k) in the linear branch (a feature-map temperature)")
+    parser.add_argument("--center", action="store_true",
+                        help="screen: O_l centred over each head's queries before the projection fits")
     parser.add_argument("--json", type=Path, help="write the per-layer results here")
     args = parser.parse_args(argv)
+    if not args.phi_scale > 0:
+        parser.error(f"--phi-scale must be a positive number, got {args.phi_scale}")
+    variant = LinearVariant(args.phi_scale, args.center)
     checkpoint, config, dit, model = load_study_model(args.resume_from, scene=args.scene)
     if args.feature_map is not None:
         config = dataclasses.replace(config, feature_map=args.feature_map)
@@ -194,14 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         stats = BranchStats(q.shape[-1], keep_rows=bool(adam))
         for n in range(q.shape[0]):
             for h in range(q.shape[1]):
-                stats.add_head(*head_branches(*(t[n:n + 1, h:h + 1].float() for t in (q, k, v)), sla, args.topk),
-                               clip=n)
+                stats.add_head(*head_branches(*(t[n:n + 1, h:h + 1].float() for t in (q, k, v)), sla, args.topk,
+                                              variant), clip=n)
         layers.append({"layer": layer, **stats.summary(args.reach, adam)})
         print(", ".join(f"{k} {v:.4g}" for k, v in layers[-1].items()), flush=True)
 
     visit_attention(model, latents, text, visit)
     results = {"checkpoint": str(args.resume_from), "scene": config.scene, "topk": args.topk,
-               "feature_map": config.feature_map,
+               "feature_map": config.feature_map, "variant": dataclasses.asdict(variant),
                "pretrain_steps": checkpoint.meta["pretrain"]["steps"], "clips": args.clips, "layers": layers}
     keys = list(layers[0])[1:]
     print("\n| layer | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
