@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sla_dist.calibration import ProjectionFit  # noqa: E402
 from sla_dist.config import SLAConfig  # noqa: E402
 from sla_dist.kernels.block_map import predict_block_map  # noqa: E402
-from sla_dist.kernels.reference import sla_branches_ref  # noqa: E402
+from sla_dist.kernels.reference import linear_branch_ref, sla_branches_ref  # noqa: E402
 from sla_dist.lightning.synthetic import SCENES  # noqa: E402
 from study_attention import visit_attention  # noqa: E402
 from study_train import load_study_model, sla_config, study_clips  # noqa: E402
@@ -172,9 +172,9 @@ def head_branches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sla: SLACon
     """(O_s, O_l, full attention) of one head, [1, 1, L, D] float32 each -> [L, D] each."""
     bm = predict_block_map(q, k, topk=topk, negligible=0.0, block_q=sla.block_q, block_k=sla.block_k, kernels=False)
     o_s, o_l, _ = sla_branches_ref(q, k, v, bm, feature_map=sla.feature_map, linear_scope="marginal")
-    if variant.phi_scale != 1.0:
+    if variant.phi_scale != 1.0:  # only the linear branch sees the scaled q, k
         s = variant.phi_scale
-        _, o_l, _ = sla_branches_ref(q * s, k * s, v, bm, feature_map=sla.feature_map, linear_scope="marginal")
+        o_l = linear_branch_ref(q * s, k * s, v, bm, sla.feature_map, "marginal")
     o_l = o_l[0, 0]
     if variant.center:
         o_l = o_l - o_l.mean(dim=0, keepdim=True)
