@@ -38,8 +38,9 @@ class SequenceParallelConfig:
     with the attention (parallel/exchange.py): chunk c + 1's q, k, v travel while chunk c attends, chunk c's output
     while chunk c + 1 attends, and likewise in backward. Smaller chunks also make slower collectives and kernels: on
     2x H200 (L 131072, P 2) 2 chunks of >= 6 heads gained 1-3 %, 3 and 6 chunks took up to 25 % longer
-    (benchmarks/results/2026-11-30-h200x2-ulysses-overlap.md). 1: one exchange each way, nothing overlapped. It must divide the heads per rank (checked at the first forward,
-    which knows the head count). Eager execution only: under torch.compile the exchange is traced unchunked."""
+    (benchmarks/results/2026-11-30-h200x2-ulysses-overlap.md). 1: one exchange each way, nothing overlapped. It must
+    divide the heads per rank (checked at the first forward, which knows the head count). Eager execution only:
+    under torch.compile the exchange is traced unchunked."""
 
     def __post_init__(self) -> None:
         check_int("sp_size", self.sp_size, 1)
