@@ -70,6 +70,14 @@ class ProjectionFit:
         self.reference_sq += float(reference.double().square().sum())
         self.rows += residual.shape[0]
 
+    def merge(self, other: "ProjectionFit") -> None:
+        """Add ``other``'s statistics (the rows of other forwards) to these: the fit over both sets of rows."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.residual_sq += other.residual_sq
+        self.reference_sq += other.reference_sq
+        self.rows += other.rows
+
     def all_reduce(self, group: dist.ProcessGroup) -> None:
         """Sum the statistics over ``group`` (one collective)."""
         n = self.gram.shape[0]

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from sla_dist import PatchConfig, SLAConfig, SparseLinearAttention, VideoDiT, apply_sla, calibrate_projections, dit_config
-from sla_dist.calibration import ProjectionCalibration
+from sla_dist.calibration import ProjectionCalibration, ProjectionFit
 from sla_dist.attention import dense_attention
 from tests.parallel.dist_utils import run_distributed
 
@@ -48,6 +48,22 @@ def test_calibration_is_the_least_squares_fit_over_every_forward():
     assert report[""]["calibrated_error"] == pytest.approx(calibrated, rel=1e-6)
     assert calibrated < 0.9 * sparse_error
     assert not layer._forward_hooks
+
+
+def test_merged_fits_equal_one_fit_over_all_rows():
+    g = torch.Generator().manual_seed(3)
+    o_s, o_l, ref = torch.randn(3, 300, 8, generator=g, dtype=torch.float64)
+    whole, first, second = (ProjectionFit.empty(8, torch.device("cpu")) for _ in range(3))
+    whole.add(o_s, o_l, ref)
+    first.add(o_s[:120], o_l[:120], ref[:120])
+    second.add(o_s[120:], o_l[120:], ref[120:])
+    first.merge(second)
+    assert first.rows == whole.rows == 300
+    torch.testing.assert_close(first.gram, whole.gram)
+    torch.testing.assert_close(first.cross, whole.cross)
+    assert first.residual_sq == pytest.approx(whole.residual_sq)
+    assert first.reference_sq == pytest.approx(whole.reference_sq)
+    assert first.solve(1e-9)[2] == pytest.approx(whole.solve(1e-9)[2])
 
 
 def test_a_dit_is_calibrated_layer_by_layer():

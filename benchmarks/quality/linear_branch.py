@@ -51,8 +51,8 @@ class BranchStats:
     """One layer's sums over heads and clips: branch sizes, O_l's spread and rounding, and two projection fits."""
 
     def __init__(self, head_dim: int, keep_rows: bool = False) -> None:
+        self.head_dim = head_dim
         self.sums = dict.fromkeys(("o_s", "o_l", "spread", "bf16_noise"), 0.0)
-        self.fit = ProjectionFit.empty(head_dim, torch.device("cpu"))
         self.fit_bf16 = ProjectionFit.empty(head_dim, torch.device("cpu"))
         self.rows: list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]] | None = [] if keep_rows else None
         self.by_clip: dict[int, ProjectionFit] = {}
@@ -62,44 +62,44 @@ class BranchStats:
         rounded = o_l.bfloat16().float()
         for key, value in (("o_s", o_s), ("o_l", o_l), ("spread", o_l - o_l.mean(0)), ("bf16_noise", rounded - o_l)):
             self.sums[key] += float(value.double().square().sum())
-        self.fit.add(o_s, o_l, reference)
         self.fit_bf16.add(o_s, rounded, reference)
-        self.by_clip.setdefault(clip, ProjectionFit.empty(o_l.shape[-1], torch.device("cpu"))).add(o_s, o_l, reference)
+        self.by_clip.setdefault(clip, ProjectionFit.empty(self.head_dim, torch.device("cpu"))).add(o_s, o_l, reference)
         if self.rows is not None:
             self.rows.append(((o_s, o_l, reference), clip))
 
     def effective_rank(self) -> float:
         """Participation ratio (sum lambda)^2 / sum lambda^2 of the covariance of O_l's rows."""
-        D, n = self.fit.gram.shape[0] - 1, self.fit.rows
-        mean = self.fit.gram[:D, D] / n
-        cov = self.fit.gram[:D, :D] / n - torch.outer(mean, mean)
+        fit = self.fit
+        D, n = self.head_dim, fit.rows
+        mean = fit.gram[:D, D] / n
+        cov = fit.gram[:D, :D] / n - torch.outer(mean, mean)
         eig = torch.linalg.eigvalsh(cov).clamp_min(0)
         return float(eig.sum() ** 2 / eig.square().sum())
 
     def bias_error(self) -> float:
         """Error of the best constant b with W = 0: b = mean row of O - O_s."""
-        D = self.fit.gram.shape[0] - 1
-        bias = self.fit.cross[D] / self.fit.rows
-        return self.fit.error(torch.zeros(D, D, dtype=torch.float64), bias)
+        fit, D = self.fit, self.head_dim
+        return fit.error(torch.zeros(D, D, dtype=torch.float64), fit.cross[D] / fit.rows)
 
     def reachable_error(self, reach: float) -> float:
         """The lowest error over the ridge path with ||W||_F <= reach (the bias error when no W on it is small
         enough)."""
-        best = self.bias_error()
+        best, fit = self.bias_error(), self.fit
         for ridge in RIDGES:
-            weight, _, error = self.fit.solve(ridge)
+            weight, _, error = fit.solve(ridge)
             if float(weight.norm()) <= reach:
                 best = min(best, error)
         return best
 
+    @property
+    def fit(self) -> ProjectionFit:
+        """The fit over every clip's rows."""
+        return self._pooled(sorted(self.by_clip))
+
     def _pooled(self, clips: list[int]) -> ProjectionFit:
-        pooled = ProjectionFit.empty(self.fit.gram.shape[0] - 1, torch.device("cpu"))
-        for fit in (self.by_clip[c] for c in clips):
-            pooled.gram += fit.gram
-            pooled.cross += fit.cross
-            pooled.residual_sq += fit.residual_sq
-            pooled.reference_sq += fit.reference_sq
-            pooled.rows += fit.rows
+        pooled = ProjectionFit.empty(self.head_dim, torch.device("cpu"))
+        for c in clips:
+            pooled.merge(self.by_clip[c])
         return pooled
 
     def split(self) -> tuple[list[int], list[int]]:
@@ -139,18 +139,20 @@ class BranchStats:
                 opt.step()
         solution = weight.detach().double(), bias.detach().double()
         tag = f"adam_{lr:g}x{steps}"
-        out = {f"error_{tag}": self._pooled(fit_clips).error(*solution), f"weight_norm_{tag}": float(weight.norm())}
+        out = {f"error_{tag}": self._pooled(fit_clips).error(*solution),
+               f"weight_norm_{tag}": float(weight.detach().norm())}
         if held_clips:
             out[f"held_out_error_{tag}"] = self._pooled(held_clips).error(*solution)
         return out
 
     def summary(self, reach: list[float], adam: list[tuple[float, int]] = ()) -> dict[str, float]:
         s = self.sums
-        weight, _, best = self.fit.solve(1e-9)  # a tiny ridge keeps the solve finite
+        fit = self.fit
+        weight, _, best = fit.solve(1e-9)  # a tiny ridge keeps the solve finite
         ratio = lambda a, b: (s[a] / max(s[b], 1e-300)) ** 0.5  # noqa: E731
         return {"o_l_over_o_s": ratio("o_l", "o_s"), "spread": ratio("spread", "o_l"),
                 "bf16_noise_over_spread": ratio("bf16_noise", "spread"),
-                "effective_rank": self.effective_rank(), "sparse_error": self.fit.sparse_error,
+                "effective_rank": self.effective_rank(), "sparse_error": fit.sparse_error,
                 "bias_error": self.bias_error(), "best_error": best, "best_error_bf16": self.fit_bf16.solve(1e-9)[2],
                 "best_weight_norm": float(weight.norm()),
                 **{f"error_reach_{r:g}": self.reachable_error(r) for r in reach}, **self.transfer_errors(),
