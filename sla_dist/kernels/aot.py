@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import _KERNELS
+from .configs import _KERNELS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, FwdLoop
 from .op import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -48,6 +48,7 @@ _POINTERS = {
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
                  DHS="sum", DZS="sum"),
 }
+_POINTERS["fwd_split"] = _POINTERS["fwd"]
 _FLOATS = {"qk_scale", "sm_scale"}
 
 
@@ -56,7 +57,8 @@ class Variant:
     """One compiled specialisation of one kernel."""
 
     kernel: str
-    """Key of the tuning table in configs.py: fwd, summaries, block_sums, classify, critical_columns, prepass, dq, dkdv."""
+    """Key of the tuning table in configs.py: fwd, fwd_split, summaries, block_sums, classify, critical_columns,
+    prepass, dq, dkdv."""
     dtype: str = "bfloat16"
     D: int = 128
     block_q: int = 128
@@ -73,6 +75,9 @@ class Variant:
     num_stages: int | None = None
     choices: dict[str, int] = field(default_factory=dict)
     """Tile-shape constexprs (KEYS_AS_COLUMNS, Q_SPLIT); missing ones take their first option."""
+    fwd_loop: str = "baseline"
+    """The forward's loop options (configs.FwdLoop, as in SLA_DIST_FWD_LOOP; 'even' compiles the unmasked loop).
+    'split' is the fwd_split entry, not an option here."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:
@@ -83,6 +88,13 @@ class Variant:
             raise ValueError(f"proj_dtype={self.proj_dtype!r}; choose one of {sorted(DTYPES)}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r}; choose one of {FEATURE_MAPS}")
+        if FwdLoop.parse(self.fwd_loop).split:
+            raise ValueError(f"fwd_loop={self.fwd_loop!r}: compile kernel 'fwd_split' for the split loop")
+        if self.fwd_loop != "baseline" and not self.kernel.startswith("fwd"):
+            raise ValueError(f"fwd_loop={self.fwd_loop!r} applies to the forward kernels, not {self.kernel}")
+        if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:
+            raise ValueError(f"block_q={self.block_q}: the split forward takes query blocks of at least "
+                             f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
         known = {name for name, _ in _KERNELS[self.kernel].choices}
         if set(self.choices) - known:
             raise ValueError(f"choices {sorted(set(self.choices) - known)} do not apply to {self.kernel}; "
@@ -96,6 +108,8 @@ class Variant:
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
+        values.update(FwdLoop.parse(self.fwd_loop).constexprs(even_keys=True))
+        values.update(_KERNELS[self.kernel].constants)
         return values
 
     def launch(self) -> tuple[int, int]:
@@ -181,9 +195,12 @@ def check_variants() -> list[Variant]:
         variants.append(Variant(name))
         for choice, options in tuning.choices:
             variants += [Variant(name, choices={choice: option}) for option in options[1:]]
-        variants.append(Variant(name, dtype="float16", D=64, block_q=64, feature_map="elu", has_linear=False))
+        block_q = 128 if name == "fwd_split" else 64  # the split needs two warp groups' rows
+        variants.append(Variant(name, dtype="float16", D=64, block_q=block_q, feature_map="elu", has_linear=False))
         # The linear branch without the projection: sla_branches' forward.
-        variants.append(Variant(name, dtype="float32", D=32, block_q=64, feature_map="relu", has_proj=False))
+        variants.append(Variant(name, dtype="float32", D=32, block_q=block_q, feature_map="relu", has_proj=False))
+    # The forward's loop options (SLA_DIST_FWD_LOOP), all at once, at the headline shape.
+    variants += [Variant(name, fwd_loop="lazy+even+fma") for name in ("fwd", "fwd_split")]
     return variants
 
 

@@ -6,7 +6,8 @@ on sequence length, so a training run tunes once per layer shape, on its first r
 TRITON_INTERPRET=1 autotuning does not run and warps/stages mean nothing, so the kernel gets one fixed setting.
 SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (the ``fixed`` setting), e.g. for test suites that compile
 hundreds of shape variants. Tuning results are cached on disk (Triton's cache directory) where Triton supports it
-(3.4 and newer), so later runs and the other ranks of a node skip the search.
+(3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` (SLA_DIST_FWD_LOOP)
+picks the forward's loop variant, baseline by default.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 import inspect
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import triton
 
@@ -35,6 +36,9 @@ class _Tuning:
     restore: tuple[str, ...] = ()
     """Arguments the kernel reads and writes (accumulates into): restored after every timed candidate run, or the
     first call of each shape would return a gradient summed over all the runs of the search."""
+    constants: tuple[tuple[str, int], ...] = ()
+    """Constexprs fixed for this entry, (name, value): one kernel function launched as two entries, each tuned on
+    its own."""
 
     def metas(self) -> list[dict]:
         names = [name for name, _ in self.choices]
@@ -46,13 +50,23 @@ class _Tuning:
 
 
 _CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
+FWD_SPLIT_Q = 2
+"""Programs per query block in the ``fwd_split`` entry (SLA_DIST_FWD_LOOP=split)."""
+SPLIT_MIN_ROWS = 64
+"""Fewest rows per split program: one warp group's wgmma tile."""
+_FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "LAZY_RESCALE", "EVEN_K", "SCALE_IN_EXP")
 # The candidates are what won or came close in `benchmarks/sweep_kernels.py` on an H200 (bf16, D = 128, BQ 128,
 # results/2026-11-29-h200-sweep.md); the fixed setting is each kernel's winner there. Two key blocks per step in the
 # forward and dQ lost everywhere (by 10-25 %), so those loops take one block per step; every candidate compiles on a
 # layer shape's first call, so the list is kept short (the full search of 60 took 164 s).
 _KERNELS = {
-    "fwd": _Tuning("forward", "_sla_fwd_kernel", _CODE_KEY + ("HAS_PROJ", "HAS_BIAS"), (4, 8), (2, 3, 4),
-                   fixed=(8, 3)),
+    "fwd": _Tuning("forward", "_sla_fwd_kernel", _FWD_KEY, (4, 8), (2, 3, 4), fixed=(8, 3),
+                   constants=(("SPLIT_Q", 1),)),
+    # The forward with each query block taken by two 64-row programs of one warp group (SLA_DIST_FWD_LOOP=split):
+    # 2 programs per SM (255 registers, <= 112 KiB of shared memory each under Triton 3.6), not synchronised with
+    # each other, where one 8-warp program per SM runs today. Not measured on a GPU yet (PERF_NOTES.md, 2026-11-30).
+    "fwd_split": _Tuning("forward", "_sla_fwd_kernel", _FWD_KEY, (4,), (2, 3), fixed=(4, 2),
+                         constants=(("SPLIT_Q", FWD_SPLIT_Q),)),
     "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4,), (1,),
                          fixed=(4, 1)),
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),
@@ -66,6 +80,54 @@ _KERNELS = {
     "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2), fixed=(8, 2),
                     choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
 }
+
+
+FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
+
+
+@dataclass(frozen=True)
+class FwdLoop:
+    """Variant of the forward kernel's loop over key blocks, as options joined by '+' in SLA_DIST_FWD_LOOP (e.g.
+    ``lazy+even``; ``baseline``, the default, is none of them). Candidates for closing the gap to FlexAttention, not
+    yet measured on a GPU (PERF_NOTES.md, 2026-11-30): the default stays today's loop until they are."""
+
+    lazy: bool = False
+    """Move the running max only when a row's grows by more than 2^8 (LAZY_RESCALE): the [BLOCK_Q, D] rescale is
+    skipped on the other steps."""
+    even: bool = False
+    """No key masks when the key length is a multiple of the key block (EVEN_K); other lengths keep them."""
+    fma: bool = False
+    """The score scale folded into the exponent: 2^(c qk - m) as one FMA (SCALE_IN_EXP)."""
+    split: bool = False
+    """Each query block taken by FWD_SPLIT_Q programs of 4 warps (the ``fwd_split`` launch entry), where query
+    blocks have at least FWD_SPLIT_Q x 64 rows."""
+
+    @classmethod
+    def parse(cls, text: str) -> FwdLoop:
+        names = [f.name for f in fields(cls)]
+        options = [] if text == "baseline" else text.split("+")
+        unknown = [o for o in options if o not in names]
+        if unknown or len(set(options)) != len(options):
+            raise ValueError(f"{FWD_LOOP_ENV}={text!r}; give 'baseline' or options from {names} joined by '+', each "
+                             f"once (e.g. 'lazy+even')")
+        return cls(**{name: True for name in options})
+
+    def launch(self, block_q: int) -> tuple[str, int]:
+        """(name of the launch entry in the tuning table, programs per query block). The split needs query blocks
+        of FWD_SPLIT_Q x 64 rows (a warp group's wgmma takes 64); smaller ones run the whole-block forward."""
+        if self.split and block_q >= FWD_SPLIT_Q * SPLIT_MIN_ROWS:
+            return "fwd_split", FWD_SPLIT_Q
+        return "fwd", 1
+
+    def constexprs(self, even_keys: bool) -> dict[str, bool]:
+        """The kernel's loop constexprs; ``even_keys``: the key length is a multiple of the key block."""
+        return dict(LAZY_RESCALE=self.lazy, EVEN_K=self.even and even_keys, SCALE_IN_EXP=self.fma)
+
+
+def fwd_loop() -> FwdLoop:
+    """The forward loop variant SLA_DIST_FWD_LOOP asks for (baseline when unset). Read at every forward launch, so
+    one process can time several variants."""
+    return FwdLoop.parse(os.environ.get(FWD_LOOP_ENV, "baseline"))
 
 
 class _Fixed:
@@ -89,7 +151,7 @@ def get_kernel(name: str):
     t = _KERNELS[name]
     fn = jit_function(name)
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
-        return _Fixed(fn, *t.fixed, meta=t.metas()[0])
-    configs = [triton.Config(m, num_warps=w, num_stages=st) for m, w, st in t.candidates()]
+        return _Fixed(fn, *t.fixed, meta=t.metas()[0] | dict(t.constants))
+    configs = [triton.Config(m | dict(t.constants), num_warps=w, num_stages=st) for m, w, st in t.candidates()]
     cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=list(t.key), restore_value=list(t.restore), **cache)(fn)

@@ -28,6 +28,71 @@ import triton.language as tl
 from .feature_maps import phi_fwd
 from .tiles import block_item, head_offset, listed_rows, row_tile, square
 
+RESCALE_THRESHOLD = tl.constexpr(8.0)
+"""LAZY_RESCALE: how far (base 2) a row's block max may exceed the running max before the max is moved. Skipped
+steps make p <= 2^8, exact in the float32 sums and representable in the half-precision P operand."""
+
+
+@triton.jit
+def _kv_tile(X, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K: tl.constexpr):
+    """The [BLOCK_K, D] key or value tile of rows offs_k; rows past LK read as 0 (none exist when EVEN_K)."""
+    tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
+    if EVEN_K:
+        return tl.load(X + tile)
+    return tl.load(X + tile, mask=col_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _scores(q, k, col_ok, qk_scale, EVEN_K: tl.constexpr, SCALE_IN_EXP: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of q against a key tile, in base 2 (s = c q k^T), or (SCALE_IN_EXP) q k^T with the scale left for the
+    exponent; -inf for keys past LK (col_ok false)."""
+    x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if not SCALE_IN_EXP:
+        x = x * qk_scale
+    if not EVEN_K:
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+    return x
+
+
+@triton.jit
+def _probs(x, m, qk_scale, SCALE_IN_EXP: tl.constexpr):
+    """2^(s - m) for the rows' max m, from x = s or (SCALE_IN_EXP) x = s / qk_scale."""
+    if SCALE_IN_EXP:
+        return tl.exp2(x * qk_scale - m[:, None])
+    return tl.exp2(x - m[:, None])
+
+
+@triton.jit
+def _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, LAZY_RESCALE: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """One key block of the online softmax (FlashAttention-2): (m_i, l_i, acc) updated with scores x (see _scores)
+    and values v."""
+    m_blk = tl.max(x, axis=1)
+    if SCALE_IN_EXP:
+        m_blk = m_blk * qk_scale
+    if LAZY_RESCALE:
+        # Move the running max only when some row's grows by more than RESCALE_THRESHOLD (then every row moves, to
+        # its own max); otherwise p <= 2^RESCALE_THRESHOLD and the [BLOCK_Q, D] rescale is skipped. The first step
+        # always moves it (m_i = -inf; m_blk is finite, as a listed block has a key < LK and rows past LQ read
+        # q = 0). Exact either way: o = acc / l and lse = m_i + log2(l) use one m_i.
+        if tl.max(m_blk - m_i, axis=0) > RESCALE_THRESHOLD:
+            m_new = tl.maximum(m_i, m_blk)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        p = _probs(x, m_i, qk_scale, SCALE_IN_EXP)
+        l_i += tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=PRECISION)
+    else:
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.exp2(m_i - m_new)
+        p = _probs(x, m_new, qk_scale, SCALE_IN_EXP)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
 
 @triton.jit
 def _sla_fwd_kernel(
@@ -42,35 +107,33 @@ def _sla_fwd_kernel(
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr = False, EVEN_K: tl.constexpr = False, SCALE_IN_EXP: tl.constexpr = False,
+    SPLIT_Q: tl.constexpr = 1,
 ):
-    pid_q = tl.program_id(0)
+    # SPLIT_Q programs share query block pid_q (its block list and H_i), each taking BLOCK_Q // SPLIT_Q of its rows.
+    ROWS: tl.constexpr = BLOCK_Q // SPLIT_Q
+    pid_q = tl.program_id(0) // SPLIT_Q
     bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     kv_base = head_offset(bh, H, stride_kb, stride_kh)
-    offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_m = pid_q * BLOCK_Q + (tl.program_id(0) % SPLIT_Q) * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
     tile = row_tile(q_base, offs_m, stride_ql, offs_d)
     q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
     n_blocks = tl.load(KV_NUM + row)
+    blocks = KV_IDX + row * KV_WIDTH
     for it in range(0, n_blocks):
-        offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, LK, BLOCK_K)
-        kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
-        k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        offs_k, col_ok = listed_rows(blocks, it, LK, BLOCK_K)
+        k = _kv_tile(K, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
+        v = _kv_tile(V, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
+        x = _scores(q, k, col_ok, qk_scale, EVEN_K, SCALE_IN_EXP, PRECISION)
+        m_i, l_i, acc = _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, LAZY_RESCALE, SCALE_IN_EXP, PRECISION)
 
     # A row with no critical block (possible only for hand-built maps) yields 0 and lse = -inf.
     has_keys = l_i > 0

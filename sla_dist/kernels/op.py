@@ -23,7 +23,7 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import get_kernel
+from .configs import fwd_loop, get_kernel
 from .reference import project_branches
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -196,11 +196,14 @@ def _forward(
     out = _like(q) if has_proj else o
     weight = proj_weight.contiguous() if has_proj else o
     bias = proj_bias.contiguous() if proj_bias is not None and has_proj else o
-    get_kernel("fwd")[(p.nq, p.bh)](
+    loop = fwd_loop()
+    name, programs_per_block = loop.launch(block_q)
+    get_kernel(name)[(p.nq * programs_per_block, p.bh)](
         q, k, v, o, o_l, lse, out, weight, bias, kv_num_blocks, kv_indices, hl, zl,
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
         **p.meta(), HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
+        **loop.constexprs(even_keys=p.Lk % block_k == 0),
     )
     return (out, o, o_l, lse) if has_proj else (o, o_l, lse)
 

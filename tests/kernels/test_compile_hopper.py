@@ -25,6 +25,20 @@ def test_every_variant_compiles_for_hopper():
             assert r["wgmma"] > 0, r
     choices = {(r["variant"]["kernel"], tuple(r["variant"]["choices"].items())) for r in results}
     assert {("dkdv", (("KEYS_AS_COLUMNS", 0),)), ("dkdv", (("Q_SPLIT", 2),))} <= choices
+    assert {(r["variant"]["kernel"], r["variant"]["fwd_loop"]) for r in results} >= {
+        ("fwd", "lazy+even+fma"), ("fwd_split", "lazy+even+fma")}
+
+
+HOPPER_SM_SHARED_BYTES = 228 * 1024  # per SM, of which each resident block reserves 1 KiB
+
+
+@pytest.mark.skipif(not os.path.exists(nvidia_tool("ptxas")), reason="this Triton has no NVIDIA assembler")
+def test_split_forward_fits_two_programs_per_sm():
+    """The split forward (SLA_DIST_FWD_LOOP=split: 64-row programs of 4 warps, bf16, D 128, its fixed launch
+    setting) exists to run two programs per SM where the 8-warp forward runs one: registers (<= 255 per thread at
+    128 threads) and shared memory for two must fit. Under Triton 3.6: 255 registers, no spills, 80 KiB."""
+    (r,) = run_in_clean_process([Variant("fwd_split")], arch=90)
+    assert r["registers"] <= 255 and 2 * (r["shared_bytes"] + 1024) <= HOPPER_SM_SHARED_BYTES, r
 
 
 # The elu pre-pass still spills under Triton 3.6 (the GPU machine's): bytes measured per Triton minor version, a bound
@@ -68,6 +82,10 @@ def test_prepass_fits_two_programs_per_sm_at_head_dim_64():
     (dict(kernel="fwd", feature_map="tanh"), "feature_map='tanh'"),
     (dict(kernel="fwd", proj_dtype="int8"), "proj_dtype='int8'"),
     (dict(kernel="fwd", choices={"Q_SPLIT": 2}), "Q_SPLIT"),
+    (dict(kernel="fwd", fwd_loop="fast"), "SLA_DIST_FWD_LOOP='fast'"),
+    (dict(kernel="fwd", fwd_loop="lazy+split"), "fwd_split"),
+    (dict(kernel="dq", fwd_loop="lazy"), "fwd_loop='lazy' applies to the forward"),
+    (dict(kernel="fwd_split", block_q=64), "block_q=64"),
 ])
 def test_variant_names_what_is_wrong(bad, match):
     with pytest.raises(ValueError, match=match):
