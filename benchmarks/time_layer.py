@@ -7,11 +7,13 @@ one device call, e.g. ``git worktree add /tmp/old <commit>`` beside this one. Me
 "host-side" is the wall time of 20 unsynchronised forward+backward calls, the launch-bound floor at short L.
 ``--compile MODE`` times ``torch.compile(layer, mode=MODE)`` instead (e.g. ``reduce-overhead``); ``--graph`` times
 the layer captured by ``torch.cuda.make_graphed_callables`` (forward and backward replayed as CUDA graphs: no host
-time per call beyond the replay).
+time per call beyond the replay). ``--fwd-loop baseline lazy ...`` times the forward kernel's loop variants one after
+the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; options joined by '+', e.g.
+``even+fma``); without it the environment's setting is timed.
 """
 
 import argparse
-
+import os
 import time
 
 import torch
@@ -19,6 +21,8 @@ import triton.testing as tt
 from torch.nn.attention import SDPBackend
 
 from layer_inputs import dense_sdpa, sla_layer_inputs  # this script's folder is on sys.path when it runs
+
+FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"  # sla_dist.kernels.configs.FWD_LOOP_ENV (a checkout from before it has no switch)
 
 
 def host_side_ms(step, n: int = 20) -> float:
@@ -39,39 +43,54 @@ def main() -> None:
     capture.add_argument("--graph", action="store_true", help="time the layer captured in CUDA graphs")
     parser.add_argument("--dense", action="store_true",
                         help="also time dense SDPA (cuDNN) on the same q, k, v: the baseline of the same run")
+    parser.add_argument("--fwd-loop", nargs="+", metavar="LOOP",
+                        help="forward loop variants to time one after the other (baseline, or options from lazy, "
+                             "even, fma, split joined by '+'); default: as SLA_DIST_FWD_LOOP says")
     args = parser.parse_args()
     label = args.label + (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
     for L in (32768, 8192):
-        layer, q, k, v, g = sla_layer_inputs(L, 12, 128)
-        compiled = torch.compile(layer, mode=args.compile) if args.compile else layer
-        if args.graph:
-            compiled = torch.cuda.make_graphed_callables(layer, (q, k, v))
-
-        def m(*inputs):
-            if args.compile:  # CUDA-graph outputs of one call are reused by the next: say where a step begins
-                torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*inputs)
-
-        with torch.no_grad():
-            fwd = tt.do_bench(lambda: m(q, k, v), warmup=25, rep=100, return_mode="median")
-        def step():
-            # Under reduce-overhead a .grad allocated in a CUDA graph is overwritten by the next replay, so
-            # accumulating into it (proj_l's, which do_bench never resets; q, k, v's in host_side_ms) fails.
-            for t in (q, k, v, *layer.parameters()):
-                t.grad = None
-            m(q, k, v).backward(g)
-
-        fwd_bwd = tt.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
-        print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
-              f"{host_side_ms(step):.3f} ms")
+        for loop in args.fwd_loop or [None]:
+            if loop is not None:
+                os.environ[FWD_LOOP_ENV] = loop
+            time_layer(L, label + (f"+fwd:{loop}" if loop else ""), args)
         if args.dense:
+            torch.manual_seed(0)  # the layer's q, k, v
+            _, q, k, v, g = sla_layer_inputs(L, 12, 128)
             dense = dense_sdpa(SDPBackend.CUDNN_ATTENTION)
             with torch.no_grad():
                 fwd = tt.do_bench(lambda: dense(q, k, v), warmup=25, rep=100, return_mode="median")
             fwd_bwd = tt.do_bench(lambda: dense(q, k, v).backward(g), warmup=25, rep=100, grad_to_none=[q, k, v],
                                   return_mode="median")
             print(f"{'cuDNN':8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  (dense SDPA)")
+
+
+def time_layer(L: int, label: str, args: argparse.Namespace) -> None:
+    """Print the layer's forward and forward+backward times at length L (fresh inputs, seeded identically)."""
+    torch.manual_seed(0)
+    layer, q, k, v, g = sla_layer_inputs(L, 12, 128)
+    compiled = torch.compile(layer, mode=args.compile) if args.compile else layer
+    if args.graph:
+        compiled = torch.cuda.make_graphed_callables(layer, (q, k, v))
+
+    def m(*inputs):
+        if args.compile:  # CUDA-graph outputs of one call are reused by the next: say where a step begins
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*inputs)
+
+    with torch.no_grad():
+        fwd = tt.do_bench(lambda: m(q, k, v), warmup=25, rep=100, return_mode="median")
+
+    def step():
+        # Under reduce-overhead a .grad allocated in a CUDA graph is overwritten by the next replay, so
+        # accumulating into it (proj_l's, which do_bench never resets; q, k, v's in host_side_ms) fails.
+        for t in (q, k, v, *layer.parameters()):
+            t.grad = None
+        m(q, k, v).backward(g)
+
+    fwd_bwd = tt.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+    print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
+          f"{host_side_ms(step):.3f} ms")
 
 
 if __name__ == "__main__":
