@@ -23,7 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
 
 from sla_dist.kernels.aot import Variant, compile_variant  # noqa: E402
-from sla_dist.kernels.configs import _KERNELS  # noqa: E402
+from sla_dist.kernels.configs import _KERNELS, FWD_SPLIT_Q, SPLIT_MIN_ROWS  # noqa: E402
 
 HOPPER_SHARED_KIB = 228
 
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["| kernel | D | BQ | tile choice | warps | stages | regs | spilled B | shared KiB | wgmma | fixed |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for D, block_q, kernel in itertools.product(args.head_dims, args.block_q, _KERNELS):
+        if kernel == "fwd_split" and block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:  # the launcher runs fwd there
+            continue
         for v in candidates(kernel, dtype=args.dtype, D=D, block_q=block_q):
             r = compile_variant(v)
             shared = r.shared_bytes / 1024
