@@ -12,7 +12,8 @@
 #   job through the collective timeout, rank 0's resume choice shared, the recipe timeout on every group; ranks:500),
 # fwdloop (the forward loop variants of SLA_DIST_FWD_LOOP, one after the other: the layer at 32K and 8K, autotuned),
 # fwdloop-kernel (the forward kernel's CUDA time per variant, with and without the linear epilogue),
-# fwdloop-tests (the kernel grid with every loop option on at once; test_fwd_loop.py runs each variant alone).
+# fwdloop-tests (the kernel grid on today's loop without the variants, SLA_DIST_FWD_LOOP=baseline: the default
+# picks variants per head dim; test_fwd_loop.py runs each variant alone).
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -35,9 +36,9 @@ declare -A CMD=(
   [memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --out $OUT/memory_layer.json"
   [ops]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_op.py tests/test_attention.py tests/kernels/test_block_select.py tests/kernels/test_block_map.py"
   [e2e]="python3 benchmarks/e2e_train.py --out $OUT/e2e_train"
-  [fwdloop]="python3 benchmarks/time_layer.py fwdloop --fwd-loop baseline lazy even fma even+fma split split+even+fma"
+  [fwdloop]="python3 benchmarks/time_layer.py fwdloop --fwd-loop baseline fma split+fma split+even+fma"
   [fwdloop-kernel]="python3 benchmarks/time_fwd_kernel.py"
-  [fwdloop-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_FWD_LOOP=lazy+even+fma+split python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
+  [fwdloop-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_FWD_LOOP=baseline python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
 summary=()

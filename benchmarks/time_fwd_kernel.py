@@ -1,6 +1,6 @@
 """CUDA time of the SLA forward kernel per loop variant (SLA_DIST_FWD_LOOP), one process, identically seeded inputs.
 
-    python benchmarks/time_fwd_kernel.py [--loops baseline lazy even fma split ...] [--L 32768] [--calls 20]
+    python benchmarks/time_fwd_kernel.py [--loops baseline fma split+even+fma ...] [--L 32768] [--calls 20]
 
 For each linear_scope (marginal: the layer's kernel with the linear branch and proj_l in its epilogue; none: the
 FlashAttention loop and the O_s / lse stores only) and each loop variant, the layer's forward runs ``--calls`` times
@@ -36,7 +36,7 @@ def kernel_us(layer, q, k, v, calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loops", nargs="+", default=["baseline", "lazy", "even", "fma", "even+fma", "split",
+    parser.add_argument("--loops", nargs="+", default=["baseline", "fma", "split", "split+fma",
                                                         "split+even+fma"])
     parser.add_argument("--L", type=int, nargs="+", default=[32768])
     parser.add_argument("--H", type=int, default=12)

@@ -7,7 +7,7 @@ one device call, e.g. ``git worktree add /tmp/old <commit>`` beside this one. Me
 "host-side" is the wall time of 20 unsynchronised forward+backward calls, the launch-bound floor at short L.
 ``--compile MODE`` times ``torch.compile(layer, mode=MODE)`` instead (e.g. ``reduce-overhead``); ``--graph`` times
 the layer captured by ``torch.cuda.make_graphed_callables`` (forward and backward replayed as CUDA graphs: no host
-time per call beyond the replay). ``--fwd-loop baseline lazy ...`` times the forward kernel's loop variants one after
+time per call beyond the replay). ``--fwd-loop baseline fma ...`` times the forward kernel's loop variants one after
 the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; options joined by '+', e.g.
 ``even+fma``); without it the environment's setting is timed.
 """
@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true",
                         help="also time dense SDPA (cuDNN) on the same q, k, v: the baseline of the same run")
     parser.add_argument("--fwd-loop", nargs="+", metavar="LOOP",
-                        help="forward loop variants to time one after the other (baseline, or options from lazy, "
-                             "even, fma, split joined by '+'); default: as SLA_DIST_FWD_LOOP says")
+                        help="forward loop variants to time one after the other (baseline, or options from "
+                             "even, fma, split joined by '+'); default: the measured rule, or SLA_DIST_FWD_LOOP")
     args = parser.parse_args()
     label = args.label + (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)

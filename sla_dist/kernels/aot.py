@@ -199,8 +199,8 @@ def check_variants() -> list[Variant]:
         variants.append(Variant(name, dtype="float16", D=64, block_q=block_q, feature_map="elu", has_linear=False))
         # The linear branch without the projection: sla_branches' forward.
         variants.append(Variant(name, dtype="float32", D=32, block_q=block_q, feature_map="relu", has_proj=False))
-    # The forward's loop options (SLA_DIST_FWD_LOOP), all at once, at the headline shape.
-    variants += [Variant(name, fwd_loop="lazy+even+fma") for name in ("fwd", "fwd_split")]
+    # The forward's loop options as the layer launches them at D 128 (configs._MEASURED_FWD_LOOPS).
+    variants += [Variant("fwd_split", fwd_loop="even+fma"), Variant("fwd", fwd_loop="fma", has_linear=False)]
     return variants
 
 

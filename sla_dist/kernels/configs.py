@@ -6,8 +6,8 @@ on sequence length, so a training run tunes once per layer shape, on its first r
 TRITON_INTERPRET=1 autotuning does not run and warps/stages mean nothing, so the kernel gets one fixed setting.
 SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (the ``fixed`` setting), e.g. for test suites that compile
 hundreds of shape variants. Tuning results are cached on disk (Triton's cache directory) where Triton supports it
-(3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` (SLA_DIST_FWD_LOOP)
-picks the forward's loop variant, baseline by default.
+(3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` picks the forward's
+loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ FWD_SPLIT_Q = 2
 """Programs per query block in the ``fwd_split`` entry (SLA_DIST_FWD_LOOP=split)."""
 SPLIT_MIN_ROWS = 64
 """Fewest rows per split program: one warp group's wgmma tile."""
-_FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "LAZY_RESCALE", "EVEN_K", "SCALE_IN_EXP")
+_FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "EVEN_K", "SCALE_IN_EXP")
 # The candidates are what won or came close in `benchmarks/sweep_kernels.py` on an H200 (bf16, D = 128, BQ 128,
 # results/2026-11-29-h200-sweep.md); the fixed setting is each kernel's winner there. Two key blocks per step in the
 # forward and dQ lost everywhere (by 10-25 %), so those loops take one block per step; every candidate compiles on a
@@ -62,9 +62,8 @@ _FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "LAZY_RESCALE", "EVEN_K", "SCALE
 _KERNELS = {
     "fwd": _Tuning("forward", "_sla_fwd_kernel", _FWD_KEY, (4, 8), (2, 3, 4), fixed=(8, 3),
                    constants=(("SPLIT_Q", 1),)),
-    # The forward with each query block taken by two 64-row programs of one warp group (SLA_DIST_FWD_LOOP=split):
-    # 2 programs per SM (255 registers, <= 112 KiB of shared memory each under Triton 3.6), not synchronised with
-    # each other, where one 8-warp program per SM runs today. Not measured on a GPU yet (PERF_NOTES.md, 2026-11-30).
+    # The forward with each query block taken by two 64-row programs of one warp group (FwdLoop.split): 2 programs
+    # per SM (255 registers, <= 112 KiB of shared memory each under Triton 3.6) where one 8-warp program fits.
     "fwd_split": _Tuning("forward", "_sla_fwd_kernel", _FWD_KEY, (4,), (2, 3), fixed=(4, 2),
                          constants=(("SPLIT_Q", FWD_SPLIT_Q),)),
     "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4,), (1,),
@@ -87,13 +86,9 @@ FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
 
 @dataclass(frozen=True)
 class FwdLoop:
-    """Variant of the forward kernel's loop over key blocks, as options joined by '+' in SLA_DIST_FWD_LOOP (e.g.
-    ``lazy+even``; ``baseline``, the default, is none of them). Candidates for closing the gap to FlexAttention, not
-    yet measured on a GPU (PERF_NOTES.md, 2026-11-30): the default stays today's loop until they are."""
+    """Variant of the forward kernel's loop over key blocks, as options joined by '+' (e.g. ``split+even+fma``;
+    ``baseline`` is none of them), the form SLA_DIST_FWD_LOOP takes."""
 
-    lazy: bool = False
-    """Move the running max only when a row's grows by more than 2^8 (LAZY_RESCALE): the [BLOCK_Q, D] rescale is
-    skipped on the other steps."""
     even: bool = False
     """No key masks when the key length is a multiple of the key block (EVEN_K); other lengths keep them."""
     fma: bool = False
@@ -109,7 +104,7 @@ class FwdLoop:
         unknown = [o for o in options if o not in names]
         if unknown or len(set(options)) != len(options):
             raise ValueError(f"{FWD_LOOP_ENV}={text!r}; give 'baseline' or options from {names} joined by '+', each "
-                             f"once (e.g. 'lazy+even')")
+                             f"once (e.g. 'split+even+fma')")
         return cls(**{name: True for name in options})
 
     def launch(self, block_q: int) -> tuple[str, int]:
@@ -121,13 +116,31 @@ class FwdLoop:
 
     def constexprs(self, even_keys: bool) -> dict[str, bool]:
         """The kernel's loop constexprs; ``even_keys``: the key length is a multiple of the key block."""
-        return dict(LAZY_RESCALE=self.lazy, EVEN_K=self.even and even_keys, SCALE_IN_EXP=self.fma)
+        return dict(EVEN_K=self.even and even_keys, SCALE_IN_EXP=self.fma)
 
 
-def fwd_loop() -> FwdLoop:
-    """The forward loop variant SLA_DIST_FWD_LOOP asks for (baseline when unset). Read at every forward launch, so
-    one process can time several variants."""
-    return FwdLoop.parse(os.environ.get(FWD_LOOP_ENV, "baseline"))
+# The forward kernel's CUDA time per loop variant on an H200 (Triton 3.6, bf16, H 12, BQ 128 / BK 64, 95 % sparse,
+# fixed launch settings; benchmarks/time_fwd_kernel.py, results/2026-11-30-h200x2-fwd-loop.md), at L 32768:
+# fma is level or faster everywhere (-0.5 to -2.5 %); the split wins only where the whole-block program is starved
+# (D 128 with the linear epilogue: 1122 -> 1048 us; D 64 without it: 483 -> 434 us) and loses elsewhere (D 128
+# without the epilogue +9 %, D 64 with it +0.5 % against plain fma). Unmeasured head dims take fma alone.
+_MEASURED_FWD_LOOPS = {
+    (128, True): "split+even+fma",
+    (128, False): "fma",
+    (64, True): "fma",
+    (64, False): "split+even+fma",
+}
+
+
+def fwd_loop(head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
+    """The forward's loop variant: SLA_DIST_FWD_LOOP when set (read at every launch, so one process can time
+    several), else the measured fastest for this head dim and branch. The split's measured wins are at 128-row
+    query blocks; where a block is too small to split, fma alone (even without the split was slower)."""
+    text = os.environ.get(FWD_LOOP_ENV)
+    if text is not None:
+        return FwdLoop.parse(text)
+    loop = FwdLoop.parse(_MEASURED_FWD_LOOPS.get((head_dim, has_linear), "fma"))
+    return loop if loop.launch(block_q)[1] > 1 or not loop.split else FwdLoop(fma=True)
 
 
 class _Fixed:

@@ -10,7 +10,9 @@ strides, k and v another. Scores are kept in base 2: with c = log2(e) / sqrt(D),
 so that the backward recomputes P = 2^(s - lse) from the saved base-2 log-sum-exp.
 
 Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online softmax (FlashAttention-2), one
-listed key block per step.
+listed key block per step. Loop variants (configs.FwdLoop, chosen per head dim and branch by the launcher): EVEN_K
+drops the key masks when LK is a multiple of BLOCK_K; SCALE_IN_EXP keeps q k^T unscaled and applies c inside the
+exponent (one FMA, 2^(c x - m)); SPLIT_Q > 1 has SPLIT_Q programs of BLOCK_Q / SPLIT_Q rows share one query block.
 Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j = colsum phi(K_j) [D] are built by
 ``_linear_summaries_kernel`` into one [D * D + D] row per key block; the launcher sums the rows over each query
 block's marginal blocks (one 0/1 matrix product, see op.py) into H_i, Z_i, and the forward kernel finishes with
@@ -27,10 +29,6 @@ import triton.language as tl
 
 from .feature_maps import phi_fwd
 from .tiles import block_item, head_offset, listed_rows, row_tile, square
-
-RESCALE_THRESHOLD = tl.constexpr(8.0)
-"""LAZY_RESCALE: how far (base 2) a row's block max may exceed the running max before the max is moved. Skipped
-steps make p <= 2^8, exact in the float32 sums and representable in the half-precision P operand."""
 
 
 @triton.jit
@@ -63,35 +61,18 @@ def _probs(x, m, qk_scale, SCALE_IN_EXP: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, LAZY_RESCALE: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
-                         PRECISION: tl.constexpr):
+def _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, SCALE_IN_EXP: tl.constexpr, PRECISION: tl.constexpr):
     """One key block of the online softmax (FlashAttention-2): (m_i, l_i, acc) updated with scores x (see _scores)
     and values v."""
     m_blk = tl.max(x, axis=1)
     if SCALE_IN_EXP:
         m_blk = m_blk * qk_scale
-    if LAZY_RESCALE:
-        # Move the running max only when some row's grows by more than RESCALE_THRESHOLD (then every row moves, to
-        # its own max); otherwise p <= 2^RESCALE_THRESHOLD and the [BLOCK_Q, D] rescale is skipped. The first step
-        # always moves it (m_i = -inf; m_blk is finite, as a listed block has a key < LK and rows past LQ read
-        # q = 0). Exact either way: o = acc / l and lse = m_i + log2(l) use one m_i.
-        if tl.max(m_blk - m_i, axis=0) > RESCALE_THRESHOLD:
-            m_new = tl.maximum(m_i, m_blk)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        p = _probs(x, m_i, qk_scale, SCALE_IN_EXP)
-        l_i += tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=PRECISION)
-    else:
-        m_new = tl.maximum(m_i, m_blk)
-        alpha = tl.exp2(m_i - m_new)
-        p = _probs(x, m_new, qk_scale, SCALE_IN_EXP)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    return m_i, l_i, acc
+    m_new = tl.maximum(m_i, m_blk)
+    alpha = tl.exp2(m_i - m_new)
+    p = _probs(x, m_new, qk_scale, SCALE_IN_EXP)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -107,7 +88,7 @@ def _sla_fwd_kernel(
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr = False, EVEN_K: tl.constexpr = False, SCALE_IN_EXP: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, SCALE_IN_EXP: tl.constexpr = False,
     SPLIT_Q: tl.constexpr = 1,
 ):
     # SPLIT_Q programs share query block pid_q (its block list and H_i), each taking BLOCK_Q // SPLIT_Q of its rows.
@@ -133,7 +114,7 @@ def _sla_fwd_kernel(
         k = _kv_tile(K, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
         v = _kv_tile(V, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
         x = _scores(q, k, col_ok, qk_scale, EVEN_K, SCALE_IN_EXP, PRECISION)
-        m_i, l_i, acc = _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, LAZY_RESCALE, SCALE_IN_EXP, PRECISION)
+        m_i, l_i, acc = _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, SCALE_IN_EXP, PRECISION)
 
     # A row with no critical block (possible only for hand-built maps) yields 0 and lse = -inf.
     has_keys = l_i > 0

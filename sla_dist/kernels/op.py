@@ -196,7 +196,7 @@ def _forward(
     out = _like(q) if has_proj else o
     weight = proj_weight.contiguous() if has_proj else o
     bias = proj_bias.contiguous() if proj_bias is not None and has_proj else o
-    loop = fwd_loop()
+    loop = fwd_loop(q.shape[-1], has_linear, block_q)
     name, programs_per_block = loop.launch(block_q)
     get_kernel(name)[(p.nq * programs_per_block, p.bh)](
         q, k, v, o, o_l, lse, out, weight, bias, kv_num_blocks, kv_indices, hl, zl,

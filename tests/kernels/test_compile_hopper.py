@@ -26,7 +26,7 @@ def test_every_variant_compiles_for_hopper():
     choices = {(r["variant"]["kernel"], tuple(r["variant"]["choices"].items())) for r in results}
     assert {("dkdv", (("KEYS_AS_COLUMNS", 0),)), ("dkdv", (("Q_SPLIT", 2),))} <= choices
     assert {(r["variant"]["kernel"], r["variant"]["fwd_loop"]) for r in results} >= {
-        ("fwd", "lazy+even+fma"), ("fwd_split", "lazy+even+fma")}
+        ("fwd", "fma"), ("fwd_split", "even+fma")}
 
 
 HOPPER_SM_SHARED_BYTES = 228 * 1024  # per SM, of which each resident block reserves 1 KiB
@@ -83,8 +83,8 @@ def test_prepass_fits_two_programs_per_sm_at_head_dim_64():
     (dict(kernel="fwd", proj_dtype="int8"), "proj_dtype='int8'"),
     (dict(kernel="fwd", choices={"Q_SPLIT": 2}), "Q_SPLIT"),
     (dict(kernel="fwd", fwd_loop="fast"), "SLA_DIST_FWD_LOOP='fast'"),
-    (dict(kernel="fwd", fwd_loop="lazy+split"), "fwd_split"),
-    (dict(kernel="dq", fwd_loop="lazy"), "fwd_loop='lazy' applies to the forward"),
+    (dict(kernel="fwd", fwd_loop="fma+split"), "fwd_split"),
+    (dict(kernel="dq", fwd_loop="fma"), "fwd_loop='fma' applies to the forward"),
     (dict(kernel="fwd_split", block_q=64), "block_q=64"),
 ])
 def test_variant_names_what_is_wrong(bad, match):
