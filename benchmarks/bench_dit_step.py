@@ -15,6 +15,9 @@ fraction). --compile compiles each block (torch.compile, default mode) for every
 
     python benchmarks/bench_dit_step.py                 # GPU, the 1.3B shape; table last, JSON + markdown written
     python benchmarks/bench_dit_step.py --tiny          # CPU smoke test of every code path
+
+--profile N adds, per variant, the N kernels with the most device time over two more training steps (CPU ops on
+a CPU): where the step's time goes, e.g. how much more the SLA layers cost inside the model than alone.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
 from results_io import save_results
 from sla_dist import SLAConfig, SparseLinearAttention
@@ -194,6 +198,7 @@ def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) ->
     model.train()
     step = time_ms(train_step, args.warmup, args.iters, device)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    top = profile_steps(train_step, args.profile, device) if args.profile else None
     fraction = {"dense": 1.0, "sla": critical_fraction(shape, args.sla), "none": 0.0}[variant]
     flops = model_flops(shape, fraction, variant == "sla" and args.sla.linear_scope != "none")
     del model
@@ -202,11 +207,39 @@ def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) ->
         torch.cuda.empty_cache()
     result = dict(model=model_name, variant=variant, forward_ms=fwd, train_step_ms=step, peak_memory_gib=memory,
                   forward_tflop=flops / 1e12, attention_fraction=fraction)
+    if top is not None:
+        result["profile_top"] = top
     if args.peak:
         result["forward_mfu"] = flops / (fwd * 1e-3) / args.peak
         result["train_mfu"] = 3 * flops / (step * 1e-3) / args.peak
     print(f"{model_name:9s} {variant:5s} forward {fwd:9.1f} ms  train step {step:9.1f} ms", flush=True)
     return result
+
+
+PROFILED_STEPS = 2
+
+
+def profile_steps(train_step, rows: int, device) -> list[dict]:
+    """The ``rows`` kernels (CPU ops without a GPU) with the most time over PROFILED_STEPS training steps, per step,
+    printed and returned: name, milliseconds and calls per step."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            train_step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    if cuda:  # kernels only: the CPU-side ops that launched them carry no device time of their own
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(own(e) for e in events) / 1e3 / PROFILED_STEPS
+    top = [dict(name=e.key[:100], ms=own(e) / 1e3 / PROFILED_STEPS, calls=e.count / PROFILED_STEPS)
+           for e in sorted(events, key=own, reverse=True)[:rows]]
+    print(f"  {'kernels' if cuda else 'CPU ops'} per step: {total:.1f} ms in all; the {rows} largest:")
+    for row in top:
+        print(f"  {row['ms']:9.2f} ms {row['calls']:7.1f} x  {row['name']}")
+    return top
 
 
 def peak_flops(device, override: float | None) -> float | None:
@@ -250,6 +283,8 @@ def main() -> None:
                         help="train without per-block activation checkpointing (the 1.3B shape fits an H200 without)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also list the N kernels with the most device time per training step")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (auto on "
                         "H100 / H200 / A100)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md (default: "
