@@ -7,6 +7,14 @@ for --steps optimizer steps with sp_size = P (one SP group: data parallel 1) and
     python benchmarks/bench_train.py --sizes 2 --cpu --recipe recipes/tiny_cpu.yaml   # CPU / gloo smoke test
 
 Prints a table last and writes JSON to --out.
+
+With ``--profile``, torch.profiler (CPU + CUDA) records the --profile-steps steps right after --warmup on every rank
+(train_profile.py), and step_profile.py splits each step's wall time: GPU kernel time by category (SLA kernels,
+GEMMs, the Ulysses all-to-all, ZeRO's reduce-scatter / reduce / all-gather / all-reduce, optimizer, copies,
+elementwise), compute vs exposed collectives vs idle, and the CPU ranges of Lightning's hooks and the DeepSpeed
+engine. Per rank: ``<out stem>-profile-sp<P>-rank<r>.json`` / ``.md`` beside --out, and rank 0's Chrome trace of
+those steps (``...-trace-rank0.json.gz``, kept below 30 MB gzipped); the tables are printed last. The profiled steps
+are left out of step_s (the profiler slows them), so --steps must leave at least one step after them.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from sla_dist.lightning.recipe import load_recipe
     from sla_dist.lightning.run import train
+    from train_profile import ProfileSteps  # this script's folder is on sys.path when it runs
 
     class Timer(pl.Callback):
         def __init__(self) -> None:
@@ -57,15 +66,22 @@ def _worker(args: argparse.Namespace) -> None:
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     recipe = load_recipe(args.recipe, overrides)
     timer = Timer()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    callbacks: list[pl.Callback] = [timer]
+    profiled = args.profile_steps if args.profile_prefix else 0
+    if profiled:  # last: the other callbacks' batch-end work then falls inside the step it belongs to
+        meta = {"sp": sp, "device": device, "recipe": str(args.recipe), "overrides": args.overrides}
+        callbacks.append(ProfileSteps(args.warmup, profiled, Path(args.profile_prefix), Path(args.workdir) /
+                                      "profile", meta))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train(recipe, resume=False, extra_callbacks=[timer])
+    train(recipe, resume=False, extra_callbacks=callbacks)
     if int(os.environ["RANK"]) == 0:
-        steps = sorted(timer.times[args.warmup:]) or timer.times
+        steps = sorted(timer.times[args.warmup + profiled:]) or timer.times
         step = steps[len(steps) // 2]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         result = {"sp": sp, "tokens_per_step": timer.tokens, "step_s": step, "tokens_per_s": timer.tokens / step,
-                  "peak_mem_gib": mem, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  "peak_mem_gib": mem, "device": device,
                   "recipe": str(args.recipe), "overrides": args.overrides}
         Path(args.result).write_text(json.dumps(result))
 
@@ -84,29 +100,47 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train.json"))
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler over --profile-steps steps after --warmup; per-rank breakdown beside --out")
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled with --profile")
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides, e.g. model.num_layers=8")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker(args)
+    if args.profile and not 1 <= args.profile_steps <= args.steps - args.warmup - 1:
+        parser.error(f"--profile needs 1 <= --profile-steps <= --steps - --warmup - 1 (a timed step after the "
+                     f"profiled ones, and the last step saves a checkpoint); got --profile-steps "
+                     f"{args.profile_steps} with --steps {args.steps} --warmup {args.warmup}")
+    out = Path(args.out)
 
     results = []
     for sp in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
+            prefix = out.with_name(f"{out.stem}-profile-sp{sp}")
+            profile = ["--profile-prefix", str(prefix), "--profile-steps", str(args.profile_steps)]
+            for stale in prefix.parent.glob(f"{prefix.name}-*"):  # an earlier run's files would pass as this one's
+                stale.unlink()
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sp), "--master_port",
                    str(_port()), __file__, "--worker", "--workdir", str(Path(tmp) / "run"), "--result", str(result),
                    "--recipe", args.recipe, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   *(["--cpu"] if args.cpu else []), *args.overrides]
+                   *(["--cpu"] if args.cpu else []), *(profile if args.profile else []), *args.overrides]
             rc = subprocess.run(cmd, cwd=ROOT).returncode
             if rc != 0 or not result.exists():
                 results.append({"sp": sp, "error": f"exit code {rc}"})
                 continue
             results.append(json.loads(result.read_text()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+            if args.profile:
+                results[-1]["profile"] = [str(p) for p in sorted(prefix.parent.glob(f"{prefix.name}-rank*.json"))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    for r in results:
+        for path in r.get("profile", []):
+            print("\n" + Path(path).with_suffix(".md").read_text(), end="")
     print(f"\n{'SP':>3} {'tokens/step':>13} {'step (s)':>9} {'tokens/s':>10} {'peak GiB':>9}  device")
     for r in results:
         if "error" in r:

@@ -181,7 +181,7 @@ def events_of(trace: dict) -> list[Event]:
 
 def step_windows(events: list[Event], marker: str = BOUNDARY) -> list[Interval]:
     """The intervals between consecutive boundary markers (N + 1 markers: N steps)."""
-    marks = sorted(e.start for e in events if e.name == marker)
+    marks = sorted(e.start for e in events if e.name == marker and e.cat == "user_annotation")
     return list(zip(marks, marks[1:]))
 
 
