@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train.json"))
     parser.add_argument("--profile", action="store_true",
-                        help="torch.profiler over --profile-steps steps after --warmup; per-rank breakdown beside --out")
+                        help="torch.profiler over the --profile-steps after --warmup; per-rank breakdown beside --out")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled with --profile")
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides, e.g. model.num_layers=8")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -123,7 +123,7 @@ def main() -> None:
             result = Path(tmp) / "result.json"
             prefix = out.with_name(f"{out.stem}-profile-sp{sp}")
             profile = ["--profile-prefix", str(prefix), "--profile-steps", str(args.profile_steps)]
-            for stale in prefix.parent.glob(f"{prefix.name}-*"):  # an earlier run's files would pass as this one's
+            for stale in prefix.parent.glob(f"{prefix.name}-*") if args.profile else ():  # would pass as this run's
                 stale.unlink()
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sp), "--master_port",
                    str(_port()), __file__, "--worker", "--workdir", str(Path(tmp) / "run"), "--result", str(result),
