@@ -16,7 +16,8 @@ all of that step's work: data loading, callbacks, forward, backward, the optimiz
   only its time outside its children. Lanes are threads instead of streams.
 
 Plus the CPU ``record_function`` ranges (Lightning's ``[Strategy]...`` / ``[LightningModule]...`` hooks, the
-DeepSpeed engine's step / backward, ``Optimizer.step#...``): the union of each name's intervals. They nest, so
+DeepSpeed engine's step / backward, ``Optimizer.step#...``): the union of each name's intervals, and how much of it
+fell in the idle time (what the host was doing while no kernel ran: where a per-step overhead lives). They nest, so
 they do not add up to the wall.
 
 Pure Python on purpose (no torch import): tests/test_step_profile.py proves the arithmetic on synthetic events.
@@ -267,11 +268,13 @@ class StepBreakdown:
     """Busy time per stream (or thread)."""
     ranges: dict[str, float]
     """Union of each CPU record_function range's intervals."""
+    ranges_idle: dict[str, float]
+    """The part of each range during ``idle``."""
     top: list[tuple[str, str, float, int]] = field(default_factory=list)
     """(name, category, summed µs, count) of the longest-running kernels / ops."""
 
 
-def breakdown(events: list[Event], window: Interval, top: int = 12) -> StepBreakdown:
+def breakdown(events: list[Event], window: Interval, top: int = 40) -> StepBreakdown:
     """Where ``window``'s time went (see the module docstring)."""
     inside = [e for e in events if e.end > window[0] and e.start < window[1]]
     pieces = device_pieces(inside)
@@ -301,12 +304,14 @@ def breakdown(events: list[Event], window: Interval, top: int = 12) -> StepBreak
     for e in inside:
         if e.cat == "user_annotation" and e.name != BOUNDARY:
             ranges[e.name] += clip([(e.start, e.end)], window)
+    idle = subtract([window], comm + compute)
     wall = window[1] - window[0]
     names = sorted(((n, c, sum(d), len(d)) for (n, c), d in per_name.items()), key=lambda t: -t[2])
     return StepBreakdown(source=source, wall=wall, compute=length(compute), comm=length(comm), overlap=overlap,
-                         exposed_comm=length(comm) - overlap, idle=wall - length(comm + compute),
-                         categories=categories, lanes={k: length(v) for k, v in per_lane.items()},
-                         ranges={k: length(v) for k, v in ranges.items()}, top=names[:top])
+                         exposed_comm=length(comm) - overlap, idle=length(idle), categories=categories,
+                         lanes={k: length(v) for k, v in per_lane.items()},
+                         ranges={k: length(v) for k, v in ranges.items()},
+                         ranges_idle={k: length(intersect(v, idle)) for k, v in ranges.items()}, top=names[:top])
 
 
 def mean(steps: list[StepBreakdown]) -> StepBreakdown:
@@ -333,6 +338,7 @@ def mean(steps: list[StepBreakdown]) -> StepBreakdown:
                          comm=avg(lambda s: s.comm), overlap=avg(lambda s: s.overlap),
                          exposed_comm=avg(lambda s: s.exposed_comm), idle=avg(lambda s: s.idle),
                          categories=categories, lanes=avg_dict(lambda s: s.lanes), ranges=avg_dict(lambda s: s.ranges),
+                         ranges_idle=avg_dict(lambda s: s.ranges_idle),
                          top=steps[0].top)
 
 
@@ -357,13 +363,14 @@ def to_json(steps: list[StepBreakdown], avg: StepBreakdown, **meta) -> dict:
                            for c, t in d["categories"].items()}
         d["lanes"] = {k: v / 1e3 for k, v in d["lanes"].items()}
         d["ranges"] = {k: v / 1e3 for k, v in d["ranges"].items()}
+        d["ranges_idle"] = {k: v / 1e3 for k, v in d["ranges_idle"].items()}
         d["top"] = [{"name": n, "category": c, "ms": t / 1e3, "count": k} for n, c, t, k in d["top"]]
         return d
 
     return {**meta, "unit": "ms per step", "mean": ms(avg), "steps": [ms(s) for s in steps]}
 
 
-def markdown(avg: StepBreakdown, title: str, steps: int, ranges: int = 14) -> str:
+def markdown(avg: StepBreakdown, title: str, steps: int, ranges: int = 16, top: int = 12) -> str:
     """A per-step table of ``avg``: the wall split (compute / exposed comm / idle), categories, lanes, CPU ranges."""
     w = avg.wall / 1e3
     what = "GPU kernels" if avg.source == "device kernels" else "CPU ops (no device kernels in this run)"
@@ -384,11 +391,12 @@ def markdown(avg: StepBreakdown, title: str, steps: int, ranges: int = 14) -> st
     lines += ["", f"Busy per {lane}: " + ", ".join(f"{k} {v / 1e3:.1f}" for k, v in
                                                   sorted(avg.lanes.items(), key=lambda kv: -kv[1]))]
     if avg.ranges:
-        lines += ["", "| CPU range (nested: does not add up) | ms |", "|---|---|"]
+        lines += ["", "| CPU range (nested: does not add up) | ms | of which idle ms |", "|---|---|---|"]
         for name, v in sorted(avg.ranges.items(), key=lambda kv: -kv[1])[:ranges]:
-            lines.append(f"| `{name}` | {v / 1e3:.1f} |")
+            lines.append(f"| `{name}` | {v / 1e3:.1f} | {avg.ranges_idle.get(name, 0.0) / 1e3:.1f} |")
     lines += ["", "| longest (first step) | category | ms | count |", "|---|---|---|---|"]
-    for name, c, t, k in avg.top:
+    shown = avg.top[:top] + [t for t in avg.top[top:] if t[1] == "other"][:5]  # what 'other' holds, to classify
+    for name, c, t, k in shown:
         short = name if len(name) <= 90 else name[:87] + "..."
         lines.append(f"| `{short.replace('|', '/')}` | {c} | {t / 1e3:.1f} | {k} |")
     lines.append(f"\n(wall = compute + exposed collectives + idle: {w:.1f} = {avg.compute / 1e3:.1f} + "

@@ -103,6 +103,8 @@ def test_device_breakdown_splits_wall_into_compute_exposed_comm_and_idle():
     assert cats["reduce_scatter"].busy == 10 and cats["reduce_scatter"].exposed == 10
     assert b.lanes == {"7": 30, "9": 15, "20": 10, "21": 10}
     assert b.ranges == {"[Strategy]SLAStrategy.backward": 50, "Optimizer.step#FusedAdam.step": 10}
+    # idle: 5-10, 45-60, 70-80, 85-100; backward 5-55 is idle 5-10 and 45-55, the optimizer 90-100 all idle
+    assert b.ranges_idle == {"[Strategy]SLAStrategy.backward": 15, "Optimizer.step#FusedAdam.step": 10}
     assert b.top[0] == ("_sla_fwd_kernel", "sla", 20, 1)
 
 
@@ -155,3 +157,11 @@ def test_windows_mean_json_and_markdown(tmp_path):
     assert "GPU kernels" in md and "| all_gather | 0.1 | 0.1 | 0 | 0.0 |" in md
     with pytest.raises(ValueError, match="fewer than 2 boundary markers"):
         sp.mean([])
+
+
+def test_markdown_lists_the_longest_and_what_other_holds():
+    """Beyond the 12 longest names, the longest 'other' ones too (the names a new classification rule needs)."""
+    kernels = [_k(f"_sla_k{i}_kernel", 10 * i, 10 * i + 9 - i / 2) for i in range(13)]
+    events = _marks(0, 200) + kernels + [_k("mystery_op", 150, 150.5)]
+    md = sp.markdown(sp.breakdown(events, (0, 200)), "t", 1)
+    assert "`_sla_k11_kernel`" in md and "`_sla_k12_kernel`" not in md and "| `mystery_op` | other |" in md
