@@ -8,8 +8,8 @@
 # extra memory of a fwd+bwd: dense cuDNN vs the SLA layer at 8K and 32K),
 # e2e (2 GPUs: the wan1.3b recipe through launch/torchrun.sh at SP = 1 and SP = 2 with activation checkpointing,
 #   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s),
-# train-profile (2 GPUs: bench_train.py --profile on the wan1.3b recipe as e2e runs it, SP = 1 then 2, 7 steps, steps
-#   3 and 4 under torch.profiler; per-rank step breakdown tables + JSON, rank 0's traces; train-profile:420),
+# train-profile (2 GPUs: bench_train.py --profile on the wan1.3b recipe as e2e runs it, SP = 1 then 2, 8 steps, steps
+#   3 and 4 under torch.profiler, 5-7 timed; per-rank step breakdown tables + JSON, rank 0's traces; train-profile:420),
 # ranks (2 GPUs: the multi-rank reliability tests on NCCL, independent spawned ranks: a rank that raises ends the
 #   job through the collective timeout, rank 0's resume choice shared, the recipe timeout on every group; ranks:500),
 # fwdloop (the forward loop variants of SLA_DIST_FWD_LOOP, one after the other: the layer at 32K and 8K, autotuned),
@@ -41,7 +41,7 @@ declare -A CMD=(
   [fwdloop]="python3 benchmarks/time_layer.py fwdloop --fwd-loop baseline fma split+fma split+even+fma"
   [fwdloop-kernel]="python3 benchmarks/time_fwd_kernel.py"
   [fwdloop-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_FWD_LOOP=baseline python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
-  [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 7 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json trainer.log_every_n_steps=1 sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
+  [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json trainer.log_every_n_steps=1 sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
 summary=()

@@ -114,6 +114,8 @@ class ProfileSteps(pl.Callback):
         if done == self.first + self.count:
             self._prof.stop()
             self._report(trainer.global_rank)
+            # ranks export and analyse at different speeds; leave together so the next (timed) step waits on none
+            trainer.strategy.barrier("ProfileSteps.report")
 
     def _report(self, rank: int) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
