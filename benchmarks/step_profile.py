@@ -52,7 +52,8 @@ _COLLECTIVE_TOKENS = (("alltoall", "all_to_all"), ("sendrecv", "all_to_all"), ("
 # catches a renamed one as long as it keeps the ``_..._kernel`` form (demangled C++ names never start that way).
 _SLA_PREFIXES = ("_sla", "_bwd", "_linear", "_block", "_classify", "_critical", "sla_dist::")
 _SLA_KERNEL = re.compile(r"_[a-z0-9_]*_kernel")
-_OPTIMIZER = ("multi_tensor", "adam", "lamb")
+# "lamb" but not "lambda": the "{lambda()#1}" in most aten kernel names is no optimizer.
+_OPTIMIZER = re.compile(r"multi_tensor|adam|lamb(?!da)")
 _GEMM = ("gemm", "cutlass", "xmma", "cublas", "nvjet", "sm90_", "sm80_", "ampere_", "hopper_")
 _GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
                        "aten::linear", "aten::_addmm_activation"})
@@ -69,7 +70,7 @@ def classify(name: str, cat: str = "kernel") -> str:
         return next((kind for token, kind in _COLLECTIVE_TOKENS if token in flat), "collective_other")
     if low.startswith(_SLA_PREFIXES) or _SLA_KERNEL.fullmatch(name):
         return "sla"
-    if any(s in low for s in _OPTIMIZER):
+    if _OPTIMIZER.search(low):
         return "optimizer"
     if any(s in low for s in _GEMM) or name in _GEMM_OPS:
         return "gemm"
