@@ -1,0 +1,86 @@
+"""benchmarks/quality/merge_runs.py: quality-study runs from separate device calls merged into one study (variants
+taken once, the verdict over all of them) and refused when they are not one study; the levers' table."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+sys.path.insert(0, str(QUALITY))
+
+import merge_runs  # noqa: E402
+
+CONFIG = {key: 1 for key in merge_runs.SHARED_CONFIG}
+
+
+def _variant(kind: str, final: float) -> dict:
+    return {"variant": kind, "val_curve": [[0, 0.05], [400, final]], "fvd_random": 0.5, "s_per_step": 0.2}
+
+
+def _run(dense_seed: int, dense_final: float, **variants: dict) -> dict:
+    return {"status": "complete", "command": f"run seed {dense_seed}", "pretrain": {"steps": 1600},
+            "attention_before": {}, "model": {}, "parameters": 1, "tokens_per_clip": 9216, "key_blocks": 144,
+            "config": {**CONFIG, "dense_seeds": [dense_seed], "baselines": sorted(variants)},
+            "timings": {"total_s": 100.0},
+            "variants": {f"dense_seed{dense_seed}": _variant("dense", dense_final),
+                         "sla": _variant("sla", 0.044), **variants}}
+
+
+def test_merge_takes_each_variant_once_and_judges_all():
+    a = _run(0, 0.0404, sparse_only=_variant("sparse_only", 0.0444))
+    b = _run(1, 0.0396, linear_only=_variant("linear_only", 0.125))
+    merged = merge_runs.merge([a, b])
+    assert list(merged["variants"]) == ["dense_seed0", "dense_seed1", "sla", "sparse_only", "linear_only"]
+    assert merged["config"]["dense_seeds"] == [0, 1]
+    assert merged["timings"]["total_s"] == 200.0
+    v = merged["verdict"]
+    assert v["dense_loss"] == pytest.approx(0.04) and v["dense_loss_spread"] == pytest.approx(0.0008)
+    assert v["sla_loss_gap"] == pytest.approx(0.1) and v["loss_within_1pct"] is False
+    assert v["sparse_only_worse"] is False and v["linear_only_worse"] is True  # 0.0004 vs 0.081 above SLA
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda r: r["config"].update(sparsity=0.9), "config sparsity=0.9"),
+    (lambda r: r.update(pretrain={"steps": 800}), "pretrain differs"),
+    (lambda r: r.update(status="partial"), "status 'partial'"),
+    (lambda r: r["variants"]["sla"]["val_curve"].__setitem__(-1, [400, 0.045]), "variant 'sla' of run 1"),
+])
+def test_merge_refuses_runs_that_are_not_one_study(change, match):
+    a, b = _run(0, 0.0404), _run(1, 0.0396)
+    change(b)
+    with pytest.raises(ValueError, match=match):
+        merge_runs.merge([a, b])
+
+
+def test_levers_compare_with_the_study_and_their_own_dense():
+    study = merge_runs.merge([_run(0, 0.0404), _run(1, 0.0396)])
+    longer = _run(0, 0.038)
+    longer["config"]["finetune_steps"] = 800
+    rows = merge_runs.lever_rows(study, [longer], ["longer.json"])
+    sla = next(r for r in rows if r["variant"] == "sla")
+    assert sla["changed"] == {"finetune_steps": 800}
+    assert sla["vs_dense"] == pytest.approx(0.1) and sla["vs_own_dense"] == pytest.approx(0.044 / 0.038 - 1)
+    assert "finetune_steps=800" in merge_runs.lever_table(rows, 0.04)
+    other = copy.deepcopy(longer)
+    other["pretrain"] = {"steps": 1}
+    with pytest.raises(ValueError, match="other pretrained weights"):
+        merge_runs.lever_rows(study, [other], ["other.json"])
+
+
+def test_cli_merges_the_textured_study(tmp_path):
+    """The two 2026-11-30 textured-scene runs (dense seed 0 + SLA + sparse-only; dense seed 1 + SLA + linear-only)."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    runs = [results / f"2026-11-30-quality-study-h200-textured{suffix}.json" for suffix in ("", "-seed1")]
+    lever = results / "2026-11-30-quality-study-h200-textured-sparsity90.json"
+    assert merge_runs.main([*map(str, runs), "--out", str(tmp_path / "study"), "--levers", str(lever)]) == 0
+    written = json.loads((tmp_path / "study.json").read_text())
+    assert list(written["variants"]) == ["dense_seed0", "dense_seed1", "sla", "sparse_only", "linear_only"]
+    assert written["verdict"]["sla_loss_gap"] == pytest.approx(0.1076, abs=5e-4)
+    assert {r["variant"]: r["changed"] for r in written["levers"]}["sla"] == {"sparsity": 0.9}
+    text = (tmp_path / "study.md").read_text()
+    assert "Merged from" in text and "sparsity=0.9" in text
