@@ -246,6 +246,7 @@ def plot(results: dict, path: Path) -> None:
         curves.plot(steps, losses, marker=".", label=name)
     curves.set_xlabel("fine-tune step")
     curves.set_ylabel("validation flow-matching loss")
+    curves.set_yscale("log")  # the variants of interest differ by a few %, linear-only by several times
     curves.grid(alpha=0.3)
     if runs:
         curves.legend(fontsize="small")
