@@ -161,6 +161,17 @@ def test_calibration_options():
     assert load_recipe(tiny, [*sp4, "parallel.ulysses_degree=4"]).sparsity.calibrate
 
 
+def test_overlap_comm_reaches_deepspeed():
+    from sla_dist.lightning.run import build_strategy
+
+    tiny = RECIPES[0].parent / "tiny_cpu.yaml"
+    assert build_strategy(load_recipe(tiny)).config["zero_optimization"]["overlap_comm"] is False
+    on = build_strategy(load_recipe(tiny, ["parallel.overlap_comm=true"]))
+    assert on.config["zero_optimization"]["overlap_comm"] is True
+    with pytest.raises(ValueError, match="parallel.overlap_comm .* needs zero_stage 1, 2 or 3, not 0"):
+        load_recipe(tiny, ["parallel.overlap_comm=true", "parallel.zero_stage=0"])
+
+
 def test_overlap_chunks_reach_the_strategy():
     from sla_dist.lightning.run import build_strategy
 

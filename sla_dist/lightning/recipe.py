@@ -234,6 +234,12 @@ class ParallelSection:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
 
+    overlap_comm: bool = False
+    """Run ZeRO's gradient reduction (stages 1-3) on a side stream during the backward, in buckets, instead of after
+    it (DeepSpeed's ``zero_optimization.overlap_comm``): hides the reduce-scatter / all-reduce (40 ms per step of
+    the 1.3B recipe at SP 2 on 2 H200s, fully exposed, results/2026-11-30-h200x2-train-step-profile.md) for the
+    buckets' extra memory. Off by default until measured on GPUs."""
+
     offload_optimizer: bool = False
     """Keep optimizer states on the CPU (ZeRO-Offload)."""
 
@@ -252,6 +258,9 @@ class ParallelSection:
             raise ValueError(f"parallel.ulysses_degree={self.ulysses_degree} must divide sp_size={self.sp_size}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.overlap_comm and self.zero_stage == 0:
+            raise ValueError("parallel.overlap_comm overlaps ZeRO's gradient reduction: it needs zero_stage 1, 2 or "
+                             "3, not 0")
         if self.offload_parameters and self.zero_stage != 3:
             raise ValueError(f"parallel.offload_parameters needs zero_stage=3, not {self.zero_stage}")
         if self.strategy == "auto" and self.sp_size != 1:

@@ -351,9 +351,10 @@ def sp_loss_factor(config: dict, sp_size: int) -> int:
 
 
 def zero_config(stage: int, offload_optimizer: bool, offload_parameters: bool, grad_clip: float,
-                micro_batch: int) -> dict:
-    """A DeepSpeed config for ``stage`` (0 disables ZeRO); the client optimizer (AdamW) is used as is."""
-    zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+                micro_batch: int, overlap_comm: bool = False) -> dict:
+    """A DeepSpeed config for ``stage`` (0 disables ZeRO); the client optimizer (AdamW) is used as is.
+    ``overlap_comm``: the gradient reduction runs during the backward (``ParallelSection.overlap_comm``)."""
+    zero: dict = {"stage": stage, "overlap_comm": overlap_comm, "contiguous_gradients": True}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if offload_parameters:

@@ -5,7 +5,8 @@
   the final (and EMA) weights must equal the reference's;
 * torchrun --nnodes 2 on localhost, one process per "node", ZeRO-3 with sequence parallelism 2: every rank reads the
   reference's samples and the SP gradient shares sum to the full gradient, so it must follow the reference's losses;
-* Lightning's own launcher, 2 processes, ZeRO-2, data parallel 2: distinct samples per rank; it must train.
+* Lightning's own launcher, 2 processes, ZeRO-2 with its gradient reduction overlapped with the backward
+  (parallel.overlap_comm), data parallel 2: distinct samples per rank; it must train.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def runs(tmp_path_factory):
     node_args = ["trainer.num_nodes=2", "parallel.sp_size=2", "parallel.zero_stage=3"]
     procs = [_train(killed)] + [_train(nodes, *node_args, launcher=t) for t in torchrun]
     _wait(procs, nodes)
-    _wait([_train(dp, "trainer.devices=2", "parallel.zero_stage=2")], dp)
+    _wait([_train(dp, "trainer.devices=2", "parallel.zero_stage=2", "parallel.overlap_comm=true")], dp)
     return {"reference": ref, "killed": killed, "nodes": nodes, "dp": dp, "killed_at": killed_at}
 
 
