@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from locality_inputs import LOCALITIES, LocalityConfig, locality_qkv
+from locality_inputs import LOCALITIES, LocalityConfig, add_locality_arguments, locality_config, locality_qkv
 from results_io import save_results
 from sla_dist import SparseLinearAttention
 from sla_dist.kernels.block_map import CRITICAL
@@ -489,16 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linear-scope", default=defaults.linear_scope)
     parser.add_argument("--locality", nargs="+", choices=LOCALITIES, default=defaults.locality,
                         help="q / k sources (any but iid set --seq-len to the --grid's T H W)")
-    triple = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
-    inputs = defaults.inputs
-    parser.add_argument("--grid", type=triple, default=inputs.grid, help="token grid T,H,W (default 32,64,64)")
-    parser.add_argument("--tile", type=triple, default=inputs.tile, help="3D tile of the token order")
-    parser.add_argument("--correlation", type=float, default=inputs.correlation, help="'field': tokens")
-    parser.add_argument("--noise", type=float, default=inputs.noise, help="'field': per-token noise std")
-    parser.add_argument("--dit-model", default=inputs.dit_model, help="'dit': named DiT shape")
-    parser.add_argument("--dit-layer", type=int, default=inputs.dit_layer)
-    parser.add_argument("--qk-init", choices=("independent", "tied"), default=inputs.qk_init)
-    parser.add_argument("--dit-checkpoint", type=Path, default=None, help="'dit': VideoDiT weights")
+    add_locality_arguments(parser)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--cpu", action="store_true", help="CPU processes with gloo instead of GPUs with NCCL")
@@ -515,8 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         args.seq_len, args.heads, args.head_dim, args.sizes = 1000, [4], 64, [1, 2]
         args.warmup, args.iters, args.topk, args.grid = 1, 1, 0.2, (4, 16, 16)
-    inputs = LocalityConfig(args.grid, args.tile, args.correlation, args.noise, args.dit_model, args.dit_layer,
-                            args.qk_init, args.dit_checkpoint)
+    inputs = locality_config(args)
     if set(args.locality) - {"iid"}:
         args.seq_len = inputs.seq_len
     config = BenchConfig(args.seq_len, args.heads, args.head_dim, args.sizes, args.modes, args.exchange, args.topk,

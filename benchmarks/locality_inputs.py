@@ -15,10 +15,13 @@ consecutive tokens form (4, 4, 4) cubes, so one 64-key SLA block is a compact pi
            RoPE, in tiled order) on a spatially smooth synthetic video: random init (``qk_init`` 'tied' sets W_k = W_q
            so scores measure content similarity, as tiling_study.py) or the weights of a checkpoint (loaded with
            weights_only / safetensors, never executing code). v is Gaussian: it does not affect the fetch.
+           ``latents`` 'gaussian' feeds i.i.d. Gaussian latents instead, as bench_dit_step.py times the model;
+           ``tile`` (1, 1, 1) keeps raster order, as a VideoDiT without ``tile_size``.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from sla_dist.models.layers import DenseAttention
 from tiling_study import smooth_latents, tie_query_key
 
 LOCALITIES = ("iid", "field", "dit")
+LATENTS = ("smooth", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class LocalityConfig:
     checkpoint: Path | None = None
     """'dit': VideoDiT weights (exported safetensors / torch state dict / Lightning .ckpt)."""
     seed: int = 0
+    latents: str = "smooth"
+    """'dit': the video fed to the model: 'smooth' (spatially correlated, video-like) or 'gaussian' (i.i.d., as
+    bench_dit_step.py feeds it)."""
 
     def __post_init__(self) -> None:
         for name in ("grid", "tile"):
@@ -66,6 +73,8 @@ class LocalityConfig:
             raise ValueError(f"qk_init={self.qk_init!r} must be 'independent' or 'tied'")
         if self.dit_layer < 0:
             raise ValueError(f"dit_layer={self.dit_layer} must be >= 0")
+        if self.latents not in LATENTS:
+            raise ValueError(f"latents={self.latents!r} must be one of {LATENTS}")
 
     @property
     def seq_len(self) -> int:
@@ -136,7 +145,12 @@ def dit_qk(config: LocalityConfig, heads: int, head_dim: int, device: torch.devi
     model = model.to(device).eval()
     T, H, W = config.grid
     (pt, ph, pw) = dit.patch_size
-    latents = smooth_latents(dit.in_channels, (T * pt, H * ph, W * pw), config.seed).to(device)
+    size = (T * pt, H * ph, W * pw)
+    if config.latents == "smooth":
+        latents = smooth_latents(dit.in_channels, size, config.seed)
+    else:
+        latents = torch.randn(1, dit.in_channels, *size, generator=torch.Generator().manual_seed(config.seed))
+    latents = latents.to(device)
     text = torch.randn(1, 16, dit.text_dim, generator=torch.Generator().manual_seed(config.seed)).to(device)
     captured = []
 
@@ -156,3 +170,25 @@ def dit_qk(config: LocalityConfig, heads: int, head_dim: int, device: torch.devi
     finally:
         handle.remove()
     return tuple(captured)
+
+
+def add_locality_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of :class:`LocalityConfig` (read back by :func:`locality_config`)."""
+    defaults = LocalityConfig()
+    triple = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
+    parser.add_argument("--grid", type=triple, default=defaults.grid, help="token grid T,H,W (default 32,64,64)")
+    parser.add_argument("--tile", type=triple, default=defaults.tile,
+                        help="3D tile of the token order (1,1,1: raster order)")
+    parser.add_argument("--correlation", type=float, default=defaults.correlation, help="'field': tokens")
+    parser.add_argument("--noise", type=float, default=defaults.noise, help="'field': per-token noise std")
+    parser.add_argument("--dit-model", default=defaults.dit_model, help="'dit': named DiT shape")
+    parser.add_argument("--dit-layer", type=int, default=defaults.dit_layer)
+    parser.add_argument("--qk-init", choices=("independent", "tied"), default=defaults.qk_init)
+    parser.add_argument("--latents", choices=LATENTS, default=defaults.latents, help="'dit': the video fed in")
+    parser.add_argument("--dit-checkpoint", type=Path, default=None, help="'dit': VideoDiT weights")
+
+
+def locality_config(args: argparse.Namespace) -> LocalityConfig:
+    """The LocalityConfig of options added by :func:`add_locality_arguments`."""
+    return LocalityConfig(args.grid, args.tile, args.correlation, args.noise, args.dit_model, args.dit_layer,
+                          args.qk_init, args.dit_checkpoint, latents=args.latents)

@@ -7,7 +7,8 @@ Each table lists CUDA time per kernel and, in its last lines, the CPU time of th
 layer is bound by launching work, not by the GPU. ``--host N`` adds the N Python functions with the most own time
 over 20 forward+backward calls (cProfile): where the host time goes. ``--linear-scope marginal none`` profiles the
 layer with and without the linear branch, splitting the forward kernel's time into its FlashAttention loop and its
-linear epilogue.
+linear epilogue. ``--inputs``, ``--layout``, ``--negligible`` and the token-grid options are time_layer.py's: one
+profile per value, on model-like inputs (layer_inputs.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pstats
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
+# this script's folder is on sys.path when it runs
+from layer_inputs import add_input_arguments, input_lengths, input_settings, sla_layer_inputs
 
 
 def main() -> None:
@@ -34,15 +36,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--host", type=int, default=0, metavar="N", help="also list the N Python functions with the "
                         "most own time (cProfile)")
+    add_input_arguments(parser)
     args = parser.parse_args()
-    for L in args.L:
-        for scope in args.linear_scope:
-            profile_layer(L, scope, args)
+    for L in input_lengths(args, args.L):
+        for source, layout, inputs in input_settings(args):
+            for scope in args.linear_scope:
+                profile_layer(L, scope, f"inputs={source} layout={layout}", inputs, args)
 
 
-def profile_layer(L: int, linear_scope: str, args: argparse.Namespace) -> None:
+def profile_layer(L: int, linear_scope: str, setting: str, inputs: dict, args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
     m, q, k, v, g = sla_layer_inputs(L, args.H, args.D, topk=args.topk, block_q=args.block_q,
-                                     linear_scope=linear_scope)
+                                     linear_scope=linear_scope, **inputs)
     for _ in range(3):  # compile and warm up
         m(q, k, v).backward(g)
     torch.cuda.synchronize()
@@ -60,7 +65,7 @@ def profile_layer(L: int, linear_scope: str, args: argparse.Namespace) -> None:
                     step()
                 torch.cuda.synchronize()
         print(f"\n== {name}, L={L} H={args.H} D={args.D} topk={args.topk} BQ={args.block_q} "
-              f"linear_scope={linear_scope} (5 iterations)")
+              f"linear_scope={linear_scope} negligible={m.config.negligible} {setting} (5 iterations)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.host:
         host = cProfile.Profile()

@@ -10,32 +10,60 @@ the layer captured by ``torch.cuda.make_graphed_callables`` (forward and backwar
 time per call beyond the replay). ``--fwd-loop baseline fma ...`` times the forward kernel's loop variants one after
 the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; options joined by '+', e.g.
 ``even+fma``); without it the environment's setting is timed.
+
+Inputs like a model's, one factor at a time (each a list: one run per value, after the L loop; a label suffix names
+every value that is not the default): ``--L 32760`` a length with partial last blocks; ``--layout blhd fused`` q, k,
+v and dO in a model's memory order (layer_inputs.LAYOUTS); ``--inputs field dit`` q, k from locality_inputs.py over
+``--grid`` (its T H W tokens replace --L; ``--tile 1,1,1 --dit-model wan2.1-1.3b --qk-init independent --latents
+gaussian`` is bench_dit_step.py's model); ``--negligible X`` the layer's negligible fraction. ``--tiny`` runs a tiny
+problem on the CPU (the reference backend, float32, plain wall-clock timing): a smoke test of every option.
 """
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
 import triton.testing as tt
 from torch.nn.attention import SDPBackend
 
-from layer_inputs import dense_sdpa, sla_layer_inputs  # this script's folder is on sys.path when it runs
+# this script's folder is on sys.path when it runs
+from layer_inputs import add_input_arguments, dense_sdpa, input_lengths, input_settings, sla_layer_inputs
 
 FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"  # sla_dist.kernels.configs.FWD_LOOP_ENV (a checkout from before it has no switch)
 
 
-def host_side_ms(step, n: int = 20) -> float:
-    torch.cuda.synchronize()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_side_ms(step, device: torch.device) -> float:
+    n = 20 if device.type == "cuda" else 2  # the CPU smoke test needs the code path, not the number
+    sync(device)
     start = time.perf_counter()
     for _ in range(n):
         step()
     elapsed = (time.perf_counter() - start) / n * 1e3
-    torch.cuda.synchronize()
+    sync(device)
     return elapsed
 
 
-def main() -> None:
+def bench_ms(fn, device: torch.device, grad_to_none=None) -> float:
+    """Median milliseconds of ``fn``: triton's do_bench on a GPU, the wall time of a few calls on the CPU."""
+    if device.type == "cuda":
+        return tt.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("label", nargs="?", default="sla_dist")
     capture = parser.add_mutually_exclusive_group()
@@ -46,14 +74,28 @@ def main() -> None:
     parser.add_argument("--fwd-loop", nargs="+", metavar="LOOP",
                         help="forward loop variants to time one after the other (baseline, or options from "
                              "even, fma, split joined by '+'); default: the measured rule, or SLA_DIST_FWD_LOOP")
-    args = parser.parse_args()
+    parser.add_argument("--L", type=int, nargs="+", default=[32768, 8192], help="sequence lengths (iid inputs)")
+    add_input_arguments(parser)
+    parser.add_argument("--tiny", action="store_true", help="H 2, D 32, L 256 (grid 4,8,8), float32 on the CPU: a "
+                        "smoke test")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        if args.graph or args.dense:
+            parser.error("--tiny runs on the CPU: --graph and --dense need a GPU")
+        args.L, args.grid, args.heads, args.head_dim = [256], (4, 8, 8), 2, 32
+        args.device, args.dtype = torch.device("cpu"), torch.float32
+    else:
+        args.heads, args.head_dim, args.device, args.dtype = 12, 128, torch.device("cuda"), torch.bfloat16
     label = args.label + (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
-    for L in (32768, 8192):
-        for loop in args.fwd_loop or [None]:
-            if loop is not None:
-                os.environ[FWD_LOOP_ENV] = loop
-            time_layer(L, label + (f"+fwd:{loop}" if loop else ""), args)
+    for L in input_lengths(args, args.L):
+        for source, layout, inputs in input_settings(args):
+            suffix = "".join(f"+{v}" for v in (source, layout) if v not in ("iid", "bhld"))
+            suffix += f"+neg:{args.negligible}" if args.negligible is not None else ""
+            for loop in args.fwd_loop or [None]:
+                if loop is not None:
+                    os.environ[FWD_LOOP_ENV] = loop
+                time_layer(L, label + suffix + (f"+fwd:{loop}" if loop else ""), inputs, args)
         if args.dense:
             torch.manual_seed(0)  # the layer's q, k, v
             _, q, k, v, g = sla_layer_inputs(L, 12, 128)
@@ -65,10 +107,12 @@ def main() -> None:
             print(f"{'cuDNN':8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  (dense SDPA)")
 
 
-def time_layer(L: int, label: str, args: argparse.Namespace) -> None:
-    """Print the layer's forward and forward+backward times at length L (fresh inputs, seeded identically)."""
+def time_layer(L: int, label: str, inputs: dict, args: argparse.Namespace) -> None:
+    """Print the layer's forward and forward+backward times at length L (fresh inputs, seeded identically);
+    ``inputs``: sla_layer_inputs' source / layout / layer keywords."""
     torch.manual_seed(0)
-    layer, q, k, v, g = sla_layer_inputs(L, 12, 128)
+    layer, q, k, v, g = sla_layer_inputs(L, args.heads, args.head_dim, device=args.device, dtype=args.dtype,
+                                         **inputs)
     compiled = torch.compile(layer, mode=args.compile) if args.compile else layer
     if args.graph:
         compiled = torch.cuda.make_graphed_callables(layer, (q, k, v))
@@ -79,7 +123,7 @@ def time_layer(L: int, label: str, args: argparse.Namespace) -> None:
         return compiled(*inputs)
 
     with torch.no_grad():
-        fwd = tt.do_bench(lambda: m(q, k, v), warmup=25, rep=100, return_mode="median")
+        fwd = bench_ms(lambda: m(q, k, v), args.device)
 
     def step():
         # Under reduce-overhead a .grad allocated in a CUDA graph is overwritten by the next replay, so
@@ -88,9 +132,9 @@ def time_layer(L: int, label: str, args: argparse.Namespace) -> None:
             t.grad = None
         m(q, k, v).backward(g)
 
-    fwd_bwd = tt.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+    fwd_bwd = bench_ms(step, args.device, grad_to_none=[q, k, v])
     print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
-          f"{host_side_ms(step):.3f} ms")
+          f"{host_side_ms(step, args.device):.3f} ms")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""benchmarks/time_layer.py and layer_inputs.py: the single-layer benchmark on model-like inputs (source, memory
+layout, length, negligible), one factor at a time, in a tiny CPU run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import time_layer  # noqa: E402
+from layer_inputs import sla_layer_inputs  # noqa: E402
+from locality_inputs import LocalityConfig, locality_qkv  # noqa: E402
+
+L, H, D = 256, 2, 32
+
+
+def _inputs(layout: str, source: str = "iid"):
+    torch.manual_seed(0)
+    return sla_layer_inputs(L, H, D, device="cpu", dtype=torch.float32, source=source, layout=layout,
+                            locality=LocalityConfig(grid=(4, 8, 8)))
+
+
+def test_layouts_hold_the_same_values_in_the_models_strides():
+    _, *base = _inputs("bhld")
+    _, *blhd = _inputs("blhd")
+    _, *fused = _inputs("fused")
+    blhd_strides = (L * H * D, D, H * D, 1)  # a [1, L, H, D] buffer seen as [1, H, L, D]
+    for name, b, x, y in zip("qkvg", base, blhd, fused):
+        assert b.is_contiguous(), name
+        assert torch.equal(b, x) and torch.equal(b, y), name
+        assert x.stride() == blhd_strides, (name, x.stride())
+        assert y.stride() == (blhd_strides if name != "v" else (3 * L * H * D, D, 3 * H * D, 1)), (name, y.stride())
+    # q, k, v are leaves (the timed step resets their .grad), the output gradient needs none
+    assert all(t.is_leaf and t.requires_grad for t in (*blhd[:3], *fused[:3])) and not fused[3].requires_grad
+
+
+def test_model_like_sources_need_their_grids_length():
+    with pytest.raises(ValueError, match=r"L=100 must equal the \(32, 64, 64\) grid's 131072 tokens"):
+        sla_layer_inputs(100, H, D, device="cpu", source="field")
+    with pytest.raises(ValueError, match="layout 'lbhd'"):
+        sla_layer_inputs(L, H, D, device="cpu", layout="lbhd")
+    _, q, k, _, _ = _inputs("bhld", "field")
+    assert q.shape == (1, H, L, D) and not torch.equal(q, k)
+
+
+def test_gaussian_latents_change_the_dit_inputs():
+    smooth = LocalityConfig(grid=(4, 8, 8), dit_model="tiny")
+    gaussian = LocalityConfig(grid=(4, 8, 8), dit_model="tiny", latents="gaussian")
+    q_smooth, _, _ = locality_qkv("dit", smooth, 2, 32, torch.device("cpu"))
+    q_gaussian, _, _ = locality_qkv("dit", gaussian, 2, 32, torch.device("cpu"))
+    assert q_smooth.shape == q_gaussian.shape and not torch.allclose(q_smooth, q_gaussian)
+    with pytest.raises(ValueError, match="latents='noise' must be one of"):
+        LocalityConfig(latents="noise")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: a tiny layer's ops are too small to split, and on a loaded 2-core machine two threads
+    waiting on each other made each call ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_run_times_one_line_per_setting_and_names_the_non_defaults(capsys, one_thread):
+    time_layer.main(["base", "--tiny"])
+    time_layer.main(["run", "--tiny", "--inputs", "iid", "dit", "--layout", "bhld", "fused", "--negligible", "0"])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if " fwd+bwd " in line]
+    assert [(words[0], words[1]) for words in lines] == [
+        ("base", "L="), ("run+neg:0.0", "L="), ("run+fused+neg:0.0", "L="), ("run+dit+neg:0.0", "L="),
+        ("run+dit+fused+neg:0.0", "L=")]
+    assert all(words[2] == "256" and float(words[4]) > 0 for words in lines)
+
+
+def test_tiny_refuses_gpu_only_options():
+    with pytest.raises(SystemExit):
+        time_layer.main(["x", "--tiny", "--dense"])
