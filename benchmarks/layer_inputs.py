@@ -57,6 +57,15 @@ def sla_layer_inputs(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int
     return (layer, *(x.detach().requires_grad_() for x in (q, k, v)), g)
 
 
+def layer_gradients(layer: torch.nn.Module, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of q, k, v and the layer's parameters for output gradient g, returned, as a training step's
+    fresh gradients, rather than accumulated: into an existing .grad that adds q-sized elementwise kernels, and into
+    a None one it copies each gradient unlike its leaf's layout into that layout (AccumulateGrad; dK, dV of the
+    'fused' layout), copies a model, whose q, k, v are not leaves, never makes."""
+    return torch.autograd.grad(out, (q, k, v, *layer.parameters()), g, allow_unused=True)
+
+
 def _blhd(x: torch.Tensor) -> torch.Tensor:
     """x [B, H, L, D] stored as a [B, L, H, D] buffer, seen as [B, H, L, D]."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 # this script's folder is on sys.path when it runs
-from layer_inputs import add_input_arguments, input_lengths, input_settings, sla_layer_inputs
+from layer_inputs import add_input_arguments, input_lengths, input_settings, layer_gradients, sla_layer_inputs
 
 
 def main() -> None:
@@ -48,15 +48,12 @@ def profile_layer(L: int, linear_scope: str, setting: str, inputs: dict, args: a
     torch.manual_seed(0)
     m, q, k, v, g = sla_layer_inputs(L, args.H, args.D, topk=args.topk, block_q=args.block_q,
                                      linear_scope=linear_scope, **inputs)
-    for _ in range(3):  # compile and warm up
-        m(q, k, v).backward(g)
-    torch.cuda.synchronize()
     def train_step():
-        # gradients set to None first, as a training step has them: accumulating into q, k, v's and proj_l's .grad
-        # would add three q-sized elementwise kernels that no real step runs
-        for t in (q, k, v, *m.parameters()):
-            t.grad = None
-        m(q, k, v).backward(g)
+        layer_gradients(m, m(q, k, v), q, k, v, g)  # returned, not accumulated, as a training step's (see there)
+
+    for _ in range(3):  # compile and warm up
+        train_step()
+    torch.cuda.synchronize()
 
     for name, step in (("forward", lambda: m(q, k, v)), ("forward+backward", train_step)):
         with torch.no_grad() if name == "forward" else torch.enable_grad():
@@ -71,7 +68,7 @@ def profile_layer(L: int, linear_scope: str, setting: str, inputs: dict, args: a
         host = cProfile.Profile()
         host.enable()
         for _ in range(20):
-            m(q, k, v).backward(g)
+            train_step()
         host.disable()
         torch.cuda.synchronize()
         print(f"\n== host, L={L}: 20 forward+backward calls, top {args.host} functions by own time")

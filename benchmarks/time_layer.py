@@ -29,7 +29,8 @@ import triton.testing as tt
 from torch.nn.attention import SDPBackend
 
 # this script's folder is on sys.path when it runs
-from layer_inputs import add_input_arguments, dense_sdpa, input_lengths, input_settings, sla_layer_inputs
+from layer_inputs import (add_input_arguments, dense_sdpa, input_lengths, input_settings, layer_gradients,
+                          sla_layer_inputs)
 
 FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"  # sla_dist.kernels.configs.FWD_LOOP_ENV (a checkout from before it has no switch)
 
@@ -50,10 +51,10 @@ def host_side_ms(step, device: torch.device) -> float:
     return elapsed
 
 
-def bench_ms(fn, device: torch.device, grad_to_none=None) -> float:
+def bench_ms(fn, device: torch.device) -> float:
     """Median milliseconds of ``fn``: triton's do_bench on a GPU, the wall time of a few calls on the CPU."""
     if device.type == "cuda":
-        return tt.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+        return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
     times = []
     for _ in range(3):
@@ -126,13 +127,11 @@ def time_layer(L: int, label: str, inputs: dict, args: argparse.Namespace) -> No
         fwd = bench_ms(lambda: m(q, k, v), args.device)
 
     def step():
-        # Under reduce-overhead a .grad allocated in a CUDA graph is overwritten by the next replay, so
-        # accumulating into it (proj_l's, which do_bench never resets; q, k, v's in host_side_ms) fails.
-        for t in (q, k, v, *layer.parameters()):
-            t.grad = None
-        m(q, k, v).backward(g)
+        # Gradients returned, not accumulated (see layer_gradients); under reduce-overhead a .grad allocated in a CUDA
+        # graph would also be overwritten by the next replay, so accumulating into it fails.
+        layer_gradients(layer, m(q, k, v), q, k, v, g)
 
-    fwd_bwd = bench_ms(step, args.device, grad_to_none=[q, k, v])
+    fwd_bwd = bench_ms(step, args.device)
     print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
           f"{host_side_ms(step, args.device):.3f} ms")
 

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import time_layer  # noqa: E402
-from layer_inputs import sla_layer_inputs  # noqa: E402
+from layer_inputs import layer_gradients, sla_layer_inputs  # noqa: E402
 from locality_inputs import LocalityConfig, locality_qkv  # noqa: E402
 
 L, H, D = 256, 2, 32
@@ -36,6 +36,17 @@ def test_layouts_hold_the_same_values_in_the_models_strides():
         assert y.stride() == (blhd_strides if name != "v" else (3 * L * H * D, D, 3 * H * D, 1)), (name, y.stride())
     # q, k, v are leaves (the timed step resets their .grad), the output gradient needs none
     assert all(t.is_leaf and t.requires_grad for t in (*blhd[:3], *fused[:3])) and not fused[3].requires_grad
+
+
+def test_layer_gradients_are_returned_not_accumulated():
+    """The timed step's gradients equal .backward()'s but leave every .grad unset: accumulating would add kernels
+    (an add, or a copy into a leaf's layout) that a model's step does not run."""
+    layer, q, k, v, g = _inputs("fused")
+    grads = layer_gradients(layer, layer(q, k, v), q, k, v, g)
+    assert all(t.grad is None for t in (q, k, v, *layer.parameters()))
+    layer(q, k, v).backward(g)
+    for got, t in zip(grads, (q, k, v, *layer.parameters())):
+        torch.testing.assert_close(got, t.grad)
 
 
 def test_model_like_sources_need_their_grids_length():
