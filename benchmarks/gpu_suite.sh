@@ -15,7 +15,12 @@
 # fwdloop (the forward loop variants of SLA_DIST_FWD_LOOP, one after the other: the layer at 32K and 8K, autotuned),
 # fwdloop-kernel (the forward kernel's CUDA time per variant, with and without the linear epilogue),
 # fwdloop-tests (the kernel grid on today's loop without the variants, SLA_DIST_FWD_LOOP=baseline: the default
-# picks variants per head dim; test_fwd_loop.py runs each variant alone).
+# picks variants per head dim; test_fwd_loop.py runs each variant alone),
+# inmodel-* (why SLA is slower inside bench_dit_step's model than alone, one factor at a time, PERF_NOTES): -layout
+#   (i.i.d. inputs at 32768 / 32760 tokens, bhld / blhd / fused layouts), -inputs (at the model's 32760 tokens and
+#   fused layout: i.i.d., field and the model's own q / k), -profile (per-kernel: i.i.d. vs the model's block map),
+#   -neg (negligible 0 vs the default 0.10 of -layout), -maps (the model's block-map balance at its last layer, 29;
+#   layer 0 measured on the CPU).
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -23,6 +28,8 @@ set -u
 OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 workers=$(( $(nproc) / 2 > 16 ? 16 : $(nproc) / 2 ))
+# bench_dit_step.py's model as locality_inputs' 'dit' source: its token grid, raster order, random init, i.i.d. video
+MODEL_QK="--grid 21,30,52 --tile 1,1,1 --dit-model wan2.1-1.3b --qk-init independent --latents gaussian"
 declare -A CMD=(
   [kernels]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [tuned]="python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py -k long_sequences"
@@ -42,6 +49,11 @@ declare -A CMD=(
   [fwdloop-kernel]="python3 benchmarks/time_fwd_kernel.py"
   [fwdloop-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_FWD_LOOP=baseline python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json trainer.log_every_n_steps=1 sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
+  [inmodel-layout]="python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
+  [inmodel-inputs]="python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"
+  [inmodel-profile]="python3 benchmarks/profile_sla.py --inputs iid dit --layout fused --rows 12 $MODEL_QK"
+  [inmodel-neg]="python3 benchmarks/time_layer.py neg0 --L 32768 --negligible 0"
+  [inmodel-maps]="python3 benchmarks/block_map_stats.py --device cuda --inputs iid dit --dit-layer 29 $MODEL_QK"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
 summary=()
