@@ -20,7 +20,7 @@
 #   (i.i.d. inputs at 32768 / 32760 tokens, bhld / blhd / fused layouts), -inputs (at the model's 32760 tokens and
 #   fused layout: i.i.d., field and the model's own q / k), -profile (per-kernel: i.i.d. vs the model's block map),
 #   -neg (negligible 0 vs the default 0.10 of -layout), -maps (the model's block-map balance at its last layer, 29;
-#   layer 0 measured on the CPU).
+#   layer 0 measured on the CPU). Fixed launch settings (the sweep winners): no tuning, each part under 2 minutes.
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -49,10 +49,10 @@ declare -A CMD=(
   [fwdloop-kernel]="python3 benchmarks/time_fwd_kernel.py"
   [fwdloop-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_FWD_LOOP=baseline python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json trainer.log_every_n_steps=1 sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
-  [inmodel-layout]="python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
-  [inmodel-inputs]="python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"
-  [inmodel-profile]="python3 benchmarks/profile_sla.py --inputs iid dit --layout fused --rows 12 $MODEL_QK"
-  [inmodel-neg]="python3 benchmarks/time_layer.py neg0 --L 32768 --negligible 0"
+  [inmodel-layout]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
+  [inmodel-inputs]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"
+  [inmodel-profile]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/profile_sla.py --inputs iid dit --layout fused --rows 12 $MODEL_QK"
+  [inmodel-neg]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py neg0 --L 32768 --negligible 0"
   [inmodel-maps]="python3 benchmarks/block_map_stats.py --device cuda --inputs iid dit --dit-layer 29 $MODEL_QK"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
