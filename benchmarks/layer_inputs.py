@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from sla_dist import SparseLinearAttention
 from locality_inputs import LOCALITIES, LocalityConfig, add_locality_arguments, locality_config, locality_qkv
+from sla_dist import SparseLinearAttention
 from sla_dist.kernels.block_map import block_scores, classify, critical_lists
 
 LAYOUTS = ("bhld", "blhd", "fused")
@@ -59,10 +59,10 @@ def sla_layer_inputs(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int
 
 def layer_gradients(layer: torch.nn.Module, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """The gradients of q, k, v and the layer's parameters for output gradient g, returned, as a training step's
-    fresh gradients, rather than accumulated: into an existing .grad that adds q-sized elementwise kernels, and into
-    a None one it copies each gradient unlike its leaf's layout into that layout (AccumulateGrad; dK, dV of the
-    'fused' layout), copies a model, whose q, k, v are not leaves, never makes."""
+    """Gradients of q, k, v and the layer's parameters for output gradient g, returned rather than accumulated into
+    .grad, as a model step's q, k, v gradients are (they are not leaves there): accumulating adds a q-sized add into
+    an existing .grad, and AccumulateGrad copies a gradient whose strides differ from its leaf's into the leaf's
+    layout (dK, dV of the 'fused' layout, which the kernels return contiguous)."""
     return torch.autograd.grad(out, (q, k, v, *layer.parameters()), g, allow_unused=True)
 
 
