@@ -13,7 +13,8 @@ time in a list-scheduling model over its time if perfectly balanced (total / slo
 (key block fastest, then batch x head, as CUDA hands out a grid's blocks), each on the first of ``--slots`` free
 slots (one program per SM: H200 132), and cost ``--overhead`` (loading K, V, storing dK, dV) plus one per query
 block walked. It is the slowdown that the imbalance alone would give (with the partial last wave: equal programs
-give ceil(waves) / waves); 1.0 is none.
+give ceil(waves) / waves); 1.0 is none. ``dkdv_longest_first`` is the same grid launched longest list first (what
+a kernel that walked key blocks in that order would get).
 
     PYTHONPATH=$PWD python benchmarks/block_map_stats.py --inputs iid field dit --grid 21,30,52 --tile 1,1,1 \\
         --dit-model wan2.1-1.3b --qk-init independent --latents gaussian      # bench_dit_step.py's model
@@ -65,13 +66,15 @@ def grid_imbalance(lengths: torch.Tensor, slots: int, overhead: float) -> float:
 
 def block_map_stats(block_map: BlockMap, slots: int = 132, overhead: float = 1.0) -> dict:
     """Per-head statistics of the dK/dV lists (q_num_blocks) and of the forward / dQ lists (kv_num_blocks), and the
-    dK/dV grid's imbalance (:func:`grid_imbalance`, programs ordered as its launch: key block fastest)."""
+    dK/dV grid's imbalance (:func:`grid_imbalance`, programs ordered as its launch: key block fastest; and longest
+    list first)."""
     q_num, _ = block_map.transposed()
     B, H, nq, nk = block_map.shape
     heads = [dict(head=h, dkdv=list_stats(q_num[b, h]), fwd_dq=list_stats(block_map.kv_num_blocks[b, h]))
              for b in range(B) for h in range(H)]
     return dict(nq=nq, nk=nk, critical_fraction=block_map.critical_fraction(), heads=heads,
                 dkdv_imbalance=grid_imbalance(q_num, slots, overhead),
+                dkdv_longest_first=grid_imbalance(q_num.flatten().sort(descending=True).values, slots, overhead),
                 fwd_dq_imbalance=grid_imbalance(block_map.kv_num_blocks, slots, overhead))
 
 
@@ -93,7 +96,8 @@ def format_stats(name: str, stats: dict) -> str:
                      f"{d['top1pct_share']:.3f} | {d['empty']} | {f['min']:.0f} | {f['max']:.0f} |")
     worst = max(stats["heads"], key=lambda r: r["dkdv"]["max_over_mean"])["dkdv"]
     lines += ["", f"dK/dV: worst head max/mean {worst['max_over_mean']:.2f}; grid imbalance (model) "
-              f"{stats['dkdv_imbalance']:.3f}; forward / dQ grid imbalance {stats['fwd_dq_imbalance']:.3f}"]
+              f"{stats['dkdv_imbalance']:.3f}, longest first {stats['dkdv_longest_first']:.3f}; forward / dQ grid "
+              f"imbalance {stats['fwd_dq_imbalance']:.3f}"]
     return "\n".join(lines)
 
 
@@ -102,11 +106,12 @@ def summary_row(name: str, stats: dict) -> str:
     dkdv = [row["dkdv"] for row in stats["heads"]]
     return (f"| {name} | {dkdv[0]['mean']:.2f} | {max(d['max'] for d in dkdv):.0f} | "
             f"{max(d['max_over_mean'] for d in dkdv):.2f} | {max(d['top1pct_share'] for d in dkdv):.3f} | "
-            f"{max(d['empty'] for d in dkdv)} | {stats['dkdv_imbalance']:.3f} | {stats['fwd_dq_imbalance']:.3f} |")
+            f"{max(d['empty'] for d in dkdv)} | {stats['dkdv_imbalance']:.3f} | {stats['dkdv_longest_first']:.3f} | "
+            f"{stats['fwd_dq_imbalance']:.3f} |")
 
 
-SUMMARY_HEADER = ("| inputs | q_num mean | max | max/mean | top 1 % share | empty | dK/dV imbalance | fwd/dQ "
-                  "imbalance |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+SUMMARY_HEADER = ("| inputs | q_num mean | max | max/mean | top 1 % share | empty | dK/dV imbalance | longest first "
+                  "| fwd/dQ imbalance |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,8 +44,17 @@ def test_one_key_block_chosen_by_every_query_block():
     assert head["dkdv"] == dict(mean=1.0, min=0.0, max=4.0, max_over_mean=4.0, top1pct_share=1.0, empty=3)
     assert head["fwd_dq"]["min"] == head["fwd_dq"]["max"] == 1.0
     # 4 programs on 4 slots: the longest (4) against 4 / 4 balanced; forward / dQ: 4 equal programs, balanced
-    assert stats["dkdv_imbalance"] == 4.0 and stats["fwd_dq_imbalance"] == 1.0
+    assert stats["dkdv_imbalance"] == stats["dkdv_longest_first"] == 4.0 and stats["fwd_dq_imbalance"] == 1.0
     assert (stats["nq"], stats["nk"], stats["critical_fraction"]) == (4, 4, 0.25)
+
+
+def test_the_long_list_launched_last_or_first():
+    """Key block 3, the last launched, is every query block's critical one: on 2 slots at cost 1 + length the
+    programs cost 1, 1, 1, 5 -> the slots end at 2 and 1 + 5 = 6, against 8 / 2 = 4; longest first: 5 | 1, 1, 1."""
+    block_class = torch.full((1, 1, 4, 4), MARGINAL, dtype=torch.int8)
+    block_class[..., 3] = CRITICAL
+    stats = bms.block_map_stats(build_block_map(block_class, 256, 256, 64, 64), slots=2, overhead=1)
+    assert stats["dkdv_imbalance"] == 1.5 and stats["dkdv_longest_first"] == 1.25
 
 
 def test_cli_reports_each_source_and_a_summary(capsys):
