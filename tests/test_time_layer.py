@@ -38,6 +38,22 @@ def test_layouts_hold_the_same_values_in_the_models_strides():
     assert all(t.is_leaf and t.requires_grad for t in (*blhd[:3], *fused[:3])) and not fused[3].requires_grad
 
 
+def test_fused_layout_has_the_strides_videodit_hands_attention():
+    from sla_dist.models import VideoDiT, dit_config
+    from sla_dist.models.layers import DenseAttention
+
+    torch.manual_seed(0)
+    model = VideoDiT(dit_config("tiny")).eval()  # 2 heads of 32
+    seen = []
+    core = next(m for m in model.modules() if isinstance(m, DenseAttention))
+    core.register_forward_pre_hook(lambda _m, args: seen.append(args))
+    with torch.no_grad():  # 4 x 16 x 16 latents, patches of 1 x 2 x 2: 256 tokens
+        model(torch.randn(1, 4, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 8, 32))
+    _, *fused = _inputs("fused")
+    assert [x.shape for x in fused[:3]] == [x.shape for x in seen[0]]
+    assert [x.stride() for x in fused[:3]] == [x.stride() for x in seen[0]]
+
+
 def test_layer_gradients_are_returned_not_accumulated():
     """The timed step's gradients equal .backward()'s but leave every .grad unset: accumulating would add kernels
     (an add, or a copy into a leaf's layout) that a model's step does not run."""
