@@ -10,6 +10,9 @@
 #   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s),
 # train-profile (2 GPUs: bench_train.py --profile on the wan1.3b recipe as e2e runs it, SP = 1 then 2, 8 steps, steps
 #   3 and 4 under torch.profiler, 5-7 timed; per-rank step breakdown tables + JSON, rank 0's traces; train-profile:420),
+# train-compiled (2 GPUs: bench_train.py on the same recipe with model.compile=true, SP = 1 then 2, 10 steps, the
+#   last 6 timed: the eager step's elementwise work fused; compare with train-throughput, the same run eager;
+#   train-compiled:480), train-throughput (the eager baseline of train-compiled, same steps),
 # ranks (2 GPUs: the multi-rank reliability tests on NCCL, independent spawned ranks: a rank that raises ends the
 #   job through the collective timeout, rank 0's resume choice shared, the recipe timeout on every group; ranks:500),
 # fwdloop (the forward loop variants of SLA_DIST_FWD_LOOP, one after the other: the layer at 32K and 8K, autotuned),
@@ -48,6 +51,8 @@ declare -A CMD=(
   [fwdloop]="python3 benchmarks/time_layer.py fwdloop --fwd-loop baseline fma split+fma split+even+fma"
   [fwdloop-kernel]="python3 benchmarks/time_fwd_kernel.py"
   [fwdloop-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_FWD_LOOP=baseline python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
+  [train-compiled]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_compiled.json trainer.log_every_n_steps=1 sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true model.compile=true"
+  [train-throughput]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_throughput.json trainer.log_every_n_steps=1 sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json trainer.log_every_n_steps=1 sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [inmodel-layout]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
   [inmodel-inputs]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"
