@@ -16,8 +16,9 @@ fraction). --compile compiles each block (torch.compile, default mode) for every
     python benchmarks/bench_dit_step.py                 # GPU, the 1.3B shape; table last, JSON + markdown written
     python benchmarks/bench_dit_step.py --tiny          # CPU smoke test of every code path
 
---profile N adds, per variant, the N kernels with the most device time over two more training steps (CPU ops on
-a CPU): where the step's time goes, e.g. how much more the SLA layers cost inside the model than alone.
+--profile N adds, per variant, the device time per kernel category (SLA kernels, GEMMs, elementwise, ...) and the N
+kernels with the most device time over two more training steps (CPU ops on a CPU): where the step's time goes, e.g.
+how much more the SLA layers cost inside the model than alone.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from results_io import save_results
+from step_profile import classify
 from sla_dist import SLAConfig, SparseLinearAttention
 from sla_dist.kernels.block_map import block_counts, num_blocks
 from sla_dist.models import VideoDiT, apply_sla
@@ -198,7 +200,7 @@ def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) ->
     model.train()
     step = time_ms(train_step, args.warmup, args.iters, device)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    top = profile_steps(train_step, args.profile, device) if args.profile else None
+    profiled = profile_steps(train_step, args.profile, device) if args.profile else None
     fraction = {"dense": 1.0, "sla": critical_fraction(shape, args.sla), "none": 0.0}[variant]
     flops = model_flops(shape, fraction, variant == "sla" and args.sla.linear_scope != "none")
     del model
@@ -207,8 +209,8 @@ def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) ->
         torch.cuda.empty_cache()
     result = dict(model=model_name, variant=variant, forward_ms=fwd, train_step_ms=step, peak_memory_gib=memory,
                   forward_tflop=flops / 1e12, attention_fraction=fraction)
-    if top is not None:
-        result["profile_top"] = top
+    if profiled is not None:
+        result["profile"] = profiled
     if args.peak:
         result["forward_mfu"] = flops / (fwd * 1e-3) / args.peak
         result["train_mfu"] = 3 * flops / (step * 1e-3) / args.peak
@@ -219,9 +221,10 @@ def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) ->
 PROFILED_STEPS = 2
 
 
-def profile_steps(train_step, rows: int, device) -> list[dict]:
-    """The ``rows`` kernels (CPU ops without a GPU) with the most time over PROFILED_STEPS training steps, per step,
-    printed and returned: name, milliseconds and calls per step."""
+def profile_steps(train_step, rows: int, device) -> dict:
+    """Time per category (step_profile.classify: SLA kernels, GEMMs, other attention, elementwise, ...) and the
+    ``rows`` kernels (CPU ops without a GPU) with the most time over PROFILED_STEPS training steps, per step,
+    printed and returned."""
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -233,13 +236,19 @@ def profile_steps(train_step, rows: int, device) -> list[dict]:
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     if cuda:  # kernels only: the CPU-side ops that launched them carry no device time of their own
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(own(e) for e in events) / 1e3 / PROFILED_STEPS
-    top = [dict(name=e.key[:100], ms=own(e) / 1e3 / PROFILED_STEPS, calls=e.count / PROFILED_STEPS)
+    per_step = lambda us: us / 1e3 / PROFILED_STEPS  # noqa: E731
+    categories: dict[str, float] = {}
+    for e in events:
+        kind = classify(e.key, "kernel" if cuda else "cpu_op")
+        categories[kind] = categories.get(kind, 0.0) + per_step(own(e))
+    top = [dict(name=e.key[:100], ms=per_step(own(e)), calls=e.count / PROFILED_STEPS)
            for e in sorted(events, key=own, reverse=True)[:rows]]
-    print(f"  {'kernels' if cuda else 'CPU ops'} per step: {total:.1f} ms in all; the {rows} largest:")
+    print(f"  {'kernels' if cuda else 'CPU ops'} per step: {sum(categories.values()):.1f} ms in all; by category: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(categories.items(), key=lambda kv: -kv[1]))
+          + f"; the {rows} largest:")
     for row in top:
         print(f"  {row['ms']:9.2f} ms {row['calls']:7.1f} x  {row['name']}")
-    return top
+    return dict(categories_ms=categories, top=top)
 
 
 def peak_flops(device, override: float | None) -> float | None:
