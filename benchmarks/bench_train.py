@@ -40,9 +40,12 @@ def _worker(args: argparse.Namespace) -> None:
     from sla_dist.lightning.run import train
     from train_profile import ProfileSteps  # this script's folder is on sys.path when it runs
 
+    from sla_dist.lightning.callback import SLACallback
+
     class Timer(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.eager: list[bool] = []  # per step: compiled code forced eager by SLACallback (see its docstring)
             self.tokens = 0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -53,15 +56,20 @@ def _worker(args: argparse.Namespace) -> None:
             grid = pl_module.model.token_grid(lat.shape)
             self.tokens = lat.shape[0] * grid[0] * grid[1] * grid[2]
 
+        def on_before_backward(self, trainer, pl_module, loss) -> None:  # mid-step: after every batch-start hook
+            self.eager.append(any(isinstance(c, SLACallback) and c.runs_eagerly for c in trainer.callbacks))
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
 
     sp = int(os.environ["WORLD_SIZE"])
+    # No log row (so no SLACallback measurement, which runs compiled models eagerly) unless the overrides ask for one.
     overrides = [f"output_dir={args.workdir}", f"trainer.max_steps={args.steps}", f"trainer.devices={sp}",
                  f"parallel.sp_size={sp}", "trainer.progress_bar=false", "sample.enabled=false",
-                 f"trainer.checkpoint_every={10 * args.steps}", *args.overrides]
+                 f"trainer.checkpoint_every={10 * args.steps}", f"trainer.log_every_n_steps={10 * args.steps}",
+                 *args.overrides]
     if args.cpu:
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     recipe = load_recipe(args.recipe, overrides)
@@ -77,11 +85,13 @@ def _worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     train(recipe, resume=False, extra_callbacks=callbacks)
     if int(os.environ["RANK"]) == 0:
-        steps = sorted(timer.times[args.warmup + profiled:]) or timer.times
+        timed = slice(args.warmup + profiled, None) if timer.times[args.warmup + profiled:] else slice(None)
+        steps = sorted(timer.times[timed])
         step = steps[len(steps) // 2]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         result = {"sp": sp, "tokens_per_step": timer.tokens, "step_s": step, "tokens_per_s": timer.tokens / step,
-                  "peak_mem_gib": mem, "device": device,
+                  "peak_mem_gib": mem, "device": device, "timed_steps": len(steps),
+                  "eager_timed_steps": sum(timer.eager[timed]), "compiled": recipe.model.compile,
                   "recipe": str(args.recipe), "overrides": args.overrides}
         Path(args.result).write_text(json.dumps(result))
 
@@ -141,13 +151,17 @@ def main() -> None:
     for r in results:
         for path in r.get("profile", []):
             print("\n" + Path(path).with_suffix(".md").read_text(), end="")
-    print(f"\n{'SP':>3} {'tokens/step':>13} {'step (s)':>9} {'tokens/s':>10} {'peak GiB':>9}  device")
+    print(f"\n{'SP':>3} {'tokens/step':>13} {'step (s)':>9} {'tokens/s':>10} {'peak GiB':>9} {'eager':>7}  device")
     for r in results:
         if "error" in r:
             print(f"{r['sp']:>3}  failed: {r['error']}")
         else:
+            eager = f"{r['eager_timed_steps']}/{r['timed_steps']}" if r["compiled"] else "-"
             print(f"{r['sp']:>3} {r['tokens_per_step']:>13} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
-                  f"{r['peak_mem_gib']:>9.2f}  {r['device']}")
+                  f"{r['peak_mem_gib']:>9.2f} {eager:>7}  {r['device']}")
+    if any(r.get("compiled") and r["eager_timed_steps"] for r in results):
+        print("warning: a compiled run timed steps that SLACallback ran eagerly (annealing, a log row's measurement "
+              "or calibration): raise trainer.log_every_n_steps or the sparsity.* schedule above --steps")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_cpu_profile_writes_each_ranks_breakdown(tmp_path):
                 "--profile", "--profile-steps", "2", "--out", str(out), "data.num_workers=0", timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads(out.read_text())
+    assert result["timed_steps"] == 1 and (result["compiled"], result["eager_timed_steps"]) == (False, 0)
     assert result["step_s"] > 0 and [Path(p).name for p in result["profile"]] == [
         "bench-profile-sp2-rank0.json", "bench-profile-sp2-rank1.json"]
     for rank, path in enumerate(result["profile"]):

@@ -108,6 +108,12 @@ class SLACallback(Callback):
         return self.dense_steps + self.anneal_steps
 
     @property
+    def runs_eagerly(self) -> bool:
+        """Whether compiled code runs eagerly in the current step (annealing, measuring or calibrating): a benchmark
+        of a compiled model times only the steps where this is False."""
+        return self._eager_stance is not None
+
+    @property
     def _needs_eager(self) -> bool:
         return self._annealing or bool(self._hooks) or self._calibration is not None
 

@@ -140,7 +140,7 @@ def test_calibration_fits_proj_l_once_on_the_first_step_at_the_target():
             reference = copy.deepcopy(module.model)
             for m in reference.modules():
                 m._forward_hooks.clear()
-        assert (cb._eager_stance is not None) == (step == 2)  # hooks of a compiled model need eager execution
+        assert cb.runs_eagerly == (step == 2)  # hooks of a compiled model need eager execution
         module.model(*batch).square().mean().backward()
         if micro == 1 or step != 2:  # step 2 accumulates two micro-batches: one optimizer step after both
             optimizer.step()
@@ -149,7 +149,7 @@ def test_calibration_fits_proj_l_once_on_the_first_step_at_the_target():
         cb.on_train_batch_end(trainer, module, None, None, micro)
         assert ("sla/calibration/error_after" in logged) == (trainer.global_step == 3), (step, micro)
         if trainer.global_step == 3:
-            assert not cb._hooks and cb.calibrated and cb._eager_stance is None
+            assert not cb._hooks and cb.calibrated and not cb.runs_eagerly
             assert not any(layer._forward_hooks for layer in layers)
             calibrated = [layer.proj_l.weight.detach().clone() for layer in layers]
             # what calibrate_projections fits on the same inputs
