@@ -7,7 +7,8 @@ TRITON_INTERPRET=1 autotuning does not run and warps/stages mean nothing, so the
 SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (the ``fixed`` setting), e.g. for test suites that compile
 hundreds of shape variants. Tuning results are cached on disk (Triton's cache directory) where Triton supports it
 (3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` picks the forward's
-loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names.
+loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
+``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ _KERNELS = {
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
-    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2), fixed=(8, 2),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED",), (4, 8), (1, 2), fixed=(8, 2),
                     choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
 }
 
@@ -141,6 +142,26 @@ def fwd_loop(head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
         return FwdLoop.parse(text)
     loop = FwdLoop.parse(_MEASURED_FWD_LOOPS.get((head_dim, has_linear), "fma"))
     return loop if loop.launch(block_q)[1] > 1 or not loop.split else FwdLoop(fma=True)
+
+
+DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
+DKDV_ORDERS = ("natural", "lpt", "lpt-head")
+"""Orders of dK/dV's programs over the key blocks. natural: program (j, bh) takes key block j of head bh, as the
+grid lists them. The others sort the programs by the length of their query-block list, longest first (LPT, longest
+processing time first), so that few long programs are left running alone at the end: lpt over all heads' key blocks
+at once (the GPU issues a grid's programs in linear order, key block fastest, so only a sort over the whole grid
+starts every head's longest programs in the first waves), lpt-head within each head (the heads keep their turn: the
+programs running at once share one head's queries in L2, but the last head's long programs start in the last
+1 / BH of the launch)."""
+
+
+def dkdv_order() -> str:
+    """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several),
+    else natural."""
+    order = os.environ.get(DKDV_ORDER_ENV, "natural")
+    if order not in DKDV_ORDERS:
+        raise ValueError(f"{DKDV_ORDER_ENV}={order!r}; choose one of {DKDV_ORDERS}")
+    return order
 
 
 class _Fixed:

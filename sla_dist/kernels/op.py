@@ -23,7 +23,7 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import fwd_loop, get_kernel
+from .configs import DKDV_ORDERS, dkdv_order, fwd_loop, get_kernel
 from .reference import project_branches
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -303,13 +303,31 @@ def _sla_backward_impl(
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
     q_num_blocks, q_indices = transposed_lists(block_class)
+    order = dkdv_program_order(q_num_blocks, dkdv_order())
     get_kernel("dkdv")[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
+        q_num_blocks if order is None else order,  # never read without ORDERED
         *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
         p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
-        **p.meta(),
+        **p.meta(), ORDERED=order is not None,
     )
     return dq, dk, dv
+
+
+def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor | None:
+    """The key block, as bh * Nk + j, that each dK/dV program takes, by linear program id (key block fastest), for
+    ``order`` (configs.DKDV_ORDERS): None for natural (program (j, bh) takes key block j of head bh); else int64
+    [BH * Nk], the programs sorted by their list's length q_num_blocks [B, H, Nk], longest first, over the whole grid
+    (lpt) or within each head (lpt-head). The sorts are stable: equal lengths keep the grid's order."""
+    if order == "natural":
+        return None
+    counts = q_num_blocks.flatten(0, -2)
+    if order == "lpt":
+        return torch.argsort(counts.flatten(), descending=True, stable=True)
+    if order == "lpt-head":
+        within = torch.argsort(counts, dim=-1, descending=True, stable=True)
+        return (within + torch.arange(0, counts.numel(), counts.shape[-1], device=counts.device)[:, None]).flatten()
+    raise ValueError(f"dK/dV order {order!r}; choose one of {DKDV_ORDERS}")
 
 
 sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=())(_sla_backward_impl)
