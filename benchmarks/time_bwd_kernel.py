@@ -1,7 +1,7 @@
 """CUDA time of the SLA dK/dV kernel per program order (SLA_DIST_DKDV_ORDER), on i.i.d. and skewed block maps.
 
-    python benchmarks/time_bwd_kernel.py [--orders natural lpt lpt-head] [--L 32768 32760] [--D 128 64]
-        [--attracted 0 0.1 0.3 1] [--hot 0.01] [--calls 20]
+    python benchmarks/time_bwd_kernel.py [--orders natural lpt lpt-head long-first] [--L 32768 32760]
+        [--D 128 64] [--attracted 0 0.1 0.3 1] [--hot 0.01] [--calls 20]
     python benchmarks/time_bwd_kernel.py --tiny     # CPU smoke test in the Triton interpreter (no timings)
 
 dK/dV runs one program per (key block j, head): program j walks the query blocks that chose j as critical, so its
@@ -124,7 +124,7 @@ def time_case(args, L: int, D: int, attracted: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--orders", nargs="+", default=["natural", "lpt", "lpt-head"])
+    parser.add_argument("--orders", nargs="+", default=["natural", "lpt", "lpt-head", "long-first"])
     parser.add_argument("--L", type=int, nargs="+", default=[32768, 32760])
     parser.add_argument("--H", type=int, default=12)
     parser.add_argument("--D", type=int, nargs="+", default=[128, 64])

@@ -145,14 +145,16 @@ def fwd_loop(head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
 
 
 DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
-DKDV_ORDERS = ("natural", "lpt", "lpt-head")
+DKDV_ORDERS = ("natural", "lpt", "lpt-head", "long-first")
 """Orders of dK/dV's programs over the key blocks. natural: program (j, bh) takes key block j of head bh, as the
 grid lists them. The others sort the programs by the length of their query-block list, longest first (LPT, longest
 processing time first), so that few long programs are left running alone at the end: lpt over all heads' key blocks
 at once (the GPU issues a grid's programs in linear order, key block fastest, so only a sort over the whole grid
-starts every head's longest programs in the first waves), lpt-head within each head (the heads keep their turn: the
+starts every head's longest programs in the first waves); lpt-head within each head (the heads keep their turn: the
 programs running at once share one head's queries in L2, but the last head's long programs start in the last
-1 / BH of the launch)."""
+1 / BH of the launch); long-first only the programs longer than LONG_FIRST_FACTOR x the mean, the others after them
+in the natural order (the bulk keeps lpt-head's L2 locality, the long ones start first as in lpt)."""
+LONG_FIRST_FACTOR = 2.0
 
 
 def dkdv_order() -> str:

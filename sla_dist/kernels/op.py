@@ -23,7 +23,7 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import DKDV_ORDERS, dkdv_order, fwd_loop, get_kernel
+from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel
 from .reference import project_branches
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -318,12 +318,17 @@ def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor |
     """The key block, as bh * Nk + j, that each dK/dV program takes, by linear program id (key block fastest), for
     ``order`` (configs.DKDV_ORDERS): None for natural (program (j, bh) takes key block j of head bh); else int64
     [BH * Nk], the programs sorted by their list's length q_num_blocks [B, H, Nk], longest first, over the whole grid
-    (lpt) or within each head (lpt-head). The sorts are stable: equal lengths keep the grid's order."""
+    (lpt) or within each head (lpt-head), or only those longer than LONG_FIRST_FACTOR x the mean, the rest after them
+    in the grid's order (long-first). The sorts are stable: equal lengths keep the grid's order."""
     if order == "natural":
         return None
     counts = q_num_blocks.flatten(0, -2)
     if order == "lpt":
         return torch.argsort(counts.flatten(), descending=True, stable=True)
+    if order == "long-first":
+        flat = counts.flatten()
+        long = flat > LONG_FIRST_FACTOR * flat.float().mean()
+        return torch.argsort(torch.where(long, flat, 0), descending=True, stable=True)
     if order == "lpt-head":
         within = torch.argsort(counts, dim=-1, descending=True, stable=True)
         return (within + torch.arange(0, counts.numel(), counts.shape[-1], device=counts.device)[:, None]).flatten()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, NEGLIGIBLE, build_block_map, transposed_lists
-from sla_dist.kernels.configs import DKDV_ORDER_ENV, DKDV_ORDERS, dkdv_order
+from sla_dist.kernels.configs import DKDV_ORDER_ENV, DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order
 from sla_dist.kernels.op import dkdv_program_order
 from tests.utils import DEVICE
 
@@ -43,8 +43,8 @@ def _case(dtype: torch.dtype, linear_scope: str) -> SLACase:
 
 
 @pytest.mark.parametrize("order, dtype, linear_scope", [
-    ("lpt", torch.float32, "marginal"), ("lpt", torch.float16, "marginal"), ("lpt", torch.float32, "none"),
-    ("lpt-head", torch.float32, "marginal")])
+    ("lpt", torch.float32, "marginal"), ("lpt", torch.float16, "marginal"), ("lpt-head", torch.float32, "none"),
+    ("long-first", torch.float16, "marginal")])
 def test_orders_give_the_natural_gradients(order, dtype, linear_scope, monkeypatch, poison_outputs):
     c = _case(dtype, linear_scope)
     block_map = skewed_map(1, 2, L, BLOCK, HOT, n_critical=3, seed=5)
@@ -81,6 +81,11 @@ def test_program_orders_put_the_longest_lists_first():
         part = head[h * nk:(h + 1) * nk]
         assert sorted(part.tolist()) == list(range(h * nk, (h + 1) * nk)) and (flat[part].diff() <= 0).all()
     assert head.tolist() != list(range(2 * nk)) and lpt.tolist() != head.tolist()
+    first = dkdv_program_order(counts, "long-first").cpu()
+    n_long = int((flat > LONG_FIRST_FACTOR * flat.float().mean()).sum())
+    assert 0 < n_long < 2 * nk and first[:n_long].tolist() == lpt[:n_long].tolist()
+    assert (flat[first[n_long:]] <= LONG_FIRST_FACTOR * flat.float().mean()).all()
+    assert first[n_long:].diff().gt(0).all() and sorted(first.tolist()) == list(range(2 * nk))
 
 
 def test_order_is_read_from_the_environment(monkeypatch):
