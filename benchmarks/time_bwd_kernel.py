@@ -15,10 +15,10 @@ keys, and the queries of a fraction ``--attracted`` of the query blocks, get a s
 case). The block map is predicted from these q, k as the layer does (topk, negligible, BQ 128 / BK 64); then
 ``--calls`` forward+backward passes of ``sparse_linear_attention`` (bf16, proj_l in the forward's epilogue, linear
 scope marginal) run per order under torch.profiler and the table gives the mean CUDA time of `_bwd_dkdv_kernel` per
-call. Columns: the lengths' max / mean over all programs; ``sim``: the launch's length in a list-scheduling model
-(each program ``--fixed`` + its length in units of one listed query block, the GPU's ``--sms`` SMs, one program per
-SM, taking the next program in linear order whenever one finishes), relative to the perfect balance (total work /
-SMs); ``|dk|``: the largest difference of dK and dV from the first order's (0: the orders agree bit for bit).
+call. Columns: the lengths' max / mean over all programs; ``sim``: the launch's length in block_map_stats.py's
+list-scheduling model (each program ``--fixed`` + its length in units of one listed query block, the GPU's ``--sms``
+SMs, one program per SM, taking the next program in issue order whenever one finishes) in this order, relative to
+the perfect balance (total work / SMs); ``|dk|``: the largest difference of dK and dV from the first order's (0: the orders agree bit for bit).
 Autotuning follows SLA_DIST_AUTOTUNE as usual (each order is tuned on its own; SLA_DIST_AUTOTUNE=0 times the fixed
 launch setting).
 """
@@ -26,11 +26,12 @@ launch setting).
 from __future__ import annotations
 
 import argparse
-import heapq
 import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from block_map_stats import grid_imbalance  # this script's folder is on sys.path when it runs
 
 DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"  # sla_dist.kernels.configs.DKDV_ORDER_ENV
 KERNEL = "_bwd_dkdv_kernel"
@@ -60,21 +61,11 @@ def _pick(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=generator)[: max(1, round(fraction * n))]
 
 
-def list_schedule(work: list[float], sms: int) -> float:
-    """Length of a launch whose programs take ``work`` (in issue order) on ``sms`` SMs, one program per SM, each SM
-    taking the next program as soon as its last finishes (how a GPU issues a grid's programs)."""
-    free = [0.0] * min(sms, len(work))
-    for w in work:
-        heapq.heapreplace(free, free[0] + w)
-    return max(free, default=0.0)
-
-
 def simulated_tail(counts: torch.Tensor, order: torch.Tensor | None, sms: int, fixed: float) -> float:
-    """list_schedule of the dK/dV programs in the launcher's ``order`` (None: natural), each ``fixed`` + its list
-    length, over the perfect balance (total work / sms)."""
-    work = counts.flatten().double() + fixed
-    issued = work if order is None else work[order.cpu()]
-    return list_schedule(issued.tolist(), sms) / (float(work.sum()) / sms)
+    """block_map_stats.grid_imbalance of the dK/dV programs [..., Nk] issued in the launcher's ``order`` (None:
+    natural), each costing ``fixed`` + its list length: the launch's length over perfect balance (total / sms)."""
+    flat = counts.flatten()
+    return grid_imbalance(flat if order is None else flat[order.to(flat.device)], sms, fixed)
 
 
 def kernel_us(step, calls: int, device: str) -> float | None:
