@@ -87,13 +87,34 @@ class _Problem:
 
 
 def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Tensors a kernel indexes with one set of strides: keep them if they agree (any permutation of a dense layout,
-    e.g. a [B, L, H, D] tensor viewed as [B, H, L, D]), else make them all contiguous."""
-    first = tensors[0].stride()
-    dense = all(st > 0 or n == 1 for st, n in zip(first, tensors[0].shape))
-    if dense and first[-1] == 1 and all(t.stride() == first for t in tensors[1:]):
-        return tensors
-    return tuple(t.contiguous() for t in tensors)
+    """Tensors a kernel indexes with one set of strides: kept if they agree (unit last stride, positive strides).
+    Else, when the first is dense (any permutation of a contiguous layout, e.g. a [B, L, H, D] tensor viewed as
+    [B, H, L, D]), it is kept and only the others are copied into its layout: a DiT's k (its RoPE output) and v (a
+    slice of the fused qkv projection) cost one copy, not two. Otherwise all are made contiguous."""
+    first = tensors[0]
+    positive = all(st > 0 or n == 1 for st, n in zip(first.stride(), first.shape))
+    if positive and first.stride()[-1] == 1 and all(t.stride() == first.stride() for t in tensors[1:]):
+        return tensors  # e.g. slices of one fused buffer, read in place
+    if first.stride()[-1] != 1 or not _dense(first):
+        return tuple(t.contiguous() for t in tensors)
+    return (first,) + tuple(t if t.stride() == first.stride() else _copy_like(t, first) for t in tensors[1:])
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x's elements fill its storage span without gaps or overlaps (some permutation of a contiguous tensor)."""
+    dims = sorted((st, n) for st, n in zip(x.stride(), x.shape) if n > 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _copy_like(x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """x's values in a new tensor with ``layout``'s strides (same shape)."""
+    out = torch.empty_strided(layout.shape, layout.stride(), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
