@@ -298,7 +298,11 @@ def _sla_backward_impl(
     q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
 
-    dq, dk, dv = _like(q), _like(k), _like(v)
+    # Buffers live only as long as a kernel needs them, and dK / dV are made last: the per-block summary rows
+    # (H_i, dH_i: 97 MiB each, dh_j: 194 MiB at L 32768, H 12, D 128) are then never all held beside dq, dk and dv.
+    # Freeing a buffer right after launching its last reader is safe: the caching allocator hands it on only to
+    # work queued after that kernel on the same stream.
+    dq = _like(q)
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
     if has_linear:
@@ -313,6 +317,7 @@ def _sla_backward_impl(
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
         PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
+    del hl, zl  # read by the pre-pass only
     get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
@@ -323,8 +328,10 @@ def _sla_backward_impl(
         dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, transpose=True), p.D)
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
+    del dhz  # summed into dh_j, dz_j
     q_num_blocks, q_indices = transposed_lists(block_class)
     order = dkdv_program_order(q_num_blocks, dkdv_order())
+    dk, dv = _like(k), _like(v)
     get_kernel("dkdv")[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
         q_num_blocks if order is None else order,  # never read without ORDERED
