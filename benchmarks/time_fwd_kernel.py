@@ -19,8 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
-
-FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"  # sla_dist.kernels.configs.FWD_LOOP_ENV
+from sla_dist.kernels.configs import FWD_LOOP_ENV
 KERNEL = "_sla_fwd_kernel"
 
 

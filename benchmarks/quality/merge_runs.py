@@ -55,8 +55,10 @@ def merge(runs: list[dict]) -> dict:
                 raise ValueError(f"variant {name!r} of run {i} ended at {variant['val_curve'][-1][1]:.6f}, an earlier "
                                  f"run's at {seen['val_curve'][-1][1]:.6f}: the same variant must repeat exactly")
             merged["variants"].setdefault(name, variant)
-    dense = sorted(n for n in merged["variants"] if n.startswith("dense"))
-    merged["variants"] = {n: merged["variants"][n] for n in dense + [n for n in merged["variants"] if n not in dense]}
+    # dense seeds first, in seed order, then the others as the runs listed them
+    runs_by_name = merged["variants"]
+    dense = sorted(n for n, r in runs_by_name.items() if r["variant"] == "dense")
+    merged["variants"] = {n: runs_by_name[n] for n in dense + [n for n in runs_by_name if n not in dense]}
     merged["config"] = {**first["config"], "dense_seeds": sorted({s for r in runs for s in r["config"]["dense_seeds"]}),
                         "baselines": sorted({b for r in runs for b in r["config"]["baselines"]})}
     merged["command"] = " + ".join(f"({c})" for c in merged["commands"])

@@ -141,7 +141,9 @@ def fwd_loop(head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
     if text is not None:
         return FwdLoop.parse(text)
     loop = FwdLoop.parse(_MEASURED_FWD_LOOPS.get((head_dim, has_linear), "fma"))
-    return loop if loop.launch(block_q)[1] > 1 or not loop.split else FwdLoop(fma=True)
+    if loop.split and loop.launch(block_q)[1] == 1:  # the block is too small to split
+        return FwdLoop(fma=True)
+    return loop
 
 
 DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
