@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, NEGLIGIBLE, build_block_map, transposed_lists
-from sla_dist.kernels.configs import DKDV_ORDER_ENV, DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order
+from sla_dist.kernels.configs import DEFAULT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order
 from sla_dist.kernels.op import dkdv_program_order
 from tests.utils import DEVICE
 
@@ -90,7 +90,7 @@ def test_program_orders_put_the_longest_lists_first():
 
 def test_order_is_read_from_the_environment(monkeypatch):
     monkeypatch.delenv(DKDV_ORDER_ENV, raising=False)
-    assert dkdv_order() == "natural"
+    assert dkdv_order() == DEFAULT_DKDV_ORDER == "long-first"
     for order in DKDV_ORDERS:
         monkeypatch.setenv(DKDV_ORDER_ENV, order)
         assert dkdv_order() == order
