@@ -24,6 +24,8 @@
 #   fused layout: i.i.d., field and the model's own q / k), -profile (per-kernel: i.i.d. vs the model's block map),
 #   -neg (negligible 0 vs the default 0.10 of -layout), -maps (the model's block-map balance at its last layer, 29;
 #   layer 0 measured on the CPU). Fixed launch settings (the sweep winners): no tuning, each part under 2 minutes.
+# dkdv-order (the dK/dV kernel's CUDA time per SLA_DIST_DKDV_ORDER on i.i.d. and skewed maps, fixed launch settings),
+# dkdv-order-tests (the kernel grid with dK/dV in the lpt order; test_dkdv_order.py compares every order with natural).
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -54,6 +56,8 @@ declare -A CMD=(
   [train-compiled]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_compiled.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true model.compile=true"
   [train-throughput]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_throughput.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
+  [dkdv-order]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py"
+  [dkdv-order-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_DKDV_ORDER=lpt python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [inmodel-layout]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
   [inmodel-inputs]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"
   [inmodel-profile]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/profile_sla.py --inputs iid dit --layout fused --rows 12 $MODEL_QK"

@@ -26,14 +26,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import _KERNELS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, FwdLoop
+from .configs import _KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, FwdLoop
 from .op import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 # Pointer arguments by role: "x" the input dtype, "sum" the linear-branch summaries h, z and their sums and gradients
-# (op.summary_dtype, as on a GPU), "proj" proj_l's weight and bias (Variant.proj_dtype), "f32" / "f64" / "i32" / "i8"
-# fixed. Other non-constexpr arguments are int32 scalars, except the float scales.
+# (op.summary_dtype, as on a GPU), "proj" proj_l's weight and bias (Variant.proj_dtype), "f32" / "f64" / "i64" / "i32" /
+# "i8" fixed. Other non-constexpr arguments are int32 scalars, except the float scales.
 _POINTERS = {
     "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", OUT="x", W="proj", B="proj", KV_NUM="i32",
                 KV_IDX="i32", HL="sum", ZL="sum"),
@@ -46,7 +46,7 @@ _POINTERS = {
                     DHZ="sum"),
     "dq": dict(Q="x", K="x", V="x", DO="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32"),
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
-                 DHS="sum", DZS="sum"),
+                 DHS="sum", DZS="sum", ORDER="i64"),
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
 _FLOATS = {"qk_scale", "sm_scale"}
@@ -78,6 +78,9 @@ class Variant:
     fwd_loop: str = "baseline"
     """The forward's loop options (configs.FwdLoop, as in SLA_DIST_FWD_LOOP; 'even' compiles the unmasked loop).
     'split' is the fwd_split entry, not an option here."""
+    dkdv_order: str = "natural"
+    """dK/dV's program order (configs.DKDV_ORDERS, as in SLA_DIST_DKDV_ORDER); every order but natural compiles the
+    same ORDERED kernel."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:
@@ -92,6 +95,10 @@ class Variant:
             raise ValueError(f"fwd_loop={self.fwd_loop!r}: compile kernel 'fwd_split' for the split loop")
         if self.fwd_loop != "baseline" and not self.kernel.startswith("fwd"):
             raise ValueError(f"fwd_loop={self.fwd_loop!r} applies to the forward kernels, not {self.kernel}")
+        if self.dkdv_order not in DKDV_ORDERS:
+            raise ValueError(f"{DKDV_ORDER_ENV}={self.dkdv_order!r}; choose one of {DKDV_ORDERS}")
+        if self.dkdv_order != "natural" and self.kernel != "dkdv":
+            raise ValueError(f"dkdv_order={self.dkdv_order!r} applies to dkdv, not {self.kernel}")
         if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:
             raise ValueError(f"block_q={self.block_q}: the split forward takes query blocks of at least "
                              f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
@@ -105,7 +112,7 @@ class Variant:
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
-                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D)
+                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural")
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         values.update(FwdLoop.parse(self.fwd_loop).constexprs(even_keys=True))
@@ -133,7 +140,7 @@ class Compiled:
 def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
     summaries = str(summary_dtype(getattr(torch, variant.dtype), interpreting=False)).removeprefix("torch.")
     roles = dict(x=DTYPES[variant.dtype], sum=DTYPES[summaries], proj=DTYPES[variant.proj_dtype], f32="fp32",
-                 f64="fp64", i32="i32", i8="i8")
+                 f64="fp64", i64="i64", i32="i32", i8="i8")
     pointers = _POINTERS[variant.kernel]
     names = fn.arg_names
     constexprs = {name: value for name, value in variant.constexprs().items() if name in names}
@@ -201,6 +208,7 @@ def check_variants() -> list[Variant]:
         variants.append(Variant(name, dtype="float32", D=32, block_q=block_q, feature_map="relu", has_proj=False))
     # The forward's loop options as the layer launches them at D 128 (configs._MEASURED_FWD_LOOPS).
     variants += [Variant("fwd_split", fwd_loop="even+fma"), Variant("fwd", fwd_loop="fma", has_linear=False)]
+    variants.append(Variant("dkdv", dkdv_order="lpt"))
     return variants
 
 

@@ -19,7 +19,8 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
 2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
 3. ``_bwd_dkdv_kernel``: one program per key block j, walking the transposed list q_indices (only the query blocks
-   that chose j, never all of them), each query block in Q_SPLIT row slices:
+   that chose j, never all of them), each query block in Q_SPLIT row slices (with ORDERED, program p takes the key
+   block ORDER[p] names, e.g. the longest lists first):
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
    plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T.
 """
@@ -159,16 +160,21 @@ def _bwd_dkdv_kernel(
     LSE, DELTA,                              # [BH, LQ] float32
     Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
     DHS, DZS,                                # dh_j, dz_j (may be broadcast over Nk)
+    ORDER,                                   # [BH * Nk] int64, read with ORDERED: bh * Nk + j per program
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_dh_bh, stride_dh_k, stride_dz_bh, stride_dz_k,
     H, LQ, LK, NK, NQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr,
+    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
+    if ORDERED:  # the key block that the launcher's order (configs.DKDV_ORDERS) puts at this program's linear id
+        item = tl.load(ORDER + bh * NK + pid_k).to(tl.int32)
+        bh = item // NK
+        pid_k = item % NK
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

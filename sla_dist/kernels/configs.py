@@ -7,7 +7,8 @@ TRITON_INTERPRET=1 autotuning does not run and warps/stages mean nothing, so the
 SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (the ``fixed`` setting), e.g. for test suites that compile
 hundreds of shape variants. Tuning results are cached on disk (Triton's cache directory) where Triton supports it
 (3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` picks the forward's
-loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names.
+loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
+``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ _KERNELS = {
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
-    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY, (4, 8), (1, 2), fixed=(8, 2),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED",), (4, 8), (1, 2), fixed=(8, 2),
                     choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
 }
 
@@ -143,6 +144,32 @@ def fwd_loop(head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
     if loop.split and loop.launch(block_q)[1] == 1:  # the block is too small to split
         return FwdLoop(fma=True)
     return loop
+
+
+DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
+DKDV_ORDERS = ("natural", "lpt", "lpt-head", "long-first")
+"""Orders of dK/dV's programs over the key blocks. natural: program (j, bh) takes key block j of head bh, as the
+grid lists them. The others sort the programs by the length of their query-block list, longest first (LPT, longest
+processing time first), so that few long programs are left running alone at the end: lpt over all heads' key blocks
+at once (the GPU issues a grid's programs in linear order, key block fastest, so only a sort over the whole grid
+starts every head's longest programs in the first waves); lpt-head within each head (the heads keep their turn: the
+programs running at once share one head's queries in L2, but the last head's long programs start in the last
+1 / BH of the launch); long-first only the programs longer than LONG_FIRST_FACTOR x the mean, the others after them
+in the natural order (the bulk keeps lpt-head's L2 locality, the long ones start first as in lpt)."""
+LONG_FIRST_FACTOR = 2.0
+DEFAULT_DKDV_ORDER = "long-first"
+"""Measured on an H200 (bf16, L 32768, H 12, D 128, 95 %; results/2026-11-30-h200x2-dkdv-order.md): on a skewed map
+like a DiT's (one key block critical for ~20x the mean number of query blocks) dK/dV takes 2335 us natural, 1983 lpt,
+2015 long-first; on i.i.d. inputs 1873 natural, 2003 lpt (the whole-grid sort loses L2 locality), 1889 long-first."""
+
+
+def dkdv_order() -> str:
+    """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several),
+    else DEFAULT_DKDV_ORDER."""
+    order = os.environ.get(DKDV_ORDER_ENV, DEFAULT_DKDV_ORDER)
+    if order not in DKDV_ORDERS:
+        raise ValueError(f"{DKDV_ORDER_ENV}={order!r}; choose one of {DKDV_ORDERS}")
+    return order
 
 
 class _Fixed:

@@ -23,7 +23,7 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import fwd_loop, get_kernel
+from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel
 from .reference import project_branches
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -87,13 +87,34 @@ class _Problem:
 
 
 def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Tensors a kernel indexes with one set of strides: keep them if they agree (any permutation of a dense layout,
-    e.g. a [B, L, H, D] tensor viewed as [B, H, L, D]), else make them all contiguous."""
-    first = tensors[0].stride()
-    dense = all(st > 0 or n == 1 for st, n in zip(first, tensors[0].shape))
-    if dense and first[-1] == 1 and all(t.stride() == first for t in tensors[1:]):
-        return tensors
-    return tuple(t.contiguous() for t in tensors)
+    """Tensors a kernel indexes with one set of strides: kept if they agree (unit last stride, positive strides).
+    Else, when the first is dense (any permutation of a contiguous layout, e.g. a [B, L, H, D] tensor viewed as
+    [B, H, L, D]), it is kept and only the others are copied into its layout: a DiT's k (its RoPE output) and v (a
+    slice of the fused qkv projection) cost one copy, not two. Otherwise all are made contiguous."""
+    first = tensors[0]
+    positive = all(st > 0 or n == 1 for st, n in zip(first.stride(), first.shape))
+    if positive and first.stride()[-1] == 1 and all(t.stride() == first.stride() for t in tensors[1:]):
+        return tensors  # e.g. slices of one fused buffer, read in place
+    if first.stride()[-1] != 1 or not _dense(first):
+        return tuple(t.contiguous() for t in tensors)
+    return (first,) + tuple(t if t.stride() == first.stride() else _copy_like(t, first) for t in tensors[1:])
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x's elements fill its storage span without gaps or overlaps (some permutation of a contiguous tensor)."""
+    dims = sorted((st, n) for st, n in zip(x.stride(), x.shape) if n > 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _copy_like(x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """x's values in a new tensor with ``layout``'s strides (same shape)."""
+    out = torch.empty_strided(layout.shape, layout.stride(), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +298,11 @@ def _sla_backward_impl(
     q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     p = _problem(q, k, block_q, block_k, feature_map, has_linear)
 
-    dq, dk, dv = _like(q), _like(k), _like(v)
+    # Buffers live only as long as a kernel needs them, and dK / dV are made last: the per-block summary rows
+    # (H_i, dH_i: 97 MiB each, dh_j: 194 MiB at L 32768, H 12, D 128) are then never all held beside dq, dk and dv.
+    # Freeing a buffer right after launching its last reader is safe: the caching allocator hands it on only to
+    # work queued after that kernel on the same stream.
+    dq = _like(q)
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
     if has_linear:
@@ -292,6 +317,7 @@ def _sla_backward_impl(
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
         PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
+    del hl, zl  # read by the pre-pass only
     get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
@@ -302,14 +328,39 @@ def _sla_backward_impl(
         dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, transpose=True), p.D)
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
+    del dhz  # summed into dh_j, dz_j
     q_num_blocks, q_indices = transposed_lists(block_class)
+    order = dkdv_program_order(q_num_blocks, dkdv_order())
+    dk, dv = _like(k), _like(v)
     get_kernel("dkdv")[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
+        q_num_blocks if order is None else order,  # never read without ORDERED
         *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
         p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
-        **p.meta(),
+        **p.meta(), ORDERED=order is not None,
     )
     return dq, dk, dv
+
+
+def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor | None:
+    """The key block, as bh * Nk + j, that each dK/dV program takes, by linear program id (key block fastest), for
+    ``order`` (configs.DKDV_ORDERS): None for natural (program (j, bh) takes key block j of head bh); else int64
+    [BH * Nk], the programs sorted by their list's length q_num_blocks [B, H, Nk], longest first, over the whole grid
+    (lpt) or within each head (lpt-head), or only those longer than LONG_FIRST_FACTOR x the mean, the rest after them
+    in the grid's order (long-first). The sorts are stable: equal lengths keep the grid's order."""
+    if order == "natural":
+        return None
+    counts = q_num_blocks.flatten(0, -2)
+    if order == "lpt":
+        return torch.argsort(counts.flatten(), descending=True, stable=True)
+    if order == "long-first":
+        flat = counts.flatten()
+        long = flat > LONG_FIRST_FACTOR * flat.float().mean()
+        return torch.argsort(torch.where(long, flat, 0), descending=True, stable=True)
+    if order == "lpt-head":
+        within = torch.argsort(counts, dim=-1, descending=True, stable=True)
+        return (within + torch.arange(0, counts.numel(), counts.shape[-1], device=counts.device)[:, None]).flatten()
+    raise ValueError(f"dK/dV order {order!r}; choose one of {DKDV_ORDERS}")
 
 
 sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=())(_sla_backward_impl)

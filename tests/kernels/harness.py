@@ -57,21 +57,24 @@ def _run(fn, inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.
     return [out.detach()] + [x.grad for x in leaves]
 
 
-def compare(c: SLACase, inputs: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """{name: (kernel error, same-dtype reference error)} against the float64 reference, both relative."""
-    block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible,
-                                  block_q=c.block_q, block_k=c.block_k)
+def run_layer(c: SLACase, inputs: dict[str, torch.Tensor], block_map: BlockMap, *, reference: bool = False,
+              dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Output and gradients (NAMES) of the layer with the kernels, or the reference, in ``dtype`` (c.dtype)."""
     opts = dict(feature_map=c.feature_map, linear_scope=c.linear_scope)
+    attention = sla_reference if reference else sparse_linear_attention
+    return _run(lambda q, k, v, w, b: attention(q, k, v, block_map, w, b, **opts), inputs, dtype or c.dtype)
 
-    def kernel(q, k, v, w, b):
-        return sparse_linear_attention(q, k, v, block_map, w, b, **opts)
 
-    def reference(q, k, v, w, b):
-        return sla_reference(q, k, v, block_map, w, b, **opts)
-
-    got = _run(kernel, inputs, c.dtype)
-    exact = _run(reference, inputs, torch.float64)
-    low = _run(reference, inputs, c.dtype)
+def compare(c: SLACase, inputs: dict[str, torch.Tensor], block_map: BlockMap | None = None,
+            got: list[torch.Tensor] | None = None) -> dict[str, tuple]:
+    """{name: (kernel error, same-dtype reference error)} against the float64 reference, both relative, on
+    ``block_map`` (default: predicted from the inputs); ``got``: the kernels' results if already run."""
+    if block_map is None:
+        block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible,
+                                      block_q=c.block_q, block_k=c.block_k)
+    got = run_layer(c, inputs, block_map) if got is None else got
+    exact = run_layer(c, inputs, block_map, reference=True, dtype=torch.float64)
+    low = run_layer(c, inputs, block_map, reference=True)
     return _errors(got, low, exact)
 
 

@@ -128,7 +128,8 @@ def test_fake_outputs_have_the_kernels_strides(block_map_kernels):
 
     layer = _layer()
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 201, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    # Batch 2: with one sample, a slice along the sequence would still be dense (a permuted contiguous layout).
+    q, k, v = (torch.randn(2, 201, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
     q, k = q[:, :, :200], k[:, :, :200]  # sliced along the sequence: not dense
     v = v[:, :, :200]
     block_map = predict_block_map(q, k, topk=0.5, negligible=0.25)

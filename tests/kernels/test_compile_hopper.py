@@ -8,6 +8,7 @@ import pytest
 import triton
 
 from sla_dist.kernels.aot import Variant, check_variants, nvidia_tool, run_in_clean_process
+from sla_dist.kernels.configs import _KERNELS
 
 NO_DOTS = ("block_sums", "classify", "critical_columns")
 
@@ -76,6 +77,29 @@ def test_prepass_fits_two_programs_per_sm_at_head_dim_64():
     assert all(r["registers"] <= 128 and r["spill_bytes"] == 0 for r in results), results
 
 
+@pytest.mark.skipif(not os.path.exists(nvidia_tool("ptxas")), reason="this Triton has no NVIDIA assembler")
+def test_ordered_dkdv_compiles_like_the_natural_order():
+    """dK/dV taking its key block from the launcher's order (SLA_DIST_DKDV_ORDER=lpt: one load and a divmod before
+    the loop) spills no more, takes the same shared memory and wgmma, and fits as many programs per SM by registers
+    as the natural order, at D 128 and 64, in both orientations of its accumulators (bf16, fixed launch setting).
+    Registers move by a few (Triton 3.9: 226 -> 230 at D 128, 167 -> 165 at D 64; 3.6: 250 -> 252, 194 -> 192)."""
+    shapes = [dict(), dict(D=64), dict(choices={"KEYS_AS_COLUMNS": 0})]
+    variants = [Variant("dkdv", dkdv_order=order, **shape) for shape in shapes for order in ("natural", "lpt")]
+    results = run_in_clean_process(variants, arch=90)
+    warps = _KERNELS["dkdv"].fixed[0]
+    for natural, ordered in zip(results[::2], results[1::2]):
+        keys = ("spill_bytes", "shared_bytes", "wgmma")
+        assert [natural[k] for k in keys] == [ordered[k] for k in keys], (natural, ordered)
+        assert ordered["registers"] <= natural["registers"] + 8, (natural, ordered)
+        assert (_programs_per_sm(natural["registers"], warps) == _programs_per_sm(ordered["registers"], warps)
+                ), (natural, ordered)
+
+
+def _programs_per_sm(registers: int, warps: int) -> int:
+    """Programs an SM's 64K registers hold (allocated per thread in steps of 8)."""
+    return 65536 // (-(-registers // 8) * 8 * 32 * warps)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(kernel="fwdd"), "kernel='fwdd'"),
     (dict(kernel="fwd", dtype="float64"), "dtype='float64'"),
@@ -86,6 +110,8 @@ def test_prepass_fits_two_programs_per_sm_at_head_dim_64():
     (dict(kernel="fwd", fwd_loop="fma+split"), "fwd_split"),
     (dict(kernel="dq", fwd_loop="fma"), "fwd_loop='fma' applies to the forward"),
     (dict(kernel="fwd_split", block_q=64), "block_q=64"),
+    (dict(kernel="dkdv", dkdv_order="longest"), "SLA_DIST_DKDV_ORDER='longest'"),
+    (dict(kernel="dq", dkdv_order="lpt"), "dkdv_order='lpt' applies to dkdv"),
 ])
 def test_variant_names_what_is_wrong(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -63,6 +63,20 @@ def test_strided_views_are_read_in_place(poison_outputs):
     _assert_kernel_matches_float64(q, k, v, bm, w, g)
 
 
+def test_keys_and_values_of_a_dit_layout(poison_outputs):
+    """A DiT's k is its RoPE output ([B, L, H, D] viewed as [B, H, L, D]) and v a slice of the fused qkv projection
+    (rows 3 H D apart): k is read in place and only v is copied, into k's layout; the results are the float64 ones."""
+    B, L, H, D = 1, 333, 2, 32
+    q, k = (torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2) for _ in range(2))
+    v = torch.randn(B, L, 3, H, D, device=DEVICE)[:, :, 2].transpose(1, 2)
+    k_kept, v_copied = op._kernel_layout(k, v)
+    assert k_kept is k and v_copied.stride() == k.stride() and torch.equal(v_copied, v)
+    assert all(t.is_contiguous() for t in op._kernel_layout(v, k))  # a gapped first tensor: all made contiguous
+    bm = predict_block_map(q, k, topk=0.25, negligible=0.1)
+    w = torch.randn(D, D, device=DEVICE) * 0.1
+    _assert_kernel_matches_float64(q, k, v, bm, w, torch.randn(B, H, L, D, device=DEVICE))
+
+
 def test_lse_is_differentiable_for_merging(poison_outputs):
     """Merge the sparse branch with a second attention part by LSE, as joint text+video attention does."""
     q, k, v = _qkv(1, 2, 200, 200, 32)

@@ -1,0 +1,29 @@
+"""Peak memory of the layer's backward, counted on a CPU (benchmarks/memory_account.py: every buffer allocated with
+its GPU shape and dtype, kernels as no-ops): the per-block summary rows are never all held beside dq, dk and dv."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import memory_account  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts allocations on the CPU kernel path (interpreter mode)")
+
+
+def test_backward_peak_holds_the_key_block_rows_but_not_the_query_block_rows():
+    L, H, D, block_q, block_k = 2048, 2, 64, 128, 64
+    account = memory_account.layer_account(L, H, D, block_q=block_q, block_k=block_k)
+    q_bytes = H * L * D * 2
+    rows = lambda blocks: H * blocks * (D * D + D) * 2  # noqa: E731  (bf16 summary rows per block)
+    backward = account["peak"] - account["held"]
+    # dq, dk, dv and dh_j (the dK/dV kernel's inputs), plus block lists, delta and the 0/1 matrix (< q / 8);
+    # H_i and dH_i (two [BH, Nq, D D + D] buffers) are freed before dh_j and dk / dv are made.
+    assert backward <= 3 * q_bytes + rows(L // block_k) + q_bytes // 8, (backward, account)
+    assert backward < 3 * q_bytes + rows(L // block_k) + 2 * rows(L // block_q)
