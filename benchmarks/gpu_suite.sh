@@ -12,7 +12,10 @@
 #   3 and 4 under torch.profiler, 5-7 timed; per-rank step breakdown tables + JSON, rank 0's traces; train-profile:420),
 # train-compiled (2 GPUs: bench_train.py on the same recipe with model.compile=true, SP = 1 then 2, 10 steps, the
 #   last 6 timed: the eager step's elementwise work fused; compare with train-throughput, the same run eager;
-#   train-compiled:480), train-throughput (the eager baseline of train-compiled, same steps),
+#   train-compiled:480), train-throughput (the eager baseline of train-compiled, same steps), train-overlap (SP = 2
+#   eager with the Ulysses exchange in 2 head chunks and DeepSpeed's overlapped ZeRO reduction, against
+#   train-throughput's SP = 2 row: what hides train-profile's exposed exchange), train-overlap-compiled (SP = 2
+#   compiled with the overlapped ZeRO reduction; compiled blocks trace the exchange whole, so no head chunks),
 # ranks (2 GPUs: the multi-rank reliability tests on NCCL, independent spawned ranks: a rank that raises ends the
 #   job through the collective timeout, rank 0's resume choice shared, the recipe timeout on every group; ranks:500),
 # fwdloop (the forward loop variants of SLA_DIST_FWD_LOOP, one after the other: the layer at 32K and 8K, autotuned),
@@ -54,6 +57,8 @@ declare -A CMD=(
   [fwdloop-kernel]="python3 benchmarks/time_fwd_kernel.py"
   [fwdloop-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_FWD_LOOP=baseline python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [train-compiled]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_compiled.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true model.compile=true"
+  [train-overlap]="python3 benchmarks/bench_train.py --sizes 2 --steps 10 --warmup 4 --out $OUT/train_overlap.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true parallel.overlap_chunks=2 parallel.overlap_comm=true"
+  [train-overlap-compiled]="python3 benchmarks/bench_train.py --sizes 2 --steps 10 --warmup 4 --out $OUT/train_overlap_compiled.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true model.compile=true parallel.overlap_comm=true"
   [train-throughput]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_throughput.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [dkdv-order]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py"
