@@ -72,15 +72,58 @@ def test_levers_compare_with_the_study_and_their_own_dense():
         merge_runs.lever_rows(study, [other], ["other.json"])
 
 
+def _at_sparsity(sparsity: float, sla: float, sparse_only: float, dense_seed: int = 0) -> dict:
+    run = _run(dense_seed, 0.04, sparse_only=_variant("sparse_only", sparse_only))
+    run["variants"]["sla"] = _variant("sla", sla)
+    run["config"]["sparsity"] = sparsity
+    run["attention_before"] = {"sla": {"error": [0.2, 0.4], "sparsity": [sparsity + 0.004] * 2}}
+    return run
+
+
+def test_sparsity_series_takes_the_runs_that_changed_only_the_sparsity_and_extrapolates_to_the_goal():
+    study = merge_runs.merge([_at_sparsity(0.95, 0.044, 0.044), _at_sparsity(0.95, 0.044, 0.044, dense_seed=1)])
+    longer = _at_sparsity(0.95, 0.042, 0.042)
+    longer["config"]["finetune_steps"] = 800
+    levers = [_at_sparsity(0.85, 0.0408, 0.0407), longer, _at_sparsity(0.9, 0.0412, 0.0412)]
+    series = merge_runs.sparsity_series(study, levers, ["s85", "longer", "s90"])
+    assert [r["run"] for r in series] == ["this study", "s90", "s85"]  # most sparse first; the 800-step run is out
+    assert series[0]["sla_gap"] == pytest.approx(0.1) and series[0]["realised"] == pytest.approx(0.954)
+    assert series[2]["sla_gap"] == pytest.approx(0.02) and series[2]["sparse_only_gap"] == pytest.approx(0.0175)
+    assert series[2]["sla_minus_sparse_only"] == pytest.approx(0.0001)
+    assert series[2]["error_before"] == pytest.approx(0.3)
+    # a line through (0.854, +2 %) and (0.904, +3 %) reaches +1 % at 0.804
+    assert merge_runs.goal_sparsity(series) == pytest.approx(0.804)
+    text = merge_runs.series_table(series, dense_spread=0.0008)
+    assert "| 0.85 / 85.40% | `s85` | +2.00% | +1.75% | +0.00010 | 0.300 |" in text
+    assert "by at most 0.00010 at any sparsity (dense seed spread 0.00080): not separated." in text
+    assert "80.4%" in text and "extrapolation" in text
+
+
+@pytest.mark.parametrize("gaps", [(0.0402, 0.0412), (0.0412, 0.0412), (0.0416, 0.0408)])
+def test_goal_sparsity_is_none_when_there_is_nothing_to_extrapolate(gaps):
+    """Least sparse point already within 1 %; a gap that does not fall with the sparsity (flat or rising)."""
+    study = merge_runs.merge([_at_sparsity(0.95, 0.044, 0.044), _at_sparsity(0.95, 0.044, 0.044, dense_seed=1)])
+    levers = [_at_sparsity(0.85, gaps[0], gaps[0]), _at_sparsity(0.9, gaps[1], gaps[1])]
+    assert merge_runs.goal_sparsity(merge_runs.sparsity_series(study, levers, ["s85", "s90"])) is None
+
+
 def test_cli_merges_the_textured_study(tmp_path):
     """The two 2026-11-30 textured-scene runs (dense seed 0 + SLA + sparse-only; dense seed 1 + SLA + linear-only)."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     runs = [results / f"2026-11-30-quality-study-h200-textured{suffix}.json" for suffix in ("", "-seed1")]
-    lever = results / "2026-11-30-quality-study-h200-textured-sparsity90.json"
-    assert merge_runs.main([*map(str, runs), "--out", str(tmp_path / "study"), "--levers", str(lever)]) == 0
+    levers = [results / f"2026-11-30-quality-study-h200-textured-{suffix}.json"
+              for suffix in ("800steps", "sparsity90", "sparsity85")]
+    assert merge_runs.main([*map(str, runs), "--out", str(tmp_path / "study"), "--levers", *map(str, levers)]) == 0
     written = json.loads((tmp_path / "study.json").read_text())
     assert list(written["variants"]) == ["dense_seed0", "dense_seed1", "sla", "sparse_only", "linear_only"]
     assert written["verdict"]["sla_loss_gap"] == pytest.approx(0.1076, abs=5e-4)
-    assert {r["variant"]: r["changed"] for r in written["levers"]}["sla"] == {"sparsity": 0.9}
+    assert [r["changed"] for r in written["levers"] if r["variant"] == "sla"] == [
+        {"finetune_steps": 800}, {"sparsity": 0.9}, {"sparsity": 0.85}]
+    # 95 %: +10.8 % over the dense seeds' mean; 90 % and 85 %: against the run's own dense seed 0
+    series = written["sparsity_series"]
+    assert [r["sparsity"] for r in series] == [0.95, 0.9, 0.85]
+    assert [r["sla_gap"] for r in series] == pytest.approx([0.1076, 0.0302, 0.0154], abs=5e-4)
+    assert [r["sparse_only_gap"] for r in series] == pytest.approx([0.1074, 0.0303, 0.0151], abs=5e-4)
+    assert written["goal_sparsity"] == pytest.approx(0.836, abs=1e-3)
     text = (tmp_path / "study.md").read_text()
-    assert "Merged from" in text and "sparsity=0.9" in text
+    assert "Merged from" in text and "sparsity=0.9" in text and "not separated" in text and "83.6%" in text

@@ -7,7 +7,9 @@ the baselines differ. This checks that, takes each variant once (a variant run t
 two calls, must have given the same validation curve), recomputes the verdict over all of them and writes the
 study's Markdown, JSON and figure with study_report's code. ``--levers`` adds runs from the same pretrained model
 that changed one setting to close the gap (more steps, another sparsity, feature map, proj_l learning rate,
-distillation): a table of what each changed and where its variants ended against the study's dense mean.
+distillation): a table of what each changed and where its variants ended against the study's dense mean, and, for
+the study and the levers that changed only the sparsity, SLA's and sparse-only's gap to dense against the sparsity
+with the sparsity at which a straight line through the two least sparse points reaches the goal (an extrapolation).
 
     python benchmarks/quality/merge_runs.py RUN.json RUN.json ... --out benchmarks/results/<date>-quality-study-h200 \
         [--levers RUN.json ...]
@@ -20,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from study_report import markdown_report, plot, verdict
+from study_report import LOSS_TOLERANCE, _final, _fmt, _mean, markdown_report, plot, verdict
 
 SHARED_CONFIG = ("model", "model_overrides", "scene", "frames", "size", "text_len", "train_samples", "val_samples",
                  "fvd_videos", "reference_videos", "batch_size", "finetune_steps", "finetune_lr", "proj_lr_scale",
@@ -67,6 +69,16 @@ def merge(runs: list[dict]) -> dict:
     return merged
 
 
+def _own_dense(run: dict) -> float | None:
+    """The run's dense fine-tunes' mean final loss, None without one."""
+    own = [_final(r) for r in run["variants"].values() if r["variant"] == "dense"]
+    return sum(own) / len(own) if own else None
+
+
+def _changed(study: dict, run: dict) -> dict:
+    return {k: run["config"].get(k) for k in SHARED_CONFIG if run["config"].get(k) != study["config"].get(k)}
+
+
 def lever_rows(study: dict, levers: list[dict], names: list[str]) -> list[dict]:
     """Per lever run: the settings it changed against the study and each variant's final loss against the study's
     dense mean; ValueError for a run from other pretrained weights (its numbers would not compare)."""
@@ -75,11 +87,10 @@ def lever_rows(study: dict, levers: list[dict], names: list[str]) -> list[dict]:
     for name, run in zip(names, levers):
         if run.get("pretrain") != study.get("pretrain"):
             raise ValueError(f"lever run {name} starts from other pretrained weights than the study")
-        changed = {k: run["config"].get(k) for k in SHARED_CONFIG if run["config"].get(k) != study["config"].get(k)}
-        own = [r["val_curve"][-1][1] for v, r in run["variants"].items() if r["variant"] == "dense"]
-        own_dense = sum(own) / len(own) if own else None
+        changed = _changed(study, run)
+        own_dense = _own_dense(run)
         for variant, r in run["variants"].items():
-            final = r["val_curve"][-1][1]
+            final = _final(r)
             rows.append(dict(run=name, changed=changed, variant=variant, steps=r["val_curve"][-1][0], final=final,
                              vs_dense=(final - dense) / dense,
                              vs_own_dense=None if own_dense is None else (final - own_dense) / own_dense))
@@ -99,6 +110,66 @@ def lever_table(rows: list[dict], dense: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sparsity_series(study: dict, levers: list[dict], names: list[str]) -> list[dict]:
+    """SLA's and sparse-only's gap to dense at each block sparsity tried: the study and the lever runs that changed
+    only the sparsity (lever_rows has checked their pretrained weights), most sparse first. Each gap is against the
+    run's own dense fine-tune (the study's: its dense seeds' mean), which saw the same batches and noise."""
+    runs = [("this study", study)]
+    runs += [(n, r) for n, r in zip(names, levers) if _changed(study, r).keys() == {"sparsity"}]
+    rows = []
+    for name, run in runs:
+        dense, variants = _own_dense(run), run["variants"]
+        finals = {v: _final(variants[v]) for v in ("sla", "sparse_only") if v in variants}
+        before = (run.get("attention_before") or {}).get("sla") or {}
+        rows.append(dict(
+            run=name, sparsity=run["config"]["sparsity"],
+            realised=_mean(before["sparsity"]) if before.get("sparsity") else None,
+            error_before=_mean(before["error"]) if before.get("error") else None,
+            **{f"{v}_gap": None if dense is None or v not in finals else (finals[v] - dense) / dense
+               for v in ("sla", "sparse_only")},
+            sla_minus_sparse_only=finals["sla"] - finals["sparse_only"] if len(finals) == 2 else None))
+    return sorted(rows, key=lambda r: -r["sparsity"])
+
+
+def goal_sparsity(series: list[dict]) -> float | None:
+    """The realised sparsity at which SLA's gap would reach the goal (LOSS_TOLERANCE) on a straight line through the
+    series' two least sparse points: an extrapolation. None when there is nothing to extrapolate: fewer than two
+    points, the least sparse one within the goal already, or a gap that does not fall with the sparsity."""
+    points = sorted((r["realised"], r["sla_gap"]) for r in series
+                    if r["realised"] is not None and r["sla_gap"] is not None)
+    if len(points) < 2 or points[0][1] <= LOSS_TOLERANCE or points[1][0] == points[0][0]:
+        return None
+    (s0, g0), (s1, g1) = points[:2]
+    slope = (g1 - g0) / (s1 - s0)
+    return s0 - (g0 - LOSS_TOLERANCE) / slope if slope > 0 else None
+
+
+def series_table(series: list[dict], dense_spread: float | None) -> str:
+    lines = ["## Gap to dense against sparsity", "",
+             "SLA and sparse-only from the same pretrained model at each block sparsity tried (this study and the "
+             "lever runs that changed only the sparsity); final validation loss against the same run's own dense "
+             "fine-tune (this study: its dense seeds' mean). Attention error: SLA's mean relative L2 over layers "
+             "before fine-tuning.", "",
+             "| sparsity (set / realised) | run | SLA vs dense | sparse-only vs dense | SLA minus sparse-only "
+             "| SLA attention error before |", "|---|---|---|---|---|---|"]
+    for r in series:
+        run = r["run"] if r["run"] == "this study" else f"`{r['run']}`"
+        lines.append(f"| {r['sparsity']} / {_fmt(r['realised'], '.2%')} | {run} | {_fmt(r['sla_gap'], '+.2%')} | "
+                     f"{_fmt(r['sparse_only_gap'], '+.2%')} | {_fmt(r['sla_minus_sparse_only'], '+.5f')} | "
+                     f"{_fmt(r['error_before'], '.3f')} |")
+    diffs = [abs(r["sla_minus_sparse_only"]) for r in series if r["sla_minus_sparse_only"] is not None]
+    if diffs and dense_spread is not None:
+        lines += ["", f"SLA's final loss differs from sparse-only's by at most {max(diffs):.5f} at any sparsity "
+                  f"(dense seed spread {dense_spread:.5f}): " + ("not separated." if max(diffs) <= dense_spread
+                                                                 else "separated at some sparsity.")]
+    goal = goal_sparsity(series)
+    if goal is not None:
+        lines += ["", f"A straight line through the two least sparse points reaches the goal (SLA within "
+                  f"{LOSS_TOLERANCE:.0%} of dense) at {goal:.1%} realised block sparsity: an extrapolation, not a "
+                  "measured run."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="quality-study JSON files of one study")
@@ -108,14 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     merged = merge([json.loads(p.read_text()) for p in args.runs])
     merged["merged_from"] = [p.name for p in args.runs]
-    levers = lever_rows(merged, [json.loads(p.read_text()) for p in args.levers], [p.name for p in args.levers])
+    lever_runs, lever_names = [json.loads(p.read_text()) for p in args.levers], [p.name for p in args.levers]
+    levers = lever_rows(merged, lever_runs, lever_names)
     merged["levers"] = levers
+    series = sparsity_series(merged, lever_runs, lever_names)
+    merged["sparsity_series"], merged["goal_sparsity"] = series, goal_sparsity(series)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image = args.out.with_suffix(".png")
     plot(merged, image)
     text = markdown_report(merged, image.name)
     if levers:
         text += "\n" + lever_table(levers, merged["verdict"]["dense_loss"])
+    if len(series) > 1:
+        text += "\n" + series_table(series, merged["verdict"].get("dense_loss_spread"))
     text += "\nMerged from: " + ", ".join(f"`{p.name}`" for p in args.runs) + " (`benchmarks/quality/merge_runs.py`).\n"
     args.out.with_suffix(".md").write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(merged, indent=1))
