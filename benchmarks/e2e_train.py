@@ -4,6 +4,12 @@ last checkpoint into a safetensors file that must load into the recipe's VideoDi
 
     python benchmarks/e2e_train.py --out $OUT/e2e_train    # 2 GPUs: wan1.3b, 12 steps + 6 resumed, 5-7 min
     python benchmarks/e2e_train.py --cpu                    # tiny recipe, gloo, 4 + 2 steps (what the CPU test runs)
+    python benchmarks/e2e_train.py --preset wan14b-sp4      # 4 GPUs: the 14B recipe's shape at SP = 4, ZeRO-3
+    python benchmarks/e2e_train.py --preset wan14b-sp2dp2   # 4 GPUs: the same at SP = 2 x DP = 2, 4 steps
+
+A preset (PRESETS) fixes the recipe, steps and per-phase limits and the runs: one per SP size (``--sizes``), each
+``--dp`` data-parallel replicas wide, the last one resumed and exported; the default ``gpu`` preset is the 2-GPU
+run described here. ``--sizes``, ``--dp`` and ``--limit NAME=SECONDS`` change a preset's runs and limits.
 
 The SP = 2 run saves every 6 steps (the resume starts from its step-12 save), SP = 1 only after its last step. On
 GPUs the runs go one after the other; with --cpu the SP = 1 and SP = 2 runs overlap (CPU timings mean nothing, and
@@ -59,7 +65,10 @@ TIMED_OUT = 124
 
 @dataclass(frozen=True)
 class Preset:
-    """What the phases run: the recipe, its shortening overrides, step counts and per-phase time limits (s)."""
+    """What the phases run: the recipe, its shortening overrides, step counts, per-phase time limits (s) and the
+    runs' layout: one training run per SP size in ``sizes`` (one after the other on GPUs), each ``dp`` data-parallel
+    replicas wide (sizes x dp processes); the last one is resumed for ``resume_steps`` more (0: not resumed) and,
+    with ``export``, exported."""
 
     recipe: str
     steps: int
@@ -68,6 +77,30 @@ class Preset:
     warmup: int
     limits: dict
     overrides: tuple[str, ...]
+    sizes: tuple[int, ...] = (1, 2)
+    dp: int = 1
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1 or self.dp < 1:
+            raise ValueError(f"sizes={self.sizes} and dp={self.dp} must be positive (at least one size)")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(f"sizes={self.sizes}: each SP size runs once (its runs share a directory name)")
+        if self.steps < 1 or self.every < 1 or self.resume_steps < 0 or self.warmup < 0:
+            raise ValueError(f"steps={self.steps} and every={self.every} must be >= 1, resume_steps="
+                             f"{self.resume_steps} and warmup={self.warmup} >= 0")
+        missing = [name for name in self.phases if name not in self.limits]
+        if missing:
+            raise ValueError(f"no time limit for phase(s) {missing} (limits: {self.limits}); give --limit NAME=SECONDS")
+
+    def run_name(self, sp: int) -> str:
+        """``sp{sp}``, with ``dp{dp}`` appended when the runs are data parallel too."""
+        return f"sp{sp}" + (f"dp{self.dp}" if self.dp > 1 else "")
+
+    @property
+    def phases(self) -> list[str]:
+        return ([self.run_name(sp) for sp in self.sizes] + (["resume"] if self.resume_steps else [])
+                + (["export"] if self.export else []))
 
 
 SHORTEN = ("trainer.log_every_n_steps=1", "trainer.progress_bar=false", "sample.enabled=false",
@@ -82,6 +115,23 @@ PRESETS = {
     "cpu": Preset("recipes/tiny_cpu.yaml", steps=4, every=2, resume_steps=2, warmup=1,
                   limits={"sp1": 240, "sp2": 240, "resume": 180, "export": 120},
                   overrides=SHORTEN + ("trainer.accelerator=cpu", "data.batch_size=2", "data.num_workers=0")),
+    # Issue #16, 4 GPUs: recipes/wan14b_sla_sp8.yaml at its full width (dim 5120, 40 heads, 75600 tokens a sample)
+    # with 4 of its 40 blocks, ZeRO-3, activation checkpointing (gpu_suite.sh adds fixed kernel launch settings,
+    # SLA_DIST_AUTOTUNE=0). The depth is cut for the disk and the 10-minute call: a full-depth ZeRO-3 checkpoint
+    # (bf16 weights + fp32 master, m, v: 14 B x 14.3e9 parameters = 200 GB) would not fit twice on the 4-GPU
+    # machine's 235 GB disk, and building 14.3e9 parameters on the CPU takes ~11 ns each (one thread on the
+    # project's CPU machine: 6.5 s for the 0.58e9 of one block and the embeddings), ~160 s a rank before DeepSpeed
+    # sees the model. Four blocks: 1.64e9 parameters, 23 GB a checkpoint (the 1.3B's 20 GB saved in ~15 s on 2
+    # H200s), ~18 s to build; scaling_model.py predicts ~1 s a step. SP 4: 6 steps saving every 3, resumed for 3
+    # more, exported; the limits add up to 490 s (suite part wan14b-sp4: 550 s).
+    "wan14b-sp4": Preset("recipes/wan14b_sla_sp8.yaml", steps=6, every=3, resume_steps=3, warmup=1,
+                         limits={"sp4": 220, "resume": 170, "export": 100},
+                         overrides=SHORTEN + ("model.num_layers=4",), sizes=(4,)),
+    # The same model at SP 2 x DP 2 (ZeRO-3 over all 4 ranks): 4 steps, one save at the end, neither resumed nor
+    # exported (wan14b-sp4 covers those).
+    "wan14b-sp2dp2": Preset("recipes/wan14b_sla_sp8.yaml", steps=4, every=4, resume_steps=0, warmup=1,
+                            limits={"sp2dp2": 240}, overrides=SHORTEN + ("model.num_layers=4",), sizes=(2,), dp=2,
+                            export=False),
 }
 
 
@@ -303,18 +353,70 @@ def export_phase(run_dir: Path, preset: Preset, env: dict, logs: Path) -> Phase:
     return phase
 
 
-def main(argv: list[str] | None = None) -> int:
+def _limit(text: str) -> tuple[str, float]:
+    name, sep, seconds = text.partition("=")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = 0.0
+    if not sep or not name or value <= 0:
+        raise argparse.ArgumentTypeError(f"--limit {text!r} is not NAME=SECONDS with positive seconds")
+    return name, value
+
+
+def preset_from_args(args: argparse.Namespace) -> Preset:
+    """The named preset (``cpu`` with --cpu) with --sizes, --dp and --limit applied."""
+    preset = PRESETS["cpu" if args.cpu else args.preset]
+    changes: dict = {}
+    if args.sizes is not None:
+        changes["sizes"] = tuple(args.sizes)
+    if args.dp is not None:
+        changes["dp"] = args.dp
+    if args.limit:
+        changes["limits"] = {**preset.limits, **dict(args.limit)}
+    return dataclasses.replace(preset, **changes)
+
+
+def plan(preset: Preset, work: Path, extra: tuple[str, ...] = ()) -> list[TrainRun]:
+    """The training runs in order: one per SP size, then the resume of the last one. The resumed run saves every
+    ``preset.every`` steps, the others only after their last step (one save each is enough to check)."""
+    end, runs = preset.steps, []
+    for i, sp in enumerate(preset.sizes):
+        name, last = preset.run_name(sp), i == len(preset.sizes) - 1
+        runs.append(TrainRun(name, sp * preset.dp, work / name, (f"parallel.sp_size={sp}", *preset.overrides, *extra),
+                             0, end, preset.every if last else end))
+    if preset.resume_steps:
+        runs.append(dataclasses.replace(runs[-1], name="resume", first=end, end=end + preset.resume_steps))
+    return runs
+
+
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Preset]:
+    """The command line and the preset it selects, with its changes applied (a bad one exits with its message)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true",
-                        help="the tiny recipe on CPU processes with gloo; SP = 1 and SP = 2 run at the same time")
+                        help="the tiny recipe on CPU processes with gloo; the first runs all run at the same time")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu",
+                        help="recipe, steps, time limits and runs (default: gpu; --cpu picks cpu)")
     parser.add_argument("--recipe", help="recipe to run instead of the preset's")
+    parser.add_argument("--sizes", type=int, nargs="+", help="SP sizes of the training runs instead of the preset's "
+                        "(the last one is resumed and exported); a size the preset has no limit for needs --limit")
+    parser.add_argument("--dp", type=int, help="data-parallel replicas of every run (processes: SP size x dp)")
+    parser.add_argument("--limit", type=_limit, action="append", default=[], metavar="NAME=SECONDS",
+                        help="time limit of a phase (sp4, sp2dp2, resume, export, ...), repeatable")
     parser.add_argument("--workdir", help="where the runs go (default: a temporary directory, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the runs' checkpoints and directories")
     parser.add_argument("--out", help="results stem: <out>.json and <out>.md")
     parser.add_argument("overrides", nargs="*",
                         help="more recipe key=value overrides for every run (not of the steps or checkpoint interval)")
     args = parser.parse_args(argv)
-    preset = PRESETS["cpu" if args.cpu else "gpu"]
+    try:
+        return args, preset_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, preset = parse(argv)
     recipe = str(Path(args.recipe).resolve()) if args.recipe else preset.recipe  # the runs start in ROOT
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sla_e2e_")).resolve()
     logs = work / "logs"
@@ -324,24 +426,28 @@ def main(argv: list[str] | None = None) -> int:
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if args.cpu:
         env["OMP_NUM_THREADS"] = "1"
-    end, total = preset.steps, preset.steps + preset.resume_steps
-    # SP = 1 saves once, at its end (a wan1.3b save takes seconds; SP = 2 covers the periodic saves)
-    sp1 = TrainRun("sp1", 1, work / "sp1", ("parallel.sp_size=1", *preset.overrides, *args.overrides), 0, end, end)
-    sp2 = TrainRun("sp2", 2, work / "sp2", ("parallel.sp_size=2", *preset.overrides, *args.overrides), 0, end,
-                   preset.every)
-    resume = dataclasses.replace(sp2, name="resume", first=end, end=total)
+    runs = plan(preset, work, tuple(args.overrides))
+    first, resume = runs[:len(preset.sizes)], runs[len(preset.sizes):]
     train = functools.partial(train_phase, recipe=recipe, preset=preset, env=env, gpus=not args.cpu, logs=logs)
-    if args.cpu:  # the CPU timings mean nothing: overlap the two first runs to keep the CI test short
-        with ThreadPoolExecutor(2) as pool:
-            phases = list(pool.map(train, (sp1, sp2)))
-    else:  # one after the other: SP = 1 and SP = 2 each time the GPUs alone
-        phases = [train(sp1)]
-        if not args.keep:  # free its checkpoint (~20 GB for wan1.3b) before the next run: only its logs are read
-            shutil.rmtree(sp1.output_dir / "checkpoints", ignore_errors=True)
-        phases.append(train(sp2))
-    phases.append(train(resume) if phases[-1].ok else _skipped("resume", 2, "the SP = 2 run"))
-    phases.append(export_phase(sp2.output_dir, preset, env, logs) if phases[-1].ok
-                  else _skipped("export", 1, "the resumed run"))
+    if args.cpu:  # the CPU timings mean nothing: overlap the first runs to keep the CI test short
+        with ThreadPoolExecutor(len(first)) as pool:
+            phases = list(pool.map(train, first))
+    else:  # one after the other: each run has the GPUs alone
+        phases = []
+        for run in first:
+            phases.append(train(run))
+            if run is not first[-1] and not args.keep:  # free its checkpoint (~20 GB for wan1.3b) before the next
+                shutil.rmtree(run.output_dir / "checkpoints", ignore_errors=True)  # run: only its logs are read
+    for run in resume:
+        phases.append(train(run) if phases[-1].ok else _skipped(run.name, run.procs, f"the {phases[-1].name} run"))
+    if preset.export:  # the resumed run's checkpoint; the first run's when the resume failed (a device call's worth)
+        trained = phases[len(first) - 1]
+        if phases[-1].ok or trained.ok:
+            phases.append(export_phase(first[-1].output_dir, preset, env, logs))
+            if not phases[-2].ok:
+                phases[-1].note += f"; exported {trained.name}'s step{trained.steps[1]}.ckpt: {phases[-2].name} failed"
+        else:
+            phases.append(_skipped("export", 1, f"the {trained.name} run"))
     _save(phases, preset, recipe, args)
     failed = [p.name for p in phases if not p.ok]
     print(f"e2e_train: {len(phases) - len(failed)} phases passed, {len(failed)} failed {failed or ''}".rstrip())
@@ -365,7 +471,9 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(phases: list[Phase]) -> str:
+def table(phases: list[Phase], sizes: tuple[int, ...] = (1, 2)) -> str:
+    """The phases' rows; with more than one SP size, each larger size's tokens/s against the smallest's scaled by
+    the ratio of their sizes (``phases`` starts with one run per size, in ``sizes``' order)."""
     lines = ["| phase | procs | rc | wall s | steps | step s | tokens/s | MFU | peak GiB / rank | topk | check |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in phases:
@@ -376,9 +484,12 @@ def table(phases: list[Phase]) -> str:
         lines.append(f"| {p.name} | {p.procs} | {p.rc} | {p.wall_s:.0f} | {steps} | {_fmt(p.step_s, '.3f')} | "
                      f"{_fmt(p.tokens_per_s, '.0f')} | {_fmt(p.mfu and 100 * p.mfu, '.1f')} | {peak} | "
                      f"{_fmt(p.topk, '.3g')} | {check}{f' ({p.note})' if p.note else ''} |")
-    sp1, sp2 = phases[0], phases[1]
-    if sp1.tokens_per_s and sp2.tokens_per_s:
-        lines.append(f"\nSP = 2 tokens/s over 2 x SP = 1: {sp2.tokens_per_s / (2 * sp1.tokens_per_s):.0%}")
+    base, small = phases[0], sizes[0]
+    for size, p in zip(sizes[1:], phases[1:len(sizes)]):
+        if base.tokens_per_s and p.tokens_per_s:
+            ratio = size / small
+            lines.append(f"\nSP = {size} tokens/s over {ratio:g} x SP = {small}: "
+                         f"{p.tokens_per_s / (ratio * base.tokens_per_s):.0%}")
     return "\n".join(lines)
 
 
@@ -392,11 +503,16 @@ def _card(cpu: bool) -> str:
 
 def _save(phases: list[Phase], preset: Preset, recipe: str, args: argparse.Namespace) -> None:
     card = _card(args.cpu)
-    text = table(phases)
-    meta = dict(recipe=recipe, preset=dataclasses.asdict(preset), overrides=args.overrides)
-    preamble = (f"`python benchmarks/e2e_train.py{' --cpu' if args.cpu else ''}`: `launch/torchrun.sh {recipe}` "
-                f"with `{' '.join(preset.overrides)}`, {preset.steps} steps (SP = 2: checkpoint every {preset.every}), "
-                f"resumed for {preset.resume_steps} more at SP = 2, then `sla-dist export`. Step time and tokens/s: "
+    text = table(phases, preset.sizes)
+    gpus = max(sp * preset.dp for sp in preset.sizes)
+    meta = dict(recipe=recipe, preset=dataclasses.asdict(preset), overrides=args.overrides, gpus=gpus)
+    last = f"SP = {preset.sizes[-1]}" + (f" x DP = {preset.dp}" if preset.dp > 1 else "")
+    runs = ", ".join(f"SP = {sp}" for sp in preset.sizes) + (f", each x DP = {preset.dp}" if preset.dp > 1 else "")
+    then = ([f"resumed for {preset.resume_steps} more at {last}"] if preset.resume_steps else []) + (
+        ["then `sla-dist export`"] if preset.export else [])
+    preamble = (f"`python benchmarks/e2e_train.py {' '.join(sys.argv[1:])}`: `launch/torchrun.sh {recipe}` with "
+                f"`{' '.join(preset.overrides + tuple(args.overrides))}`, {runs}, {preset.steps} steps ({last}: "
+                f"checkpoint every {preset.every}){''.join(', ' + t for t in then)}. Step time and tokens/s: "
                 f"medians of the run's logged values without the first {preset.warmup} steps of a session and "
                 "without checkpoint steps; peak memory: nvidia-smi's memory.used per GPU.")
     save_results("e2e-train", card, meta, [dataclasses.asdict(p) | {"ok": p.ok} for p in phases],

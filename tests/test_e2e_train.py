@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -174,3 +175,133 @@ def _alive(pid: int) -> bool:
 def test_phase_limits_fit_the_suite_part():
     # gpu_suite.sh runs the part as e2e:500 inside a 600 s device call that first installs the wheels
     assert sum(e2e.PRESETS["gpu"].limits.values()) <= 470
+
+
+def _args(*argv: str) -> e2e.Preset:
+    return e2e.parse(list(argv))[1]
+
+
+def test_default_presets_keep_their_runs(tmp_path):
+    """The 2-GPU run and the CPU test run what they ran before the presets had sizes: SP 1 saving at its end, SP 2
+    every ``every`` steps and resumed."""
+    for preset in (e2e.PRESETS["gpu"], CPU):
+        runs = e2e.plan(preset, tmp_path, ("x=1",))
+        assert [(r.name, r.procs, r.first, r.end, r.every) for r in runs] == [
+            ("sp1", 1, 0, preset.steps, preset.steps), ("sp2", 2, 0, preset.steps, preset.every),
+            ("resume", 2, preset.steps, preset.steps + preset.resume_steps, preset.every)]
+        assert runs[1].overrides == ("parallel.sp_size=2", *preset.overrides, "x=1")
+        assert runs[2].output_dir == runs[1].output_dir == tmp_path / "sp2"
+        assert preset.phases == ["sp1", "sp2", "resume", "export"]
+
+
+def test_four_gpu_presets(tmp_path):
+    sp4 = e2e.PRESETS["wan14b-sp4"]
+    runs = e2e.plan(sp4, tmp_path)
+    assert [(r.name, r.procs, r.first, r.end, r.every) for r in runs] == [("sp4", 4, 0, 6, 3), ("resume", 4, 6, 9, 3)]
+    assert "model.num_layers=4" in runs[0].overrides and sp4.phases == ["sp4", "resume", "export"]
+    # at least one timed step in each session: not the warm-up, not a checkpoint step
+    assert e2e.steady_steps(0, 6, sp4.warmup, 3) == [1, 3, 4] and e2e.steady_steps(6, 9, sp4.warmup, 3) == [7]
+    dp = e2e.PRESETS["wan14b-sp2dp2"]
+    runs = e2e.plan(dp, tmp_path)
+    assert [(r.name, r.procs, r.end) for r in runs] == [("sp2dp2", 4, 4)] and dp.phases == ["sp2dp2"]
+    assert runs[0].overrides[0] == "parallel.sp_size=2" and e2e.steady_steps(0, 4, dp.warmup, dp.every) == [1, 2]
+    # gpu_suite.sh gives the parts 550 and 280 s: the phases end before the part's limit kills the script
+    assert sum(sp4.limits.values()) <= 490 and sum(dp.limits.values()) <= 240
+
+
+def test_sizes_dp_and_limits_from_the_command_line():
+    preset = _args("--cpu", "--sizes", "2", "--dp", "2", "--limit", "sp2dp2=90", "--limit", "resume=50")
+    assert (preset.sizes, preset.dp, preset.recipe) == ((2,), 2, CPU.recipe)
+    assert preset.phases == ["sp2dp2", "resume", "export"]
+    assert preset.limits == {**CPU.limits, "sp2dp2": 90.0, "resume": 50.0}
+    assert _args("--preset", "wan14b-sp4") == e2e.PRESETS["wan14b-sp4"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cpu", "--sizes", "4"], r"no time limit for phase\(s\) \['sp4'\]"),
+    (["--cpu", "--sizes", "2", "2"], r"sizes=\(2, 2\)"),
+    (["--cpu", "--dp", "0"], r"dp=0"),
+    (["--cpu", "--limit", "sp1"], r"--limit 'sp1' is not NAME=SECONDS"),
+    (["--cpu", "--limit", "sp1=-3"], r"--limit 'sp1=-3' is not NAME=SECONDS"),
+])
+def test_bad_options_name_the_value(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        e2e.parse(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_table_compares_each_size_with_the_smallest():
+    one, four = e2e.Phase("sp1", 1, rc=0, tokens_per_s=100.0), e2e.Phase("sp4", 4, rc=0, tokens_per_s=300.0)
+    assert "SP = 4 tokens/s over 4 x SP = 1: 75%" in e2e.table([one, four, e2e.Phase("resume", 4)], (1, 4))
+    assert "tokens/s over" not in e2e.table([four, e2e.Phase("resume", 4)], (4,))
+
+
+def _fake_phases(monkeypatch, failing: set[str]) -> list[tuple]:
+    """Replace the launched phases by records; the phases named in ``failing`` fail."""
+    calls = []
+
+    def train(run, recipe, preset, env, gpus, logs):
+        calls.append(("train", run.name, run.procs, run.first, run.end))
+        return e2e.Phase(run.name, run.procs, rc=1 if run.name in failing else 0, steps=(run.first, run.end))
+
+    def export(run_dir, preset, env, logs):
+        calls.append(("export", run_dir.name))
+        return e2e.Phase("export", 1, rc=0)
+
+    monkeypatch.setattr(e2e, "train_phase", train)
+    monkeypatch.setattr(e2e, "export_phase", export)
+    return calls
+
+
+def test_runs_go_in_order_and_export_follows_the_resume(tmp_path, monkeypatch):
+    calls = _fake_phases(monkeypatch, failing=set())
+    assert e2e.main(["--preset", "wan14b-sp4", "--workdir", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    assert calls == [("train", "sp4", 4, 0, 6), ("train", "resume", 4, 6, 9), ("export", "sp4")]
+    meta = json.loads((tmp_path / "r.json").read_text())["meta"]
+    assert meta["gpus"] == 4 and meta["preset"]["sizes"] == [4]
+    assert "SP = 4, 6 steps (SP = 4: checkpoint every 3), resumed for 3 more at SP = 4, then `sla-dist export`" in (
+        tmp_path / "r.md").read_text()
+
+
+def test_a_failed_resume_still_exports_the_first_runs_checkpoint(tmp_path, monkeypatch):
+    """One device call tests as much as it can: the export of the step-6 checkpoint the resume started from."""
+    calls = _fake_phases(monkeypatch, failing={"resume"})
+    assert e2e.main(["--preset", "wan14b-sp4", "--workdir", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    assert calls[-1] == ("export", "sp4")
+    export = json.loads((tmp_path / "r.json").read_text())["results"][-1]
+    assert export["ok"] and "exported sp4's step6.ckpt: resume failed" in export["note"]
+
+
+def test_a_failed_first_run_skips_the_rest(tmp_path, monkeypatch):
+    calls = _fake_phases(monkeypatch, failing={"sp2dp2"})
+    assert e2e.main(["--cpu", "--sizes", "2", "--dp", "2", "--limit", "sp2dp2=9", "--workdir", str(tmp_path),
+                     "--out", str(tmp_path / "r")]) == 1
+    assert calls == [("train", "sp2dp2", 4, 0, CPU.steps)]
+    problems = [p["problems"] for p in json.loads((tmp_path / "r.json").read_text())["results"]]
+    assert problems == [[], ["skipped: the sp2dp2 run failed"], ["skipped: the sp2dp2 run failed"]]
+
+
+@pytest.mark.slow
+def test_cpu_flow_sp2_dp2(tmp_path):
+    """One run at SP 2 x DP 2 (four gloo processes), resumed, exported: the 4-GPU presets' layout on the tiny
+    recipe (checkpoints saved by two SP groups)."""
+    rc = e2e.main(["--cpu", "--sizes", "2", "--dp", "2", "--limit", "sp2dp2=240", "--workdir", str(tmp_path / "w"),
+                   "--out", str(tmp_path / "result")])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert rc == 0, [(p["name"], p["rc"], p["problems"]) for p in result["results"]]
+    assert [(p["name"], p["procs"], p["ok"]) for p in result["results"]] == [
+        ("sp2dp2", 4, True), ("resume", 4, True), ("export", 1, True)]
+    assert result["meta"]["gpus"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="ZeRO-3 resume fails in DeepSpeed 0.19.8's parameter coordinator: 'tracing "
+                   "error at step 55: expected the next 1 parameters in the parameter fetch queue to be "
+                   "(model.head_modulation) but got ()' in the first backward after the restore (deepspeedai/"
+                   "DeepSpeed#3599); the same at SP 1, SP 2 and SP 2 x DP 2, with and without checkpoint_blocks")
+def test_cpu_flow_zero3_resume(tmp_path):
+    """wan14b-sp4's ZeRO-3 save, resume and export on one CPU process (the tiny recipe)."""
+    rc = e2e.main(["--cpu", "--sizes", "1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "result"),
+                   "parallel.zero_stage=3"])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert rc == 0, [(p["name"], p["rc"], p["problems"]) for p in result["results"]]
