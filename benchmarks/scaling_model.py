@@ -91,15 +91,19 @@ MLP_ACTIVATION_BYTES_PER_FFN = 4
 
 @dataclass(frozen=True)
 class Workload:
-    """One sample per SP group: a named DiT shape at a latent grid (tokens = T x H/2 x W/2), SLA at ``topk``."""
+    """One sample per SP group: a named DiT shape at a latent grid (tokens = T x H/2 x W/2), SLA at ``topk``;
+    ``layers`` cuts the shape's depth (``model.num_layers``; None keeps it)."""
 
     model: str
     latents: tuple[int, int, int]
     topk: float = 0.05
     text_len: int = 512
+    layers: int | None = None
 
     def __post_init__(self) -> None:
         dit_config(self.model)  # a ValueError naming an unknown model
+        if self.layers is not None and not (isinstance(self.layers, int) and self.layers > 0):
+            raise ValueError(f"layers={self.layers!r} must be a positive integer or None")
         if not 0 < self.topk <= 1:
             raise ValueError(f"topk={self.topk} must be in (0, 1]")
         _, h, w = self.latents
@@ -108,8 +112,16 @@ class Workload:
                              "(1 x 2 x 2 patches)")
 
     @property
+    def config(self):
+        return dit_config(self.model) if self.layers is None else dit_config(self.model, num_layers=self.layers)
+
+    @property
+    def counts(self) -> ModelCounts:
+        return ModelCounts.of(self.model, self.layers)
+
+    @property
     def shape(self) -> Shape:
-        c = dit_config(self.model)
+        c = self.config
         return Shape(c.dim, c.num_heads, c.num_layers, c.ffn_dim, c.text_dim, c.in_channels, c.freq_dim,
                      self.latents, self.text_len)
 
@@ -304,8 +316,9 @@ class ModelCounts:
 
     @staticmethod
     @functools.cache
-    def of(name: str) -> ModelCounts:
-        layers = dit_config(name).num_layers
+    def of(name: str, layers: int | None = None) -> ModelCounts:
+        """The counts of ``name`` with ``layers`` blocks (None: the shape's own depth)."""
+        layers = dit_config(name).num_layers if layers is None else layers
         with torch.device("meta"):
             one = VideoDiT(dit_config(name, num_layers=1))
         block = list(one.blocks[0].parameters())
@@ -373,7 +386,7 @@ def _ring_s(nbytes: float, ranks: int, cal: Calibration) -> float:
 
 def predict(work: Workload, par: Parallel, cal: Calibration, counts: ModelCounts | None = None) -> Prediction:
     """Step time and memory of one GPU for ``work`` under ``par``; raises ValueError on a split that cannot run."""
-    s, counts = work.shape, counts or ModelCounts.of(work.model)
+    s, counts = work.shape, counts or work.counts
     P, L, ckpt = par.sp, s.tokens, int(par.checkpoint)
     if s.heads % P or L % P:
         raise ValueError(f"sp={P} must divide the heads ({s.heads}) and the tokens ({L})")
@@ -494,12 +507,11 @@ def _layer_checks(cal: Calibration) -> list[Check]:
     return out
 
 
-def _exchange_checks(cal: Calibration) -> list[Check]:
-    """Each exchange timing (fitted, or a check where a later run re-measured it), the Ulysses layer at P = 2 as the
-    same run's P = 1 layer / P plus the modelled exchange (checks: the additive form), and 2026-11-27's Ulysses
-    layers (history: older exchange)."""
+def exchange_timing_checks(cal: Calibration, timings, role: str) -> list[Check]:
+    """For each ExchangeTiming: the exchange alone (``role``: 'fit' where the exchange fit used it) and the Ulysses
+    layer's fwd and fwd+bwd as the same run's P = 1 layer / P plus the modelled exchange (always 'check')."""
     out = []
-    for e, role in [(e, "fit") for e in EXCHANGE_TIMINGS] + [(e, "check") for e in EXCHANGE_CHECKS]:
+    for e in timings:
         ex = cal.exchanges[e.exchange]
         channels = e.heads * ULYSSES_HEAD_DIM
         out.append(Check(f"{e.exchange} exchange fwd+bwd, P {e.P}, H {e.heads}, L {e.L} ({e.source})",
@@ -508,6 +520,14 @@ def _exchange_checks(cal: Calibration) -> list[Check]:
             model = one / e.P + (1 + backward) * 1e3 * ex.pass_s(e.L, e.P, channels)
             out.append(Check(f"Ulysses layer {_direction(backward)}, {e.exchange}, P {e.P}, H {e.heads}, L {e.L}: "
                              f"P 1 layer / P + exchange ({e.source})", measured, model, "ms", "check"))
+    return out
+
+
+def _exchange_checks(cal: Calibration) -> list[Check]:
+    """Each exchange timing (fitted, or a check where a later run re-measured it), the Ulysses layer at P = 2 as the
+    same run's P = 1 layer / P plus the modelled exchange (checks: the additive form), and 2026-11-27's Ulysses
+    layers (history: older exchange)."""
+    out = exchange_timing_checks(cal, EXCHANGE_TIMINGS, "fit") + exchange_timing_checks(cal, EXCHANGE_CHECKS, "check")
     ex = cal.exchanges["deepspeed"]
     for P, H, fwd, fwd_bwd in ULYSSES_1127:
         for backward, measured in ((False, fwd), (True, fwd_bwd)):
@@ -567,7 +587,7 @@ SP_SIZES = (1, 2, 4, 8)
 def prediction_table(cal: Calibration, work: Workload = WAN14) -> list[dict]:
     """One row per (GPUs, SP, ZeRO stage, eager or compiled blocks; compiled with ZeRO-2 only): step time, tokens/s
     per GPU and peak GiB with and without checkpointing."""
-    counts, rows = ModelCounts.of(work.model), []
+    counts, rows = work.counts, []
     for compiled, stages in ((False, (2, 3)), (True, (2,))):
         for gpus in GPU_COUNTS:
             for sp in SP_SIZES:

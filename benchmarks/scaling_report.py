@@ -1,5 +1,5 @@
 """The scaling model's results file: checks, fitted parameters, the SP 2 efficiency breakdown of the 1.3B training
-step (issue #12) and the wan2.1-14b tables. The model itself is scaling_model.py, its data scaling_measurements.py.
+step (issue #12), the 4-GPU points of issue #16 (scaling_four_gpu.py) and the wan2.1-14b tables. The model itself is scaling_model.py, its data scaling_measurements.py.
 
     python benchmarks/scaling_model.py --out benchmarks/results/<date>-scaling-model   # or scaling_report.py
     python benchmarks/scaling_model.py --no-write                                      # print only
@@ -12,6 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import scaling_four_gpu
 from results_io import save_results
 from scaling_measurements import DIT_STEPS, LAYER_FIT, LAYER_NOW
 from scaling_model import (
@@ -118,7 +119,7 @@ def markdown(cal: Calibration, found: list[Check], rows: list[dict]) -> tuple[st
              "`benchmarks/results/` (or issue #12). Model: see the script's docstring. Roles: 'fit' rows are the "
              "data the parameters are solved from (their error is the fit's residual), 'check' rows are not used by "
              "any fit and are held to the tolerance, 'history' rows are older code or settings (shown only).", "",
-             CHANGES, ""] + _summary(found) + efficiency(cal) + [
+             CHANGES, ""] + _summary(found) + efficiency(cal) + scaling_four_gpu.section(cal) + [
              "## Fitted parameters", "",
              *(f"- SLA layer {name} (ms): level x (heads x ({a:.3e} x topk x L^2 + {b:.3e} x L) + {c:.3f}), solved "
                f"through L {', '.join(str(p.L) for p in LAYER_FIT)} (H {LAYER_FIT[0].heads}, topk "
@@ -259,7 +260,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     cal = calibrate()
-    found = checks(cal)
+    found = checks(cal) + scaling_four_gpu.checks(cal)  # the 4-GPU points once their files are in results/
     rows = prediction_table(cal)
     preamble, table = markdown(cal, found, rows)
     print(preamble, "\n", table, sep="\n")
