@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"within {args.budget:.0f} s. hang: killed at its limit or ended by a collective's watchdog.",
                  text, out=args.out)
     print(text)
+    # gpu_suite.sh's summary shows a part's last line with 'passed' / 'failed' in it
+    print(f"repeat_runs: {counts['pass']} passed, {counts['fail']} failed, {counts['hang']} hung, {counts['cut']} cut, "
+          f"{counts['not run']} not run of {args.repeats} repeats")
     return 0 if counts["pass"] == args.repeats else 1
 
 

@@ -59,9 +59,11 @@ def test_budget_leaves_repeats_unrun(tmp_path):
     assert rc == 1 and counts["pass"] == 1 and counts["not run"] == 4
 
 
-def test_all_passing_exits_0(tmp_path):
+def test_all_passing_exits_0(tmp_path, capsys):
     assert rr.main(["--repeats", "2", "--timeout", "30", "--budget", "60", "--jobs", "2", "--out",
                     str(tmp_path / "r"), "--", sys.executable, "-c", "print('2 passed')"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "repeat_runs: 2 passed, 0 failed, 0 hung, 0 cut, 0 not run of 2 repeats"
 
 
 @pytest.mark.parametrize("argv, message", [
