@@ -3,7 +3,7 @@
 # table comes last.   Usage: bash benchmarks/gpu_suite.sh PART[:SECONDS] ...
 # Parts: kernels (full GPU grid, fixed launch settings, one pytest worker per 2 CPU cores spread over the GPUs),
 # tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
-# dit-bench, attn-bench (the sweep), attn-quick (headline shape only), profile, sweep (every kernel's launch-setting
+# dit-bench, attn-bench (the sweep), attn-quick (headline shape only), profile, host (host_overhead.py), sweep (every kernel's launch-setting
 # candidates and the first call's tuning time), ops (the op-level GPU tests, fixed launch settings), memory (peak
 # extra memory of a fwd+bwd: dense cuDNN vs the SLA layer at 8K and 32K),
 # e2e (2 GPUs: the wan1.3b recipe through launch/torchrun.sh at SP = 1 and SP = 2 with activation checkpointing,
@@ -29,6 +29,30 @@
 #   layer 0 measured on the CPU). Fixed launch settings (the sweep winners): no tuning, each part under 2 minutes.
 # dkdv-order (the dK/dV kernel's CUDA time per SLA_DIST_DKDV_ORDER on i.i.d. and skewed maps, fixed launch settings),
 # dkdv-order-tests (the kernel grid with dK/dV in the lpt order; test_dkdv_order.py compares every order with natural).
+# 4 GPUs (issue #16; each part sized for one 10-minute device call beside the wheel install, limits stated):
+# ranks4 (the 4-rank NCCL tests of tests/parallel, the four *_four_ranks tests that skip on 2 GPUs, repeated 10 times
+#   by repeat_runs.py, each repeat under 180 s (the tests' collective timeout is 120 s): passes, fails and hangs
+#   counted in $OUT/<date>-<card>x4-ranks4.json. Assumed ~60-70 s a repeat (2 spawned 2-rank tests of
+#   test_ulysses.py took 33-62 s a run), mostly process start-up with the GPUs idle, so 2 repeats run at a time
+#   (each rank r of both on GPU r, separate NCCL communicators); ranks4:560, budget 540 s: repeats the budget leaves
+#   no room for are counted 'not run' (rerun the part for the rest; --jobs 1 in CMD for one at a time),
+# ulysses4 (bench_sequence_parallel.py at P = 1, 2, 4, L 131072, H 12 and 24, Ulysses with the fused exchange
+#   pipelined in 1, 2 and 3 head chunks (SequenceParallelConfig.overlap_chunks: 2 chunks gave 90 % at P = 2,
+#   2026-11-30-h200x2-ulysses-overlap.md), both input layouts, 10 iterations, fixed launch settings; counts that do
+#   not divide the heads per rank are skipped (H 12 at P 4: 3 heads, chunks 1 and 3); ~2-3 min; ulysses4:240),
+# wan14b-sp4 (e2e_train.py --preset wan14b-sp4: recipes/wan14b_sla_sp8.yaml at full width with 4 of its 40 blocks,
+#   SP = 4, ZeRO-3, activation checkpointing, 6 steps saving every 3, resumed for 3, exported; the preset says why
+#   the depth is cut (a full-depth checkpoint is 200 GB). Memory per GPU from scaling_model.py, allocated / with
+#   the 10.5 GiB nvidia-smi counted beyond it on the 1.3B: 4 blocks 14.3 / 24.8 GiB; full depth 73.8 / 84.3 GiB
+#   (bf16 shard + fp32 gradient, master, m, v over 4 ranks 61.2, activations 11.7, bucket 0.9): fits 141 GB.
+#   Predicted ~0.9 s a step. ZeRO-3 resume failed on CPU (DeepSpeed's 'tracing error' after the restore,
+#   tests/test_e2e_train.py's xfail): the export then takes the first run's checkpoint. Limits add up to 490 s;
+#   wan14b-sp4:550),
+# zero3-sp2dp2 (e2e_train.py --preset wan14b-sp2dp2: the same model at SP = 2 x DP = 2, ZeRO-3 over the 4 ranks,
+#   4 steps, one save at the end; 19.5 / 30.0 GiB per GPU predicted (full depth 85.5 / 96.0), ~1.5 s a step;
+#   zero3-sp2dp2:280).
+# scaling_report.py (scaling_four_gpu.py) compares the model with the JSON of ulysses4, wan14b-sp4 and zero3-sp2dp2
+# once copied to benchmarks/results/.
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -37,6 +61,11 @@ OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 workers=$(( $(nproc) / 2 > 16 ? 16 : $(nproc) / 2 ))
 # bench_dit_step.py's model as locality_inputs' 'dit' source: its token grid, raster order, random init, i.i.d. video
+# The 4-GPU parts' results are named for the date, the card and the GPU count (2026-12-01-h200x4-ulysses4.json):
+# copied as they are to benchmarks/results/, scaling_report.py finds them.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/^NVIDIA //; s/ /-/g' | tr 'A-Z' 'a-z')
+STEM=$OUT/$(date -u +%F)-${card:-cpu}x$gpus
 MODEL_QK="--grid 21,30,52 --tile 1,1,1 --dit-model wan2.1-1.3b --qk-init independent --latents gaussian"
 declare -A CMD=(
   [kernels]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
@@ -68,6 +97,10 @@ declare -A CMD=(
   [inmodel-profile]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/profile_sla.py --inputs iid dit --layout fused --rows 12 $MODEL_QK"
   [inmodel-neg]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py neg0 --L 32768 --negligible 0"
   [inmodel-maps]="python3 benchmarks/block_map_stats.py --device cuda --inputs iid dit --dit-layer 29 $MODEL_QK"
+  [ranks4]="python3 benchmarks/repeat_runs.py --repeats 10 --jobs 2 --timeout 180 --budget 540 --require-passed 4 --out $STEM-ranks4 -- env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu -k four_ranks tests/parallel"
+  [ulysses4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_sequence_parallel.py --sizes 1 2 4 --modes ulysses --heads 12 24 --input-layout bhld blhd --overlap-chunks 1 2 3 --iters 10 --out $STEM-ulysses4"
+  [wan14b-sp4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp4 --out $STEM-wan14b-sp4"
+  [zero3-sp2dp2]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp2dp2 --out $STEM-zero3-sp2dp2"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
 summary=()
