@@ -1,5 +1,6 @@
 """The scaling model's results file: checks, fitted parameters, the SP 2 efficiency breakdown of the 1.3B training
-step (issue #12), the 4-GPU points of issue #16 (scaling_four_gpu.py) and the wan2.1-14b tables. The model itself is scaling_model.py, its data scaling_measurements.py.
+step (issue #12), the 4-GPU points of issue #16 (scaling_four_gpu.py) and the wan2.1-14b tables. The model itself
+is scaling_model.py, its data scaling_measurements.py.
 
     python benchmarks/scaling_model.py --out benchmarks/results/<date>-scaling-model   # or scaling_report.py
     python benchmarks/scaling_model.py --no-write                                      # print only
