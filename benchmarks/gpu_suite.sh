@@ -34,7 +34,7 @@
 #   by repeat_runs.py, each repeat under 180 s (the tests' collective timeout is 120 s): passes, fails and hangs
 #   counted in $OUT/<date>-<card>x4-ranks4.json. Assumed ~60-70 s a repeat (2 spawned 2-rank tests of
 #   test_ulysses.py took 33-62 s a run), mostly process start-up with the GPUs idle, so 2 repeats run at a time
-#   (each rank r of both on GPU r, separate NCCL communicators); ranks4:560, budget 540 s: repeats the budget leaves
+#   (each rank r of both on GPU r, separate NCCL communicators); ranks4:530, budget 510 s: repeats the budget leaves
 #   no room for are counted 'not run' (rerun the part for the rest; --jobs 1 in CMD for one at a time),
 # ulysses4 (bench_sequence_parallel.py at P = 1, 2, 4, L 131072, H 12 and 24, Ulysses with the fused exchange
 #   pipelined in 1, 2 and 3 head chunks (SequenceParallelConfig.overlap_chunks: 2 chunks gave 90 % at P = 2,
@@ -46,8 +46,8 @@
 #   the 10.5 GiB nvidia-smi counted beyond it on the 1.3B: 4 blocks 14.3 / 24.8 GiB; full depth 73.8 / 84.3 GiB
 #   (bf16 shard + fp32 gradient, master, m, v over 4 ranks 61.2, activations 11.7, bucket 0.9): fits 141 GB.
 #   Predicted ~0.9 s a step. ZeRO-3 resume failed on CPU (DeepSpeed's 'tracing error' after the restore,
-#   tests/test_e2e_train.py's xfail): the export then takes the first run's checkpoint. Limits add up to 490 s;
-#   wan14b-sp4:550),
+#   tests/test_e2e_train.py's xfail): the export then takes the first run's checkpoint. Limits add up to 460 s;
+#   wan14b-sp4:520),
 # zero3-sp2dp2 (e2e_train.py --preset wan14b-sp2dp2: the same model at SP = 2 x DP = 2, ZeRO-3 over the 4 ranks,
 #   4 steps, one save at the end; 19.5 / 30.0 GiB per GPU predicted (full depth 85.5 / 96.0), ~1.5 s a step;
 #   zero3-sp2dp2:280).
@@ -97,7 +97,7 @@ declare -A CMD=(
   [inmodel-profile]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/profile_sla.py --inputs iid dit --layout fused --rows 12 $MODEL_QK"
   [inmodel-neg]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py neg0 --L 32768 --negligible 0"
   [inmodel-maps]="python3 benchmarks/block_map_stats.py --device cuda --inputs iid dit --dit-layer 29 $MODEL_QK"
-  [ranks4]="python3 benchmarks/repeat_runs.py --repeats 10 --jobs 2 --timeout 180 --budget 540 --require-passed 4 --out $STEM-ranks4 -- env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu -k four_ranks tests/parallel"
+  [ranks4]="python3 benchmarks/repeat_runs.py --repeats 10 --jobs 2 --timeout 180 --budget 510 --require-passed 4 --out $STEM-ranks4 -- env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu -k four_ranks tests/parallel"
   [ulysses4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_sequence_parallel.py --sizes 1 2 4 --modes ulysses --heads 12 24 --input-layout bhld blhd --overlap-chunks 1 2 3 --iters 10 --out $STEM-ulysses4"
   [wan14b-sp4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp4 --out $STEM-wan14b-sp4"
   [zero3-sp2dp2]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp2dp2 --out $STEM-zero3-sp2dp2"

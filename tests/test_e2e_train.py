@@ -205,8 +205,8 @@ def test_four_gpu_presets(tmp_path):
     runs = e2e.plan(dp, tmp_path)
     assert [(r.name, r.procs, r.end) for r in runs] == [("sp2dp2", 4, 4)] and dp.phases == ["sp2dp2"]
     assert runs[0].overrides[0] == "parallel.sp_size=2" and e2e.steady_steps(0, 4, dp.warmup, dp.every) == [1, 2]
-    # gpu_suite.sh gives the parts 550 and 280 s: the phases end before the part's limit kills the script
-    assert sum(sp4.limits.values()) <= 490 and sum(dp.limits.values()) <= 240
+    # gpu_suite.sh gives the parts 520 and 280 s: the phases end before the part's limit kills the script
+    assert sum(sp4.limits.values()) <= 460 and sum(dp.limits.values()) <= 240
 
 
 def test_sizes_dp_and_limits_from_the_command_line():
@@ -279,19 +279,6 @@ def test_a_failed_first_run_skips_the_rest(tmp_path, monkeypatch):
     assert calls == [("train", "sp2dp2", 4, 0, CPU.steps)]
     problems = [p["problems"] for p in json.loads((tmp_path / "r.json").read_text())["results"]]
     assert problems == [[], ["skipped: the sp2dp2 run failed"], ["skipped: the sp2dp2 run failed"]]
-
-
-@pytest.mark.slow
-def test_cpu_flow_sp2_dp2(tmp_path):
-    """One run at SP 2 x DP 2 (four gloo processes), resumed, exported: the 4-GPU presets' layout on the tiny
-    recipe (checkpoints saved by two SP groups)."""
-    rc = e2e.main(["--cpu", "--sizes", "2", "--dp", "2", "--limit", "sp2dp2=240", "--workdir", str(tmp_path / "w"),
-                   "--out", str(tmp_path / "result")])
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert rc == 0, [(p["name"], p["rc"], p["problems"]) for p in result["results"]]
-    assert [(p["name"], p["procs"], p["ok"]) for p in result["results"]] == [
-        ("sp2dp2", 4, True), ("resume", 4, True), ("export", 1, True)]
-    assert result["meta"]["gpus"] == 4
 
 
 @pytest.mark.slow

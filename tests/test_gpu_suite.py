@@ -58,7 +58,7 @@ def test_e2e_parts_select_the_four_gpu_presets():
         assert max(sp * chosen.dp for sp in chosen.sizes) == 4
         # the part's limit in the header leaves the phases room to end on their own
         limit = int(re.search(rf"{part}:(\d+)", _header()).group(1))
-        assert sum(chosen.limits.values()) + 40 <= limit <= 570
+        assert sum(chosen.limits.values()) + 40 <= limit <= 540  # a 600 s call, the wheel install first
 
 
 def test_ulysses4_is_valid_up_to_the_gpu_check():
