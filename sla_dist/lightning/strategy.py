@@ -236,6 +236,8 @@ class SLAStrategy(DeepSpeedStrategy):
         """DeepSpeedStrategy's, plus the ``mpu`` that tells ZeRO about the sequence-parallel groups."""
         import deepspeed
 
+        if self.config.get("zero_optimization", {}).get("stage", 0) == 3:
+            register_parameters_read_outside_forward(model)
         model_parameters = filter(lambda p: p.requires_grad, model.parameters())
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self.root_device.index if self._on_cuda else -1), config=self.config,
@@ -273,6 +275,19 @@ class SLAStrategy(DeepSpeedStrategy):
 
 
 SLAStrategy.register_strategies(StrategyRegistry)
+
+
+def register_parameters_read_outside_forward(root: torch.nn.Module) -> None:
+    """Register, as ZeRO-3 external parameters of ``root`` (the module DeepSpeed wraps, whose forward runs the
+    training step), every parameter that a submodule reads outside its own forward
+    (``parameters_read_outside_forward``, e.g. ``VideoDiT``'s): DeepSpeed then gathers them in ``root``'s forward in
+    every step alike, instead of registering them on the first access that finds them partitioned, which differed
+    between a fresh and a resumed run and broke ZeRO-3's recorded parameter trace after a resume."""
+    import deepspeed
+
+    for module in root.modules():
+        for param in getattr(module, "parameters_read_outside_forward", tuple)():
+            deepspeed.zero.register_external_parameter(root, param)
 
 
 def enable_module_sequence_parallel(module: torch.nn.Module, groups: SequenceParallelGroups) -> None:

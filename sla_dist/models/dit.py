@@ -170,6 +170,15 @@ class VideoDiT(nn.Module):
             x = block(x, cos, sin, inputs.t_mod, inputs.context, seq_len, self.config.checkpoint_blocks)
         return x
 
+    def parameters_read_outside_forward(self) -> tuple[nn.Parameter, ...]:
+        """Parameters read outside the forward of the module that owns them: training calls ``embed``,
+        ``forward_blocks`` and ``head_tokens`` one by one (sequence parallelism shards the tokens between them), never
+        this module's ``forward``, and ``embed`` reads ``patch_embed.weight``'s dtype. ZeRO-3 must gather them with
+        the module whose forward runs those stages (``SLAStrategy`` registers them as its external parameters): left
+        to DeepSpeed's detection on first access, the set depended on whether the parameter happened to be gathered at
+        that moment, and a resumed run failed its second step (the recorded parameter trace no longer matched)."""
+        return self.patch_embed.weight, self.head_modulation
+
     def head_tokens(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """The head on tokens: adaLN modulation from ``t_emb`` [B, dim], norm and projection of x [B, L, dim] (or an
         L-shard) -> [B, L, p_t p_h p_w C_out], in the tokens' order (no untiling, no unpatchify)."""
