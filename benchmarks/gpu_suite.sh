@@ -45,9 +45,8 @@
 #   the depth is cut (a full-depth checkpoint is 200 GB). Memory per GPU from scaling_model.py, allocated / with
 #   the 10.5 GiB nvidia-smi counted beyond it on the 1.3B: 4 blocks 14.3 / 24.8 GiB; full depth 73.8 / 84.3 GiB
 #   (bf16 shard + fp32 gradient, master, m, v over 4 ranks 61.2, activations 11.7, bucket 0.9): fits 141 GB.
-#   Predicted ~0.9 s a step. ZeRO-3 resume failed on CPU (DeepSpeed's 'tracing error' after the restore,
-#   tests/test_e2e_train.py's xfail): the export then takes the first run's checkpoint. Limits add up to 460 s;
-#   wan14b-sp4:520),
+#   Predicted ~0.9 s a step. If the resume fails, the export takes the first run's checkpoint (ZeRO-3 resume
+#   passes on CPU since 5da8716: test_cpu_flow_zero3_resume). Limits add up to 460 s; wan14b-sp4:520),
 # zero3-sp2dp2 (e2e_train.py --preset wan14b-sp2dp2: the same model at SP = 2 x DP = 2, ZeRO-3 over the 4 ranks,
 #   4 steps, one save at the end; 19.5 / 30.0 GiB per GPU predicted (full depth 85.5 / 96.0), ~1.5 s a step;
 #   zero3-sp2dp2:280).
