@@ -36,11 +36,10 @@ def _worker(args: argparse.Namespace) -> None:
     import lightning.pytorch as pl
     import torch
 
+    from sla_dist.lightning.callback import SLACallback
     from sla_dist.lightning.recipe import load_recipe
     from sla_dist.lightning.run import train
     from train_profile import ProfileSteps  # this script's folder is on sys.path when it runs
-
-    from sla_dist.lightning.callback import SLACallback
 
     class Timer(pl.Callback):
         def __init__(self) -> None:
@@ -85,7 +84,8 @@ def _worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     train(recipe, resume=False, extra_callbacks=callbacks)
     if int(os.environ["RANK"]) == 0:
-        timed = slice(args.warmup + profiled, None) if timer.times[args.warmup + profiled:] else slice(None)
+        first = args.warmup + profiled
+        timed = slice(first if len(timer.times) > first else 0, None)  # all steps when none is left after warm-up
         steps = sorted(timer.times[timed])
         step = steps[len(steps) // 2]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")

@@ -236,7 +236,7 @@ class SLAStrategy(DeepSpeedStrategy):
         """DeepSpeedStrategy's, plus the ``mpu`` that tells ZeRO about the sequence-parallel groups."""
         import deepspeed
 
-        if self.config.get("zero_optimization", {}).get("stage", 0) == 3:
+        if self.zero_stage_3:
             register_parameters_read_outside_forward(model)
         model_parameters = filter(lambda p: p.requires_grad, model.parameters())
         engine, ds_optimizer, _, _ = deepspeed.initialize(
