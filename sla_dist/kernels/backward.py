@@ -123,6 +123,7 @@ def _bwd_dq_kernel(
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
     H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
@@ -130,7 +131,8 @@ def _bwd_dq_kernel(
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
-    kv_base = head_offset(bh, H, stride_kb, stride_kh)
+    k_base = head_offset(bh, H, stride_kb, stride_kh)
+    v_base = head_offset(bh, H, stride_vb, stride_vh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
     tile, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_base, bh, offs_m, stride_ql, offs_d, LQ)
@@ -140,9 +142,8 @@ def _bwd_dq_kernel(
     n_blocks = tl.load(KV_NUM + row)
     for it in range(0, n_blocks):
         offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, LK, BLOCK_K)
-        kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
-        k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
+        k = tl.load(K + row_tile(k_base, offs_k, stride_kl, offs_d), mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + row_tile(v_base, offs_k, stride_vl, offs_d), mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -156,13 +157,14 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D]
+    Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D] (dk, dv: k's)
     LSE, DELTA,                              # [BH, LQ] float32
     Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
     DHS, DZS,                                # dh_j, dz_j (may be broadcast over Nk)
     ORDER,                                   # [BH * Nk] int64, read with ORDERED: bh * Nk + j per program
     stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
+    stride_kb, stride_kh, stride_kl,         # strides of k, dk and dv
+    stride_vb, stride_vh, stride_vl,         # strides of v
     stride_dh_bh, stride_dh_k, stride_dz_bh, stride_dz_k,
     H, LQ, LK, NK, NQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -176,14 +178,14 @@ def _bwd_dkdv_kernel(
         bh = item // NK
         pid_k = item % NK
     q_base = head_offset(bh, H, stride_qb, stride_qh)
-    kv_base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m0 = tl.arange(0, BLOCK_Q // Q_SPLIT)
     offs_d = tl.arange(0, D)
     col_ok = offs_k < LK
-    kv_tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
+    kv_tile = row_tile(head_offset(bh, H, stride_kb, stride_kh), offs_k, stride_kl, offs_d)  # k, dk and dv
     k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + kv_tile, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + row_tile(head_offset(bh, H, stride_vb, stride_vh), offs_k, stride_vl, offs_d),
+                mask=col_ok[:, None], other=0.0)
 
     # KEYS_AS_COLUMNS (autotuned) accumulates dK^T and dV^T [D, BLOCK_K]: the products then split the rows of D
     # between the warp groups, so with 8 warps no warp group needs another's part of P^T or dS^T in its registers

@@ -3,7 +3,7 @@
 Notation: one program handles query block i (BLOCK_Q rows) of one (batch, head) pair ``bh``; key blocks hold
 BLOCK_K rows; the head dim D is a power of two. Queries have LQ rows and keys LK (equal for self-attention; a
 context-parallel rank attends its local queries to a gathered subset of keys). q, o and o_l share one set of
-strides, k and v another. Scores are kept in base 2: with c = log2(e) / sqrt(D),
+strides; k and v take one set each (a DiT's v is read in place from its fused qkv projection, rows 3 H D apart). Scores are kept in base 2: with c = log2(e) / sqrt(D),
 
     s = c * q k^T,  m = running row max,  l = running sum of 2^(s - m),  lse = m + log2(l)
 
@@ -32,9 +32,9 @@ from .tiles import block_item, head_offset, listed_rows, row_tile, square
 
 
 @triton.jit
-def _kv_tile(X, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K: tl.constexpr):
+def _kv_tile(X, head, offs_k, col_ok, stride_l, offs_d, EVEN_K: tl.constexpr):
     """The [BLOCK_K, D] key or value tile of rows offs_k; rows past LK read as 0 (none exist when EVEN_K)."""
-    tile = row_tile(kv_base, offs_k, stride_kl, offs_d)
+    tile = row_tile(head, offs_k, stride_l, offs_d)
     if EVEN_K:
         return tl.load(X + tile)
     return tl.load(X + tile, mask=col_ok[:, None], other=0.0)
@@ -82,7 +82,8 @@ def _sla_fwd_kernel(
     KV_NUM, KV_IDX,                          # [BH, Nq] int32, [BH, Nq, W] int32
     HL, ZL,                                  # H_i [BH, Nq or 1, D, D], Z_i [BH, Nq or 1, D] (float32 or bf16)
     stride_qb, stride_qh, stride_ql,         # strides of q/o/ol in elements
-    stride_kb, stride_kh, stride_kl,         # strides of k/v
+    stride_kb, stride_kh, stride_kl,         # strides of k
+    stride_vb, stride_vh, stride_vl,         # strides of v
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
     H, LQ, LK, NQ, KV_WIDTH, qk_scale,       # qk_scale = log2(e) / sqrt(D)
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -96,7 +97,8 @@ def _sla_fwd_kernel(
     pid_q = tl.program_id(0) // SPLIT_Q
     bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
-    kv_base = head_offset(bh, H, stride_kb, stride_kh)
+    k_base = head_offset(bh, H, stride_kb, stride_kh)
+    v_base = head_offset(bh, H, stride_vb, stride_vh)
     offs_m = pid_q * BLOCK_Q + (tl.program_id(0) % SPLIT_Q) * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < LQ
@@ -111,8 +113,8 @@ def _sla_fwd_kernel(
     blocks = KV_IDX + row * KV_WIDTH
     for it in range(0, n_blocks):
         offs_k, col_ok = listed_rows(blocks, it, LK, BLOCK_K)
-        k = _kv_tile(K, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
-        v = _kv_tile(V, kv_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
+        k = _kv_tile(K, k_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
+        v = _kv_tile(V, v_base, offs_k, col_ok, stride_vl, offs_d, EVEN_K)
         x = _scores(q, k, col_ok, qk_scale, EVEN_K, SCALE_IN_EXP, PRECISION)
         m_i, l_i, acc = _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, SCALE_IN_EXP, PRECISION)
 
@@ -146,19 +148,20 @@ def _sla_fwd_kernel(
 def _linear_summaries_kernel(
     K, V, HZ,                                # [B, H, LK, D] x2; output [BH, Nk, D * D + D]: h_j then z_j per block
     stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
     H, LK, NK,
     D: tl.constexpr, BLOCK_K: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """h_j = phi(K_j)^T V_j and z_j = colsum phi(K_j) for key block j; padded rows contribute nothing."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    base = head_offset(bh, H, stride_kb, stride_kh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     row_ok = offs_k < LK
-    tile = row_tile(base, offs_k, stride_kl, offs_d)
-    k = tl.load(K + tile, mask=row_ok[:, None], other=0.0)
-    v = tl.load(V + tile, mask=row_ok[:, None], other=0.0)
+    k = tl.load(K + row_tile(head_offset(bh, H, stride_kb, stride_kh), offs_k, stride_kl, offs_d),
+                mask=row_ok[:, None], other=0.0)
+    v = tl.load(V + row_tile(head_offset(bh, H, stride_vb, stride_vh), offs_k, stride_vl, offs_d),
+                mask=row_ok[:, None], other=0.0)
     fk = tl.where(row_ok[:, None], phi_fwd(k.to(tl.float32), FEATURE_MAP), 0.0)
     h = tl.dot(tl.trans(fk).to(v.dtype), v, input_precision=PRECISION)
     out = HZ + (bh.to(tl.int64) * NK + pid_k) * (D * D + D)

@@ -45,7 +45,8 @@ def triton_runs_on(device: torch.device) -> bool:
 @dataclass(frozen=True)
 class _Problem:
     """Everything a launch needs besides the tensors, unpacked once here. q-side tensors (q, o, o_l and their
-    gradients) share ``q_strides``; k, v and their gradients share ``kv_strides``."""
+    gradients) share ``q_strides``; k, dk and dv share ``k_strides``, and v, which the kernels only read, has its
+    own ``v_strides`` (see :func:`_key_value_layout`)."""
 
     B: int
     H: int
@@ -55,7 +56,8 @@ class _Problem:
     block_q: int
     block_k: int
     q_strides: tuple[int, int, int]
-    kv_strides: tuple[int, int, int]
+    k_strides: tuple[int, int, int]
+    v_strides: tuple[int, int, int]
     feature_map: int
     has_linear: bool
     precision: str
@@ -68,6 +70,11 @@ class _Problem:
     @property
     def nk(self) -> int:
         return num_blocks(self.Lk, self.block_k)
+
+    @property
+    def kv_strides(self) -> tuple[int, ...]:
+        """k's (b, h, l) strides then v's: the six stride arguments of every kernel that reads k and v."""
+        return self.k_strides + self.v_strides
 
     @property
     def bh(self) -> int:
@@ -89,8 +96,8 @@ class _Problem:
 def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Tensors a kernel indexes with one set of strides: kept if they agree (unit last stride, positive strides).
     Else, when the first is dense (any permutation of a contiguous layout, e.g. a [B, L, H, D] tensor viewed as
-    [B, H, L, D]), it is kept and only the others are copied into its layout: a DiT's k (its RoPE output) and v (a
-    slice of the fused qkv projection) cost one copy, not two. Otherwise all are made contiguous."""
+    [B, H, L, D]), it is kept and only the others are copied into its layout: q in a DiT's [B, L, H, D] layout with a
+    contiguous output gradient costs one copy (of the gradient), not three. Otherwise all are made contiguous."""
     first = tensors[0]
     positive = all(st > 0 or n == 1 for st, n in zip(first.stride(), first.shape))
     if positive and first.stride()[-1] == 1 and all(t.stride() == first.stride() for t in tensors[1:]):
@@ -98,6 +105,17 @@ def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if first.stride()[-1] != 1 or not _dense(first):
         return tuple(t.contiguous() for t in tensors)
     return (first,) + tuple(t if t.stride() == first.stride() else _copy_like(t, first) for t in tensors[1:])
+
+
+def _key_value_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) as the kernels index them, each with its own strides: k by :func:`_kernel_layout`, v in place whenever
+    its last stride is 1. A DiT's k is its RoPE output ([B, L, H, D] viewed as [B, H, L, D]) and its v a slice of the
+    fused qkv projection [B, L, 3 H D] (rows 3 H D apart): a copy of v into k's layout was an unvectorised strided
+    copy in every forward and backward (~121 us each at L 32760, H 12, D 128 on an H200). The kernels only read v;
+    dk and dv take k's layout, so v's strides never shape an output (dv in a gapped v's layout would be allocated
+    over its whole storage span: 3x dv for the fused projection)."""
+    (k,) = _kernel_layout(k)
+    return k, (v if v.stride(-1) == 1 else v.contiguous())
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -141,12 +159,12 @@ def summary_dtype(dtype: torch.dtype, interpreting: bool) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 or interpreting else torch.bfloat16
 
 
-def _problem(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, feature_map: str,
+def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int, feature_map: str,
              has_linear: bool) -> _Problem:
     B, H, Lq, D = q.shape
     return _Problem(B, H, Lq, k.shape[2], D, block_q, block_k, tuple(q.stride()[:3]), tuple(k.stride()[:3]),
-                    FEATURE_MAPS.index(feature_map), has_linear, precision=dot_precision(q.dtype),
-                    summary_dtype=summary_dtype(q.dtype, _interpreting()))
+                    tuple(v.stride()[:3]), FEATURE_MAPS.index(feature_map), has_linear,
+                    precision=dot_precision(q.dtype), summary_dtype=summary_dtype(q.dtype, _interpreting()))
 
 
 def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -200,12 +218,12 @@ def _forward(
     sparse branch's base-2 log-sum-exp [B, H, Lq] float32; with ``proj_weight`` (scope not 'none') preceded by the
     layer output O_s + O_l W^T + b, made in the forward kernel's epilogue."""
     (q,) = _kernel_layout(q)
-    k, v = _kernel_layout(k, v)
+    k, v = _key_value_layout(k, v)
     has_linear = linear_scope != "none"
     has_proj = proj_weight is not None
     if has_proj and not has_linear:
         raise ValueError("linear_scope='none' has no linear branch for proj_weight to project")
-    p = _problem(q, k, block_q, block_k, feature_map, has_linear)
+    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear)
     o = _like(q)
     o_l = _like(q) if has_linear else torch.zeros_like(q)
     lse = _new((p.B, p.H, p.Lq), q, torch.float32)
@@ -273,12 +291,12 @@ def _forward_outputs_like(q: torch.Tensor, has_linear: bool) -> tuple[torch.Tens
 
 
 def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
-    """(q, k, v, o, do, dol) in the layouts the backward kernels index (the gradients take q's, k's and v's): shared
-    by the implementation and the fake, whose output strides must agree (inductor checks them). Without a stored
-    dO_l, ``do`` stands in for it (never read)."""
+    """(q, k, v, o, do, dol) in the layouts the backward kernels index (dq takes q's, dk and dv k's): shared by the
+    implementation and the fake, whose output strides must agree (inductor checks them). Without a stored dO_l,
+    ``do`` stands in for it (never read)."""
     has_dol = linear_scope != "none" and dol is not None
     q, o, do, dol_ = _kernel_layout(q, o, do, dol if has_dol else do)
-    k, v = _kernel_layout(k, v)
+    k, v = _key_value_layout(k, v)
     return q, k, v, o, do, dol_
 
 
@@ -296,7 +314,7 @@ def _sla_backward_impl(
     has_dol = linear_scope != "none" and dol is not None
     has_linear = has_dol or has_proj
     q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
-    p = _problem(q, k, block_q, block_k, feature_map, has_linear)
+    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear)
 
     # Buffers live only as long as a kernel needs them, and dK / dV are made last: the per-block summary rows
     # (H_i, dH_i: 97 MiB each, dh_j: 194 MiB at L 32768, H 12, D 128) are then never all held beside dq, dk and dv.
@@ -331,7 +349,7 @@ def _sla_backward_impl(
     del dhz  # summed into dh_j, dz_j
     q_num_blocks, q_indices = transposed_lists(block_class)
     order = dkdv_program_order(q_num_blocks, dkdv_order())
-    dk, dv = _like(k), _like(v)
+    dk, dv = _like(k), _like(k)
     get_kernel("dkdv")[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
         q_num_blocks if order is None else order,  # never read without ORDERED
@@ -369,8 +387,8 @@ sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=()
 @sla_backward.register_fake
 def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
       linear_scope, proj_weight=None):
-    q, k, v, *_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
-    return _like(q), _like(k), _like(v)
+    q, k, _, *_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
+    return _like(q), _like(k), _like(k)
 
 
 def _setup_context(ctx, inputs, output) -> None:
