@@ -117,21 +117,26 @@ def test_reduce_overhead_layer_replays_eager_results():
     assert relative_error(want[0][0], want[1][0].double()) > 0.5  # the two sets are told apart
 
 
-def test_fake_outputs_have_the_kernels_strides(block_map_kernels):
+@pytest.mark.parametrize("layout", ["sliced", "dit"])
+def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
     """Inductor asserts that a custom op's outputs have the strides its fake gave. The ops re-lay out inputs whose
     strides disagree (q a [B, L, H, D] view, the output gradient contiguous, as inductor may make it) or that are not
-    dense (a sliced sequence), so the fakes must make the same choice: a compiled DiT step on the H200 failed with
-    "expected ... stride 4193280==128" in sla_backward before they did."""
+    dense (a sliced sequence), and read v with strides of its own (dv then takes k's layout), so the fakes must make
+    the same choice: a compiled DiT step on the H200 failed with "expected ... stride 4193280==128" in sla_backward
+    before they did. sliced: q, k, v sliced along the sequence; dit: q, k [B, L, H, D] views and v a slice of a fused
+    [B, L, 3 H D] qkv projection, as in VideoDiT."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from sla_dist.kernels.block_map import predict_block_map
 
     layer = _layer()
     g = torch.Generator().manual_seed(3)
-    # Batch 2: with one sample, a slice along the sequence would still be dense (a permuted contiguous layout).
-    q, k, v = (torch.randn(2, 201, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
-    q, k = q[:, :, :200], k[:, :, :200]  # sliced along the sequence: not dense
-    v = v[:, :, :200]
+    if layout == "sliced":
+        # Batch 2: with one sample, a slice along the sequence would still be dense (a permuted contiguous layout).
+        q, k, v = (torch.randn(2, 201, 2, 32, generator=g).to(DEVICE).transpose(1, 2)[:, :, :200] for _ in range(3))
+    else:
+        q, k = (torch.randn(2, 200, 2, 32, generator=g).to(DEVICE).transpose(1, 2) for _ in range(2))
+        v = torch.randn(2, 200, 3 * 64, generator=g).to(DEVICE)[..., 128:].unflatten(-1, (2, 32)).transpose(1, 2)
     block_map = predict_block_map(q, k, topk=0.5, negligible=0.25)
     lists = (block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
              block_map.block_q, block_map.block_k, "softmax", "marginal")
@@ -151,4 +156,7 @@ def test_fake_outputs_have_the_kernels_strides(block_map_kernels):
         assert strides(ops.sla_projected_forward(*fake)) == strides(outputs)
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in backward_args]
         assert strides(ops.sla_backward(*fake)) == strides(grads)
-    assert q.stride() != grads[0].stride()  # the backward did re-lay out q: the case is exercised
+    if layout == "sliced":
+        assert q.stride() != grads[0].stride()  # the backward did re-lay out q: the case is exercised
+    else:
+        assert v.stride() != k.stride() and grads[2].stride() == k.stride()

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, BlockMap, build_block_map, predict_block_map
-from sla_dist.kernels import op
+from sla_dist.kernels import configs, op
 from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward, sparse_linear_attention
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
 
-from .harness import GRAD_FACTOR, OUTPUT_FACTOR, MatrixProducts, relative_error
+from .harness import (GRAD_FACTOR, OUTPUT_FACTOR, MatrixProducts, SLACase, assert_within_reference_error, compare,
+                      relative_error)
 
 
 def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
@@ -24,7 +25,7 @@ def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
 
 
 def _grads(fn, tensors, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    leaves = [t.detach().requires_grad_() for t in tensors]  # with the tensors' strides (a clone densifies a gap)
     out = fn(*leaves)
     out.backward(grad_out)
     return [out.detach()] + [t.grad for t in leaves]
@@ -63,18 +64,66 @@ def test_strided_views_are_read_in_place(poison_outputs):
     _assert_kernel_matches_float64(q, k, v, bm, w, g)
 
 
-def test_keys_and_values_of_a_dit_layout(poison_outputs):
-    """A DiT's k is its RoPE output ([B, L, H, D] viewed as [B, H, L, D]) and v a slice of the fused qkv projection
-    (rows 3 H D apart): k is read in place and only v is copied, into k's layout; the results are the float64 ones."""
-    B, L, H, D = 1, 333, 2, 32
-    q, k = (torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2) for _ in range(2))
-    v = torch.randn(B, L, 3, H, D, device=DEVICE)[:, :, 2].transpose(1, 2)
-    k_kept, v_copied = op._kernel_layout(k, v)
-    assert k_kept is k and v_copied.stride() == k.stride() and torch.equal(v_copied, v)
-    assert all(t.is_contiguous() for t in op._kernel_layout(v, k))  # a gapped first tensor: all made contiguous
-    bm = predict_block_map(q, k, topk=0.25, negligible=0.1)
-    w = torch.randn(D, D, device=DEVICE) * 0.1
-    _assert_kernel_matches_float64(q, k, v, bm, w, torch.randn(B, H, L, D, device=DEVICE))
+class _KernelArgs:
+    """Stands in for op.get_kernel: launches the real kernels and records (kernel name, argument) for every launch of
+    a kernel that has the parameter ``param``."""
+
+    def __init__(self, param: str) -> None:
+        self.param, self.seen = param, []
+
+    def __call__(self, name: str):
+        kernel, params = configs.get_kernel(name), configs.jit_function(name).arg_names
+        recorder = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if recorder.param in params:
+                        recorder.seen.append((name, args[params.index(recorder.param)]))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        return Launcher()
+
+
+@pytest.mark.parametrize("layout, dtype", [("dit", torch.float32), ("sliced", torch.float16)])
+def test_values_are_read_in_place(layout, dtype, monkeypatch, poison_outputs):
+    """v is read with strides of its own whenever its last one is 1: every kernel that reads it (forward, summaries,
+    dQ, dK/dV) is given the caller's tensor, not a copy, and the output and gradients stay within the harness
+    factors of the float64 reference. dit: as in VideoDiT, q and k RoPE outputs ([B, L, H, D] viewed as [B, H, L, D])
+    and v the last third of the fused qkv projection [B, L, 3 H D] (rows 3 H D apart); sliced: v the valid prefix of
+    a padded [B, L + 7, H, D] sequence (not dense), k contiguous. Both were copied into k's layout before."""
+    B, L, H, D = 2, 333, 2, 32
+    g = torch.Generator().manual_seed(5)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+    q, k, grad = (randn(B, L, H, D).transpose(1, 2) for _ in range(3))
+    if layout == "dit":
+        v = randn(B, L, 3 * H * D)[..., 2 * H * D:].unflatten(-1, (H, D)).transpose(1, 2)
+    else:
+        k, v = k.contiguous(), randn(B, L + 7, H, D)[:, :L].transpose(1, 2)
+    assert v.stride() != k.stride() and v.stride(-1) == 1
+    inputs = dict(q=q, k=k, v=v, w=randn(D, D, scale=D**-0.5), b=randn(D, scale=0.1), grad=grad)
+    c = SLACase(B, H, L, D, dtype, topk=0.25, negligible=0.1, feature_map="softmax", linear_scope="marginal",
+                device=DEVICE)
+    launches = _KernelArgs("V")
+    monkeypatch.setattr(op, "get_kernel", launches)
+    assert_within_reference_error(compare(c, inputs))
+    assert {name for name, _ in launches.seen} == {"fwd", "summaries", "dq", "dkdv"}
+    for name, value in launches.seen:
+        assert (value.data_ptr(), value.stride()) == (v.data_ptr(), v.stride()), f"{name} read a copy of v"
+
+
+def test_kernel_layout_keeps_a_dense_first_tensor():
+    """The q-side tensors share one set of strides: a dense first tensor (q in a [B, L, H, D] layout) is kept and
+    the others (a contiguous output gradient) are copied into its layout; a gapped first one makes all contiguous."""
+    q = torch.randn(2, 9, 3, 4).transpose(1, 2)
+    do = torch.randn(2, 3, 9, 4)
+    kept, copied = op._kernel_layout(q, do)
+    assert kept is q and copied.stride() == q.stride() and torch.equal(copied, do)
+    assert all(t.is_contiguous() for t in op._kernel_layout(q[:, :, :5], do[:, :, :5]))
 
 
 def test_lse_is_differentiable_for_merging(poison_outputs):
