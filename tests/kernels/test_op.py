@@ -86,13 +86,15 @@ class _KernelArgs:
         return Launcher()
 
 
-@pytest.mark.parametrize("layout, dtype", [("dit", torch.float32), ("sliced", torch.float16)])
-def test_values_are_read_in_place(layout, dtype, monkeypatch, poison_outputs):
+@pytest.mark.parametrize("layout, dtype, split", [("dit", torch.float32, False), ("sliced", torch.float16, False),
+                                                  ("dit", torch.float16, True)])
+def test_values_are_read_in_place(layout, dtype, split, monkeypatch, poison_outputs):
     """v is read with strides of its own whenever its last one is 1: every kernel that reads it (forward, summaries,
     dQ, dK/dV) is given the caller's tensor, not a copy, and the output and gradients stay within the harness
     factors of the float64 reference. dit: as in VideoDiT, q and k RoPE outputs ([B, L, H, D] viewed as [B, H, L, D])
     and v the last third of the fused qkv projection [B, L, 3 H D] (rows 3 H D apart); sliced: v the valid prefix of
-    a padded [B, L + 7, H, D] sequence (not dense), k contiguous. Both were copied into k's layout before."""
+    a padded [B, L + 7, H, D] sequence (not dense), k contiguous. Both were copied into k's layout before. ``split``:
+    the forward in its split variant (two programs per 128-row query block)."""
     B, L, H, D = 2, 333, 2, 32
     g = torch.Generator().manual_seed(5)
 
@@ -107,11 +109,13 @@ def test_values_are_read_in_place(layout, dtype, monkeypatch, poison_outputs):
     assert v.stride() != k.stride() and v.stride(-1) == 1
     inputs = dict(q=q, k=k, v=v, w=randn(D, D, scale=D**-0.5), b=randn(D, scale=0.1), grad=grad)
     c = SLACase(B, H, L, D, dtype, topk=0.25, negligible=0.1, feature_map="softmax", linear_scope="marginal",
-                device=DEVICE)
+                block_q=128 if split else 64, device=DEVICE)
+    if split:
+        monkeypatch.setenv(configs.FWD_LOOP_ENV, "split+fma")
     launches = _KernelArgs("V")
     monkeypatch.setattr(op, "get_kernel", launches)
     assert_within_reference_error(compare(c, inputs))
-    assert {name for name, _ in launches.seen} == {"fwd", "summaries", "dq", "dkdv"}
+    assert {name for name, _ in launches.seen} == {"fwd_split" if split else "fwd", "summaries", "dq", "dkdv"}
     for name, value in launches.seen:
         assert (value.data_ptr(), value.stride()) == (v.data_ptr(), v.stride()), f"{name} read a copy of v"
 
