@@ -52,6 +52,9 @@
 #   zero3-sp2dp2:280).
 # scaling_report.py (scaling_four_gpu.py) compares the model with the JSON of ulysses4, wan14b-sp4 and zero3-sp2dp2
 # once copied to benchmarks/results/.
+# vstrides (the layer at the model's 32760 tokens, i.i.d. and the model's q / k, bhld vs fused layout: with v read in
+#   its own strides the fused layout no longer copies v in the forward and the backward; bhld, which never copied, is
+#   the control. Time a main checkout beside it: PYTHONPATH=/tmp/main python3 benchmarks/time_layer.py main ...).
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -100,6 +103,7 @@ declare -A CMD=(
   [ulysses4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_sequence_parallel.py --sizes 1 2 4 --modes ulysses --heads 12 24 --input-layout bhld blhd --overlap-chunks 1 2 3 --iters 10 --out $STEM-ulysses4"
   [wan14b-sp4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp4 --out $STEM-wan14b-sp4"
   [zero3-sp2dp2]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp2dp2 --out $STEM-zero3-sp2dp2"
+  [vstrides]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py vstrides --inputs iid dit --layout bhld fused $MODEL_QK"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
 summary=()
