@@ -62,7 +62,7 @@ def layer_gradients(layer: torch.nn.Module, out: torch.Tensor, q: torch.Tensor, 
     """Gradients of q, k, v and the layer's parameters for output gradient g, returned rather than accumulated into
     .grad, as a model step's q, k, v gradients are (they are not leaves there): accumulating adds a q-sized add into
     an existing .grad, and AccumulateGrad copies a gradient whose strides differ from its leaf's into the leaf's
-    layout (dK, dV of the 'fused' layout, which the kernels return contiguous)."""
+    layout (dV of the 'fused' layout, which the kernels return in k's layout)."""
     return torch.autograd.grad(out, (q, k, v, *layer.parameters()), g, allow_unused=True)
 
 
