@@ -81,6 +81,9 @@ class Variant:
     dkdv_order: str = "natural"
     """dK/dV's program order (configs.DKDV_ORDERS, as in SLA_DIST_DKDV_ORDER); every order but natural compiles the
     same ORDERED kernel."""
+    v_like_k: bool = True
+    """v shares k's strides (forward and dQ address both with one offset tile); False: v in its own layout, as a
+    DiT's v sliced from the fused qkv projection."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:
@@ -112,7 +115,8 @@ class Variant:
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
-                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural")
+                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural",
+                      V_LIKE_K=self.v_like_k)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         values.update(FwdLoop.parse(self.fwd_loop).constexprs(even_keys=True))

@@ -126,13 +126,14 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vl,
     H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr, V_LIKE_K: tl.constexpr = True,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     k_base = head_offset(bh, H, stride_kb, stride_kh)
-    v_base = head_offset(bh, H, stride_vb, stride_vh)
+    v_base = k_base if V_LIKE_K else head_offset(bh, H, stride_vb, stride_vh)  # as in the forward's loop
+    stride_vl = stride_kl if V_LIKE_K else stride_vl
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
     tile, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_base, bh, offs_m, stride_ql, offs_d, LQ)

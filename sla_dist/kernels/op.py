@@ -77,6 +77,11 @@ class _Problem:
         return self.k_strides + self.v_strides
 
     @property
+    def v_like_k(self) -> bool:
+        """v shares k's strides (the V_LIKE_K constexpr: the loops then address both with one offset tile)."""
+        return self.v_strides == self.k_strides
+
+    @property
     def bh(self) -> int:
         return self.B * self.H
 
@@ -242,7 +247,7 @@ def _forward(
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
         **p.meta(), HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
-        **loop.constexprs(even_keys=p.Lk % block_k == 0),
+        **loop.constexprs(even_keys=p.Lk % block_k == 0), V_LIKE_K=p.v_like_k,
     )
     return (out, o, o_l, lse) if has_proj else (o, o_l, lse)
 
@@ -339,7 +344,7 @@ def _sla_backward_impl(
     get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
-        D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision,
+        D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision, V_LIKE_K=p.v_like_k,
     )
 
     if has_linear:
