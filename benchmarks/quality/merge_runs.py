@@ -9,7 +9,9 @@ study's Markdown, JSON and figure with study_report's code. ``--levers`` adds ru
 that changed one setting to close the gap (more steps, another sparsity, feature map, proj_l learning rate,
 distillation): a table of what each changed and where its variants ended against the study's dense mean, and, for
 the study and the levers that changed only the sparsity, SLA's and sparse-only's gap to dense against the sparsity
-with the sparsity at which a straight line through the two least sparse points reaches the goal (an extrapolation).
+with the sparsity at which SLA's gap reaches the goal: interpolated between the two measured points that bracket it
+when the series has them (a measured bracket), else extrapolated on a straight line through the two least sparse
+points (an extrapolation, said so).
 
     python benchmarks/quality/merge_runs.py RUN.json RUN.json ... --out benchmarks/results/<date>-quality-study-h200 \
         [--levers RUN.json ...]
@@ -131,17 +133,45 @@ def sparsity_series(study: dict, levers: list[dict], names: list[str]) -> list[d
     return sorted(rows, key=lambda r: -r["sparsity"])
 
 
-def goal_sparsity(series: list[dict]) -> float | None:
-    """The realised sparsity at which SLA's gap would reach the goal (LOSS_TOLERANCE) on a straight line through the
-    series' two least sparse points: an extrapolation. None when there is nothing to extrapolate: fewer than two
-    points, the least sparse one within the goal already, or a gap that does not fall with the sparsity."""
+def goal_sparsity(series: list[dict]) -> dict | None:
+    """Where SLA's gap to dense reaches the goal (LOSS_TOLERANCE), as {realised, method, points}: ``points`` the two
+    (realised sparsity, SLA gap) pairs the estimate rests on, least sparse first. A measured bracket when one exists:
+    the most sparse point within the goal and the next sparser one (above it, by that choice), with the crossing
+    interpolated on the straight line between them. Otherwise an extrapolation on the line through the two least
+    sparse points. None when neither applies: fewer than two points, every point within the goal (no crossing inside
+    the series nor towards lower sparsity), or, with no point within the goal, a gap that does not fall with the
+    sparsity."""
     points = sorted((r["realised"], r["sla_gap"]) for r in series
                     if r["realised"] is not None and r["sla_gap"] is not None)
-    if len(points) < 2 or points[0][1] <= LOSS_TOLERANCE or points[1][0] == points[0][0]:
+    within = [p for p in points if p[1] <= LOSS_TOLERANCE]
+    if within:
+        low = within[-1]
+        sparser = [p for p in points if p[0] > low[0]]
+        if not sparser:
+            return None
+        high = sparser[0]
+        crossing = low[0] + (LOSS_TOLERANCE - low[1]) * (high[0] - low[0]) / (high[1] - low[1])
+        return dict(realised=crossing, method="measured bracket", points=[list(low), list(high)])
+    if len(points) < 2 or points[1][0] == points[0][0]:
         return None
     (s0, g0), (s1, g1) = points[:2]
     slope = (g1 - g0) / (s1 - s0)
-    return s0 - (g0 - LOSS_TOLERANCE) / slope if slope > 0 else None
+    if slope <= 0:
+        return None
+    return dict(realised=s0 - (g0 - LOSS_TOLERANCE) / slope, method="extrapolation", points=[[s0, g0], [s1, g1]])
+
+
+def goal_sentence(goal: dict) -> str:
+    """The goal estimate in words, saying whether it was measured around or extrapolated."""
+    (s0, g0), (s1, g1) = goal["points"]
+    reaches = (f"reaches the goal (SLA within {LOSS_TOLERANCE:.0%} of dense) at {goal['realised']:.1%} realised block "
+               "sparsity")
+    if goal["method"] == "measured bracket":
+        return (f"SLA's gap to dense crosses the goal between two measured points, {s0:.2%} ({g0:+.2%}) and "
+                f"{s1:.2%} ({g1:+.2%}): a measured bracket. A straight line between them {reaches}, interpolated "
+                "(the bracket is measured, the point inside it is not).")
+    return (f"No measured point is within the goal; a straight line through the two least sparse points, {s0:.2%} "
+            f"({g0:+.2%}) and {s1:.2%} ({g1:+.2%}), {reaches}: an extrapolation, not a measured run.")
 
 
 def series_table(series: list[dict], dense_spread: float | None) -> str:
@@ -164,9 +194,7 @@ def series_table(series: list[dict], dense_spread: float | None) -> str:
                                                                  else "separated at some sparsity.")]
     goal = goal_sparsity(series)
     if goal is not None:
-        lines += ["", f"A straight line through the two least sparse points reaches the goal (SLA within "
-                  f"{LOSS_TOLERANCE:.0%} of dense) at {goal:.1%} realised block sparsity: an extrapolation, not a "
-                  "measured run."]
+        lines += ["", goal_sentence(goal)]
     return "\n".join(lines) + "\n"
 
 
