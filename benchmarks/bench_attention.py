@@ -1,29 +1,48 @@
 """Time the full SLA layer against dense and block-sparse baselines on one GPU, all in one run.
 
     python benchmarks/bench_attention.py [--quick] [--only NAME ...] [--json PATH]
+    python benchmarks/bench_attention.py --sweep [--cells L=8192,16384 D=64 ...] [--append PATH] [--budget S]
+                                         [--profile-glue] [--plan] [--json PATH]
 
 Every row is measured in this process, so the ratios compare like with like: dense SDPA with the cuDNN and flash
 backends, FlexAttention with a block mask of the same density, xformers when it loads, SLA's sparse branch alone and
 the full SLA layer (block-map prediction + sparse branch + linear branch + proj_l). Times are medians of
 triton.testing.do_bench; TFLOP/s counts only the computed blocks (4·L·kept_keys·D per head forward, 2.5x that
-backward); "extra MiB" is the fwd+bwd peak above the inputs. The table comes last.
+backward); "extra MiB" is the fwd+bwd peak above the inputs. Each row also records its first call's seconds
+(compilation, and the autotuner's search when tuning is on) and its timed repetitions (at least 5: at L 75600 a
+dense fwd+bwd takes ~230 ms, longer than do_bench's default 100 ms of repetitions). The table comes last.
+
+``--sweep`` measures issue #11's grid (attention_sweep.py: L 8192 / 16384 / 32768 / 75600, D 64 and 128 at the
+model width, sparsity 80 / 90 / 95 / 97 %): dense cuDNN once per (L, H, D), then per cell FlexAttention at the same
+density, SLA's sparse branch alone and the full layer, BQ 128. ``--cells`` picks part of the grid, ``--budget``
+stops before a cell whose estimated cost would end past that many seconds since the start, the JSON is rewritten
+after every cell, and ``--append`` continues a JSON (cells already measured are skipped, its dense rows reused).
+``--plan`` prints the cells and their estimated seconds and exits (no GPU needed). ``--profile-glue`` profiles the
+full layer of every cell (its kernels' CUDA time; attention_report.py computes the share outside the sparse-branch
+kernels). attention_report.py turns the JSON(s) into the markdown report.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import sys
-from dataclasses import asdict, dataclass
+import time
 
-import torch
-from torch.nn.attention import SDPBackend
+_START = time.monotonic()  # before the imports: --budget counts them
 
-from layer_inputs import dense_sdpa, flex_block_sparse  # this script's folder is on sys.path when it runs
-from sla_dist import SparseLinearAttention
-from sla_dist.kernels.block_map import block_counts
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
+
+import attention_sweep as sweep  # noqa: E402  (this script's folder is on sys.path when it runs)
+from glue_fraction import profile_kernels  # noqa: E402
+from layer_inputs import dense_sdpa, flex_block_sparse, layer_gradients  # noqa: E402
+from sla_dist import SparseLinearAttention  # noqa: E402
+from sla_dist.kernels.block_map import block_counts  # noqa: E402
 
 
 @dataclass
@@ -31,29 +50,57 @@ class Row:
     L: int
     H: int
     D: int
-    sparsity: float
+    sparsity: float | None
+    """None for a dense row of the sweep, which serves every sparsity."""
     method: str
     fwd_ms: float = float("nan")
     fwd_bwd_ms: float = float("nan")
     tflops_fwd: float = float("nan")
     extra_mib: float = float("nan")
     note: str = ""
+    kept_keys: float = float("nan")
+    first_fwd_s: float = float("nan")
+    first_fwd_bwd_s: float = float("nan")
+    """Seconds of the first call (compilation, and the autotuner's search when tuning is on)."""
+    reps_fwd: int = 0
+    reps_fwd_bwd: int = 0
+    kernels_us: dict | None = None
+    """--profile-glue: {'fwd': {kernel: CUDA µs per call}, 'fwd_bwd': {...}} of the full layer."""
 
 
-def _bench(fn, grads) -> float:
+def _first_call(fn) -> tuple[float, float]:
+    """(seconds of the first call, ms of a second one): what compiles, then the estimate do_bench's rep builds on."""
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return first, (time.perf_counter() - start) * 1e3
+
+
+def _bench(fn, grads, estimate_ms: float) -> tuple[float, int]:
+    """(median ms, timed repetitions): do_bench with enough ``rep`` for at least sweep.MIN_REPS repetitions."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+    rep = sweep.rep_ms(estimate_ms)
+    ms = triton.testing.do_bench(fn, warmup=sweep.WARMUP_MS, rep=rep, grad_to_none=grads, return_mode="median")
+    return ms, max(1, int(rep / ms))
 
 
-def _measure(row: Row, fn, q, k, v, kept_keys: float) -> Row:
-    """Fill fwd / fwd+bwd times, TFLOP/s and extra memory for ``fn(q, k, v)``."""
+def _measure(row: Row, fn, q, k, v, kept_keys: float, profile: bool = False) -> Row:
+    """Fill fwd / fwd+bwd times, first calls, TFLOP/s and extra memory for ``fn(q, k, v)``; ``profile``: also the
+    CUDA time per kernel of ``fn`` (a layer) forward and forward+backward."""
     g = torch.randn_like(q)
+    row.kept_keys = kept_keys
     try:
         with torch.no_grad():
-            row.fwd_ms = _bench(lambda: fn(q, k, v), None)
+            row.first_fwd_s, estimate = _first_call(lambda: fn(q, k, v))
+            row.fwd_ms, row.reps_fwd = _bench(lambda: fn(q, k, v), None, estimate)
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        row.fwd_bwd_ms = _bench(lambda: fn(*leaves).backward(g), leaves)
+        row.first_fwd_bwd_s, estimate = _first_call(lambda: fn(*leaves).backward(g))
+        row.fwd_bwd_ms, row.reps_fwd_bwd = _bench(lambda: fn(*leaves).backward(g), leaves, estimate)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -62,9 +109,19 @@ def _measure(row: Row, fn, q, k, v, kept_keys: float) -> Row:
         row.extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
         flops = 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * kept_keys * q.shape[3]
         row.tflops_fwd = flops / (row.fwd_ms * 1e-3) / 1e12
+        if profile:
+            with torch.no_grad():
+                fwd = profile_kernels(lambda: fn(q, k, v))
+            # gradients returned, not accumulated, as a model's step (and profile_sla.py) takes them
+            fwd_bwd = profile_kernels(lambda: layer_gradients(fn, fn(*leaves), *leaves, g))
+            row.kernels_us = dict(fwd=fwd, fwd_bwd=fwd_bwd)
     except Exception as exc:  # a baseline that cannot run here is reported, not fatal
-        row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+        row.note = _note(exc)
     return row
+
+
+def _note(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:60]}"
 
 
 def _xformers():
@@ -88,30 +145,106 @@ def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[
     def wanted(method: str) -> bool:
         return not only or any(name in method for name in only)
 
-    rows = [_measure(Row(L, H, D, sparsity, "dense SDPA cuDNN"), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, L)]
+    rows = [_measure(Row(L, H, D, sparsity, sweep.DENSE), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, L)]
     if full and wanted("dense SDPA flash"):
         rows.append(_measure(Row(L, H, D, sparsity, "dense SDPA flash"), dense_sdpa(SDPBackend.FLASH_ATTENTION),
                              q, k, v, L))
     if full and wanted("FlexAttention"):
         try:
             fn, kept = flex_block_sparse(q, k, topk)
-            rows.append(_measure(Row(L, H, D, sparsity, "FlexAttention 128x128 (sparse only)"), fn, q, k, v, kept))
+            rows.append(_measure(Row(L, H, D, sparsity, sweep.FLEX), fn, q, k, v, kept))
         except Exception as exc:
-            rows.append(Row(L, H, D, sparsity, "FlexAttention 128x128 (sparse only)", note=type(exc).__name__))
+            rows.append(Row(L, H, D, sparsity, sweep.FLEX, note=_note(exc)))
     if full and wanted("xformers"):
         try:
             rows.append(_measure(Row(L, H, D, sparsity, "xformers"), _xformers(), q, k, v, L))
         except Exception as exc:
             rows.append(Row(L, H, D, sparsity, "xformers", note=f"not available ({type(exc).__name__})"))
     if full and wanted("SLA sparse branch only"):
-        rows.append(_measure(Row(L, H, D, sparsity, "SLA sparse branch only, BQ128"), _sla(D, topk, 128, "none"),
+        rows.append(_measure(Row(L, H, D, sparsity, sweep.SPARSE_ONLY), _sla(D, topk, 128, "none"),
                              q, k, v, n_c * 64))
     if full and wanted("SLA full layer, BQ64"):
         rows.append(_measure(Row(L, H, D, sparsity, "SLA full layer, BQ64"), _sla(D, topk, 64, "marginal"),
                              q, k, v, n_c * 64))
-    rows.append(_measure(Row(L, H, D, sparsity, "SLA full layer, BQ128"), _sla(D, topk, 128, "marginal"),
+    rows.append(_measure(Row(L, H, D, sparsity, sweep.FULL), _sla(D, topk, 128, "marginal"),
                          q, k, v, n_c * 64))
     return rows
+
+
+def sweep_cell(cell: sweep.Cell, with_dense: bool, profile_glue: bool) -> list[Row]:
+    """The rows of one sweep cell: dense cuDNN when its shape has none yet, FlexAttention at the cell's density, the
+    SLA sparse branch alone and the full layer (BQ 128)."""
+    L, H, D, s = cell.L, cell.H, cell.D, cell.sparsity
+    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    n_c, _ = block_counts(math.ceil(L / 64), cell.topk, 0.10)
+    rows = []
+    if with_dense:
+        rows.append(_measure(Row(L, H, D, None, sweep.DENSE), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, L))
+    try:
+        fn, kept = flex_block_sparse(q, k, cell.topk)
+        rows.append(_measure(Row(L, H, D, s, sweep.FLEX), fn, q, k, v, kept))
+    except Exception as exc:
+        rows.append(Row(L, H, D, s, sweep.FLEX, note=_note(exc)))
+    rows.append(_measure(Row(L, H, D, s, sweep.SPARSE_ONLY), _sla(D, cell.topk, 128, "none"), q, k, v, n_c * 64))
+    rows.append(_measure(Row(L, H, D, s, sweep.FULL), _sla(D, cell.topk, 128, "marginal"), q, k, v, n_c * 64,
+                         profile=profile_glue))
+    return rows
+
+
+def _elapsed() -> float:
+    """Seconds since this process started (its imports included), what --budget counts."""
+    return time.monotonic() - _START
+
+
+def _meta(autotune: bool) -> dict:
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "autotune": autotune,
+            "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
+    """Measure the selected cells (those --append's file lacks), rewriting ``args.json`` after each; returns every
+    row, the appended file's included."""
+    cells = sweep.sweep_cells(args.cells)
+    prior = sweep.load_payload(args.append) if args.append else None
+    done = sweep.done_cells(prior["rows"]) if prior else set()
+    dense_done = sweep.dense_shapes(prior["rows"]) if prior else set()
+    todo = [c for c in cells if c not in done]
+    model = sweep.CostModel(autotune=autotune, profile_glue=args.profile_glue)
+    plan = model.plan(todo, dense_done)
+    print(f"{len(cells)} cells selected, {len(cells) - len(todo)} already in {args.append}; estimated seconds "
+          f"(autotune {'on' if autotune else 'off'}):\n{sweep.plan_table(plan)}", flush=True)
+    if args.plan:
+        return prior["rows"] if prior else []
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU (--plan runs without one)")
+    # every (L, H, D) compiles FlexAttention's forward and forward+backward graphs: 16 for the grid, past Dynamo's
+    # default limit of 8, after which it would run flex_attention eagerly (the whole score matrix); fail loudly then
+    dynamo = torch._dynamo.config
+    setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 64)
+    if hasattr(dynamo, "fail_on_recompile_limit_hit"):
+        dynamo.fail_on_recompile_limit_hit = True
+    meta = dict(_meta(autotune), budget_s=args.budget, min_reps=sweep.MIN_REPS, cells=[], skipped=[])
+    rows: list[Row] = []
+    for i, (cell, estimate) in enumerate(plan):
+        elapsed = _elapsed()
+        if args.budget and elapsed + estimate > args.budget:
+            meta["skipped"] = [asdict(c) for c, _ in plan[i:]]
+            print(f"budget: {elapsed:.0f} s spent, the next cell's estimate {estimate:.0f} s would pass "
+                  f"--budget {args.budget:.0f} s; {len(plan) - i} cells left for a run with --append", flush=True)
+            break
+        start = time.monotonic()
+        rows += sweep_cell(cell, cell.shape not in dense_done, args.profile_glue)
+        dense_done.add(cell.shape)
+        meta["cells"].append(dict(asdict(cell), estimate_s=round(estimate, 1),
+                                  wall_s=round(time.monotonic() - start, 1)))
+        print(f"cell L={cell.L} D={cell.D} sparsity={cell.sparsity}: {time.monotonic() - start:.1f} s "
+              f"(estimated {estimate:.1f} s), {_elapsed():.0f} s since start", flush=True)
+        payload = dict(meta, rows=[asdict(r) for r in rows])
+        sweep.write_payload(args.json, sweep.merge_payloads([prior, payload]) if prior else payload)
+    payload = dict(meta, rows=[asdict(r) for r in rows])
+    sweep.write_payload(args.json, sweep.merge_payloads([prior, payload]) if prior else payload)
+    return sweep.load_payload(args.json)["rows"]
 
 
 def main() -> None:
@@ -122,33 +255,52 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 75600],
                         help="lengths of the L sweep besides 32768")
     parser.add_argument("--json", default="bench_attention.json")
+    parser.add_argument("--sweep", action="store_true", help="issue #11's grid of cells (see above)")
+    parser.add_argument("--cells", nargs="+", metavar="KEY=V1,V2",
+                        help="--sweep: the cells with these L, D or sparsity values (keys intersect)")
+    parser.add_argument("--append", metavar="PATH", help="--sweep: continue this JSON, skipping its measured cells")
+    parser.add_argument("--budget", type=float, default=0.0, metavar="S",
+                        help="--sweep: start no cell whose estimate would end past S seconds since the start")
+    parser.add_argument("--profile-glue", action="store_true",
+                        help="--sweep: CUDA time per kernel of the full layer in every cell")
+    parser.add_argument("--plan", action="store_true", help="--sweep: print the cells and estimates, then exit")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_attention.py needs a CUDA GPU")
-    rows = bench_shape(32768, 12, 128, 0.95, full=True, only=args.only)
-    if args.quick:
-        rows += [r for L in args.lengths for r in bench_shape(L, 12, 128, 0.95, full=False)]
+    autotune = os.environ.get("SLA_DIST_AUTOTUNE") != "0"
+    if args.sweep:
+        rows = [Row(**r) for r in run_sweep(args, autotune)]
+        if args.plan:
+            return
     else:
-        for L in args.lengths:
-            rows += bench_shape(L, 12, 128, 0.95, full=False)
-        rows += bench_shape(32768, 24, 64, 0.95, full=False)
-        for sparsity in (0.80, 0.90, 0.97):
-            rows += bench_shape(32768, 12, 128, sparsity, full=False)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": __import__("triton").__version__, "autotune": os.environ.get("SLA_DIST_AUTOTUNE") != "0",
-                   "command": " ".join(sys.argv), "rows": [asdict(r) for r in rows]}, f, indent=1)
+        if args.cells or args.append or args.budget or args.profile_glue or args.plan:
+            parser.error("--cells, --append, --budget, --profile-glue and --plan go with --sweep")
+        if not torch.cuda.is_available():
+            sys.exit("bench_attention.py needs a CUDA GPU")
+        rows = bench_shape(32768, 12, 128, 0.95, full=True, only=args.only)
+        if args.quick:
+            rows += [r for L in args.lengths for r in bench_shape(L, 12, 128, 0.95, full=False)]
+        else:
+            for L in args.lengths:
+                rows += bench_shape(L, 12, 128, 0.95, full=False)
+            rows += bench_shape(32768, 24, 64, 0.95, full=False)
+            for sparsity in (0.80, 0.90, 0.97):
+                rows += bench_shape(32768, 12, 128, sparsity, full=False)
+        sweep.write_payload(args.json, dict(_meta(autotune), rows=[asdict(r) for r in rows]))
+    print_table(rows)
 
-    dense = {(r.L, r.H, r.D, r.sparsity): r for r in rows if r.method == "dense SDPA cuDNN"}
+
+def print_table(rows: list[Row]) -> None:
+    dense = {(r.L, r.H, r.D): r for r in rows if r.method == sweep.DENSE}
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
-          "bf16, B=1; ratios are cuDNN dense time / row time")
+          "bf16, B=1; ratios are cuDNN dense time / row time; reps: timed repetitions fwd / fwd+bwd")
     print(f"{'L':>6} {'H':>3} {'D':>4} {'sparse':>6} {'method':<38} {'fwd ms':>8} {'x':>6} {'f+b ms':>8} {'x':>6} "
-          f"{'TFLOP/s':>8} {'extra MiB':>9}  note")
+          f"{'TFLOP/s':>8} {'extra MiB':>9} {'first s':>7} {'reps':>7}  note")
     for r in rows:
-        d = dense[(r.L, r.H, r.D, r.sparsity)]
-        print(f"{r.L:>6} {r.H:>3} {r.D:>4} {r.sparsity:>6.2f} {r.method:<38} {r.fwd_ms:>8.3f} "
-              f"{d.fwd_ms / r.fwd_ms:>6.1f} {r.fwd_bwd_ms:>8.3f} {d.fwd_bwd_ms / r.fwd_bwd_ms:>6.1f} "
-              f"{r.tflops_fwd:>8.1f} {r.extra_mib:>9.0f}  {r.note}")
+        d = dense.get((r.L, r.H, r.D))
+        fwd_x, fb_x = (d.fwd_ms / r.fwd_ms, d.fwd_bwd_ms / r.fwd_bwd_ms) if d else (math.nan, math.nan)
+        sparsity = "-" if r.sparsity is None else f"{r.sparsity:.2f}"
+        print(f"{r.L:>6} {r.H:>3} {r.D:>4} {sparsity:>6} {r.method:<38} {r.fwd_ms:>8.3f} {fwd_x:>6.1f} "
+              f"{r.fwd_bwd_ms:>8.3f} {fb_x:>6.1f} {r.tflops_fwd:>8.1f} {r.extra_mib:>9.0f} "
+              f"{r.first_fwd_s + r.first_fwd_bwd_s:>7.1f} {r.reps_fwd:>3}/{r.reps_fwd_bwd:<3}  {r.note}")
 
 
 if __name__ == "__main__":

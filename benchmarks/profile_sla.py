@@ -7,7 +7,9 @@ Each table lists CUDA time per kernel and, in its last lines, the CPU time of th
 layer is bound by launching work, not by the GPU. ``--host N`` adds the N Python functions with the most own time
 over 20 forward+backward calls (cProfile): where the host time goes. ``--linear-scope marginal none`` profiles the
 layer with and without the linear branch, splitting the forward kernel's time into its FlashAttention loop and its
-linear epilogue. ``--inputs``, ``--layout``, ``--negligible`` and the token-grid options are time_layer.py's: one
+linear epilogue. After each profile, the share of its CUDA time outside the sparse-branch kernels (glue_fraction.py:
+issue #11's "glue <= 15 %", with the backward pre-pass counted as glue and as sparse branch). ``--inputs``,
+``--layout``, ``--negligible`` and the token-grid options are time_layer.py's: one
 profile per value, on model-like inputs (layer_inputs.py).
 """
 
@@ -21,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 # this script's folder is on sys.path when it runs
+from glue_fraction import glue_lines, kernel_times
 from layer_inputs import add_input_arguments, input_lengths, input_settings, layer_gradients, sla_layer_inputs
 
 
@@ -64,6 +67,7 @@ def profile_layer(L: int, linear_scope: str, setting: str, inputs: dict, args: a
         print(f"\n== {name}, L={L} H={args.H} D={args.D} topk={args.topk} BQ={args.block_q} "
               f"linear_scope={linear_scope} negligible={m.config.negligible} {setting} (5 iterations)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        print(glue_lines(f"{name}, L={L}", kernel_times(prof.key_averages(), 5)))
     if args.host:
         host = cProfile.Profile()
         host.enable()

@@ -1,5 +1,6 @@
 """benchmarks/gpu_suite.sh: the script parses, its header documents every part, and the 4-GPU parts' command lines
-are valid for the scripts they run (checked on the CPU up to where a GPU is needed)."""
+are valid for the scripts they run (checked on the CPU up to where a GPU is needed); the attention sweep's parts
+cover the grid and fit their limits by the sweep's cost model."""
 
 from __future__ import annotations
 
@@ -98,3 +99,48 @@ def test_results_are_named_where_the_scaling_report_looks():
         assert out == f"/tmp/OUT/2026-12-01-h200x4-{part}"
     stem = re.search(r"^STEM=(.*)$", SUITE.read_text(), re.M).group(1)
     assert stem == "$OUT/$(date -u +%F)-${card:-cpu}x$gpus"
+
+
+# --- issue #11's attention sweep (attention_sweep.py) ---------------------------------------------------------
+
+def _sweep_args(part: str) -> list[str]:
+    """The attn-sweep part's bench_attention.py arguments."""
+    words = _parts()[part]
+    return words[words.index("benchmarks/bench_attention.py") + 1:]
+
+
+def _option(args: list[str], name: str) -> list[str]:
+    i = args.index(name) + 1
+    out = []
+    while i < len(args) and not args[i].startswith("--"):
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def test_sweep_parts_cover_the_grid_once_and_fit_their_limits():
+    import attention_sweep as sweep
+
+    seen = []
+    for part in ("attn-sweep-a", "attn-sweep-b"):
+        words, args = _parts()[part], _sweep_args(part)
+        assert "SLA_DIST_AUTOTUNE=0" in words and "--sweep" in args and "--profile-glue" in args
+        assert _option(args, "--json") == [f"/tmp/OUT/{part.replace('-', '_')}.json"]
+        cells = sweep.sweep_cells(_option(args, "--cells"))
+        seen += cells
+        estimate = sweep.PROCESS_START_S + sum(s for _, s in sweep.CostModel().plan(cells))
+        budget = float(_option(args, "--budget")[0])
+        limit = int(re.search(rf"{part}:(\d+)", _header()).group(1))
+        # the estimate leaves the budget a margin for the assumed compile times; the limit a last cell's overrun
+        assert estimate <= 0.9 * budget and budget + 45 <= limit <= 570, (part, estimate, budget, limit)
+        assert f"{estimate:.0f} s" in _header()  # the header states today's estimate
+    assert sorted(seen) == sweep.sweep_cells()
+
+
+def test_autotuned_split_of_the_header_fits_too():
+    import attention_sweep as sweep
+
+    for cells in (["L=8192,16384", "D=64"], ["L=8192,16384", "D=128"], ["L=32768,75600", "D=64"],
+                  ["L=32768,75600", "D=128"]):
+        plan = sweep.CostModel(autotune=True).plan(sweep.sweep_cells(cells))
+        assert sweep.PROCESS_START_S + sum(s for _, s in plan) <= 0.9 * 510, cells

@@ -1,0 +1,263 @@
+"""The grid of issue #11's attention sweep, which of its cells a run measures, what each costs, and its JSON file.
+
+The CPU side of ``bench_attention.py --sweep`` (everything here runs without a GPU; tests/test_attention_sweep.py):
+
+- the 32 cells: L 8192 / 16384 / 32768 / 75600, D 64 and 128 at the model width 1536 (H 24 at D 64, H 12 at D 128),
+  sparsity 80 / 90 / 95 / 97 %; ``--cells L=8192,16384 D=64`` picks a part of it;
+- an estimate of each cell's device seconds, so a gpu_suite part can be sized for one 10-minute device call and a
+  run can stop before a cell that would not fit its ``--budget``;
+- the JSON a sweep writes after every cell (a call cut at its time limit keeps what it measured), which a later run
+  extends with ``--append`` (cells already measured are skipped, dense rows reused).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+SWEEP_LENGTHS = (8192, 16384, 32768, 75600)
+SWEEP_DIMS = (64, 128)
+SWEEP_SPARSITIES = (0.80, 0.90, 0.95, 0.97)
+MODEL_WIDTH = 1536
+"""H * D of every cell: the heads change with the head dim, the model width does not."""
+
+DENSE = "dense SDPA cuDNN"
+FLEX = "FlexAttention 128x128 (sparse only)"
+SPARSE_ONLY = "SLA sparse branch only, BQ128"
+FULL = "SLA full layer, BQ128"
+CELL_METHODS = (FLEX, SPARSE_ONLY, FULL)
+"""Rows measured per cell; dense cuDNN does not depend on the sparsity and is measured once per (L, H, D)."""
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    L: int
+    D: int
+    sparsity: float
+
+    @property
+    def H(self) -> int:
+        return MODEL_WIDTH // self.D
+
+    @property
+    def topk(self) -> float:
+        return round(1.0 - self.sparsity, 6)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.L, self.H, self.D
+
+
+def sweep_cells(specs: list[str] | None = None) -> list[Cell]:
+    """The grid's cells that ``specs`` select (``L=8192,16384``, ``D=64``, ``sparsity=0.95`` or ``sparsity=95``;
+    several keys intersect), ordered by L, D, sparsity: the cells of one shape run one after the other, so dense is
+    measured and FlexAttention compiled once per shape."""
+    axes = {"L": list(SWEEP_LENGTHS), "D": list(SWEEP_DIMS), "sparsity": list(SWEEP_SPARSITIES)}
+    for spec in specs or []:
+        key, sep, values = spec.partition("=")
+        if not sep or key not in axes:
+            raise ValueError(f"cell selection {spec!r} is not KEY=V1,V2 with KEY one of {sorted(axes)}")
+        chosen = []
+        for text in values.split(","):
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{key} value {text!r} in {spec!r} is not a number") from None
+            if key == "sparsity" and value > 1:
+                value /= 100
+            match = [x for x in axes[key] if math.isclose(x, value, abs_tol=1e-9)]
+            if not match:
+                raise ValueError(f"{key}={text} is not in the sweep's {key} {axes[key]}")
+            chosen += match
+        axes[key] = [x for x in axes[key] if x in chosen]
+    return [Cell(L, D, s) for L in axes["L"] for D in axes["D"] for s in axes["sparsity"]]
+
+
+# --- cost model -------------------------------------------------------------------------------------------------
+# Steady-state fwd+bwd ms at D 128, 95 % (dense: any sparsity), one H200, from benchmarks/results:
+# dense cuDNN 2.68 / 10.56 / 41.77 / 227.73 ms at L 8192 / 16384 / 32768 / 75600 and FlexAttention 2.975 ms at 32768
+# (2026-11-29-h200-attention-tuned.md); the SLA full layer 7.53 ms and its sparse branch 5.24 ms at 32768, 4.57 ms
+# for the full layer at 8192 (fixed launch settings, 2026-11-29-h200-attention.md), 28.9 ms at 75600 (autotuned).
+# Sparse rows scale with L^2 x density above a floor (the host-bound time of short sequences); dense with L^2
+# (41.77 x (75600 / 32768)^2 = 222 ms against 227.7 measured). D 64 is not measured at these lengths: 1.25x assumed.
+_AT_32K_MS = {DENSE: 41.8, FLEX: 2.98, SPARSE_ONLY: 5.3, FULL: 7.6}
+_FLOOR_MS = {DENSE: 0.0, FLEX: 0.3, SPARSE_ONLY: 3.0, FULL: 4.6}
+_D64_FACTOR = 1.25
+_FWD_SHARE = 1 / 3  # forward / (forward + backward): 0.26 (dense, Flex), 0.25-0.35 (SLA) measured
+# First-call seconds, NOT measured so far (assumed; every sweep row records its own first-call times, so the next
+# estimate can use them): torch.compile of FlexAttention, forward and forward+backward graphs, per (L, H, D) (the
+# block mask's shapes do not change with the sparsity, so the sparsities of a shape share the graphs); Triton
+# compiling the SLA kernels with fixed launch settings for a new head dim and branch set, and for a new length.
+FLEX_COMPILE_S = 45.0
+SLA_COMPILE_S = 30.0
+SLA_NEW_LENGTH_S = 3.0
+# Autotuning (SLA_DIST_AUTOTUNE unset): 163.9 s for the first call's 60 candidates with a cold Triton cache, 5.1 s
+# with the cache another process left (2026-11-29-h200-sweep.md); the search is 30 candidates since, so ~85 s per
+# new (D, branch set), plus a forward-only search when EVEN_K changes (L not a multiple of 64: 75600), assumed 20 s.
+SLA_TUNE_S = 85.0
+SLA_RETUNE_EVEN_K_S = 20.0
+PROCESS_START_S = 15.0
+"""Interpreter start, imports, CUDA context."""
+PROFILE_S = 2.0
+"""The full layer's profile per cell (--profile-glue): profiler start-up and 3 + 3 profiled calls."""
+ROW_SETUP_S = 0.5
+"""Per row: inputs, the layer or the block mask, Python around the timed calls."""
+WARMUP_MS = 25
+REP_MS = 100
+MIN_REPS = 5
+"""Timed repetitions at least, per do_bench: at L 75600 a dense fwd+bwd (228 ms) would get 1 out of 100 ms."""
+FLUSH_MS = 0.1
+"""do_bench zeroes a 256 MB buffer before every call to flush L2."""
+
+
+def method_ms(method: str, L: int, D: int, sparsity: float) -> tuple[float, float]:
+    """Estimated (fwd, fwd+bwd) ms of ``method`` at one cell (upper-side estimate, see the table above)."""
+    density = 1.0 if method == DENSE else (1.0 - sparsity) / 0.05
+    fwd_bwd = max(_FLOOR_MS[method], _AT_32K_MS[method] * (L / 32768) ** 2 * density)
+    fwd_bwd *= _D64_FACTOR if D == 64 else 1.0
+    return fwd_bwd * _FWD_SHARE, fwd_bwd
+
+
+def bench_calls(ms: float, min_reps: int = MIN_REPS) -> tuple[int, int]:
+    """(calls, timed repetitions) of one :func:`bench` of a call that takes ``ms``: the first call, do_bench's 5
+    estimating calls, its warm-up and its timed repetitions."""
+    reps = max(min_reps, int(REP_MS / ms))
+    return 1 + 5 + max(1, int(WARMUP_MS / ms)) + reps, reps
+
+
+def rep_ms(ms: float, min_reps: int = MIN_REPS) -> float:
+    """do_bench's ``rep`` (ms) that gives at least ``min_reps`` timed repetitions of a call of ``ms``."""
+    return max(float(REP_MS), min_reps * ms * 1.05)
+
+
+def measure_seconds(method: str, L: int, D: int, sparsity: float) -> float:
+    """Steady-state seconds to measure one row: fwd and fwd+bwd benches, then one fwd+bwd for the peak memory."""
+    total = 0.0
+    for ms in method_ms(method, L, D, sparsity):
+        total += bench_calls(ms)[0] * (ms + FLUSH_MS) / 1e3
+    return total + 2 * method_ms(method, L, D, sparsity)[1] / 1e3 + ROW_SETUP_S
+
+
+@dataclass
+class CostModel:
+    """Seconds per cell of a sweep run in one process, in order: first calls counted once per what they compile."""
+
+    autotune: bool = False
+    profile_glue: bool = True
+    tuning_cached: bool = False
+    """Autotuned with the Triton cache a previous process left (same machine): 5.1 s per search, measured."""
+
+    def __post_init__(self) -> None:
+        self._seen: set = set()
+
+    def _first(self, key) -> bool:
+        new = key not in self._seen
+        self._seen.add(key)
+        return new
+
+    def cell_seconds(self, cell: Cell, with_dense: bool = True) -> float:
+        L, D, s = cell.L, cell.D, cell.sparsity
+        seconds = sum(measure_seconds(m, L, D, s) for m in CELL_METHODS)
+        if with_dense and self._first(("dense", cell.shape)):
+            seconds += measure_seconds(DENSE, L, D, s)
+        if self._first(("flex", cell.shape)):
+            seconds += FLEX_COMPILE_S
+        even_k = L % 64 == 0
+        for branch in ("full", "sparse"):
+            if self.autotune:
+                if self._first(("tune", D, branch)):
+                    seconds += 5.1 if self.tuning_cached else SLA_TUNE_S
+                if self._first(("tune", D, branch, even_k)) and not even_k:
+                    seconds += 5.1 if self.tuning_cached else SLA_RETUNE_EVEN_K_S
+            elif self._first(("compile", D, branch)):  # the search compiles its candidates itself
+                seconds += SLA_COMPILE_S
+            if self._first(("length", D, branch, L)):
+                seconds += SLA_NEW_LENGTH_S
+        return seconds + (PROFILE_S if self.profile_glue else 0.0)
+
+    def plan(self, cells: list[Cell], dense_done: set | None = None) -> list[tuple[Cell, float]]:
+        """(cell, estimated seconds) in run order; ``dense_done``: shapes whose dense row is already measured."""
+        self._seen |= {("dense", shape) for shape in dense_done or ()}
+        return [(cell, self.cell_seconds(cell)) for cell in cells]
+
+
+def plan_table(plan: list[tuple[Cell, float]]) -> str:
+    lines = [f"{'L':>6} {'H':>3} {'D':>4} {'sparsity':>8} {'est. s':>7} {'cum. s':>7}"]
+    total = PROCESS_START_S
+    for cell, seconds in plan:
+        total += seconds
+        lines.append(f"{cell.L:>6} {cell.H:>3} {cell.D:>4} {cell.sparsity:>8.2f} {seconds:>7.1f} {total:>7.1f}")
+    lines.append(f"total with {PROCESS_START_S:.0f} s process start: {total:.0f} s")
+    return "\n".join(lines)
+
+
+# --- the sweep's JSON -------------------------------------------------------------------------------------------
+
+def row_cell(row: dict) -> Cell | None:
+    if row.get("sparsity") is None:
+        return None
+    return Cell(row["L"], row["D"], round(row["sparsity"], 6))
+
+
+def measured(row: dict) -> bool:
+    return not row.get("note") and all(math.isfinite(row.get(k, math.nan)) for k in ("fwd_ms", "fwd_bwd_ms"))
+
+
+def done_cells(rows: list[dict]) -> set[Cell]:
+    """Cells of ``rows`` with every per-cell method measured (no error note): what --append skips."""
+    have: dict[Cell, set[str]] = {}
+    for row in rows:
+        cell = row_cell(row)
+        if cell is not None and measured(row):
+            have.setdefault(cell, set()).add(row["method"])
+    return {cell for cell, methods in have.items() if set(CELL_METHODS) <= methods}
+
+
+def dense_shapes(rows: list[dict]) -> set[tuple[int, int, int]]:
+    return {(r["L"], r["H"], r["D"]) for r in rows if r["method"] == DENSE and measured(r)}
+
+
+def load_payload(path: str | Path) -> dict:
+    payload = json.loads(Path(path).read_text())
+    if "rows" not in payload:
+        raise ValueError(f"{path} has no 'rows': not a bench_attention.py JSON")
+    return payload
+
+
+def _group_key(row: dict):
+    return ("dense", row["L"], row["H"], row["D"]) if row["method"] == DENSE else row_cell(row)
+
+
+def merge_payloads(payloads: list[dict]) -> dict:
+    """One payload from several runs (pieces of one sweep, or a run and its --append): each cell's rows, and each
+    dense shape's row, come from the first run that measured them completely, else from the last run that tried,
+    so a cell's rows are never mixed from two runs. The metadata of every run is kept under 'runs'."""
+    chosen: dict = {}
+    for payload in payloads:
+        groups: dict = {}
+        for row in payload["rows"]:
+            groups.setdefault(_group_key(row), []).append(row)
+        for key, rows in groups.items():
+            methods = {r["method"] for r in rows}
+            dense = isinstance(key, tuple)
+            complete = all(measured(r) for r in rows) and (dense or set(CELL_METHODS) <= methods)
+            if key not in chosen or not chosen[key][0]:
+                chosen[key] = (complete, rows)
+
+    def order(key) -> tuple:
+        return (key[1], key[3], -1.0) if isinstance(key, tuple) else (key.L, key.D, key.sparsity)
+
+    rows = [row for key in sorted(chosen, key=order) for row in chosen[key][1]]
+    runs = [run for p in payloads for run in p.get("runs", [{k: v for k, v in p.items() if k != "rows"}])]
+    return {"runs": runs, "rows": rows}
+
+
+def write_payload(path: str | Path, payload: dict) -> None:
+    """Write atomically: a call killed at its time limit leaves the previous cell's file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
