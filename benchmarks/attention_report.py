@@ -140,6 +140,8 @@ def summary(results: list[CellResult]) -> dict:
                 dense_cells=len(dense_cells), dense_met=sum(r.dense_ok() for r in dense_cells),
                 glue_profiled=len(profiled), glue_met=sum(r.glue_ok for r in profiled),
                 memory_met=sum(r.memory_ok for r in results),
+                first_call_max_s=max((r.first_s for r in results if math.isfinite(r.first_s)), default=math.nan),
+                first_call_total_s=sum(r.first_s for r in results if math.isfinite(r.first_s)),
                 all_met=all(r.flex_ok for r in results) and all(r.dense_ok() for r in dense_cells)
                 and len(profiled) == len(results) and all(r.glue_ok for r in profiled)
                 and all(r.memory_ok for r in results))
@@ -186,7 +188,7 @@ def cell_table(results: list[CellResult]) -> str:
 
 def dense_table(results: list[CellResult]) -> str:
     labels = " | ".join(label for label, _, _ in DENSE_READINGS)
-    lines = [f"| D | sparsity | dense f+b ms | SLA full f+b ms | speed-up | {labels} |",
+    lines = [f"| D | sparsity | dense f+b ms | SLA full f+b ms | speed-up (x) | {labels} |",
              "|---|---|---|---|---|" + "---|" * len(DENSE_READINGS)]
     for r in results:
         if r.L != DENSE_L:
@@ -194,7 +196,7 @@ def dense_table(results: list[CellResult]) -> str:
         marks = " | ".join(_mark(r.dense_ok(x, strict), math.isfinite(r.speedup)) for _, x, strict in DENSE_READINGS)
         counted = " (counted)" if r.dense_cell else ""
         lines.append(f"| {r.D} | {100 * r.sparsity:.0f} %{counted} | {_f(r.dense_fb_ms)} | {_f(r.full_fb_ms)} | "
-                     f"{_f(r.speedup, '.2f')}x | {marks} |")
+                     f"{_f(r.speedup, '.2f')} | {marks} |")
     return "\n".join(lines)
 
 
@@ -241,7 +243,9 @@ def report(payload: dict, before: dict | None = None, before_name: str = "") -> 
              "bf16, B = 1, H x D = 1536 (H 24 at D 64, H 12 at D 128), i.i.d. Gaussian q, k, v; SLA BQ 128, BK 64, "
              "negligible 0.10, marginal linear scope, proj_l random; FlexAttention 128x128 block mask of the same "
              "density chosen by the same pooled scores; medians of triton.testing.do_bench with at least "
-             f"{sweep.MIN_REPS} timed repetitions (dense at L 75600: ~230 ms a call).", "",
+             f"{sweep.MIN_REPS} timed repetitions (dense at L 75600: ~230 ms a call). Each cell's rows, its dense row "
+             "included, come from one process (unless --append continued a shape in a later process: its dense row is "
+             "then the earlier run's), so the ratios compare measurements of the same run.", "",
              "## Summary", "",
              f"- cells measured: {s['measured']} of {s['cells']}",
              f"- full layer fwd+bwd <= {FLEX_TARGET}x FlexAttention (sparse only): **{s['flex_met']} of "
@@ -251,7 +255,10 @@ def report(payload: dict, before: dict | None = None, before_name: str = "") -> 
              f"- glue (outside the sparse-branch kernels, pre-pass counted as glue) <= {100 * GLUE_TARGET:.0f} % of "
              f"the fwd+bwd CUDA time: **{s['glue_met']} of {s['glue_profiled']} profiled cells**",
              f"- peak extra memory of a fwd+bwd <= dense cuDNN's: **{s['memory_met']} of {s['cells']}**",
-             f"- every target met: **{'yes' if s['all_met'] else 'no'}**", "",
+             f"- every target met: **{'yes' if s['all_met'] else 'no'}**",
+             f"- first calls of the full layer (compilation{', autotuning' if runs[0].get('autotune') else ''}): "
+             f"{_f(s['first_call_max_s'], '.1f')} s at most, {s['first_call_total_s']:.1f} s over the sweep "
+             "(per cell: 'first call s' below; the first cell of each head dim pays what later cells reuse)", "",
              "## How the targets are read", "", __doc__.split("how they are read here:")[1].strip(), "",
              f"## Full layer / FlexAttention, fwd+bwd (✓: <= {FLEX_TARGET}x)", "", grid_table(results), "",
              f"## L = {DENSE_L} against cuDNN dense (fwd+bwd)", "", dense_table(results), "",

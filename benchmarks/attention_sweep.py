@@ -98,6 +98,9 @@ SLA_NEW_LENGTH_S = 3.0
 # new (D, branch set), plus a forward-only search when EVEN_K changes (L not a multiple of 64: 75600), assumed 20 s.
 SLA_TUNE_S = 85.0
 SLA_RETUNE_EVEN_K_S = 20.0
+COMPILING_CELL_S = 10.0
+"""A cell estimated above this compiles something: a run scales such cells' estimates by the worst measured /
+estimated seconds of the compiling cells before them (bench_attention.run_sweep)."""
 PROCESS_START_S = 15.0
 """Interpreter start, imports, CUDA context."""
 PROFILE_S = 2.0
@@ -220,7 +223,11 @@ def dense_shapes(rows: list[dict]) -> set[tuple[int, int, int]]:
 
 
 def load_payload(path: str | Path) -> dict:
+    """A bench_attention.py JSON, or a results file holding one under 'bench_attention' (2026-11-29's)."""
     payload = json.loads(Path(path).read_text())
+    if "rows" not in payload and isinstance(payload.get("bench_attention"), dict):
+        payload = dict(payload["bench_attention"], device=payload.get("card", "?"), torch=payload.get("torch"),
+                       triton=payload.get("triton"))
     if "rows" not in payload:
         raise ValueError(f"{path} has no 'rows': not a bench_attention.py JSON")
     return payload

@@ -226,20 +226,23 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
         dynamo.fail_on_recompile_limit_hit = True
     meta = dict(_meta(autotune), budget_s=args.budget, min_reps=sweep.MIN_REPS, cells=[], skipped=[])
     rows: list[Row] = []
+    overrun = 1.0  # the worst measured / estimated seconds of a cell that compiled: the compile times are assumed
     for i, (cell, estimate) in enumerate(plan):
         elapsed = _elapsed()
-        if args.budget and elapsed + estimate > args.budget:
+        predicted = estimate * (overrun if estimate > sweep.COMPILING_CELL_S else 1.0)
+        if args.budget and elapsed + predicted > args.budget:
             meta["skipped"] = [asdict(c) for c, _ in plan[i:]]
-            print(f"budget: {elapsed:.0f} s spent, the next cell's estimate {estimate:.0f} s would pass "
+            print(f"budget: {elapsed:.0f} s spent, the next cell's estimate {predicted:.0f} s would pass "
                   f"--budget {args.budget:.0f} s; {len(plan) - i} cells left for a run with --append", flush=True)
             break
-        start = time.monotonic()
         rows += sweep_cell(cell, cell.shape not in dense_done, args.profile_glue)
         dense_done.add(cell.shape)
-        meta["cells"].append(dict(asdict(cell), estimate_s=round(estimate, 1),
-                                  wall_s=round(time.monotonic() - start, 1)))
-        print(f"cell L={cell.L} D={cell.D} sparsity={cell.sparsity}: {time.monotonic() - start:.1f} s "
-              f"(estimated {estimate:.1f} s), {_elapsed():.0f} s since start", flush=True)
+        wall = _elapsed() - elapsed
+        if estimate > sweep.COMPILING_CELL_S:
+            overrun = max(overrun, wall / estimate)
+        meta["cells"].append(dict(asdict(cell), estimate_s=round(predicted, 1), wall_s=round(wall, 1)))
+        print(f"cell L={cell.L} D={cell.D} sparsity={cell.sparsity}: {wall:.1f} s (estimated {predicted:.1f} s), "
+              f"{_elapsed():.0f} s since start", flush=True)
         payload = dict(meta, rows=[asdict(r) for r in rows])
         sweep.write_payload(args.json, sweep.merge_payloads([prior, payload]) if prior else payload)
     payload = dict(meta, rows=[asdict(r) for r in rows])

@@ -308,3 +308,33 @@ def test_sweep_loop_stops_at_its_budget_and_append_finishes_the_grid(tmp_path, m
     merged = sweep.load_payload(out)
     assert len(merged["runs"]) == 2 and len(merged["rows"]) == len(rows) == 13
     assert sweep.done_cells(merged["rows"]) == set(sweep.sweep_cells(cells))
+
+
+def test_a_slow_compile_makes_the_budget_stop_before_the_next_compiling_cell(tmp_path, monkeypatch):
+    """The compile times are assumptions: when the first shape's cell takes 3x its estimate, the next shape's first
+    cell is predicted 3x too, and skipped if that would pass the budget, while the cheap cells still run."""
+    import argparse
+
+    import bench_attention as ba
+    import torch
+
+    cells = ["L=8192"]
+    plan = dict(sweep.CostModel(profile_glue=False).plan(sweep.sweep_cells(cells)))
+    clock, calls = [0.0], []
+
+    def fake_cell(cell, with_dense, profile_glue):
+        calls.append(cell)
+        clock[0] += plan[cell] * (3 if plan[cell] > sweep.COMPILING_CELL_S else 1)
+        return [ba.Row(**r) for r in _cell_rows(cell.L, cell.D, cell.sparsity)]
+
+    monkeypatch.setattr(ba, "sweep_cell", fake_cell)
+    monkeypatch.setattr(ba, "_elapsed", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    total = sum(plan.values())  # enough for the estimates, not for 3x the second shape's compiles
+    args = argparse.Namespace(cells=cells, append=None, budget=total + plan[sweep.Cell(8192, 64, 0.8)] * 2 + 10,
+                              profile_glue=False, plan=False, json=str(tmp_path / "s.json"))
+    ba.run_sweep(args, autotune=False)
+    assert [c.D for c in calls] == [64] * 4
+    payload = sweep.load_payload(tmp_path / "s.json")
+    assert payload["skipped"][0] == dict(L=8192, D=128, sparsity=0.8) and len(payload["skipped"]) == 4
