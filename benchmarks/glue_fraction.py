@@ -40,10 +40,12 @@ def glue_summary(kernel_us: Mapping[str, float]) -> dict:
 
 
 def kernel_times(events, calls: int) -> dict[str, float]:
-    """Kernel name -> CUDA µs per call from a profiler's ``key_averages()`` (the device-side entries only)."""
+    """Kernel name -> CUDA µs per call from a profiler's ``key_averages()``: the device-side entries, without the
+    device-side ranges of ``record_function`` annotations (they span kernels already counted)."""
     out: dict[str, float] = {}
     for e in events:
-        if str(e.device_type).endswith("CUDA") and e.device_time_total > 0:
+        annotation = getattr(e, "is_user_annotation", False)
+        if str(e.device_type).endswith("CUDA") and e.device_time_total > 0 and not annotation:
             out[e.key] = out.get(e.key, 0.0) + e.device_time_total / calls
     return out
 

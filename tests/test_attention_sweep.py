@@ -167,12 +167,26 @@ def test_glue_fraction_rejects_empty_profiles(kernels, message):
 
 def test_kernel_times_take_the_device_entries_per_call():
     class Event:
-        def __init__(self, key, device_type, us):
+        def __init__(self, key, device_type, us, is_user_annotation=False):
             self.key, self.device_type, self.device_time_total = key, device_type, us
+            self.is_user_annotation = is_user_annotation
 
     events = [Event("aten::mm", "DeviceType.CPU", 300.0), Event("_sla_fwd_kernel", "DeviceType.CUDA", 3000.0),
-              Event("cudaLaunchKernel", "DeviceType.CPU", 50.0), Event("Memset (Device)", "DeviceType.CUDA", 30.0)]
+              Event("cudaLaunchKernel", "DeviceType.CPU", 50.0), Event("Memset (Device)", "DeviceType.CUDA", 30.0),
+              Event("## forward ##", "DeviceType.CUDA", 3030.0, is_user_annotation=True)]
     assert gf.kernel_times(events, 3) == {"_sla_fwd_kernel": 1000.0, "Memset (Device)": 10.0}
+
+
+def test_kernel_times_reads_a_real_profilers_averages():
+    """The attributes kernel_times reads exist on torch's own averages; a CPU-only profile has no device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    events = prof.key_averages()
+    assert any(e.key == "aten::mm" for e in events)
+    assert gf.kernel_times(events, 1) == {}
 
 
 # --- report -----------------------------------------------------------------------------------------------------
