@@ -264,7 +264,9 @@ def report(payload: dict, before: dict | None = None, before_name: str = "") -> 
              f"## L = {DENSE_L} against cuDNN dense (fwd+bwd)", "", dense_table(results), "",
              "## Every cell", "", cell_table(results), ""]
     if before is not None:
-        lines += [f"## Before / after (before: `{before_name}`)", "", before_after_table(before["rows"], results), ""]
+        how = f"`{before.get('command', '?')}`, autotuning {'on' if before.get('autotune') else 'off'}"
+        lines += [f"## Before / after (before: `{before_name}`, {how})", "",
+                  before_after_table(before["rows"], results), ""]
     evaluation = dict(summary=s, cells=[dict(asdict(r), flex_ratio=r.flex_ratio, speedup=r.speedup)
                                         for r in results])
     return "\n".join(lines), evaluation
