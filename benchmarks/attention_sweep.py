@@ -124,10 +124,11 @@ def method_ms(method: str, L: int, D: int, sparsity: float) -> tuple[float, floa
 
 
 def bench_calls(ms: float, min_reps: int = MIN_REPS) -> tuple[int, int]:
-    """(calls, timed repetitions) of one :func:`bench` of a call that takes ``ms``: the first call, do_bench's 5
-    estimating calls, its warm-up and its timed repetitions."""
+    """(calls, timed repetitions) of measuring a call that takes ``ms`` (bench_attention._first_call, then _bench):
+    the first call and one to estimate ``rep``, then do_bench's first call, its 5 estimating calls, its warm-up and
+    its timed repetitions."""
     reps = max(min_reps, int(REP_MS / ms))
-    return 1 + 5 + max(1, int(WARMUP_MS / ms)) + reps, reps
+    return 2 + 1 + 5 + max(1, int(WARMUP_MS / ms)) + reps, reps
 
 
 def rep_ms(ms: float, min_reps: int = MIN_REPS) -> float:

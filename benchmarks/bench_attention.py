@@ -29,7 +29,6 @@ import time
 _START = time.monotonic()  # before the imports: --budget counts them
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402

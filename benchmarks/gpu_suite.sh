@@ -57,13 +57,13 @@
 #   the control. Time a main checkout beside it: PYTHONPATH=/tmp/main python3 benchmarks/time_layer.py main ...).
 # attn-sweep-a, attn-sweep-b (issue #11's full grid, bench_attention.py --sweep --profile-glue, one H200, in two
 #   calls: a = L 8192 and 16384, b = L 32768 and 75600, 16 cells each; fixed launch settings. Estimated 414 s and
-#   444 s (bench_attention.py --sweep --plan: measured kernel times, assumed first-call compile times); --budget 510
+#   450 s (bench_attention.py --sweep --plan: measured kernel times, assumed first-call compile times); --budget 510
 #   stops before a cell that would not fit and the JSON is rewritten after every cell: attn-sweep-a:560 and
 #   attn-sweep-b:560. Left cells: copy the JSON into the tree and rerun with SWEEP_APPEND=<that path>. Report:
 #   python benchmarks/attention_report.py attn_sweep_a.json attn_sweep_b.json --before <old json>.
 #   Autotuned: SWEEP_AUTOTUNE=1 with SWEEP_CELLS per call, each D on its own (tuning is per head dim and branch, and
 #   the tuning cache does not outlive the machine): SWEEP_CELLS="L=8192,16384 D=64" attn-sweep-a:560, then D=128,
-#   then the same for attn-sweep-b with L=32768,75600, ~324-381 s each by --plan),
+#   then the same for attn-sweep-b with L=32768,75600, ~325-385 s each by --plan),
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
