@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import attention_sweep as sweep  # this script's folder is on sys.path when it runs
-from glue_fraction import GLUE_TARGET, glue_fraction
+from glue_fraction import GLUE_TARGET, glue_fraction, glue_summary
 
 FLEX_TARGET = 1.25
 DENSE_L = 8192
@@ -122,8 +122,8 @@ def evaluate(rows: list[dict], cells: list[sweep.Cell] | None = None) -> list[Ce
             if kernels.get("fwd"):
                 res.glue_fwd = glue_fraction(kernels["fwd"], prepass_counts=False)
             if kernels.get("fwd_bwd"):
-                res.glue_fb_strict = glue_fraction(kernels["fwd_bwd"], prepass_counts=False)
-                res.glue_fb_lenient = glue_fraction(kernels["fwd_bwd"], prepass_counts=True)
+                glue = glue_summary(kernels["fwd_bwd"])
+                res.glue_fb_strict, res.glue_fb_lenient = glue["glue_strict"], glue["glue_lenient"]
         if not got:
             notes.append("not measured")
         res.note = "; ".join(notes)

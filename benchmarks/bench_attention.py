@@ -123,6 +123,17 @@ def _note(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:60]}"
 
 
+def _flex_row(row: Row, q, k, v, topk: float) -> Row:
+    """``row`` measured for FlexAttention with a block mask of density ``topk``; a mask that cannot be built here
+    (FlexAttention missing or failing to compile) is reported in the row's note, not fatal."""
+    try:
+        fn, kept = flex_block_sparse(q, k, topk)
+    except Exception as exc:
+        row.note = _note(exc)
+        return row
+    return _measure(row, fn, q, k, v, kept)
+
+
 def _xformers():
     import xformers.ops as xops
 
@@ -149,11 +160,7 @@ def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[
         rows.append(_measure(Row(L, H, D, sparsity, "dense SDPA flash"), dense_sdpa(SDPBackend.FLASH_ATTENTION),
                              q, k, v, L))
     if full and wanted("FlexAttention"):
-        try:
-            fn, kept = flex_block_sparse(q, k, topk)
-            rows.append(_measure(Row(L, H, D, sparsity, sweep.FLEX), fn, q, k, v, kept))
-        except Exception as exc:
-            rows.append(Row(L, H, D, sparsity, sweep.FLEX, note=_note(exc)))
+        rows.append(_flex_row(Row(L, H, D, sparsity, sweep.FLEX), q, k, v, topk))
     if full and wanted("xformers"):
         try:
             rows.append(_measure(Row(L, H, D, sparsity, "xformers"), _xformers(), q, k, v, L))
@@ -179,11 +186,7 @@ def sweep_cell(cell: sweep.Cell, with_dense: bool, profile_glue: bool) -> list[R
     rows = []
     if with_dense:
         rows.append(_measure(Row(L, H, D, None, sweep.DENSE), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, L))
-    try:
-        fn, kept = flex_block_sparse(q, k, cell.topk)
-        rows.append(_measure(Row(L, H, D, s, sweep.FLEX), fn, q, k, v, kept))
-    except Exception as exc:
-        rows.append(Row(L, H, D, s, sweep.FLEX, note=_note(exc)))
+    rows.append(_flex_row(Row(L, H, D, s, sweep.FLEX), q, k, v, cell.topk))
     rows.append(_measure(Row(L, H, D, s, sweep.SPARSE_ONLY), _sla(D, cell.topk, 128, "none"), q, k, v, n_c * 64))
     rows.append(_measure(Row(L, H, D, s, sweep.FULL), _sla(D, cell.topk, 128, "marginal"), q, k, v, n_c * 64,
                          profile=profile_glue))
@@ -225,6 +228,14 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
         dynamo.fail_on_recompile_limit_hit = True
     meta = dict(_meta(autotune), budget_s=args.budget, min_reps=sweep.MIN_REPS, cells=[], skipped=[])
     rows: list[Row] = []
+
+    def save() -> dict:
+        """Write this run's rows (merged into --append's file) to --json; return what was written."""
+        payload = dict(meta, rows=[asdict(r) for r in rows])
+        payload = sweep.merge_payloads([prior, payload]) if prior else payload
+        sweep.write_payload(args.json, payload)
+        return payload
+
     overrun = 1.0  # the worst measured / estimated seconds of a cell that compiled: the compile times are assumed
     for i, (cell, estimate) in enumerate(plan):
         elapsed = _elapsed()
@@ -242,11 +253,8 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
         meta["cells"].append(dict(asdict(cell), estimate_s=round(predicted, 1), wall_s=round(wall, 1)))
         print(f"cell L={cell.L} D={cell.D} sparsity={cell.sparsity}: {wall:.1f} s (estimated {predicted:.1f} s), "
               f"{_elapsed():.0f} s since start", flush=True)
-        payload = dict(meta, rows=[asdict(r) for r in rows])
-        sweep.write_payload(args.json, sweep.merge_payloads([prior, payload]) if prior else payload)
-    payload = dict(meta, rows=[asdict(r) for r in rows])
-    sweep.write_payload(args.json, sweep.merge_payloads([prior, payload]) if prior else payload)
-    return sweep.load_payload(args.json)["rows"]
+        save()
+    return save()["rows"]  # again: a --budget stop above recorded its skipped cells in meta
 
 
 def main() -> None:
