@@ -42,6 +42,20 @@ def test_ranking_ties_and_signed_zeros():
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), (topk, negligible)
 
 
+@pytest.mark.parametrize("nk", [1, 37, 591])
+def test_ranking_heavy_ties_long_rows(nk):
+    """Rows of few distinct values (most keys tie at both class boundaries), signs mixed, up to L 75600's Nk of 591
+    (padded to 1024): the same classes and critical lists as a stable descending sort, for counts from one critical
+    block to all of them."""
+    gen = torch.Generator().manual_seed(nk)
+    values = torch.tensor([-3.5, -1.0, -0.0, 0.0, 0.25, 1.0, 7.0])
+    scores = values[torch.randint(0, len(values), (5, nk), generator=gen)].to(DEVICE)
+    for topk, negligible in ((0.05, 0.1), (0.3, 0.3), (1.0, 0.0), (0.5, 0.45)):
+        fast = rank_blocks(scores, topk, negligible, kernels=True)
+        slow = rank_blocks(scores, topk, negligible, kernels=False)
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), (nk, topk, negligible)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 9, 17), (1, 2, 64, 130)] + ([(1, 12, 256, 512)] if HAS_CUDA else []))
 def test_transposed_lists_match_pytorch(shape):
     gen = torch.Generator().manual_seed(shape[-1])
