@@ -343,17 +343,22 @@ def test_other_tile_shapes(variant, monkeypatch, poison_outputs):
         configs.get_kernel.cache_clear()
 
 
-def test_backward_saves_no_per_block_summaries():
-    """The linear branch's per-key-block [D, D] summaries grow with L: the backward recomputes them, so nothing of
-    that shape is kept alive between forward and backward (the [D, D] proj_l weight itself is 2-D)."""
+@pytest.mark.parametrize("linear_sums", ["save", "recompute"])
+def test_backward_saves_no_per_key_block_summaries(linear_sums):
+    """The linear branch's per-key-block [D, D] summaries grow with L: nothing of that shape is kept alive between
+    forward and backward (the [D, D] proj_l weight itself is 2-D). Of the per-query-block sums, linear_sums 'save'
+    keeps their one [BH, Nq, D D + D] buffer of rows, 'recompute' nothing."""
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 300, 300, 32))
     bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        sparse_linear_attention(q, k, v, bm, torch.randn(32, 32, device=DEVICE), None).sum().backward()
+        sparse_linear_attention(q, k, v, bm, torch.randn(32, 32, device=DEVICE), None,
+                                linear_sums=linear_sums).sum().backward()
     assert saved  # the hooks saw the forward's saved tensors
     per_block = [s for s in saved if len(s) >= 3 and s[-2:] == (32, 32)]
     assert not per_block, f"saved per-block [D, D] tensors of shapes {per_block}"
+    rows = [s for s in saved if len(s) >= 3 and s[-1] == 32 * 32 + 32]
+    assert rows == ([(2, bm.block_class.shape[2], 32 * 32 + 32)] if linear_sums == "save" else []), saved
 
 
 def _map_with_critical_rows(rows: list[list[int]], L: int = 130) -> BlockMap:
