@@ -128,22 +128,26 @@ def test_backward_op_takes_the_sums():
     torch.library.opcheck(op.sla_backward, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_compiled_layer_gradients_do_not_depend_on_linear_sums(block_map_kernels):
-    """Compiled (the sums a saved activation of the graph), 'save' and 'recompute' give the eager gradients."""
+def test_compiled_layer_gradients_do_not_depend_on_linear_sums(block_map_kernels, monkeypatch):
+    """Compiled (the sums a saved activation of the graph), 'save' and 'recompute' give identical gradients, and
+    the eager layer's; a compiled step with 'save' launches the summaries kernel once (forward only)."""
+    launches = _Launches(monkeypatch)
     g = torch.Generator().manual_seed(1)
     q, k, v, grad = (torch.randn(1, 2, 200, D, generator=g).to(DEVICE) for _ in range(4))
-    results = {}
+    compiled, eager = {}, {}
     for linear_sums in ("save", "recompute"):
         torch.manual_seed(0)
         layer = SparseLinearAttention(D, topk=0.5, negligible=0.25, linear_sums=linear_sums, backend="triton")
         torch.nn.init.normal_(layer.proj_l.weight, std=0.2)
         layer = layer.to(DEVICE)
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-        results[linear_sums] = layer_step(compiled, q, k, v, grad)
-        results["eager " + linear_sums] = layer_step(layer, q, k, v, grad)
-    for name, *got in zip(("out", "dq", "dk", "dv", "dproj_w"), *results.values()):
-        for other in got[1:]:
-            assert torch.equal(got[0], other), name
+        launches.take()
+        compiled[linear_sums] = layer_step(torch.compile(layer, backend="aot_eager", fullgraph=True), q, k, v, grad)
+        assert launches.take().count("summaries") == (1 if linear_sums == "save" else 2), linear_sums
+        eager[linear_sums] = layer_step(layer, q, k, v, grad)
+    for i, name in enumerate(("out", "dq", "dk", "dv", "dproj_w")):
+        assert torch.equal(compiled["save"][i], compiled["recompute"][i]), name
+        assert torch.equal(eager["save"][i], eager["recompute"][i]), name
+        torch.testing.assert_close(compiled["save"][i], eager["save"][i], msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("linear_sums", ["save", "recompute"])
