@@ -55,6 +55,9 @@
 # vstrides (the layer at the model's 32760 tokens, i.i.d. and the model's q / k, bhld vs fused layout: with v read in
 #   its own strides the fused layout no longer copies v in the forward and the backward; bhld, which never copied, is
 #   the control. Time a main checkout beside it: PYTHONPATH=/tmp/main python3 benchmarks/time_layer.py main ...).
+# linsums (SLAConfig.linear_sums: the layer at 32K and 8K with the backward reading the forward's linear sums
+#   (save) or making them again (recompute); fixed launch settings, ~1 min), linsums-memory (memory_layer.py's
+#   dense and SLA rows at 32K, the layer once per linear_sums: peak extra and held MiB; ~1 min).
 # attn-sweep-a, attn-sweep-b (issue #11's full grid, bench_attention.py --sweep --profile-glue, one H200, in two
 #   calls: a = L 8192 and 16384, b = L 32768 and 75600, 16 cells each; fixed launch settings. Estimated 414 s and
 #   450 s (bench_attention.py --sweep --plan: measured kernel times, assumed first-call compile times); --budget 510
@@ -114,6 +117,8 @@ declare -A CMD=(
   [ulysses4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_sequence_parallel.py --sizes 1 2 4 --modes ulysses --heads 12 24 --input-layout bhld blhd --overlap-chunks 1 2 3 --iters 10 --out $STEM-ulysses4"
   [wan14b-sp4]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp4 --out $STEM-wan14b-sp4"
   [zero3-sp2dp2]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp2dp2 --out $STEM-zero3-sp2dp2"
+  [linsums]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py linsums --linear-sums save recompute"
+  [linsums-memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --lengths 32768 --linear-sums save recompute --out $OUT/memory_linsums.json"
   [vstrides]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py vstrides --inputs iid dit --layout bhld fused $MODEL_QK"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )

@@ -57,7 +57,7 @@ def main() -> None:
 
     bm = predict()
     op_args = (q.detach(), k.detach(), v.detach(), bm.block_class, bm.kv_num_blocks, bm.kv_indices, 128, 64,
-               "softmax", "marginal")
+               "softmax", "marginal", "save")
     n_blocks = num_blocks(args.L, 64)
     sums = torch.zeros(1, args.H, n_blocks, args.D, dtype=torch.float64, device=device)
     block_sums = configs.get_kernel("block_sums")

@@ -1,6 +1,7 @@
 """Peak extra memory of the SLA layer's forward+backward, counted on a CPU with the Triton kernels replaced by no-ops.
 
-    TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128] [--json PATH]
+    TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128]
+        [--linear-sums save recompute] [--json PATH]
 
 Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in bfloat16, the
 block map through its kernel path), but no kernel runs, so the full 32K shape takes a minute or two (the 0/1
@@ -9,6 +10,7 @@ profiler's memory timeline; "extra" is the peak above what was allocated before 
 gradient, parameters), as ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` reports on a GPU, up to the
 caching allocator's rounding (512 bytes) and its workspaces. The output is held during the backward (as in
 ``layer(q, k, v).backward(g)``), and the kernels' outputs hold no values, so only sizes are meaningful.
+``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from unittest import mock
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action, MemoryProfile
+
+from sla_dist.config import LINEAR_SUMS
 
 MIB = 2**20
 
@@ -61,7 +65,7 @@ def allocations(fn) -> tuple[int, int]:
 
 
 def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
-                  dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+                  dtype: torch.dtype = torch.bfloat16, linear_sums: str = "save") -> dict[str, int]:
     """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
     ("forward_peak"), what it leaves allocated for the backward, output included ("held"), and the peak over both
     ("peak"), each above what was allocated before."""
@@ -70,7 +74,8 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
     from sla_dist import SparseLinearAttention
 
     torch.manual_seed(0)
-    layer = SparseLinearAttention(D, topk=topk, BLKQ=block_q, BLKK=block_k, backend="triton")
+    layer = SparseLinearAttention(D, topk=topk, BLKQ=block_q, BLKK=block_k, linear_sums=linear_sums,
+                                  backend="triton")
     torch.nn.init.normal_(layer.proj_l.weight, std=D**-0.5)
     q, k, v = (torch.randn(1, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
@@ -91,18 +96,24 @@ def main() -> None:
     parser.add_argument("--L", type=int, default=32768)
     parser.add_argument("--H", type=int, default=12)
     parser.add_argument("--D", type=int, default=128)
+    parser.add_argument("--linear-sums", nargs="+", choices=LINEAR_SUMS, default=list(LINEAR_SUMS),
+                        help="SLAConfig.linear_sums values to count, one after the other")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
-    account = layer_account(args.L, args.H, args.D)
     one = args.H * args.L * args.D * 2
     print(f"SLA layer fwd+bwd, kernel path, bf16, [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, topk 0.05; "
           f"MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
-    for name, n in account.items():
-        print(f"  {name:12} {n / MIB:8.1f} MiB  {n / one:5.2f} x q")
+    accounts = {}
+    for linear_sums in args.linear_sums:
+        accounts[linear_sums] = account = layer_account(args.L, args.H, args.D, linear_sums=linear_sums)
+        print(f" linear_sums={linear_sums!r}")
+        for name, n in account.items():
+            print(f"  {name:12} {n / MIB:8.1f} MiB  {n / one:5.2f} x q")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(L=args.L, H=args.H, D=args.D, q_mib=one / MIB,
-                           **{f"{name}_mib": n / MIB for name, n in account.items()}), f, indent=1)
+                           **{linear_sums: {f"{name}_mib": n / MIB for name, n in account.items()}
+                              for linear_sums, account in accounts.items()}), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Peak extra GPU memory of one forward+backward: the SLA layer against dense SDPA (cuDNN) on the same q, k, v.
 
-    PYTHONPATH=/path/to/checkout python benchmarks/memory_layer.py [--lengths 8192 32768] [--flex] [--out PATH]
+    PYTHONPATH=/path/to/checkout python benchmarks/memory_layer.py [--lengths 8192 32768] [--flex]
+        [--linear-sums save recompute] [--out PATH]
 
 bf16, B = 1, H = 12, D = 128, topk 0.05 (95 % sparsity), BQ 128 / BK 64. Rows: (a) dense SDPA with the cuDNN
 backend, (b) the full SLA layer (SparseLinearAttention, kernel path: block-map prediction, both branches, proj_l),
@@ -11,7 +12,8 @@ temporaries and the three input gradients; "held" is what the forward leaves all
 included. Each row is measured after two untimed steps (autotuning, lazy workspaces); its fwd+bwd time is a median
 of ``triton.testing.do_bench``. The sla_dist that PYTHONPATH points at is measured (its path is printed first), so
 two checkouts compare on one card in one device call. ``benchmarks/memory_account.py`` counts the same SLA peak on
-a CPU.
+a CPU. ``--linear-sums`` measures row (b) once per SLAConfig.linear_sums given (without it: the layer's default, so
+a checkout from before the option can be measured).
 """
 
 from __future__ import annotations
@@ -72,10 +74,10 @@ def measure(row: Row, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     return row
 
 
-def sla_layer(D: int, topk: float):
+def sla_layer(D: int, topk: float, **kwargs):
     from sla_dist import SparseLinearAttention
 
-    layer = SparseLinearAttention(D, topk=topk, BLKQ=128, BLKK=64).cuda()
+    layer = SparseLinearAttention(D, topk=topk, BLKQ=128, BLKK=64, **kwargs).cuda()
     torch.nn.init.normal_(layer.proj_l.weight, std=D**-0.5)  # a trained layer's proj_l is not zero
     return layer
 
@@ -87,19 +89,25 @@ def main() -> None:
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--topk", type=float, default=0.05)
     parser.add_argument("--flex", action="store_true", help="also FlexAttention block-sparse (compiles first)")
+    parser.add_argument("--linear-sums", nargs="+", choices=("save", "recompute"), metavar="MODE",
+                        help="SLAConfig.linear_sums values of the SLA layer, one row each (save, recompute)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("memory_layer.py measures CUDA memory and needs a GPU (benchmarks/memory_account.py counts the SLA "
                  "layer's peak on a CPU)")
     print("sla_dist from", __import__("sla_dist").__file__)
-    torch.manual_seed(0)
-    layer = sla_layer(args.D, args.topk)
+    layers = {}
+    for sums in args.linear_sums or [None]:
+        torch.manual_seed(0)
+        name = "SLA layer (kernels)" if sums is None else f"SLA layer ({sums})"
+        layers[name] = sla_layer(args.D, args.topk, **({} if sums is None else dict(linear_sums=sums)))
     rows = []
     for L in args.lengths:
         q, k, v, g = (torch.randn(1, args.H, L, args.D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         rows.append(measure(Row(L, "dense SDPA cuDNN"), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, g))
-        rows.append(measure(Row(L, "SLA layer (kernels)"), layer, q, k, v, g))
+        for name, layer in layers.items():
+            rows.append(measure(Row(L, name), layer, q, k, v, g))
         if args.flex:
             try:
                 flex = flex_block_sparse(q, k, args.topk)[0]

@@ -9,7 +9,9 @@ one device call, e.g. ``git worktree add /tmp/old <commit>`` beside this one. Me
 the layer captured by ``torch.cuda.make_graphed_callables`` (forward and backward replayed as CUDA graphs: no host
 time per call beyond the replay). ``--fwd-loop baseline fma ...`` times the forward kernel's loop variants one after
 the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; options joined by '+', e.g.
-``even+fma``); without it the environment's setting is timed.
+``even+fma``); without it the environment's setting is timed. ``--linear-sums save recompute`` times the layer with
+each SLAConfig.linear_sums in turn, the same way (without it the layer's default, so a checkout from before the
+option can be timed).
 
 Inputs like a model's, one factor at a time (each a list: one run per value, after the L loop; a label suffix names
 every value that is not the default): ``--L 32760`` a length with partial last blocks; ``--layout blhd fused`` q, k,
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fwd-loop", nargs="+", metavar="LOOP",
                         help="forward loop variants to time one after the other (baseline, or options from "
                              "even, fma, split joined by '+'); default: the measured rule, or SLA_DIST_FWD_LOOP")
+    parser.add_argument("--linear-sums", nargs="+", choices=("save", "recompute"), metavar="MODE",
+                        help="SLAConfig.linear_sums values to time one after the other (save, recompute)")
     parser.add_argument("--L", type=int, nargs="+", default=[32768, 8192], help="sequence lengths (iid inputs)")
     add_input_arguments(parser)
     parser.add_argument("--tiny", action="store_true", help="H 2, D 32, L 256 (grid 4,8,8), float32 on the CPU: a "
@@ -96,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
             for loop in args.fwd_loop or [None]:
                 if loop is not None:
                     os.environ[FWD_LOOP_ENV] = loop
-                time_layer(L, label + suffix + (f"+fwd:{loop}" if loop else ""), inputs, args)
+                for sums in args.linear_sums or [None]:
+                    variant = inputs if sums is None else dict(inputs, linear_sums=sums)
+                    time_layer(L, label + suffix + (f"+fwd:{loop}" if loop else "") + (f"+sums:{sums}" if sums else ""),
+                               variant, args)
         if args.dense:
             torch.manual_seed(0)  # the layer's q, k, v
             _, q, k, v, g = sla_layer_inputs(L, 12, 128)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,6 +32,8 @@ class SparseLinearAttention(nn.Module):
             share phi.
         negligible: fraction of key blocks per query block skipped entirely.
         linear_scope: 'marginal' (paper), 'all' (public main branch) or 'none' (sparse branch only).
+        linear_sums: 'save' (the kernels' backward reads the linear branch's sums the forward made) or 'recompute'
+            (it makes them again: less memory held between forward and backward); see SLAConfig.linear_sums.
         backend: 'auto' (Triton on CUDA, dense reference on CPU), 'triton' or 'reference'.
     """
 
@@ -45,13 +49,15 @@ class SparseLinearAttention(nn.Module):
         *,
         negligible: float = 0.10,
         linear_scope: str = "marginal",
+        linear_sums: str = "save",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         if head_dim <= 0:
             raise ValueError(f"head_dim={head_dim} must be positive")
         self.config = SLAConfig(topk=topk, negligible=negligible, block_q=BLKQ, block_k=BLKK,
-                                feature_map=feature_map, linear_scope=linear_scope, backend=backend)
+                                feature_map=feature_map, linear_scope=linear_scope, linear_sums=linear_sums,
+                                backend=backend)
         self.head_dim = head_dim
         self.use_bf16 = use_bf16
         self.tie_feature_map_qk = tie_feature_map_qk
@@ -62,12 +68,14 @@ class SparseLinearAttention(nn.Module):
     @classmethod
     def from_config(cls, head_dim: int, config: SLAConfig, **kwargs) -> "SparseLinearAttention":
         return cls(head_dim, config.topk, config.feature_map, config.block_q, config.block_k,
-                   negligible=config.negligible, linear_scope=config.linear_scope, backend=config.backend, **kwargs)
+                   negligible=config.negligible, linear_scope=config.linear_scope, linear_sums=config.linear_sums,
+                   backend=config.backend, **kwargs)
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"head_dim={self.head_dim}, topk={c.topk}, negligible={c.negligible}, block=({c.block_q}, "
-                f"{c.block_k}), feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, backend={c.backend!r}")
+                f"{c.block_k}), feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, "
+                f"linear_sums={c.linear_sums!r}, backend={c.backend!r}")
 
     def uses_kernels(self, device: torch.device) -> bool:
         return self.config.backend == "triton" or (self.config.backend == "auto" and device.type == "cuda")
@@ -99,9 +107,12 @@ class SparseLinearAttention(nn.Module):
 
         q [B, H, Lq, D], k, v [B, H, Lk, D]; o_s, o_l [B, H, Lq, D] in the run dtype (float32 inputs on CUDA run in
         bfloat16 / float16, see ``use_bf16``), o_l None for linear_scope 'none', lse [B, H, Lq] float32."""
-        branches = sla_branches if self.uses_kernels(q.device) else sla_branches_ref
-        q, k, v, block_map = self._prepare(q, k, v)
         c = self.config
+        if self.uses_kernels(q.device):
+            branches = functools.partial(sla_branches, linear_sums=c.linear_sums)
+        else:
+            branches = sla_branches_ref
+        q, k, v, block_map = self._prepare(q, k, v)
         o_s, o_l, lse = branches(q, k, v, block_map, feature_map=c.feature_map, linear_scope=c.linear_scope)
         return o_s, o_l, lse, block_map
 
@@ -140,7 +151,8 @@ class SparseLinearAttention(nn.Module):
             c = self.config
             q_run, k_run, v_run, block_map = self._prepare(q, k, v)
             out = sparse_linear_attention(q_run, k_run, v_run, block_map, self.proj_l.weight, self.proj_l.bias,
-                                          feature_map=c.feature_map, linear_scope=c.linear_scope)
+                                          feature_map=c.feature_map, linear_scope=c.linear_scope,
+                                          linear_sums=c.linear_sums)
         else:
             out, o_l, _, block_map = self.branches(q, k, v)
             if o_l is not None:

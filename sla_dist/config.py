@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_SCOPES = ("marginal", "all", "none")
+LINEAR_SUMS = ("save", "recompute")
 BACKENDS = ("auto", "triton", "reference")
 SUPPORTED_BLOCK_Q = (64, 128)
 SUPPORTED_BLOCK_K = (64,)
@@ -39,6 +40,12 @@ class SLAConfig:
     """Keys the linear branch sums over: 'marginal' (the paper), 'all' (the public main branch) or 'none'
     (sparse branch only, for ablations)."""
 
+    linear_sums: str = "save"
+    """What the Triton backward does for the linear branch's per-query-block sums H_i, Z_i (one [B H, Nq, D D + D]
+    buffer; one row per head for scope 'all'): 'save' keeps the forward's for the backward (it skips a summaries
+    kernel and a 0/1 product), 'recompute' makes them again in the backward (the buffer is not held between forward
+    and backward: 97 MiB at H 12, L 32768, D 128, BLKQ 128 in bfloat16). Nothing to keep for scope 'none'."""
+
     backend: str = "auto"
     """'triton' (fused kernels), 'reference' (dense PyTorch) or 'auto' (Triton on CUDA, reference on CPU)."""
 
@@ -46,6 +53,7 @@ class SLAConfig:
         validate_fractions(self.topk, self.negligible)
         validate_block_sizes(self.block_q, self.block_k)
         validate_branch_options(self.feature_map, self.linear_scope)
+        validate_linear_sums(self.linear_sums)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
 
@@ -89,3 +97,9 @@ def validate_branch_options(feature_map: object, linear_scope: object) -> None:
         raise ValueError(f"feature_map={feature_map!r} is not one of {FEATURE_MAPS}")
     if linear_scope not in LINEAR_SCOPES:
         raise ValueError(f"linear_scope={linear_scope!r} is not one of {LINEAR_SCOPES}")
+
+
+def validate_linear_sums(linear_sums: object) -> None:
+    """The Triton backward's choice for the linear branch's sums; shared by SLAConfig and the functional API."""
+    if linear_sums not in LINEAR_SUMS:
+        raise ValueError(f"linear_sums={linear_sums!r} is not one of {LINEAR_SUMS}")

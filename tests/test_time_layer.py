@@ -107,3 +107,9 @@ def test_tiny_run_times_one_line_per_setting_and_names_the_non_defaults(capsys, 
 def test_tiny_refuses_gpu_only_options():
     with pytest.raises(SystemExit):
         time_layer.main(["x", "--tiny", "--dense"])
+
+
+def test_tiny_run_times_each_linear_sums(capsys, one_thread):
+    time_layer.main(["x", "--tiny", "--linear-sums", "save", "recompute"])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if " fwd+bwd " in line]
+    assert [words[0] for words in lines] == ["x+sums:save", "x+sums:recompute"]

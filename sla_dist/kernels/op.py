@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import FEATURE_MAPS, validate_branch_options
+from ..config import FEATURE_MAPS, validate_branch_options, validate_linear_sums
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
 from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel
@@ -211,14 +211,31 @@ def _split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]
     return rows[..., : D * D].unflatten(-1, (D, D)), rows[..., D * D :]
 
 
-def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: _Problem):
-    """H_i [BH, Nq|1, D, D] and Z_i [BH, Nq|1, D]: the linear branch's sums over each query block's scope."""
+def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: _Problem) -> torch.Tensor:
+    """Rows [BH, Nq|1, D * D + D] of H_i and Z_i (see :func:`_split_rows`): the linear branch's sums over each query
+    block's scope."""
     hz = _summary_rows(p.nk, k, p)
     get_kernel("summaries")[(p.nk, p.bh)](
         k, v, hz, *p.kv_strides, p.H, p.Lk, p.nk,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
     )
-    return _split_rows(_sum_over_scope(hz, marginal), p.D)
+    return _sum_over_scope(hz, marginal)
+
+
+def _no_sums(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The forward's ``sums`` output when it keeps none (linear_sums 'recompute' or scope 'none'): empty."""
+    return like.new_empty((0,), dtype=dtype)
+
+
+def _sums_like(q: torch.Tensor, block_q: int, linear_scope: str, linear_sums: str) -> torch.Tensor:
+    """The forward's ``sums`` output as :func:`_forward` makes it, for the fake: rows [BH, Nq|1, D * D + D] in the
+    summaries' dtype (contiguous, as a product or a sum makes them), or empty."""
+    dtype = summary_dtype(q.dtype, _interpreting())
+    if linear_sums != "save" or linear_scope == "none":
+        return _no_sums(q, dtype)
+    B, H, Lq, D = q.shape
+    n = 1 if linear_scope == "all" else num_blocks(Lq, block_q)
+    return q.new_empty((B * H, n, D * D + D), dtype=dtype)
 
 
 def _block_strides(x: torch.Tensor) -> tuple[int, int]:
@@ -229,12 +246,14 @@ def _block_strides(x: torch.Tensor) -> tuple[int, int]:
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str,
     proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(O_s, O_l, lse): sparse-branch output, unprojected linear-branch output (zeros for scope 'none') and the
-    sparse branch's base-2 log-sum-exp [B, H, Lq] float32; with ``proj_weight`` (scope not 'none') preceded by the
-    layer output O_s + O_l W^T + b, made in the forward kernel's epilogue."""
+    """(O_s, O_l, lse, sums): sparse-branch output, unprojected linear-branch output (zeros for scope 'none'), the
+    sparse branch's base-2 log-sum-exp [B, H, Lq] float32 and, for ``linear_sums`` 'save', the rows of H_i and Z_i
+    [BH, Nq|1, D * D + D] the backward takes instead of making them again (else an empty tensor); with
+    ``proj_weight`` (scope not 'none') preceded by the layer output O_s + O_l W^T + b, made in the forward kernel's
+    epilogue."""
     (q,) = _kernel_layout(q)
     k, v = _key_value_layout(k, v)
     has_linear = linear_scope != "none"
@@ -246,9 +265,12 @@ def _forward(
     o_l = _like(q) if has_linear else torch.zeros_like(q)
     lse = _new((p.B, p.H, p.Lq), q, torch.float32)
     if has_linear:
-        hl, zl = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
+        sums = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
+        hl, zl = _split_rows(sums, p.D)
     else:  # never read: HAS_LINEAR=False compiles the branch away
         hl = zl = lse.view(p.bh, 1, -1)
+    if not has_linear or linear_sums != "save":
+        sums = _no_sums(q, p.summary_dtype)
     # Never read without HAS_PROJ / HAS_BIAS: o stands in for the missing tensors.
     out = _like(q) if has_proj else o
     weight = proj_weight.contiguous() if has_proj else o
@@ -262,27 +284,28 @@ def _forward(
         **p.meta(), HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
         **loop.constexprs(even_keys=p.Lk % block_k == 0), V_LIKE_K=p.v_like_k,
     )
-    return (out, o, o_l, lse) if has_proj else (o, o_l, lse)
+    return (out, o, o_l, lse, sums) if has_proj else (o, o_l, lse, sums)
 
 
 def _sla_forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s, O_l, lse) of :func:`_forward`."""
-    return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope)
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_s, O_l, lse, sums) of :func:`_forward`."""
+    return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
+                    linear_sums)
 
 
 def _sla_projected_forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s + O_l W^T + b, O_s, O_l, lse) of :func:`_forward`; linear_scope is not 'none'."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_s + O_l W^T + b, O_s, O_l, lse, sums) of :func:`_forward`; linear_scope is not 'none'."""
     return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
-                    proj_weight, proj_bias)
+                    linear_sums, proj_weight, proj_bias)
 
 
 sla_forward = torch.library.custom_op("sla_dist::sla_forward", mutates_args=())(_sla_forward_impl)
@@ -291,21 +314,24 @@ sla_projected_forward = torch.library.custom_op("sla_dist::sla_projected_forward
 
 
 @sla_forward.register_fake
-def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope):
-    return _forward_outputs_like(q, linear_scope != "none")
+def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums):
+    return _forward_outputs_like(q, block_q, linear_scope, linear_sums)
 
 
 @sla_projected_forward.register_fake
-def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, proj_weight,
-      proj_bias):
-    outputs = _forward_outputs_like(q, True)
+def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums,
+      proj_weight, proj_bias):
+    outputs = _forward_outputs_like(q, block_q, linear_scope, linear_sums)
     return (_like(outputs[0]), *outputs)  # out has O_s's layout
 
 
-def _forward_outputs_like(q: torch.Tensor, has_linear: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fake (O_s, O_l, lse) with the strides :func:`_forward` gives them (inductor checks them)."""
+def _forward_outputs_like(q: torch.Tensor, block_q: int, linear_scope: str,
+                          linear_sums: str) -> tuple[torch.Tensor, ...]:
+    """Fake (O_s, O_l, lse, sums) with the strides :func:`_forward` gives them (inductor checks them)."""
     (q,) = _kernel_layout(q)
-    return _like(q), (_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
+    has_linear = linear_scope != "none"
+    return (_like(q), (_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32),
+            _sums_like(q, block_q, linear_scope, linear_sums))
 
 
 def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
@@ -323,11 +349,31 @@ def _sla_backward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
+    linear_sums: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward custom op: (dq, dk, dv) of :func:`_backward`. The op's caller holds ``linear_sums`` until the
+    op returns (a compiled graph frees it after its last use)."""
+    return _backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
+                     feature_map, linear_scope, proj_weight, linear_sums)
+
+
+def _backward(
+    do: torch.Tensor, dol: torch.Tensor | None, dlse: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
+    linear_sums: torch.Tensor | None = None, release_sums: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
     (``dlse``); None stands for a zero gradient. With ``proj_weight`` (proj_l's W in ``do``'s dtype, from the
     projected forward, whose output's gradient ``do`` is), the pre-pass adds dOut W to dO_l itself: the q-sized
-    dO_l = dOut W is never stored."""
+    dO_l = dOut W is never stored.
+
+    ``linear_sums``: the forward's rows of H_i and Z_i (its linear_sums 'save'), read by the pre-pass instead of
+    making them again; None, empty or released (see below): made here, from k and v. ``release_sums`` (the eager
+    path, whose autograd node holds the saved rows until the whole backward returns) frees their memory right after
+    the pre-pass: the rows are then not held beside dk, dv and dh_j, and the backward's peak is the recomputing
+    one's. A second backward through the same graph (retain_graph) finds them released and makes them again."""
     has_proj = proj_weight is not None  # the projected forward, whose scope is not 'none'
     has_dol = linear_scope != "none" and dol is not None
     has_linear = has_dol or has_proj
@@ -341,9 +387,10 @@ def _sla_backward_impl(
     dq = _like(q)
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
+    saved = has_linear and linear_sums is not None and linear_sums.untyped_storage().nbytes() > 0
     if has_linear:
         marginal = _marginal_matrix(block_class, linear_scope, p.summary_dtype)
-        hl, zl = _linear_totals(k, v, marginal, p)
+        hl, zl = _split_rows(linear_sums if saved else _linear_totals(k, v, marginal, p), p.D)
         dhz = _summary_rows(p.nq, q, p)
     else:  # never read
         hl = zl = dhz = delta.view(p.bh, 1, -1)
@@ -354,6 +401,9 @@ def _sla_backward_impl(
         PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
     del hl, zl  # read by the pre-pass only
+    if release_sums and linear_sums is not None:
+        # The autograd node's reference outlives this function: free the storage itself (as FSDP frees parameters).
+        linear_sums.untyped_storage().resize_(0)
     get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
@@ -404,17 +454,21 @@ sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=()
 
 @sla_backward.register_fake
 def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
-      linear_scope, proj_weight=None):
+      linear_scope, proj_weight=None, linear_sums=None):
     q, k, _, *_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     return _like(q), _like(k), _like(k)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, *proj = inputs
-    o, o_l, lse = output[-3:]
-    # The projected op also keeps O_l (dW = sum dOut^T O_l) and W (dO_l = dOut W, made in the backward's pre-pass);
-    # of the bias only its dtype.
-    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *((o_l, proj[0]) if proj else ()))
+    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, _, *proj = inputs
+    o, o_l, lse, sums = output[-4:]
+    ctx.mark_non_differentiable(sums)
+    # The sums (empty unless linear_sums is 'save') are saved like the inputs, so that saved-tensor hooks see them:
+    # activation checkpointing drops them with the rest and its recomputed forward makes them again. The projected
+    # op also keeps O_l (dW = sum dOut^T O_l) and W (dO_l = dOut W, made in the backward's pre-pass); of the bias
+    # only its dtype.
+    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, sums,
+                          *((o_l, proj[0]) if proj else ()))
     ctx.static = (block_q, block_k, feature_map, linear_scope)
     # Unused outputs' gradients stay None, not zeros, in eager mode and in a compiled graph alike: with zeros the
     # kernels would read a dO_l / dlse of zeros, and the projected op would make dO_l = dOut W in PyTorch (IEEE float32
@@ -474,18 +528,18 @@ def _projection_backward(dout, do, dol, o_l, weight, bias_dtype):
 
 def _gradients(backward, ctx, *grads):
     """Gradients of the forward's inputs through ``backward`` (the custom op or its implementation) from those of
-    its outputs, None standing for a zero gradient: (dq, dk, dv, None x 7) from (dO_s, dO_l, dlse), and for the
-    projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse)."""
-    q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *proj = ctx.saved_tensors
-    do, dol, dlse = grads[-3:]
+    its outputs, None standing for a zero gradient: (dq, dk, dv, None x 8) from (dO_s, dO_l, dlse, None for the
+    sums), and for the projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse, None)."""
+    q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, sums, *proj = ctx.saved_tensors
+    do, dol, dlse = grads[-4:-1]
     dproj, weight = (), None
     if proj:
         do, dol, weight, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static,
-                          weight)
-    return dq, dk, dv, None, None, None, None, None, None, None, *dproj
+                          weight, sums)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, *dproj
 
 
 for _op in ("sla_forward", "sla_projected_forward"):
@@ -508,7 +562,7 @@ class _EagerSLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return _gradients(_sla_backward_impl, ctx, *grads)
+        return _gradients(functools.partial(_backward, release_sums=True), ctx, *grads)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: bool) -> None:
@@ -547,6 +601,7 @@ def sla_branches(
     *,
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
+    linear_sums: str = "save",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """SLA's two branches before projection, for callers that merge attention parts themselves.
 
@@ -556,6 +611,8 @@ def sla_branches(
             by hand has its values checked first (one device synchronisation).
         feature_map: 'softmax' | 'elu' | 'relu'.
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
+        linear_sums: 'save' (the backward reads the linear branch's per-query-block sums the forward made) |
+            'recompute' (the backward makes them again; they are not held in between). See SLAConfig.linear_sums.
 
     Returns:
         o_s [B, H, Lq, D]: softmax attention over each query block's critical key blocks;
@@ -563,7 +620,7 @@ def sla_branches(
         lse [B, H, Lq] float32: natural-log log-sum-exp of the sparse branch's scaled scores. All three are
         differentiable, so two partial attentions merge exactly as (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2).
     """
-    o, o_l, lse2 = _apply(sla_forward, q, k, v, block_map, feature_map, linear_scope)
+    o, o_l, lse2 = _apply(sla_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums)
     return o, (o_l if linear_scope != "none" else None), lse2 * math.log(2.0)
 
 
@@ -577,6 +634,7 @@ def sparse_linear_attention(
     *,
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
+    linear_sums: str = "save",
 ) -> torch.Tensor:
     """Sparse-Linear Attention with the fused Triton kernels.
 
@@ -587,21 +645,25 @@ def sparse_linear_attention(
         proj_weight, proj_bias: proj_l, [D, D] and [D]. Without a weight the linear branch is skipped.
         feature_map: 'softmax' | 'elu' | 'relu'.
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
+        linear_sums: 'save' | 'recompute', as for :func:`sla_branches`.
 
     Returns:
         [B, H, Lq, D] in q's dtype: O_s + proj_l(O_l), the projection made in the forward kernel (O_l W^T + b is
         rounded once, with the sum).
     """
-    if proj_weight is None or linear_scope == "none":  # both paths validate the options
+    if proj_weight is None or linear_scope == "none":  # both paths validate the options; no branch, no sums
+        validate_linear_sums(linear_sums)
         return project_branches(sla_branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
-    return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias)[0]
+    return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums, proj_weight,
+                  proj_bias)[0]
 
 
-def _apply(op, q, k, v, block_map, feature_map, linear_scope, *proj) -> tuple[torch.Tensor, ...]:
-    """``op``'s outputs after the input checks: the custom op under torch.compile, its implementation under
-    ``_EagerSLA`` in eager mode."""
+def _apply(op, q, k, v, block_map, feature_map, linear_scope, linear_sums, *proj) -> tuple[torch.Tensor, ...]:
+    """``op``'s outputs but the sums (internal to the backward) after the input checks: the custom op under
+    torch.compile, its implementation under ``_EagerSLA`` in eager mode."""
     check_inputs(q, k, v, kernel=True)
     validate_branch_options(feature_map, linear_scope)
+    validate_linear_sums(linear_sums)
     check_block_map(q, k, block_map, kernel=True)
     if proj:
         check_projection(q, *proj)
@@ -609,7 +671,7 @@ def _apply(op, q, k, v, block_map, feature_map, linear_scope, *proj) -> tuple[to
     # The kernels index the lists as dense [B * H, Nq(, W)] arrays; a no-op for maps built by block_map.py.
     return forward(q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(),
                    block_map.kv_indices.contiguous(), block_map.block_q, block_map.block_k, feature_map, linear_scope,
-                   *proj)
+                   linear_sums, *proj)[:-1]
 
 
 def check_projection(q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -141,18 +141,19 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
     lists = (block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
              block_map.block_q, block_map.block_k, "softmax", "marginal")
     weight, bias = layer.proj_l.weight.detach(), layer.proj_l.bias.detach()
+    forward_args = (q, k, v, *lists, "save", weight, bias)
     ops = torch.ops.sla_dist
 
     def strides(outputs):
         return [t.stride() for t in outputs]
 
-    outputs = ops.sla_projected_forward(q, k, v, *lists, weight, bias)  # (out, O_s, O_l, lse)
-    _, o_s, o_l, lse = outputs
+    outputs = ops.sla_projected_forward(*forward_args)  # (out, O_s, O_l, lse, sums)
+    _, o_s, o_l, lse, sums = outputs
     do, dol = (torch.randn(o_s.shape, generator=g).to(DEVICE) for _ in range(2))  # contiguous: not O_s's layout
-    backward_args = (do, dol, None, q, k, v, o_s, lse, *lists)
+    backward_args = (do, dol, None, q, k, v, o_s, lse, *lists, None, sums)
     grads = ops.sla_backward(*backward_args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in (q, k, v, *lists, weight, bias)]
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in forward_args]
         assert strides(ops.sla_projected_forward(*fake)) == strides(outputs)
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in backward_args]
         assert strides(ops.sla_backward(*fake)) == strides(grads)

@@ -1,5 +1,6 @@
 """Peak memory of the layer's backward, counted on a CPU (benchmarks/memory_account.py: every buffer allocated with
-its GPU shape and dtype, kernels as no-ops): the per-block summary rows are never all held beside dq, dk and dv."""
+its GPU shape and dtype, kernels as no-ops): the per-block summary rows are never all held beside dq, dk and dv,
+and rows saved by the forward (linear_sums 'save') are freed before that peak."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def test_backward_peak_holds_the_key_block_rows_but_not_the_query_block_rows():
     # H_i and dH_i (two [BH, Nq, D D + D] buffers) are freed before dh_j and dk / dv are made.
     assert backward <= 3 * q_bytes + rows(L // block_k) + q_bytes // 8, (backward, account)
     assert backward < 3 * q_bytes + rows(L // block_k) + 2 * rows(L // block_q)
+
+
+def test_saved_linear_sums_are_held_between_passes_but_not_at_the_backward_peak():
+    """linear_sums 'save' holds the rows of H_i, Z_i ([BH, Nq, D D + D]) from the forward to the backward, and the
+    eager backward frees them after its pre-pass, so the peak over both passes is the recomputing one's (held to
+    the backward's end, they would add one such buffer to the dK / dV phase, the peak)."""
+    L, H, D, block_q, block_k = 2048, 2, 64, 128, 64
+    save, recompute = (memory_account.layer_account(L, H, D, block_q=block_q, block_k=block_k, linear_sums=s)
+                       for s in ("save", "recompute"))
+    rows = H * (L // block_q) * (D * D + D) * 2  # bf16
+    slack = 1024  # a first call's small allocations (a few hundred bytes)
+    assert abs(save["held"] - recompute["held"] - rows) <= slack, (save, recompute, rows)
+    assert save["peak"] <= recompute["peak"] + slack, (save, recompute, rows)

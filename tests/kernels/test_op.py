@@ -155,7 +155,7 @@ def test_lse_is_differentiable_for_merging(poison_outputs):
 def test_custom_op_registration(projected):
     q, k, v = _qkv(1, 1, 130, 130, 32)
     bm = predict_block_map(q, k, topk=0.5, negligible=0.0)
-    args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", "marginal")
+    args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", "marginal", "save")
     if projected:
         args += (torch.randn(32, 32, device=DEVICE), torch.randn(32, device=DEVICE))
     torch.library.opcheck(sla_projected_forward if projected else sla_forward, args,
@@ -227,18 +227,18 @@ def test_projected_op_takes_gradients_of_every_output(used, poison_outputs):
     g = torch.Generator().manual_seed(4)
     w, b = (torch.randn(32, 32, generator=g) * 0.2).to(DEVICE), (torch.randn(32, generator=g) * 0.1).to(DEVICE)
     bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
-    lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, bm.block_q, bm.block_k, "softmax", "marginal")
+    lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, bm.block_q, bm.block_k, "softmax", "marginal", "save")
     weights = {name: torch.randn(q.shape, generator=g).to(DEVICE) for name in ("out", "o_s", "o_l", "lse")}
 
     def loss(outputs):
         return sum((outputs[name] * weights[name][..., : outputs[name].shape[-1]]).sum() for name in used)
 
     def projected(q, k, v, w, b):
-        out, o_s, o_l, lse = sla_projected_forward(q, k, v, *lists, w, b)
+        out, o_s, o_l, lse, _ = sla_projected_forward(q, k, v, *lists, w, b)
         return loss(dict(out=out, o_s=o_s, o_l=o_l, lse=lse[..., None]))
 
     def unprojected(q, k, v, w, b):
-        o_s, o_l, lse = sla_forward(q, k, v, *lists)
+        o_s, o_l, lse, _ = sla_forward(q, k, v, *lists)
         out = o_s + torch.nn.functional.linear(o_l, w, b)
         return loss(dict(out=out, o_s=o_s, o_l=o_l, lse=lse[..., None]))
 
@@ -360,17 +360,22 @@ def test_other_tile_shapes(variant, monkeypatch, poison_outputs):
         configs.get_kernel.cache_clear()
 
 
-def test_backward_saves_no_per_block_summaries():
-    """The linear branch's per-key-block [D, D] summaries grow with L: the backward recomputes them, so nothing of
-    that shape is kept alive between forward and backward (the [D, D] proj_l weight itself is 2-D)."""
+@pytest.mark.parametrize("linear_sums", ["save", "recompute"])
+def test_backward_saves_no_per_key_block_summaries(linear_sums):
+    """The linear branch's per-key-block [D, D] summaries grow with L: nothing of that shape is kept alive between
+    forward and backward (the [D, D] proj_l weight itself is 2-D). Of the per-query-block sums, linear_sums 'save'
+    keeps their one [BH, Nq, D D + D] buffer of rows, 'recompute' nothing."""
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 300, 300, 32))
     bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        sparse_linear_attention(q, k, v, bm, torch.randn(32, 32, device=DEVICE), None).sum().backward()
+        sparse_linear_attention(q, k, v, bm, torch.randn(32, 32, device=DEVICE), None,
+                                linear_sums=linear_sums).sum().backward()
     assert saved  # the hooks saw the forward's saved tensors
     per_block = [s for s in saved if len(s) >= 3 and s[-2:] == (32, 32)]
     assert not per_block, f"saved per-block [D, D] tensors of shapes {per_block}"
+    rows = [s for s in saved if len(s) >= 3 and s[-1] == 32 * 32 + 32]
+    assert rows == ([(2, bm.block_class.shape[2], 32 * 32 + 32)] if linear_sums == "save" else []), saved
 
 
 def _map_with_critical_rows(rows: list[list[int]], L: int = 130) -> BlockMap:
