@@ -9,8 +9,8 @@ STEM is benchmarks/results/<date>-<card>-attention. ``--before`` adds a before/a
 against an earlier bench_attention.py JSON (any of its modes) at the cells both have.
 
 Every target is judged for each full-layer row the sweep has, on its own: the eager layer ("SLA full layer, BQ128")
-and, since 2026-12-01, the same module through ``torch.compile(fullgraph=True)`` ("..., compiled"), as a compiled
-DiT block runs it. FlexAttention, which both are compared with, is compiled in every sweep (torch.compile of
+and, where the sweep has it, the same module through ``torch.compile(fullgraph=True)`` ("..., compiled"), as a
+compiled DiT block runs it. FlexAttention, which both are compared with, is compiled in every sweep (torch.compile of
 flex_attention, static shapes). Sweeps from before the compiled row are reported for the eager layer alone.
 
 The targets, in the issue's words, and how they are read here:
@@ -50,13 +50,13 @@ DENSE_READINGS = (("faster", 1.0, False), ("1.95x speed", 1.95, True), ("5 % of 
 
 @dataclass
 class CellResult:
-    """One cell, judged for one full-layer row (``method``: sweep.FULL or sweep.COMPILED)."""
+    """One cell, judged for one full-layer row (``layer``, its method: sweep.FULL or sweep.COMPILED)."""
 
     L: int
     H: int
     D: int
     sparsity: float
-    method: str = sweep.FULL
+    layer: str = sweep.FULL
     dense_fb_ms: float = math.nan
     flex_fb_ms: float = math.nan
     sparse_fb_ms: float = math.nan
@@ -220,7 +220,7 @@ def before_after_table(before_rows: list[dict], results: list[CellResult]) -> st
     lines = ["| L | H | D | sparsity | full fwd ms before -> now | full f+b ms before -> now | f+b change | "
              "Flex f+b ms before -> now |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        full = old.get((r.L, r.H, r.D, round(r.sparsity, 6), r.method))
+        full = old.get((r.L, r.H, r.D, round(r.sparsity, 6), r.layer))
         if not full:
             continue
         flex = old.get((r.L, r.H, r.D, round(r.sparsity, 6), sweep.FLEX))
@@ -283,13 +283,14 @@ def summary_lines(summaries: dict[str, dict], autotune: bool) -> list[str]:
 
 def layer_sections(results: list[CellResult], before: dict | None, before_name: str) -> list[str]:
     """The tables of one full-layer row: ratio grid, L 8192 against dense, every cell, before / after."""
-    name = LAYER_NAMES[results[0].method]
-    lines = [f"## Full layer, {name} (`{results[0].method}`)", "",
+    name = LAYER_NAMES[results[0].layer]
+    lines = [f"## Full layer, {name} (`{results[0].layer}`)", "",
              f"### {name}: full layer / FlexAttention, fwd+bwd (✓: <= {FLEX_TARGET}x)", "", grid_table(results), "",
              f"### {name}: L = {DENSE_L} against cuDNN dense (fwd+bwd)", "", dense_table(results), "",
              f"### {name}: every cell", "", cell_table(results), ""]
     if before is not None:
-        how = f"`{before.get('command', '?')}`, autotuning {'on' if before.get('autotune') else 'off'}"
+        meta = (before.get("runs") or [before])[0]  # an earlier report's JSON keeps its runs' metadata there
+        how = f"`{meta.get('command', '?')}`, autotuning {'on' if meta.get('autotune') else 'off'}"
         lines += [f"### {name}: before / after (before: `{before_name}`, {how})", "",
                   before_after_table(before["rows"], results), ""]
     return lines

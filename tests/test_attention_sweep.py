@@ -126,7 +126,7 @@ def _row(L, D, sparsity, method, fb, fwd=None, mib=100.0, note="", kernels=None)
 
 
 def _cell_rows(L, D, s, flex=1.0, sparse=1.1, full=1.2, note="", kernels=None, mib=100.0, compiled=1.1):
-    """A cell's rows; ``compiled=None``: without the compiled full layer, as sweeps before 2026-12-01."""
+    """A cell's rows; ``compiled=None``: without the compiled full layer, as the sweeps before it."""
     rows = [_row(L, D, s, sweep.FLEX, flex), _row(L, D, s, sweep.SPARSE_ONLY, sparse),
             _row(L, D, s, sweep.FULL, full, note=note, kernels=kernels, mib=mib)]
     if compiled is not None:
@@ -224,7 +224,7 @@ def test_kernel_times_reads_a_real_profilers_averages():
 # --- report -----------------------------------------------------------------------------------------------------
 
 def _grid_rows(full_of=lambda c: 1.2, kernels=None, compiled_of=lambda c: 1.1) -> list[dict]:
-    """The whole grid; ``compiled_of`` returning None leaves the compiled row out (a sweep before 2026-12-01)."""
+    """The whole grid; ``compiled_of`` returning None leaves the compiled row out (an older sweep)."""
     rows = []
     for cell in sweep.sweep_cells():
         if cell.sparsity == 0.80:
@@ -310,6 +310,12 @@ def test_the_committed_sweep_without_the_compiled_row_still_reports(tmp_path):
     assert "FlexAttention (sparse only): eager **2 of 32**, compiled: not in this sweep" in text
     assert "predates the compiled full-layer row" in text and "## Full layer, compiled" not in text
     assert "| 75600 | 24 | 64 | 1.10x ✓ | 1.19x ✓ | 1.44x ✗ | 1.78x ✗ |" in text
+    # as --before of a new sweep: its eager rows compared, its first run's command named
+    text, _ = ar.report(dict(rows=_grid_rows(), device="NVIDIA H200"), sweep.load_payload(SWEEP_2026_11_30), "old")
+    eager, compiled = text.split("## Full layer, eager")[1].split("## Full layer, compiled")
+    assert "before: `old`, `benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells L=8192" in eager
+    assert "| 8192 | 24 | 64 | 80 % | 0.791 -> 0.400 | 1.814 -> 1.200 |" in eager
+    assert "(no cell in common with the earlier file)" in compiled
 
 
 def test_report_markdown_and_before_after(tmp_path):
