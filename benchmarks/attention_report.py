@@ -8,6 +8,11 @@ rows measured in the same process. Writes STEM.md and STEM.json (the merged rows
 STEM is benchmarks/results/<date>-<card>-attention. ``--before`` adds a before/after table of the full layer
 against an earlier bench_attention.py JSON (any of its modes) at the cells both have.
 
+Every target is judged for each full-layer row the sweep has, on its own: the eager layer ("SLA full layer, BQ128")
+and, where the sweep has it, the same module through ``torch.compile(fullgraph=True)`` ("..., compiled"), as a
+compiled DiT block runs it. FlexAttention, which both are compared with, is compiled in every sweep (torch.compile of
+flex_attention, static shapes). Sweeps from before the compiled row are reported for the eager layer alone.
+
 The targets, in the issue's words, and how they are read here:
 
 - "full layer fwd+bwd <= 1.25x FlexAttention's sparse-only time at the same density": the SLA full layer's fwd+bwd
@@ -45,10 +50,13 @@ DENSE_READINGS = (("faster", 1.0, False), ("1.95x speed", 1.95, True), ("5 % of 
 
 @dataclass
 class CellResult:
+    """One cell, judged for one full-layer row (``layer``, its method: sweep.FULL or sweep.COMPILED)."""
+
     L: int
     H: int
     D: int
     sparsity: float
+    layer: str = sweep.FULL
     dense_fb_ms: float = math.nan
     flex_fb_ms: float = math.nan
     sparse_fb_ms: float = math.nan
@@ -95,8 +103,11 @@ class CellResult:
         return self.full_mib <= self.dense_mib
 
 
-def evaluate(rows: list[dict], cells: list[sweep.Cell] | None = None) -> list[CellResult]:
-    """One result per cell of ``cells`` (default: the whole grid); cells without rows stay unmeasured (NaN)."""
+def evaluate(rows: list[dict], cells: list[sweep.Cell] | None = None, layer: str = sweep.FULL) -> list[CellResult]:
+    """One result per cell of ``cells`` (default: the whole grid) for the full-layer row ``layer`` (its method);
+    cells without that row stay unmeasured (NaN)."""
+    if layer not in sweep.FULL_LAYERS:
+        raise ValueError(f"layer {layer!r} is not a full-layer row {sweep.FULL_LAYERS}")
     dense = {(r["L"], r["H"], r["D"]): r for r in rows if r["method"] == sweep.DENSE and sweep.measured(r)}
     by_cell: dict = {}
     for r in rows:
@@ -105,16 +116,18 @@ def evaluate(rows: list[dict], cells: list[sweep.Cell] | None = None) -> list[Ce
             by_cell.setdefault(cell, {})[r["method"]] = r
     results = []
     for cell in cells or sweep.sweep_cells():
-        res = CellResult(cell.L, cell.H, cell.D, cell.sparsity)
+        res = CellResult(cell.L, cell.H, cell.D, cell.sparsity, layer)
         got = by_cell.get(cell, {})
-        notes = [f"{m}: {r['note']}" for m, r in got.items() if r.get("note")]
+        # the other full layer's failure is its own report's business
+        notes = [f"{m}: {r['note']}" for m, r in got.items() if r.get("note")
+                 and (m == layer or m not in sweep.FULL_LAYERS)]
         d = dense.get(cell.shape)
         if d:
             res.dense_fb_ms, res.dense_mib = d["fwd_bwd_ms"], d["extra_mib"]
         for method, attr in ((sweep.FLEX, "flex_fb_ms"), (sweep.SPARSE_ONLY, "sparse_fb_ms")):
             if method in got and sweep.measured(got[method]):
                 setattr(res, attr, got[method]["fwd_bwd_ms"])
-        full = got.get(sweep.FULL)
+        full = got.get(layer)
         if full and sweep.measured(full):
             res.full_fwd_ms, res.full_fb_ms, res.full_mib = full["fwd_ms"], full["fwd_bwd_ms"], full["extra_mib"]
             res.first_s = full.get("first_fwd_s", math.nan) + full.get("first_fwd_bwd_s", math.nan)
@@ -124,7 +137,7 @@ def evaluate(rows: list[dict], cells: list[sweep.Cell] | None = None) -> list[Ce
             if kernels.get("fwd_bwd"):
                 glue = glue_summary(kernels["fwd_bwd"])
                 res.glue_fb_strict, res.glue_fb_lenient = glue["glue_strict"], glue["glue_lenient"]
-        if not got:
+        if layer not in got:
             notes.append("not measured")
         res.note = "; ".join(notes)
         results.append(res)
@@ -201,13 +214,13 @@ def dense_table(results: list[CellResult]) -> str:
 
 
 def before_after_table(before_rows: list[dict], results: list[CellResult]) -> str:
-    """The full layer (and FlexAttention) at the cells an earlier JSON measured, before -> now."""
+    """The full layer of ``results`` (and FlexAttention) at the cells an earlier JSON measured, before -> now."""
     old = {(r["L"], r["H"], r["D"], round(r["sparsity"], 6), r["method"]): r for r in before_rows
            if r.get("sparsity") is not None and sweep.measured(r)}
     lines = ["| L | H | D | sparsity | full fwd ms before -> now | full f+b ms before -> now | f+b change | "
              "Flex f+b ms before -> now |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        full = old.get((r.L, r.H, r.D, round(r.sparsity, 6), sweep.FULL))
+        full = old.get((r.L, r.H, r.D, round(r.sparsity, 6), r.layer))
         if not full:
             continue
         flex = old.get((r.L, r.H, r.D, round(r.sparsity, 6), sweep.FLEX))
@@ -232,10 +245,65 @@ def runs_text(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+LAYER_NAMES = {sweep.FULL: "eager", sweep.COMPILED: "compiled"}
+
+
+def _counts(summaries: dict[str, dict], count: str, out_of: str) -> str:
+    """'eager **2 of 32**, compiled **5 of 32**' for one target; a layer the sweep lacks says so."""
+    parts = [f"{LAYER_NAMES[m]} **{s[count]} of {s[out_of]}**" if s else f"{LAYER_NAMES[m]}: not in this sweep"
+             for m, s in summaries.items()]
+    return ", ".join(parts)
+
+
+def summary_lines(summaries: dict[str, dict], autotune: bool) -> list[str]:
+    """The summary's bullets: each target's count for the eager and the compiled full layer."""
+    first_calls = [f"{LAYER_NAMES[m]} {_f(s['first_call_max_s'], '.1f')} s at most, {s['first_call_total_s']:.1f} s "
+                   "over the sweep" for m, s in summaries.items() if s]
+    compared = ("both full-layer rows are compared with, is compiled too (torch.compile of flex_attention, static "
+                "shapes); the compiled full layer is the eager row's module through torch.compile(fullgraph=True), "
+                "static shapes" if summaries.get(sweep.COMPILED) else
+                "the eager full layer is compared with, is compiled (torch.compile of flex_attention, static "
+                "shapes); this sweep predates the compiled full-layer row")
+    return [
+        f"- FlexAttention, which {compared}",
+        "- cells measured: " + _counts(summaries, "measured", "cells"),
+        f"- full layer fwd+bwd <= {FLEX_TARGET}x FlexAttention (sparse only): " + _counts(summaries, "flex_met",
+                                                                                             "cells"),
+        f"- L = {DENSE_L}, {100 * DENSE_SPARSITY:.0f} %: faster than cuDNN dense: "
+        + _counts(summaries, "dense_met", "dense_cells") + " (reading and the other readings: below)",
+        f"- glue (outside the sparse-branch kernels, pre-pass counted as glue) <= {100 * GLUE_TARGET:.0f} % of the "
+        "fwd+bwd CUDA time, of the profiled cells: " + _counts(summaries, "glue_met", "glue_profiled"),
+        "- peak extra memory of a fwd+bwd <= dense cuDNN's: " + _counts(summaries, "memory_met", "cells"),
+        "- every target met: " + ", ".join(f"{LAYER_NAMES[m]} **{'yes' if s['all_met'] else 'no'}**"
+                                          for m, s in summaries.items() if s),
+        f"- first calls of the full layer (compilation{', autotuning' if autotune else ''}; the compiled row's "
+        "include Dynamo and Inductor, per cell): " + "; ".join(first_calls) + " (per cell: 'first call s' below; "
+        "the first cell of each head dim pays what later cells reuse)"]
+
+
+def layer_sections(results: list[CellResult], before: dict | None, before_name: str) -> list[str]:
+    """The tables of one full-layer row: ratio grid, L 8192 against dense, every cell, before / after."""
+    name = LAYER_NAMES[results[0].layer]
+    lines = [f"## Full layer, {name} (`{results[0].layer}`)", "",
+             f"### {name}: full layer / FlexAttention, fwd+bwd (✓: <= {FLEX_TARGET}x)", "", grid_table(results), "",
+             f"### {name}: L = {DENSE_L} against cuDNN dense (fwd+bwd)", "", dense_table(results), "",
+             f"### {name}: every cell", "", cell_table(results), ""]
+    if before is not None:
+        meta = (before.get("runs") or [before])[0]  # an earlier report's JSON keeps its runs' metadata there
+        how = f"`{meta.get('command', '?')}`, autotuning {'on' if meta.get('autotune') else 'off'}"
+        lines += [f"### {name}: before / after (before: `{before_name}`, {how})", "",
+                  before_after_table(before["rows"], results), ""]
+    return lines
+
+
 def report(payload: dict, before: dict | None = None, before_name: str = "") -> tuple[str, dict]:
-    """(markdown, evaluation) of a merged sweep payload (attention_sweep.merge_payloads)."""
-    results = evaluate(payload["rows"])
-    s = summary(results)
+    """(markdown, evaluation) of a merged sweep payload (attention_sweep.merge_payloads). Each full-layer row the
+    payload has is evaluated on its own (an older sweep has only the eager one); the evaluation is keyed by the
+    row's method."""
+    present = {r["method"] for r in payload["rows"]}
+    layers = [m for m in sweep.FULL_LAYERS if m in present] or [sweep.FULL]
+    evaluated = {m: evaluate(payload["rows"], layer=m) for m in layers}
+    summaries = {m: summary(evaluated[m]) if m in evaluated else None for m in sweep.FULL_LAYERS}
     runs = payload.get("runs") or [{k: v for k, v in payload.items() if k != "rows"}]
     card = runs[0].get("device", "?")
     lines = [f"# SLA layer against FlexAttention and cuDNN dense, issue #11's sweep ({card})", "",
@@ -246,29 +314,12 @@ def report(payload: dict, before: dict | None = None, before_name: str = "") -> 
              f"{sweep.MIN_REPS} timed repetitions (dense at L 75600: ~230 ms a call). Each cell's rows, its dense row "
              "included, come from one process (unless --append continued a shape in a later process: its dense row is "
              "then the earlier run's), so the ratios compare measurements of the same run.", "",
-             "## Summary", "",
-             f"- cells measured: {s['measured']} of {s['cells']}",
-             f"- full layer fwd+bwd <= {FLEX_TARGET}x FlexAttention (sparse only): **{s['flex_met']} of "
-             f"{s['cells']}**",
-             f"- L = {DENSE_L}, {100 * DENSE_SPARSITY:.0f} %: faster than cuDNN dense: **{s['dense_met']} of "
-             f"{s['dense_cells']}** (reading and the other readings: below)",
-             f"- glue (outside the sparse-branch kernels, pre-pass counted as glue) <= {100 * GLUE_TARGET:.0f} % of "
-             f"the fwd+bwd CUDA time: **{s['glue_met']} of {s['glue_profiled']} profiled cells**",
-             f"- peak extra memory of a fwd+bwd <= dense cuDNN's: **{s['memory_met']} of {s['cells']}**",
-             f"- every target met: **{'yes' if s['all_met'] else 'no'}**",
-             f"- first calls of the full layer (compilation{', autotuning' if runs[0].get('autotune') else ''}): "
-             f"{_f(s['first_call_max_s'], '.1f')} s at most, {s['first_call_total_s']:.1f} s over the sweep "
-             "(per cell: 'first call s' below; the first cell of each head dim pays what later cells reuse)", "",
-             "## How the targets are read", "", __doc__.split("how they are read here:")[1].strip(), "",
-             f"## Full layer / FlexAttention, fwd+bwd (✓: <= {FLEX_TARGET}x)", "", grid_table(results), "",
-             f"## L = {DENSE_L} against cuDNN dense (fwd+bwd)", "", dense_table(results), "",
-             "## Every cell", "", cell_table(results), ""]
-    if before is not None:
-        how = f"`{before.get('command', '?')}`, autotuning {'on' if before.get('autotune') else 'off'}"
-        lines += [f"## Before / after (before: `{before_name}`, {how})", "",
-                  before_after_table(before["rows"], results), ""]
-    evaluation = dict(summary=s, cells=[dict(asdict(r), flex_ratio=r.flex_ratio, speedup=r.speedup)
-                                        for r in results])
+             "## Summary", "", *summary_lines(summaries, bool(runs[0].get("autotune"))), "",
+             "## How the targets are read", "", __doc__.split("how they are read here:")[1].strip(), ""]
+    for m in layers:
+        lines += layer_sections(evaluated[m], before, before_name)
+    evaluation = {m: dict(summary=summaries[m], cells=[dict(asdict(r), flex_ratio=r.flex_ratio, speedup=r.speedup)
+                                                       for r in evaluated[m]]) for m in layers}
     return "\n".join(lines), evaluation
 
 

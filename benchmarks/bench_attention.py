@@ -6,7 +6,8 @@
 
 Every row is measured in this process, so the ratios compare like with like: dense SDPA with the cuDNN and flash
 backends, FlexAttention with a block mask of the same density, xformers when it loads, SLA's sparse branch alone and
-the full SLA layer (block-map prediction + sparse branch + linear branch + proj_l). Times are medians of
+the full SLA layer (block-map prediction + sparse branch + linear branch + proj_l), eager and through
+``torch.compile(fullgraph=True)`` as a compiled DiT block runs it (FlexAttention is compiled too). Times are medians of
 triton.testing.do_bench; TFLOP/s counts only the computed blocks (4·L·kept_keys·D per head forward, 2.5x that
 backward); "extra MiB" is the fwd+bwd peak above the inputs. Each row also records its first call's seconds
 (compilation, and the autotuner's search when tuning is on) and its timed repetitions (at least 5: at L 75600 a
@@ -14,12 +15,13 @@ dense fwd+bwd takes ~230 ms, longer than do_bench's default 100 ms of repetition
 
 ``--sweep`` measures issue #11's grid (attention_sweep.py: L 8192 / 16384 / 32768 / 75600, D 64 and 128 at the
 model width, sparsity 80 / 90 / 95 / 97 %): dense cuDNN once per (L, H, D), then per cell FlexAttention at the same
-density, SLA's sparse branch alone and the full layer, BQ 128. ``--cells`` picks part of the grid, ``--budget``
+density, SLA's sparse branch alone and the full layer, BQ 128, eager and compiled. ``--cells`` picks part of the
+grid, ``--budget``
 stops before a cell whose estimated cost would end past that many seconds since the start, the JSON is rewritten
 after every cell, and ``--append`` continues a JSON (cells already measured are skipped, its dense rows reused).
 ``--plan`` prints the cells and their estimated seconds and exits (no GPU needed). ``--profile-glue`` profiles the
 full layer of every cell (its kernels' CUDA time; attention_report.py computes the share outside the sparse-branch
-kernels). attention_report.py turns the JSON(s) into the markdown report.
+kernels; the compiled layer's too). attention_report.py turns the JSON(s) into the markdown report.
 """
 
 from __future__ import annotations
@@ -147,6 +149,41 @@ def _sla(D: int, topk: float, block_q: int, scope: str):
     return m
 
 
+def _compiled(layer: torch.nn.Module):
+    """``layer`` as a compiled DiT block calls it (sla_dist.models.compile): one graph (fullgraph: a graph break is an
+    error, reported in the row's note), Inductor's default mode. Static shapes, as a DiT at one resolution compiles
+    them: automatic dynamic shapes would compile later cells for any length once two lengths were seen, timing
+    other code than a single-shape run. A new topk or shape recompiles (see _allow_recompiles)."""
+    return torch.compile(layer, fullgraph=True, dynamic=False)
+
+
+def _full_layer_rows(L: int, H: int, D: int, sparsity: float, q, k, v, compiled: bool = True,
+                     profile: bool = False) -> list[Row]:
+    """The full layer, BQ 128, eager then (``compiled``) compiled: the same module, so the rows differ only in the
+    call."""
+    topk = round(1.0 - sparsity, 6)
+    kept = block_counts(math.ceil(L / 64), topk, 0.10)[0] * 64
+    layer = _sla(D, topk, 128, "marginal")
+    rows = [_measure(Row(L, H, D, sparsity, sweep.FULL), layer, q, k, v, kept, profile=profile)]
+    if compiled:
+        rows.append(_measure(Row(L, H, D, sparsity, sweep.COMPILED), _compiled(layer), q, k, v, kept,
+                             profile=profile))
+    return rows
+
+
+def _allow_recompiles() -> None:
+    """Every (L, H, D) compiles FlexAttention's forward and forward+backward graphs (16 for the sweep's grid), and
+    every cell the compiled layer's inference and training graphs (its topk and shape are constants of them: 64 for
+    the grid), past Dynamo's default of 8 graphs per function, after which it would run them eagerly (FlexAttention
+    on the whole score matrix); raise the limits, and fail loudly rather than time an eager fallback."""
+    dynamo = torch._dynamo.config
+    for name, older, limit in (("recompile_limit", "cache_size_limit", 128),
+                               ("accumulated_recompile_limit", "accumulated_cache_size_limit", 512)):
+        setattr(dynamo, name if hasattr(dynamo, name) else older, limit)
+    if hasattr(dynamo, "fail_on_recompile_limit_hit"):
+        dynamo.fail_on_recompile_limit_hit = True
+
+
 def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[str] | None = None) -> list[Row]:
     topk = round(1.0 - sparsity, 6)
     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -172,14 +209,12 @@ def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[
     if full and wanted("SLA full layer, BQ64"):
         rows.append(_measure(Row(L, H, D, sparsity, "SLA full layer, BQ64"), _sla(D, topk, 64, "marginal"),
                              q, k, v, n_c * 64))
-    rows.append(_measure(Row(L, H, D, sparsity, sweep.FULL), _sla(D, topk, 128, "marginal"),
-                         q, k, v, n_c * 64))
-    return rows
+    return rows + _full_layer_rows(L, H, D, sparsity, q, k, v, compiled=wanted(sweep.COMPILED))
 
 
 def sweep_cell(cell: sweep.Cell, with_dense: bool, profile_glue: bool) -> list[Row]:
     """The rows of one sweep cell: dense cuDNN when its shape has none yet, FlexAttention at the cell's density, the
-    SLA sparse branch alone and the full layer (BQ 128)."""
+    SLA sparse branch alone and the full layer (BQ 128), eager and compiled."""
     L, H, D, s = cell.L, cell.H, cell.D, cell.sparsity
     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     n_c, _ = block_counts(math.ceil(L / 64), cell.topk, 0.10)
@@ -188,9 +223,7 @@ def sweep_cell(cell: sweep.Cell, with_dense: bool, profile_glue: bool) -> list[R
         rows.append(_measure(Row(L, H, D, None, sweep.DENSE), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, L))
     rows.append(_flex_row(Row(L, H, D, s, sweep.FLEX), q, k, v, cell.topk))
     rows.append(_measure(Row(L, H, D, s, sweep.SPARSE_ONLY), _sla(D, cell.topk, 128, "none"), q, k, v, n_c * 64))
-    rows.append(_measure(Row(L, H, D, s, sweep.FULL), _sla(D, cell.topk, 128, "marginal"), q, k, v, n_c * 64,
-                         profile=profile_glue))
-    return rows
+    return rows + _full_layer_rows(L, H, D, s, q, k, v, profile=profile_glue)
 
 
 def _elapsed() -> float:
@@ -220,12 +253,7 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
         return prior["rows"] if prior else []
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU (--plan runs without one)")
-    # every (L, H, D) compiles FlexAttention's forward and forward+backward graphs: 16 for the grid, past Dynamo's
-    # default limit of 8, after which it would run flex_attention eagerly (the whole score matrix); fail loudly then
-    dynamo = torch._dynamo.config
-    setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 64)
-    if hasattr(dynamo, "fail_on_recompile_limit_hit"):
-        dynamo.fail_on_recompile_limit_hit = True
+    _allow_recompiles()
     meta = dict(_meta(autotune), budget_s=args.budget, min_reps=sweep.MIN_REPS, cells=[], skipped=[])
     rows: list[Row] = []
 
@@ -261,7 +289,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the headline shape")
     parser.add_argument("--only", nargs="+", help="rows whose method contains one of these (dense cuDNN and the "
-                        "full SLA layer BQ128 always run)")
+                        "eager full SLA layer BQ128 always run; the compiled one runs at every shape unless --only "
+                        "leaves it out)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 75600],
                         help="lengths of the L sweep besides 32768")
     parser.add_argument("--json", default="bench_attention.json")
@@ -285,6 +314,7 @@ def main() -> None:
             parser.error("--cells, --append, --budget, --profile-glue and --plan go with --sweep")
         if not torch.cuda.is_available():
             sys.exit("bench_attention.py needs a CUDA GPU")
+        _allow_recompiles()
         rows = bench_shape(32768, 12, 128, 0.95, full=True, only=args.only)
         if args.quick:
             rows += [r for L in args.lengths for r in bench_shape(L, 12, 128, 0.95, full=False)]

@@ -3,9 +3,10 @@
 # table comes last.   Usage: bash benchmarks/gpu_suite.sh PART[:SECONDS] ...
 # Parts: kernels (full GPU grid, fixed launch settings, one pytest worker per 2 CPU cores spread over the GPUs),
 # tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
-# dit-bench, attn-bench (the old partial sweep), attn-quick (headline shape only), profile, host (host_overhead.py), sweep (every kernel's launch-setting
-# candidates and the first call's tuning time), ops (the op-level GPU tests, fixed launch settings), memory (peak
-# extra memory of a fwd+bwd: dense cuDNN vs the SLA layer at 8K and 32K),
+# dit-bench, attn-bench (the old partial sweep), attn-quick (headline shape only; both time the compiled full layer
+# too, two ~10 s compiles per shape: ~+180 s and ~+80 s, --only leaves it out), profile, host (host_overhead.py),
+# sweep (every kernel's launch-setting candidates and the first call's tuning time), ops (the op-level GPU tests,
+# fixed launch settings), memory (peak extra memory of a fwd+bwd: dense cuDNN vs the SLA layer at 8K and 32K),
 # e2e (2 GPUs: the wan1.3b recipe through launch/torchrun.sh at SP = 1 and SP = 2 with activation checkpointing,
 #   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s),
 # train-profile (2 GPUs: bench_train.py --profile on the wan1.3b recipe as e2e runs it, SP = 1 then 2, 8 steps, steps
@@ -58,15 +59,18 @@
 # linsums (SLAConfig.linear_sums: the layer at 32K and 8K with the backward reading the forward's linear sums
 #   (save) or making them again (recompute); fixed launch settings, ~1 min), linsums-memory (memory_layer.py's
 #   dense and SLA rows at 32K, the layer once per linear_sums: peak extra and held MiB; ~1 min).
-# attn-sweep-a, attn-sweep-b (issue #11's full grid, bench_attention.py --sweep --profile-glue, one H200, in two
-#   calls: a = L 8192 and 16384, b = L 32768 and 75600, 16 cells each; fixed launch settings. Estimated 414 s and
-#   450 s (bench_attention.py --sweep --plan: measured kernel times, assumed first-call compile times); --budget 510
-#   stops before a cell that would not fit and the JSON is rewritten after every cell: attn-sweep-a:560 and
-#   attn-sweep-b:560. Left cells: copy the JSON into the tree and rerun with SWEEP_APPEND=<that path>. Report:
-#   python benchmarks/attention_report.py attn_sweep_a.json attn_sweep_b.json --before <old json>.
-#   Autotuned: SWEEP_AUTOTUNE=1 with SWEEP_CELLS per call, each D on its own (tuning is per head dim and branch, and
-#   the tuning cache does not outlive the machine): SWEEP_CELLS="L=8192,16384 D=64" attn-sweep-a:560, then D=128,
-#   then the same for attn-sweep-b with L=32768,75600, ~325-385 s each by --plan),
+# attn-sweep-a, -b, -c, -d (issue #11's full grid, bench_attention.py --sweep --profile-glue, one H200 each, 8 cells
+#   a part: a = L 8192 and 16384 at D 64, b = the same at D 128, c = L 32768 and 75600 at D 64, d = the same at
+#   D 128; fixed launch settings. Each cell measures the full layer eager and compiled (torch.compile fullgraph,
+#   an inference and a training graph per cell, assumed 10 s each: 160 s a part). Estimated a 229 s, b 229 s,
+#   c 257 s, d 250 s (bench_attention.py --sweep --plan, calibrated on the 2026-11-30 sweep, whose two 16-cell halves
+#   took 59 and 102 s without the compiled row); --budget 510 stops before a cell that would not fit (later cells'
+#   estimates scaled by the worst overrun so far) and the JSON is rewritten after every cell: attn-sweep-a:560,
+#   attn-sweep-b:560, attn-sweep-c:560, attn-sweep-d:560, one per GPU at once on a 4-GPU machine (or one per call).
+#   Left cells: copy the JSON into the tree and rerun with SWEEP_APPEND=<that path>.
+#   Report: python benchmarks/attention_report.py attn_sweep_{a,b,c,d}.json --before <old json>.
+#   Autotuned: SWEEP_AUTOTUNE=1, the same parts (tuning is per head dim and branch, and the tuning cache does not
+#   outlive the machine, so each part tunes its one D), 389, 389, 457 and 450 s by --plan),
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -90,8 +94,10 @@ declare -A CMD=(
   [dit-bench]="python3 benchmarks/bench_dit_step.py"
   [attn-bench]="python3 benchmarks/bench_attention.py --json $OUT/bench_attention.json"
   [attn-quick]="python3 benchmarks/bench_attention.py --quick --json $OUT/bench_attention_quick.json"
-  [attn-sweep-a]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=8192,16384} --json $OUT/attn_sweep_a.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
-  [attn-sweep-b]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600} --json $OUT/attn_sweep_b.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-sweep-a]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=8192,16384 D=64} --json $OUT/attn_sweep_a.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-sweep-b]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=8192,16384 D=128} --json $OUT/attn_sweep_b.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-sweep-c]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=64} --json $OUT/attn_sweep_c.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-sweep-d]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=128} --json $OUT/attn_sweep_d.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
   [profile]="python3 benchmarks/profile_sla.py --L 32768 8192 --host 25"
   [host]="python3 benchmarks/host_overhead.py --L 1024"
   [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"

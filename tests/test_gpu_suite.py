@@ -103,6 +103,9 @@ def test_results_are_named_where_the_scaling_report_looks():
 
 # --- issue #11's attention sweep (attention_sweep.py) ---------------------------------------------------------
 
+SWEEP_PARTS = ("attn-sweep-a", "attn-sweep-b", "attn-sweep-c", "attn-sweep-d")
+
+
 def _sweep_args(part: str) -> list[str]:
     """The attn-sweep part's bench_attention.py arguments."""
     words = _parts()[part]
@@ -122,7 +125,7 @@ def test_sweep_parts_cover_the_grid_once_and_fit_their_limits():
     import attention_sweep as sweep
 
     seen = []
-    for part in ("attn-sweep-a", "attn-sweep-b"):
+    for part in SWEEP_PARTS:
         words, args = _parts()[part], _sweep_args(part)
         assert "SLA_DIST_AUTOTUNE=0" in words and "--sweep" in args and "--profile-glue" in args
         assert _option(args, "--json") == [f"/tmp/OUT/{part.replace('-', '_')}.json"]
@@ -137,10 +140,13 @@ def test_sweep_parts_cover_the_grid_once_and_fit_their_limits():
     assert sorted(seen) == sweep.sweep_cells()
 
 
-def test_autotuned_split_of_the_header_fits_too():
+def test_the_parts_fit_autotuned_too():
+    """SWEEP_AUTOTUNE=1 runs the same parts: each tunes its one head dim within the same budget."""
     import attention_sweep as sweep
 
-    for cells in (["L=8192,16384", "D=64"], ["L=8192,16384", "D=128"], ["L=32768,75600", "D=64"],
-                  ["L=32768,75600", "D=128"]):
-        plan = sweep.CostModel(autotune=True).plan(sweep.sweep_cells(cells))
-        assert sweep.PROCESS_START_S + sum(s for _, s in plan) <= 0.9 * 510, cells
+    for part in SWEEP_PARTS:
+        args = _sweep_args(part)
+        plan = sweep.CostModel(autotune=True).plan(sweep.sweep_cells(_option(args, "--cells")))
+        estimate = sweep.PROCESS_START_S + sum(s for _, s in plan)
+        assert estimate <= 0.9 * float(_option(args, "--budget")[0]), (part, estimate)
+        assert len({c.D for c, _ in plan}) == 1, part
