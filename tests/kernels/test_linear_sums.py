@@ -155,7 +155,8 @@ def test_compiled_layer_gradients_do_not_depend_on_linear_sums(block_map_kernels
 def test_layer_passes_its_config_to_the_kernels(linear_sums, fused, monkeypatch):
     """SparseLinearAttention.from_config keeps linear_sums, and both of the layer's kernel paths (proj_l fused in
     the forward kernel, or the branches then proj_l as a module) hand it to the op."""
-    layer = SparseLinearAttention.from_config(D, SLAConfig(topk=0.5, linear_sums=linear_sums, backend="triton")).to(DEVICE)
+    config = SLAConfig(topk=0.5, linear_sums=linear_sums, backend="triton")
+    layer = SparseLinearAttention.from_config(D, config).to(DEVICE)
     assert layer.config.linear_sums == linear_sums and f"linear_sums={linear_sums!r}" in repr(layer)
     if not fused:
         layer.proj_l.register_forward_hook(lambda *args: None)  # a hooked proj_l keeps the unfused path
