@@ -50,7 +50,7 @@ _POINTERS = {
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
 _FLOATS = {"qk_scale", "sm_scale"}
-_TMA_ENTRIES = ("fwd", "fwd_split", "dq", "dkdv")
+TMA_ENTRIES = ("fwd", "fwd_split", "dq", "dkdv")
 """Launch entries whose kernels take USE_TMA (configs.TMA_KERNELS' fwd is both forward entries)."""
 
 
@@ -109,8 +109,8 @@ class Variant:
         if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:
             raise ValueError(f"block_q={self.block_q}: the split forward takes query blocks of at least "
                              f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
-        if self.tma and self.kernel not in _TMA_ENTRIES:
-            raise ValueError(f"tma=True ({TMA_ENV}) applies to {sorted(_TMA_ENTRIES)}, not {self.kernel}")
+        if self.tma and self.kernel not in TMA_ENTRIES:
+            raise ValueError(f"tma=True ({TMA_ENV}) applies to {sorted(TMA_ENTRIES)}, not {self.kernel}")
         known = {name for name, _ in _KERNELS[self.kernel].choices}
         if set(self.choices) - known:
             raise ValueError(f"choices {sorted(set(self.choices) - known)} do not apply to {self.kernel}; "
@@ -225,10 +225,10 @@ def check_variants() -> list[Variant]:
     variants.append(Variant("dkdv", dkdv_order="lpt"))
     # The tensor-descriptor loads (SLA_DIST_TMA): each kernel at the headline shape, dK/dV's row slices, and the
     # smallest rows a descriptor takes (float32 D 32: 128 bytes) with the split forward's 64-row tiles.
-    variants += [Variant(name, tma=True) for name in _TMA_ENTRIES]
+    variants += [Variant(name, tma=True) for name in TMA_ENTRIES]
     variants += [Variant("dkdv", tma=True, choices={"Q_SPLIT": 2}), Variant("fwd_split", fwd_loop="even+fma", tma=True)]
     variants += [Variant(name, tma=True, dtype="float32", D=32, feature_map="relu", has_proj=False) for name in
-                 _TMA_ENTRIES]
+                 TMA_ENTRIES]
     return variants
 
 
