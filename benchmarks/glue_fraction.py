@@ -16,10 +16,15 @@ PREPASS_KERNEL = "_bwd_prepass_kernel"
 GLUE_TARGET = 0.15
 
 
+def is_kernel(name: str, kernel: str) -> bool:
+    """Whether ``name``, as the profiler lists it (Triton may append a suffix), is the Triton kernel ``kernel``."""
+    return name == kernel or name.startswith(kernel + "_")
+
+
 def is_sparse_kernel(name: str, prepass_counts: bool) -> bool:
-    """Whether kernel ``name`` (as the profiler lists it; Triton may append a suffix) is a sparse-branch kernel."""
+    """Whether kernel ``name`` (as the profiler lists it) is a sparse-branch kernel."""
     names = SPARSE_KERNELS + ((PREPASS_KERNEL,) if prepass_counts else ())
-    return any(name == k or name.startswith(k + "_") for k in names)
+    return any(is_kernel(name, k) for k in names)
 
 
 def glue_fraction(kernel_us: Mapping[str, float], prepass_counts: bool) -> float:

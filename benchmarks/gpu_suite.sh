@@ -30,6 +30,11 @@
 #   layer 0 measured on the CPU). Fixed launch settings (the sweep winners): no tuning, each part under 2 minutes.
 # dkdv-order (the dK/dV kernel's CUDA time per SLA_DIST_DKDV_ORDER on i.i.d. and skewed maps, fixed launch settings),
 # dkdv-order-tests (the kernel grid with dK/dV in the lpt order; test_dkdv_order.py compares every order with natural).
+# tma (SLA_DIST_TMA: the layer at 32768 tokens, i.i.d. inputs in the bhld and the DiT's fused layout, the kernels'
+#   loop tiles loaded by pointers (off) then through tensor descriptors (all), with each sparse-branch kernel's CUDA
+#   time (each kernel's descriptors are independent of the others', so 'all' gives every kernel's effect at once);
+#   fixed launch settings, ~2 min), tma-tests (the kernel grid with SLA_DIST_TMA=all; test_tma.py compares the
+#   descriptor and pointer paths launch by launch and checks the misaligned layouts' fallback).
 # 4 GPUs (issue #16; each part sized for one 10-minute device call beside the wheel install, limits stated):
 # ranks4 (the 4-rank NCCL tests of tests/parallel, the four *_four_ranks tests that skip on 2 GPUs, repeated 10 times
 #   by repeat_runs.py, each repeat under 180 s (the tests' collective timeout is 120 s): passes, fails and hangs
@@ -113,6 +118,8 @@ declare -A CMD=(
   [train-throughput]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_throughput.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [dkdv-order]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py"
+  [tma]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py tma --L 32768 --layout bhld fused --tma off all --kernels"
+  [tma-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_TMA=all python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [dkdv-order-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_DKDV_ORDER=lpt python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [inmodel-layout]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
   [inmodel-inputs]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"

@@ -9,9 +9,12 @@ one device call, e.g. ``git worktree add /tmp/old <commit>`` beside this one. Me
 the layer captured by ``torch.cuda.make_graphed_callables`` (forward and backward replayed as CUDA graphs: no host
 time per call beyond the replay). ``--fwd-loop baseline fma ...`` times the forward kernel's loop variants one after
 the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; options joined by '+', e.g.
-``even+fma``); without it the environment's setting is timed. ``--linear-sums save recompute`` times the layer with
-each SLAConfig.linear_sums in turn, the same way (without it the layer's default, so a checkout from before the
-option can be timed).
+``even+fma``); without it the environment's setting is timed. ``--tma off all fwd+dq ...`` likewise times the
+kernels' tile loads through tensor descriptors (SLA_DIST_TMA: off, all, or kernels from fwd, dq, dkdv joined by '+'),
+each value under every forward loop; the label says which (``+tma:all``). ``--linear-sums save recompute`` times the
+layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a checkout from before the option
+can be timed). ``--kernels`` adds the CUDA time of the forward, dQ and dK/dV kernels in one forward+backward
+(torch.profiler over 5 calls): what a variant changes.
 
 Inputs like a model's, one factor at a time (each a list: one run per value, after the L loop; a label suffix names
 every value that is not the default): ``--L 32760`` a length with partial last blocks; ``--layout blhd fused`` q, k,
@@ -22,6 +25,7 @@ problem on the CPU (the reference backend, float32, plain wall-clock timing): a 
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -31,10 +35,13 @@ import triton.testing as tt
 from torch.nn.attention import SDPBackend
 
 # this script's folder is on sys.path when it runs
+from glue_fraction import SPARSE_KERNELS, is_kernel, profile_kernels
 from layer_inputs import (add_input_arguments, dense_sdpa, input_lengths, input_settings, layer_gradients,
                           sla_layer_inputs)
 
-FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"  # sla_dist.kernels.configs.FWD_LOOP_ENV (a checkout from before it has no switch)
+# sla_dist.kernels.configs' switches, named here: a checkout from before them is timed too, without them
+FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
+TMA_ENV = "SLA_DIST_TMA"
 
 
 def sync(device: torch.device) -> None:
@@ -66,6 +73,13 @@ def bench_ms(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def sparse_kernel_us(step) -> str:
+    """The CUDA time of each sparse-branch kernel (forward, dQ, dK/dV) in one ``step``, as 'name us' columns."""
+    times = profile_kernels(step, calls=5)
+    return "  ".join(f"{kernel} {sum(t for name, t in times.items() if is_kernel(name, kernel)):.0f} us"
+                     for kernel in SPARSE_KERNELS)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("label", nargs="?", default="sla_dist")
@@ -79,14 +93,19 @@ def main(argv: list[str] | None = None) -> None:
                              "even, fma, split joined by '+'); default: the measured rule, or SLA_DIST_FWD_LOOP")
     parser.add_argument("--linear-sums", nargs="+", choices=("save", "recompute"), metavar="MODE",
                         help="SLAConfig.linear_sums values to time one after the other (save, recompute)")
+    parser.add_argument("--tma", nargs="+", metavar="KERNELS",
+                        help="tensor-descriptor tile loads to time one after the other (off, all, or kernels from fwd, "
+                             "dq, dkdv joined by '+'); default: SLA_DIST_TMA, else off")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also the forward, dQ and dK/dV kernels' CUDA time in a forward+backward")
     parser.add_argument("--L", type=int, nargs="+", default=[32768, 8192], help="sequence lengths (iid inputs)")
     add_input_arguments(parser)
     parser.add_argument("--tiny", action="store_true", help="H 2, D 32, L 256 (grid 4,8,8), float32 on the CPU: a "
                         "smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
-        if args.graph or args.dense:
-            parser.error("--tiny runs on the CPU: --graph and --dense need a GPU")
+        if args.graph or args.dense or args.kernels:
+            parser.error("--tiny runs on the CPU: --graph, --dense and --kernels need a GPU")
         args.L, args.grid, args.heads, args.head_dim = [256], (4, 8, 8), 2, 32
         args.device, args.dtype = torch.device("cpu"), torch.float32
     else:
@@ -97,13 +116,16 @@ def main(argv: list[str] | None = None) -> None:
         for source, layout, inputs in input_settings(args):
             suffix = "".join(f"+{v}" for v in (source, layout) if v not in ("iid", "bhld"))
             suffix += f"+neg:{args.negligible}" if args.negligible is not None else ""
-            for loop in args.fwd_loop or [None]:
-                if loop is not None:
-                    os.environ[FWD_LOOP_ENV] = loop
-                for sums in args.linear_sums or [None]:
-                    variant = inputs if sums is None else dict(inputs, linear_sums=sums)
-                    time_layer(L, label + suffix + (f"+fwd:{loop}" if loop else "") + (f"+sums:{sums}" if sums else ""),
-                               variant, args)
+            for loop, tma, sums in itertools.product(args.fwd_loop or [None], args.tma or [None],
+                                                     args.linear_sums or [None]):
+                variant = ""
+                for env, value, name in ((FWD_LOOP_ENV, loop, "fwd"), (TMA_ENV, tma, "tma")):
+                    if value is not None:
+                        os.environ[env] = value
+                        variant += f"+{name}:{value}"
+                variant += f"+sums:{sums}" if sums else ""
+                variant_inputs = inputs if sums is None else dict(inputs, linear_sums=sums)
+                time_layer(L, label + suffix + variant, variant_inputs, args)
         if args.dense:
             torch.manual_seed(0)  # the layer's q, k, v
             _, q, k, v, g = sla_layer_inputs(L, 12, 128)
@@ -139,8 +161,9 @@ def time_layer(L: int, label: str, inputs: dict, args: argparse.Namespace) -> No
         layer_gradients(layer, m(q, k, v), q, k, v, g)
 
     fwd_bwd = bench_ms(step, args.device)
+    kernels = f"  kernels: {sparse_kernel_us(step)}" if args.kernels else ""
     print(f"{label:8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  host-side fwd+bwd "
-          f"{host_side_ms(step, args.device):.3f} ms")
+          f"{host_side_ms(step, args.device):.3f} ms{kernels}")
 
 
 if __name__ == "__main__":

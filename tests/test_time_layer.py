@@ -3,6 +3,7 @@ layout, length, negligible), one factor at a time, in a tiny CPU run."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -104,9 +105,28 @@ def test_tiny_run_times_one_line_per_setting_and_names_the_non_defaults(capsys, 
     assert all(words[2] == "256" and float(words[4]) > 0 for words in lines)
 
 
+def test_variants_are_timed_one_after_the_other_and_named(capsys, monkeypatch, one_thread):
+    """--fwd-loop x --tma: one line per pair, each under its own SLA_DIST_FWD_LOOP and SLA_DIST_TMA (both left as
+    the last pair set them; monkeypatch restores them)."""
+    seen = []
+    monkeypatch.setenv(time_layer.FWD_LOOP_ENV, "baseline")
+    monkeypatch.setenv(time_layer.TMA_ENV, "off")
+    monkeypatch.setattr(time_layer, "time_layer", lambda L, label, inputs, args: seen.append(
+        (label, os.environ[time_layer.FWD_LOOP_ENV], os.environ[time_layer.TMA_ENV])))
+    time_layer.main(["v", "--tiny", "--fwd-loop", "fma", "split+fma", "--tma", "off", "fwd+dq"])
+    assert seen == [("v+fwd:fma+tma:off", "fma", "off"), ("v+fwd:fma+tma:fwd+dq", "fma", "fwd+dq"),
+                    ("v+fwd:split+fma+tma:off", "split+fma", "off"),
+                    ("v+fwd:split+fma+tma:fwd+dq", "split+fma", "fwd+dq")]
+    seen.clear()
+    time_layer.main(["v", "--tiny", "--tma", "all"])
+    assert seen == [("v+tma:all", "split+fma", "all")]  # the loop as the first run left it
+
+
 def test_tiny_refuses_gpu_only_options():
     with pytest.raises(SystemExit):
         time_layer.main(["x", "--tiny", "--dense"])
+    with pytest.raises(SystemExit):
+        time_layer.main(["x", "--tiny", "--kernels"])
 
 
 def test_tiny_run_times_each_linear_sums(capsys, one_thread):

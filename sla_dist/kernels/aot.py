@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import _KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, FwdLoop
+from .configs import _KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop
 from .op import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -50,6 +50,8 @@ _POINTERS = {
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
 _FLOATS = {"qk_scale", "sm_scale"}
+TMA_ENTRIES = ("fwd", "fwd_split", "dq", "dkdv")
+"""Launch entries whose kernels take USE_TMA (configs.TMA_KERNELS' fwd is both forward entries)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class Variant:
     v_like_k: bool = True
     """v shares k's strides (forward and dQ address both with one offset tile); False: v in its own layout, as a
     DiT's v sliced from the fused qkv projection."""
+    tma: bool = False
+    """The loop's tiles through tensor descriptors (USE_TMA, as SLA_DIST_TMA turns on for fwd, dq and dkdv)."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:
@@ -105,6 +109,8 @@ class Variant:
         if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:
             raise ValueError(f"block_q={self.block_q}: the split forward takes query blocks of at least "
                              f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
+        if self.tma and self.kernel not in TMA_ENTRIES:
+            raise ValueError(f"tma=True ({TMA_ENV}) applies to {sorted(TMA_ENTRIES)}, not {self.kernel}")
         known = {name for name, _ in _KERNELS[self.kernel].choices}
         if set(self.choices) - known:
             raise ValueError(f"choices {sorted(set(self.choices) - known)} do not apply to {self.kernel}; "
@@ -116,7 +122,7 @@ class Variant:
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural",
-                      V_LIKE_K=self.v_like_k)
+                      V_LIKE_K=self.v_like_k, USE_TMA=self.tma)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         values.update(FwdLoop.parse(self.fwd_loop).constexprs(even_keys=True))
@@ -139,6 +145,9 @@ class Compiled:
     shared_bytes: int
     wgmma: int
     """Hopper warp-group MMA instructions in the PTX (0: the dots use older mma or FMA)."""
+    tma_copies: int = 0
+    """Tensor-descriptor copies (``cp.async.bulk.tensor``, Hopper's TMA engine) in the PTX: the tiles loaded through
+    descriptors (Variant.tma); 0 on the pointer path."""
 
 
 def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
@@ -195,7 +204,8 @@ def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     usage = _resources(kernel.asm["cubin"])
     return Compiled(variant, registers=usage.get("REG", 0), spill_bytes=usage.get("STACK", 0),
-                    shared_bytes=int(kernel.metadata.shared), wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
+                    shared_bytes=int(kernel.metadata.shared), wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
+                    tma_copies=kernel.asm["ptx"].count("cp.async.bulk.tensor"))
 
 
 def check_variants() -> list[Variant]:
@@ -213,6 +223,12 @@ def check_variants() -> list[Variant]:
     # The forward's loop options as the layer launches them at D 128 (configs._MEASURED_FWD_LOOPS).
     variants += [Variant("fwd_split", fwd_loop="even+fma"), Variant("fwd", fwd_loop="fma", has_linear=False)]
     variants.append(Variant("dkdv", dkdv_order="lpt"))
+    # The tensor-descriptor loads (SLA_DIST_TMA): each kernel at the headline shape, dK/dV's row slices, and the
+    # smallest rows a descriptor takes (float32 D 32: 128 bytes) with the split forward's 64-row tiles.
+    variants += [Variant(name, tma=True) for name in TMA_ENTRIES]
+    variants += [Variant("dkdv", tma=True, choices={"Q_SPLIT": 2}), Variant("fwd_split", fwd_loop="even+fma", tma=True)]
+    variants += [Variant(name, tma=True, dtype="float32", D=32, feature_map="relu", has_proj=False) for name in
+                 TMA_ENTRIES]
     return variants
 
 
@@ -241,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         v = result.variant
         print(f"{v.kernel:9} {v.dtype:8} D{v.D:<3} BQ{v.block_q:<3} {v.feature_map:7} linear={v.has_linear!s:5} "
               f"{v.choices or ''} -> {result.registers} regs, {result.spill_bytes} B spilled, "
-              f"{result.shared_bytes // 1024} KiB shared, {result.wgmma} wgmma")
+              f"{result.shared_bytes // 1024} KiB shared, {result.wgmma} wgmma"
+              + (f", {result.tma_copies} TMA copies" if v.tma else ""))
     return 0
 
 

@@ -16,11 +16,12 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to the summaries'
    gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
    key blocks (dh_j = sum over the query blocks for which j is marginal).
-2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices:
+2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices (with USE_TMA, k and v
+   come through tensor descriptors, tiles.py):
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
 3. ``_bwd_dkdv_kernel``: one program per key block j, walking the transposed list q_indices (only the query blocks
    that chose j, never all of them), each query block in Q_SPLIT row slices (with ORDERED, program p takes the key
-   block ORDER[p] names, e.g. the longest lists first):
+   block ORDER[p] names, e.g. the longest lists first; with USE_TMA, q and dO come through tensor descriptors):
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
    plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T.
 """
@@ -29,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
-from .tiles import block_item, columns, head_offset, listed_rows, query_rows, row_tile, square
+from .tiles import (block_item, columns, head_offset, listed_rows, load_rows, query_rows, row_descriptor, row_tile,
+                    square)
 
 
 @triton.jit
@@ -127,6 +129,7 @@ def _bwd_dq_kernel(
     H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr, V_LIKE_K: tl.constexpr = True,
+    USE_TMA: tl.constexpr = False,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -136,15 +139,19 @@ def _bwd_dq_kernel(
     stride_vl = stride_kl if V_LIKE_K else stride_vl
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
-    tile, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_base, bh, offs_m, stride_ql, offs_d, LQ)
+    # q and dO are loaded once, by pointers (USE_TMA is for the loop's tiles).
+    tile, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, Q, DO, q_base, bh, pid_q * BLOCK_Q, offs_m,
+                                                 stride_ql, offs_d, LQ, False)
 
     dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
     n_blocks = tl.load(KV_NUM + row)
+    k_desc = row_descriptor(K, k_base, LK, stride_kl, BLOCK_K, D, USE_TMA)
+    v_desc = row_descriptor(V, v_base, LK, stride_vl, BLOCK_K, D, USE_TMA)
     for it in range(0, n_blocks):
-        offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, LK, BLOCK_K)
-        k = tl.load(K + row_tile(k_base, offs_k, stride_kl, offs_d), mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + row_tile(v_base, offs_k, stride_vl, offs_d), mask=col_ok[:, None], other=0.0)
+        start, offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, LK, BLOCK_K)
+        k = load_rows(K, k_desc, k_base, start, offs_k, col_ok, stride_kl, offs_d, True, USE_TMA)
+        v = load_rows(V, v_desc, v_base, start, offs_k, col_ok, stride_vl, offs_d, True, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -170,7 +177,7 @@ def _bwd_dkdv_kernel(
     H, LQ, LK, NK, NQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr,
+    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
@@ -180,7 +187,8 @@ def _bwd_dkdv_kernel(
         pid_k = item % NK
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_m0 = tl.arange(0, BLOCK_Q // Q_SPLIT)
+    ROWS: tl.constexpr = BLOCK_Q // Q_SPLIT
+    offs_m0 = tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     col_ok = offs_k < LK
     kv_tile = row_tile(head_offset(bh, H, stride_kb, stride_kh), offs_k, stride_kl, offs_d)  # k, dk and dv
@@ -199,12 +207,15 @@ def _bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     col = bh.to(tl.int64) * NK + pid_k
     n_blocks = tl.load(Q_NUM + col)
+    q_desc = row_descriptor(Q, q_base, LQ, stride_ql, ROWS, D, USE_TMA)
+    do_desc = row_descriptor(DO, q_base, LQ, stride_ql, ROWS, D, USE_TMA)
     for it in range(0, n_blocks):
         i = tl.load(Q_IDX + col * NQ + it)
         # A query block may be taken in Q_SPLIT row slices (smaller tiles, fewer live registers): autotuned.
         for part in tl.static_range(Q_SPLIT):
-            offs_m = i * BLOCK_Q + part * (BLOCK_Q // Q_SPLIT) + offs_m0
-            _, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_base, bh, offs_m, stride_ql, offs_d, LQ)
+            start = i * BLOCK_Q + part * ROWS
+            _, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_desc, do_desc, q_base, bh, start,
+                                                      start + offs_m0, stride_ql, offs_d, LQ, USE_TMA)
             if KEYS_AS_COLUMNS:
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                 p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)

@@ -8,7 +8,8 @@ SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (the ``fixed`` setting), e.g. 
 hundreds of shape variants. Tuning results are cached on disk (Triton's cache directory) where Triton supports it
 (3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` picks the forward's
 loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
-``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER).
+``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``tma_kernels()``
+the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA, off by default).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ FWD_SPLIT_Q = 2
 """Programs per query block in the ``fwd_split`` entry (SLA_DIST_FWD_LOOP=split)."""
 SPLIT_MIN_ROWS = 64
 """Fewest rows per split program: one warp group's wgmma tile."""
-_FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "EVEN_K", "SCALE_IN_EXP")
+_FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "EVEN_K", "SCALE_IN_EXP", "USE_TMA")
 # The candidates are what won or came close in `benchmarks/sweep_kernels.py` on an H200 (bf16, D = 128, BQ 128,
 # results/2026-11-29-h200-sweep.md); the fixed setting is each kernel's winner there. Two key blocks per step in the
 # forward and dQ lost everywhere (by 10-25 %), so those loops take one block per step; every candidate compiles on a
@@ -75,9 +76,9 @@ _KERNELS = {
     "prepass": _Tuning("backward", "_bwd_prepass_kernel",
                        ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR", "HAS_PROJ", "HAS_DOL"), (8,), (1,), fixed=(8, 1)),
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
-    "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR"), (4, 8), (1, 2, 3),
+    "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
-    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED",), (4, 8), (1, 2), fixed=(8, 2),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "USE_TMA"), (4, 8), (1, 2), fixed=(8, 2),
                     choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
 }
 
@@ -170,6 +171,29 @@ def dkdv_order() -> str:
     if order not in DKDV_ORDERS:
         raise ValueError(f"{DKDV_ORDER_ENV}={order!r}; choose one of {DKDV_ORDERS}")
     return order
+
+
+TMA_ENV = "SLA_DIST_TMA"
+TMA_KERNELS = ("fwd", "dq", "dkdv")
+"""Kernels whose loop tiles may be loaded through tensor descriptors (Hopper's TMA engine copies them to shared
+memory; no [rows, D] offset tile in registers): the forward's k and v (both launch entries, fwd and fwd_split), dQ's
+k and v, dK/dV's q and dO."""
+
+
+def tma_kernels() -> frozenset[str]:
+    """The kernels of TMA_KERNELS that SLA_DIST_TMA names: 'off' (the default) none, 'all' every one, else kernels
+    joined by '+' (e.g. 'fwd+dq'). Read at every launch, so one process can time several. A launch whose tensors a
+    descriptor cannot address still takes the pointer loads (op.py decides per launch)."""
+    text = os.environ.get(TMA_ENV, "off")
+    if text == "off":
+        return frozenset()
+    if text == "all":
+        return frozenset(TMA_KERNELS)
+    names = text.split("+")
+    if any(n not in TMA_KERNELS for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{TMA_ENV}={text!r}; give 'off', 'all' or kernels from {TMA_KERNELS} joined by '+', each "
+                         f"once (e.g. 'fwd+dq')")
+    return frozenset(names)
 
 
 class _Fixed:

@@ -13,7 +13,8 @@ so that the backward recomputes P = 2^(s - lse) from the saved base-2 log-sum-ex
 Sparse branch: walk kv_indices[bh, i, :kv_num_blocks[bh, i]] with an online softmax (FlashAttention-2), one
 listed key block per step. Loop variants (configs.FwdLoop, chosen per head dim and branch by the launcher): EVEN_K
 drops the key masks when LK is a multiple of BLOCK_K; SCALE_IN_EXP keeps q k^T unscaled and applies c inside the
-exponent (one FMA, 2^(c x - m)); SPLIT_Q > 1 has SPLIT_Q programs of BLOCK_Q / SPLIT_Q rows share one query block.
+exponent (one FMA, 2^(c x - m)); SPLIT_Q > 1 has SPLIT_Q programs of BLOCK_Q / SPLIT_Q rows share one query block;
+USE_TMA loads the key and value tiles through tensor descriptors (tiles.py).
 Linear branch: the per-key-block summaries h_j = phi(K_j)^T V_j [D, D] and z_j = colsum phi(K_j) [D] are built by
 ``_linear_summaries_kernel`` into one [D * D + D] row per key block; the launcher sums the rows over each query
 block's marginal blocks (one 0/1 matrix product, see op.py) into H_i, Z_i, and the forward kernel finishes with
@@ -29,16 +30,7 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_fwd
-from .tiles import block_item, head_offset, listed_rows, row_tile, square
-
-
-@triton.jit
-def _kv_tile(X, head, offs_k, col_ok, stride_l, offs_d, EVEN_K: tl.constexpr):
-    """The [BLOCK_K, D] key or value tile of rows offs_k; rows past LK read as 0 (none exist when EVEN_K)."""
-    tile = row_tile(head, offs_k, stride_l, offs_d)
-    if EVEN_K:
-        return tl.load(X + tile)
-    return tl.load(X + tile, mask=col_ok[:, None], other=0.0)
+from .tiles import block_item, head_offset, listed_rows, load_rows, row_descriptor, row_tile, square
 
 
 @triton.jit
@@ -91,7 +83,7 @@ def _sla_fwd_kernel(
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr = False, SCALE_IN_EXP: tl.constexpr = False,
-    SPLIT_Q: tl.constexpr = 1, V_LIKE_K: tl.constexpr = True,
+    SPLIT_Q: tl.constexpr = 1, V_LIKE_K: tl.constexpr = True, USE_TMA: tl.constexpr = False,
 ):
     # SPLIT_Q programs share query block pid_q (its block list and H_i), each taking BLOCK_Q // SPLIT_Q of its rows.
     ROWS: tl.constexpr = BLOCK_Q // SPLIT_Q
@@ -115,10 +107,13 @@ def _sla_fwd_kernel(
     row = bh.to(tl.int64) * NQ + pid_q
     n_blocks = tl.load(KV_NUM + row)
     blocks = KV_IDX + row * KV_WIDTH
+    # Rows past LK read as 0 (none exist when EVEN_K, so the pointer loads drop their masks).
+    k_desc = row_descriptor(K, k_base, LK, stride_kl, BLOCK_K, D, USE_TMA)
+    v_desc = row_descriptor(V, v_base, LK, stride_vl, BLOCK_K, D, USE_TMA)
     for it in range(0, n_blocks):
-        offs_k, col_ok = listed_rows(blocks, it, LK, BLOCK_K)
-        k = _kv_tile(K, k_base, offs_k, col_ok, stride_kl, offs_d, EVEN_K)
-        v = _kv_tile(V, v_base, offs_k, col_ok, stride_vl, offs_d, EVEN_K)
+        start, offs_k, col_ok = listed_rows(blocks, it, LK, BLOCK_K)
+        k = load_rows(K, k_desc, k_base, start, offs_k, col_ok, stride_kl, offs_d, not EVEN_K, USE_TMA)
+        v = load_rows(V, v_desc, v_base, start, offs_k, col_ok, stride_vl, offs_d, not EVEN_K, USE_TMA)
         x = _scores(q, k, col_ok, qk_scale, EVEN_K, SCALE_IN_EXP, PRECISION)
         m_i, l_i, acc = _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, SCALE_IN_EXP, PRECISION)
 

@@ -24,6 +24,7 @@ from ..config import FEATURE_MAPS, validate_branch_options, validate_linear_sums
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
 from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel
+from .descriptors import use_tma
 from .reference import project_branches
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -282,7 +283,7 @@ def _forward(
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
         **p.meta(), HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
-        **loop.constexprs(even_keys=p.Lk % block_k == 0), V_LIKE_K=p.v_like_k,
+        **loop.constexprs(even_keys=p.Lk % block_k == 0), V_LIKE_K=p.v_like_k, USE_TMA=use_tma("fwd", k, v),
     )
     return (out, o, o_l, lse, sums) if has_proj else (o, o_l, lse, sums)
 
@@ -408,6 +409,7 @@ def _backward(
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
         D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision, V_LIKE_K=p.v_like_k,
+        USE_TMA=use_tma("dq", k, v),
     )
 
     if has_linear:
@@ -423,7 +425,7 @@ def _backward(
         q_num_blocks if order is None else order,  # never read without ORDERED
         *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
         p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
-        **p.meta(), ORDERED=order is not None,
+        **p.meta(), ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do),
     )
     return dq, dk, dv
 

@@ -1,6 +1,12 @@
 """Triton device functions for addressing tiles, shared by the forward and backward kernels.
 
 Offsets are int64 so that B * H * L * D (and per-block summaries) may exceed 2^31 elements.
+
+A row tile is loaded in one of two ways (the USE_TMA constexpr, per kernel launch): by pointer offsets, a [rows, D]
+tile of int64 addresses in registers, or through a tensor descriptor over one head's [L, D] rows (on Hopper, the TMA
+engine copies the tile to shared memory and only its starting row is computed; rows past L read as 0, as the masked
+loads' ``other=0``). A descriptor needs its base 16-byte aligned and its row stride a multiple of 16 bytes, which
+the launcher checks (op.py); its loop offsets then stay int32 row numbers.
 """
 
 import triton
@@ -17,6 +23,31 @@ def head_offset(bh, H, stride_b, stride_h):
 def row_tile(head, rows, stride_l, offs_d):
     """Offsets of the [len(rows), D] tile of ``rows`` of one head."""
     return head + rows[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+
+
+@triton.jit
+def row_descriptor(X, head, L, stride_l, ROWS: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
+    """With USE_TMA, a tensor descriptor over the [L, D] rows of one head (``head``: its offset from X) that loads
+    [ROWS, D] tiles; without, X itself, so that :func:`load_rows` serves both paths from one call site."""
+    if USE_TMA:
+        rows = tl.make_tensor_descriptor(X + head, shape=[L, D], strides=[stride_l, 1], block_shape=[ROWS, D])
+    else:
+        rows = X
+    return rows
+
+
+@triton.jit
+def load_rows(X, desc, head, start, rows, row_ok, stride_l, offs_d, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """The [len(rows), D] tile of ``rows`` = start + arange of one head: through ``desc`` (:func:`row_descriptor`)
+    with USE_TMA, where rows past the head's L read as 0; else by pointer offsets, rows where not row_ok read as 0
+    when MASKED (unmasked loads are for tiles known to be in bounds)."""
+    if USE_TMA:
+        x = desc.load([start, 0])
+    elif MASKED:
+        x = tl.load(X + row_tile(head, rows, stride_l, offs_d), mask=row_ok[:, None], other=0.0)
+    else:
+        x = tl.load(X + row_tile(head, rows, stride_l, offs_d))
+    return x
 
 
 @triton.jit
@@ -39,20 +70,22 @@ def columns(offs_d, cols, D: tl.constexpr):
 
 @triton.jit
 def listed_rows(IDX, position, LK, BLOCK_K: tl.constexpr):
-    """Rows of the key block listed at ``position`` of the block list at IDX, and which of them are real (< LK). The
-    index is loaded once, as a scalar, so the key/value loads stay contiguous along D and rows."""
-    rows = tl.load(IDX + position) * BLOCK_K + tl.arange(0, BLOCK_K)
-    return rows, rows < LK
+    """(first row, rows, which rows are real (< LK)) of the key block listed at ``position`` of the block list at
+    IDX. The index is loaded once, as a scalar, so the key/value loads stay contiguous along D and rows."""
+    start = tl.load(IDX + position) * BLOCK_K
+    rows = start + tl.arange(0, BLOCK_K)
+    return start, rows, rows < LK
 
 
 @triton.jit
-def query_rows(Q, DO, LSE, DELTA, q_head, bh, rows, stride_ql, offs_d, LQ):
-    """What the backward needs of some query rows: (their tile offsets, which rows are < LQ, q, dO, lse, delta);
-    rows past LQ read as 0."""
+def query_rows(Q, DO, LSE, DELTA, q_desc, do_desc, q_head, bh, start, rows, stride_ql, offs_d, LQ,
+               USE_TMA: tl.constexpr):
+    """What the backward needs of the query ``rows`` = start + arange: (their tile offsets, which rows are < LQ, q,
+    dO, lse, delta); rows past LQ read as 0. q and dO come through the descriptors with USE_TMA (see load_rows)."""
     row_ok = rows < LQ
     tile = row_tile(q_head, rows, stride_ql, offs_d)
-    q = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+    q = load_rows(Q, q_desc, q_head, start, rows, row_ok, stride_ql, offs_d, True, USE_TMA)
+    do = load_rows(DO, do_desc, q_head, start, rows, row_ok, stride_ql, offs_d, True, USE_TMA)
     per_row = bh.to(tl.int64) * LQ + rows
     lse = tl.load(LSE + per_row, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + per_row, mask=row_ok, other=0.0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sla_dist.kernels import configs
 from sla_dist.kernels.block_map import BlockMap, predict_block_map
 from sla_dist.kernels.op import sparse_linear_attention
 from sla_dist.kernels.reference import sla_reference
@@ -126,6 +127,30 @@ def assert_within_reference_error(errors: dict[str, tuple]) -> None:
     for name, (kernel_err, ref_err) in errors.items():
         factor = OUTPUT_FACTOR if name == "out" else GRAD_FACTOR
         assert kernel_err <= factor * ref_err, f"{name} error {kernel_err:.3e} > {factor} x {ref_err:.3e} ({report})"
+
+
+class KernelArgs:
+    """Stands in for op.get_kernel: launches the real kernels and records (kernel name, argument) for every launch of
+    a kernel that has the parameter ``param``, given by position or by name."""
+
+    def __init__(self, param: str) -> None:
+        self.param, self.seen = param, []
+
+    def __call__(self, name: str):
+        kernel, params = configs.get_kernel(name), configs.jit_function(name).arg_names
+        recorder = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if recorder.param in kwargs:
+                        recorder.seen.append((name, kwargs[recorder.param]))
+                    elif recorder.param in params:
+                        recorder.seen.append((name, args[params.index(recorder.param)]))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        return Launcher()
 
 
 class MatrixProducts(TorchDispatchMode):

@@ -13,8 +13,8 @@ from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
 
-from .harness import (GRAD_FACTOR, OUTPUT_FACTOR, MatrixProducts, SLACase, assert_within_reference_error, compare,
-                      relative_error)
+from .harness import (GRAD_FACTOR, OUTPUT_FACTOR, KernelArgs, MatrixProducts, SLACase, assert_within_reference_error,
+                      compare, relative_error)
 
 
 def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
@@ -64,28 +64,6 @@ def test_strided_views_are_read_in_place(poison_outputs):
     _assert_kernel_matches_float64(q, k, v, bm, w, g)
 
 
-class _KernelArgs:
-    """Stands in for op.get_kernel: launches the real kernels and records (kernel name, argument) for every launch of
-    a kernel that has the parameter ``param``."""
-
-    def __init__(self, param: str) -> None:
-        self.param, self.seen = param, []
-
-    def __call__(self, name: str):
-        kernel, params = configs.get_kernel(name), configs.jit_function(name).arg_names
-        recorder = self
-
-        class Launcher:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    if recorder.param in params:
-                        recorder.seen.append((name, args[params.index(recorder.param)]))
-                    return kernel[grid](*args, **kwargs)
-                return launch
-
-        return Launcher()
-
-
 @pytest.mark.parametrize("layout, dtype, split", [("dit", torch.float32, False), ("sliced", torch.float16, False),
                                                   ("dit", torch.float16, True)])
 def test_values_are_read_in_place(layout, dtype, split, monkeypatch, poison_outputs):
@@ -112,7 +90,7 @@ def test_values_are_read_in_place(layout, dtype, split, monkeypatch, poison_outp
                 block_q=128 if split else 64, device=DEVICE)
     if split:
         monkeypatch.setenv(configs.FWD_LOOP_ENV, "split+fma")
-    launches = _KernelArgs("V")
+    launches = KernelArgs("V")
     monkeypatch.setattr(op, "get_kernel", launches)
     assert_within_reference_error(compare(c, inputs))
     assert {name for name, _ in launches.seen} == {"fwd_split" if split else "fwd", "summaries", "dq", "dkdv"}

@@ -1,0 +1,62 @@
+"""Host side of the kernels' tensor-descriptor (TMA) path: which launches take it, and the scratch memory it needs.
+
+SLA_DIST_TMA (configs.tma_kernels) names the kernels whose loop tiles are loaded through tensor descriptors, built in
+the kernel over one (batch, head)'s [L, D] rows (tiles.row_descriptor). A descriptor needs its base address 16-byte
+aligned and its row stride a multiple of 16 bytes; the launcher gives a head's base as the tensor's address plus
+b * stride_b + h * stride_h, so those strides must be multiples of 16 bytes too. Any tensor of a launch that breaks
+one of these (a view at an odd offset, rows an odd number of elements apart) sends that launch down the pointer path:
+:func:`use_tma` decides on the host, per launch, and the kernel gets the answer as its USE_TMA constexpr.
+
+A descriptor made inside a kernel is written to global scratch memory, which Triton requests at launch from the
+allocator given to ``triton.set_allocator``. Triton (3.6 and 3.9 alike) keeps that allocator in a ContextVar, so one
+set in the main thread is not seen by autograd's backward thread: :func:`use_tma` sets ours in every context that has
+none yet, and keeps one the caller set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .configs import tma_kernels
+
+DESCRIPTOR_ALIGN = 16
+"""Bytes: the alignment of a descriptor's base address and of its strides but the last."""
+
+
+def descriptor_ready(x: torch.Tensor) -> bool:
+    """True when every (batch, head) of x [B, H, L, D] (unit last stride) can be read through a descriptor over its
+    [L, D] rows: x's address and its strides over l, and over b and h where they move the base (size > 1), are
+    multiples of DESCRIPTOR_ALIGN bytes."""
+    B, H = x.shape[:2]
+    stride_b, stride_h, stride_l, _ = x.stride()
+    strides = [stride_l] + [stride for stride, n in ((stride_b, B), (stride_h, H)) if n > 1]
+    byte_offsets = [x.data_ptr()] + [stride * x.element_size() for stride in strides]
+    return all(offset % DESCRIPTOR_ALIGN == 0 for offset in byte_offsets)
+
+
+def use_tma(kernel: str, *tensors: torch.Tensor) -> bool:
+    """The USE_TMA constexpr of one launch of ``kernel`` (configs.TMA_KERNELS) whose loop reads ``tensors``: on when
+    SLA_DIST_TMA names the kernel and a descriptor can address every one of them, else the pointer path. On a GPU,
+    makes sure the launch finds an allocator for the descriptors' scratch memory."""
+    if kernel not in tma_kernels() or not all(descriptor_ready(x) for x in tensors):
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter keeps descriptors on the host
+        _ensure_allocator()
+    return True
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's allocator protocol: ``size`` bytes of device memory for one launch, on the current device. The
+    caching allocator's blocks are 512-byte aligned (Triton asks for at most 128), and the tensor is released after
+    the launch is queued, which is safe on its stream as for any PyTorch temporary."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)

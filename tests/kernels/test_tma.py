@@ -1,0 +1,186 @@
+"""The tensor-descriptor (TMA) path of the kernels' loop tiles (SLA_DIST_TMA; configs.tma_kernels, descriptors.py,
+tiles.row_descriptor). Only how the tiles are loaded changes, not what is computed from them: with SLA_DIST_TMA=all
+every launch that can take descriptors does, and gives the pointer path's output and gradients (bit for bit in the
+interpreter, whose descriptor loads are masked loads; within the harness's error rule against float64 everywhere),
+on partial last blocks, in the DiT's layouts (q, k and dO [B, L, H, D] viewed as [B, H, L, D], v sliced from the
+fused qkv projection), and with query blocks taken in row slices. A layout no descriptor can address takes the
+pointer path for that launch: the interpreter checks a descriptor's alignment as the hardware does, so a launch
+that took descriptors there would raise."""
+
+import contextvars
+import re
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+import triton
+from triton.runtime import _allocation
+
+from sla_dist.kernels import configs, descriptors, op
+from sla_dist.kernels.configs import TMA_ENV, TMA_KERNELS, tma_kernels
+from sla_dist.kernels.descriptors import descriptor_ready, use_tma
+from tests.utils import DEVICE, HAS_CUDA
+
+from .harness import NAMES, KernelArgs, SLACase, assert_within_reference_error, compare, make_inputs, run_layer
+
+LAUNCHES = {"fwd", "dq", "dkdv"}  # the launches that take USE_TMA (the forward as its unsplit entry here)
+
+
+def _run_both(c: SLACase, inputs: dict, monkeypatch) -> tuple[list, list, dict[str, bool]]:
+    """(pointer path's results, SLA_DIST_TMA=all's, {launch: its USE_TMA}) of one forward and backward."""
+    block_map = _map(c, inputs)
+    monkeypatch.setenv(TMA_ENV, "off")
+    pointers = run_layer(c, inputs, block_map)
+    monkeypatch.setenv(TMA_ENV, "all")
+    launches = KernelArgs("USE_TMA")
+    monkeypatch.setattr(op, "get_kernel", launches)
+    tma = run_layer(c, inputs, block_map)
+    assert len(launches.seen) == len(LAUNCHES), launches.seen
+    return pointers, tma, dict(launches.seen)
+
+
+def _map(c: SLACase, inputs: dict):
+    from sla_dist.kernels.block_map import predict_block_map
+
+    return predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible, block_q=c.block_q,
+                             block_k=c.block_k)
+
+
+def _assert_same_results(c: SLACase, inputs: dict, pointers: list, tma: list) -> None:
+    """On the interpreter bit for bit; everywhere within the error rule against the float64 reference."""
+    for name, x, y in zip(NAMES, pointers, tma):
+        assert (x is None) == (y is None), name
+        if x is not None and not HAS_CUDA:
+            assert torch.equal(x, y), (name, (x.double() - y.double()).abs().max())
+    assert_within_reference_error(compare(c, inputs, _map(c, inputs), got=tma))
+
+
+@pytest.mark.parametrize("dtype, L, D, linear_scope, block_q", [
+    (torch.float32, 459, 32, "marginal", 64),   # partial last blocks of 11 rows
+    (torch.float16, 131, 64, "none", 64),       # 3 rows in the last block
+    (torch.float32, 300, 32, "all", 128),       # 128-row query blocks over 64-row key blocks
+])
+def test_descriptors_give_the_pointer_results(dtype, L, D, linear_scope, block_q, monkeypatch, poison_outputs):
+    c = SLACase(B=2, H=2, L=L, D=D, dtype=dtype, topk=0.25, negligible=0.1, feature_map="softmax",
+                linear_scope=linear_scope, block_q=block_q, device=DEVICE)
+    inputs = make_inputs(c, torch.Generator().manual_seed(L))
+    pointers, tma, used = _run_both(c, inputs, monkeypatch)
+    assert used == dict.fromkeys(LAUNCHES, True)
+    _assert_same_results(c, inputs, pointers, tma)
+
+
+def _dit_inputs(c: SLACase, layout: str) -> dict:
+    """q, k, dO (and v) in a model's layouts. dit: q, k and dO [B, L, H, D] views, v the last third of the fused qkv
+    projection [B, L, 3 H D] (every stride a multiple of 16 bytes: descriptors apply). offset: every tensor a view 1
+    element into its buffer (a base address off 16 bytes). padded-rows: [B, L, H, D + 1] buffers cut to D (rows
+    (D + 1) H elements apart, not a multiple of 16 bytes), dO in the same layout so that the backward keeps it."""
+    g = torch.Generator().manual_seed(7)
+    B, H, L, D = c.B, c.H, c.L, c.D
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, c.dtype)
+
+    if layout == "dit":
+        q, k, grad = (randn(B, L, H, D).transpose(1, 2) for _ in range(3))
+        v = randn(B, L, 3 * H * D)[..., 2 * H * D:].unflatten(-1, (H, D)).transpose(1, 2)
+    elif layout == "offset":
+        q, k, v, grad = (randn(B * H * L * D + 1)[1:].view(B, H, L, D) for _ in range(4))
+    else:
+        q, k, v, grad = (randn(B, L, H, D + 1)[..., :D].transpose(1, 2) for _ in range(4))
+    return dict(q=q, k=k, v=v, w=randn(D, D, scale=D**-0.5), b=randn(D, scale=0.1), grad=grad)
+
+
+@pytest.mark.parametrize("layout, dtype, takes_descriptors", [
+    ("dit", torch.float16, True), ("offset", torch.float32, False), ("padded-rows", torch.float32, False)])
+def test_layouts(layout, dtype, takes_descriptors, monkeypatch, poison_outputs):
+    """The DiT's layouts take descriptors; layouts a descriptor cannot address take the pointer path, launch by
+    launch, and give the same results."""
+    c = SLACase(B=2, H=2, L=333, D=32, dtype=dtype, topk=0.25, negligible=0.1, feature_map="softmax",
+                linear_scope="marginal", device=DEVICE)
+    inputs = _dit_inputs(c, layout)
+    assert all(descriptor_ready(inputs[n]) == takes_descriptors for n in ("q", "k", "v", "grad"))
+    pointers, tma, used = _run_both(c, inputs, monkeypatch)
+    assert used == dict.fromkeys(LAUNCHES, takes_descriptors)
+    _assert_same_results(c, inputs, pointers, tma)
+
+
+def test_row_slices_of_query_blocks(monkeypatch, poison_outputs):
+    """dK/dV's query blocks in Q_SPLIT = 2 row slices: descriptors of half a block's rows, the last slice past L."""
+    tuning = configs._KERNELS["dkdv"]
+    monkeypatch.setitem(configs._KERNELS, "dkdv", replace(tuning, choices=(("KEYS_AS_COLUMNS", (0,)),
+                                                                           ("Q_SPLIT", (2,)))))
+    configs.get_kernel.cache_clear()
+    try:
+        c = SLACase(B=1, H=2, L=290, D=32, dtype=torch.float32, topk=0.3, negligible=0.1, feature_map="relu",
+                    linear_scope="marginal", block_q=128, device=DEVICE)
+        inputs = make_inputs(c, torch.Generator().manual_seed(2))
+        pointers, tma, used = _run_both(c, inputs, monkeypatch)
+        assert used["dkdv"]
+        _assert_same_results(c, inputs, pointers, tma)
+    finally:
+        configs.get_kernel.cache_clear()
+
+
+def test_launch_decision(monkeypatch):
+    """Per launch: the switch names the kernel and every tensor it reads through descriptors is addressable (its
+    address, and its strides over l and over b and h, multiples of 16 bytes). A size-1 batch or head dimension never
+    moves the base, so its stride does not matter."""
+    buffer = torch.empty(2 * 3 * 40 * 36 + 64, dtype=torch.float16)
+
+    def view(strides, offset=0, shape=(2, 3, 40, 32)):
+        return buffer.as_strided(shape, strides, offset)
+
+    x = view((3 * 40 * 32, 40 * 32, 32, 1))
+    monkeypatch.setenv(TMA_ENV, "dq")
+    assert use_tma("dq", x, x) and not use_tma("fwd", x, x) and not use_tma("dkdv", x, x)
+    assert not use_tma("dq", x, view(x.stride(), offset=1))
+    assert descriptor_ready(view(x.stride(), offset=8))  # 16 bytes in
+    assert not descriptor_ready(view(x.stride(), offset=4))  # 8 bytes in
+    assert not descriptor_ready(view((3 * 40 * 36, 40 * 36, 36, 1)))  # rows 72 bytes apart
+    assert descriptor_ready(view((3, 5, 32, 1), shape=(1, 1, 40, 32)))
+    assert not descriptor_ready(view((3, 5, 32, 1), shape=(1, 2, 40, 32)))  # the head stride moves the base
+    assert not descriptor_ready(view((3, 32 * 40, 32, 1), shape=(2, 1, 40, 32)))  # so does the batch stride
+    monkeypatch.setenv(TMA_ENV, "off")
+    assert not any(use_tma(kernel, x) for kernel in TMA_KERNELS)
+
+
+def test_switch_is_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv(TMA_ENV, raising=False)
+    assert tma_kernels() == frozenset()
+    for value, kernels in (("off", ()), ("all", TMA_KERNELS), ("fwd+dq", ("fwd", "dq")), ("dkdv", ("dkdv",)),
+                           ("dkdv+fwd+dq", TMA_KERNELS)):
+        monkeypatch.setenv(TMA_ENV, value)
+        assert tma_kernels() == frozenset(kernels), value
+
+
+@pytest.mark.parametrize("value", ["on", "", "ALL", "fwd+fwd", "fwd,dq", "all+dq", "off+fwd", "bwd"])
+def test_bad_switch_names_the_value(value, monkeypatch):
+    monkeypatch.setenv(TMA_ENV, value)
+    with pytest.raises(ValueError, match=re.escape(f"{TMA_ENV}={value!r}")):
+        tma_kernels()
+
+
+def test_allocator_is_set_in_every_context_once():
+    """Triton keeps its allocator in a ContextVar: a fresh context (a new thread, as autograd's backward thread on a
+    GPU) has none until the launcher sets one, and one the caller set is kept."""
+
+    def allocator_after_ensure():
+        descriptors._ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(allocator_after_ensure) is descriptors._scratch
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(allocator_after_ensure()))
+    thread.start()
+    thread.join()
+    assert seen == [descriptors._scratch]
+
+    def own(size, alignment, stream):
+        raise AssertionError("never called here")
+
+    def keeps_own():
+        triton.set_allocator(own)
+        return allocator_after_ensure()
+
+    assert contextvars.Context().run(keeps_own) is own
