@@ -38,9 +38,10 @@ def descriptor_ready(x: torch.Tensor) -> bool:
 
 def use_tma(kernel: str, *tensors: torch.Tensor) -> bool:
     """The USE_TMA constexpr of one launch of ``kernel`` (configs.TMA_KERNELS) whose loop reads ``tensors``: on when
-    SLA_DIST_TMA names the kernel and a descriptor can address every one of them, else the pointer path. On a GPU,
-    makes sure the launch finds an allocator for the descriptors' scratch memory."""
-    if kernel not in tma_kernels() or not all(descriptor_ready(x) for x in tensors):
+    configs.tma_kernels names the kernel for the tensors' device (SLA_DIST_TMA, or its default) and a descriptor can
+    address every one of them, else the pointer path. On a GPU, makes sure the launch finds an allocator for the
+    descriptors' scratch memory."""
+    if kernel not in tma_kernels(tensors[0].device) or not all(descriptor_ready(x) for x in tensors):
         return False
     if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter keeps descriptors on the host
         _ensure_allocator()

@@ -18,7 +18,7 @@ import triton
 from triton.runtime import _allocation
 
 from sla_dist.kernels import configs, descriptors, op
-from sla_dist.kernels.configs import TMA_ENV, TMA_KERNELS, tma_kernels
+from sla_dist.kernels.configs import DEFAULT_TMA_KERNELS, TMA_ENV, TMA_KERNELS, tma_kernels
 from sla_dist.kernels.descriptors import descriptor_ready, use_tma
 from tests.utils import DEVICE, HAS_CUDA
 
@@ -147,7 +147,10 @@ def test_launch_decision(monkeypatch):
 
 def test_switch_is_read_from_the_environment(monkeypatch):
     monkeypatch.delenv(TMA_ENV, raising=False)
-    assert tma_kernels() == frozenset()
+    assert tma_kernels() == tma_kernels(torch.device("cpu")) == frozenset()
+    if HAS_CUDA:
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        assert tma_kernels(torch.device("cuda")) == (DEFAULT_TMA_KERNELS if hopper else frozenset())
     for value, kernels in (("off", ()), ("all", TMA_KERNELS), ("fwd+dq", ("fwd", "dq")), ("dkdv", ("dkdv",)),
                            ("dkdv+fwd+dq", TMA_KERNELS)):
         monkeypatch.setenv(TMA_ENV, value)
