@@ -8,12 +8,12 @@ one of these (a view at an odd offset, rows an odd number of elements apart) sen
 :func:`use_tma` decides on the host, per launch, and the kernel gets the answer as its USE_TMA constexpr. So do
 float32 inputs: their products run on FMA units (PRECISION ieee) from tiles held in registers, and a descriptor only
 adds a shared-memory copy of each tile (sm_90, Triton 3.6, D 128, fixed launch settings: dK/dV 225 -> 353 KiB, past
-the 227 KiB a block may take; dQ 288 -> 320 KiB), where the tensor-core dtypes' tiles go to shared memory anyway.
+the 227 KiB a block may take), where the tensor-core dtypes' tiles go to shared memory anyway.
 
 A descriptor made inside a kernel is written to global scratch memory, which Triton requests at launch from the
 allocator given to ``triton.set_allocator``. Triton (3.6 and 3.9 alike) keeps that allocator in a ContextVar, so one
-set in the main thread is not seen by autograd's backward thread: :func:`use_tma` sets ours in every context that has
-none yet, and keeps one the caller set.
+set in the main thread is not seen by another thread, such as the device thread on which autograd runs a CUDA
+backward: :func:`use_tma` sets ours in every context that has none yet, and keeps one the caller set.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ def use_tma(kernel: str, *tensors: torch.Tensor) -> bool:
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Triton's allocator protocol: ``size`` bytes of device memory for one launch, on the current device. The
-    caching allocator's blocks are 512-byte aligned (Triton asks for at most 128), and the tensor is released after
-    the launch is queued, which is safe on its stream as for any PyTorch temporary."""
+    """Triton's allocator protocol: ``size`` bytes of device memory for one launch (256 per program for these
+    kernels' two descriptors), on the current device. The caching allocator's blocks are 512-byte aligned (Triton
+    asks for 128), and the tensor is released once the launch is queued, which is safe on its stream as for any
+    PyTorch temporary."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
