@@ -111,7 +111,9 @@ def test_layouts(layout, dtype, takes_descriptors, monkeypatch, poison_outputs):
 
 
 def test_row_slices_of_query_blocks(monkeypatch, poison_outputs):
-    """dK/dV's query blocks in Q_SPLIT = 2 row slices: descriptors of half a block's rows, the last slice past L."""
+    """Query blocks taken in halves: dK/dV's Q_SPLIT = 2 row slices (descriptors of half a block's rows, the last
+    slice past L) and the split forward (its own 64-row programs over the same key tiles)."""
+    monkeypatch.setenv(configs.FWD_LOOP_ENV, "split+fma")
     tuning = configs._KERNELS["dkdv"]
     monkeypatch.setitem(configs._KERNELS, "dkdv", replace(tuning, choices=(("KEYS_AS_COLUMNS", (0,)),
                                                                            ("Q_SPLIT", (2,)))))
@@ -121,7 +123,7 @@ def test_row_slices_of_query_blocks(monkeypatch, poison_outputs):
                     linear_scope="marginal", block_q=128, device=DEVICE)
         inputs = make_inputs(c, torch.Generator().manual_seed(2))
         pointers, tma, used = _run_both(c, inputs, monkeypatch)
-        assert used["dkdv"]
+        assert used == {"fwd_split": True, "dq": True, "dkdv": True}
         _assert_same_results(c, inputs, pointers, tma)
     finally:
         configs.get_kernel.cache_clear()
