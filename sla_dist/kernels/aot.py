@@ -223,12 +223,12 @@ def check_variants() -> list[Variant]:
     # The forward's loop options as the layer launches them at D 128 (configs._MEASURED_FWD_LOOPS).
     variants += [Variant("fwd_split", fwd_loop="even+fma"), Variant("fwd", fwd_loop="fma", has_linear=False)]
     variants.append(Variant("dkdv", dkdv_order="lpt"))
-    # The tensor-descriptor loads (SLA_DIST_TMA): each kernel at the headline shape, dK/dV's row slices, and the
-    # smallest rows a descriptor takes (float32 D 32: 128 bytes) with the split forward's 64-row tiles.
+    # The tensor-descriptor loads (SLA_DIST_TMA, half dtypes only): each kernel at the headline shape, dK/dV's row
+    # slices, and the narrowest rows a descriptor takes (float16 D 32: 64 bytes) with 64-row query blocks.
     variants += [Variant(name, tma=True) for name in TMA_ENTRIES]
     variants += [Variant("dkdv", tma=True, choices={"Q_SPLIT": 2}), Variant("fwd_split", fwd_loop="even+fma", tma=True)]
-    variants += [Variant(name, tma=True, dtype="float32", D=32, feature_map="relu", has_proj=False) for name in
-                 TMA_ENTRIES]
+    variants += [Variant(name, tma=True, dtype="float16", D=32, block_q=128 if name == "fwd_split" else 64,
+                         feature_map="relu", has_proj=False) for name in TMA_ENTRIES]
     return variants
 
 

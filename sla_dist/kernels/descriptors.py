@@ -5,12 +5,15 @@ the kernel over one (batch, head)'s [L, D] rows (tiles.row_descriptor). A descri
 aligned and its row stride a multiple of 16 bytes; the launcher gives a head's base as the tensor's address plus
 b * stride_b + h * stride_h, so those strides must be multiples of 16 bytes too. Any tensor of a launch that breaks
 one of these (a view at an odd offset, rows an odd number of elements apart) sends that launch down the pointer path:
-:func:`use_tma` decides on the host, per launch, and the kernel gets the answer as its USE_TMA constexpr.
+:func:`use_tma` decides on the host, per launch, and the kernel gets the answer as its USE_TMA constexpr. So do
+float32 inputs: their products run on FMA units (PRECISION ieee) from tiles held in registers, and a descriptor only
+adds a shared-memory copy of each tile (sm_90, Triton 3.6, D 128, fixed launch settings: dK/dV 225 -> 353 KiB, past
+the 227 KiB a block may take), where the tensor-core dtypes' tiles go to shared memory anyway.
 
 A descriptor made inside a kernel is written to global scratch memory, which Triton requests at launch from the
 allocator given to ``triton.set_allocator``. Triton (3.6 and 3.9 alike) keeps that allocator in a ContextVar, so one
-set in the main thread is not seen by autograd's backward thread: :func:`use_tma` sets ours in every context that has
-none yet, and keeps one the caller set.
+set in the main thread is not seen by another thread, such as the device thread on which autograd runs a CUDA
+backward: :func:`use_tma` sets ours in every context that has none yet, and keeps one the caller set.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from .configs import tma_kernels
 
 DESCRIPTOR_ALIGN = 16
 """Bytes: the alignment of a descriptor's base address and of its strides but the last."""
+DESCRIPTOR_DTYPES = (torch.float16, torch.bfloat16)
+"""The inputs whose tiles go through descriptors: those whose products run on tensor cores."""
 
 
 def descriptor_ready(x: torch.Tensor) -> bool:
-    """True when every (batch, head) of x [B, H, L, D] (unit last stride) can be read through a descriptor over its
-    [L, D] rows: x's address and its strides over l, and over b and h where they move the base (size > 1), are
-    multiples of DESCRIPTOR_ALIGN bytes."""
+    """True when every (batch, head) of x [B, H, L, D] (unit last stride) is read through a descriptor over its
+    [L, D] rows: x has a DESCRIPTOR_DTYPES dtype, and its address and its strides over l, and over b and h where they
+    move the base (size > 1), are multiples of DESCRIPTOR_ALIGN bytes."""
+    if x.dtype not in DESCRIPTOR_DTYPES:
+        return False
     B, H = x.shape[:2]
     stride_b, stride_h, stride_l, _ = x.stride()
     strides = [stride_l] + [stride for stride, n in ((stride_b, B), (stride_h, H)) if n > 1]
@@ -49,9 +56,10 @@ def use_tma(kernel: str, *tensors: torch.Tensor) -> bool:
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Triton's allocator protocol: ``size`` bytes of device memory for one launch, on the current device. The
-    caching allocator's blocks are 512-byte aligned (Triton asks for at most 128), and the tensor is released after
-    the launch is queued, which is safe on its stream as for any PyTorch temporary."""
+    """Triton's allocator protocol: ``size`` bytes of device memory for one launch (256 per program for these
+    kernels' two descriptors), on the current device. The caching allocator's blocks are 512-byte aligned (Triton
+    asks for 128), and the tensor is released once the launch is queued, which is safe on its stream as for any
+    PyTorch temporary."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 

@@ -4,8 +4,8 @@ every launch that can take descriptors does, and gives the pointer path's output
 interpreter, whose descriptor loads are masked loads; within the harness's error rule against float64 everywhere),
 on partial last blocks, in the DiT's layouts (q, k and dO [B, L, H, D] viewed as [B, H, L, D], v sliced from the
 fused qkv projection), and with query blocks taken in row slices. A layout no descriptor can address takes the
-pointer path for that launch: the interpreter checks a descriptor's alignment as the hardware does, so a launch
-that took descriptors there would raise."""
+pointer path for that launch (the interpreter checks a descriptor's alignment as the hardware does, so a launch that
+took descriptors there would raise), and so do float32 inputs."""
 
 import contextvars
 import re
@@ -56,10 +56,14 @@ def _assert_same_results(c: SLACase, inputs: dict, pointers: list, tma: list) ->
     assert_within_reference_error(compare(c, inputs, _map(c, inputs), got=tma))
 
 
-@pytest.mark.parametrize("dtype, L, D, linear_scope, block_q", [
-    (torch.float32, 459, 32, "marginal", 64),   # partial last blocks of 11 rows
-    (torch.float16, 131, 64, "none", 64),       # 3 rows in the last block
-    (torch.float32, 300, 32, "all", 128),       # 128-row query blocks over 64-row key blocks
+HALF = [torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float16]  # the interpreter's bf16 dots are wrong
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("L, D, linear_scope, block_q", [
+    (459, 32, "marginal", 64),   # partial last blocks of 11 rows
+    (131, 64, "none", 64),       # 3 rows in the last block
+    (300, 32, "all", 128),       # 128-row query blocks over 64-row key blocks
 ])
 def test_descriptors_give_the_pointer_results(dtype, L, D, linear_scope, block_q, monkeypatch, poison_outputs):
     c = SLACase(B=2, H=2, L=L, D=D, dtype=dtype, topk=0.25, negligible=0.1, feature_map="softmax",
@@ -92,10 +96,11 @@ def _dit_inputs(c: SLACase, layout: str) -> dict:
 
 
 @pytest.mark.parametrize("layout, dtype, takes_descriptors", [
-    ("dit", torch.float16, True), ("offset", torch.float32, False), ("padded-rows", torch.float32, False)])
+    ("dit", torch.float16, True), ("offset", torch.float16, False), ("padded-rows", torch.float16, False),
+    ("dit", torch.float32, False)])
 def test_layouts(layout, dtype, takes_descriptors, monkeypatch, poison_outputs):
     """The DiT's layouts take descriptors; layouts a descriptor cannot address take the pointer path, launch by
-    launch, and give the same results."""
+    launch, and give the same results; so do float32 inputs (descriptors.DESCRIPTOR_DTYPES)."""
     c = SLACase(B=2, H=2, L=333, D=32, dtype=dtype, topk=0.25, negligible=0.1, feature_map="softmax",
                 linear_scope="marginal", device=DEVICE)
     inputs = _dit_inputs(c, layout)
@@ -106,26 +111,28 @@ def test_layouts(layout, dtype, takes_descriptors, monkeypatch, poison_outputs):
 
 
 def test_row_slices_of_query_blocks(monkeypatch, poison_outputs):
-    """dK/dV's query blocks in Q_SPLIT = 2 row slices: descriptors of half a block's rows, the last slice past L."""
+    """Query blocks taken in halves: dK/dV's Q_SPLIT = 2 row slices (descriptors of half a block's rows, the last
+    slice past L) and the split forward (its own 64-row programs over the same key tiles)."""
+    monkeypatch.setenv(configs.FWD_LOOP_ENV, "split+fma")
     tuning = configs._KERNELS["dkdv"]
     monkeypatch.setitem(configs._KERNELS, "dkdv", replace(tuning, choices=(("KEYS_AS_COLUMNS", (0,)),
                                                                            ("Q_SPLIT", (2,)))))
     configs.get_kernel.cache_clear()
     try:
-        c = SLACase(B=1, H=2, L=290, D=32, dtype=torch.float32, topk=0.3, negligible=0.1, feature_map="relu",
+        c = SLACase(B=1, H=2, L=290, D=32, dtype=torch.float16, topk=0.3, negligible=0.1, feature_map="relu",
                     linear_scope="marginal", block_q=128, device=DEVICE)
         inputs = make_inputs(c, torch.Generator().manual_seed(2))
         pointers, tma, used = _run_both(c, inputs, monkeypatch)
-        assert used["dkdv"]
+        assert used == {"fwd_split": True, "dq": True, "dkdv": True}
         _assert_same_results(c, inputs, pointers, tma)
     finally:
         configs.get_kernel.cache_clear()
 
 
 def test_launch_decision(monkeypatch):
-    """Per launch: the switch names the kernel and every tensor it reads through descriptors is addressable (its
-    address, and its strides over l and over b and h, multiples of 16 bytes). A size-1 batch or head dimension never
-    moves the base, so its stride does not matter."""
+    """Per launch: the switch names the kernel and every tensor it reads through descriptors can take one (a half
+    dtype; its address, and its strides over l and over b and h, multiples of 16 bytes). A size-1 batch or head
+    dimension never moves the base, so its stride does not matter."""
     buffer = torch.empty(2 * 3 * 40 * 36 + 64, dtype=torch.float16)
 
     def view(strides, offset=0, shape=(2, 3, 40, 32)):
@@ -141,6 +148,7 @@ def test_launch_decision(monkeypatch):
     assert descriptor_ready(view((3, 5, 32, 1), shape=(1, 1, 40, 32)))
     assert not descriptor_ready(view((3, 5, 32, 1), shape=(1, 2, 40, 32)))  # the head stride moves the base
     assert not descriptor_ready(view((3, 32 * 40, 32, 1), shape=(2, 1, 40, 32)))  # so does the batch stride
+    assert not descriptor_ready(x.float()) and descriptor_ready(x.bfloat16())
     monkeypatch.setenv(TMA_ENV, "off")
     assert not any(use_tma(kernel, x) for kernel in TMA_KERNELS)
 
