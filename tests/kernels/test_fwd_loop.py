@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from sla_dist.kernels import configs
-from sla_dist.kernels.block_map import CRITICAL, MARGINAL, build_block_map
+from sla_dist.kernels.block_map import CRITICAL, MARGINAL, build_block_map, predict_block_map
 from sla_dist.kernels.configs import FWD_LOOP_ENV, FwdLoop, fwd_loop
 from sla_dist.kernels.op import sla_branches, sparse_linear_attention
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
-from tests.utils import DEVICE
+from tests.utils import DEVICE, HAS_CUDA
 
-from .harness import relative_error
+from .harness import SLACase, assert_within_reference_error, compare, make_inputs, relative_error, run_layer
 
 LOOPS = ["baseline", "even", "fma", "split", "split+even+fma"]
 D, BLOCK_Q, BLOCK_K = 32, 128, 64  # query blocks of 128 rows: the split takes them in 64-row halves
@@ -97,3 +97,19 @@ def test_bad_loop_names_the_value(value, monkeypatch):
     monkeypatch.setenv(FWD_LOOP_ENV, value)
     with pytest.raises(ValueError, match=re.escape(f"{FWD_LOOP_ENV}={value!r}")):
         fwd_loop(128, True, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="seen on an H200 only; the interpreter's split forward is within the rule")
+@pytest.mark.xfail(strict=True, reason="known defect, seen 2026-11-30 on an H200 (triton 3.6): with the split "
+                   "forward the gradient of proj_l's weight, dW = dOut^T O_l, is 3.4-3.8x the reference's error "
+                   "(1.6e-3 vs 4.4e-4, seeds 2-4), while out and dq, dk, dv are within the rule: O_l errs in a way "
+                   "that sums up over the rows. Not yet diagnosed.")
+def test_split_forward_linear_output_sums_into_the_projection_gradient(monkeypatch, poison_outputs):
+    monkeypatch.setenv(FWD_LOOP_ENV, "split+fma")
+    c = SLACase(B=1, H=2, L=290, D=32, dtype=torch.float16, topk=0.3, negligible=0.1, feature_map="relu",
+                linear_scope="marginal", block_q=128, device=DEVICE)
+    inputs = make_inputs(c, torch.Generator().manual_seed(2))
+    block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible, block_q=c.block_q,
+                                  block_k=c.block_k)
+    assert_within_reference_error(compare(c, inputs, block_map, got=run_layer(c, inputs, block_map)))
