@@ -173,23 +173,10 @@ def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, bl
                     precision=dot_precision(q.dtype), summary_dtype=summary_dtype(q.dtype, _interpreting()))
 
 
-MATRIX_ROW_ALIGN = 8
-"""Elements that M's row stride is rounded up to: 16 bytes in half precision."""
-
-
 def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -> torch.Tensor | None:
     """M [BH, Nq, Nk] in ``dtype``, M_ij = [key block j is in query block i's linear scope]; None for scope 'all',
-    where every query block shares one total. Built once per pass and used for every sum below.
-
-    M is a view whose row stride is Nk rounded up to ``MATRIX_ROW_ALIGN``: with an odd Nk (591 at L 75600) cuBLAS
-    takes M and its transpose only through 2-byte aligned kernels (sm80 cutlass ``align2``: 1.25 ms for the
-    forward's product at L 75600, H 12 on an H200, about 3x a 16-byte aligned one's time)."""
-    if scope == "all":
-        return None
-    nk = block_class.shape[-1]
-    marginal = (block_class == MARGINAL).flatten(0, 1).to(dtype)
-    pad = -nk % MATRIX_ROW_ALIGN
-    return torch.nn.functional.pad(marginal, (0, pad))[..., :nk] if pad else marginal
+    where every query block shares one total. Built once per pass and used for every sum below."""
+    return None if scope == "all" else (block_class == MARGINAL).flatten(0, 1).to(dtype)
 
 
 def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: bool = False) -> torch.Tensor:

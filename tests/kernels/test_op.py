@@ -239,23 +239,6 @@ def test_column_sums_cover_every_row(n):
     torch.testing.assert_close(got.double(), rows.double().sum(0), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("nk", [7, 8, 591])
-def test_marginal_matrix_rows_are_16_byte_aligned(nk):
-    """The 0/1 matrix of the linear sums has a row stride that is a multiple of 8 elements whatever Nk (cuBLAS's
-    fast kernels need 16-byte aligned rows), and holds exactly the marginal classes; its products equal a dense
-    matrix's."""
-    gen = torch.Generator().manual_seed(nk)
-    block_class = torch.randint(0, 3, (1, 2, 5, nk), generator=gen, dtype=torch.int8).to(DEVICE)
-    m = op._marginal_matrix(block_class, "marginal", torch.float32)
-    assert m.shape == (2, 5, nk) and m.stride(-1) == 1 and m.stride(1) % op.MATRIX_ROW_ALIGN == 0
-    dense = (block_class == MARGINAL).flatten(0, 1).float()
-    assert torch.equal(m, dense)
-    x = torch.randn(2, nk, 3, generator=gen).to(DEVICE)
-    torch.testing.assert_close(op._sum_over_scope(x, m), dense @ x)
-    y = torch.randn(2, 5, 3, generator=gen).to(DEVICE)
-    torch.testing.assert_close(op._sum_over_scope(y, m, transpose=True), dense.transpose(1, 2) @ y)
-
-
 @pytest.mark.parametrize("weight, bias, match", [
     ((32, 16), None, r"proj_weight must be \[32, 32\] for head dim 32; got shape \(32, 16\)"),
     ((32, 32), (1, 32), r"proj_bias must be \[32\] for head dim 32; got shape \(1, 32\)"),
