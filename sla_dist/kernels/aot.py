@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import _KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop
+from .configs import _KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, interpreting
 from .op import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -188,7 +188,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
     """Compile ``variant`` for ``sm_<arch>`` and report registers, spills, shared memory and wgmma use."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         raise RuntimeError("TRITON_INTERPRET=1 turns the kernels into Python functions; compile in a process "
                            "without it (python -m sla_dist.kernels.aot)")
     import triton

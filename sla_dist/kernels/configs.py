@@ -175,6 +175,11 @@ def dkdv_order() -> str:
     return order
 
 
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels run on the CPU interpreter (no autotuning, no GPU features)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 TMA_ENV = "SLA_DIST_TMA"
 TMA_KERNELS = ("fwd", "dq", "dkdv")
 """Kernels whose loop tiles may be loaded through tensor descriptors (Hopper's TMA engine copies them to shared
@@ -211,7 +216,7 @@ def tma_kernels(device: torch.device | None = None) -> frozenset[str]:
 
 def _has_tma(device: torch.device) -> bool:
     """A CUDA device with the bulk tensor copy engine (compute capability 9.0 or newer), outside the interpreter."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or interpreting():
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
 
@@ -241,7 +246,7 @@ def jit_function(name: str):
 def get_kernel(name: str):
     t = _KERNELS[name]
     fn = jit_function(name)
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
+    if interpreting() or os.environ.get("SLA_DIST_AUTOTUNE") == "0":
         return _Fixed(fn, *t.fixed, meta=t.metas()[0] | dict(t.constants))
     configs = [triton.Config(m | dict(t.constants), num_warps=w, num_stages=st) for m, w, st in t.candidates()]
     cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}

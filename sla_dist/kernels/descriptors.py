@@ -18,11 +18,9 @@ backward: :func:`use_tma` sets ours in every context that has none yet, and keep
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .configs import tma_kernels
+from .configs import interpreting, tma_kernels
 
 DESCRIPTOR_ALIGN = 16
 """Bytes: the alignment of a descriptor's base address and of its strides but the last."""
@@ -50,7 +48,7 @@ def use_tma(kernel: str, *tensors: torch.Tensor) -> bool:
     descriptors' scratch memory."""
     if kernel not in tma_kernels(tensors[0].device) or not all(descriptor_ready(x) for x in tensors):
         return False
-    if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter keeps descriptors on the host
+    if not interpreting():  # the interpreter keeps descriptors on the host
         _ensure_allocator()
     return True
 

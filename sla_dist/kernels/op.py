@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options, validate_linear_sums
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel
+from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel, interpreting
 from .descriptors import use_tma
 from .reference import project_branches
 
@@ -34,13 +33,9 @@ KERNEL_HEAD_DIMS = (32, 64, 128)
 POISON_OUTPUTS = False
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def triton_runs_on(device: torch.device) -> bool:
     """True when Triton kernels can launch on ``device``: CUDA, or any device under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or _interpreting()
+    return device.type == "cuda" or interpreting()
 
 
 @dataclass(frozen=True)
@@ -170,7 +165,7 @@ def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, bl
     B, H, Lq, D = q.shape
     return _Problem(B, H, Lq, k.shape[2], D, block_q, block_k, tuple(q.stride()[:3]), tuple(k.stride()[:3]),
                     tuple(v.stride()[:3]), FEATURE_MAPS.index(feature_map), has_linear,
-                    precision=dot_precision(q.dtype), summary_dtype=summary_dtype(q.dtype, _interpreting()))
+                    precision=dot_precision(q.dtype), summary_dtype=summary_dtype(q.dtype, interpreting()))
 
 
 def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -218,7 +213,7 @@ def _no_sums(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _sums_like(q: torch.Tensor, block_q: int, linear_scope: str, linear_sums: str) -> torch.Tensor:
     """The forward's ``sums`` output as :func:`_forward` makes it, for the fake: rows [BH, Nq|1, D * D + D] in the
     summaries' dtype (contiguous, as a product or a sum makes them), or empty."""
-    dtype = summary_dtype(q.dtype, _interpreting())
+    dtype = summary_dtype(q.dtype, interpreting())
     if linear_sums != "save" or linear_scope == "none":
         return _no_sums(q, dtype)
     B, H, Lq, D = q.shape
