@@ -9,16 +9,28 @@ through the bare ``kernel[grid]``; the block-map prediction; the forward custom 
 Python implementation called directly; the layer's forward and forward+backward. The differences between rows say
 which layer of the stack costs what. Runs on CPU too (TRITON_INTERPRET=1, tiny sizes) to check the script itself;
 the numbers then mean nothing.
+
+    TRITON_INTERPRET=1 python benchmarks/host_overhead.py --noop-kernels [--L 1024] [--H 12] [--D 128] [--n 50]
+
+``--noop-kernels`` counts the host work of each piece on a CPU instead, with every Triton launch a no-op and every
+buffer allocated as on a GPU (memory_account.no_op_kernels; bf16 inputs, the H200's descriptor decisions): per call,
+the dispatcher's aten ops (nested ones included) and those called from Python, the allocations, the Triton launches
+and the Python functions of sla_dist that run, which no machine changes (:func:`host_counts`), and the wall time,
+which this CPU's aten ops inflate a little (they do real, small work).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+import memory_account  # this script's folder is on sys.path when it runs
 
 def per_call_us(fn, n: int, sync) -> float:
     for _ in range(5):
@@ -32,13 +44,120 @@ def per_call_us(fn, n: int, sync) -> float:
     return elapsed / n * 1e6
 
 
+ALLOCATING = ("aten::empty", "aten::empty_strided")
+
+
+def host_counts(fn) -> dict[str, int]:
+    """What one call of ``fn`` asks of the host, counted under memory_account.no_op_kernels: ``aten`` every
+    op the dispatcher runs, nested ones included; ``aten_top`` those called from Python; ``allocs`` the tensors
+    allocated (every allocating op calls one of ALLOCATING; on a CPU this includes the temporaries that an op with
+    an ``out=`` of another dtype makes there, and not on a GPU); ``launches`` the Triton launches; ``sla_calls`` the
+    calls of Python functions defined in sla_dist (the package's own Python, independent of the torch version)."""
+    import sla_dist
+
+    package = str(Path(sla_dist.__file__).parent) + os.sep  # the checkout PYTHONPATH points at
+    launches, calls = [], [0]
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            calls[0] += 1
+
+    with memory_account.no_op_kernels(launches, tma_device=True):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        launches.clear()
+        sys.setprofile(tracer)
+        try:
+            fn()
+        finally:
+            sys.setprofile(None)
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    return dict(aten=len(aten), aten_top=sum(1 for e in aten if not _in_aten(e)),
+                allocs=sum(1 for e in aten if e.name in ALLOCATING),
+                launches=len(launches), sla_calls=calls[0])
+
+
+def _in_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def noop_pieces(L: int, H: int, D: int, *, linear_sums: str = "save") -> dict:
+    """{piece: zero-argument callable} for --noop-kernels: the layer's forward and forward+backward (bf16 leaves
+    [1, H, L, D], proj_l fused into the forward as on a GPU), block-map prediction, the forward op's implementation
+    (projected, as the layer calls it) and the backward op's (from that forward's saved tensors). Call them under
+    memory_account.no_op_kernels(tma_device=True)."""
+    from sla_dist import SparseLinearAttention
+    from sla_dist.kernels import op
+    from sla_dist.kernels.block_map import predict_block_map
+
+    torch.manual_seed(0)
+    layer = SparseLinearAttention(D, topk=0.05, BLKQ=128, BLKK=64, linear_sums=linear_sums, backend="triton")
+    torch.nn.init.normal_(layer.proj_l.weight, std=D**-0.5)
+    q, k, v = (torch.randn(1, H, L, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    x = tuple(t.detach() for t in (q, k, v))
+    weight, bias = layer.proj_l.weight.detach(), layer.proj_l.bias.detach()
+
+    def predict():
+        return predict_block_map(*x[:2], topk=0.05, negligible=0.1, block_q=128, block_k=64)
+
+    with memory_account.no_op_kernels(tma_device=True):
+        bm = predict()
+        args = (*x, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 128, 64, "softmax", "marginal", linear_sums,
+                weight, bias)
+        out, o, o_l, lse, sums = op._forward(*args)
+    saved = (q.detach(), k.detach(), v.detach(), o, lse, bm.block_class, bm.kv_num_blocks, bm.kv_indices)
+
+    def backward():
+        return op._backward(g, None, None, *saved, 128, 64, "softmax", "marginal", weight.to(g.dtype),
+                            sums if linear_sums == "save" else None)
+
+    def forward_backward():  # gradients returned, not accumulated into .grad (as time_layer.py's step)
+        return torch.autograd.grad(layer(q, k, v), (q, k, v, *layer.parameters()), g)
+
+    def layer_forward():
+        with torch.no_grad():
+            return layer(q, k, v)
+
+    return {"layer forward": layer_forward, "layer forward+backward": forward_backward,
+            "predict_block_map": predict, "forward op (implementation)": lambda: op._forward(*args),
+            "backward op (implementation)": backward}
+
+
+def noop_main(args) -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--noop-kernels runs the kernel path on a CPU: set TRITON_INTERPRET=1")
+    torch.set_num_threads(1)  # small ops: one thread is both faster and steadier on a shared machine
+    pieces = noop_pieces(args.L, args.H, args.D)
+    print(f"CPU, no-op kernels, torch {torch.__version__}, bf16 [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, "
+          f"{args.n} calls per row; per call:")
+    print(f"  {'piece':30} {'us':>8} {'aten':>5} {'top':>5} {'allocs':>6} {'launch':>6} {'sla py':>6}")
+    for name, fn in pieces.items():
+        with memory_account.no_op_kernels(tma_device=True):
+            us = per_call_us(fn, args.n, lambda: None)
+        c = host_counts(fn)
+        print(f"  {name:30} {us:8.1f} {c['aten']:5} {c['aten_top']:5} {c['allocs']:6} {c['launches']:6} "
+              f"{c['sla_calls']:6}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--L", type=int, default=1024)
     parser.add_argument("--H", type=int, default=12)
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--noop-kernels", action="store_true",
+                        help="count each piece's host work on a CPU, Triton launches as no-ops (TRITON_INTERPRET=1)")
     args = parser.parse_args()
+    if args.noop_kernels:
+        noop_main(args)
+        return
 
     from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
 

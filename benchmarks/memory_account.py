@@ -31,22 +31,32 @@ MIB = 2**20
 
 
 class _NoOpKernel:
-    """Launched as ``kernel[grid](*args, **meta)``; does nothing."""
+    """Launched as ``kernel[grid](*args, **meta)``; does nothing but append its name to ``launches`` (if given)."""
+
+    def __init__(self, name: str, launches: list[str] | None) -> None:
+        self.name, self.launches = name, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return self._launch
+
+    def _launch(self, *args, **kwargs) -> None:
+        if self.launches is not None:
+            self.launches.append(self.name)
 
 
 @contextlib.contextmanager
-def no_op_kernels():
-    """Every SLA Triton launch a no-op, the block map and the summaries on their GPU code paths."""
+def no_op_kernels(launches: list[str] | None = None, *, tma_device: bool = False):
+    """Every SLA Triton launch a no-op, the block map and the summaries on their GPU code paths. ``launches``
+    collects the name of every launch; ``tma_device``: the device counts as one with tensor descriptors (compute
+    capability 9.0, an H200), so that the launches' descriptor decisions take their GPU path too."""
     from sla_dist.kernels import block_map, configs, op
 
     gpu_summary_dtype = op.summary_dtype
-    with mock.patch.object(op, "get_kernel", lambda name: _NoOpKernel()), \
-            mock.patch.object(configs, "get_kernel", lambda name: _NoOpKernel()), \
+    kernel = lambda name: _NoOpKernel(name, launches)  # noqa: E731
+    with mock.patch.object(op, "get_kernel", kernel), mock.patch.object(configs, "get_kernel", kernel), \
             mock.patch.object(block_map, "_on_kernels", lambda x, kernels: x.dtype != torch.float64), \
-            mock.patch.object(op, "summary_dtype", lambda dtype, interpreting: gpu_summary_dtype(dtype, False)):
+            mock.patch.object(op, "summary_dtype", lambda dtype, interpreting: gpu_summary_dtype(dtype, False)), \
+            mock.patch.object(configs, "_has_tma", lambda device, *_: tma_device):
         yield
 
 

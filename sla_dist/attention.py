@@ -94,7 +94,8 @@ class SparseLinearAttention(nn.Module):
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]} but this layer was built with head_dim={self.head_dim}")
         dtype = self.run_dtype(q)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if q.dtype != dtype:  # a call into the dispatcher per tensor even when it returns the tensor itself
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         c = self.config
         block_map = predict_block_map(q, k, topk=c.topk, negligible=c.negligible, block_q=c.block_q,
                                       block_k=c.block_k)
@@ -109,7 +110,7 @@ class SparseLinearAttention(nn.Module):
         bfloat16 / float16, see ``use_bf16``), o_l None for linear_scope 'none', lse [B, H, Lq] float32."""
         c = self.config
         if self.uses_kernels(q.device):
-            branches = functools.partial(sla_branches, linear_sums=c.linear_sums)
+            branches = functools.partial(sla_branches, linear_sums=c.linear_sums, inputs_checked=True)
         else:
             branches = sla_branches_ref
         q, k, v, block_map = self._prepare(q, k, v)
@@ -152,12 +153,13 @@ class SparseLinearAttention(nn.Module):
             q_run, k_run, v_run, block_map = self._prepare(q, k, v)
             out = sparse_linear_attention(q_run, k_run, v_run, block_map, self.proj_l.weight, self.proj_l.bias,
                                           feature_map=c.feature_map, linear_scope=c.linear_scope,
-                                          linear_sums=c.linear_sums)
+                                          linear_sums=c.linear_sums, inputs_checked=True)
         else:
             out, o_l, _, block_map = self.branches(q, k, v)
             if o_l is not None:
                 out = out + self.project(o_l)
-        out = out.to(q.dtype)
+        if out.dtype != q.dtype:
+            out = out.to(q.dtype)
         if return_sparsity:
             return out, 1.0 - block_map.critical_fraction()
         return out

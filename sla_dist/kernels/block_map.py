@@ -267,8 +267,11 @@ def _kernel_block_sums(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tens
 
     B, H, L, D = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    sums = torch.zeros(B, H, n_blocks, D, dtype=torch.float64, device=x.device)
-    get_kernel("block_sums")[(min(num_blocks(L, block), n_blocks), B * H)](
+    written = min(num_blocks(L, block), n_blocks)
+    # The kernel writes every block it covers; only blocks past the end of x (a padded rank) need zeros.
+    new = torch.empty if written == n_blocks else torch.zeros
+    sums = new(B, H, n_blocks, D, dtype=torch.float64, device=x.device)
+    get_kernel("block_sums")[(written, B * H)](
         x, sums, *x.stride()[:3], H, L, n_blocks, D, BLOCK=block, D_POW2=_tile_size(D))
     return sums
 
@@ -306,7 +309,11 @@ def smooth_k_scores(q_sums: torch.Tensor, q_rows: torch.Tensor, k_sums: torch.Te
     ``k_sums`` covers every key block, so the sequence mean of K is their total over ``kv_len``."""
     qbar = q_sums / q_rows.clamp_min(1)
     kbar = k_sums / k_rows.clamp_min(1) - k_sums.sum(2, keepdim=True) / kv_len
-    return (qbar @ kbar.transpose(-1, -2) / math.sqrt(q_sums.shape[-1])).float()
+    products = qbar @ kbar.transpose(-1, -2)
+    # Divided in float64 and rounded to float32 on the store: the values of (products / sqrt(D)).float() in one
+    # kernel, without the float64 quotient.
+    scores = torch.empty(products.shape, dtype=torch.float32, device=products.device)
+    return torch.div(products, math.sqrt(q_sums.shape[-1]), out=scores)
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, *,
@@ -341,7 +348,8 @@ def _kernel_rank_blocks(scores: torch.Tensor, n_c: int, n_n: int) -> tuple[torch
     from .configs import get_kernel
 
     nk = scores.shape[-1]
-    scores = scores.float().contiguous()
+    if scores.dtype != torch.float32 or not scores.is_contiguous():  # as smooth_k_scores makes them: no call
+        scores = scores.float().contiguous()
     block_class = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     kv_indices = torch.empty((*scores.shape[:-1], n_c), dtype=torch.int32, device=scores.device)
     rows = scores.numel() // nk

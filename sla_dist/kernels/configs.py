@@ -20,6 +20,7 @@ import inspect
 import itertools
 import os
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import triton
@@ -86,6 +87,34 @@ _KERNELS = {
 
 
 FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
+DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels run on the CPU interpreter (no autotuning, no GPU features)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+TMA_ENV = "SLA_DIST_TMA"
+
+
+class Switches(NamedTuple):
+    """The environment switches the launches read (None where unset), read once per op call by
+    :func:`read_switches`: reading ``os.environ`` costs host time (a key encoded, a value decoded) and each launch
+    read several, so they are read at the op's start and handed to every launch decision. Nothing is cached across
+    calls, so a process may change them between calls (benchmarks time several values in one run)."""
+
+    fwd_loop: str | None
+    dkdv_order: str | None
+    tma: str | None
+    interpreting: bool
+    """TRITON_INTERPRET=1: the kernels run in Triton's interpreter."""
+
+
+def read_switches() -> Switches:
+    """The switches as set now; one op call reads them once and decides all its launches with them."""
+    env = os.environ
+    return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
+                    env.get("TRITON_INTERPRET") == "1")
+
 
 
 @dataclass(frozen=True)
@@ -136,11 +165,18 @@ _MEASURED_FWD_LOOPS = {
 }
 
 
-def fwd_loop(head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
+def fwd_loop(head_dim: int, has_linear: bool, block_q: int, switches: Switches | None = None) -> FwdLoop:
     """The forward's loop variant: SLA_DIST_FWD_LOOP when set (read at every launch, so one process can time
-    several), else the measured fastest for this head dim and branch. The split's measured wins are at 128-row
-    query blocks; where a block is too small to split, fma alone (even without the split was slower)."""
-    text = os.environ.get(FWD_LOOP_ENV)
+    several; ``switches``: as read for this launch), else the measured fastest for this head dim and branch. The
+    split's measured wins are at 128-row query blocks; where a block is too small to split, fma alone (even without
+    the split was slower)."""
+    return _fwd_loop((switches or read_switches()).fwd_loop, head_dim, has_linear, block_q)
+
+
+@functools.lru_cache(maxsize=64)
+def _fwd_loop(text: str | None, head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
+    """:func:`fwd_loop` for the switch's value ``text`` (None: unset); cached, parsing costs host time every call.
+    A bad value raises each time (lru_cache keeps no exceptions)."""
     if text is not None:
         return FwdLoop.parse(text)
     loop = FwdLoop.parse(_MEASURED_FWD_LOOPS.get((head_dim, has_linear), "fma"))
@@ -149,7 +185,6 @@ def fwd_loop(head_dim: int, has_linear: bool, block_q: int) -> FwdLoop:
     return loop
 
 
-DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
 DKDV_ORDERS = ("natural", "lpt", "lpt-head", "long-first")
 """Orders of dK/dV's programs over the key blocks. natural: program (j, bh) takes key block j of head bh, as the
 grid lists them. The others sort the programs by the length of their query-block list, longest first (LPT, longest
@@ -166,21 +201,16 @@ like a DiT's (one key block critical for ~20x the mean number of query blocks) d
 2015 long-first; on i.i.d. inputs 1873 natural, 2003 lpt (the whole-grid sort loses L2 locality), 1889 long-first."""
 
 
-def dkdv_order() -> str:
-    """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several),
-    else DEFAULT_DKDV_ORDER."""
-    order = os.environ.get(DKDV_ORDER_ENV, DEFAULT_DKDV_ORDER)
+def dkdv_order(switches: Switches | None = None) -> str:
+    """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several;
+    ``switches``: as read for this launch), else DEFAULT_DKDV_ORDER."""
+    order = (switches or read_switches()).dkdv_order
+    order = DEFAULT_DKDV_ORDER if order is None else order
     if order not in DKDV_ORDERS:
         raise ValueError(f"{DKDV_ORDER_ENV}={order!r}; choose one of {DKDV_ORDERS}")
     return order
 
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1: kernels run on the CPU interpreter (no autotuning, no GPU features)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-TMA_ENV = "SLA_DIST_TMA"
 TMA_KERNELS = ("fwd", "dq", "dkdv")
 """Kernels whose loop tiles may be loaded through tensor descriptors (Hopper's TMA engine copies them to shared
 memory; no [rows, D] offset tile in registers): the forward's k and v (both launch entries, fwd and fwd_split), dQ's
@@ -195,14 +225,20 @@ to -13 % (75600, the DiT's fused layout), dQ -2 % to -7.5 %; dK/dV +1.6 / +2.3 %
 75600, so it stays on pointers."""
 
 
-def tma_kernels(device: torch.device | None = None) -> frozenset[str]:
+def tma_kernels(device: torch.device | None = None, switches: Switches | None = None) -> frozenset[str]:
     """The kernels of TMA_KERNELS that SLA_DIST_TMA names: 'off' none, 'all' every one, else kernels joined by '+'
     (e.g. 'fwd+dq'); unset, DEFAULT_TMA_KERNELS on a ``device`` of compute capability 9.0 or newer, else none. Read
-    at every launch, so one process can time several. A launch whose tensors a descriptor cannot address still
-    takes the pointer loads (op.py decides per launch)."""
-    text = os.environ.get(TMA_ENV)
-    if text is None:
-        return DEFAULT_TMA_KERNELS if device is not None and _has_tma(device) else frozenset()
+    at every launch, so one process can time several (``switches``: as read for this launch). A launch whose
+    tensors a descriptor cannot address still takes the pointer loads (op.py decides per launch)."""
+    switches = switches or read_switches()
+    if switches.tma is None:
+        return DEFAULT_TMA_KERNELS if device is not None and _has_tma(device, switches.interpreting) else frozenset()
+    return _parse_tma(switches.tma)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_tma(text: str) -> frozenset[str]:
+    """The kernels a set SLA_DIST_TMA names; cached (a bad value raises each time)."""
     if text == "off":
         return frozenset()
     if text == "all":
@@ -214,9 +250,9 @@ def tma_kernels(device: torch.device | None = None) -> frozenset[str]:
     return frozenset(names)
 
 
-def _has_tma(device: torch.device) -> bool:
+def _has_tma(device: torch.device, interpreting: bool) -> bool:
     """A CUDA device with the bulk tensor copy engine (compute capability 9.0 or newer), outside the interpreter."""
-    if device.type != "cuda" or interpreting():
+    if device.type != "cuda" or interpreting:
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .configs import interpreting, tma_kernels
+from .configs import Switches, read_switches, tma_kernels
 
 DESCRIPTOR_ALIGN = 16
 """Bytes: the alignment of a descriptor's base address and of its strides but the last."""
@@ -32,23 +32,28 @@ def descriptor_ready(x: torch.Tensor) -> bool:
     """True when every (batch, head) of x [B, H, L, D] (unit last stride) is read through a descriptor over its
     [L, D] rows: x has a DESCRIPTOR_DTYPES dtype, and its address and its strides over l, and over b and h where they
     move the base (size > 1), are multiples of DESCRIPTOR_ALIGN bytes."""
-    if x.dtype not in DESCRIPTOR_DTYPES:
+    if x.dtype not in DESCRIPTOR_DTYPES or x.data_ptr() % DESCRIPTOR_ALIGN:
         return False
     B, H = x.shape[:2]
     stride_b, stride_h, stride_l, _ = x.stride()
-    strides = [stride_l] + [stride for stride, n in ((stride_b, B), (stride_h, H)) if n > 1]
-    byte_offsets = [x.data_ptr()] + [stride * x.element_size() for stride in strides]
-    return all(offset % DESCRIPTOR_ALIGN == 0 for offset in byte_offsets)
+    size = x.element_size()
+    return (stride_l * size % DESCRIPTOR_ALIGN == 0 and (B == 1 or stride_b * size % DESCRIPTOR_ALIGN == 0)
+            and (H == 1 or stride_h * size % DESCRIPTOR_ALIGN == 0))
 
 
-def use_tma(kernel: str, *tensors: torch.Tensor) -> bool:
+def use_tma(kernel: str, *tensors: torch.Tensor, switches: Switches | None = None) -> bool:
     """The USE_TMA constexpr of one launch of ``kernel`` (configs.TMA_KERNELS) whose loop reads ``tensors``: on when
-    configs.tma_kernels names the kernel for the tensors' device (SLA_DIST_TMA, or its default) and a descriptor can
-    address every one of them, else the pointer path. On a GPU, makes sure the launch finds an allocator for the
+    configs.tma_kernels names the kernel for the tensors' device (SLA_DIST_TMA, or its default; ``switches``: as
+    read for this launch) and a descriptor can address every one of them, else the pointer path. Decided per launch,
+    never cached: the addresses change between calls. On a GPU, makes sure the launch finds an allocator for the
     descriptors' scratch memory."""
-    if kernel not in tma_kernels(tensors[0].device) or not all(descriptor_ready(x) for x in tensors):
+    switches = switches or read_switches()
+    if kernel not in tma_kernels(tensors[0].device, switches):
         return False
-    if not interpreting():  # the interpreter keeps descriptors on the host
+    for x in tensors:
+        if not descriptor_ready(x):
+            return False
+    if not switches.interpreting:  # the interpreter keeps descriptors on the host
         _ensure_allocator()
     return True
 

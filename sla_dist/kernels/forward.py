@@ -145,7 +145,7 @@ def _sla_fwd_kernel(
 
 @triton.jit
 def _linear_summaries_kernel(
-    K, V, HZ,                                # [B, H, LK, D] x2; output [BH, Nk, D * D + D]: h_j then z_j per block
+    K, V, HZ,                                # [B, H, LK, D] x2; output [BH, NK, D * D + D]: h_j then z_j per block
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     H, LK, NK,

@@ -22,7 +22,7 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options, validate_linear_sums
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel, interpreting
+from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel, interpreting, read_switches
 from .descriptors import use_tma
 from .reference import project_branches
 
@@ -42,7 +42,9 @@ def triton_runs_on(device: torch.device) -> bool:
 class _Problem:
     """Everything a launch needs besides the tensors, unpacked once here. q-side tensors (q, o, o_l and their
     gradients) share ``q_strides``; k, dk and dv share ``k_strides``, and v, which the kernels only read, has its
-    own ``v_strides`` (see :func:`_key_value_layout`)."""
+    own ``v_strides`` (see :func:`_key_value_layout`). Built once per layout (:func:`_problem`), so the derived
+    values are computed once too (cached properties). It holds no tensor and no address: a problem cached by one
+    call is right for any later call with the same shapes, strides and dtype, CUDA-graph replays included."""
 
     B: int
     H: int
@@ -59,37 +61,39 @@ class _Problem:
     precision: str
     summary_dtype: torch.dtype
 
-    @property
+    @functools.cached_property
     def nq(self) -> int:
         return num_blocks(self.Lq, self.block_q)
 
-    @property
+    @functools.cached_property
     def nk(self) -> int:
         return num_blocks(self.Lk, self.block_k)
 
-    @property
+    @functools.cached_property
     def kv_strides(self) -> tuple[int, ...]:
         """k's (b, h, l) strides then v's: the six stride arguments of every kernel that reads k and v."""
         return self.k_strides + self.v_strides
 
-    @property
+    @functools.cached_property
     def v_like_k(self) -> bool:
         """v shares k's strides (the V_LIKE_K constexpr: the loops then address both with one offset tile)."""
         return self.v_strides == self.k_strides
 
-    @property
+    @functools.cached_property
     def bh(self) -> int:
         return self.B * self.H
 
-    @property
+    @functools.cached_property
     def sm_scale(self) -> float:
         return 1.0 / math.sqrt(self.D)
 
-    @property
+    @functools.cached_property
     def qk_scale(self) -> float:
         return self.sm_scale * math.log2(math.e)
 
+    @functools.cached_property
     def meta(self) -> dict:
+        """The constexprs every launch of this problem shares; unpacked into each launch, never changed."""
         return dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k, FEATURE_MAP=self.feature_map,
                     HAS_LINEAR=self.has_linear, PRECISION=self.precision)
 
@@ -100,8 +104,9 @@ def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     [B, H, L, D]), it is kept and only the others are copied into its layout: q in a DiT's [B, L, H, D] layout with a
     contiguous output gradient costs one copy (of the gradient), not three. Otherwise all are made contiguous."""
     first = tensors[0]
-    positive = all(st > 0 or n == 1 for st, n in zip(first.stride(), first.shape))
-    if positive and first.stride()[-1] == 1 and all(t.stride() == first.stride() for t in tensors[1:]):
+    stride = first.stride()
+    positive = min(stride) > 0 or all(st > 0 or n == 1 for st, n in zip(stride, first.shape))
+    if positive and stride[-1] == 1 and all(t.stride() == stride for t in tensors[1:]):
         return tensors  # e.g. slices of one fused buffer, read in place
     if first.stride()[-1] != 1 or not _dense(first):
         return tuple(t.contiguous() for t in tensors)
@@ -161,23 +166,51 @@ def summary_dtype(dtype: torch.dtype, interpreting: bool) -> torch.dtype:
 
 
 def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int, feature_map: str,
-             has_linear: bool) -> _Problem:
-    B, H, Lq, D = q.shape
-    return _Problem(B, H, Lq, k.shape[2], D, block_q, block_k, tuple(q.stride()[:3]), tuple(k.stride()[:3]),
-                    tuple(v.stride()[:3]), FEATURE_MAPS.index(feature_map), has_linear,
-                    precision=dot_precision(q.dtype), summary_dtype=summary_dtype(q.dtype, interpreting()))
+             has_linear: bool, interpreting: bool) -> _Problem:
+    """The launch constants of q, k, v (in their kernel layouts): cached on everything they are made of, so a
+    training run builds one per layer shape instead of two per step (host time)."""
+    return _cached_problem(q.shape, k.shape[2], q.stride()[:3], k.stride()[:3], v.stride()[:3], q.dtype, block_q,
+                           block_k, feature_map, has_linear, interpreting)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_problem(q_shape: torch.Size, Lk: int, q_strides: tuple[int, ...], k_strides: tuple[int, ...],
+                    v_strides: tuple[int, ...], dtype: torch.dtype, block_q: int, block_k: int, feature_map: str,
+                    has_linear: bool, interpreting: bool) -> _Problem:
+    B, H, Lq, D = q_shape
+    return _Problem(B, H, Lq, Lk, D, block_q, block_k, q_strides, k_strides, v_strides,
+                    FEATURE_MAPS.index(feature_map), has_linear, precision=dot_precision(dtype),
+                    summary_dtype=summary_dtype(dtype, interpreting))
+
+
+SUM_BLOCK_ALIGN = 8
+"""The 0/1 products' contraction over key blocks is padded to a multiple of this many blocks (16 bytes of bfloat16),
+from PAD_FROM_BLOCKS key blocks on (below, the padding would add up to 7/8 to products that take microseconds)."""
+PAD_FROM_BLOCKS = 64
 
 
 def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """M [BH, Nq, Nk] in ``dtype``, M_ij = [key block j is in query block i's linear scope]; None for scope 'all',
-    where every query block shares one total. Built once per pass and used for every sum below."""
-    return None if scope == "all" else (block_class == MARGINAL).flatten(0, 1).to(dtype)
+    """M [BH, Nq, Nk'] in ``dtype``, M_ij = [key block j is in query block i's linear scope], Nk' = Nk rounded up to
+    SUM_BLOCK_ALIGN from PAD_FROM_BLOCKS key blocks on, the extra columns 0; None for scope 'all', where every query
+    block shares one total. Built once per pass and used for every sum below; the comparison writes its 0 / 1 straight
+    into ``dtype`` (one kernel, no boolean temporary to cast). cuBLAS picks its vectorised (16-byte aligned) kernels
+    only when the contraction length is aligned too: with Nk 591 (L 75600) the products ran in sm80 ``align2`` /
+    ``align1`` kernels on an H200, 1.25 ms forward and 1.4-2.1 ms backward at H 12."""
+    if scope == "all":
+        return None
+    *lead, nk = block_class.shape
+    pad = -nk % SUM_BLOCK_ALIGN if nk >= PAD_FROM_BLOCKS else 0
+    marginal = torch.empty((*lead, nk + pad), dtype=dtype, device=block_class.device)
+    torch.eq(block_class, MARGINAL, out=marginal[..., :nk] if pad else marginal)
+    if pad:
+        marginal[..., nk:].zero_()
+    return marginal.flatten(0, 1)
 
 
 def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: bool = False) -> torch.Tensor:
-    """sum_j M_ij x_j: [BH, Nk, F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
-    [BH, Nk or 1, F]. A product with the 0/1 matrix runs on tensor cores and accumulates in float32; a broadcast
-    total keeps a size-1 block dimension."""
+    """sum_j M_ij x_j: [BH, Nk', F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
+    [BH, Nk' or 1, F] (Nk': M's padded key blocks; the padding's rows come out 0). A product with the 0/1 matrix
+    runs on tensor cores and accumulates in float32; a broadcast total keeps a size-1 block dimension."""
     if marginal is None:
         return x.sum(1, keepdim=True)
     return (marginal.transpose(1, 2) if transpose else marginal) @ x
@@ -190,16 +223,22 @@ def _summary_rows(n: int, like: torch.Tensor, p: _Problem) -> torch.Tensor:
 
 
 def _split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views [BH, n, D, D] and [BH, n, D] of a [BH, n, D * D + D] buffer of summary rows."""
-    return rows[..., : D * D].unflatten(-1, (D, D)), rows[..., D * D :]
+    """The [D, D] summaries and the [D] vectors of a [BH, n, D * D + D] buffer of summary rows as the kernels take
+    them, a base address and the strides over bh and blocks each: the rows themselves (a summary is the first D * D
+    elements of its row, read from there) and the view of the vectors, D * D elements in. One view, not three (a
+    [BH, n, D, D] view of the summaries gives the kernels the same address and strides)."""
+    return rows, rows[..., D * D :]
 
 
 def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: _Problem) -> torch.Tensor:
     """Rows [BH, Nq|1, D * D + D] of H_i and Z_i (see :func:`_split_rows`): the linear branch's sums over each query
     block's scope."""
-    hz = _summary_rows(p.nk, k, p)
+    rows = p.nk if marginal is None else marginal.shape[-1]  # M's padded key blocks
+    hz = _summary_rows(rows, k, p)
+    if rows > p.nk:  # rows that M's zero columns meet: 0 x an unset value could be NaN
+        hz[:, p.nk :].zero_()
     get_kernel("summaries")[(p.nk, p.bh)](
-        k, v, hz, *p.kv_strides, p.H, p.Lk, p.nk,
+        k, v, hz, *p.kv_strides, p.H, p.Lk, rows,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
     )
     return _sum_over_scope(hz, marginal)
@@ -243,7 +282,8 @@ def _forward(
     has_proj = proj_weight is not None
     if has_proj and not has_linear:
         raise ValueError("linear_scope='none' has no linear branch for proj_weight to project")
-    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear)
+    switches = read_switches()
+    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear, switches.interpreting)
     o = _like(q)
     o_l = _like(q) if has_linear else torch.zeros_like(q)
     lse = _new((p.B, p.H, p.Lq), q, torch.float32)
@@ -258,14 +298,15 @@ def _forward(
     out = _like(q) if has_proj else o
     weight = proj_weight.contiguous() if has_proj else o
     bias = proj_bias.contiguous() if proj_bias is not None and has_proj else o
-    loop = fwd_loop(q.shape[-1], has_linear, block_q)
+    loop = fwd_loop(p.D, has_linear, block_q, switches)
     name, programs_per_block = loop.launch(block_q)
     get_kernel(name)[(p.nq * programs_per_block, p.bh)](
         q, k, v, o, o_l, lse, out, weight, bias, kv_num_blocks, kv_indices, hl, zl,
         *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
-        **p.meta(), HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
-        **loop.constexprs(even_keys=p.Lk % block_k == 0), V_LIKE_K=p.v_like_k, USE_TMA=use_tma("fwd", k, v),
+        **p.meta, HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
+        **loop.constexprs(even_keys=p.Lk % block_k == 0), V_LIKE_K=p.v_like_k,
+        USE_TMA=use_tma("fwd", k, v, switches=switches),
     )
     return (out, o, o_l, lse, sums) if has_proj else (o, o_l, lse, sums)
 
@@ -361,7 +402,8 @@ def _backward(
     has_dol = linear_scope != "none" and dol is not None
     has_linear = has_dol or has_proj
     q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
-    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear)
+    switches = read_switches()
+    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear, switches.interpreting)
 
     # Buffers live only as long as a kernel needs them, and dK / dV are made last: the per-block summary rows
     # (H_i, dH_i: 97 MiB each, dh_j: 194 MiB at L 32768, H 12, D 128) are then never all held beside dq, dk and dv.
@@ -391,7 +433,7 @@ def _backward(
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
         D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision, V_LIKE_K=p.v_like_k,
-        USE_TMA=use_tma("dq", k, v),
+        USE_TMA=use_tma("dq", k, v, switches=switches),
     )
 
     if has_linear:
@@ -400,14 +442,14 @@ def _backward(
         dhs = dzs = delta.view(p.bh, 1, -1)
     del dhz  # summed into dh_j, dz_j
     q_num_blocks, q_indices = transposed_lists(block_class)
-    order = dkdv_program_order(q_num_blocks, dkdv_order())
+    order = dkdv_program_order(q_num_blocks, dkdv_order(switches))
     dk, dv = _like(k), _like(k)
     get_kernel("dkdv")[(p.nk, p.bh)](
         q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
         q_num_blocks if order is None else order,  # never read without ORDERED
         *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
         p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
-        **p.meta(), ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do),
+        **p.meta, ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do, switches=switches),
     )
     return dq, dk, dv
 
@@ -420,14 +462,14 @@ def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor |
     in the grid's order (long-first). The sorts are stable: equal lengths keep the grid's order."""
     if order == "natural":
         return None
-    counts = q_num_blocks.flatten(0, -2)
+    flat = q_num_blocks.flatten()
     if order == "lpt":
-        return torch.argsort(counts.flatten(), descending=True, stable=True)
+        return torch.argsort(flat, descending=True, stable=True)
     if order == "long-first":
-        flat = counts.flatten()
         long = flat > LONG_FIRST_FACTOR * flat.float().mean()
-        return torch.argsort(torch.where(long, flat, 0), descending=True, stable=True)
+        return torch.argsort(flat * long, descending=True, stable=True)  # the short ones' lengths zeroed
     if order == "lpt-head":
+        counts = q_num_blocks.flatten(0, -2)
         within = torch.argsort(counts, dim=-1, descending=True, stable=True)
         return (within + torch.arange(0, counts.numel(), counts.shape[-1], device=counts.device)[:, None]).flatten()
     raise ValueError(f"dK/dV order {order!r}; choose one of {DKDV_ORDERS}")
@@ -480,7 +522,7 @@ def column_sums(rows: torch.Tensor) -> torch.Tensor:
     tail = rows[full:].sum(0, dtype=torch.float32) if full < n else None
     if not full:
         return tail
-    chunked = rows[:full].unflatten(0, (full // ROWS_PER_PARTIAL, ROWS_PER_PARTIAL))
+    chunked = (rows if full == n else rows[:full]).unflatten(0, (full // ROWS_PER_PARTIAL, ROWS_PER_PARTIAL))
     total = chunked.sum(1, dtype=torch.float32).sum(0)
     return total if tail is None else total + tail
 
@@ -496,18 +538,28 @@ def _projection_backward(dout, do, dol, o_l, weight, bias_dtype):
     if dout is None:
         return do, dol, None, (None, None)
     order = _memory_order(o_l)
-    rows = dout.permute(order)
-    weight_x = weight.to(dout.dtype)
+    rows = _permute(dout, order)
+    weight_x = _cast(weight, dout.dtype)
     if do is None:  # the layer's case
         do, kernel_weight = dout, weight_x
     else:
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        dol_proj = (rows @ weight_x).permute(inverse)
+        inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+        dol_proj = _permute(rows @ weight_x, inverse)
         do, dol, kernel_weight = do + dout, (dol_proj if dol is None else dol + dol_proj), None
-    rows, o_l_rows = rows.flatten(0, -2), o_l.permute(order).flatten(0, -2)
-    dw = (rows.mT @ o_l_rows).to(weight.dtype)
-    db = None if bias_dtype is None else column_sums(rows).to(bias_dtype)
+    rows, o_l_rows = rows.flatten(0, -2), _permute(o_l, order).flatten(0, -2)
+    dw = _cast(rows.mT @ o_l_rows, weight.dtype)
+    db = None if bias_dtype is None else _cast(column_sums(rows), bias_dtype)
     return do, dol, kernel_weight, (dw, db)
+
+
+def _permute(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """x.permute(order); x itself, without a call into the dispatcher, for the identity (host time)."""
+    return x if order == tuple(range(len(order))) else x.permute(order)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype``; x itself, without a call into the dispatcher, when it already is (host time)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _gradients(backward, ctx, *grads):
@@ -586,6 +638,7 @@ def sla_branches(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
     linear_sums: str = "save",
+    inputs_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """SLA's two branches before projection, for callers that merge attention parts themselves.
 
@@ -597,6 +650,8 @@ def sla_branches(
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
         linear_sums: 'save' (the backward reads the linear branch's per-query-block sums the forward made) |
             'recompute' (the backward makes them again; they are not held in between). See SLAConfig.linear_sums.
+        inputs_checked: the caller has run :func:`check_inputs` with ``kernel=True`` on these very q, k, v (as
+            SparseLinearAttention does before predicting the map), so they are not checked again (host time).
 
     Returns:
         o_s [B, H, Lq, D]: softmax attention over each query block's critical key blocks;
@@ -604,7 +659,8 @@ def sla_branches(
         lse [B, H, Lq] float32: natural-log log-sum-exp of the sparse branch's scaled scores. All three are
         differentiable, so two partial attentions merge exactly as (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2).
     """
-    o, o_l, lse2 = _apply(sla_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums)
+    o, o_l, lse2 = _apply(sla_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums,
+                          inputs_checked=inputs_checked)
     return o, (o_l if linear_scope != "none" else None), lse2 * math.log(2.0)
 
 
@@ -619,6 +675,7 @@ def sparse_linear_attention(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
     linear_sums: str = "save",
+    inputs_checked: bool = False,
 ) -> torch.Tensor:
     """Sparse-Linear Attention with the fused Triton kernels.
 
@@ -630,6 +687,7 @@ def sparse_linear_attention(
         feature_map: 'softmax' | 'elu' | 'relu'.
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
         linear_sums: 'save' | 'recompute', as for :func:`sla_branches`.
+        inputs_checked: as for :func:`sla_branches`.
 
     Returns:
         [B, H, Lq, D] in q's dtype: O_s + proj_l(O_l), the projection made in the forward kernel (O_l W^T + b is
@@ -637,15 +695,18 @@ def sparse_linear_attention(
     """
     if proj_weight is None or linear_scope == "none":  # both paths validate the options; no branch, no sums
         validate_linear_sums(linear_sums)
-        return project_branches(sla_branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
+        branches = functools.partial(sla_branches, inputs_checked=inputs_checked)
+        return project_branches(branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
     return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums, proj_weight,
-                  proj_bias)[0]
+                  proj_bias, inputs_checked=inputs_checked)[0]
 
 
-def _apply(op, q, k, v, block_map, feature_map, linear_scope, linear_sums, *proj) -> tuple[torch.Tensor, ...]:
-    """``op``'s outputs but the sums (internal to the backward) after the input checks: the custom op under
-    torch.compile, its implementation under ``_EagerSLA`` in eager mode."""
-    check_inputs(q, k, v, kernel=True)
+def _apply(op, q, k, v, block_map, feature_map, linear_scope, linear_sums, *proj,
+           inputs_checked: bool = False) -> tuple[torch.Tensor, ...]:
+    """``op``'s outputs but the sums (internal to the backward) after the input checks (those of q, k, v unless
+    ``inputs_checked``): the custom op under torch.compile, its implementation under ``_EagerSLA`` in eager mode."""
+    if not inputs_checked:
+        check_inputs(q, k, v, kernel=True)
     validate_branch_options(feature_map, linear_scope)
     validate_linear_sums(linear_sums)
     check_block_map(q, k, block_map, kernel=True)

@@ -239,6 +239,30 @@ def test_column_sums_cover_every_row(n):
     torch.testing.assert_close(got.double(), rows.double().sum(0), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("nk, padded", [(7, 7), (64, 64), (67, 72)])
+def test_sums_contract_over_aligned_key_blocks(nk, padded, poison_outputs):
+    """From PAD_FROM_BLOCKS key blocks on, the 0/1 products contract over a multiple of SUM_BLOCK_ALIGN key blocks
+    (what cuBLAS's aligned kernels need): M's extra columns are 0 and the summary rows they meet are 0, not unset,
+    so the sums equal the unpadded ones; the transposed sum's extra rows are 0."""
+    gen = torch.Generator().manual_seed(nk)
+    block_class = torch.randint(0, 3, (1, 2, 5, nk), generator=gen, dtype=torch.int8).to(DEVICE)
+    m = op._marginal_matrix(block_class, "marginal", torch.float32)
+    assert m.shape[-1] == padded
+    dense = (block_class == MARGINAL).flatten(0, 1).float()
+    assert torch.equal(m[..., :nk], dense) and not m[..., nk:].any()
+    L, D = nk * 16 - 3, 16
+    k, v = (torch.randn(1, 2, L, D, generator=gen).to(DEVICE) for _ in range(2))
+    p = op._problem(k, k, v, 16, 16, "softmax", True, configs.interpreting())
+    hz = op._summary_rows(nk, k, p)
+    configs.get_kernel("summaries")[(nk, p.bh)](k, v, hz, *p.kv_strides, p.H, p.Lk, nk, D=D, BLOCK_K=16,
+                                                  FEATURE_MAP=p.feature_map, PRECISION=p.precision)
+    torch.testing.assert_close(op._linear_totals(k, v, m, p), dense @ hz, rtol=1e-5, atol=1e-5)
+    y = torch.randn(2, 5, 3, generator=gen).to(DEVICE)
+    back = op._sum_over_scope(y, m, transpose=True)
+    torch.testing.assert_close(back[:, :nk], dense.transpose(1, 2) @ y)
+    assert not back[:, nk:].any()
+
+
 @pytest.mark.parametrize("weight, bias, match", [
     ((32, 16), None, r"proj_weight must be \[32, 32\] for head dim 32; got shape \(32, 16\)"),
     ((32, 32), (1, 32), r"proj_bias must be \[32\] for head dim 32; got shape \(1, 32\)"),

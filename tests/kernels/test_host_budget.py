@@ -1,0 +1,45 @@
+"""Host work per call of the layer, counted on a CPU (benchmarks/host_overhead.py --noop-kernels: every Triton
+launch a no-op, every buffer allocated as on an H200, the H200's descriptor decisions). Up to ~16K tokens an eager
+layer on an H200 is bound by this host work (issue #11: ~15 µs per Triton launch, ~7 µs per aten op on its host),
+so a change that adds an op, a launch or Python to every call must raise these budgets knowingly, with a reason in
+benchmarks/PERF_NOTES.md ("host time counted on the CPU").
+
+The counts do not depend on the shape (one small shape keeps the CPU's real aten work short) nor, for the package's
+own Python calls, on the torch version; the aten ops called from Python could move by one or two with a torch
+release that reimplements a composite op, which would be a reason to re-count, not to loosen the budget."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import host_overhead  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts the kernel path's host work on the CPU (interpreter mode)")
+
+# (aten ops called from Python, Triton launches, calls of sla_dist's Python functions) per call at B 1, H 2, L 256,
+# D 64, BQ 128, counted on branch wip-host (torch 2.13, CPU). main before it (2c9fcc9): forward 33 / 5 / 145,
+# forward+backward 72 / 9 / 248 (linear_sums 'save'); 34 / 5 / 146 and 75 / 10 / 262 ('recompute').
+BUDGETS = {
+    ("layer forward", "save"): dict(aten_top=26, launches=5, sla_calls=92),
+    ("layer forward+backward", "save"): dict(aten_top=56, launches=9, sla_calls=143),
+    ("layer forward", "recompute"): dict(aten_top=27, launches=5, sla_calls=93),
+    ("layer forward+backward", "recompute"): dict(aten_top=59, launches=10, sla_calls=148),
+}
+
+
+@pytest.mark.parametrize(("piece", "linear_sums"), BUDGETS)
+def test_layer_host_work_stays_within_budget(piece, linear_sums):
+    fn = host_overhead.noop_pieces(256, 2, 64, linear_sums=linear_sums)[piece]
+    with host_overhead.memory_account.no_op_kernels(tma_device=True):
+        fn()  # first call: the per-layout caches filled
+    counts = host_overhead.host_counts(fn)
+    budget = BUDGETS[piece, linear_sums]
+    over = {key: (counts[key], limit) for key, limit in budget.items() if counts[key] > limit}
+    assert not over, f"{piece} ({linear_sums}): (count, budget) {over}; all counts {counts}"
