@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
-from .tiles import (block_item, columns, head_offset, listed_rows, load_rows, query_rows, row_descriptor, row_tile,
-                    square)
+from .tiles import (block_item, columns, head_offset, listed_index, listed_rows, load_rows, query_rows,
+                    row_descriptor, row_tile, square)
 
 
 @triton.jit
@@ -148,8 +148,11 @@ def _bwd_dq_kernel(
     n_blocks = tl.load(KV_NUM + row)
     k_desc = row_descriptor(K, k_base, LK, stride_kl, BLOCK_K, D, USE_TMA)
     v_desc = row_descriptor(V, v_base, LK, stride_vl, BLOCK_K, D, USE_TMA)
+    blocks = KV_IDX + row * KV_WIDTH
     for it in range(0, n_blocks):
-        start, offs_k, col_ok = listed_rows(KV_IDX + row * KV_WIDTH, it, LK, BLOCK_K)
+        # The index in the step that uses it: loaded one step ahead, as forward and dK/dV do, dQ measured 1.6 %
+        # slower at L 75600 on an H200 (level at 32768).
+        start, offs_k, col_ok = listed_rows(tl.load(blocks + it), LK, BLOCK_K)
         k = load_rows(K, k_desc, k_base, start, offs_k, col_ok, stride_kl, offs_d, True, USE_TMA)
         v = load_rows(V, v_desc, v_base, start, offs_k, col_ok, stride_vl, offs_d, True, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -209,8 +212,11 @@ def _bwd_dkdv_kernel(
     n_blocks = tl.load(Q_NUM + col)
     q_desc = row_descriptor(Q, q_base, LQ, stride_ql, ROWS, D, USE_TMA)
     do_desc = row_descriptor(DO, q_base, LQ, stride_ql, ROWS, D, USE_TMA)
+    blocks = Q_IDX + col * NQ
+    nxt = listed_index(blocks, 0, n_blocks)
     for it in range(0, n_blocks):
-        i = tl.load(Q_IDX + col * NQ + it)
+        i = nxt
+        nxt = listed_index(blocks, it + 1, n_blocks)
         # A query block may be taken in Q_SPLIT row slices (smaller tiles, fewer live registers): autotuned.
         for part in tl.static_range(Q_SPLIT):
             start = i * BLOCK_Q + part * ROWS

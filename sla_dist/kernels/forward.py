@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_fwd
-from .tiles import block_item, head_offset, listed_rows, load_rows, row_descriptor, row_tile, square
+from .tiles import block_item, head_offset, listed_index, listed_rows, load_rows, row_descriptor, row_tile, square
 
 
 @triton.jit
@@ -110,8 +110,11 @@ def _sla_fwd_kernel(
     # Rows past LK read as 0 (none exist when EVEN_K, so the pointer loads drop their masks).
     k_desc = row_descriptor(K, k_base, LK, stride_kl, BLOCK_K, D, USE_TMA)
     v_desc = row_descriptor(V, v_base, LK, stride_vl, BLOCK_K, D, USE_TMA)
+    nxt = listed_index(blocks, 0, n_blocks)
     for it in range(0, n_blocks):
-        start, offs_k, col_ok = listed_rows(blocks, it, LK, BLOCK_K)
+        index = nxt
+        nxt = listed_index(blocks, it + 1, n_blocks)
+        start, offs_k, col_ok = listed_rows(index, LK, BLOCK_K)
         k = load_rows(K, k_desc, k_base, start, offs_k, col_ok, stride_kl, offs_d, not EVEN_K, USE_TMA)
         v = load_rows(V, v_desc, v_base, start, offs_k, col_ok, stride_vl, offs_d, not EVEN_K, USE_TMA)
         x = _scores(q, k, col_ok, qk_scale, EVEN_K, SCALE_IN_EXP, PRECISION)

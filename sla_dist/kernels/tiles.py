@@ -69,10 +69,19 @@ def columns(offs_d, cols, D: tl.constexpr):
 
 
 @triton.jit
-def listed_rows(IDX, position, LK, BLOCK_K: tl.constexpr):
-    """(first row, rows, which rows are real (< LK)) of the key block listed at ``position`` of the block list at
-    IDX. The index is loaded once, as a scalar, so the key/value loads stay contiguous along D and rows."""
-    start = tl.load(IDX + position) * BLOCK_K
+def listed_index(IDX, position, count):
+    """The block index listed at ``position`` of the block list at IDX, or 0 past its ``count`` entries. The forward
+    and dK/dV loops load the next step's index one step ahead, so a step's tile loads are not issued behind the load
+    of their own index: on an H200 (bf16, D 128, 95 %) dK/dV -2.3 % at L 32768 and the forward -1.9 % at 75600; dQ
+    was level at 32768 and 1.6 % slower at 75600, so it loads its index in the step."""
+    return tl.load(IDX + position, mask=position < count, other=0)
+
+
+@triton.jit
+def listed_rows(index, LK, BLOCK_K: tl.constexpr):
+    """(first row, rows, which rows are real (< LK)) of key block ``index``, a scalar (:func:`listed_index`), so the
+    key/value loads stay contiguous along D and rows."""
+    start = index * BLOCK_K
     rows = start + tl.arange(0, BLOCK_K)
     return start, rows, rows < LK
 
