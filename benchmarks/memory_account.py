@@ -1,14 +1,15 @@
 """Peak extra memory of the SLA layer's forward+backward, counted on a CPU with the Triton kernels replaced by no-ops.
 
     TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128]
-        [--linear-sums save recompute] [--json PATH]
+        [--dtype bfloat16] [--linear-sums save recompute] [--json PATH]
 
-Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in bfloat16, the
-block map through its kernel path), but no kernel runs, so the full 32K shape takes a minute or two (the 0/1
-products and proj_l's GEMMs run on the CPU). The CPU allocator's allocations and frees are read back from the
-profiler's memory timeline; "extra" is the peak above what was allocated before the forward (inputs, the output
-gradient, parameters), as ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` reports on a GPU, up to the
-caching allocator's rounding (512 bytes) and its workspaces. The output is held during the backward (as in
+Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in op.summary_dtype's
+GPU dtype, bfloat16 for bfloat16 inputs and float32 for float16 ones; the block map through its kernel path), but no
+kernel runs, so the full 32K shape takes a minute or two (the 0/1 products and proj_l's GEMMs run on the CPU). The
+CPU allocator's allocations and frees are read back from the profiler's memory timeline; "extra" is the peak above
+what was allocated before the forward (inputs, the output gradient, parameters), as
+``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` reports on a GPU, up to the caching allocator's rounding
+(512 bytes) and its workspaces. The output is held during the backward (as in
 ``layer(q, k, v).backward(g)``), and the kernels' outputs hold no values, so only sizes are meaningful.
 ``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both).
 """
@@ -108,20 +109,22 @@ def main() -> None:
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--linear-sums", nargs="+", choices=LINEAR_SUMS, default=list(LINEAR_SUMS),
                         help="SLAConfig.linear_sums values to count, one after the other")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="q, k, v's dtype")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
-    one = args.H * args.L * args.D * 2
-    print(f"SLA layer fwd+bwd, kernel path, bf16, [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, topk 0.05; "
-          f"MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
+    dtype = getattr(torch, args.dtype)
+    one = args.H * args.L * args.D * dtype.itemsize
+    print(f"SLA layer fwd+bwd, kernel path, {args.dtype}, [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, "
+          f"topk 0.05; MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
     accounts = {}
     for linear_sums in args.linear_sums:
-        accounts[linear_sums] = account = layer_account(args.L, args.H, args.D, linear_sums=linear_sums)
+        accounts[linear_sums] = account = layer_account(args.L, args.H, args.D, dtype=dtype, linear_sums=linear_sums)
         print(f" linear_sums={linear_sums!r}")
         for name, n in account.items():
             print(f"  {name:12} {n / MIB:8.1f} MiB  {n / one:5.2f} x q")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(L=args.L, H=args.H, D=args.D, q_mib=one / MIB,
+            json.dump(dict(L=args.L, H=args.H, D=args.D, dtype=args.dtype, q_mib=one / MIB,
                            **{linear_sums: {f"{name}_mib": n / MIB for name, n in account.items()}
                               for linear_sums, account in accounts.items()}), f, indent=1)
 

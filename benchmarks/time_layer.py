@@ -1,4 +1,4 @@
-"""Time one SLA layer (bf16, B=1 H=12 D=128, 95 %, BQ128) at L = 32768 and 8192, for comparing code versions.
+"""Time one SLA layer (bf16 or fp16, B=1 H=12 D=128, 95 %, BQ128) at L = 32768 and 8192, to compare code versions.
 
     PYTHONPATH=/path/to/checkout python benchmarks/time_layer.py LABEL [--compile MODE]
 
@@ -14,7 +14,8 @@ kernels' tile loads through tensor descriptors (SLA_DIST_TMA: off, all, or kerne
 each value under every forward loop; the label says which (``+tma:all``). ``--linear-sums save recompute`` times the
 layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a checkout from before the option
 can be timed). ``--kernels`` adds the CUDA time of the forward, dQ and dK/dV kernels in one forward+backward
-(torch.profiler over 5 calls): what a variant changes.
+(torch.profiler over 5 calls): what a variant changes. ``--dtype float16`` times float16 inputs (label suffix
+``+float16``; their linear-branch summaries are float32, op.summary_dtype).
 
 Inputs like a model's, one factor at a time (each a list: one run per value, after the L loop; a label suffix names
 every value that is not the default): ``--L 32760`` a length with partial last blocks; ``--layout blhd fused`` q, k,
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="also the forward, dQ and dK/dV kernels' CUDA time in a forward+backward")
     parser.add_argument("--L", type=int, nargs="+", default=[32768, 8192], help="sequence lengths (iid inputs)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="q, k, v's dtype (GPU)")
     add_input_arguments(parser)
     parser.add_argument("--tiny", action="store_true", help="H 2, D 32, L 256 (grid 4,8,8), float32 on the CPU: a "
                         "smoke test")
@@ -107,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.graph or args.dense or args.kernels:
             parser.error("--tiny runs on the CPU: --graph, --dense and --kernels need a GPU")
         args.L, args.grid, args.heads, args.head_dim = [256], (4, 8, 8), 2, 32
-        args.device, args.dtype = torch.device("cpu"), torch.float32
+        args.device = torch.device("cpu")
     else:
-        args.heads, args.head_dim, args.device, args.dtype = 12, 128, torch.device("cuda"), torch.bfloat16
-    label = args.label + (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
+        args.heads, args.head_dim, args.device = 12, 128, torch.device("cuda")
+    label = args.label + (f"+{args.dtype}" if args.dtype != "bfloat16" else "")
+    args.dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)
+    label += (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
     for L in input_lengths(args, args.L):
         for source, layout, inputs in input_settings(args):
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 time_layer(L, label + suffix + variant, variant_inputs, args)
         if args.dense:
             torch.manual_seed(0)  # the layer's q, k, v
-            _, q, k, v, g = sla_layer_inputs(L, 12, 128)
+            _, q, k, v, g = sla_layer_inputs(L, 12, 128, dtype=args.dtype)
             dense = dense_sdpa(SDPBackend.CUDNN_ATTENTION)
             with torch.no_grad():
                 fwd = tt.do_bench(lambda: dense(q, k, v), warmup=25, rep=100, return_mode="median")

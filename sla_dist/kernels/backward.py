@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
-from .tiles import (block_item, columns, head_offset, listed_index, listed_rows, load_rows, query_rows,
-                    row_descriptor, row_tile, square)
+from .tiles import (block_item, columns, head_offset, listed_index, listed_rows, load_rows, power_of_two_above,
+                    query_rows, row_descriptor, row_tile, square)
 
 
 @triton.jit
@@ -81,13 +81,16 @@ def _bwd_prepass_kernel(
         # Z_i is loaded again after the loop (a [D] vector, from L1/L2) instead of being held across it: broadcast in
         # the products' register layout it took 32 registers per thread (Triton 3.6 then spilled).
         zl_ptrs = ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d
-        den = tl.sum(fq * tl.load(zl_ptrs).to(tl.float32)[None, :], axis=1)
+        zl = tl.load(zl_ptrs).to(tl.float32)
+        den = tl.sum(fq * zl[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
+        h_scale = power_of_two_above(tl.max(zl, axis=0))  # H_i / h_scale fits the inputs' dtype (see the forward)
         fq = fq.to(x.dtype)  # phi(Q_i) in the inputs' dtype from here on: it stays live to the end
-        # The products take their operands in the summaries' dtype (bf16 for half inputs, as in the forward's
-        # phi(Q_i) H_i): float32 operands ran them at tf32 rate and took 128 KiB of shared memory at D = 128.
-        dt = HL.dtype.element_ty
-        fq_dt = fq.to(dt)
+        # The products take their operands in the inputs' dtype, each float32 factor that may leave its range (H_i;
+        # dN = dO_l / den, tiny where den is large) divided by a power of two first and the product multiplied back:
+        # float32 operands (float16 inputs, whose summaries are float32) ran them at tf32 rate, took 128 KiB of
+        # shared memory at D = 128 and spilled 280 B; bfloat16 operands lose float16's precision. dO_l = dOut W is
+        # taken in the inputs' dtype, as the unfused path stores it.
         out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
         hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
         # dO_l is taken in two column halves: each half gives its columns of dH_i = phi(Q_i)^T dN (a [D, D / 2]
@@ -99,18 +102,22 @@ def _bwd_prepass_kernel(
         # MMA (64 per warp group): there the first form keeps wgmma and fits two 8-warp programs per SM.
         HALF: tl.constexpr = D // 2
         cols = tl.arange(0, HALF)
-        g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+        g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)  # G / h_scale
         for c in tl.static_range(0, D, HALF):
             dol = _dol_columns(do, W, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, offs_d, c + cols, D,
                                HAS_PROJ, HAS_DOL, PRECISION)
-            dn = (dol * inv[:, None]).to(dt)
+            dn = dol * inv[:, None]
+            dn_scale = power_of_two_above(tl.max(tl.max(tl.abs(dn), axis=1), axis=0))
+            dn = (dn * (1.0 / dn_scale)).to(x.dtype)
             if HALF >= 64:  # dH_i^T's rows
-                dht = tl.dot(tl.trans(dn), fq_dt, input_precision=PRECISION)
+                dht = tl.dot(tl.trans(dn), fq, input_precision=PRECISION) * dn_scale
                 tl.store(out + tl.trans(columns(offs_d, c + cols, D)), dht.to(DHZ.dtype.element_ty))
             else:
-                dh = tl.dot(tl.trans(fq_dt), dn, input_precision=PRECISION)
+                dh = tl.dot(tl.trans(fq), dn, input_precision=PRECISION) * dn_scale
                 tl.store(out + columns(offs_d, c + cols, D), dh.to(DHZ.dtype.element_ty))
-            g = tl.dot(dol.to(dt), tl.trans(tl.load(hl + columns(offs_d, c + cols, D))), g, input_precision=PRECISION)
+            h = tl.load(hl + columns(offs_d, c + cols, D)).to(tl.float32) * (1.0 / h_scale)
+            g = tl.dot(dol.to(x.dtype), tl.trans(h.to(x.dtype)), g, input_precision=PRECISION)
+        g = g * h_scale
         fq = fq.to(tl.float32)
         dden = -tl.sum(g * fq, axis=1) * inv * inv
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
@@ -245,9 +252,17 @@ def _bwd_dkdv_kernel(
         x = k.to(tl.float32)
         fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
         dh = tl.load(DHS + block_item(bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
-        dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
-        dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
-        dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
+        dh_scale = 1.0
+        if DHS.dtype.element_ty != V.dtype.element_ty:
+            # float32 summaries of float16 inputs: dh_j as a float16 operand, divided by a power of two above its
+            # largest magnitude (as the pre-pass takes H_i); float32 operands would run the products at tf32 rate
+            # (and spilled 144 B at D 128).
+            dh = dh.to(tl.float32)
+            dh_scale = power_of_two_above(tl.max(tl.max(tl.abs(dh), axis=1), axis=0))
+            dh = (dh * (1.0 / dh_scale)).to(v.dtype)
+        dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d).to(tl.float32)
+        dv = tl.dot(fk.to(v.dtype), dh, dv * (1.0 / dh_scale), input_precision=PRECISION) * dh_scale
+        dfk = tl.dot(v, tl.trans(dh), input_precision=PRECISION) * dh_scale + dz[None, :]
         dk += tl.where(col_ok[:, None], phi_bwd(fk, dfk, FEATURE_MAP), 0.0)
 
     tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .feature_maps import phi_fwd
-from .tiles import block_item, head_offset, listed_index, listed_rows, load_rows, row_descriptor, row_tile, square
+from .tiles import (block_item, columns, head_offset, listed_index, listed_rows, load_rows, power_of_two_above,
+                    row_descriptor, row_tile, square)
 
 
 @triton.jit
@@ -129,19 +130,33 @@ def _sla_fwd_kernel(
 
     if HAS_LINEAR:
         fq = phi_fwd(q.to(tl.float32), FEATURE_MAP)
-        hl = tl.load(HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q) + square(offs_d, D))
-        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d)
-        num = tl.dot(fq.to(hl.dtype), hl, input_precision=PRECISION)
+        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d).to(tl.float32)
         den = tl.sum(fq * zl[None, :], axis=1)
-        o_l = num / tl.where(den != 0, den, 1.0)[:, None]
-        o_l = tl.where((den != 0)[:, None], o_l, 0.0).to(OL.dtype.element_ty)
-        tl.store(OL + tile, o_l, mask=row_ok[:, None])
+        # The product phi(Q_i) H_i takes its operands in the inputs' dtype, H_i divided by a power of two >= max Z_i:
+        # phi >= 0, so |H_i[d, :]| <= Z_i[d] max|v| and the scaled H_i is at most max|v|, which the inputs' dtype
+        # holds. A power of two rounds nothing, so bfloat16 and float32 summaries give their products exactly the
+        # old operands; float32 summaries of float16 inputs get float16's 11 significant bits where bfloat16
+        # summaries had 8 (dW = dOut^T O_l was ~3.3x the reference's error with those, PERF_NOTES).
+        scale = power_of_two_above(tl.max(zl, axis=0))
+        out_scale = tl.where(den != 0, scale / tl.where(den != 0, den, 1.0), 0.0)  # 0 where den is 0
+        fq = fq.to(q.dtype)
+        hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
+        # O_l is made in two column halves, each stored and (HAS_PROJ) multiplied by its rows of W^T: a whole
+        # float32 H_i tile (64 KiB at D 128) made the split forward spill 240 B.
+        HALF: tl.constexpr = D // 2
+        cols = tl.arange(0, HALF)
+        for c in tl.static_range(0, D, HALF):
+            h = tl.load(hl + columns(offs_d, c + cols, D)).to(tl.float32) * (1.0 / scale)
+            num = tl.dot(fq, h.to(q.dtype), input_precision=PRECISION)
+            o_l = (num * out_scale[:, None]).to(OL.dtype.element_ty)
+            tl.store(OL + row_tile(q_base, offs_m, stride_ql, c + cols), o_l, mask=row_ok[:, None])
+            if HAS_PROJ:
+                # Rows c of W^T as a transposed tile (W_T[e, d] = W[d, e]); O_s is the product's accumulator: no
+                # second [ROWS, D] float32 tile is live beside it.
+                w_t = tl.load(W + offs_d[None, :] * D + (c + cols)[:, None]).to(o_l.dtype)
+                o = tl.dot(o_l, w_t, acc=o, input_precision=PRECISION)
         if HAS_PROJ:
-            # W^T is read as a transposed tile (W_T[e, d] = W[d, e]) and O_s is the product's accumulator: no second
-            # [BLOCK_Q, D] float32 tile is live beside it. (Adding b before the product took 2-8 more registers.)
-            w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None]).to(o_l.dtype)
-            o = tl.dot(o_l, w_t, acc=o, input_precision=PRECISION)
-            if HAS_BIAS:
+            if HAS_BIAS:  # (adding b before the products took 2-8 more registers)
                 o += tl.load(B + offs_d).to(tl.float32)[None, :]
             tl.store(OUT + tile, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 

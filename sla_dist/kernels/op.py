@@ -13,6 +13,7 @@ when a kernel is defined, so ``TRITON_INTERPRET=1`` only has to be set before th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -159,10 +160,16 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def summary_dtype(dtype: torch.dtype, interpreting: bool) -> torch.dtype:
-    """Dtype of the linear branch's [D, D] summaries, the largest buffers: for half inputs bfloat16 (range of
-    float32, rounding of the inputs) so their sums run on bf16 tensor cores. The interpreter computes bfloat16 dots
-    wrongly (triton-lang/triton#11584): float32 there."""
-    return torch.float32 if dtype == torch.float32 or interpreting else torch.bfloat16
+    """Dtype of the linear branch's [D, D] summaries (h_j, H_i, their gradients, the 0/1 matrix that sums them),
+    the largest buffers. bfloat16 inputs get bfloat16 (float32's range, rounding no coarser than the inputs'), so
+    their sums run on bf16 tensor cores. float16 inputs get float32, at twice the summaries' memory: float16 would
+    overflow (H_i sums phi(K)^T V over up to all keys), and bfloat16 summaries (before 2026-12-01) rounded H_i and
+    phi(Q_i) to 8 bits, which made proj_l's weight gradient 3.4-3.8x the float16 reference's error on an H200
+    (PERF_NOTES, "Session 2026-11-30 (tenth)"). The kernels take a summary as a product operand in the inputs' dtype,
+    divided by a power of two first (forward.py), and the 0/1 products read float32 rows at tf32
+    (:func:`_sum_over_scope`). The interpreter computes bfloat16 dots wrongly (triton-lang/triton#11584): float32
+    there."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and not interpreting else torch.float32
 
 
 def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int, feature_map: str,
@@ -207,13 +214,32 @@ def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) 
     return marginal.flatten(0, 1)
 
 
-def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, transpose: bool = False) -> torch.Tensor:
+def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, precision: str,
+                    transpose: bool = False) -> torch.Tensor:
     """sum_j M_ij x_j: [BH, Nk', F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
     [BH, Nk' or 1, F] (Nk': M's padded key blocks; the padding's rows come out 0). A product with the 0/1 matrix
-    runs on tensor cores and accumulates in float32; a broadcast total keeps a size-1 block dimension."""
+    runs on tensor cores and accumulates in float32; a broadcast total keeps a size-1 block dimension. float32 rows
+    of half inputs (``precision`` 'tf32': float16's summaries) are multiplied at tf32, as the kernels' products: a
+    float32 GEMM of this size runs on the CUDA cores, several times slower than the bfloat16 one it replaced."""
     if marginal is None:
         return x.sum(1, keepdim=True)
-    return (marginal.transpose(1, 2) if transpose else marginal) @ x
+    matrix = marginal.transpose(1, 2) if transpose else marginal
+    if precision == "ieee" or x.dtype != torch.float32:
+        return matrix @ x
+    with _tf32_matmuls():
+        return matrix @ x
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """cuBLAS float32 products at tf32 inside the block. torch has no per-product setting, so the process-wide flag
+    is set and restored (another thread's float32 products in between would run at tf32 too)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _summary_rows(n: int, like: torch.Tensor, p: _Problem) -> torch.Tensor:
@@ -241,7 +267,7 @@ def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | No
         k, v, hz, *p.kv_strides, p.H, p.Lk, rows,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
     )
-    return _sum_over_scope(hz, marginal)
+    return _sum_over_scope(hz, marginal, p.precision)
 
 
 def _no_sums(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -437,7 +463,7 @@ def _backward(
     )
 
     if has_linear:
-        dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, transpose=True), p.D)
+        dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, p.precision, transpose=True), p.D)
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
     del dhz  # summed into dh_j, dz_j

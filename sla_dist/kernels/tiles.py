@@ -99,3 +99,10 @@ def query_rows(Q, DO, LSE, DELTA, q_desc, do_desc, q_head, bh, start, rows, stri
     lse = tl.load(LSE + per_row, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + per_row, mask=row_ok, other=0.0)
     return tile, row_ok, q, do, lse, delta
+
+
+@triton.jit
+def power_of_two_above(x_max):
+    """2^ceil(log2 x_max) for x_max > 0, else 1: a scale that brings a tile whose largest magnitude is x_max into
+    [-1, 1] without rounding it (the linear branch's float32 summaries and gradients as half-precision operands)."""
+    return tl.exp2(tl.where(x_max > 0, tl.ceil(tl.log2(x_max)), 0.0))

@@ -100,13 +100,13 @@ def test_bad_loop_names_the_value(value, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="seen on an H200 only; the interpreter's split forward is within the rule")
-@pytest.mark.xfail(strict=True, reason="known defect, seen 2026-11-30 on an H200 (triton 3.6): the gradient of "
-                   "proj_l's weight, dW = dOut^T O_l, is 3.4-3.8x the float16 reference's error (1.6e-3 vs 4.4e-4, "
-                   "seeds 2-4) while out, dq, dk, dv are within the rule. The linear epilogue takes phi(q) and H_i "
-                   "in bfloat16 (summary_dtype of half inputs); the same math emulated in PyTorch on a CPU gives "
-                   "3.3x with bfloat16 sums and 0.6x with float16 or float32 ones (PERF_NOTES). Not fixed yet.")
+@pytest.mark.skipif(not HAS_CUDA, reason="the defect was a GPU's rounding (the interpreter's summaries were always "
+                    "float32); tests/kernels/test_summary_dtype.py emulates it on the CPU")
 def test_split_forward_linear_output_sums_into_the_projection_gradient(monkeypatch, poison_outputs):
+    """The gradient of proj_l's weight, dW = dOut^T O_l, sees O_l alone (its share of the output is small): it was
+    3.4-3.8x the float16 reference's error on an H200 (triton 3.6) while the linear summaries of float16 inputs were
+    bfloat16, which rounded phi(Q_i) and H_i to 8 bits in the forward's epilogue (PERF_NOTES, "Session 2026-11-30
+    (tenth)"); float32 summaries, taken by the products as float16 operands, fix it."""
     monkeypatch.setenv(FWD_LOOP_ENV, "split+fma")
     c = SLACase(B=1, H=2, L=290, D=32, dtype=torch.float16, topk=0.3, negligible=0.1, feature_map="relu",
                 linear_scope="marginal", block_q=128, device=DEVICE)

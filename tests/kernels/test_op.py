@@ -258,7 +258,7 @@ def test_sums_contract_over_aligned_key_blocks(nk, padded, poison_outputs):
                                                   FEATURE_MAP=p.feature_map, PRECISION=p.precision)
     torch.testing.assert_close(op._linear_totals(k, v, m, p), dense @ hz, rtol=1e-5, atol=1e-5)
     y = torch.randn(2, 5, 3, generator=gen).to(DEVICE)
-    back = op._sum_over_scope(y, m, transpose=True)
+    back = op._sum_over_scope(y, m, p.precision, transpose=True)
     torch.testing.assert_close(back[:, :nk], dense.transpose(1, 2) @ y)
     assert not back[:, nk:].any()
 
