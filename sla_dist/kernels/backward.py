@@ -49,6 +49,41 @@ def _dol_columns(do, W, DOL, tile, row_ok, offs_d, cols, D: tl.constexpr, HAS_PR
 
 
 @triton.jit
+def _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, cols, D: tl.constexpr, HALF: tl.constexpr,
+                SCALED: tl.constexpr, PRECISION: tl.constexpr):
+    """For the columns ``cols`` of dO_l (``dol``, float32): store those columns of dH_i = phi(Q_i)^T dN at ``out``
+    and return G + dO_l[:, cols] H_i[:, cols]^T (H_i at ``hl``). The products take their operands in the inputs'
+    dtype (``fq``'s). Summaries in that dtype (bfloat16, float32) are taken as they are; SCALED: float32 summaries of
+    float16 inputs, where each float32 factor that may leave float16's range is divided by a power of two first
+    (rounding nothing) and the product multiplied back: dN = dO_l / den (tiny where den is large) by one above its
+    largest magnitude, H_i by ``h_scale`` >= max Z_i (as the forward's _scaled_linear_output; G comes out divided by
+    it). float32 operands ran the products at tf32 rate, took 128 KiB of shared memory at D 128 and spilled 280 B.
+    From D 128 the columns are made as rows of dH_i^T = dN^T phi(Q_i): phi(Q_i) is then the second operand, which
+    the tensor cores read from shared memory, where as the first it took a second register copy of phi(Q_i) for the
+    whole loop (Triton 3.6 spilled up to 328 B). Below, D / 2 rows are too few for Hopper's warp-group MMA (64 per
+    warp group): there the first form keeps wgmma and fits two 8-warp programs per SM."""
+    dn = dol * inv[:, None]
+    if SCALED:
+        dn_scale = power_of_two_above(tl.max(tl.max(tl.abs(dn), axis=1), axis=0))
+        dn = dn * (1.0 / dn_scale)
+    dn = dn.to(fq.dtype)
+    if HALF >= 64:  # dH_i^T's rows
+        dht = tl.dot(tl.trans(dn), fq, input_precision=PRECISION)
+        if SCALED:
+            dht = dht * dn_scale
+        tl.store(out + tl.trans(columns(offs_d, cols, D)), dht.to(out.dtype.element_ty))
+    else:
+        dh = tl.dot(tl.trans(fq), dn, input_precision=PRECISION)
+        if SCALED:
+            dh = dh * dn_scale
+        tl.store(out + columns(offs_d, cols, D), dh.to(out.dtype.element_ty))
+    h = tl.load(hl + columns(offs_d, cols, D))
+    if SCALED:
+        h = (h.to(tl.float32) * (1.0 / h_scale)).to(fq.dtype)
+    return tl.dot(dol.to(fq.dtype), tl.trans(h), g, input_precision=PRECISION)
+
+
+@triton.jit
 def _bwd_prepass_kernel(
     Q, O, DO, DOL, W, DQ, DLSE, DELTA,       # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], dlse/delta [BH, LQ]
     HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
@@ -81,43 +116,25 @@ def _bwd_prepass_kernel(
         # Z_i is loaded again after the loop (a [D] vector, from L1/L2) instead of being held across it: broadcast in
         # the products' register layout it took 32 registers per thread (Triton 3.6 then spilled).
         zl_ptrs = ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d
-        zl = tl.load(zl_ptrs).to(tl.float32)
-        den = tl.sum(fq * zl[None, :], axis=1)
+        den = tl.sum(fq * tl.load(zl_ptrs).to(tl.float32)[None, :], axis=1)
         inv = tl.where(den != 0, 1.0 / tl.where(den != 0, den, 1.0), 0.0)
-        h_scale = power_of_two_above(tl.max(zl, axis=0))  # H_i / h_scale fits the inputs' dtype (see the forward)
         fq = fq.to(x.dtype)  # phi(Q_i) in the inputs' dtype from here on: it stays live to the end
-        # The products take their operands in the inputs' dtype, each float32 factor that may leave its range (H_i;
-        # dN = dO_l / den, tiny where den is large) divided by a power of two first and the product multiplied back:
-        # float32 operands (float16 inputs, whose summaries are float32) ran them at tf32 rate, took 128 KiB of
-        # shared memory at D = 128 and spilled 280 B; bfloat16 operands lose float16's precision. dO_l = dOut W is
-        # taken in the inputs' dtype, as the unfused path stores it.
         out = DHZ + (bh.to(tl.int64) * NQ + pid_q) * (D * D + D)
         hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
+        SCALED: tl.constexpr = HL.dtype.element_ty != Q.dtype.element_ty  # float32 summaries, float16 inputs
+        h_scale = power_of_two_above(tl.max(tl.load(zl_ptrs).to(tl.float32), axis=0)) if SCALED else 1.0
         # dO_l is taken in two column halves: each half gives its columns of dH_i = phi(Q_i)^T dN (a [D, D / 2]
         # accumulator) and its share of G = dO_l H_i^T (a sum over dO_l's columns), so no [D, D] accumulator and
         # no whole dO_l tile is ever live. Rows past LQ carry dO_l = 0 and add nothing to dH_i or dZ_i.
-        # From D 128 the half is made as rows of dH_i^T = dN^T phi(Q_i): phi(Q_i) is then the second operand, which
-        # the tensor cores read from shared memory, where as the first it took a second register copy of phi(Q_i)
-        # for the whole loop (Triton 3.6 spilled up to 328 B). Below, D / 2 rows are too few for Hopper's warp-group
-        # MMA (64 per warp group): there the first form keeps wgmma and fits two 8-warp programs per SM.
         HALF: tl.constexpr = D // 2
         cols = tl.arange(0, HALF)
-        g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)  # G / h_scale
+        g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
         for c in tl.static_range(0, D, HALF):
             dol = _dol_columns(do, W, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, offs_d, c + cols, D,
                                HAS_PROJ, HAS_DOL, PRECISION)
-            dn = dol * inv[:, None]
-            dn_scale = power_of_two_above(tl.max(tl.max(tl.abs(dn), axis=1), axis=0))
-            dn = (dn * (1.0 / dn_scale)).to(x.dtype)
-            if HALF >= 64:  # dH_i^T's rows
-                dht = tl.dot(tl.trans(dn), fq, input_precision=PRECISION) * dn_scale
-                tl.store(out + tl.trans(columns(offs_d, c + cols, D)), dht.to(DHZ.dtype.element_ty))
-            else:
-                dh = tl.dot(tl.trans(fq), dn, input_precision=PRECISION) * dn_scale
-                tl.store(out + columns(offs_d, c + cols, D), dh.to(DHZ.dtype.element_ty))
-            h = tl.load(hl + columns(offs_d, c + cols, D)).to(tl.float32) * (1.0 / h_scale)
-            g = tl.dot(dol.to(x.dtype), tl.trans(h.to(x.dtype)), g, input_precision=PRECISION)
-        g = g * h_scale
+            g = _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, c + cols, D, HALF, SCALED, PRECISION)
+        if SCALED:
+            g = g * h_scale
         fq = fq.to(tl.float32)
         dden = -tl.sum(g * fq, axis=1) * inv * inv
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
@@ -252,17 +269,19 @@ def _bwd_dkdv_kernel(
         x = k.to(tl.float32)
         fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
         dh = tl.load(DHS + block_item(bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
-        dh_scale = 1.0
-        if DHS.dtype.element_ty != V.dtype.element_ty:
+        dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
+        if DHS.dtype.element_ty == V.dtype.element_ty:  # summaries in the inputs' dtype (bfloat16, float32)
+            dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
+            dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
+        else:
             # float32 summaries of float16 inputs: dh_j as a float16 operand, divided by a power of two above its
-            # largest magnitude (as the pre-pass takes H_i); float32 operands would run the products at tf32 rate
-            # (and spilled 144 B at D 128).
+            # largest magnitude (rounding nothing; as the pre-pass takes H_i); float32 operands would run the
+            # products at tf32 rate (and spilled 144 B at D 128).
             dh = dh.to(tl.float32)
             dh_scale = power_of_two_above(tl.max(tl.max(tl.abs(dh), axis=1), axis=0))
             dh = (dh * (1.0 / dh_scale)).to(v.dtype)
-        dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d).to(tl.float32)
-        dv = tl.dot(fk.to(v.dtype), dh, dv * (1.0 / dh_scale), input_precision=PRECISION) * dh_scale
-        dfk = tl.dot(v, tl.trans(dh), input_precision=PRECISION) * dh_scale + dz[None, :]
+            dv = tl.dot(fk.to(v.dtype), dh, dv * (1.0 / dh_scale), input_precision=PRECISION) * dh_scale
+            dfk = tl.dot(v, tl.trans(dh), input_precision=PRECISION) * dh_scale + dz.to(tl.float32)[None, :]
         dk += tl.where(col_ok[:, None], phi_bwd(fk, dfk, FEATURE_MAP), 0.0)
 
     tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])

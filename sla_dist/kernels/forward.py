@@ -70,6 +70,54 @@ def _online_softmax_step(x, v, m_i, l_i, acc, qk_scale, SCALE_IN_EXP: tl.constex
 
 
 @triton.jit
+def _linear_output(fq, hl, zl, o, OL, W, tile, offs_d, row_ok, D: tl.constexpr, HAS_PROJ: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i) stored at OL's ``tile``, and with HAS_PROJ O_s + O_l W^T returned (``o``:
+    O_s, float32); summaries (``hl``, ``zl``: the addresses of H_i and Z_i) in a dtype the products take as they are."""
+    h = tl.load(hl + square(offs_d, D))
+    zl = tl.load(zl)
+    num = tl.dot(fq.to(h.dtype), h, input_precision=PRECISION)
+    den = tl.sum(fq * zl[None, :], axis=1)
+    o_l = num / tl.where(den != 0, den, 1.0)[:, None]
+    o_l = tl.where((den != 0)[:, None], o_l, 0.0).to(OL.dtype.element_ty)
+    tl.store(OL + tile, o_l, mask=row_ok[:, None])
+    if HAS_PROJ:
+        # W^T is read as a transposed tile (W_T[e, d] = W[d, e]) and O_s is the product's accumulator: no second
+        # [BLOCK_Q, D] float32 tile is live beside it.
+        w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None]).to(o_l.dtype)
+        o = tl.dot(o_l, w_t, acc=o, input_precision=PRECISION)
+    return o
+
+
+@triton.jit
+def _scaled_linear_output(fq, hl, zl, o, OL, W, q_base, offs_m, stride_ql, offs_d, row_ok, dtype: tl.constexpr,
+                          D: tl.constexpr, HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_linear_output` for float32 summaries of half inputs (float16): the products take their operands in
+    the inputs' ``dtype``, H_i divided by a power of two >= max Z_i first. phi >= 0, so |H_i[d, :]| <= Z_i[d]
+    max|v| and the scaled H_i is at most max|v|, which the inputs' dtype holds; a power of two rounds nothing.
+    float16 operands keep 11 significant bits where the bfloat16 summaries used before 2026-12-01 kept 8 (proj_l's
+    weight gradient was then ~3.3x the float16 reference's error, PERF_NOTES); float32 operands would run at tf32
+    rate and spilled. O_l is made in two column halves, each stored and multiplied by its rows of W^T: a whole
+    float32 H_i tile (64 KiB at D 128) made the split forward spill 240 B."""
+    zl = tl.load(zl).to(tl.float32)
+    den = tl.sum(fq * zl[None, :], axis=1)
+    scale = power_of_two_above(tl.max(zl, axis=0))
+    out_scale = tl.where(den != 0, scale / tl.where(den != 0, den, 1.0), 0.0)  # 0 where den is 0
+    fq = fq.to(dtype)
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, HALF)
+    for c in tl.static_range(0, D, HALF):
+        h = tl.load(hl + columns(offs_d, c + cols, D)).to(tl.float32) * (1.0 / scale)
+        num = tl.dot(fq, h.to(dtype), input_precision=PRECISION)
+        o_l = (num * out_scale[:, None]).to(OL.dtype.element_ty)
+        tl.store(OL + row_tile(q_base, offs_m, stride_ql, c + cols), o_l, mask=row_ok[:, None])
+        if HAS_PROJ:
+            w_t = tl.load(W + offs_d[None, :] * D + (c + cols)[:, None]).to(o_l.dtype)  # rows c of W^T
+            o = tl.dot(o_l, w_t, acc=o, input_precision=PRECISION)
+    return o
+
+
+@triton.jit
 def _sla_fwd_kernel(
     Q, K, V, O, OL, LSE,                     # q/o/ol [B, H, LQ, D], k/v [B, H, LK, D], lse [BH, LQ] float32
     OUT, W, B,                               # out [B, H, LQ, D] (q strides), proj_l's W [D, D] and b [D] (HAS_PROJ)
@@ -130,33 +178,15 @@ def _sla_fwd_kernel(
 
     if HAS_LINEAR:
         fq = phi_fwd(q.to(tl.float32), FEATURE_MAP)
-        zl = tl.load(ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d).to(tl.float32)
-        den = tl.sum(fq * zl[None, :], axis=1)
-        # The product phi(Q_i) H_i takes its operands in the inputs' dtype, H_i divided by a power of two >= max Z_i:
-        # phi >= 0, so |H_i[d, :]| <= Z_i[d] max|v| and the scaled H_i is at most max|v|, which the inputs' dtype
-        # holds. A power of two rounds nothing, so bfloat16 and float32 summaries give their products exactly the
-        # old operands; float32 summaries of float16 inputs get float16's 11 significant bits where bfloat16
-        # summaries had 8 (dW = dOut^T O_l was ~3.3x the reference's error with those, PERF_NOTES).
-        scale = power_of_two_above(tl.max(zl, axis=0))
-        out_scale = tl.where(den != 0, scale / tl.where(den != 0, den, 1.0), 0.0)  # 0 where den is 0
-        fq = fq.to(q.dtype)
         hl = HL + block_item(bh, pid_q, stride_hl_bh, stride_hl_q)
-        # O_l is made in two column halves, each stored and (HAS_PROJ) multiplied by its rows of W^T: a whole
-        # float32 H_i tile (64 KiB at D 128) made the split forward spill 240 B.
-        HALF: tl.constexpr = D // 2
-        cols = tl.arange(0, HALF)
-        for c in tl.static_range(0, D, HALF):
-            h = tl.load(hl + columns(offs_d, c + cols, D)).to(tl.float32) * (1.0 / scale)
-            num = tl.dot(fq, h.to(q.dtype), input_precision=PRECISION)
-            o_l = (num * out_scale[:, None]).to(OL.dtype.element_ty)
-            tl.store(OL + row_tile(q_base, offs_m, stride_ql, c + cols), o_l, mask=row_ok[:, None])
-            if HAS_PROJ:
-                # Rows c of W^T as a transposed tile (W_T[e, d] = W[d, e]); O_s is the product's accumulator: no
-                # second [ROWS, D] float32 tile is live beside it.
-                w_t = tl.load(W + offs_d[None, :] * D + (c + cols)[:, None]).to(o_l.dtype)
-                o = tl.dot(o_l, w_t, acc=o, input_precision=PRECISION)
+        zl = ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d
+        if HL.dtype.element_ty == Q.dtype.element_ty:  # bfloat16 or float32 inputs: summaries in their dtype
+            o = _linear_output(fq, hl, zl, o, OL, W, tile, offs_d, row_ok, D, HAS_PROJ, PRECISION)
+        else:  # float16 inputs, float32 summaries (op.summary_dtype)
+            o = _scaled_linear_output(fq, hl, zl, o, OL, W, q_base, offs_m, stride_ql, offs_d, row_ok, q.dtype, D,
+                                      HAS_PROJ, PRECISION)
         if HAS_PROJ:
-            if HAS_BIAS:  # (adding b before the products took 2-8 more registers)
+            if HAS_BIAS:  # (adding b before the product took 2-8 more registers)
                 o += tl.load(B + offs_d).to(tl.float32)[None, :]
             tl.store(OUT + tile, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 

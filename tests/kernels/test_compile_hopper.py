@@ -90,8 +90,11 @@ def test_ordered_dkdv_compiles_like_the_natural_order():
     results = run_in_clean_process(variants, arch=90)
     warps = _KERNELS["dkdv"].fixed[0]
     for natural, ordered in zip(results[::2], results[1::2]):
-        keys = ("spill_bytes", "shared_bytes", "wgmma")
+        keys = ("shared_bytes", "wgmma")
         assert [natural[k] for k in keys] == [ordered[k] for k in keys], (natural, ordered)
+        # Keys as rows at D 128 spills under both orders; with the index prefetch (tiles.listed_index) the ordered
+        # loop spills a few bytes less than the natural one (Triton 3.9: 96 vs 104 B; 3.6: 0 vs 8 B).
+        assert ordered["spill_bytes"] <= natural["spill_bytes"], (natural, ordered)
         assert ordered["registers"] <= natural["registers"] + 8, (natural, ordered)
         assert (_programs_per_sm(natural["registers"], warps) == _programs_per_sm(ordered["registers"], warps)
                 ), (natural, ordered)
