@@ -13,9 +13,11 @@ the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; 
 kernels' tile loads through tensor descriptors (SLA_DIST_TMA: off, all, or kernels from fwd, dq, dkdv joined by '+'),
 each value under every forward loop; the label says which (``+tma:all``). ``--linear-sums save recompute`` times the
 layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a checkout from before the option
-can be timed). ``--kernels`` adds the CUDA time of the forward, dQ and dK/dV kernels in one forward+backward
-(torch.profiler over 5 calls): what a variant changes. ``--dtype float16`` times float16 inputs (label suffix
-``+float16``; their linear-branch summaries are float32, op.summary_dtype).
+can be timed). ``--setting fwd_split=4x3 dq=8x4+dkdv=8x2 default`` times fixed launch settings (warps x stages
+per kernel of configs.py's tuning table, untuned) one after the other. ``--kernels`` adds the CUDA time of the
+forward, dQ and dK/dV kernels in one forward+backward (torch.profiler over 5 calls): what a variant changes.
+``--dtype float16`` times float16 inputs (label suffix ``+float16``; their linear-branch summaries are float32,
+op.summary_dtype).
 
 Inputs like a model's, one factor at a time (each a list: one run per value, after the L loop; a label suffix names
 every value that is not the default): ``--L 32760`` a length with partial last blocks; ``--layout blhd fused`` q, k,
@@ -26,6 +28,7 @@ problem on the CPU (the reference backend, float32, plain wall-clock timing): a 
 """
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tma", nargs="+", metavar="KERNELS",
                         help="tensor-descriptor tile loads to time one after the other (off, all, or kernels from fwd, "
                              "dq, dkdv joined by '+'); default: SLA_DIST_TMA, else off")
+    parser.add_argument("--setting", nargs="+", metavar="KERNEL=WxS",
+                        help="fixed launch settings to time one after the other, untuned: kernels of the tuning table "
+                             "(sla_dist/kernels/configs.py) with warps x stages, several joined by '+', e.g. "
+                             "fwd_split=4x3+dq=8x4; 'default' for the table's own")
     parser.add_argument("--kernels", action="store_true",
                         help="also the forward, dQ and dK/dV kernels' CUDA time in a forward+backward")
     parser.add_argument("--L", type=int, nargs="+", default=[32768, 8192], help="sequence lengths (iid inputs)")
@@ -120,16 +127,18 @@ def main(argv: list[str] | None = None) -> None:
         for source, layout, inputs in input_settings(args):
             suffix = "".join(f"+{v}" for v in (source, layout) if v not in ("iid", "bhld"))
             suffix += f"+neg:{args.negligible}" if args.negligible is not None else ""
-            for loop, tma, sums in itertools.product(args.fwd_loop or [None], args.tma or [None],
-                                                     args.linear_sums or [None]):
+            for loop, tma, sums, setting in itertools.product(args.fwd_loop or [None], args.tma or [None],
+                                                              args.linear_sums or [None], args.setting or [None]):
                 variant = ""
                 for env, value, name in ((FWD_LOOP_ENV, loop, "fwd"), (TMA_ENV, tma, "tma")):
                     if value is not None:
                         os.environ[env] = value
                         variant += f"+{name}:{value}"
                 variant += f"+sums:{sums}" if sums else ""
+                variant += f"+set:{setting}" if setting else ""
                 variant_inputs = inputs if sums is None else dict(inputs, linear_sums=sums)
-                time_layer(L, label + suffix + variant, variant_inputs, args)
+                with launch_settings(setting):
+                    time_layer(L, label + suffix + variant, variant_inputs, args)
         if args.dense:
             torch.manual_seed(0)  # the layer's q, k, v
             _, q, k, v, g = sla_layer_inputs(L, 12, 128, dtype=args.dtype)
@@ -139,6 +148,15 @@ def main(argv: list[str] | None = None) -> None:
             fwd_bwd = tt.do_bench(lambda: dense(q, k, v).backward(g), warmup=25, rep=100, grad_to_none=[q, k, v],
                                   return_mode="median")
             print(f"{'cuDNN':8} L={L:6} fwd {fwd:.3f} ms  fwd+bwd {fwd_bwd:.3f} ms  (dense SDPA)")
+
+
+def launch_settings(setting: str | None):
+    """The kernels' fixed launch settings for one run (configs.fixed_settings): None leaves the launches alone, so
+    a checkout from before that function is timed too; 'default' is the tuning table's own, untuned."""
+    if setting is None:
+        return contextlib.nullcontext()
+    from sla_dist.kernels.configs import fixed_settings, parse_settings
+    return fixed_settings({} if setting == "default" else parse_settings(setting))
 
 
 def time_layer(L: int, label: str, inputs: dict, args: argparse.Namespace) -> None:

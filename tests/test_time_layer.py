@@ -122,6 +122,19 @@ def test_variants_are_timed_one_after_the_other_and_named(capsys, monkeypatch, o
     assert seen == [("v+tma:all", "split+fma", "all")]  # the loop as the first run left it
 
 
+def test_settings_are_timed_one_after_the_other_each_under_its_launch(capsys, monkeypatch, one_thread):
+    """--setting: one line per value, the named kernels launched with its warps x stages during that run only."""
+    from sla_dist.kernels import configs
+
+    seen = []
+    monkeypatch.setattr(time_layer, "time_layer", lambda L, label, inputs, args: seen.append(
+        (label, configs.get_kernel("dq").num_warps, configs.get_kernel("dq").num_stages)))
+    default = configs._KERNELS["dq"].fixed
+    time_layer.main(["s", "--tiny", "--setting", "dq=4x5", "default"])
+    assert seen == [("s+set:dq=4x5", 4, 5), ("s+set:default", *default)]
+    assert (configs.get_kernel("dq").num_warps, configs.get_kernel("dq").num_stages) == default
+
+
 def test_tiny_refuses_gpu_only_options():
     with pytest.raises(SystemExit):
         time_layer.main(["x", "--tiny", "--dense"])

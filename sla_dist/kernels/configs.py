@@ -10,16 +10,18 @@ hundreds of shape variants. Tuning results are cached on disk (Triton's cache di
 loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
 ``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``tma_kernels()``
 the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA; by default the forward and dQ on
-Hopper and newer).
+Hopper and newer). ``fixed_settings()`` replaces kernels' fixed settings for a block of code, so one process can time
+several (benchmarks/time_layer.py --setting).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -289,3 +291,43 @@ def get_kernel(name: str):
     configs = [triton.Config(m | dict(t.constants), num_warps=w, num_stages=st) for m, w, st in t.candidates()]
     cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=list(t.key), restore_value=list(t.restore), **cache)(fn)
+
+
+def parse_settings(text: str) -> dict[str, tuple[int, int]]:
+    """'fwd_split=4x3+dq=8x4' -> {'fwd_split': (4, 3), 'dq': (8, 4)}: kernels of the tuning table and their
+    (warps, stages)."""
+    settings = {}
+    for item in text.split("+"):
+        name, _, value = item.partition("=")
+        warps, _, stages = value.partition("x")
+        if name not in _KERNELS:
+            raise ValueError(f"launch setting {item!r}: {name!r} is not one of {sorted(_KERNELS)}")
+        if not (warps.isdigit() and stages.isdigit()) or int(warps) not in (1, 2, 4, 8, 16) or int(stages) < 1:
+            raise ValueError(f"launch setting {item!r}: write KERNEL=WARPSxSTAGES with warps 1, 2, 4, 8 or 16 and "
+                             "stages >= 1, e.g. dq=8x4")
+        settings[name] = (int(warps), int(stages))
+    return settings
+
+
+@contextlib.contextmanager
+def fixed_settings(settings: dict[str, tuple[int, int]]):
+    """Launch the named kernels with these (warps, stages) inside the block, untuned (SLA_DIST_AUTOTUNE=0 is set
+    for the block: a tuner would pick its own), then restore the table, the environment and the kernel cache."""
+    unknown = sorted(set(settings) - set(_KERNELS))
+    if unknown:
+        raise ValueError(f"no kernels named {unknown} (kernels: {sorted(_KERNELS)})")
+    saved, autotune = dict(_KERNELS), os.environ.get("SLA_DIST_AUTOTUNE")
+    try:
+        for name, fixed in settings.items():
+            _KERNELS[name] = replace(_KERNELS[name], fixed=tuple(fixed))
+        os.environ["SLA_DIST_AUTOTUNE"] = "0"
+        get_kernel.cache_clear()
+        yield
+    finally:
+        _KERNELS.clear()
+        _KERNELS.update(saved)
+        if autotune is None:
+            os.environ.pop("SLA_DIST_AUTOTUNE", None)
+        else:
+            os.environ["SLA_DIST_AUTOTUNE"] = autotune
+        get_kernel.cache_clear()

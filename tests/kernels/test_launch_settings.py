@@ -1,0 +1,44 @@
+"""configs.fixed_settings / parse_settings: one process times several launch settings (time_layer.py --setting)."""
+
+import os
+
+import pytest
+
+from sla_dist.kernels import configs
+
+
+def _launch(name):
+    kernel = configs.get_kernel(name)
+    return kernel.num_warps, kernel.num_stages
+
+
+def test_settings_hold_inside_the_block_and_the_table_comes_back(monkeypatch):
+    monkeypatch.delenv("SLA_DIST_AUTOTUNE", raising=False)
+    before = {name: _launch(name) for name in ("dq", "fwd_split")}
+    with configs.fixed_settings(configs.parse_settings("dq=4x5+fwd_split=8x1")):
+        assert _launch("dq") == (4, 5) and _launch("fwd_split") == (8, 1)
+        assert os.environ["SLA_DIST_AUTOTUNE"] == "0"  # untuned: an autotuner would pick its own setting
+    assert {name: _launch(name) for name in before} == before
+    assert "SLA_DIST_AUTOTUNE" not in os.environ
+
+
+def test_an_error_inside_the_block_restores_the_table():
+    before = _launch("dkdv")
+    with pytest.raises(RuntimeError, match="inside"):
+        with configs.fixed_settings({"dkdv": (4, 1)}):
+            assert _launch("dkdv") == (4, 1)
+            raise RuntimeError("inside")
+    assert _launch("dkdv") == before
+
+
+@pytest.mark.parametrize("text, match", [("dqq=8x4", "'dqq' is not one of"), ("dq=8y4", "'dq=8y4'"),
+                                         ("dq=3x2", "'dq=3x2'"), ("dq=8x0", "'dq=8x0'"), ("dq", "'dq'")])
+def test_bad_settings_name_the_value(text, match):
+    with pytest.raises(ValueError, match=match):
+        configs.parse_settings(text)
+
+
+def test_unknown_kernel_in_a_mapping_is_refused():
+    with pytest.raises(ValueError, match="no kernels named \\['flash'\\]"):
+        with configs.fixed_settings({"flash": (4, 2)}):
+            pass
