@@ -17,6 +17,9 @@
 #   eager with the Ulysses exchange in 2 head chunks and DeepSpeed's overlapped ZeRO reduction, against
 #   train-throughput's SP = 2 row: what hides train-profile's exposed exchange), train-overlap-compiled (SP = 2
 #   compiled with the overlapped ZeRO reduction; compiled blocks trace the exchange whole, so no head chunks),
+# train-buckets (train-overlap-compiled with ZeRO's reduction in buckets of BUCKET gradient elements, default 5e7:
+#   DeepSpeed's 5e8 makes fewer than three buckets of the 1.3B model, so most of the reduction waits for the backward's
+#   end; train-buckets:300),
 # ranks (2 GPUs: the multi-rank reliability tests on NCCL, independent spawned ranks: a rank that raises ends the
 #   job through the collective timeout, rank 0's resume choice shared, the recipe timeout on every group; ranks:500),
 # fwdloop (the forward loop variants of SLA_DIST_FWD_LOOP, one after the other: the layer at 32K and 8K, autotuned),
@@ -115,6 +118,7 @@ declare -A CMD=(
   [train-compiled]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_compiled.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true model.compile=true"
   [train-overlap]="python3 benchmarks/bench_train.py --sizes 2 --steps 10 --warmup 4 --out $OUT/train_overlap.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true parallel.overlap_chunks=2 parallel.overlap_comm=true"
   [train-overlap-compiled]="python3 benchmarks/bench_train.py --sizes 2 --steps 10 --warmup 4 --out $OUT/train_overlap_compiled.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true model.compile=true parallel.overlap_comm=true"
+  [train-buckets]="python3 benchmarks/bench_train.py --sizes 2 --steps 10 --warmup 4 --out $OUT/train_buckets.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true model.compile=true parallel.overlap_comm=true parallel.reduce_bucket_size=${BUCKET:-50000000}"
   [train-throughput]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 10 --warmup 4 --out $OUT/train_throughput.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [train-profile]="python3 benchmarks/bench_train.py --sizes 1 2 --steps 8 --warmup 3 --profile --profile-steps 2 --out $OUT/train_profile.json sparsity.dense_steps=0 sparsity.anneal_steps=0 model.checkpoint_blocks=true"
   [dkdv-order]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py"

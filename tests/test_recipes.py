@@ -172,6 +172,19 @@ def test_overlap_comm_reaches_deepspeed():
         load_recipe(tiny, ["parallel.overlap_comm=true", "parallel.zero_stage=0"])
 
 
+def test_reduce_bucket_size_reaches_deepspeed():
+    from sla_dist.lightning.run import build_strategy
+
+    tiny = RECIPES[0].parent / "tiny_cpu.yaml"
+    assert "reduce_bucket_size" not in build_strategy(load_recipe(tiny)).config["zero_optimization"]
+    small = build_strategy(load_recipe(tiny, ["parallel.reduce_bucket_size=50000000"]))
+    assert small.config["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    with pytest.raises(ValueError, match="parallel.reduce_bucket_size=0 must be a positive number"):
+        load_recipe(tiny, ["parallel.reduce_bucket_size=0"])
+    with pytest.raises(ValueError, match="parallel.reduce_bucket_size .* needs zero_stage 1, 2 or 3, not 0"):
+        load_recipe(tiny, ["parallel.reduce_bucket_size=1000", "parallel.zero_stage=0"])
+
+
 def test_overlap_chunks_reach_the_strategy():
     from sla_dist.lightning.run import build_strategy
 

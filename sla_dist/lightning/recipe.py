@@ -240,6 +240,12 @@ class ParallelSection:
     the 1.3B recipe at SP 2 on 2 H200s, fully exposed, results/2026-11-30-h200x2-train-step-profile.md) for the
     buckets' extra memory. Off by default until measured on GPUs."""
 
+    reduce_bucket_size: Optional[int] = None
+    """Gradient elements per bucket of ZeRO's reduction (DeepSpeed's ``zero_optimization.reduce_bucket_size``);
+    None: DeepSpeed's default, 5e8. With ``overlap_comm`` a bucket is reduced once it fills during the backward, so
+    smaller buckets start earlier: the 1.3B recipe's ~1.3e9 gradients fill fewer than three default buckets, and the
+    last one's reduction waits for the end of the backward. Each bucket is one collective more per step."""
+
     offload_optimizer: bool = False
     """Keep optimizer states on the CPU (ZeRO-Offload)."""
 
@@ -258,6 +264,12 @@ class ParallelSection:
             raise ValueError(f"parallel.ulysses_degree={self.ulysses_degree} must divide sp_size={self.sp_size}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.reduce_bucket_size is not None and self.reduce_bucket_size < 1:
+            raise ValueError(f"parallel.reduce_bucket_size={self.reduce_bucket_size} must be a positive number of "
+                             "gradient elements (or null for DeepSpeed's default)")
+        if self.reduce_bucket_size is not None and self.zero_stage == 0:
+            raise ValueError("parallel.reduce_bucket_size sizes ZeRO's gradient reduction: it needs zero_stage 1, 2 "
+                             "or 3, not 0")
         if self.overlap_comm and self.zero_stage == 0:
             raise ValueError("parallel.overlap_comm overlaps ZeRO's gradient reduction: it needs zero_stage 1, 2 or "
                              "3, not 0")

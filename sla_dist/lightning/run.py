@@ -35,7 +35,8 @@ def build_strategy(recipe: Recipe):
     if p.strategy == "auto":
         return "auto"
     config = zero_config(p.zero_stage, p.offload_optimizer, p.offload_parameters, recipe.optim.grad_clip,
-                         recipe.data.batch_size, overlap_comm=p.overlap_comm)
+                         recipe.data.batch_size, overlap_comm=p.overlap_comm,
+                         reduce_bucket_size=p.reduce_bucket_size)
     return SLAStrategy(sequence_parallel_size=p.sp_size, ulysses_degree=p.ulysses_degree, config=config,
                        timeout=timedelta(seconds=p.timeout_s), overlap_chunks=p.overlap_chunks)
 

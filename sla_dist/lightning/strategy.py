@@ -366,10 +366,13 @@ def sp_loss_factor(config: dict, sp_size: int) -> int:
 
 
 def zero_config(stage: int, offload_optimizer: bool, offload_parameters: bool, grad_clip: float,
-                micro_batch: int, overlap_comm: bool = False) -> dict:
+                micro_batch: int, overlap_comm: bool = False, reduce_bucket_size: int | None = None) -> dict:
     """A DeepSpeed config for ``stage`` (0 disables ZeRO); the client optimizer (AdamW) is used as is.
-    ``overlap_comm``: the gradient reduction runs during the backward (``ParallelSection.overlap_comm``)."""
+    ``overlap_comm``: the gradient reduction runs during the backward (``ParallelSection.overlap_comm``);
+    ``reduce_bucket_size``: its bucket in gradient elements (None: DeepSpeed's default)."""
     zero: dict = {"stage": stage, "overlap_comm": overlap_comm, "contiguous_gradients": True}
+    if reduce_bucket_size is not None:
+        zero["reduce_bucket_size"] = int(reduce_bucket_size)
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if offload_parameters:
