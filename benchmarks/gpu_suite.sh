@@ -5,8 +5,10 @@
 # tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
 # dit-bench, attn-bench (the old partial sweep), attn-quick (headline shape only; both time the compiled full layer
 # too, two ~10 s compiles per shape: ~+180 s and ~+80 s, --only leaves it out), profile, host (host_overhead.py),
-# sweep (every kernel's launch-setting candidates and the first call's tuning time), ops (the op-level GPU tests,
-# fixed launch settings), memory (peak extra memory of a fwd+bwd: dense cuDNN vs the SLA layer at 8K and 32K),
+# ncu (Nsight Compute's stall sampling of the forward, dQ and dK/dV kernels at L 32768: where their warps wait,
+# benchmarks/ncu_stalls.py; ~40 s), sweep (every kernel's launch-setting candidates and the first call's tuning
+# time), ops (the op-level GPU tests, fixed launch settings), memory (peak extra memory of a fwd+bwd: dense cuDNN vs
+# the SLA layer at 8K and 32K),
 # e2e (2 GPUs: the wan1.3b recipe through launch/torchrun.sh at SP = 1 and SP = 2 with activation checkpointing,
 #   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s),
 # train-profile (2 GPUs: bench_train.py --profile on the wan1.3b recipe as e2e runs it, SP = 1 then 2, 8 steps, steps
@@ -107,6 +109,7 @@ declare -A CMD=(
   [attn-sweep-c]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=64} --json $OUT/attn_sweep_c.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
   [attn-sweep-d]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=128} --json $OUT/attn_sweep_d.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
   [profile]="python3 benchmarks/profile_sla.py --L 32768 8192 --host 25"
+  [ncu]="python3 benchmarks/ncu_stalls.py --profile $OUT/ncu --top 12"
   [host]="python3 benchmarks/host_overhead.py --L 1024"
   [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"
   [memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --out $OUT/memory_layer.json"
