@@ -165,10 +165,10 @@ def summary_dtype(dtype: torch.dtype, interpreting: bool) -> torch.dtype:
     their sums run on bf16 tensor cores. float16 inputs get float32, at twice the summaries' memory: float16 would
     overflow (H_i sums phi(K)^T V over up to all keys), and bfloat16 summaries (before 2026-12-01) rounded H_i and
     phi(Q_i) to 8 bits, which made proj_l's weight gradient 3.4-3.8x the float16 reference's error on an H200
-    (PERF_NOTES, "Session 2026-11-30 (tenth)"). The kernels take a summary as a product operand in the inputs' dtype,
-    divided by a power of two first (forward.py), and the 0/1 products read float32 rows at tf32
-    (:func:`_sum_over_scope`). The interpreter computes bfloat16 dots wrongly (triton-lang/triton#11584): float32
-    there."""
+    (PERF_NOTES, "Session 2026-11-30 (tenth)"). The kernels take such a float32 summary as a float16 product operand
+    divided by a power of two first (forward._scaled_linear_output, backward._dh_columns, dK/dV's dh_j), and the 0/1
+    products read its float32 rows at tf32 (:func:`_sum_over_scope`). The interpreter computes bfloat16 dots
+    wrongly (triton-lang/triton#11584): float32 there."""
     return torch.bfloat16 if dtype == torch.bfloat16 and not interpreting else torch.float32
 
 
