@@ -378,7 +378,8 @@ def _worker(rank: int, world: int, port: int, config: BenchConfig, queue) -> Non
         dist.destroy_process_group()
     # A finished rank leaves without the interpreter's teardown: torch 2.13's gloo threads, destroyed during it, aborted
     # 2 of 6 CPU runs of this benchmark's tests ("terminate called without an active exception", SIGABRT, in a thread
-    # with no Python frame) after every row was made and sent. What a rank had to say is in the queue.
+    # with no Python frame) after every row was made and sent. Forked children (tests/parallel) already leave this way
+    # (multiprocessing ends them with os._exit); spawned ones run the teardown. What a rank had to say is in the queue.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
