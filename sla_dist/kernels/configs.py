@@ -92,12 +92,12 @@ _KERNELS = {
 
 FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
 DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
+TMA_ENV = "SLA_DIST_TMA"
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1: kernels run on the CPU interpreter (no autotuning, no GPU features)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-TMA_ENV = "SLA_DIST_TMA"
 
 
 class Switches(NamedTuple):
@@ -116,9 +116,9 @@ class Switches(NamedTuple):
 def read_switches() -> Switches:
     """The switches as set now; one op call reads them once and decides all its launches with them."""
     env = os.environ
+    # interpreting()'s test written out: this runs on every op call, whose Python calls test_host_budget counts.
     return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
                     env.get("TRITON_INTERPRET") == "1")
-
 
 
 @dataclass(frozen=True)
