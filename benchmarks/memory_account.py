@@ -11,7 +11,8 @@ what was allocated before the forward (inputs, the output gradient, parameters),
 ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` reports on a GPU, up to the caching allocator's rounding
 (512 bytes) and its workspaces. The output is held during the backward (as in
 ``layer(q, k, v).backward(g)``), and the kernels' outputs hold no values, so only sizes are meaningful.
-``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both).
+``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both); ``--phases`` also prints,
+for the backward, the bytes live at each kernel launch and the sizes of the allocations live at its peak.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch._C._profiler import _EventType
 from torch.profiler._memory_profiler import Action, MemoryProfile
 
 from sla_dist.config import LINEAR_SUMS
@@ -75,11 +77,54 @@ def allocations(fn) -> tuple[int, int]:
     return peak, live
 
 
+def phases(fn) -> dict:
+    """Where the memory of ``fn`` goes, launch by launch, under :func:`no_op_kernels`: "at_launch", (kernel name,
+    bytes live above the start when it was launched) in launch order, and "at_peak", the sizes of the allocations
+    live at the peak (largest first; those made before ``fn`` are not seen). The launches are found in the profile as
+    calls of the no-op launcher, on the allocations' clock; their names come from ``no_op_kernels``' list."""
+    names: list[str] = []
+    with no_op_kernels(names), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                       with_stack=True) as prof:
+        fn()
+    changes, launch_times = [], []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation:
+            changes.append((event.start_time_ns, event.typed[1].ptr, event.typed[1].alloc_size))
+        elif event.typed[0] == _EventType.PyCall and event.name.endswith(f"): {_NoOpKernel._launch.__name__}"):
+            launch_times.append(event.start_time_ns)
+    if len(launch_times) != len(names):
+        raise RuntimeError(f"found {len(launch_times)} launches in the profile, {len(names)} made")
+    live: dict[int, int] = {}
+    total = peak = 0
+    at_peak: list[int] = []
+    at_launch = iter(sorted(launch_times))
+    next_launch = next(at_launch, None)
+    launches = []
+    for t, ptr, size in sorted(changes, key=lambda change: change[0]):
+        while next_launch is not None and next_launch <= t:
+            launches.append(total)
+            next_launch = next(at_launch, None)
+        if size > 0:
+            live[ptr] = size
+        else:
+            live.pop(ptr, None)
+        total += size
+        if total > peak:
+            peak, at_peak = total, sorted(live.values(), reverse=True)
+    launches += [total] * (len(names) - len(launches))
+    return dict(at_launch=list(zip(names, launches)), at_peak=at_peak)
+
+
 def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
-                  dtype: torch.dtype = torch.bfloat16, linear_sums: str = "save") -> dict[str, int]:
+                  dtype: torch.dtype = torch.bfloat16, linear_sums: str = "save",
+                  backward_phases: bool = False) -> dict:
     """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
     ("forward_peak"), what it leaves allocated for the backward, output included ("held"), and the peak over both
-    ("peak"), each above what was allocated before."""
+    ("peak"), each above what was allocated before. With ``backward_phases``, "backward" is :func:`phases` of the
+    backward (its bytes above what the forward left: add "held" for the layer's), from a second forward+backward."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1: the layer takes its kernel path on a CPU only in interpreter mode")
     from sla_dist import SparseLinearAttention
@@ -94,7 +139,11 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
     with no_op_kernels():
         forward_peak, held = allocations(lambda: out.append(layer(q, k, v)))
         backward_peak, _ = allocations(lambda: out[0].backward(g))
-    return dict(forward_peak=forward_peak, held=held, peak=max(forward_peak, held + backward_peak))
+        account = dict(forward_peak=forward_peak, held=held, peak=max(forward_peak, held + backward_peak))
+        if backward_phases:  # the forward profiled too: the CPU allocator sizes frees only of blocks it saw made
+            allocations(lambda: out.__setitem__(0, layer(q, k, v)))
+            account["backward"] = phases(lambda: out[0].backward(g))
+    return account
 
 
 def layer_peak_extra(L: int, H: int, D: int, **kwargs) -> int:
@@ -110,6 +159,8 @@ def main() -> None:
     parser.add_argument("--linear-sums", nargs="+", choices=LINEAR_SUMS, default=list(LINEAR_SUMS),
                         help="SLAConfig.linear_sums values to count, one after the other")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="q, k, v's dtype")
+    parser.add_argument("--phases", action="store_true",
+                        help="also print the backward's bytes at each launch and its live allocations at its peak")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -118,10 +169,19 @@ def main() -> None:
           f"topk 0.05; MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
     accounts = {}
     for linear_sums in args.linear_sums:
-        accounts[linear_sums] = account = layer_account(args.L, args.H, args.D, dtype=dtype, linear_sums=linear_sums)
+        account = layer_account(args.L, args.H, args.D, dtype=dtype, linear_sums=linear_sums,
+                                backward_phases=args.phases)
+        backward = account.pop("backward", None)
+        accounts[linear_sums] = account
         print(f" linear_sums={linear_sums!r}")
         for name, n in account.items():
             print(f"  {name:12} {n / MIB:8.1f} MiB  {n / one:5.2f} x q")
+        if backward:
+            print("  backward, MiB live above the inputs at each launch (held + the backward's own):")
+            for name, n in backward["at_launch"]:
+                print(f"   {name:16} {(account['held'] + n) / MIB:8.1f}")
+            sizes = ", ".join(f"{n / MIB:.1f}" for n in backward["at_peak"] if n >= MIB)
+            print(f"   allocated by the backward and live at its peak (MiB, >= 1): {sizes}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(L=args.L, H=args.H, D=args.D, dtype=args.dtype, q_mib=one / MIB,
