@@ -412,7 +412,7 @@ def _backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
-    linear_sums: torch.Tensor | None = None, release_sums: bool = False,
+    linear_sums: torch.Tensor | None = None, release: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
     (``dlse``); None stands for a zero gradient. With ``proj_weight`` (proj_l's W in ``do``'s dtype, from the
@@ -420,10 +420,11 @@ def _backward(
     dO_l = dOut W is never stored.
 
     ``linear_sums``: the forward's rows of H_i and Z_i (its linear_sums 'save'), read by the pre-pass instead of
-    making them again; None, empty or released (see below): made here, from k and v. ``release_sums`` (the eager
-    path, whose autograd node holds the saved rows until the whole backward returns) frees their memory right after
-    the pre-pass: the rows are then not held beside dk, dv and dh_j, and the backward's peak is the recomputing
-    one's. A second backward through the same graph (retain_graph) finds them released and makes them again."""
+    making them again; None, empty or released (see below): made here, from k and v. ``release``: saved tensors
+    whose last reader is the pre-pass (the eager path's, whose autograd node holds them until the whole backward
+    returns; see :func:`_gradients`), their memory freed right after it: they are then not held beside dq, dk, dv
+    and dh_j, the backward's peak. A second backward through the same graph (retain_graph) finds released sums
+    and makes them again."""
     has_proj = proj_weight is not None  # the projected forward, whose scope is not 'none'
     has_dol = linear_scope != "none" and dol is not None
     has_linear = has_dol or has_proj
@@ -435,7 +436,6 @@ def _backward(
     # (H_i, dH_i: 97 MiB each, dh_j: 194 MiB at L 32768, H 12, D 128) are then never all held beside dq, dk and dv.
     # Freeing a buffer right after launching its last reader is safe: the caching allocator hands it on only to
     # work queued after that kernel on the same stream.
-    dq = _like(q)
     delta = _new((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
     saved = has_linear and linear_sums is not None and linear_sums.untyped_storage().nbytes() > 0
@@ -445,16 +445,17 @@ def _backward(
         dhz = _summary_rows(p.nq, q, p)
     else:  # never read
         hl = zl = dhz = delta.view(p.bh, 1, -1)
+    dq = _like(q)  # after the sums: not beside the per-key-block rows they are made from
     get_kernel("prepass")[(p.nq, p.bh)](
         q, o, do, dol_, proj_weight.contiguous() if has_proj else delta, dq, dlse if dlse is not None else delta,
         delta, hl, zl, dhz, *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq,
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
         PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
-    del hl, zl  # read by the pre-pass only
-    if release_sums and linear_sums is not None:
+    del hl, zl, o  # read by the pre-pass only
+    for tensor in release:
         # The autograd node's reference outlives this function: free the storage itself (as FSDP frees parameters).
-        linear_sums.untyped_storage().resize_(0)
+        tensor.untyped_storage().resize_(0)
     get_kernel("dq")[(p.nq, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
@@ -464,6 +465,7 @@ def _backward(
 
     if has_linear:
         dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, p.precision, transpose=True), p.D)
+        del marginal  # its last use
     else:  # never read
         dhs = dzs = delta.view(p.bh, 1, -1)
     del dhz  # summed into dh_j, dz_j
@@ -588,19 +590,36 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _gradients(backward, ctx, *grads):
+def _gradients(backward, ctx, *grads, release: bool = False):
     """Gradients of the forward's inputs through ``backward`` (the custom op or its implementation) from those of
     its outputs, None standing for a zero gradient: (dq, dk, dv, None x 8) from (dO_s, dO_l, dlse, None for the
-    sums), and for the projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse, None)."""
+    sums), and for the projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse, None).
+
+    ``release`` (the eager path, ``backward`` the implementation): free saved buffers that no later step reads
+    right after their last reader, since the autograd node holds them until the whole backward returns. Always the
+    saved sums (after the pre-pass; a second backward makes them again). For the projected forward also O_s (after
+    the pre-pass, which makes delta from it) and O_l (after dW): its caller, sparse_linear_attention, returns the
+    layer output alone, so these are internal, while sla_branches returns O_s and O_l and keeps them. A second
+    backward through the same graph (retain_graph) cannot make them again and raises."""
     q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, sums, *proj = ctx.saved_tensors
     do, dol, dlse = grads[-4:-1]
-    dproj, weight = (), None
+    dproj, weight, after_prepass = (), None, (sums,)
     if proj:
+        if release:
+            if not (o.untyped_storage().nbytes() and proj[0].untyped_storage().nbytes()):
+                raise RuntimeError(
+                    "sparse_linear_attention's backward ran twice through the same graph (retain_graph=True): the "
+                    "first backward freed the saved branch outputs O_s and O_l after their last use, to lower its "
+                    "peak memory. Run the forward again for each backward (torch.utils.checkpoint does: its "
+                    "recomputed forward makes them anew).")
+            after_prepass = (sums, o)
         do, dol, weight, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
+        if release:  # O_l's last reader is dW, queued above
+            proj[0].untyped_storage().resize_(0)
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static,
-                          weight, sums)
+                          weight, sums, *((after_prepass,) if release else ()))
     return dq, dk, dv, None, None, None, None, None, None, None, None, *dproj
 
 
@@ -624,7 +643,7 @@ class _EagerSLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return _gradients(functools.partial(_backward, release_sums=True), ctx, *grads)
+        return _gradients(_backward, ctx, *grads, release=True)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: bool) -> None:
@@ -723,6 +742,7 @@ def sparse_linear_attention(
         validate_linear_sums(linear_sums)
         branches = functools.partial(sla_branches, inputs_checked=inputs_checked)
         return project_branches(branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
+    # The output alone: O_s and O_l stay internal, and the eager backward frees them early (see _gradients).
     return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums, proj_weight,
                   proj_bias, inputs_checked=inputs_checked)[0]
 
