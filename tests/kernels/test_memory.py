@@ -1,6 +1,7 @@
 """Peak memory of the layer's backward, counted on a CPU (benchmarks/memory_account.py: every buffer allocated with
 its GPU shape and dtype, kernels as no-ops): the per-block summary rows are never all held beside dq, dk and dv,
-and rows saved by the forward (linear_sums 'save') are freed before that peak."""
+and rows saved by the forward (linear_sums 'save') and the projected op's branch outputs O_s and O_l are freed
+before that peak."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ def test_saved_linear_sums_are_held_between_passes_but_not_at_the_backward_peak(
     slack = 1024  # a first call's small allocations (a few hundred bytes)
     assert abs(save["held"] - recompute["held"] - rows) <= slack, (save, recompute, rows)
     assert save["peak"] <= recompute["peak"] + slack, (save, recompute, rows)
+
+
+@pytest.mark.parametrize("linear_sums", ["save", "recompute"])
+def test_layer_peak_is_out_dq_dk_dv_and_the_key_block_rows(linear_sums):
+    """At the peak (the dK/dV launch) the layer holds its output (the caller's), dq, dk, dv and the per-key-block
+    rows dh_j, besides block lists, lse, delta and the map (< q / 4): the projected op's O_s and O_l, saved for
+    the pre-pass and dW, are freed once those have run. Both held to the backward's end: 7.1 q here."""
+    L, H, D, block_q, block_k = 2048, 2, 64, 128, 64
+    account = memory_account.layer_account(L, H, D, block_q=block_q, block_k=block_k, linear_sums=linear_sums)
+    q_bytes = H * L * D * 2
+    key_block_rows = H * (L // block_k) * (D * D + D) * 2  # bf16
+    assert account["peak"] <= 4 * q_bytes + key_block_rows + q_bytes // 4, (account, q_bytes)
