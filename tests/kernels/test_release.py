@@ -38,7 +38,7 @@ def _branches(q, k, v, w, b, bm, **options):
     return o_s + torch.nn.functional.linear(o_l, w, b) + 0.1 * lse[..., None]
 
 
-def _gradients(fn, leaves, grad, bm, **options) -> list[torch.Tensor]:
+def _grads(fn, leaves, grad, bm, **options) -> list[torch.Tensor]:
     return list(torch.autograd.grad(fn(*leaves, bm, **options), leaves, grad))
 
 
@@ -64,10 +64,10 @@ def _saved(out: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("path", [_layer, _branches])
 def test_frees_leave_the_gradients_unchanged(path, linear_sums, L, dtype, poison_outputs, monkeypatch):
     leaves, grad, bm = _inputs(L, dtype)
-    freed = _gradients(path, leaves, grad, bm, linear_sums=linear_sums)
+    freed = _grads(path, leaves, grad, bm, linear_sums=linear_sums)
     with monkeypatch.context() as patch:
         patch.setattr(op._EagerSLA, "backward", staticmethod(_backward_holding_everything))
-        held = _gradients(path, leaves, grad, bm, linear_sums=linear_sums)
+        held = _grads(path, leaves, grad, bm, linear_sums=linear_sums)
     for name, a, b in zip(("dq", "dk", "dv", "dW", "db"), freed, held):
         assert torch.isfinite(a).all(), name
         assert torch.equal(a, b), (name, (a - b).abs().max())
@@ -124,7 +124,7 @@ def test_saved_tensor_hooks_that_unpack_copies_allow_a_second_backward():
     """A hook pair whose unpack hands the backward a copy (as save_on_cpu's does on a GPU): the backward frees the
     copy, and a second backward unpacks another."""
     leaves, grad, bm = _inputs(201)
-    want = _gradients(_layer, leaves, grad, bm)
+    want = _grads(_layer, leaves, grad, bm)
     with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x.clone()):
         out = _layer(*leaves, bm)
     for retain in (True, False):
@@ -138,7 +138,7 @@ def test_activation_checkpointing_recomputes_the_freed_outputs(reentrant):
     """A checkpointed layer's backward runs on its recomputed forward's tensors: same gradients, also from a second
     backward through the same graph (each recomputes the forward)."""
     leaves, grad, bm = _inputs(201)
-    want = _gradients(_layer, leaves, grad, bm)
+    want = _grads(_layer, leaves, grad, bm)
     out = checkpoint(_layer, *leaves, bm, use_reentrant=reentrant)
     for retain in (True, False):
         out.backward(grad, retain_graph=retain)  # reentrant checkpointing takes .backward, not autograd.grad
