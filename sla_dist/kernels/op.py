@@ -600,18 +600,18 @@ def _gradients(backward, ctx, *grads, release: bool = False):
     saved sums (after the pre-pass; a second backward makes them again). For the projected forward also O_s (after
     the pre-pass, which makes delta from it) and O_l (after dW): its caller, sparse_linear_attention, returns the
     layer output alone, so these are internal, while sla_branches returns O_s and O_l and keeps them. A second
-    backward through the same graph (retain_graph) cannot make them again and raises."""
+    backward through the same graph (retain_graph, e.g. two losses) finds them freed and makes them again with the
+    forward kernel (bit for bit: they do not depend on the bias, and the kernels are deterministic)."""
     q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, sums, *proj = ctx.saved_tensors
     do, dol, dlse = grads[-4:-1]
     dproj, weight, after_prepass = (), None, (sums,)
     if proj:
         if release:
             if not (o.untyped_storage().nbytes() and proj[0].untyped_storage().nbytes()):
-                raise RuntimeError(
-                    "sparse_linear_attention's backward ran twice through the same graph (retain_graph=True): the "
-                    "first backward freed the saved branch outputs O_s and O_l after their last use, to lower its "
-                    "peak memory. Run the forward again for each backward (torch.utils.checkpoint does: its "
-                    "recomputed forward makes them anew).")
+                # The sums, freed too, are made again by the backward: 'recompute' keeps none here.
+                _, o, o_l, _, _ = _forward(q, k, v, block_class, kv_num_blocks, kv_indices, *ctx.static, "recompute",
+                                           proj[1])
+                proj = (o_l, proj[1])
             after_prepass = (sums, o)
         do, dol, weight, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
         if release:  # O_l's last reader is dW, queued above
