@@ -49,6 +49,7 @@ _POINTERS = {
                  DHS="sum", DZS="sum", ORDER="i64"),
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
+_POINTERS["prepass_loop"] = _POINTERS["prepass"]
 _FLOATS = {"qk_scale", "sm_scale"}
 TMA_ENTRIES = ("fwd", "fwd_split", "dq", "dkdv")
 """Launch entries whose kernels take USE_TMA (configs.TMA_KERNELS' fwd is both forward entries)."""

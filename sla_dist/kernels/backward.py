@@ -35,12 +35,21 @@ from .tiles import (block_item, columns, head_offset, listed_index, listed_rows,
 
 
 @triton.jit
-def _dol_columns(do, W, DOL, tile, row_ok, offs_d, cols, D: tl.constexpr, HAS_PROJ: tl.constexpr,
-                 HAS_DOL: tl.constexpr, PRECISION: tl.constexpr):
-    """Columns ``cols`` of dO_l for the rows of ``do`` (``tile``: their offsets in DOL), in float32: dOut W[:, cols]
-    with HAS_PROJ (``do`` is then dOut), plus the gradient stored in DOL with HAS_DOL."""
+def _w_columns(W, offs_d, cols, D: tl.constexpr, HAS_PROJ: tl.constexpr):
+    """proj_l's W[:, cols] with HAS_PROJ (else 0, never read)."""
     if HAS_PROJ:
-        dol = tl.dot(do, tl.load(W + columns(offs_d, cols, D)), input_precision=PRECISION)
+        w = tl.load(W + columns(offs_d, cols, D))
+    else:
+        w = 0.0
+    return w
+
+
+@triton.jit
+def _dol_columns(do, w, DOL, tile, row_ok, HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns of dO_l for the rows of ``do`` (``tile``: their offsets in DOL), in float32: dOut W[:, cols] with
+    HAS_PROJ (``do`` is then dOut, ``w`` those columns of W), plus the gradient stored in DOL with HAS_DOL."""
+    if HAS_PROJ:
+        dol = tl.dot(do, w, input_precision=PRECISION)
         if HAS_DOL:
             dol += tl.load(DOL + tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     else:
@@ -84,18 +93,16 @@ def _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, cols, D: tl.constexpr
 
 
 @triton.jit
-def _bwd_prepass_kernel(
-    Q, O, DO, DOL, W, DQ, DLSE, DELTA,       # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], dlse/delta [BH, LQ]
-    HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
-    stride_qb, stride_qh, stride_ql,
-    stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+def _prepass_block(
+    pid_q, bh, Q, O, DO, DOL, W, w_lo, w_hi, DQ, DLSE, DELTA, HL, ZL, DHZ,
+    stride_qb, stride_qh, stride_ql, stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
     H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, W_LOADED: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    bh = tl.program_id(1)
+    """The pre-pass of query block ``pid_q`` of head ``bh`` (see the module's docstring). W_LOADED: W's column
+    halves are ``w_lo`` and ``w_hi`` (loaded once by a program that takes several blocks), else loaded here."""
     base = head_offset(bh, H, stride_qb, stride_qh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
@@ -130,8 +137,14 @@ def _bwd_prepass_kernel(
         cols = tl.arange(0, HALF)
         g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
         for c in tl.static_range(0, D, HALF):
-            dol = _dol_columns(do, W, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, offs_d, c + cols, D,
-                               HAS_PROJ, HAS_DOL, PRECISION)
+            if not W_LOADED:
+                w = _w_columns(W, offs_d, c + cols, D, HAS_PROJ)
+            elif c == 0:
+                w = w_lo
+            else:
+                w = w_hi
+            dol = _dol_columns(do, w, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, HAS_PROJ, HAS_DOL,
+                               PRECISION)
             g = _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, c + cols, D, HALF, SCALED, PRECISION)
         if SCALED:
             g = g * h_scale
@@ -140,6 +153,43 @@ def _bwd_prepass_kernel(
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
         dfq = g * inv[:, None] + dden[:, None] * tl.load(zl_ptrs).to(tl.float32)[None, :]
         tl.store(DQ + tile, phi_bwd(fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+
+
+@triton.jit
+def _bwd_prepass_kernel(
+    Q, O, DO, DOL, W, DQ, DLSE, DELTA,       # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], dlse/delta [BH, LQ]
+    HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
+    stride_qb, stride_qh, stride_ql,
+    stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+    H, LQ, NQ, BH,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, PERSISTENT: tl.constexpr = False,
+):
+    # PERSISTENT (SLA_DIST_PREPASS=loop, the prepass_loop launch entry): a 1-D grid of a few programs per SM, each
+    # taking the query blocks pid, pid + programs, ... (query block fastest, so the programs running at once share
+    # a head). The body has no loop of its own and one 8-warp program fills an SM's registers, so one block per
+    # program leaves the SM idle on each block's loads; in a loop over blocks the software pipeliner (the launch's
+    # num_stages) can copy the next block's tiles to shared memory while this block's products run.
+    # W is loaded once per program, before the loop: as a loop-invariant dot operand it then stays in shared memory
+    # (in the loop the pipeliner gave each column half two buffers: 64 KiB at D 128, past Hopper's 227 KiB).
+    if PERSISTENT:
+        offs_d = tl.arange(0, D)
+        cols = tl.arange(0, D // 2)
+        w_lo = _w_columns(W, offs_d, cols, D, HAS_PROJ and HAS_LINEAR)
+        w_hi = _w_columns(W, offs_d, D // 2 + cols, D, HAS_PROJ and HAS_LINEAR)
+        for item in tl.range(tl.program_id(0), NQ * BH, tl.num_programs(0)):
+            _prepass_block(item % NQ, item // NQ, Q, O, DO, DOL, W, w_lo, w_hi, DQ, DLSE, DELTA, HL, ZL, DHZ,
+                           stride_qb, stride_qh, stride_ql, stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+                           H, LQ, NQ, D, BLOCK_Q, HAS_DLSE, FEATURE_MAP, HAS_LINEAR, PRECISION, HAS_PROJ, HAS_DOL,
+                           True)
+    else:
+        _prepass_block(tl.program_id(0), tl.program_id(1), Q, O, DO, DOL, W, 0.0, 0.0, DQ, DLSE, DELTA, HL, ZL, DHZ,
+                       stride_qb, stride_qh, stride_ql, stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+                       H, LQ, NQ, D, BLOCK_Q, HAS_DLSE, FEATURE_MAP, HAS_LINEAR, PRECISION, HAS_PROJ, HAS_DOL,
+                       False)
 
 
 @triton.jit

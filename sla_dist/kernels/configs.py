@@ -8,7 +8,8 @@ SLA_DIST_AUTOTUNE=0 turns tuning off on a GPU too (the ``fixed`` setting), e.g. 
 hundreds of shape variants. Tuning results are cached on disk (Triton's cache directory) where Triton supports it
 (3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` picks the forward's
 loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
-``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``tma_kernels()``
+``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``prepass_launch()``
+how the backward's pre-pass is launched (SLA_DIST_PREPASS); ``tma_kernels()``
 the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA; by default the forward and dQ on
 Hopper and newer). ``fixed_settings()`` replaces kernels' fixed settings for a block of code, so one process can time
 several (benchmarks/time_layer.py --setting).
@@ -62,6 +63,7 @@ FWD_SPLIT_Q = 2
 SPLIT_MIN_ROWS = 64
 """Fewest rows per split program: one warp group's wgmma tile."""
 _FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "EVEN_K", "SCALE_IN_EXP", "USE_TMA")
+_PREPASS_KEY = ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR", "HAS_PROJ", "HAS_DOL")
 # The candidates are what won or came close in `benchmarks/sweep_kernels.py` on an H200 (bf16, D = 128, BQ 128,
 # results/2026-11-29-h200-sweep.md); the fixed setting is each kernel's winner there. Two key blocks per step in the
 # forward and dQ lost everywhere (by 10-25 %), so those loops take one block per step; every candidate compiles on a
@@ -80,8 +82,13 @@ _KERNELS = {
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),
     "classify": _Tuning("block_select", "_classify_kernel", ("NK_POW2",), (4,), (1,), fixed=(4, 1)),
     "critical_columns": _Tuning("block_select", "_critical_columns_kernel", ("NQ_POW2",), (4,), (1,), fixed=(4, 1)),
-    "prepass": _Tuning("backward", "_bwd_prepass_kernel",
-                       ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR", "HAS_PROJ", "HAS_DOL"), (8,), (1,), fixed=(8, 1)),
+    "prepass": _Tuning("backward", "_bwd_prepass_kernel", _PREPASS_KEY, (8,), (1,), fixed=(8, 1),
+                       constants=(("PERSISTENT", 0),)),
+    # The pre-pass as a loop over query blocks (SLA_DIST_PREPASS=loop): one program per SM, its software pipeline
+    # copying the next block's dOut, q, Z_i and H_i while this block's products run; 2 stages take 208 KiB of shared
+    # memory at D 128 (bf16; float16 225 KiB), so 3 do not fit there. Not yet measured on a GPU.
+    "prepass_loop": _Tuning("backward", "_bwd_prepass_kernel", _PREPASS_KEY, (8,), (2,), fixed=(8, 2),
+                            constants=(("PERSISTENT", 1),)),
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
@@ -93,6 +100,7 @@ _KERNELS = {
 FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
 DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
 TMA_ENV = "SLA_DIST_TMA"
+PREPASS_ENV = "SLA_DIST_PREPASS"
 
 
 def interpreting() -> bool:
@@ -111,6 +119,7 @@ class Switches(NamedTuple):
     tma: str | None
     interpreting: bool
     """TRITON_INTERPRET=1: the kernels run in Triton's interpreter."""
+    prepass: str | None = None
 
 
 def read_switches() -> Switches:
@@ -118,7 +127,7 @@ def read_switches() -> Switches:
     env = os.environ
     # interpreting()'s test written out: this runs on every op call, whose Python calls test_host_budget counts.
     return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
-                    env.get("TRITON_INTERPRET") == "1")
+                    env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV))
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,25 @@ def dkdv_order(switches: Switches | None = None) -> str:
     return order
 
 
+PREPASS_LAUNCHES = ("block", "loop")
+"""How the backward's pre-pass is launched (SLA_DIST_PREPASS): block, one 8-warp program per query block (the
+default: measured); loop, the ``prepass_loop`` entry, PREPASS_LOOP_PROGRAMS_PER_SM programs per SM each taking every
+so-many-th query block (configs' table says why; not yet measured). Both compute the same values in the same order."""
+PREPASS_LOOP_PROGRAMS_PER_SM = 1
+"""An 8-warp pre-pass program at D 128 takes 238-255 registers per thread and up to 225 KiB of shared memory: one
+fits per SM."""
+
+
+def prepass_launch(switches: Switches | None = None) -> str:
+    """The pre-pass launch (PREPASS_LAUNCHES): SLA_DIST_PREPASS when set (``switches``: as read for this launch),
+    else block."""
+    launch = (switches or read_switches()).prepass
+    launch = "block" if launch is None else launch
+    if launch not in PREPASS_LAUNCHES:
+        raise ValueError(f"{PREPASS_ENV}={launch!r}; choose one of {PREPASS_LAUNCHES}")
+    return launch
+
+
 TMA_KERNELS = ("fwd", "dq", "dkdv")
 """Kernels whose loop tiles may be loaded through tensor descriptors (Hopper's TMA engine copies them to shared
 memory; no [rows, D] offset tile in registers): the forward's k and v (both launch entries, fwd and fwd_split), dQ's
@@ -264,6 +292,22 @@ def _has_tma(device: torch.device, interpreting: bool) -> bool:
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+INTERPRETER_SMS = 3
+"""SMs assumed in the interpreter (which has none): few, so that each looping program takes several blocks."""
+
+
+def multiprocessors(device: torch.device, interpreting: bool) -> int:
+    """The streaming multiprocessors of a CUDA ``device``; INTERPRETER_SMS in the interpreter or on the CPU."""
+    if device.type != "cuda" or interpreting:
+        return INTERPRETER_SMS
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 class _Fixed:

@@ -23,7 +23,8 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options, validate_linear_sums
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order, fwd_loop, get_kernel, interpreting, read_switches
+from .configs import (DKDV_ORDERS, LONG_FIRST_FACTOR, PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_order, fwd_loop, get_kernel,
+                      interpreting, multiprocessors, prepass_launch, read_switches)
 from .descriptors import use_tma
 from .reference import project_branches
 
@@ -446,9 +447,14 @@ def _backward(
     else:  # never read
         hl = zl = dhz = delta.view(p.bh, 1, -1)
     dq = _like(q)  # after the sums: not beside the per-key-block rows they are made from
-    get_kernel("prepass")[(p.nq, p.bh)](
+    if prepass_launch(switches) == "loop":  # programs that loop over the query blocks (configs.PREPASS_LAUNCHES)
+        programs = min(p.nq * p.bh, PREPASS_LOOP_PROGRAMS_PER_SM * multiprocessors(q.device, switches.interpreting))
+        entry, grid = "prepass_loop", (programs,)
+    else:
+        entry, grid = "prepass", (p.nq, p.bh)
+    get_kernel(entry)[grid](
         q, o, do, dol_, proj_weight.contiguous() if has_proj else delta, dq, dlse if dlse is not None else delta,
-        delta, hl, zl, dhz, *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq,
+        delta, hl, zl, dhz, *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq, p.bh,
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
         PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
