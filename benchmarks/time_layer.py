@@ -11,11 +11,14 @@ time per call beyond the replay). ``--fwd-loop baseline fma ...`` times the forw
 the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; options joined by '+', e.g.
 ``even+fma``); without it the environment's setting is timed. ``--tma off all fwd+dq ...`` likewise times the
 kernels' tile loads through tensor descriptors (SLA_DIST_TMA: off, all, or kernels from fwd, dq, dkdv joined by '+'),
-each value under every forward loop; the label says which (``+tma:all``). ``--linear-sums save recompute`` times the
+each value under every forward loop; the label says which (``+tma:all``). ``--prepass block loop`` likewise times the
+backward pre-pass's launches (SLA_DIST_PREPASS: one program per query block, or programs looping over the blocks;
+label ``+prepass:loop``). ``--linear-sums save recompute`` times the
 layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a checkout from before the option
 can be timed). ``--setting fwd_split=4x3 dq=8x4+dkdv=8x2 default`` times fixed launch settings (warps x stages
 per kernel of configs.py's tuning table, untuned) one after the other. ``--kernels`` adds the CUDA time of the
-forward, dQ and dK/dV kernels in one forward+backward (torch.profiler over 5 calls): what a variant changes.
+forward, dQ and dK/dV kernels and the backward's pre-pass in one forward+backward (torch.profiler over 5 calls): what
+a variant changes.
 ``--dtype float16`` times float16 inputs (label suffix ``+float16``; their linear-branch summaries are float32,
 op.summary_dtype).
 
@@ -39,13 +42,14 @@ import triton.testing as tt
 from torch.nn.attention import SDPBackend
 
 # this script's folder is on sys.path when it runs
-from glue_fraction import SPARSE_KERNELS, is_kernel, profile_kernels
+from glue_fraction import PREPASS_KERNEL, SPARSE_KERNELS, is_kernel, profile_kernels
 from layer_inputs import (add_input_arguments, dense_sdpa, input_lengths, input_settings, layer_gradients,
                           sla_layer_inputs)
 
 # sla_dist.kernels.configs' switches, named here: a checkout from before them is timed too, without them
 FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
 TMA_ENV = "SLA_DIST_TMA"
+PREPASS_ENV = "SLA_DIST_PREPASS"
 
 
 def sync(device: torch.device) -> None:
@@ -78,10 +82,11 @@ def bench_ms(fn, device: torch.device) -> float:
 
 
 def sparse_kernel_us(step) -> str:
-    """The CUDA time of each sparse-branch kernel (forward, dQ, dK/dV) in one ``step``, as 'name us' columns."""
+    """The CUDA time of each sparse-branch kernel (forward, dQ, dK/dV) and of the pre-pass in one ``step``, as
+    'name us' columns."""
     times = profile_kernels(step, calls=5)
     return "  ".join(f"{kernel} {sum(t for name, t in times.items() if is_kernel(name, kernel)):.0f} us"
-                     for kernel in SPARSE_KERNELS)
+                     for kernel in SPARSE_KERNELS + (PREPASS_KERNEL,))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,12 +105,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tma", nargs="+", metavar="KERNELS",
                         help="tensor-descriptor tile loads to time one after the other (off, all, or kernels from fwd, "
                              "dq, dkdv joined by '+'); default: SLA_DIST_TMA, else off")
+    parser.add_argument("--prepass", nargs="+", choices=("block", "loop"), metavar="LAUNCH",
+                        help="backward pre-pass launches to time one after the other (block, loop); default: "
+                             "SLA_DIST_PREPASS, else block")
     parser.add_argument("--setting", nargs="+", metavar="KERNEL=WxS",
                         help="fixed launch settings to time one after the other, untuned: kernels of the tuning table "
                              "(sla_dist/kernels/configs.py) with warps x stages, several joined by '+', e.g. "
                              "fwd_split=4x3+dq=8x4; 'default' for the table's own")
     parser.add_argument("--kernels", action="store_true",
-                        help="also the forward, dQ and dK/dV kernels' CUDA time in a forward+backward")
+                        help="also the forward, dQ and dK/dV kernels' and the pre-pass' CUDA time in a "
+                             "forward+backward")
     parser.add_argument("--L", type=int, nargs="+", default=[32768, 8192], help="sequence lengths (iid inputs)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="q, k, v's dtype (GPU)")
     add_input_arguments(parser)
@@ -127,10 +136,12 @@ def main(argv: list[str] | None = None) -> None:
         for source, layout, inputs in input_settings(args):
             suffix = "".join(f"+{v}" for v in (source, layout) if v not in ("iid", "bhld"))
             suffix += f"+neg:{args.negligible}" if args.negligible is not None else ""
-            for loop, tma, sums, setting in itertools.product(args.fwd_loop or [None], args.tma or [None],
-                                                              args.linear_sums or [None], args.setting or [None]):
+            for loop, tma, prepass, sums, setting in itertools.product(
+                    args.fwd_loop or [None], args.tma or [None], args.prepass or [None], args.linear_sums or [None],
+                    args.setting or [None]):
                 variant = ""
-                for env, value, name in ((FWD_LOOP_ENV, loop, "fwd"), (TMA_ENV, tma, "tma")):
+                for env, value, name in ((FWD_LOOP_ENV, loop, "fwd"), (TMA_ENV, tma, "tma"),
+                                         (PREPASS_ENV, prepass, "prepass")):
                     if value is not None:
                         os.environ[env] = value
                         variant += f"+{name}:{value}"

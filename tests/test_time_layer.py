@@ -122,6 +122,23 @@ def test_variants_are_timed_one_after_the_other_and_named(capsys, monkeypatch, o
     assert seen == [("v+tma:all", "split+fma", "all")]  # the loop as the first run left it
 
 
+def test_prepass_launches_are_timed_one_after_the_other(capsys, monkeypatch, one_thread):
+    """--prepass x --setting: one line per pair, each under its own SLA_DIST_PREPASS (left as the last pair set it;
+    monkeypatch restores it), so the loop's stages are timed beside the per-block launch in one process."""
+    from sla_dist.kernels import configs
+
+    seen = []
+    monkeypatch.setenv(time_layer.PREPASS_ENV, "block")
+    monkeypatch.setattr(time_layer, "time_layer", lambda L, label, inputs, args: seen.append(
+        (label, os.environ[time_layer.PREPASS_ENV], configs.get_kernel("prepass_loop").num_stages)))
+    time_layer.main(["p", "--tiny", "--prepass", "block", "loop", "--setting", "prepass_loop=8x1"])
+    assert seen == [("p+prepass:block+set:prepass_loop=8x1", "block", 1),
+                    ("p+prepass:loop+set:prepass_loop=8x1", "loop", 1)]
+    assert time_layer.PREPASS_ENV == configs.PREPASS_ENV
+    with pytest.raises(SystemExit):
+        time_layer.main(["p", "--tiny", "--prepass", "persistent"])
+
+
 def test_settings_are_timed_one_after_the_other_each_under_its_launch(capsys, monkeypatch, one_thread):
     """--setting: one line per value, the named kernels launched with its warps x stages during that run only."""
     from sla_dist.kernels import configs
