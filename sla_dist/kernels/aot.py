@@ -149,6 +149,9 @@ class Compiled:
     tma_copies: int = 0
     """Tensor-descriptor copies (``cp.async.bulk.tensor``, Hopper's TMA engine) in the PTX: the tiles loaded through
     descriptors (Variant.tma); 0 on the pointer path."""
+    async_copies: int = 0
+    """Asynchronous global-to-shared copies by pointers (``cp.async``, issued per thread) in the PTX: the loads that
+    the software pipeliner (num_stages > 1) copies ahead of their use; 0 where every load waits in place."""
 
 
 def _signature(fn, variant: Variant) -> tuple[dict, dict, dict]:
@@ -206,7 +209,8 @@ def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
     usage = _resources(kernel.asm["cubin"])
     return Compiled(variant, registers=usage.get("REG", 0), spill_bytes=usage.get("STACK", 0),
                     shared_bytes=int(kernel.metadata.shared), wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
-                    tma_copies=kernel.asm["ptx"].count("cp.async.bulk.tensor"))
+                    tma_copies=kernel.asm["ptx"].count("cp.async.bulk.tensor"),
+                    async_copies=sum(kernel.asm["ptx"].count(f"cp.async.{c}.shared.global") for c in ("ca", "cg")))
 
 
 def check_variants() -> list[Variant]:

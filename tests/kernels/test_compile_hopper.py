@@ -79,6 +79,33 @@ def test_prepass_fits_two_programs_per_sm_at_head_dim_64():
     assert all(r["registers"] <= 128 and r["spill_bytes"] == 0 for r in results), results
 
 
+# The looping pre-pass (SLA_DIST_PREPASS=loop) at D 128 holds 255 registers and spills: bytes per thread measured per
+# Triton minor version (bf16, softmax, the layer's path, its fixed 8 warps x 2 stages), a bound a change must not exceed.
+PREPASS_LOOP_SPILL_BYTES = {"3.6": 120, "3.9": 56}
+
+
+@pytest.mark.skipif(not os.path.exists(nvidia_tool("ptxas")), reason="this Triton has no NVIDIA assembler")
+def test_prepass_loop_fits_one_program_per_sm_and_copies_ahead():
+    """The pre-pass as a loop over query blocks (the prepass_loop entry, its fixed launch setting) exists so that the
+    pipeliner copies the next block's tiles while this block's products run: its PTX has per-thread asynchronous
+    copies where the per-block launch has none, with the same tensor-core products, and its buffers leave room for
+    one program per SM at D 128 for bf16 and float16 inputs (float16: float32 H_i, 225 KiB under Triton 3.6 and
+    3.9; 3 stages take 304 KiB). W is loaded once per program, before the loop: inside it the pipeliner gave each
+    column half two buffers (240 KiB)."""
+    variants = [Variant("prepass"), Variant("prepass_loop"), Variant("prepass_loop", has_proj=False),
+                Variant("prepass_loop", dtype="float16"), Variant("prepass_loop", D=64)]
+    block, *loops = run_in_clean_process(variants, arch=90)
+    assert block["async_copies"] == 0, block
+    for r in loops:
+        assert r["async_copies"] > 0 and r["registers"] <= 255, r
+        assert r["shared_bytes"] + 1024 <= HOPPER_SM_SHARED_BYTES, r
+    assert loops[0]["wgmma"] == block["wgmma"], (block, loops[0])
+    bound = PREPASS_LOOP_SPILL_BYTES.get(".".join(triton.__version__.split(".")[:2]))
+    if bound is not None:
+        assert loops[0]["spill_bytes"] <= bound, (triton.__version__, loops[0])
+    assert loops[3]["spill_bytes"] == 0, loops[3]  # D 64
+
+
 @pytest.mark.skipif(not os.path.exists(nvidia_tool("ptxas")), reason="this Triton has no NVIDIA assembler")
 def test_ordered_dkdv_compiles_like_the_natural_order():
     """dK/dV taking its key block from the launcher's order (SLA_DIST_DKDV_ORDER=lpt: one load and a divmod before
