@@ -1,8 +1,9 @@
 """The backward pre-pass launched as a loop over query blocks (SLA_DIST_PREPASS=loop, configs.PREPASS_LAUNCHES):
 each program takes every programs-th query block instead of one, so which program computes a block changes and
 what it computes does not: every gradient equals the one-program-per-block launch's bit for bit, and the float64
-reference's within the harness's error rule. In the interpreter the loop runs configs.INTERPRETER_SMS programs, so
-each takes several blocks and the blocks do not divide evenly among them; the lengths leave a partial last block."""
+reference's within the harness's error rule. The loop runs LOOP_PROGRAMS programs here (on a GPU too, where it
+would run one per SM, more than these tests' blocks), so each takes several blocks and the blocks do not divide
+evenly among them; the lengths leave a partial last block."""
 
 import re
 
@@ -16,6 +17,15 @@ from sla_dist.kernels.op import sla_branches
 from tests.utils import DEVICE
 
 from .harness import NAMES, KernelArgs, SLACase, assert_within_reference_error, compare, make_inputs, run_layer
+
+
+LOOP_PROGRAMS = 3
+
+
+@pytest.fixture
+def few_programs(monkeypatch):
+    """The loop's grid as if the device had LOOP_PROGRAMS SMs (configs.PREPASS_LOOP_PROGRAMS_PER_SM is 1)."""
+    monkeypatch.setattr("sla_dist.kernels.op.multiprocessors", lambda device, interpreting: LOOP_PROGRAMS)
 
 
 def _both_launches(run, monkeypatch) -> tuple[list, list]:
@@ -39,7 +49,8 @@ def _assert_equal(names, block, loop) -> None:
     (torch.float16, 333, 64, "elu", "marginal"),
     (torch.float32, 200, 32, "relu", "none"),  # no linear branch: delta only
 ])
-def test_loop_gives_the_block_gradients(dtype, L, D, feature_map, linear_scope, monkeypatch, poison_outputs):
+def test_loop_gives_the_block_gradients(dtype, L, D, feature_map, linear_scope, monkeypatch, poison_outputs,
+                                        few_programs):
     """The layer (proj_l's dO_l = dOut W made in the pre-pass, from W loaded once per looping program)."""
     c = SLACase(B=1, H=2, L=L, D=D, dtype=dtype, topk=0.25, negligible=0.2, feature_map=feature_map,
                 linear_scope=linear_scope, device=DEVICE)
@@ -55,7 +66,7 @@ def test_loop_gives_the_block_gradients(dtype, L, D, feature_map, linear_scope, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_loop_reads_a_stored_dol_and_the_lse_gradient(dtype, monkeypatch, poison_outputs):
+def test_loop_reads_a_stored_dol_and_the_lse_gradient(dtype, monkeypatch, poison_outputs, few_programs):
     """sla_branches: dO_l read from its buffer (HAS_DOL, no W) and a gradient of the lse (HAS_DLSE), two heads of
     two batch entries over 5 query blocks of 64 (the last of 7 rows)."""
     g = torch.Generator().manual_seed(3)
@@ -74,7 +85,7 @@ def test_loop_reads_a_stored_dol_and_the_lse_gradient(dtype, monkeypatch, poison
 
 def test_loop_takes_at_most_one_program_per_block(monkeypatch):
     """The loop's grid: PREPASS_LOOP_PROGRAMS_PER_SM x the SMs, but never more programs than query blocks."""
-    monkeypatch.setattr(configs, "INTERPRETER_SMS", 64)
+    monkeypatch.setattr("sla_dist.kernels.op.multiprocessors", lambda device, interpreting: 64)
     c = SLACase(B=1, H=1, L=300, D=32, dtype=torch.float32, topk=0.5, negligible=0.0, feature_map="softmax",
                 linear_scope="marginal", device=DEVICE)
     inputs = make_inputs(c, torch.Generator().manual_seed(0))
