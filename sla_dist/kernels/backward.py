@@ -58,8 +58,21 @@ def _dol_columns(do, w, DOL, tile, row_ok, HAS_PROJ: tl.constexpr, HAS_DOL: tl.c
 
 
 @triton.jit
+def _column_pointers(X, offs_d, cols, D: tl.constexpr, IN_LOOP: tl.constexpr):
+    """Pointers to the columns ``cols`` of the row-major [D, D] matrix at X (a block's H_i or dH_i row). IN_LOOP (a
+    program that loops over blocks, X changing per block): each row's pointer first, then its columns, so that no
+    [D, len(cols)] offset tile is loop-invariant: hoisted out of the loop, such tiles were held in registers
+    through it (sm_90, D 128, Triton 3.6: 120 B spilled per thread instead of 72)."""
+    if IN_LOOP:
+        ptrs = (X + offs_d * D)[:, None] + cols[None, :]
+    else:
+        ptrs = X + columns(offs_d, cols, D)
+    return ptrs
+
+
+@triton.jit
 def _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, cols, D: tl.constexpr, HALF: tl.constexpr,
-                SCALED: tl.constexpr, PRECISION: tl.constexpr):
+                SCALED: tl.constexpr, PRECISION: tl.constexpr, IN_LOOP: tl.constexpr):
     """For the columns ``cols`` of dO_l (``dol``, float32): store those columns of dH_i = phi(Q_i)^T dN at ``out``
     and return G + dO_l[:, cols] H_i[:, cols]^T (H_i at ``hl``). The products take their operands in the inputs'
     dtype (``fq``'s). Summaries in that dtype (bfloat16, float32) are taken as they are; SCALED: float32 summaries of
@@ -70,7 +83,8 @@ def _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, cols, D: tl.constexpr
     From D 128 the columns are made as rows of dH_i^T = dN^T phi(Q_i): phi(Q_i) is then the second operand, which
     the tensor cores read from shared memory, where as the first it took a second register copy of phi(Q_i) for the
     whole loop (Triton 3.6 spilled up to 328 B). Below, D / 2 rows are too few for Hopper's warp-group MMA (64 per
-    warp group): there the first form keeps wgmma and fits two 8-warp programs per SM."""
+    warp group): there the first form keeps wgmma and fits two 8-warp programs per SM. IN_LOOP: see
+    :func:`_column_pointers`."""
     dn = dol * inv[:, None]
     if SCALED:
         dn_scale = power_of_two_above(tl.max(tl.max(tl.abs(dn), axis=1), axis=0))
@@ -80,13 +94,13 @@ def _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, cols, D: tl.constexpr
         dht = tl.dot(tl.trans(dn), fq, input_precision=PRECISION)
         if SCALED:
             dht = dht * dn_scale
-        tl.store(out + tl.trans(columns(offs_d, cols, D)), dht.to(out.dtype.element_ty))
+        tl.store(tl.trans(_column_pointers(out, offs_d, cols, D, IN_LOOP)), dht.to(out.dtype.element_ty))
     else:
         dh = tl.dot(tl.trans(fq), dn, input_precision=PRECISION)
         if SCALED:
             dh = dh * dn_scale
-        tl.store(out + columns(offs_d, cols, D), dh.to(out.dtype.element_ty))
-    h = tl.load(hl + columns(offs_d, cols, D))
+        tl.store(_column_pointers(out, offs_d, cols, D, IN_LOOP), dh.to(out.dtype.element_ty))
+    h = tl.load(_column_pointers(hl, offs_d, cols, D, IN_LOOP))
     if SCALED:
         h = (h.to(tl.float32) * (1.0 / h_scale)).to(fq.dtype)
     return tl.dot(dol.to(fq.dtype), tl.trans(h), g, input_precision=PRECISION)
@@ -99,10 +113,11 @@ def _prepass_block(
     H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, W_LOADED: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, IN_LOOP: tl.constexpr,
 ):
-    """The pre-pass of query block ``pid_q`` of head ``bh`` (see the module's docstring). W_LOADED: W's column
-    halves are ``w_lo`` and ``w_hi`` (loaded once by a program that takes several blocks), else loaded here."""
+    """The pre-pass of query block ``pid_q`` of head ``bh`` (see the module's docstring). IN_LOOP: one of several
+    blocks of a program's loop, W's column halves then ``w_lo`` and ``w_hi`` (loaded once per program), else loaded
+    here."""
     base = head_offset(bh, H, stride_qb, stride_qh)
     offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
@@ -137,7 +152,7 @@ def _prepass_block(
         cols = tl.arange(0, HALF)
         g = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
         for c in tl.static_range(0, D, HALF):
-            if not W_LOADED:
+            if not IN_LOOP:
                 w = _w_columns(W, offs_d, c + cols, D, HAS_PROJ)
             elif c == 0:
                 w = w_lo
@@ -145,7 +160,7 @@ def _prepass_block(
                 w = w_hi
             dol = _dol_columns(do, w, DOL, row_tile(base, offs_m, stride_ql, c + cols), row_ok, HAS_PROJ, HAS_DOL,
                                PRECISION)
-            g = _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, c + cols, D, HALF, SCALED, PRECISION)
+            g = _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, c + cols, D, HALF, SCALED, PRECISION, IN_LOOP)
         if SCALED:
             g = g * h_scale
         fq = fq.to(tl.float32)
