@@ -2,7 +2,8 @@
 
 Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - lse)). Three jobs, three kernels:
 
-1. ``_bwd_prepass_kernel``: one program per query block i, everything that needs only its own rows:
+1. ``_bwd_prepass_kernel``: one program per query block i (or, PERSISTENT, programs looping over the blocks),
+   everything that needs only block i's rows:
        delta = rowsum(dO_s * O_s) - log2(e) dlse
    (the softmax backward's correction term; dlse, the gradient of the saved base-2 lse, is nonzero when a caller
    merges partial attentions by their LSE), and the query side of the linear branch. With N = phi(Q_i) H_i,
@@ -170,8 +171,6 @@ def _prepass_block(
         tl.store(DQ + tile, phi_bwd(fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-
-
 @triton.jit
 def _bwd_prepass_kernel(
     Q, O, DO, DOL, W, DQ, DLSE, DELTA,       # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], dlse/delta [BH, LQ]
@@ -183,9 +182,9 @@ def _bwd_prepass_kernel(
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, PERSISTENT: tl.constexpr = False,
 ):
-    # PERSISTENT (SLA_DIST_PREPASS=loop, the prepass_loop launch entry): a 1-D grid of a few programs per SM, each
-    # taking the query blocks pid, pid + programs, ... (query block fastest, so the programs running at once share
-    # a head). The body has no loop of its own and one 8-warp program fills an SM's registers, so one block per
+    # PERSISTENT (SLA_DIST_PREPASS=loop, the prepass_loop launch entry): a 1-D grid of configs'
+    # PREPASS_LOOP_PROGRAMS_PER_SM programs per SM, each taking the items pid, pid + programs, ... of the query
+    # blocks of all heads (query block fastest, so the programs running at once share a head). The body has no loop of its own and one 8-warp program fills an SM's registers, so one block per
     # program leaves the SM idle on each block's loads; in a loop over blocks the software pipeliner (the launch's
     # num_stages) can copy the next block's tiles to shared memory while this block's products run.
     # W is loaded once per program, before the loop: as a loop-invariant dot operand it then stays in shared memory
