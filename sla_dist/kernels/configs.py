@@ -120,6 +120,7 @@ class Switches(NamedTuple):
     interpreting: bool
     """TRITON_INTERPRET=1: the kernels run in Triton's interpreter."""
     prepass: str | None = None
+    """SLA_DIST_PREPASS (configs.PREPASS_LAUNCHES)."""
 
 
 def read_switches() -> Switches:
@@ -226,8 +227,9 @@ def dkdv_order(switches: Switches | None = None) -> str:
 
 PREPASS_LAUNCHES = ("block", "loop")
 """How the backward's pre-pass is launched (SLA_DIST_PREPASS): block, one 8-warp program per query block (the
-default: measured); loop, the ``prepass_loop`` entry, PREPASS_LOOP_PROGRAMS_PER_SM programs per SM each taking every
-so-many-th query block (configs' table says why; not yet measured). Both compute the same values in the same order."""
+default, the launch measured so far); loop, the ``prepass_loop`` entry, PREPASS_LOOP_PROGRAMS_PER_SM programs per SM,
+each taking every programs-th query block (the tuning table says why; not yet measured on a GPU). Each block's values
+come from the same operations either way (the interpreter's are bit-identical: tests/kernels/test_prepass_launch.py)."""
 PREPASS_LOOP_PROGRAMS_PER_SM = 1
 """An 8-warp pre-pass program at D 128 takes 238-255 registers per thread and up to 225 KiB of shared memory: one
 fits per SM."""
