@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                              "dq, dkdv joined by '+'); default: SLA_DIST_TMA, else off")
     parser.add_argument("--prepass", nargs="+", choices=("block", "loop"), metavar="LAUNCH",
                         help="backward pre-pass launches to time one after the other (block, loop); default: "
-                             "SLA_DIST_PREPASS, else block")
+                             "SLA_DIST_PREPASS, else the device's default (configs.prepass_launch)")
     parser.add_argument("--setting", nargs="+", metavar="KERNEL=WxS",
                         help="fixed launch settings to time one after the other, untuned: kernels of the tuning table "
                              "(sla_dist/kernels/configs.py) with warps x stages, several joined by '+', e.g. "

@@ -86,7 +86,7 @@ _KERNELS = {
                        constants=(("PERSISTENT", 0),)),
     # The pre-pass as a loop over query blocks (SLA_DIST_PREPASS=loop): one program per SM, its software pipeline
     # copying the next block's dOut, q, Z_i and H_i while this block's products run; 2 stages take 208 KiB of shared
-    # memory at D 128 (bf16; float16 225 KiB), so 3 do not fit there. Not yet measured on a GPU.
+    # memory at D 128 (bf16; float16 225 KiB), so 3 do not fit there. The default on Hopper (prepass_launch).
     "prepass_loop": _Tuning("backward", "_bwd_prepass_kernel", _PREPASS_KEY, (8,), (2,), fixed=(8, 2),
                             constants=(("PERSISTENT", 1),)),
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
@@ -226,20 +226,25 @@ def dkdv_order(switches: Switches | None = None) -> str:
 
 
 PREPASS_LAUNCHES = ("block", "loop")
-"""How the backward's pre-pass is launched (SLA_DIST_PREPASS): block, one 8-warp program per query block (the
-default, the launch measured so far); loop, the ``prepass_loop`` entry, PREPASS_LOOP_PROGRAMS_PER_SM programs per SM,
-each taking every programs-th query block (the tuning table says why; not yet measured on a GPU). Each block's values
-come from the same operations either way (the interpreter's are bit-identical: tests/kernels/test_prepass_launch.py)."""
+"""How the backward's pre-pass is launched (SLA_DIST_PREPASS): block, one 8-warp program per query block; loop, the
+``prepass_loop`` entry, PREPASS_LOOP_PROGRAMS_PER_SM programs per SM, each taking every programs-th query block (the
+tuning table says why). Each block's values come from the same operations either way (the interpreter's are
+bit-identical: tests/kernels/test_prepass_launch.py)."""
 PREPASS_LOOP_PROGRAMS_PER_SM = 1
 """An 8-warp pre-pass program at D 128 takes 238-255 registers per thread and up to 225 KiB of shared memory: one
 fits per SM."""
 
 
-def prepass_launch(switches: Switches | None = None) -> str:
-    """The pre-pass launch (PREPASS_LAUNCHES): SLA_DIST_PREPASS when set (``switches``: as read for this launch),
-    else block."""
-    launch = (switches or read_switches()).prepass
-    launch = "block" if launch is None else launch
+def prepass_launch(device: torch.device | None = None, switches: Switches | None = None) -> str:
+    """The pre-pass launch (PREPASS_LAUNCHES): SLA_DIST_PREPASS when set (``switches``: as read for this launch);
+    unset, loop on a ``device`` of compute capability 9.0 or newer, else block. Measured on an H200 (2026-12-01,
+    results/2026-12-01-h200-prepass-release.md), bf16 H 12 D 128: pre-pass 466 -> 366 us at L 32768, 1065 -> 847 us
+    at 75600. Older GPUs keep the block launch: the loop's two stages need up to 225 KiB of shared memory, more than
+    an A100 has."""
+    switches = switches or read_switches()
+    launch = switches.prepass
+    if launch is None:
+        return "loop" if device is not None and _has_tma(device, switches.interpreting) else "block"
     if launch not in PREPASS_LAUNCHES:
         raise ValueError(f"{PREPASS_ENV}={launch!r}; choose one of {PREPASS_LAUNCHES}")
     return launch

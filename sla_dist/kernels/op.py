@@ -447,9 +447,7 @@ def _backward(
     else:  # never read
         hl = zl = dhz = delta.view(p.bh, 1, -1)
     dq = _like(q)  # after the sums: not beside the per-key-block rows they are made from
-    # Programs that loop over the query blocks where SLA_DIST_PREPASS says so (configs.PREPASS_LAUNCHES); unset, no
-    # call is made (the default launch adds no host work per call: tests/kernels/test_host_budget.py).
-    if switches.prepass is not None and prepass_launch(switches) == "loop":
+    if prepass_launch(q.device, switches) == "loop":  # programs that loop over the query blocks
         programs = min(p.nq * p.bh, PREPASS_LOOP_PROGRAMS_PER_SM * multiprocessors(q.device, switches.interpreting))
         entry, grid = "prepass_loop", (programs,)
     else:
