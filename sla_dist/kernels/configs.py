@@ -235,16 +235,19 @@ PREPASS_LOOP_PROGRAMS_PER_SM = 1
 fits per SM."""
 
 
-def prepass_launch(device: torch.device | None = None, switches: Switches | None = None) -> str:
+def prepass_launch(device: torch.device | None = None, switches: Switches | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> str:
     """The pre-pass launch (PREPASS_LAUNCHES): SLA_DIST_PREPASS when set (``switches``: as read for this launch);
-    unset, loop on a ``device`` of compute capability 9.0 or newer, else block. Measured on an H200 (2026-12-01,
-    results/2026-12-01-h200-prepass-release.md), bf16 H 12 D 128: pre-pass 466 -> 366 us at L 32768, 1065 -> 847 us
-    at 75600. Older GPUs keep the block launch: the loop's two stages need up to 225 KiB of shared memory, more than
-    an A100 has."""
+    unset, loop for 16-bit inputs (``dtype``) on a ``device`` of compute capability 9.0 or newer, else block.
+    Measured on an H200 (2026-12-01, results/2026-12-01-h200-prepass-release.md), bf16 H 12 D 128: pre-pass 466 ->
+    366 us at L 32768, 1065 -> 847 us at 75600. Older GPUs and float32 inputs keep the block launch: the loop's two
+    stages take up to 225 KiB of shared memory with 16-bit tiles, more than an A100 has, and float32 tiles double
+    that."""
     switches = switches or read_switches()
     launch = switches.prepass
     if launch is None:
-        return "loop" if device is not None and _has_tma(device, switches.interpreting) else "block"
+        fits = dtype != torch.float32 and device is not None and _has_tma(device, switches.interpreting)
+        return "loop" if fits else "block"
     if launch not in PREPASS_LAUNCHES:
         raise ValueError(f"{PREPASS_ENV}={launch!r}; choose one of {PREPASS_LAUNCHES}")
     return launch

@@ -447,7 +447,7 @@ def _backward(
     else:  # never read
         hl = zl = dhz = delta.view(p.bh, 1, -1)
     dq = _like(q)  # after the sums: not beside the per-key-block rows they are made from
-    if prepass_launch(q.device, switches) == "loop":  # programs that loop over the query blocks
+    if prepass_launch(q.device, switches, q.dtype) == "loop":  # programs that loop over the query blocks
         programs = min(p.nq * p.bh, PREPASS_LOOP_PROGRAMS_PER_SM * multiprocessors(q.device, switches.interpreting))
         entry, grid = "prepass_loop", (programs,)
     else:

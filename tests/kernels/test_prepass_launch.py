@@ -114,6 +114,7 @@ def test_launch_is_read_from_the_environment(monkeypatch):
     if torch.cuda.is_available():  # unset: the loop where it was measured faster (compute capability 9.0 on)
         hopper = torch.cuda.get_device_capability()[0] >= 9 and not interpreting()
         assert prepass_launch(torch.device("cuda")) == ("loop" if hopper else "block")
+        assert prepass_launch(torch.device("cuda"), dtype=torch.float32) == "block"
     for launch in PREPASS_LAUNCHES:
         monkeypatch.setenv(PREPASS_ENV, launch)
         assert prepass_launch() == launch
