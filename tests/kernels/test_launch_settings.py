@@ -12,14 +12,23 @@ def _launch(name):
     return kernel.num_warps, kernel.num_stages
 
 
-def test_settings_hold_inside_the_block_and_the_table_comes_back(monkeypatch):
-    monkeypatch.delenv("SLA_DIST_AUTOTUNE", raising=False)
-    before = {name: _launch(name) for name in ("dq", "fwd_split")}
+@pytest.mark.parametrize("autotune", [None, "0"])
+def test_settings_hold_inside_the_block_and_the_table_comes_back(autotune, monkeypatch):
+    """Afterwards the environment is as before (unset stays unset: the launches are tuned again on a GPU) and the
+    table's own settings are back (compared untuned, the only way get_kernel shows them)."""
+    if autotune is None:
+        monkeypatch.delenv("SLA_DIST_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("SLA_DIST_AUTOTUNE", autotune)
     with configs.fixed_settings(configs.parse_settings("dq=4x5+fwd_split=8x1")):
         assert _launch("dq") == (4, 5) and _launch("fwd_split") == (8, 1)
         assert os.environ["SLA_DIST_AUTOTUNE"] == "0"  # untuned: an autotuner would pick its own setting
-    assert {name: _launch(name) for name in before} == before
-    assert "SLA_DIST_AUTOTUNE" not in os.environ
+    assert os.environ.get("SLA_DIST_AUTOTUNE") == autotune
+    monkeypatch.setenv("SLA_DIST_AUTOTUNE", "0")
+    configs.get_kernel.cache_clear()
+    assert _launch("dq") == configs._KERNELS["dq"].fixed != (4, 5)
+    assert _launch("fwd_split") == configs._KERNELS["fwd_split"].fixed != (8, 1)
+    configs.get_kernel.cache_clear()  # the untuned kernels made here would outlive this test's environment
 
 
 def test_an_error_inside_the_block_restores_the_table():
