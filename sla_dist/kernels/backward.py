@@ -259,23 +259,26 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D] (dk, dv: k's)
     LSE, DELTA,                              # [BH, LQ] float32
     Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
-    DHS, DZS,                                # dh_j, dz_j (may be broadcast over Nk)
-    ORDER,                                   # [BH * Nk] int64, read with ORDERED: bh * Nk + j per program
+    DHS, DZS,                                # dh_j, dz_j of the launch's heads (may be broadcast over Nk)
+    ORDER,                                   # [BH' * Nk] int64, read with ORDERED: bh' * Nk + j per program
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,         # strides of k, dk and dv
     stride_vb, stride_vh, stride_vl,         # strides of v
     stride_dh_bh, stride_dh_k, stride_dz_bh, stride_dz_k,
-    H, LQ, LK, NK, NQ, qk_scale, sm_scale,
+    H, LQ, LK, NK, NQ, BH_FIRST, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
+    # A launch covers the BH' heads (of B x H) from BH_FIRST on: the launcher may take the heads in chunks, so that
+    # the dh_j rows of only one chunk are held at a time. bh' counts within the launch, bh over all heads.
     pid_k = tl.program_id(0)
-    bh = tl.program_id(1)
+    chunk_bh = tl.program_id(1)
     if ORDERED:  # the key block that the launcher's order (configs.DKDV_ORDERS) puts at this program's linear id
-        item = tl.load(ORDER + bh * NK + pid_k).to(tl.int32)
-        bh = item // NK
+        item = tl.load(ORDER + chunk_bh * NK + pid_k).to(tl.int32)
+        chunk_bh = item // NK
         pid_k = item % NK
+    bh = BH_FIRST + chunk_bh
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     ROWS: tl.constexpr = BLOCK_Q // Q_SPLIT
@@ -332,8 +335,8 @@ def _bwd_dkdv_kernel(
     if HAS_LINEAR:
         x = k.to(tl.float32)
         fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
-        dh = tl.load(DHS + block_item(bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
-        dz = tl.load(DZS + block_item(bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
+        dh = tl.load(DHS + block_item(chunk_bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
+        dz = tl.load(DZS + block_item(chunk_bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
         if DHS.dtype.element_ty == V.dtype.element_ty:  # summaries in the inputs' dtype (bfloat16, float32)
             dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
             dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]

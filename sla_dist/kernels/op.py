@@ -469,23 +469,58 @@ def _backward(
         USE_TMA=use_tma("dq", k, v, switches=switches),
     )
 
-    if has_linear:
-        dhs, dzs = _split_rows(_sum_over_scope(dhz, marginal, p.precision, transpose=True), p.D)
-        del marginal  # its last use
-    else:  # never read
-        dhs = dzs = delta.view(p.bh, 1, -1)
-    del dhz  # summed into dh_j, dz_j
+    # dK / dV over chunks of heads (one chunk unless that lowers the peak, dkdv_head_chunks), each chunk's dh_j rows
+    # made just before its launch. dhz's last reader is the last chunk's product: freed before that chunk's launch,
+    # and with one chunk before dk and dv exist.
     q_num_blocks, q_indices = transposed_lists(block_class)
-    order = dkdv_program_order(q_num_blocks, dkdv_order(switches))
-    dk, dv = _like(k), _like(k)
-    get_kernel("dkdv")[(p.nk, p.bh)](
-        q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
-        q_num_blocks if order is None else order,  # never read without ORDERED
-        *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
-        p.H, p.Lq, p.Lk, p.nk, p.nq, p.qk_scale, p.sm_scale,
-        **p.meta, ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do, switches=switches),
-    )
+    if has_linear:
+        key_rows = 1 if marginal is None else marginal.shape[-1]  # scope 'all': one total row per head
+        chunks = dkdv_head_chunks(p.bh, p.nq, key_rows, (p.D * p.D + p.D) * p.summary_dtype.itemsize,
+                                  p.Lq * p.D * q.element_size())
+    else:
+        chunks = ((0, p.bh),)
+    whole = len(chunks) == 1  # no slices then (host time: test_host_budget counts the ops)
+    dk = dv = None
+    for first, last in chunks:
+        if has_linear:
+            scope = marginal if whole or marginal is None else marginal[first:last]
+            summed = _sum_over_scope(dhz if whole else dhz[first:last], scope, p.precision, transpose=True)
+            dhs, dzs = _split_rows(summed, p.D)  # dhs is the summed rows themselves
+            if last == p.bh:
+                dhz = marginal = scope = None  # their last use
+            del summed
+        else:  # never read
+            dhs = dzs = delta.view(p.bh, 1, -1)
+        if dk is None:
+            dk, dv = _like(k), _like(k)
+        heads = q_num_blocks if whole else q_num_blocks.view(p.bh, p.nk)[first:last]
+        order = dkdv_program_order(heads, dkdv_order(switches))
+        get_kernel("dkdv")[(p.nk, last - first)](
+            q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
+            q_num_blocks if order is None else order,  # never read without ORDERED
+            *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
+            p.H, p.Lq, p.Lk, p.nk, p.nq, first, p.qk_scale, p.sm_scale,
+            **p.meta, ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do, switches=switches),
+        )
+        del dhs, dzs  # this chunk's rows, before the next chunk's are made
     return dq, dk, dv
+
+
+def dkdv_head_chunks(bh: int, query_rows: int, key_rows: int, row_bytes: int,
+                     q_bytes: int) -> tuple[tuple[int, int], ...]:
+    """The heads (of B x H) of each dK/dV launch, as [first, last) ranges; the other sizes are per head. A launch
+    reads the dh_j rows of its own heads (``key_rows`` rows of ``row_bytes``), made just before it from the
+    pre-pass' ``query_rows`` rows, which stay held until the last chunk's rows are made. One launch holds all key
+    rows beside dq, dk and dv, the backward's peak; chunks hold a chunk's rows plus the query rows. Chunks, then,
+    when that is less: as many as bring a chunk's rows down to q's bytes (``q_bytes``). bfloat16 at D 128 (BLOCK_Q
+    128, BLOCK_K 64): key rows 2.02 and query rows 1.01 q-sizes, 3 chunks, the peak 6.02 -> 5.69 q-sizes (dense cuDNN
+    holds ~6, dq accumulated in float32); at D 64 (1.02, 0.51) one launch is already the lower."""
+    rows = key_rows * row_bytes
+    chunks = min(bh, -(-rows // q_bytes))
+    if chunks <= 1 or query_rows * row_bytes + rows / chunks >= rows:
+        return ((0, bh),)
+    bounds = [round(i * bh / chunks) for i in range(chunks + 1)]
+    return tuple(zip(bounds[:-1], bounds[1:]))
 
 
 def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor | None:
