@@ -9,7 +9,8 @@ hundreds of shape variants. Tuning results are cached on disk (Triton's cache di
 (3.4 and newer), so later runs and the other ranks of a node skip the search. ``fwd_loop()`` picks the forward's
 loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
 ``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``prepass_launch()``
-how the backward's pre-pass is launched (SLA_DIST_PREPASS); ``tma_kernels()``
+how the backward's pre-pass is launched (SLA_DIST_PREPASS); ``dkdv_chunked()`` whether dK/dV may run over chunks of
+heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``tma_kernels()``
 the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA; by default the forward and dQ on
 Hopper and newer). ``fixed_settings()`` replaces kernels' fixed settings for a block of code, so one process can time
 several (benchmarks/time_layer.py --setting).
@@ -101,6 +102,7 @@ FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
 DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
 TMA_ENV = "SLA_DIST_TMA"
 PREPASS_ENV = "SLA_DIST_PREPASS"
+DKDV_CHUNKS_ENV = "SLA_DIST_DKDV_CHUNKS"
 
 
 def interpreting() -> bool:
@@ -121,6 +123,8 @@ class Switches(NamedTuple):
     """TRITON_INTERPRET=1: the kernels run in Triton's interpreter."""
     prepass: str | None = None
     """SLA_DIST_PREPASS (configs.PREPASS_LAUNCHES)."""
+    dkdv_chunks: str | None = None
+    """SLA_DIST_DKDV_CHUNKS (configs.DKDV_CHUNKINGS)."""
 
 
 def read_switches() -> Switches:
@@ -128,7 +132,7 @@ def read_switches() -> Switches:
     env = os.environ
     # interpreting()'s test written out: this runs on every op call, whose Python calls test_host_budget counts.
     return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
-                    env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV))
+                    env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV), env.get(DKDV_CHUNKS_ENV))
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,23 @@ def prepass_launch(device: torch.device | None = None, switches: Switches | None
     if launch not in PREPASS_LAUNCHES:
         raise ValueError(f"{PREPASS_ENV}={launch!r}; choose one of {PREPASS_LAUNCHES}")
     return launch
+
+
+DKDV_CHUNKINGS = ("off", "auto")
+"""SLA_DIST_DKDV_CHUNKS: off (the default), dK/dV in one launch over all heads; auto, over chunks of heads where
+that lowers the backward's peak memory (op.dkdv_head_chunks: bfloat16 at D 128, 3 launches). Measured on an H200
+(2026-12-01, results/2026-12-01-h200-dkdv-chunks.md), bf16 H 12 D 128 L 32768: peak extra memory 589 -> 560 MiB
+(dense cuDNN 579.5), dK/dV 1827 -> 1930 us (each launch ends in a partly filled wave), so it is opt-in."""
+
+
+def dkdv_chunked(switches: Switches | None = None) -> bool:
+    """SLA_DIST_DKDV_CHUNKS is 'auto' (``switches``: as read for this launch)."""
+    chunks = (switches or read_switches()).dkdv_chunks
+    if chunks is None:
+        return False
+    if chunks not in DKDV_CHUNKINGS:
+        raise ValueError(f"{DKDV_CHUNKS_ENV}={chunks!r}; choose one of {DKDV_CHUNKINGS}")
+    return chunks == "auto"
 
 
 TMA_KERNELS = ("fwd", "dq", "dkdv")

@@ -23,8 +23,8 @@ import torch
 from ..config import FEATURE_MAPS, validate_branch_options, validate_linear_sums
 from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
                         transposed_lists)
-from .configs import (DKDV_ORDERS, LONG_FIRST_FACTOR, PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_order, fwd_loop, get_kernel,
-                      interpreting, multiprocessors, prepass_launch, read_switches)
+from .configs import (DKDV_ORDERS, LONG_FIRST_FACTOR, PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_chunked, dkdv_order, fwd_loop,
+                      get_kernel, interpreting, multiprocessors, prepass_launch, read_switches)
 from .descriptors import use_tma
 from .reference import project_branches
 
@@ -469,11 +469,11 @@ def _backward(
         USE_TMA=use_tma("dq", k, v, switches=switches),
     )
 
-    # dK / dV over chunks of heads (one chunk unless that lowers the peak, dkdv_head_chunks), each chunk's dh_j rows
-    # made just before its launch. dhz's last reader is the last chunk's product: freed before that chunk's launch,
+    # dK / dV over chunks of heads where SLA_DIST_DKDV_CHUNKS asks (configs.DKDV_CHUNKINGS; one chunk unless that
+    # lowers the peak, dkdv_head_chunks), each chunk's dh_j rows made just before its launch. dhz's last reader is the last chunk's product: freed before that chunk's launch,
     # and with one chunk before dk and dv exist.
     q_num_blocks, q_indices = transposed_lists(block_class)
-    if has_linear:
+    if has_linear and switches.dkdv_chunks is not None and dkdv_chunked(switches):
         key_rows = 1 if marginal is None else marginal.shape[-1]  # scope 'all': one total row per head
         chunks = dkdv_head_chunks(p.bh, p.nq, key_rows, (p.D * p.D + p.D) * p.summary_dtype.itemsize,
                                   p.Lq * p.D * q.element_size())
