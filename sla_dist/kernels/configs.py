@@ -223,10 +223,14 @@ def dkdv_order(switches: Switches | None = None) -> str:
     """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several;
     ``switches``: as read for this launch), else DEFAULT_DKDV_ORDER."""
     order = (switches or read_switches()).dkdv_order
-    order = DEFAULT_DKDV_ORDER if order is None else order
-    if order not in DKDV_ORDERS:
-        raise ValueError(f"{DKDV_ORDER_ENV}={order!r}; choose one of {DKDV_ORDERS}")
-    return order
+    return DEFAULT_DKDV_ORDER if order is None else _chosen(DKDV_ORDER_ENV, order, DKDV_ORDERS)
+
+
+def _chosen(env: str, value: str, choices: tuple[str, ...]) -> str:
+    """A set switch's value, if it is one of its ``choices``; else a ValueError naming the variable and value."""
+    if value not in choices:
+        raise ValueError(f"{env}={value!r}; choose one of {choices}")
+    return value
 
 
 PREPASS_LAUNCHES = ("block", "loop")
@@ -252,9 +256,7 @@ def prepass_launch(device: torch.device | None = None, switches: Switches | None
     if launch is None:
         fits = dtype != torch.float32 and device is not None and _has_tma(device, switches.interpreting)
         return "loop" if fits else "block"
-    if launch not in PREPASS_LAUNCHES:
-        raise ValueError(f"{PREPASS_ENV}={launch!r}; choose one of {PREPASS_LAUNCHES}")
-    return launch
+    return _chosen(PREPASS_ENV, launch, PREPASS_LAUNCHES)
 
 
 DKDV_CHUNKINGS = ("off", "auto")
@@ -267,11 +269,7 @@ that lowers the backward's peak memory (op.dkdv_head_chunks: bfloat16 at D 128, 
 def dkdv_chunked(switches: Switches | None = None) -> bool:
     """SLA_DIST_DKDV_CHUNKS is 'auto' (``switches``: as read for this launch)."""
     chunks = (switches or read_switches()).dkdv_chunks
-    if chunks is None:
-        return False
-    if chunks not in DKDV_CHUNKINGS:
-        raise ValueError(f"{DKDV_CHUNKS_ENV}={chunks!r}; choose one of {DKDV_CHUNKINGS}")
-    return chunks == "auto"
+    return chunks is not None and _chosen(DKDV_CHUNKS_ENV, chunks, DKDV_CHUNKINGS) == "auto"
 
 
 TMA_KERNELS = ("fwd", "dq", "dkdv")

@@ -51,6 +51,12 @@ def make_inputs(c: SLACase, generator: torch.Generator) -> dict[str, torch.Tenso
                 b=randn(c.D, scale=0.1), grad=randn(*shape))
 
 
+def case_block_map(c: SLACase, inputs: dict[str, torch.Tensor]) -> BlockMap:
+    """The block map the layer would predict for the case's q and k (its topk, negligible and block sizes)."""
+    return predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible, block_q=c.block_q,
+                             block_k=c.block_k)
+
+
 def _run(fn, inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     leaves = [inputs[n].detach().to(dtype).requires_grad_() for n in ("q", "k", "v", "w", "b")]
     out = fn(*leaves)
@@ -71,8 +77,7 @@ def compare(c: SLACase, inputs: dict[str, torch.Tensor], block_map: BlockMap | N
     """{name: (kernel error, same-dtype reference error)} against the float64 reference, both relative, on
     ``block_map`` (default: predicted from the inputs); ``got``: the kernels' results if already run."""
     if block_map is None:
-        block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible,
-                                      block_q=c.block_q, block_k=c.block_k)
+        block_map = case_block_map(c, inputs)
     got = run_layer(c, inputs, block_map) if got is None else got
     exact = run_layer(c, inputs, block_map, reference=True, dtype=torch.float64)
     low = run_layer(c, inputs, block_map, reference=True)
@@ -83,8 +88,7 @@ def compare_query_blocks(c: SLACase, inputs: dict[str, torch.Tensor], blocks: li
     """Like :func:`compare`, for sequences too long for a dense reference: the upstream gradient is kept on the rows
     of a few query blocks only; the kernel runs on the whole sequence, the references on those rows (the last
     listed block may be the partial last one)."""
-    block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible,
-                                  block_q=c.block_q, block_k=c.block_k)
+    block_map = case_block_map(c, inputs)
     nq = block_map.block_class.shape[2]
     blocks = sorted(b % nq for b in blocks)
     rows = torch.cat([torch.arange(b * c.block_q, min((b + 1) * c.block_q, c.L)) for b in blocks]).to(c.device)

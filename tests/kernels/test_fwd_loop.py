@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from sla_dist.kernels import configs
-from sla_dist.kernels.block_map import CRITICAL, MARGINAL, build_block_map, predict_block_map
+from sla_dist.kernels.block_map import CRITICAL, MARGINAL, build_block_map
 from sla_dist.kernels.configs import FWD_LOOP_ENV, FwdLoop, fwd_loop
 from sla_dist.kernels.op import sla_branches, sparse_linear_attention
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE, HAS_CUDA
 
-from .harness import SLACase, assert_within_reference_error, compare, make_inputs, relative_error, run_layer
+from .harness import (SLACase, assert_within_reference_error, case_block_map, compare, make_inputs, relative_error,
+                      run_layer)
 
 LOOPS = ["baseline", "even", "fma", "split", "split+even+fma"]
 D, BLOCK_Q, BLOCK_K = 32, 128, 64  # query blocks of 128 rows: the split takes them in 64-row halves
@@ -111,6 +112,5 @@ def test_split_forward_linear_output_sums_into_the_projection_gradient(monkeypat
     c = SLACase(B=1, H=2, L=290, D=32, dtype=torch.float16, topk=0.3, negligible=0.1, feature_map="relu",
                 linear_scope="marginal", block_q=128, device=DEVICE)
     inputs = make_inputs(c, torch.Generator().manual_seed(2))
-    block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible, block_q=c.block_q,
-                                  block_k=c.block_k)
+    block_map = case_block_map(c, inputs)
     assert_within_reference_error(compare(c, inputs, block_map, got=run_layer(c, inputs, block_map)))

@@ -5,8 +5,6 @@ reference's within the harness's error rule. The loop runs LOOP_PROGRAMS program
 would run one per SM, more than these tests' blocks), so each takes several blocks and the blocks do not divide
 evenly among them; the lengths leave a partial last block."""
 
-import re
-
 import pytest
 import torch
 
@@ -16,7 +14,8 @@ from sla_dist.kernels.configs import PREPASS_ENV, PREPASS_LAUNCHES, interpreting
 from sla_dist.kernels.op import sla_branches
 from tests.utils import DEVICE
 
-from .harness import NAMES, KernelArgs, SLACase, assert_within_reference_error, compare, make_inputs, run_layer
+from .harness import (NAMES, KernelArgs, SLACase, assert_within_reference_error, case_block_map, compare, make_inputs,
+                      run_layer)
 
 
 LOOP_PROGRAMS = 3
@@ -55,8 +54,7 @@ def test_loop_gives_the_block_gradients(dtype, L, D, feature_map, linear_scope, 
     c = SLACase(B=1, H=2, L=L, D=D, dtype=dtype, topk=0.25, negligible=0.2, feature_map=feature_map,
                 linear_scope=linear_scope, device=DEVICE)
     inputs = make_inputs(c, torch.Generator().manual_seed(11))
-    block_map = predict_block_map(inputs["q"], inputs["k"], topk=c.topk, negligible=c.negligible,
-                                  block_q=c.block_q, block_k=c.block_k)
+    block_map = case_block_map(c, inputs)
     launches = KernelArgs("Q")
     monkeypatch.setattr("sla_dist.kernels.op.get_kernel", launches)
     block, loop = _both_launches(lambda: run_layer(c, inputs, block_map), monkeypatch)
@@ -118,10 +116,3 @@ def test_launch_is_read_from_the_environment(monkeypatch):
     for launch in PREPASS_LAUNCHES:
         monkeypatch.setenv(PREPASS_ENV, launch)
         assert prepass_launch() == launch
-
-
-@pytest.mark.parametrize("value", ["", "Loop", "persistent", "loop+block"])
-def test_bad_launch_names_the_value(value, monkeypatch):
-    monkeypatch.setenv(PREPASS_ENV, value)
-    with pytest.raises(ValueError, match=re.escape(f"{PREPASS_ENV}={value!r}")):
-        prepass_launch()
