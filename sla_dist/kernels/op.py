@@ -1,11 +1,13 @@
 """SLA as a PyTorch operator: ``torch.library`` custom ops -> autograd -> one thin public function.
 
-The custom ops (``sla_dist::sla_forward`` / ``sla_dist::sla_backward``, and ``sla_dist::sla_projected_forward``,
-which also applies the linear branch's projection proj_l in the forward kernel's epilogue) have fake
-implementations, so ``torch.compile`` traces through them without running a kernel. Eager calls run the same
-implementations under one ``autograd.Function`` (``_EagerSLA``), which skips torch.library's per-call dispatch (host
-time). Block-map prediction stays outside the op (it is not differentiable and a compiler may fuse its PyTorch ops);
-its Triton launches are custom ops of their own, in block_map.py, so that a compiled layer has no graph break.
+The custom ops (``sla_dist::sla_forward`` and ``sla_dist::sla_projected_forward``, which also applies the linear
+branch's projection proj_l in the forward kernel's epilogue; the backward's three steps
+``sla_dist::sla_backward_queries`` / ``sla_backward_key_rows`` / ``sla_backward_keys``, so that a compiled graph
+frees each step's inputs after it) have fake implementations, so ``torch.compile`` traces through them without
+running a kernel. Eager calls run the same implementations under one ``autograd.Function`` (``_EagerSLA``), which
+skips torch.library's per-call dispatch (host time). Block-map prediction stays outside the op (it is not
+differentiable and a compiler may fuse its PyTorch ops); its Triton launches are custom ops of their own, in
+block_map.py, so that a compiled layer has no graph break.
 
 The Triton kernel modules are imported on first launch, not here: ``triton.jit`` picks compiled or interpreted mode
 when a kernel is defined, so ``TRITON_INTERPRET=1`` only has to be set before the first call.
@@ -108,7 +110,9 @@ def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     first = tensors[0]
     stride = first.stride()
     positive = min(stride) > 0 or all(st > 0 or n == 1 for st, n in zip(stride, first.shape))
-    if positive and stride[-1] == 1 and all(t.stride() == stride for t in tensors[1:]):
+    # A list, not a generator under all(): one Python frame, not one per tensor (host time). Not a set: the strides
+    # of a fake tensor may be symbolic, which do not hash.
+    if positive and stride[-1] == 1 and [t.stride() for t in tensors].count(stride) == len(tensors):
         return tensors  # e.g. slices of one fused buffer, read in place
     if first.stride()[-1] != 1 or not _dense(first):
         return tuple(t.contiguous() for t in tensors)
@@ -395,17 +399,11 @@ def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, .
     return q, k, v, o, do, dol_
 
 
-def _sla_backward_impl(
-    do: torch.Tensor, dol: torch.Tensor | None, dlse: torch.Tensor | None,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
-    linear_sums: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward custom op: (dq, dk, dv) of :func:`_backward`. The op's caller holds ``linear_sums`` until the
-    op returns (a compiled graph frees it after its last use)."""
-    return _backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
-                     feature_map, linear_scope, proj_weight, linear_sums)
+def _has_linear(linear_scope: str, dol: torch.Tensor | None, proj_weight: torch.Tensor | None) -> bool:
+    """The backward differentiates the linear branch: the projected op's (``proj_weight``; its scope is not 'none'),
+    or one whose unprojected O_l got a gradient (``dol``). For the fakes and the compiled path; the eager path's
+    :func:`_backward_queries` applies the rule inline."""
+    return proj_weight is not None or (linear_scope != "none" and dol is not None)
 
 
 def _backward(
@@ -425,10 +423,30 @@ def _backward(
     whose last reader is the pre-pass (the eager path's, whose autograd node holds them until the whole backward
     returns; see :func:`_gradients`), their memory freed right after it: they are then not held beside dq, dk, dv
     and dh_j, the backward's peak. A second backward through the same graph (retain_graph) finds released sums
-    and makes them again."""
+    and makes them again.
+
+    Three steps, each a custom op of its own on the compiled path (:func:`_compiled_backward`), so that a compiled
+    graph frees each step's inputs after it as this function does: the query side (pre-pass and dQ,
+    :func:`_backward_queries`: O_s and the sums are read there only), the per-key-block rows dh_j, dz_j summed from
+    the pre-pass' per-query-block rows (not held beside dk and dv), and dK/dV (:func:`_backward_keys`)."""
+    q, k, v, do, p, switches, dq, delta, rows, marginal = _backward_queries(
+        do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
+        linear_scope, proj_weight, linear_sums, release)
+    chunks = _dkdv_chunks(rows, marginal, q, switches)
+    if rows is not None and chunks is None:  # one dK/dV launch: the query blocks' rows freed before dk, dv exist
+        rows, marginal = _sum_over_scope(rows, marginal, p.precision, transpose=True), None
+    dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches)
+    return dq, dk, dv
+
+
+def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
+                      feature_map, linear_scope, proj_weight, linear_sums, release=()):
+    """The backward's query side (:func:`_backward`'s arguments): the pre-pass, then dQ. Returns q, k, v and dO in
+    the kernels' layouts, the launch constants and switches, dq, delta, and for the linear branch (else None) the
+    pre-pass' rows of dH_i, dZ_i [BH, Nq, D * D + D] and the 0/1 matrix (None for scope 'all')."""
     has_proj = proj_weight is not None  # the projected forward, whose scope is not 'none'
     has_dol = linear_scope != "none" and dol is not None
-    has_linear = has_dol or has_proj
+    has_linear = has_dol or has_proj  # _has_linear's rule, inline (host time)
     q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     switches = read_switches()
     p = _problem(q, k, v, block_q, block_k, feature_map, has_linear, switches.interpreting)
@@ -443,9 +461,10 @@ def _backward(
     if has_linear:
         marginal = _marginal_matrix(block_class, linear_scope, p.summary_dtype)
         hl, zl = _split_rows(linear_sums if saved else _linear_totals(k, v, marginal, p), p.D)
-        dhz = _summary_rows(p.nq, q, p)
+        rows = _summary_rows(p.nq, q, p)
     else:  # never read
-        hl = zl = dhz = delta.view(p.bh, 1, -1)
+        hl = zl = delta.view(p.bh, 1, -1)
+        rows = marginal = None
     dq = _like(q)  # after the sums: not beside the per-key-block rows they are made from
     if prepass_launch(q.device, switches, q.dtype) == "loop":  # programs that loop over the query blocks
         programs = min(p.nq * p.bh, PREPASS_LOOP_PROGRAMS_PER_SM * multiprocessors(q.device, switches.interpreting))
@@ -454,11 +473,12 @@ def _backward(
         entry, grid = "prepass", (p.nq, p.bh)
     get_kernel(entry)[grid](
         q, o, do, dol_, proj_weight.contiguous() if has_proj else delta, dq, dlse if dlse is not None else delta,
-        delta, hl, zl, dhz, *p.q_strides, *_block_strides(hl), *_block_strides(zl), p.H, p.Lq, p.nq, p.bh,
+        delta, hl, zl, delta if rows is None else rows, *p.q_strides, *_block_strides(hl), *_block_strides(zl),
+        p.H, p.Lq, p.nq, p.bh,
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
         PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
-    del hl, zl, o  # read by the pre-pass only
+    del hl, zl, o, dol_  # read by the pre-pass only
     for tensor in release:
         # The autograd node's reference outlives this function: free the storage itself (as FSDP frees parameters).
         tensor.untyped_storage().resize_(0)
@@ -468,32 +488,44 @@ def _backward(
         D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision, V_LIKE_K=p.v_like_k,
         USE_TMA=use_tma("dq", k, v, switches=switches),
     )
+    return q, k, v, do, p, switches, dq, delta, rows, marginal
 
-    # dK / dV over chunks of heads where SLA_DIST_DKDV_CHUNKS asks (configs.DKDV_CHUNKINGS; one chunk unless that
-    # lowers the peak, dkdv_head_chunks), each chunk's dh_j rows made just before its launch. dhz's last reader is the last chunk's product: freed before that chunk's launch,
-    # and with one chunk before dk and dv exist.
+
+def _dkdv_chunks(rows: torch.Tensor | None, marginal: torch.Tensor | None, q: torch.Tensor,
+                 switches) -> tuple[tuple[int, int], ...] | None:
+    """The heads of each dK/dV launch (see :func:`dkdv_head_chunks`) where SLA_DIST_DKDV_CHUNKS asks for chunks
+    (configs.DKDV_CHUNKINGS) and more than one lowers the peak; None for one launch. Sizes only: the pre-pass' rows
+    ``rows`` (None without the linear branch) and the 0/1 matrix, also of fake tensors (the compiled path decides
+    when it is traced)."""
+    if rows is None or switches.dkdv_chunks is None or not dkdv_chunked(switches):
+        return None
+    bh, query_rows, width = rows.shape
+    key_rows = 1 if marginal is None else marginal.shape[-1]  # scope 'all': one total row per head
+    chunks = dkdv_head_chunks(bh, query_rows, key_rows, width * rows.element_size(),
+                              q.shape[2] * q.shape[3] * q.element_size())
+    return chunks if len(chunks) > 1 else None
+
+
+def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches):
+    """(dk, dv): the dK/dV kernel over the lists transposed from ``block_class``, q, k, v, dO in the kernels'
+    layouts. ``chunks`` None: one launch, ``rows`` the per-key-block rows of dh_j, dz_j (None without the linear
+    branch); else one launch per chunk of heads, each chunk's rows summed from the per-query-block ``rows`` with the
+    0/1 matrix ``marginal`` just before its launch."""
     q_num_blocks, q_indices = transposed_lists(block_class)
-    if has_linear and switches.dkdv_chunks is not None and dkdv_chunked(switches):
-        key_rows = 1 if marginal is None else marginal.shape[-1]  # scope 'all': one total row per head
-        chunks = dkdv_head_chunks(p.bh, p.nq, key_rows, (p.D * p.D + p.D) * p.summary_dtype.itemsize,
-                                  p.Lq * p.D * q.element_size())
-    else:
-        chunks = ((0, p.bh),)
-    whole = len(chunks) == 1  # no slices then (host time: test_host_budget counts the ops)
     dk = dv = None
-    for first, last in chunks:
-        if has_linear:
-            scope = marginal if whole or marginal is None else marginal[first:last]
-            summed = _sum_over_scope(dhz if whole else dhz[first:last], scope, p.precision, transpose=True)
-            dhs, dzs = _split_rows(summed, p.D)  # dhs is the summed rows themselves
-            if last == p.bh:
-                dhz = marginal = scope = None  # their last use
-            del summed
-        else:  # never read
+    for first, last in chunks or ((0, p.bh),):
+        if chunks is None:  # no slices then (host time: test_host_budget counts the ops)
+            key_rows, heads = rows, q_num_blocks
+        else:
+            scope = None if marginal is None else marginal[first:last]
+            key_rows = _sum_over_scope(rows[first:last], scope, p.precision, transpose=True)
+            heads = q_num_blocks.view(p.bh, p.nk)[first:last]
+        if key_rows is None:  # never read
             dhs = dzs = delta.view(p.bh, 1, -1)
-        if dk is None:
+        else:
+            dhs, dzs = _split_rows(key_rows, p.D)  # dhs is the rows themselves
+        if dk is None:  # after the first rows: not beside the per-query-block rows they are summed from
             dk, dv = _like(k), _like(k)
-        heads = q_num_blocks if whole else q_num_blocks.view(p.bh, p.nk)[first:last]
         order = dkdv_program_order(heads, dkdv_order(switches))
         get_kernel("dkdv")[(p.nk, last - first)](
             q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
@@ -502,8 +534,8 @@ def _backward(
             p.H, p.Lq, p.Lk, p.nk, p.nq, first, p.qk_scale, p.sm_scale,
             **p.meta, ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do, switches=switches),
         )
-        del dhs, dzs  # this chunk's rows, before the next chunk's are made
-    return dq, dk, dv
+        del key_rows, dhs, dzs  # this chunk's rows, before the next chunk's are made
+    return dk, dv
 
 
 def dkdv_head_chunks(bh: int, query_rows: int, key_rows: int, row_bytes: int,
@@ -544,14 +576,104 @@ def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor |
     raise ValueError(f"dK/dV order {order!r}; choose one of {DKDV_ORDERS}")
 
 
-sla_backward = torch.library.custom_op("sla_dist::sla_backward", mutates_args=())(_sla_backward_impl)
+def _sla_backward_queries_impl(
+    do: torch.Tensor, dol: torch.Tensor | None, dlse: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
+    linear_sums: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's first custom op, the query side: (dq, delta, rows, marginal, dO) of
+    :func:`_backward_queries` (:func:`_backward`'s arguments). An output it does not make is an empty tensor (a
+    custom op's output can be neither None nor one of its inputs): the rows and the 0/1 matrix without the linear
+    branch, the matrix for scope 'all', and dO when the kernels read the caller's in place."""
+    _, _, _, do_kernel, p, _, dq, delta, rows, marginal = _backward_queries(
+        do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
+        linear_scope, proj_weight, linear_sums)
+    return (dq, delta, _no_sums(q, p.summary_dtype) if rows is None else rows,
+            _no_sums(q, p.summary_dtype) if marginal is None else marginal,
+            do.new_empty((0,)) if do_kernel is do else do_kernel)
 
 
-@sla_backward.register_fake
+def _sla_backward_key_rows_impl(rows: torch.Tensor, marginal: torch.Tensor | None, precision: str) -> torch.Tensor:
+    """The backward's second custom op: the per-key-block rows of dh_j, dz_j [BH, Nk'|1, D * D + D] from the
+    pre-pass' per-query-block ``rows`` (see :func:`_sum_over_scope`; ``marginal`` None for scope 'all')."""
+    return _sum_over_scope(rows, marginal, precision, transpose=True)
+
+
+def _sla_backward_keys_impl(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+    block_class: torch.Tensor, rows: torch.Tensor | None, marginal: torch.Tensor | None,
+    block_q: int, block_k: int, feature_map: str, rows_summed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's last custom op: (dk, dv) of :func:`_backward_keys`. ``rows``: the key-block rows of the
+    second op with ``rows_summed``, else the first op's query-block rows, summed here per chunk of heads (one chunk
+    unless SLA_DIST_DKDV_CHUNKS makes more); None without the linear branch. ``do``: dO as the first op's kernels
+    read it (its copy where it made one). q and dO are laid out as for the first op (a non-dense q, copied there,
+    is copied again here, as k and v that the kernels cannot read in place are: the forward copies those too)."""
+    q, do = _kernel_layout(q, do)
+    k, v = _key_value_layout(k, v)
+    switches = read_switches()
+    p = _problem(q, k, v, block_q, block_k, feature_map, rows is not None, switches.interpreting)
+    chunks = None if rows_summed or rows is None else (_dkdv_chunks(rows, marginal, q, switches) or ((0, p.bh),))
+    return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches)
+
+
+sla_backward_queries = torch.library.custom_op("sla_dist::sla_backward_queries",
+                                               mutates_args=())(_sla_backward_queries_impl)
+sla_backward_key_rows = torch.library.custom_op("sla_dist::sla_backward_key_rows",
+                                                mutates_args=())(_sla_backward_key_rows_impl)
+sla_backward_keys = torch.library.custom_op("sla_dist::sla_backward_keys", mutates_args=())(_sla_backward_keys_impl)
+
+
+@sla_backward_queries.register_fake
 def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
       linear_scope, proj_weight=None, linear_sums=None):
-    q, k, _, *_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
-    return _like(q), _like(k), _like(k)
+    q_kernel, _, _, _, do_kernel, _ = _backward_layout(do, dol, q, k, v, o, linear_scope)
+    dtype = summary_dtype(q.dtype, interpreting())
+    B, H, Lq, D = q.shape
+    if _has_linear(linear_scope, dol, proj_weight):
+        rows = q.new_empty((B * H, num_blocks(Lq, block_q), D * D + D), dtype=dtype)
+        marginal = _marginal_matrix(block_class, linear_scope, dtype)
+    else:
+        rows = marginal = None
+    return (_like(q_kernel), q.new_empty((B, H, Lq), dtype=torch.float32),
+            _no_sums(q, dtype) if rows is None else rows, _no_sums(q, dtype) if marginal is None else marginal,
+            do.new_empty((0,)) if do_kernel is do else do_kernel)
+
+
+@sla_backward_key_rows.register_fake
+def _(rows, marginal, precision):
+    return rows.new_empty((rows.shape[0], 1 if marginal is None else marginal.shape[-1], rows.shape[-1]))
+
+
+@sla_backward_keys.register_fake
+def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, feature_map, rows_summed):
+    k, _ = _key_value_layout(k, v)
+    return _like(k), _like(k)
+
+
+def _compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
+                       feature_map, linear_scope, proj_weight=None, linear_sums=None):
+    """:func:`_backward` through its three custom ops, what torch.compile traces. A compiled graph frees a tensor
+    after the last op that reads it (an op cannot free its inputs): O_s and the saved sums after the query side, the
+    pre-pass' per-query-block rows after the key rows are summed from them, so neither is held beside dk, dv and
+    dh_j, the backward's peak (one op held them all: +2 q-sizes at L 32768, D 128). Whether dK/dV runs in chunks
+    of heads (SLA_DIST_DKDV_CHUNKS) is decided when the graph is traced; each op reads its other switches when it
+    runs, as the eager path does."""
+    dq, delta, rows, marginal, do_kernel = sla_backward_queries(
+        do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
+        linear_scope, proj_weight, linear_sums)
+    if not _has_linear(linear_scope, dol, proj_weight):
+        rows = marginal = None
+    elif linear_scope == "all":
+        marginal = None
+    summed = _dkdv_chunks(rows, marginal, q, read_switches()) is None
+    if rows is not None and summed:
+        rows, marginal = sla_backward_key_rows(rows, marginal, dot_precision(q.dtype)), None
+    dk, dv = sla_backward_keys(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, block_class, rows,
+                               marginal, block_q, block_k, feature_map, summed)
+    return dq, dk, dv
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -632,9 +754,10 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _gradients(backward, ctx, *grads, release: bool = False):
-    """Gradients of the forward's inputs through ``backward`` (the custom op or its implementation) from those of
-    its outputs, None standing for a zero gradient: (dq, dk, dv, None x 8) from (dO_s, dO_l, dlse, None for the
-    sums), and for the projected forward (..., dW, db) from (dOut, dO_s, dO_l, dlse, None).
+    """Gradients of the forward's inputs through ``backward`` (:func:`_compiled_backward`, the custom ops, or
+    :func:`_backward`, their implementation) from those of its outputs, None standing for a zero gradient: (dq, dk,
+    dv, None x 8) from (dO_s, dO_l, dlse, None for the sums), and for the projected forward (..., dW, db) from (dOut,
+    dO_s, dO_l, dlse, None).
 
     ``release`` (the eager path, ``backward`` the implementation): free saved buffers that no later step reads
     right after their last reader, since the autograd node holds them until the whole backward returns. Always the
@@ -665,7 +788,7 @@ def _gradients(backward, ctx, *grads, release: bool = False):
 
 
 for _op in ("sla_forward", "sla_projected_forward"):
-    torch.library.register_autograd(f"sla_dist::{_op}", functools.partial(_gradients, sla_backward),
+    torch.library.register_autograd(f"sla_dist::{_op}", functools.partial(_gradients, _compiled_backward),
                                     setup_context=_setup_context)
 
 

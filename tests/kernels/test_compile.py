@@ -122,8 +122,9 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
     """Inductor asserts that a custom op's outputs have the strides its fake gave. The ops re-lay out inputs whose
     strides disagree (q a [B, L, H, D] view, the output gradient contiguous, as inductor may make it) or that are not
     dense (a sliced sequence), and read v with strides of its own (dv then takes k's layout), so the fakes must make
-    the same choice: a compiled DiT step on the H200 failed with "expected ... stride 4193280==128" in sla_backward
-    before they did. sliced: q, k, v sliced along the sequence; dit: q, k [B, L, H, D] views and v a slice of a fused
+    the same choice: a compiled DiT step on the H200 failed with "expected ... stride 4193280==128" in the backward
+    op before they did. The backward's three ops (op._compiled_backward) are checked in turn, each output's shape and
+    dtype too. sliced: q, k, v sliced along the sequence; dit: q, k [B, L, H, D] views and v a slice of a fused
     [B, L, 3 H D] qkv projection, as in VideoDiT."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -147,17 +148,29 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
     def strides(outputs):
         return [t.stride() for t in outputs]
 
+    def backward(do, dol, q, k, v, o_s, lse, sums):
+        """Every output of the compiled backward's three ops, called as op._compiled_backward calls them."""
+        dq, delta, rows, marginal, do_kernel = ops.sla_backward_queries(do, dol, None, q, k, v, o_s, lse, *lists, None,
+                                                                        sums)
+        key_rows = ops.sla_backward_key_rows(rows, marginal, "ieee")
+        dk, dv = ops.sla_backward_keys(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, lists[0],
+                                       key_rows, None, *lists[3:6], True)
+        return dq, delta, rows, marginal, do_kernel, key_rows, dk, dv
+
     outputs = ops.sla_projected_forward(*forward_args)  # (out, O_s, O_l, lse, sums)
     _, o_s, o_l, lse, sums = outputs
     do, dol = (torch.randn(o_s.shape, generator=g).to(DEVICE) for _ in range(2))  # contiguous: not O_s's layout
-    backward_args = (do, dol, None, q, k, v, o_s, lse, *lists, None, sums)
-    grads = ops.sla_backward(*backward_args)
+    backward_args = (do, dol, q, k, v, o_s, lse, sums)
+    grads = backward(*backward_args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in forward_args]
         assert strides(ops.sla_projected_forward(*fake)) == strides(outputs)
-        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in backward_args]
-        assert strides(ops.sla_backward(*fake)) == strides(grads)
+        fake = [mode.from_tensor(t) for t in backward_args]
+        assert [(t.shape, t.stride(), t.dtype) for t in backward(*fake)] == [(t.shape, t.stride(), t.dtype)
+                                                                           for t in grads]
+    dq, dk, dv, do_kernel = grads[0], grads[-2], grads[-1], grads[4]
     if layout == "sliced":
-        assert q.stride() != grads[0].stride()  # the backward did re-lay out q: the case is exercised
+        assert q.stride() != dq.stride()  # the backward did re-lay out q: the case is exercised
     else:
-        assert v.stride() != k.stride() and grads[2].stride() == k.stride()
+        assert v.stride() != k.stride() and dv.stride() == k.stride()
+        assert do_kernel.stride() == q.stride()  # dO copied into q's layout once, by the first op

@@ -121,12 +121,25 @@ def test_forward_ops_fakes_give_the_sums_metadata(linear_scope, linear_sums):
     assert sums.shape == ((2, rows, D * D + D) if saved else (0,))
 
 
-def test_backward_op_takes_the_sums():
+@pytest.mark.parametrize("linear_scope", ["marginal", "all"])
+def test_backward_ops_take_the_sums(linear_scope):
+    """The compiled backward's ops (op._compiled_backward): the first reads the saved sums; their fakes (checked
+    against the real outputs) and schemas, the 0/1 matrix (scope 'marginal') or none ('all') between them."""
     q, k, v, grad, w, b, bm = _inputs(201, torch.float32)
-    lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", "marginal")
+    lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", linear_scope)
     _, o_s, o_l, lse, sums = op.sla_projected_forward(q, k, v, *lists, "save", w, b)
-    args = (grad, None, None, q, k, v, o_s, lse, *lists, w, sums)
-    torch.library.opcheck(op.sla_backward, args, test_utils=("test_schema", "test_faketensor"))
+    args = (grad, None, None, q, k, v, o_s, lse, *lists, w.to(grad.dtype), sums)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(op.sla_backward_queries, args, test_utils=checks)
+    dq, delta, rows, marginal, do_kernel = op.sla_backward_queries(*args)
+    assert do_kernel.numel() == 0  # the output gradient has q's layout: read in place
+    assert (marginal.numel() == 0) == (linear_scope == "all")  # scope 'all' sums over every query block
+    marginal = marginal if marginal.numel() else None
+    torch.library.opcheck(op.sla_backward_key_rows, (rows, marginal, "ieee"), test_utils=checks)
+    key_rows = op.sla_backward_key_rows(rows, marginal, "ieee")
+    for summed, rows_in, marginal_in in ((True, key_rows, None), (False, rows, marginal)):
+        torch.library.opcheck(op.sla_backward_keys, (grad, q, k, v, lse, delta, bm.block_class, rows_in,
+                                                     marginal_in, 64, 64, "softmax", summed), test_utils=checks)
 
 
 def test_compiled_layer_gradients_do_not_depend_on_linear_sums(block_map_kernels, monkeypatch):
