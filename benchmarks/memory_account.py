@@ -1,7 +1,7 @@
 """Peak extra memory of the SLA layer's forward+backward, counted on a CPU with the Triton kernels replaced by no-ops.
 
     TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128]
-        [--dtype bfloat16] [--linear-sums save recompute] [--json PATH]
+        [--dtype bfloat16] [--linear-sums save recompute] [--compiled] [--json PATH]
 
 Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in op.summary_dtype's
 GPU dtype, bfloat16 for bfloat16 inputs and float32 for float16 ones; the block map through its kernel path), but no
@@ -11,8 +11,9 @@ what was allocated before the forward (inputs, the output gradient, parameters),
 ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` reports on a GPU, up to the caching allocator's rounding
 (512 bytes) and its workspaces. The output is held during the backward (as in
 ``layer(q, k, v).backward(g)``), and the kernels' outputs hold no values, so only sizes are meaningful.
-``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both); ``--phases`` also prints,
-for the backward, the bytes live at each kernel launch and the sizes of the allocations live at its peak.
+``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both); ``--compiled`` counts it
+through torch.compile (see :func:`layer_account`); ``--phases`` also prints, for the backward, the bytes live at each
+kernel launch and the sizes of the allocations live at its peak.
 """
 
 from __future__ import annotations
@@ -130,11 +131,13 @@ def _column_sums_as_on_a_gpu(rows: torch.Tensor) -> torch.Tensor:
 
 def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
                   dtype: torch.dtype = torch.bfloat16, linear_sums: str = "save",
-                  backward_phases: bool = False) -> dict:
+                  backward_phases: bool = False, compiled: bool = False) -> dict:
     """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
     ("forward_peak"), what it leaves allocated for the backward, output included ("held"), and the peak over both
     ("peak"), each above what was allocated before. With ``backward_phases``, "backward" is :func:`phases` of the
-    backward (its bytes above what the forward left: add "held" for the layer's), from a second forward+backward."""
+    backward (its bytes above what the forward left: add "held" for the layer's), from a second forward+backward.
+    ``compiled``: the layer through ``torch.compile(fullgraph=True)`` with the aot_eager backend (the custom ops
+    and the graph's frees as Inductor's graph has them, no Inductor kernels), compiled by a first, uncounted call."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1: the layer takes its kernel path on a CPU only in interpreter mode")
     from sla_dist import SparseLinearAttention
@@ -149,6 +152,10 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
     from sla_dist.kernels import op
 
     with no_op_kernels(), mock.patch.object(op, "column_sums", _column_sums_as_on_a_gpu):
+        if compiled:
+            layer = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            layer(q, k, v).backward(g)
+            q.grad = k.grad = v.grad = None
         forward_peak, held = allocations(lambda: out.append(layer(q, k, v)))
         backward_peak, _ = allocations(lambda: out[0].backward(g))
         account = dict(forward_peak=forward_peak, held=held, peak=max(forward_peak, held + backward_peak))
@@ -171,18 +178,21 @@ def main() -> None:
     parser.add_argument("--linear-sums", nargs="+", choices=LINEAR_SUMS, default=list(LINEAR_SUMS),
                         help="SLAConfig.linear_sums values to count, one after the other")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="q, k, v's dtype")
+    parser.add_argument("--compiled", action="store_true",
+                        help="the layer through torch.compile(fullgraph=True), aot_eager backend")
     parser.add_argument("--phases", action="store_true",
                         help="also print the backward's bytes at each launch and its live allocations at its peak")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     one = args.H * args.L * args.D * dtype.itemsize
-    print(f"SLA layer fwd+bwd, kernel path, {args.dtype}, [1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, "
+    print(f"SLA layer fwd+bwd, kernel path{' (torch.compile, aot_eager)' if args.compiled else ''}, {args.dtype}, "
+          f"[1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, "
           f"topk 0.05; MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
     accounts = {}
     for linear_sums in args.linear_sums:
         account = layer_account(args.L, args.H, args.D, dtype=dtype, linear_sums=linear_sums,
-                                backward_phases=args.phases)
+                                backward_phases=args.phases, compiled=args.compiled)
         backward = account.pop("backward", None)
         accounts[linear_sums] = account
         print(f" linear_sums={linear_sums!r}")
@@ -196,7 +206,7 @@ def main() -> None:
             print(f"   allocated by the backward and live at its peak (MiB, >= 1): {sizes}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(L=args.L, H=args.H, D=args.D, dtype=args.dtype, q_mib=one / MIB,
+            json.dump(dict(L=args.L, H=args.H, D=args.D, dtype=args.dtype, compiled=args.compiled, q_mib=one / MIB,
                            **{linear_sums: {f"{name}_mib": n / MIB for name, n in account.items()}
                               for linear_sums, account in accounts.items()}), f, indent=1)
 
