@@ -1,7 +1,7 @@
 """Peak extra GPU memory of one forward+backward: the SLA layer against dense SDPA (cuDNN) on the same q, k, v.
 
     PYTHONPATH=/path/to/checkout python benchmarks/memory_layer.py [--lengths 8192 32768] [--flex]
-        [--linear-sums save recompute] [--out PATH]
+        [--linear-sums save recompute] [--compiled] [--out PATH]
 
 bf16, B = 1, H = 12, D = 128, topk 0.05 (95 % sparsity), BQ 128 / BK 64. Rows: (a) dense SDPA with the cuDNN
 backend, (b) the full SLA layer (SparseLinearAttention, kernel path: block-map prediction, both branches, proj_l),
@@ -13,7 +13,9 @@ included. Each row is measured after two untimed steps (autotuning, lazy workspa
 of ``triton.testing.do_bench``. The sla_dist that PYTHONPATH points at is measured (its path is printed first), so
 two checkouts compare on one card in one device call. ``benchmarks/memory_account.py`` counts the same SLA peak on
 a CPU. ``--linear-sums`` measures row (b) once per SLAConfig.linear_sums given (without it: the layer's default, so
-a checkout from before the option can be measured).
+a checkout from before the option can be measured). ``--compiled`` adds each SLA layer through
+``torch.compile(fullgraph=True)`` (Inductor's default mode, static shapes: bench_attention.py's compiled row), its
+first steps compiling it.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--flex", action="store_true", help="also FlexAttention block-sparse (compiles first)")
     parser.add_argument("--linear-sums", nargs="+", choices=("save", "recompute"), metavar="MODE",
                         help="SLAConfig.linear_sums values of the SLA layer, one row each (save, recompute)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also each SLA layer through torch.compile(fullgraph=True), one row each")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -108,6 +112,9 @@ def main() -> None:
         rows.append(measure(Row(L, "dense SDPA cuDNN"), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, g))
         for name, layer in layers.items():
             rows.append(measure(Row(L, name), layer, q, k, v, g))
+            if args.compiled:
+                compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+                rows.append(measure(Row(L, name.replace("SLA layer", "SLA compiled")), compiled, q, k, v, g))
         if args.flex:
             try:
                 flex = flex_block_sparse(q, k, args.topk)[0]

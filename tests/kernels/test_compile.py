@@ -14,9 +14,10 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from sla_dist import SparseLinearAttention
+from sla_dist.kernels.configs import DKDV_CHUNKS_ENV
 from tests.utils import DEVICE, HAS_CUDA
 
-from .harness import MatrixProducts, layer_step, relative_error
+from .harness import KernelArgs, MatrixProducts, layer_step, relative_error
 
 BLOCK_MAP_OPS = ("sla_dist.block_sums.default", "sla_dist.rank_blocks.default")
 
@@ -66,6 +67,34 @@ def test_compiled_layer_makes_dol_in_the_prepass(block_map_kernels):
         out.backward(grad)
     assert (32, 32) in products.shapes, products.shapes  # dW: the mode saw the compiled backward's products
     assert all(math.prod(shape) < q.numel() for shape in products.shapes), products.shapes
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_compiled_backward_launches_as_the_eager_one(chunked, block_map_kernels, monkeypatch):
+    """The compiled backward is three custom ops (op._compiled_backward) on the eager backward's code: the same
+    launches in the same order, and the same gradients bit for bit, in one dK/dV launch (the key-block rows summed by
+    the op between) and with SLA_DIST_DKDV_CHUNKS in chunks of heads (planned when the graph is traced, each chunk's
+    rows summed by the dK/dV op: three launches over B 2 x H 2 heads, across the batch boundary)."""
+    if chunked:
+        monkeypatch.setenv(DKDV_CHUNKS_ENV, "auto")
+        monkeypatch.setattr("sla_dist.kernels.op.dkdv_head_chunks", lambda bh, *sizes: ((0, 1), (1, 3), (3, bh)))
+    else:
+        monkeypatch.delenv(DKDV_CHUNKS_ENV, raising=False)
+    torch._dynamo.reset()  # the chunk plan is fixed when the backward is traced: no graph of another test's plan
+    launches = KernelArgs("BH_FIRST")  # records the dK/dV launches' first heads
+    monkeypatch.setattr("sla_dist.kernels.op.get_kernel", launches)
+    layer = _layer()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(4)
+    q, k, v, grad = (torch.randn(2, 2, 201, 32, generator=g).to(DEVICE) for _ in range(4))
+    want = layer_step(layer, q, k, v, grad)
+    eager_launches = list(launches.seen)
+    layer_step(compiled, q, k, v, grad)  # compiles
+    launches.seen.clear()
+    got = layer_step(compiled, q, k, v, grad)
+    assert launches.seen == eager_launches == [("dkdv", first) for first in ((0, 1, 3) if chunked else (0,))]
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
+        assert torch.equal(a, b), (name, (a - b).abs().max())
 
 
 def test_one_graph_serves_every_length(block_map_kernels):
