@@ -69,6 +69,9 @@
 # linsums (SLAConfig.linear_sums: the layer at 32K and 8K with the backward reading the forward's linear sums
 #   (save) or making them again (recompute); fixed launch settings, ~1 min), linsums-memory (memory_layer.py's
 #   dense and SLA rows at 32K, the layer once per linear_sums: peak extra and held MiB; ~1 min).
+# compiled-memory (memory_layer.py --compiled: dense cuDNN, the eager layer and the layer through torch.compile
+#   fullgraph at 8K and 32K, peak extra MiB and fwd+bwd ms; ~2 min with the compiles), compiled-tests (the compiled
+#   path's and the backward's frees' tests on the GPU; ~2 min).
 # attn-sweep-a, -b, -c, -d (issue #11's full grid, bench_attention.py --sweep --profile-glue, one H200 each, 8 cells
 #   a part: a = L 8192 and 16384 at D 64, b = the same at D 128, c = L 32768 and 75600 at D 64, d = the same at
 #   D 128; fixed launch settings. Each cell measures the full layer eager and compiled (torch.compile fullgraph,
@@ -139,6 +142,8 @@ declare -A CMD=(
   [zero3-sp2dp2]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/e2e_train.py --preset wan14b-sp2dp2 --out $STEM-zero3-sp2dp2"
   [linsums]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py linsums --linear-sums save recompute"
   [linsums-memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --lengths 32768 --linear-sums save recompute --out $OUT/memory_linsums.json"
+  [compiled-memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --lengths 8192 32768 --compiled --out $OUT/memory_compiled.json"
+  [compiled-tests]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_compile.py tests/kernels/test_release.py tests/kernels/test_linear_sums.py tests/kernels/test_dkdv_chunks.py tests/kernels/test_op.py tests/kernels/test_cuda_graphs.py"
   [vstrides]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py vstrides --inputs iid dit --layout bhld fused $MODEL_QK"
   [ranks]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_rank_failure.py tests/lightning/test_shared_resume.py tests/lightning/test_strategy.py"
 )
