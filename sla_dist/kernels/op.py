@@ -392,11 +392,15 @@ def _forward_outputs_like(q: torch.Tensor, block_q: int, linear_scope: str,
 def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
     """(q, k, v, o, do, dol) in the layouts the backward kernels index (dq takes q's, dk and dv k's): shared by the
     implementation and the fake, whose output strides must agree (inductor checks them). Without a stored dO_l,
-    ``do`` stands in for it (never read)."""
-    has_dol = linear_scope != "none" and dol is not None
-    q, o, do, dol_ = _kernel_layout(q, o, do, dol if has_dol else do)
+    ``do`` stands in for it (never read), laid out once: as a fourth tensor it was a second copy of a gradient not in
+    q's layout."""
+    if linear_scope != "none" and dol is not None:
+        q, o, do, dol = _kernel_layout(q, o, do, dol)
+    else:
+        q, o, do = _kernel_layout(q, o, do)
+        dol = do
     k, v = _key_value_layout(k, v)
-    return q, k, v, o, do, dol_
+    return q, k, v, o, do, dol
 
 
 def _has_linear(linear_scope: str, dol: torch.Tensor | None, proj_weight: torch.Tensor | None) -> bool:

@@ -108,6 +108,32 @@ def test_kernel_layout_keeps_a_dense_first_tensor():
     assert all(t.is_contiguous() for t in op._kernel_layout(q[:, :, :5], do[:, :, :5]))
 
 
+@pytest.mark.parametrize("has_dol", [False, True])
+def test_backward_copies_the_output_gradient_once(has_dol):
+    """q and O_s in a [B, L, H, D] layout, the output gradient contiguous (as Inductor may make it in a compiled DiT):
+    the backward copies dO into q's layout once, and a dO_l only where one was given. Without one, dO stands in for
+    it and was copied a second time (a q-sized copy no kernel read)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.copy_.default
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 9, 2, 32).to(DEVICE).transpose(1, 2) for _ in range(3))
+    o = op._like(q)
+    do, dol = (torch.randn(1, 2, 9, 32).to(DEVICE) for _ in range(2))
+    with Copies() as copies:
+        q_, _, _, o_, do_, dol_ = op._backward_layout(do, dol if has_dol else None, q, k, v, o, "marginal")
+    assert copies.count == 1 + has_dol
+    assert q_ is q and o_ is o and do_.stride() == q.stride() and torch.equal(do_, do)
+    assert dol_.stride() == q.stride() and (torch.equal(dol_, dol) if has_dol else dol_ is do_)
+
+
 def test_lse_is_differentiable_for_merging(poison_outputs):
     """Merge the sparse branch with a second attention part by LSE, as joint text+video attention does."""
     q, k, v = _qkv(1, 2, 200, 200, 32)
