@@ -3,7 +3,7 @@
     TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128]
         [--dtype bfloat16] [--linear-sums save recompute] [--compiled] [--json PATH]
 
-Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in op.summary_dtype's
+Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in layout.summary_dtype's
 GPU dtype, bfloat16 for bfloat16 inputs and float32 for float16 ones; the block map through its kernel path), but no
 kernel runs, so the full 32K shape takes a minute or two (the 0/1 products and proj_l's GEMMs run on the CPU). The
 CPU allocator's allocations and frees are read back from the profiler's memory timeline; "extra" is the peak above
@@ -53,15 +53,22 @@ def no_op_kernels(launches: list[str] | None = None, *, tma_device: bool = False
     """Every SLA Triton launch a no-op, the block map and the summaries on their GPU code paths. ``launches``
     collects the name of every launch; ``tma_device``: the device counts as one with tensor descriptors (compute
     capability 9.0, an H200), so that the launches' descriptor decisions take their GPU path too."""
-    from sla_dist.kernels import block_map, configs, op
+    from sla_dist.kernels import block_map, configs, layout, op, summary_rows
 
-    gpu_summary_dtype = op.summary_dtype
+    gpu_summary_dtype = layout.summary_dtype
+    as_on_a_gpu = lambda dtype, interpreting: gpu_summary_dtype(dtype, False)  # noqa: E731
     kernel = lambda name: _NoOpKernel(name, launches)  # noqa: E731
     with mock.patch.object(op, "get_kernel", kernel), mock.patch.object(configs, "get_kernel", kernel), \
             mock.patch.object(block_map, "_on_kernels", lambda x, kernels: x.dtype != torch.float64), \
-            mock.patch.object(op, "summary_dtype", lambda dtype, interpreting: gpu_summary_dtype(dtype, False)), \
+            mock.patch.object(layout, "summary_dtype", as_on_a_gpu), \
+            mock.patch.object(summary_rows, "summary_dtype", as_on_a_gpu), \
             mock.patch.object(configs, "_has_tma", lambda device, *_: tma_device):
-        yield
+        # Launch constants are cached per shape with their summaries' dtype: none made here may outlive the block.
+        layout._cached_problem.cache_clear()
+        try:
+            yield
+        finally:
+            layout._cached_problem.cache_clear()
 
 
 def allocations(fn) -> tuple[int, int]:
@@ -120,10 +127,10 @@ def phases(fn) -> dict:
 
 
 def _column_sums_as_on_a_gpu(rows: torch.Tensor) -> torch.Tensor:
-    """op.column_sums' allocations on a GPU (values not meaningful): its float32 partial sums and their total. A
+    """projection.column_sums' allocations on a GPU (values not meaningful): its float32 partial sums and their total. A
     CUDA reduction of half rows into float32 reads them in place, but a CPU one first copies all of them into float32
     (twice their bytes: 192 MiB for the bias gradient's rows at the full 32K bfloat16 shape)."""
-    from sla_dist.kernels.op import ROWS_PER_PARTIAL
+    from sla_dist.kernels.projection import ROWS_PER_PARTIAL
 
     partials = rows.new_empty((rows.shape[0] // ROWS_PER_PARTIAL + 1, rows.shape[-1]), dtype=torch.float32)
     return partials.sum(0)
@@ -149,9 +156,9 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
     q, k, v = (torch.randn(1, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
     out = []
-    from sla_dist.kernels import op
+    from sla_dist.kernels import projection
 
-    with no_op_kernels(), mock.patch.object(op, "column_sums", _column_sums_as_on_a_gpu):
+    with no_op_kernels(), mock.patch.object(projection, "column_sums", _column_sums_as_on_a_gpu):
         if compiled:
             layer = torch.compile(layer, backend="aot_eager", fullgraph=True)
             layer(q, k, v).backward(g)

@@ -27,9 +27,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def poison_outputs(monkeypatch):
     """Fill every kernel output with NaN before launch, so an element the kernel forgets to write fails the test."""
-    from sla_dist.kernels import op
+    from sla_dist.kernels import layout
 
-    monkeypatch.setattr(op, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(layout, "POISON_OUTPUTS", True)
     yield
 
 

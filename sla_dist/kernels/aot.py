@@ -27,7 +27,7 @@ import torch
 
 from ..config import FEATURE_MAPS
 from .configs import _KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, interpreting
-from .op import dot_precision, summary_dtype
+from .layout import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 

@@ -9,32 +9,32 @@ skips torch.library's per-call dispatch (host time). Block-map prediction stays 
 differentiable and a compiler may fuse its PyTorch ops); its Triton launches are custom ops of their own, in
 block_map.py, so that a compiled layer has no graph break.
 
-The Triton kernel modules are imported on first launch, not here: ``triton.jit`` picks compiled or interpreted mode
-when a kernel is defined, so ``TRITON_INTERPRET=1`` only has to be set before the first call.
+Beside it: layout.py (launch constants, the tensors' memory layouts), summary_rows.py (the linear branch's per-block
+rows and their 0/1 products), projection.py (proj_l's backward). The Triton kernel modules are imported on first
+launch, not here: ``triton.jit`` picks compiled or interpreted mode when a kernel is defined, so
+``TRITON_INTERPRET=1`` only has to be set before the first call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
-from ..config import FEATURE_MAPS, validate_branch_options, validate_linear_sums
-from .block_map import (MARGINAL, BlockMap, check_block_map, compiled_or_eager, num_blocks,
-                        transposed_lists)
+from ..config import validate_branch_options, validate_linear_sums
+from .block_map import BlockMap, check_block_map, compiled_or_eager, num_blocks, transposed_lists
 from .configs import (DKDV_ORDERS, LONG_FIRST_FACTOR, PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_chunked, dkdv_order, fwd_loop,
                       get_kernel, interpreting, multiprocessors, prepass_launch, read_switches)
 from .descriptors import use_tma
+from .layout import (Problem, block_strides, dot_precision, kernel_layout, key_value_layout, new_output, output_like,
+                     problem, summary_dtype)
+from .projection import projection_backward
 from .reference import project_branches
+from .summary_rows import marginal_matrix, no_sums, split_rows, sum_over_scope, summary_rows, sums_like
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (32, 64, 128)
-
-# Tests set this to fill every kernel output with NaN before launch, so an unwritten element cannot pass.
-POISON_OUTPUTS = False
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -42,258 +42,18 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
-@dataclass(frozen=True)
-class _Problem:
-    """Everything a launch needs besides the tensors, unpacked once here. q-side tensors (q, o, o_l and their
-    gradients) share ``q_strides``; k, dk and dv share ``k_strides``, and v, which the kernels only read, has its
-    own ``v_strides`` (see :func:`_key_value_layout`). Built once per layout (:func:`_problem`), so the derived
-    values are computed once too (cached properties). It holds no tensor and no address: a problem cached by one
-    call is right for any later call with the same shapes, strides and dtype, CUDA-graph replays included."""
-
-    B: int
-    H: int
-    Lq: int
-    Lk: int
-    D: int
-    block_q: int
-    block_k: int
-    q_strides: tuple[int, int, int]
-    k_strides: tuple[int, int, int]
-    v_strides: tuple[int, int, int]
-    feature_map: int
-    has_linear: bool
-    precision: str
-    summary_dtype: torch.dtype
-
-    @functools.cached_property
-    def nq(self) -> int:
-        return num_blocks(self.Lq, self.block_q)
-
-    @functools.cached_property
-    def nk(self) -> int:
-        return num_blocks(self.Lk, self.block_k)
-
-    @functools.cached_property
-    def kv_strides(self) -> tuple[int, ...]:
-        """k's (b, h, l) strides then v's: the six stride arguments of every kernel that reads k and v."""
-        return self.k_strides + self.v_strides
-
-    @functools.cached_property
-    def v_like_k(self) -> bool:
-        """v shares k's strides (the V_LIKE_K constexpr: the loops then address both with one offset tile)."""
-        return self.v_strides == self.k_strides
-
-    @functools.cached_property
-    def bh(self) -> int:
-        return self.B * self.H
-
-    @functools.cached_property
-    def sm_scale(self) -> float:
-        return 1.0 / math.sqrt(self.D)
-
-    @functools.cached_property
-    def qk_scale(self) -> float:
-        return self.sm_scale * math.log2(math.e)
-
-    @functools.cached_property
-    def meta(self) -> dict:
-        """The constexprs every launch of this problem shares; unpacked into each launch, never changed."""
-        return dict(D=self.D, BLOCK_Q=self.block_q, BLOCK_K=self.block_k, FEATURE_MAP=self.feature_map,
-                    HAS_LINEAR=self.has_linear, PRECISION=self.precision)
-
-
-def _kernel_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Tensors a kernel indexes with one set of strides: kept if they agree (unit last stride, positive strides).
-    Else, when the first is dense (any permutation of a contiguous layout, e.g. a [B, L, H, D] tensor viewed as
-    [B, H, L, D]), it is kept and only the others are copied into its layout: q in a DiT's [B, L, H, D] layout with a
-    contiguous output gradient costs one copy (of the gradient), not three. Otherwise all are made contiguous."""
-    first = tensors[0]
-    stride = first.stride()
-    positive = min(stride) > 0 or all(st > 0 or n == 1 for st, n in zip(stride, first.shape))
-    # A list, not a generator under all(): one Python frame, not one per tensor (host time). Not a set: the strides
-    # of a fake tensor may be symbolic, which do not hash.
-    if positive and stride[-1] == 1 and [t.stride() for t in tensors].count(stride) == len(tensors):
-        return tensors  # e.g. slices of one fused buffer, read in place
-    if first.stride()[-1] != 1 or not _dense(first):
-        return tuple(t.contiguous() for t in tensors)
-    return (first,) + tuple(t if t.stride() == first.stride() else _copy_like(t, first) for t in tensors[1:])
-
-
-def _key_value_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, v) as the kernels index them, each with its own strides: k by :func:`_kernel_layout`, v in place whenever
-    its last stride is 1. A DiT's k is its RoPE output ([B, L, H, D] viewed as [B, H, L, D]) and its v a slice of the
-    fused qkv projection [B, L, 3 H D] (rows 3 H D apart): a copy of v into k's layout was an unvectorised strided
-    copy in every forward and backward (~121 us each at L 32760, H 12, D 128 on an H200). The kernels only read v;
-    dk and dv take k's layout, so v's strides never shape an output (dv in a gapped v's layout would be allocated
-    over its whole storage span: 3x dv for the fused projection)."""
-    (k,) = _kernel_layout(k)
-    return k, (v if v.stride(-1) == 1 else v.contiguous())
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """x's elements fill its storage span without gaps or overlaps (some permutation of a contiguous tensor)."""
-    dims = sorted((st, n) for st, n in zip(x.stride(), x.shape) if n > 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _copy_like(x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
-    """x's values in a new tensor with ``layout``'s strides (same shape)."""
-    out = torch.empty_strided(layout.shape, layout.stride(), dtype=x.dtype, device=x.device)
-    return out.copy_(x)
-
-
-def _like(x: torch.Tensor) -> torch.Tensor:
-    """A fresh output with exactly x's strides (empty_like would densify a sliced view)."""
-    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    return out.fill_(float("nan")) if POISON_OUTPUTS else out
-
-
-def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(shape, device=like.device, dtype=dtype)
-    return out.fill_(float("nan")) if POISON_OUTPUTS else out
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """The kernels' PRECISION for inputs of ``dtype``: float32 inputs get exact float32 products (the interpreter
-    tests compare them with float64)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def summary_dtype(dtype: torch.dtype, interpreting: bool) -> torch.dtype:
-    """Dtype of the linear branch's [D, D] summaries (h_j, H_i, their gradients, the 0/1 matrix that sums them),
-    the largest buffers. bfloat16 inputs get bfloat16 (float32's range, rounding no coarser than the inputs'), so
-    their sums run on bf16 tensor cores. float16 inputs get float32, at twice the summaries' memory: float16 would
-    overflow (H_i sums phi(K)^T V over up to all keys), and bfloat16 summaries (before 2026-12-01) rounded H_i and
-    phi(Q_i) to 8 bits, which made proj_l's weight gradient 3.4-3.8x the float16 reference's error on an H200
-    (PERF_NOTES, "Session 2026-11-30 (tenth)"). The kernels take such a float32 summary as a float16 product operand
-    divided by a power of two first (forward._scaled_linear_output, backward._dh_columns, dK/dV's dh_j), and the 0/1
-    products read its float32 rows at tf32 (:func:`_sum_over_scope`). The interpreter computes bfloat16 dots
-    wrongly (triton-lang/triton#11584): float32 there."""
-    return torch.bfloat16 if dtype == torch.bfloat16 and not interpreting else torch.float32
-
-
-def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int, feature_map: str,
-             has_linear: bool, interpreting: bool) -> _Problem:
-    """The launch constants of q, k, v (in their kernel layouts): cached on everything they are made of, so a
-    training run builds one per layer shape instead of two per step (host time)."""
-    return _cached_problem(q.shape, k.shape[2], q.stride()[:3], k.stride()[:3], v.stride()[:3], q.dtype, block_q,
-                           block_k, feature_map, has_linear, interpreting)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_problem(q_shape: torch.Size, Lk: int, q_strides: tuple[int, ...], k_strides: tuple[int, ...],
-                    v_strides: tuple[int, ...], dtype: torch.dtype, block_q: int, block_k: int, feature_map: str,
-                    has_linear: bool, interpreting: bool) -> _Problem:
-    B, H, Lq, D = q_shape
-    return _Problem(B, H, Lq, Lk, D, block_q, block_k, q_strides, k_strides, v_strides,
-                    FEATURE_MAPS.index(feature_map), has_linear, precision=dot_precision(dtype),
-                    summary_dtype=summary_dtype(dtype, interpreting))
-
-
-SUM_BLOCK_ALIGN = 8
-"""The 0/1 products' contraction over key blocks is padded to a multiple of this many blocks (16 bytes of bfloat16),
-from PAD_FROM_BLOCKS key blocks on (below, the padding would add up to 7/8 to products that take microseconds)."""
-PAD_FROM_BLOCKS = 64
-
-
-def _marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """M [BH, Nq, Nk'] in ``dtype``, M_ij = [key block j is in query block i's linear scope], Nk' = Nk rounded up to
-    SUM_BLOCK_ALIGN from PAD_FROM_BLOCKS key blocks on, the extra columns 0; None for scope 'all', where every query
-    block shares one total. Built once per pass and used for every sum below; the comparison writes its 0 / 1 straight
-    into ``dtype`` (one kernel, no boolean temporary to cast). cuBLAS picks its vectorised (16-byte aligned) kernels
-    only when the contraction length is aligned too: with Nk 591 (L 75600) the products ran in sm80 ``align2`` /
-    ``align1`` kernels on an H200, 1.25 ms forward and 1.4-2.1 ms backward at H 12."""
-    if scope == "all":
-        return None
-    *lead, nk = block_class.shape
-    pad = -nk % SUM_BLOCK_ALIGN if nk >= PAD_FROM_BLOCKS else 0
-    marginal = torch.empty((*lead, nk + pad), dtype=dtype, device=block_class.device)
-    torch.eq(block_class, MARGINAL, out=marginal[..., :nk] if pad else marginal)
-    if pad:
-        marginal[..., nk:].zero_()
-    return marginal.flatten(0, 1)
-
-
-def _sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, precision: str,
-                    transpose: bool = False) -> torch.Tensor:
-    """sum_j M_ij x_j: [BH, Nk', F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
-    [BH, Nk' or 1, F] (Nk': M's padded key blocks; the padding's rows come out 0). A product with the 0/1 matrix
-    runs on tensor cores and accumulates in float32; a broadcast total keeps a size-1 block dimension. float32 rows
-    of half inputs (``precision`` 'tf32': float16's summaries) are multiplied at tf32, as the kernels' products: a
-    float32 GEMM of this size runs on the CUDA cores, several times slower than the bfloat16 one it replaced."""
-    if marginal is None:
-        return x.sum(1, keepdim=True)
-    matrix = marginal.transpose(1, 2) if transpose else marginal
-    if precision == "ieee" or x.dtype != torch.float32:
-        return matrix @ x
-    with _tf32_matmuls():
-        return matrix @ x
-
-
-@contextlib.contextmanager
-def _tf32_matmuls():
-    """cuBLAS float32 products at tf32 inside the block. torch has no per-product setting, so the process-wide flag
-    is set and restored (another thread's float32 products in between would run at tf32 too)."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def _summary_rows(n: int, like: torch.Tensor, p: _Problem) -> torch.Tensor:
-    """A buffer of one row per block, [BH, n, D * D + D]: a [D, D] summary (h_j, or a gradient of H_i) followed by
-    its [D] vector (z_j, or of Z_i), so that one 0/1 product sums both."""
-    return _new((p.bh, n, p.D * p.D + p.D), like, p.summary_dtype)
-
-
-def _split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The [D, D] summaries and the [D] vectors of a [BH, n, D * D + D] buffer of summary rows as the kernels take
-    them, a base address and the strides over bh and blocks each: the rows themselves (a summary is the first D * D
-    elements of its row, read from there) and the view of the vectors, D * D elements in. One view, not three (a
-    [BH, n, D, D] view of the summaries gives the kernels the same address and strides)."""
-    return rows, rows[..., D * D :]
-
-
-def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: _Problem) -> torch.Tensor:
-    """Rows [BH, Nq|1, D * D + D] of H_i and Z_i (see :func:`_split_rows`): the linear branch's sums over each query
+def _linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: Problem) -> torch.Tensor:
+    """Rows [BH, Nq|1, D * D + D] of H_i and Z_i (see :func:`split_rows`): the linear branch's sums over each query
     block's scope."""
     rows = p.nk if marginal is None else marginal.shape[-1]  # M's padded key blocks
-    hz = _summary_rows(rows, k, p)
+    hz = summary_rows(rows, k, p)
     if rows > p.nk:  # rows that M's zero columns meet: 0 x an unset value could be NaN
         hz[:, p.nk :].zero_()
     get_kernel("summaries")[(p.nk, p.bh)](
         k, v, hz, *p.kv_strides, p.H, p.Lk, rows,
         D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
     )
-    return _sum_over_scope(hz, marginal, p.precision)
-
-
-def _no_sums(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The forward's ``sums`` output when it keeps none (linear_sums 'recompute' or scope 'none'): empty."""
-    return like.new_empty((0,), dtype=dtype)
-
-
-def _sums_like(q: torch.Tensor, block_q: int, linear_scope: str, linear_sums: str) -> torch.Tensor:
-    """The forward's ``sums`` output as :func:`_forward` makes it, for the fake: rows [BH, Nq|1, D * D + D] in the
-    summaries' dtype (contiguous, as a product or a sum makes them), or empty."""
-    dtype = summary_dtype(q.dtype, interpreting())
-    if linear_sums != "save" or linear_scope == "none":
-        return _no_sums(q, dtype)
-    B, H, Lq, D = q.shape
-    n = 1 if linear_scope == "all" else num_blocks(Lq, block_q)
-    return q.new_empty((B * H, n, D * D + D), dtype=dtype)
-
-
-def _block_strides(x: torch.Tensor) -> tuple[int, int]:
-    """(stride over bh, stride over blocks) of a per-block buffer; 0 over blocks when one total is broadcast."""
-    return x.stride(0), (0 if x.shape[1] == 1 else x.stride(1))
+    return sum_over_scope(hz, marginal, p.precision)
 
 
 def _forward(
@@ -307,33 +67,33 @@ def _forward(
     [BH, Nq|1, D * D + D] the backward takes instead of making them again (else an empty tensor); with
     ``proj_weight`` (scope not 'none') preceded by the layer output O_s + O_l W^T + b, made in the forward kernel's
     epilogue."""
-    (q,) = _kernel_layout(q)
-    k, v = _key_value_layout(k, v)
+    (q,) = kernel_layout(q)
+    k, v = key_value_layout(k, v)
     has_linear = linear_scope != "none"
     has_proj = proj_weight is not None
     if has_proj and not has_linear:
         raise ValueError("linear_scope='none' has no linear branch for proj_weight to project")
     switches = read_switches()
-    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear, switches.interpreting)
-    o = _like(q)
-    o_l = _like(q) if has_linear else torch.zeros_like(q)
-    lse = _new((p.B, p.H, p.Lq), q, torch.float32)
+    p = problem(q, k, v, block_q, block_k, feature_map, has_linear, switches.interpreting)
+    o = output_like(q)
+    o_l = output_like(q) if has_linear else torch.zeros_like(q)
+    lse = new_output((p.B, p.H, p.Lq), q, torch.float32)
     if has_linear:
-        sums = _linear_totals(k, v, _marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
-        hl, zl = _split_rows(sums, p.D)
+        sums = _linear_totals(k, v, marginal_matrix(block_class, linear_scope, p.summary_dtype), p)
+        hl, zl = split_rows(sums, p.D)
     else:  # never read: HAS_LINEAR=False compiles the branch away
         hl = zl = lse.view(p.bh, 1, -1)
     if not has_linear or linear_sums != "save":
-        sums = _no_sums(q, p.summary_dtype)
+        sums = no_sums(q, p.summary_dtype)
     # Never read without HAS_PROJ / HAS_BIAS: o stands in for the missing tensors.
-    out = _like(q) if has_proj else o
+    out = output_like(q) if has_proj else o
     weight = proj_weight.contiguous() if has_proj else o
     bias = proj_bias.contiguous() if proj_bias is not None and has_proj else o
     loop = fwd_loop(p.D, has_linear, block_q, switches)
     name, programs_per_block = loop.launch(block_q)
     get_kernel(name)[(p.nq * programs_per_block, p.bh)](
         q, k, v, o, o_l, lse, out, weight, bias, kv_num_blocks, kv_indices, hl, zl,
-        *p.q_strides, *p.kv_strides, *_block_strides(hl), *_block_strides(zl),
+        *p.q_strides, *p.kv_strides, *block_strides(hl), *block_strides(zl),
         p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale,
         **p.meta, HAS_PROJ=has_proj, HAS_BIAS=has_proj and proj_bias is not None,
         **loop.constexprs(even_keys=p.Lk % block_k == 0), V_LIKE_K=p.v_like_k,
@@ -377,16 +137,16 @@ def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums,
       proj_weight, proj_bias):
     outputs = _forward_outputs_like(q, block_q, linear_scope, linear_sums)
-    return (_like(outputs[0]), *outputs)  # out has O_s's layout
+    return (output_like(outputs[0]), *outputs)  # out has O_s's layout
 
 
 def _forward_outputs_like(q: torch.Tensor, block_q: int, linear_scope: str,
                           linear_sums: str) -> tuple[torch.Tensor, ...]:
     """Fake (O_s, O_l, lse, sums) with the strides :func:`_forward` gives them (inductor checks them)."""
-    (q,) = _kernel_layout(q)
+    (q,) = kernel_layout(q)
     has_linear = linear_scope != "none"
-    return (_like(q), (_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32),
-            _sums_like(q, block_q, linear_scope, linear_sums))
+    return (output_like(q), (output_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32),
+            sums_like(q, block_q, linear_scope, linear_sums))
 
 
 def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
@@ -395,11 +155,11 @@ def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, .
     ``do`` stands in for it (never read), without a layout of its own: that would copy a gradient not in q's layout
     a second time."""
     if linear_scope != "none" and dol is not None:
-        q, o, do, dol = _kernel_layout(q, o, do, dol)
+        q, o, do, dol = kernel_layout(q, o, do, dol)
     else:
-        q, o, do = _kernel_layout(q, o, do)
+        q, o, do = kernel_layout(q, o, do)
         dol = do
-    k, v = _key_value_layout(k, v)
+    k, v = key_value_layout(k, v)
     return q, k, v, o, do, dol
 
 
@@ -441,7 +201,7 @@ def _backward(
     # summed from them just before its launch, so they are held through the last one too (as through every earlier
     # one: the peak, 559.6 MiB at bf16 L 32768 D 128 counted on the CPU, is unchanged).
     if rows is not None and chunks is None:
-        rows, marginal = _sum_over_scope(rows, marginal, p.precision, transpose=True), None
+        rows, marginal = sum_over_scope(rows, marginal, p.precision, transpose=True), None
     dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches)
     return dq, dk, dv
 
@@ -456,23 +216,23 @@ def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
     has_linear = has_dol or has_proj  # _has_linear's rule, inline (host time)
     q, k, v, o, do, dol_ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     switches = read_switches()
-    p = _problem(q, k, v, block_q, block_k, feature_map, has_linear, switches.interpreting)
+    p = problem(q, k, v, block_q, block_k, feature_map, has_linear, switches.interpreting)
 
     # Buffers live only as long as a kernel needs them, and dK / dV are made last: the per-block summary rows
     # (H_i, dH_i: 97 MiB each, dh_j: 194 MiB at L 32768, H 12, D 128) are then never all held beside dq, dk and dv.
     # Freeing a buffer right after launching its last reader is safe: the caching allocator hands it on only to
     # work queued after that kernel on the same stream.
-    delta = _new((p.B, p.H, p.Lq), q, torch.float32)
+    delta = new_output((p.B, p.H, p.Lq), q, torch.float32)
     dlse = dlse.contiguous() if dlse is not None else None
     saved = has_linear and linear_sums is not None and linear_sums.untyped_storage().nbytes() > 0
     if has_linear:
-        marginal = _marginal_matrix(block_class, linear_scope, p.summary_dtype)
-        hl, zl = _split_rows(linear_sums if saved else _linear_totals(k, v, marginal, p), p.D)
-        rows = _summary_rows(p.nq, q, p)
+        marginal = marginal_matrix(block_class, linear_scope, p.summary_dtype)
+        hl, zl = split_rows(linear_sums if saved else _linear_totals(k, v, marginal, p), p.D)
+        rows = summary_rows(p.nq, q, p)
     else:  # never read
         hl = zl = delta.view(p.bh, 1, -1)
         rows = marginal = None
-    dq = _like(q)  # after the sums: not beside the per-key-block rows they are made from
+    dq = output_like(q)  # after the sums: not beside the per-key-block rows they are made from
     if prepass_launch(q.device, switches, q.dtype) == "loop":  # programs that loop over the query blocks
         programs = min(p.nq * p.bh, PREPASS_LOOP_PROGRAMS_PER_SM * multiprocessors(q.device, switches.interpreting))
         entry, grid = "prepass_loop", (programs,)
@@ -480,7 +240,7 @@ def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
         entry, grid = "prepass", (p.nq, p.bh)
     get_kernel(entry)[grid](
         q, o, do, dol_, proj_weight.contiguous() if has_proj else delta, dq, dlse if dlse is not None else delta,
-        delta, hl, zl, delta if rows is None else rows, *p.q_strides, *_block_strides(hl), *_block_strides(zl),
+        delta, hl, zl, delta if rows is None else rows, *p.q_strides, *block_strides(hl), *block_strides(zl),
         p.H, p.Lq, p.nq, p.bh,
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
         PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
@@ -525,19 +285,19 @@ def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks,
             key_rows, heads = rows, q_num_blocks
         else:
             scope = None if marginal is None else marginal[first:last]
-            key_rows = _sum_over_scope(rows[first:last], scope, p.precision, transpose=True)
+            key_rows = sum_over_scope(rows[first:last], scope, p.precision, transpose=True)
             heads = q_num_blocks.view(p.bh, p.nk)[first:last]
         if key_rows is None:  # never read
             dhs = dzs = delta.view(p.bh, 1, -1)
         else:
-            dhs, dzs = _split_rows(key_rows, p.D)  # dhs is the rows themselves
+            dhs, dzs = split_rows(key_rows, p.D)  # dhs is the rows themselves
         if dk is None:  # after the first rows: not beside the per-query-block rows they are summed from
-            dk, dv = _like(k), _like(k)
+            dk, dv = output_like(k), output_like(k)
         order = dkdv_program_order(heads, dkdv_order(switches))
         get_kernel("dkdv")[(p.nk, last - first)](
             q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
             q_num_blocks if order is None else order,  # never read without ORDERED
-            *p.q_strides, *p.kv_strides, *_block_strides(dhs), *_block_strides(dzs),
+            *p.q_strides, *p.kv_strides, *block_strides(dhs), *block_strides(dzs),
             p.H, p.Lq, p.Lk, p.nk, p.nq, first, p.qk_scale, p.sm_scale,
             **p.meta, ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do, switches=switches),
         )
@@ -597,15 +357,15 @@ def _sla_backward_queries_impl(
     _, _, _, do_kernel, p, _, dq, delta, rows, marginal = _backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
         linear_scope, proj_weight, linear_sums)
-    return (dq, delta, _no_sums(q, p.summary_dtype) if rows is None else rows,
-            _no_sums(q, p.summary_dtype) if marginal is None else marginal,
+    return (dq, delta, no_sums(q, p.summary_dtype) if rows is None else rows,
+            no_sums(q, p.summary_dtype) if marginal is None else marginal,
             do.new_empty((0,)) if do_kernel is do else do_kernel)
 
 
 def _sla_backward_key_rows_impl(rows: torch.Tensor, marginal: torch.Tensor | None, precision: str) -> torch.Tensor:
     """The backward's second custom op: the per-key-block rows of dh_j, dz_j [BH, Nk'|1, D * D + D] from the
-    pre-pass' per-query-block ``rows`` (see :func:`_sum_over_scope`; ``marginal`` None for scope 'all')."""
-    return _sum_over_scope(rows, marginal, precision, transpose=True)
+    pre-pass' per-query-block ``rows`` (see :func:`sum_over_scope`; ``marginal`` None for scope 'all')."""
+    return sum_over_scope(rows, marginal, precision, transpose=True)
 
 
 def _sla_backward_keys_impl(
@@ -618,10 +378,10 @@ def _sla_backward_keys_impl(
     unless SLA_DIST_DKDV_CHUNKS makes more); None without the linear branch. ``do``: dO as the first op's kernels
     read it (its copy where it made one). q and dO are laid out as for the first op (a non-dense q, copied there,
     is copied again here, as k and v that the kernels cannot read in place are: the forward copies those too)."""
-    q, do = _kernel_layout(q, do)
-    k, v = _key_value_layout(k, v)
+    q, do = kernel_layout(q, do)
+    k, v = key_value_layout(k, v)
     switches = read_switches()
-    p = _problem(q, k, v, block_q, block_k, feature_map, rows is not None, switches.interpreting)
+    p = problem(q, k, v, block_q, block_k, feature_map, rows is not None, switches.interpreting)
     chunks = None if rows_summed or rows is None else (_dkdv_chunks(rows, marginal, q, switches) or ((0, p.bh),))
     return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches)
 
@@ -641,11 +401,11 @@ def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, bl
     B, H, Lq, D = q.shape
     if _has_linear(linear_scope, dol, proj_weight):
         rows = q.new_empty((B * H, num_blocks(Lq, block_q), D * D + D), dtype=dtype)
-        marginal = _marginal_matrix(block_class, linear_scope, dtype)
+        marginal = marginal_matrix(block_class, linear_scope, dtype)
     else:
         rows = marginal = None
-    return (_like(q_kernel), q.new_empty((B, H, Lq), dtype=torch.float32),
-            _no_sums(q, dtype) if rows is None else rows, _no_sums(q, dtype) if marginal is None else marginal,
+    return (output_like(q_kernel), q.new_empty((B, H, Lq), dtype=torch.float32),
+            no_sums(q, dtype) if rows is None else rows, no_sums(q, dtype) if marginal is None else marginal,
             do.new_empty((0,)) if do_kernel is do else do_kernel)
 
 
@@ -656,8 +416,8 @@ def _(rows, marginal, precision):
 
 @sla_backward_keys.register_fake
 def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, feature_map, rows_summed):
-    k, _ = _key_value_layout(k, v)
-    return _like(k), _like(k)
+    k, _ = key_value_layout(k, v)
+    return output_like(k), output_like(k)
 
 
 def _compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
@@ -701,65 +461,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.bias_dtype = proj[1].dtype if proj and proj[1] is not None else None
 
 
-def _memory_order(x: torch.Tensor) -> tuple[int, ...]:
-    """x's dimensions, outermost in memory first and the last one kept last: x.permute(order) is row-major when x
-    is any permutation of a dense layout (e.g. a [B, L, H, D] tensor viewed as [B, H, L, D])."""
-    return (*sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)), x.dim() - 1)
-
-
-ROWS_PER_PARTIAL = 256
-"""Rows per float32 partial sum in ``column_sums``."""
-
-
-def column_sums(rows: torch.Tensor) -> torch.Tensor:
-    """rows [N, D] -> their float32 sum over N, in two stages: partial sums over chunks of ``ROWS_PER_PARTIAL``
-    rows, then the sum of the partials (and of the < ROWS_PER_PARTIAL rows left over). One column reduction over all
-    N rows leaves most of the GPU idle: for bfloat16 rows of D 128 on an H200, 99 µs at N = 98304 and 188 µs at
-    393216 against 29 and 52 µs in two stages, with the same float32 accumulation."""
-    n, full = rows.shape[0], rows.shape[0] - rows.shape[0] % ROWS_PER_PARTIAL
-    tail = rows[full:].sum(0, dtype=torch.float32) if full < n else None
-    if not full:
-        return tail
-    chunked = (rows if full == n else rows[:full]).unflatten(0, (full // ROWS_PER_PARTIAL, ROWS_PER_PARTIAL))
-    total = chunked.sum(1, dtype=torch.float32).sum(0)
-    return total if tail is None else total + tail
-
-
-def _projection_backward(dout, do, dol, o_l, weight, bias_dtype):
-    """out = O_s + O_l W^T + b: (dO_s, dO_l, W for the kernels, (dW, db)), dOut added to ``do`` (None: zero).
-
-    dO_l's share dOut W is made by the backward's pre-pass from dOut, given W in dOut's dtype, when dOut is all of
-    dO_s (the layer's case); when a gradient reached O_s directly too, the kernels' dO_s is no longer dOut, so the
-    product is made here and added to ``dol``. The products run over rows in O_l's memory order, so that no operand
-    is copied into a contiguous layout and dO_l comes back with O_l's strides (those the backward kernels index
-    with)."""
-    if dout is None:
-        return do, dol, None, (None, None)
-    order = _memory_order(o_l)
-    rows = _permute(dout, order)
-    weight_x = _cast(weight, dout.dtype)
-    if do is None:  # the layer's case
-        do, kernel_weight = dout, weight_x
-    else:
-        inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
-        dol_proj = _permute(rows @ weight_x, inverse)
-        do, dol, kernel_weight = do + dout, (dol_proj if dol is None else dol + dol_proj), None
-    rows, o_l_rows = rows.flatten(0, -2), _permute(o_l, order).flatten(0, -2)
-    dw = _cast(rows.mT @ o_l_rows, weight.dtype)
-    db = None if bias_dtype is None else _cast(column_sums(rows), bias_dtype)
-    return do, dol, kernel_weight, (dw, db)
-
-
-def _permute(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-    """x.permute(order); x itself, without a call into the dispatcher, for the identity (host time)."""
-    return x if order == tuple(range(len(order))) else x.permute(order)
-
-
-def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in ``dtype``; x itself, without a call into the dispatcher, when it already is (host time)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def _gradients(backward, ctx, *grads, release: bool = False):
     """Gradients of the forward's inputs through ``backward`` (:func:`_compiled_backward`, the custom ops, or
     :func:`_backward`, their implementation) from those of its outputs, None standing for a zero gradient: (dq, dk,
@@ -784,7 +485,7 @@ def _gradients(backward, ctx, *grads, release: bool = False):
                                            proj[1])
                 proj = (o_l, proj[1])
             after_prepass = (sums, o)
-        do, dol, weight, dproj = _projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
+        do, dol, weight, dproj = projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
         if release:  # O_l's last reader is dW, queued above
             proj[0].untyped_storage().resize_(0)
     if do is None:

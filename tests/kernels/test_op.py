@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, BlockMap, build_block_map, predict_block_map
-from sla_dist.kernels import configs, op
+from sla_dist.kernels import configs, layout, op, projection, summary_rows
 from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward, sparse_linear_attention
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
@@ -103,9 +103,9 @@ def test_kernel_layout_keeps_a_dense_first_tensor():
     the others (a contiguous output gradient) are copied into its layout; a gapped first one makes all contiguous."""
     q = torch.randn(2, 9, 3, 4).transpose(1, 2)
     do = torch.randn(2, 3, 9, 4)
-    kept, copied = op._kernel_layout(q, do)
+    kept, copied = layout.kernel_layout(q, do)
     assert kept is q and copied.stride() == q.stride() and torch.equal(copied, do)
-    assert all(t.is_contiguous() for t in op._kernel_layout(q[:, :, :5], do[:, :, :5]))
+    assert all(t.is_contiguous() for t in layout.kernel_layout(q[:, :, :5], do[:, :, :5]))
 
 
 @pytest.mark.parametrize("has_dol", [False, True])
@@ -125,7 +125,7 @@ def test_backward_copies_the_output_gradient_once(has_dol):
             return func(*args, **(kwargs or {}))
 
     q, k, v = (torch.randn(1, 9, 2, 32).to(DEVICE).transpose(1, 2) for _ in range(3))
-    o = op._like(q)
+    o = layout.output_like(q)
     do, dol = (torch.randn(1, 2, 9, 32).to(DEVICE) for _ in range(2))
     with Copies() as copies:
         q_, _, _, o_, do_, dol_ = op._backward_layout(do, dol if has_dol else None, q, k, v, o, "marginal")
@@ -260,7 +260,7 @@ def test_column_sums_cover_every_row(n):
     """The bias gradient's two-stage sum (float32 partials over chunks of rows, then their sum) counts every row,
     the chunks' and the ones left over, once."""
     rows = torch.randn(n, 8, generator=torch.Generator().manual_seed(n)).to(DEVICE, torch.bfloat16)
-    got = op.column_sums(rows)
+    got = projection.column_sums(rows)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), rows.double().sum(0), rtol=1e-6, atol=1e-5)
 
@@ -272,19 +272,19 @@ def test_sums_contract_over_aligned_key_blocks(nk, padded, poison_outputs):
     so the sums equal the unpadded ones; the transposed sum's extra rows are 0."""
     gen = torch.Generator().manual_seed(nk)
     block_class = torch.randint(0, 3, (1, 2, 5, nk), generator=gen, dtype=torch.int8).to(DEVICE)
-    m = op._marginal_matrix(block_class, "marginal", torch.float32)
+    m = summary_rows.marginal_matrix(block_class, "marginal", torch.float32)
     assert m.shape[-1] == padded
     dense = (block_class == MARGINAL).flatten(0, 1).float()
     assert torch.equal(m[..., :nk], dense) and not m[..., nk:].any()
     L, D = nk * 16 - 3, 16
     k, v = (torch.randn(1, 2, L, D, generator=gen).to(DEVICE) for _ in range(2))
-    p = op._problem(k, k, v, 16, 16, "softmax", True, configs.interpreting())
-    hz = op._summary_rows(nk, k, p)
+    p = layout.problem(k, k, v, 16, 16, "softmax", True, configs.interpreting())
+    hz = summary_rows.summary_rows(nk, k, p)
     configs.get_kernel("summaries")[(nk, p.bh)](k, v, hz, *p.kv_strides, p.H, p.Lk, nk, D=D, BLOCK_K=16,
                                                   FEATURE_MAP=p.feature_map, PRECISION=p.precision)
     torch.testing.assert_close(op._linear_totals(k, v, m, p), dense @ hz, rtol=1e-5, atol=1e-5)
     y = torch.randn(2, 5, 3, generator=gen).to(DEVICE)
-    back = op._sum_over_scope(y, m, p.precision, transpose=True)
+    back = summary_rows.sum_over_scope(y, m, p.precision, transpose=True)
     torch.testing.assert_close(back[:, :nk], dense.transpose(1, 2) @ y)
     assert not back[:, nk:].any()
 

@@ -1,9 +1,9 @@
-"""The linear summaries' dtype on a GPU (op.summary_dtype), judged by the error it leaves in proj_l's weight gradient.
+"""The linear summaries' dtype on a GPU (layout.summary_dtype), judged by the error it leaves in proj_l's weight gradient.
 
 The interpreter runs the linear branch with float32 summaries whatever the inputs, so it cannot see what a GPU's
 rounding costs. This test makes O_l in PyTorch with the rounding that the GPU's summary dtype and the kernels' rules
 imply: h_j = phi(K_j)^T V_j and z_j summed in float32 and stored in the summaries' dtype; H_i and Z_i their 0/1-matrix
-sums (the rows read at tf32 when they are float32 rows of half inputs, op._sum_over_scope; float32 accumulation,
+sums (the rows read at tf32 when they are float32 rows of half inputs, summary_rows.sum_over_scope; float32 accumulation,
 stored in the summaries' dtype); the forward epilogue's product phi(Q_i) H_i on operands in the inputs' dtype, H_i
 divided by a power of two >= max Z_i first; the denominator in float32 and O_l stored in float16. dW = dOut^T O_l,
 which sees O_l alone (O_l's share of the output is small), must then be within the rule of the float16 reference's
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sla_dist.kernels import op
+from sla_dist.kernels import layout, summary_rows
 from sla_dist.kernels.block_map import MARGINAL, predict_block_map
 from sla_dist.kernels.reference import feature_map_ref, linear_branch_ref
 
@@ -44,7 +44,7 @@ def _kernel_linear_output(q, k, v, block_class, sums: torch.dtype) -> torch.Tens
     fk = _blocks(feature_map_ref(k.float(), CASE.feature_map), nk, CASE.block_k)
     h = (fk.to(q.dtype).double().mT @ _blocks(v.double(), nk, CASE.block_k)).float().to(sums)  # [B, H, Nk, D, D]
     rows = torch.cat([h.flatten(-2), fk.sum(-2).to(sums)], -1)  # h_j then z_j, as _summary_rows
-    if sums == torch.float32 and op.dot_precision(q.dtype) == "tf32":
+    if sums == torch.float32 and layout.dot_precision(q.dtype) == "tf32":
         rows = _tf32(rows)
     totals = ((block_class == MARGINAL).double() @ rows.double()).float().to(sums).float()
     hl, zl = totals[..., : D * D].unflatten(-1, (D, D)), totals[..., D * D :]
@@ -70,7 +70,7 @@ def test_float16_summaries_keep_the_weight_gradient_within_the_rule(seed):
     opts = (block_map, CASE.feature_map, CASE.linear_scope)
     exact = _weight_gradient(dout.double(), linear_branch_ref(q.double(), k.double(), v.double(), *opts))
     low = _weight_gradient(dout, linear_branch_ref(q, k, v, *opts))
-    o_l = _kernel_linear_output(q, k, v, block_map.block_class, op.summary_dtype(CASE.dtype, interpreting=False))
+    o_l = _kernel_linear_output(q, k, v, block_map.block_class, layout.summary_dtype(CASE.dtype, interpreting=False))
     kernel_err, ref_err = relative_error(_weight_gradient(dout, o_l), exact), relative_error(low, exact)
     assert within_rule("dproj_w", kernel_err, ref_err), f"dW error {kernel_err:.2e} vs reference {ref_err:.2e}"
 
@@ -84,7 +84,7 @@ def test_float32_rows_of_half_inputs_are_summed_at_tf32(rows, precision, tf32, m
                         lambda a, b: seen.append(torch.backends.cuda.matmul.allow_tf32) or matmul(a, b))
     previous, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     try:
-        out = op._sum_over_scope(torch.ones(1, 3, 4, dtype=rows), torch.ones(1, 2, 3, dtype=rows), precision)
+        out = summary_rows.sum_over_scope(torch.ones(1, 3, 4, dtype=rows), torch.ones(1, 2, 3, dtype=rows), precision)
         assert seen == [tf32] and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous

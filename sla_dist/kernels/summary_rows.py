@@ -1,0 +1,97 @@
+"""The linear branch's per-block summary rows and the 0/1 products that sum them over a query block's scope.
+
+A row holds one block's [D, D] summary (h_j = phi(K_j)^T V_j, or a gradient of H_i) followed by its [D] vector (z_j,
+or of Z_i), so that one product with the 0/1 matrix M (M_ij = key block j is in query block i's linear scope) sums
+both: H_i, Z_i = sum_j M_ij (h_j, z_j) in the forward, dh_j = sum_i M_ij dH_i in the backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .block_map import MARGINAL, num_blocks
+from .configs import interpreting
+from .layout import Problem, new_output, summary_dtype
+
+SUM_BLOCK_ALIGN = 8
+"""The 0/1 products' contraction over key blocks is padded to a multiple of this many blocks (16 bytes of bfloat16),
+from PAD_FROM_BLOCKS key blocks on (below, the padding would add up to 7/8 to products that take microseconds)."""
+PAD_FROM_BLOCKS = 64
+
+
+def marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """M [BH, Nq, Nk'] in ``dtype``, M_ij = [key block j is in query block i's linear scope], Nk' = Nk rounded up to
+    SUM_BLOCK_ALIGN from PAD_FROM_BLOCKS key blocks on, the extra columns 0; None for scope 'all', where every query
+    block shares one total. Built once per pass and used for every sum below; the comparison writes its 0 / 1 straight
+    into ``dtype`` (one kernel, no boolean temporary to cast). cuBLAS picks its vectorised (16-byte aligned) kernels
+    only when the contraction length is aligned too: with Nk 591 (L 75600) the products ran in sm80 ``align2`` /
+    ``align1`` kernels on an H200, 1.25 ms forward and 1.4-2.1 ms backward at H 12."""
+    if scope == "all":
+        return None
+    *lead, nk = block_class.shape
+    pad = -nk % SUM_BLOCK_ALIGN if nk >= PAD_FROM_BLOCKS else 0
+    marginal = torch.empty((*lead, nk + pad), dtype=dtype, device=block_class.device)
+    torch.eq(block_class, MARGINAL, out=marginal[..., :nk] if pad else marginal)
+    if pad:
+        marginal[..., nk:].zero_()
+    return marginal.flatten(0, 1)
+
+
+def sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, precision: str,
+                    transpose: bool = False) -> torch.Tensor:
+    """sum_j M_ij x_j: [BH, Nk', F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
+    [BH, Nk' or 1, F] (Nk': M's padded key blocks; the padding's rows come out 0). A product with the 0/1 matrix
+    runs on tensor cores and accumulates in float32; a broadcast total keeps a size-1 block dimension. float32 rows
+    of half inputs (``precision`` 'tf32': float16's summaries) are multiplied at tf32, as the kernels' products: a
+    float32 GEMM of this size runs on the CUDA cores, several times slower than the bfloat16 one it replaced."""
+    if marginal is None:
+        return x.sum(1, keepdim=True)
+    matrix = marginal.transpose(1, 2) if transpose else marginal
+    if precision == "ieee" or x.dtype != torch.float32:
+        return matrix @ x
+    with _tf32_matmuls():
+        return matrix @ x
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """cuBLAS float32 products at tf32 inside the block. torch has no per-product setting, so the process-wide flag
+    is set and restored (another thread's float32 products in between would run at tf32 too)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def summary_rows(n: int, like: torch.Tensor, p: Problem) -> torch.Tensor:
+    """A buffer of one row per block, [BH, n, D * D + D]: a [D, D] summary (h_j, or a gradient of H_i) followed by
+    its [D] vector (z_j, or of Z_i), so that one 0/1 product sums both."""
+    return new_output((p.bh, n, p.D * p.D + p.D), like, p.summary_dtype)
+
+
+def split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [D, D] summaries and the [D] vectors of a [BH, n, D * D + D] buffer of summary rows as the kernels take
+    them, a base address and the strides over bh and blocks each: the rows themselves (a summary is the first D * D
+    elements of its row, read from there) and the view of the vectors, D * D elements in. One view, not three (a
+    [BH, n, D, D] view of the summaries gives the kernels the same address and strides)."""
+    return rows, rows[..., D * D :]
+
+
+def no_sums(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The forward's ``sums`` output when it keeps none (linear_sums 'recompute' or scope 'none'): empty."""
+    return like.new_empty((0,), dtype=dtype)
+
+
+def sums_like(q: torch.Tensor, block_q: int, linear_scope: str, linear_sums: str) -> torch.Tensor:
+    """The forward's ``sums`` output as op._forward makes it, for the fake: rows [BH, Nq|1, D * D + D] in the
+    summaries' dtype (contiguous, as a product or a sum makes them), or empty."""
+    dtype = summary_dtype(q.dtype, interpreting())
+    if linear_sums != "save" or linear_scope == "none":
+        return no_sums(q, dtype)
+    B, H, Lq, D = q.shape
+    n = 1 if linear_scope == "all" else num_blocks(Lq, block_q)
+    return q.new_empty((B * H, n, D * D + D), dtype=dtype)
