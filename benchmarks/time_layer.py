@@ -20,7 +20,7 @@ per kernel of configs.py's tuning table, untuned) one after the other. ``--kerne
 forward, dQ and dK/dV kernels and the backward's pre-pass in one forward+backward (torch.profiler over 5 calls): what
 a variant changes.
 ``--dtype float16`` times float16 inputs (label suffix ``+float16``; their linear-branch summaries are float32,
-op.summary_dtype).
+layout.summary_dtype).
 
 Inputs like a model's, one factor at a time (each a list: one run per value, after the L loop; a label suffix names
 every value that is not the default): ``--L 32760`` a length with partial last blocks; ``--layout blhd fused`` q, k,
