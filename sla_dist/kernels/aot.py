@@ -32,7 +32,7 @@ from .layout import dot_precision, summary_dtype
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 # Pointer arguments by role: "x" the input dtype, "sum" the linear-branch summaries h, z and their sums and gradients
-# (op.summary_dtype, as on a GPU), "proj" proj_l's weight and bias (Variant.proj_dtype), "f32" / "f64" / "i64" / "i32" /
+# (layout.summary_dtype, as on a GPU), "proj" proj_l's weight and bias (Variant.proj_dtype), "f32" / "f64" / "i64" / "i32" /
 # "i8" fixed. Other non-constexpr arguments are int32 scalars, except the float scales.
 _POINTERS = {
     "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", OUT="x", W="proj", B="proj", KV_NUM="i32",

@@ -182,7 +182,7 @@ def _sla_fwd_kernel(
         zl = ZL + block_item(bh, pid_q, stride_zl_bh, stride_zl_q) + offs_d
         if HL.dtype.element_ty == Q.dtype.element_ty:  # bfloat16 or float32 inputs: summaries in their dtype
             o = _linear_output(fq, hl, zl, o, OL, W, tile, offs_d, row_ok, D, HAS_PROJ, PRECISION)
-        else:  # float16 inputs, float32 summaries (op.summary_dtype)
+        else:  # float16 inputs, float32 summaries (layout.summary_dtype)
             o = _scaled_linear_output(fq, hl, zl, o, OL, W, q_base, offs_m, stride_ql, offs_d, row_ok, q.dtype, D,
                                       HAS_PROJ, PRECISION)
         if HAS_PROJ:
