@@ -142,8 +142,8 @@ def _forward_outputs_like(q: torch.Tensor, block_q: int, linear_scope: str,
     """Fake (O_s, O_l, lse, sums) with the strides :func:`_forward` gives them (inductor checks them)."""
     (q,) = kernel_layout(q)
     has_linear = linear_scope != "none"
-    return (output_like(q), (output_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32),
-            sums_like(q, block_q, linear_scope, linear_sums))
+    return (output_like(q), (output_like(q) if has_linear else torch.zeros_like(q)),
+            q.new_empty(q.shape[:3], dtype=torch.float32), sums_like(q, block_q, linear_scope, linear_sums))
 
 
 def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
@@ -231,9 +231,10 @@ def _backward(
     )
 
     # dK / dV over chunks of heads where SLA_DIST_DKDV_CHUNKS asks (configs.DKDV_CHUNKINGS; one chunk unless that
-    # lowers the peak, dkdv_head_chunks), each chunk's dh_j rows made just before its launch. dhz's last reader is the last chunk's product: freed before that chunk's launch,
-    # and with one chunk before dk and dv exist.
+    # lowers the peak, dkdv_head_chunks), each chunk's dh_j rows made just before its launch. dhz's last reader is
+    # the last chunk's product: freed before that chunk's launch, and with one chunk before dk and dv exist.
     q_num_blocks, q_indices = transposed_lists(block_class)
+    # Unset, no call is made (host time: test_host_budget counts the Python calls).
     if has_linear and switches.dkdv_chunks is not None and dkdv_chunked(switches):
         key_rows = 1 if marginal is None else marginal.shape[-1]  # scope 'all': one total row per head
         chunks = dkdv_head_chunks(p.bh, p.nq, key_rows, (p.D * p.D + p.D) * p.summary_dtype.itemsize,
@@ -245,11 +246,11 @@ def _backward(
     for first, last in chunks:
         if has_linear:
             scope = marginal if whole or marginal is None else marginal[first:last]
-            summed = sum_over_scope(dhz if whole else dhz[first:last], scope, p.precision, transpose=True)
-            dhs, dzs = split_rows(summed, p.D)  # dhs is the summed rows themselves
+            # dhs is the summed rows themselves: freed with dhs, dzs after the launch
+            dhs, dzs = split_rows(sum_over_scope(dhz if whole else dhz[first:last], scope, p.precision,
+                                                 transpose=True), p.D)
             if last == p.bh:
                 dhz = marginal = scope = None  # their last use
-            del summed
         else:  # never read
             dhs = dzs = delta.view(p.bh, 1, -1)
         if dk is None:
