@@ -3,8 +3,8 @@
     TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128]
         [--dtype bfloat16] [--linear-sums save recompute] [--compiled] [--json PATH]
 
-Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in layout.summary_dtype's
-GPU dtype, bfloat16 for bfloat16 inputs and float32 for float16 ones; the block map through its kernel path), but no
+Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in
+layout.summary_dtype's GPU dtype, bfloat16 for bfloat16 inputs and float32 for float16 ones; the block map through its kernel path), but no
 kernel runs, so the full 32K shape takes a minute or two (the 0/1 products and proj_l's GEMMs run on the CPU). The
 CPU allocator's allocations and frees are read back from the profiler's memory timeline; "extra" is the peak above
 what was allocated before the forward (inputs, the output gradient, parameters), as
@@ -62,7 +62,7 @@ def no_op_kernels(launches: list[str] | None = None, *, tma_device: bool = False
             mock.patch.object(block_map, "_on_kernels", lambda x, kernels: x.dtype != torch.float64), \
             mock.patch.object(layout, "summary_dtype", as_on_a_gpu), \
             mock.patch.object(summary_rows, "summary_dtype", as_on_a_gpu), \
-            mock.patch.object(configs, "_has_tma", lambda device, *_: tma_device):
+            mock.patch.object(configs, "_hopper", lambda device, *_: tma_device):
         # Launch constants are cached per shape with their summaries' dtype: none made here may outlive the block.
         layout._cached_problem.cache_clear()
         try:

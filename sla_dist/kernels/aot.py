@@ -26,14 +26,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import _KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, interpreting
+from .configs import (_KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop,
+                      check_choice, interpreting)
 from .layout import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 # Pointer arguments by role: "x" the input dtype, "sum" the linear-branch summaries h, z and their sums and gradients
-# (layout.summary_dtype, as on a GPU), "proj" proj_l's weight and bias (Variant.proj_dtype), "f32" / "f64" / "i64" / "i32" /
-# "i8" fixed. Other non-constexpr arguments are int32 scalars, except the float scales.
+# (layout.summary_dtype, as on a GPU), "proj" proj_l's weight and bias (Variant.proj_dtype), "f32" / "f64" / "i64" /
+# "i32" / "i8" fixed. Other non-constexpr arguments are int32 scalars, except the float scales.
 _POINTERS = {
     "fwd": dict(Q="x", K="x", V="x", O="x", OL="x", LSE="f32", OUT="x", W="proj", B="proj", KV_NUM="i32",
                 KV_IDX="i32", HL="sum", ZL="sum"),
@@ -103,8 +104,7 @@ class Variant:
             raise ValueError(f"fwd_loop={self.fwd_loop!r}: compile kernel 'fwd_split' for the split loop")
         if self.fwd_loop != "baseline" and not self.kernel.startswith("fwd"):
             raise ValueError(f"fwd_loop={self.fwd_loop!r} applies to the forward kernels, not {self.kernel}")
-        if self.dkdv_order not in DKDV_ORDERS:
-            raise ValueError(f"{DKDV_ORDER_ENV}={self.dkdv_order!r}; choose one of {DKDV_ORDERS}")
+        check_choice(DKDV_ORDER_ENV, self.dkdv_order, DKDV_ORDERS)
         if self.dkdv_order != "natural" and self.kernel != "dkdv":
             raise ValueError(f"dkdv_order={self.dkdv_order!r} applies to dkdv, not {self.kernel}")
         if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:

@@ -184,9 +184,10 @@ def _bwd_prepass_kernel(
 ):
     # PERSISTENT (SLA_DIST_PREPASS=loop, the prepass_loop launch entry): a 1-D grid of configs'
     # PREPASS_LOOP_PROGRAMS_PER_SM programs per SM, each taking the items pid, pid + programs, ... of the query
-    # blocks of all heads (query block fastest, so the programs running at once share a head). The body has no loop of its own and one 8-warp program fills an SM's registers, so one block per
-    # program leaves the SM idle on each block's loads; in a loop over blocks the software pipeliner (the launch's
-    # num_stages) can copy the next block's tiles to shared memory while this block's products run.
+    # blocks of all heads (query block fastest, so the programs running at once share a head). The body has no
+    # loop of its own and one 8-warp program fills an SM's registers, so one block per program leaves the SM idle
+    # on each block's loads; in a loop over blocks the software pipeliner (the launch's num_stages) can copy the
+    # next block's tiles to shared memory while this block's products run.
     # W is loaded once per program, before the loop: as a loop-invariant dot operand it then stays in shared memory
     # (in the loop the pipeliner gave each column half two buffers: 64 KiB at D 128, past Hopper's 227 KiB).
     if PERSISTENT:

@@ -223,11 +223,12 @@ def dkdv_order(switches: Switches | None = None) -> str:
     """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several;
     ``switches``: as read for this launch), else DEFAULT_DKDV_ORDER."""
     order = (switches or read_switches()).dkdv_order
-    return DEFAULT_DKDV_ORDER if order is None else _chosen(DKDV_ORDER_ENV, order, DKDV_ORDERS)
+    return DEFAULT_DKDV_ORDER if order is None else check_choice(DKDV_ORDER_ENV, order, DKDV_ORDERS)
 
 
-def _chosen(env: str, value: str, choices: tuple[str, ...]) -> str:
-    """A set switch's value, if it is one of its ``choices``; else a ValueError naming the variable and value."""
+def check_choice(env: str, value: str, choices: tuple[str, ...]) -> str:
+    """A switch's value (``env``'s, or a setting standing for it), if it is one of its ``choices``; else a
+    ValueError naming the variable and the value."""
     if value not in choices:
         raise ValueError(f"{env}={value!r}; choose one of {choices}")
     return value
@@ -254,9 +255,9 @@ def prepass_launch(device: torch.device | None = None, switches: Switches | None
     switches = switches or read_switches()
     launch = switches.prepass
     if launch is None:
-        fits = dtype != torch.float32 and device is not None and _has_tma(device, switches.interpreting)
+        fits = dtype != torch.float32 and device is not None and _hopper(device, switches.interpreting)
         return "loop" if fits else "block"
-    return _chosen(PREPASS_ENV, launch, PREPASS_LAUNCHES)
+    return check_choice(PREPASS_ENV, launch, PREPASS_LAUNCHES)
 
 
 DKDV_CHUNKINGS = ("off", "auto")
@@ -271,7 +272,7 @@ takes depends on it, op._compiled_backward), so set it before compiling."""
 def dkdv_chunked(switches: Switches | None = None) -> bool:
     """SLA_DIST_DKDV_CHUNKS is 'auto' (``switches``: as read for this launch)."""
     chunks = (switches or read_switches()).dkdv_chunks
-    return chunks is not None and _chosen(DKDV_CHUNKS_ENV, chunks, DKDV_CHUNKINGS) == "auto"
+    return chunks is not None and check_choice(DKDV_CHUNKS_ENV, chunks, DKDV_CHUNKINGS) == "auto"
 
 
 TMA_KERNELS = ("fwd", "dq", "dkdv")
@@ -295,7 +296,7 @@ def tma_kernels(device: torch.device | None = None, switches: Switches | None = 
     tensors a descriptor cannot address still takes the pointer loads (op.py decides per launch)."""
     switches = switches or read_switches()
     if switches.tma is None:
-        return DEFAULT_TMA_KERNELS if device is not None and _has_tma(device, switches.interpreting) else frozenset()
+        return DEFAULT_TMA_KERNELS if device is not None and _hopper(device, switches.interpreting) else frozenset()
     return _parse_tma(switches.tma)
 
 
@@ -313,11 +314,17 @@ def _parse_tma(text: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def _has_tma(device: torch.device, interpreting: bool) -> bool:
-    """A CUDA device with the bulk tensor copy engine (compute capability 9.0 or newer), outside the interpreter."""
+def _hopper(device: torch.device, interpreting: bool) -> bool:
+    """A CUDA device of compute capability 9.0 or newer, outside the interpreter: the bulk tensor copy engine
+    (descriptors) and the shared memory the looping pre-pass takes."""
     if device.type != "cuda" or interpreting:
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    return _capability(_cuda_index(device))[0] >= 9
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The index of a CUDA ``device`` ('cuda' alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,7 +340,7 @@ def multiprocessors(device: torch.device, interpreting: bool) -> int:
     """The streaming multiprocessors of a CUDA ``device``; INTERPRETER_SMS in the interpreter or on the CPU."""
     if device.type != "cuda" or interpreting:
         return INTERPRETER_SMS
-    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _multiprocessors(_cuda_index(device))
 
 
 @functools.lru_cache(maxsize=None)

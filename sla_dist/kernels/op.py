@@ -145,8 +145,8 @@ def _forward_outputs_like(q: torch.Tensor, block_q: int, linear_scope: str,
     """Fake (O_s, O_l, lse, sums) with the strides :func:`_forward` gives them (inductor checks them)."""
     (q,) = kernel_layout(q)
     has_linear = linear_scope != "none"
-    return (output_like(q), (output_like(q) if has_linear else torch.zeros_like(q)), q.new_empty(q.shape[:3], dtype=torch.float32),
-            sums_like(q, block_q, linear_scope, linear_sums))
+    return (output_like(q), (output_like(q) if has_linear else torch.zeros_like(q)),
+            q.new_empty(q.shape[:3], dtype=torch.float32), sums_like(q, block_q, linear_scope, linear_sums))
 
 
 def _backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
