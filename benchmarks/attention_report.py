@@ -11,7 +11,12 @@ against an earlier bench_attention.py JSON (any of its modes) at the cells both 
 Every target is judged for each full-layer row the sweep has, on its own: the eager layer ("SLA full layer, BQ128")
 and, where the sweep has it, the same module through ``torch.compile(fullgraph=True)`` ("..., compiled"), as a
 compiled DiT block runs it. FlexAttention, which both are compared with, is compiled in every sweep (torch.compile of
-flex_attention, static shapes). Sweeps from before the compiled row are reported for the eager layer alone.
+flex_attention, static shapes). Sweeps from before the compiled row are reported for the eager layer alone. A sweep
+run with --graphs has a third mode, "graphed": the eager row's module captured in CUDA graphs ("..., CUDA graph"),
+judged against FlexAttention's compiled function captured the same way and against dense cuDNN (not captured: at
+L 8192 its kernels take ~2.6 ms, far above its host time); the eager and compiled modes are read as before. The
+graphed rows are not profiled (they replay the eager layer's kernels, whose glue the eager mode reports) and their
+peak memory is not measured: the glue and memory targets say so for that mode.
 
 The targets, in the issue's words, and how they are read here:
 
@@ -104,10 +109,11 @@ class CellResult:
 
 
 def evaluate(rows: list[dict], cells: list[sweep.Cell] | None = None, layer: str = sweep.FULL) -> list[CellResult]:
-    """One result per cell of ``cells`` (default: the whole grid) for the full-layer row ``layer`` (its method);
-    cells without that row stay unmeasured (NaN)."""
+    """One result per cell of ``cells`` (default: the whole grid) for the full-layer row ``layer`` (its method),
+    against the FlexAttention row of its mode (sweep.FLEX_OF); cells without that row stay unmeasured (NaN)."""
     if layer not in sweep.FULL_LAYERS:
         raise ValueError(f"layer {layer!r} is not a full-layer row {sweep.FULL_LAYERS}")
+    flex = sweep.FLEX_OF[layer]
     dense = {(r["L"], r["H"], r["D"]): r for r in rows if r["method"] == sweep.DENSE and sweep.measured(r)}
     by_cell: dict = {}
     for r in rows:
@@ -118,13 +124,13 @@ def evaluate(rows: list[dict], cells: list[sweep.Cell] | None = None, layer: str
     for cell in cells or sweep.sweep_cells():
         res = CellResult(cell.L, cell.H, cell.D, cell.sparsity, layer)
         got = by_cell.get(cell, {})
-        # the other full layer's failure is its own report's business
-        notes = [f"{m}: {r['note']}" for m, r in got.items() if r.get("note")
-                 and (m == layer or m not in sweep.FULL_LAYERS)]
+        # the other modes' failures are their own report's business
+        notes = [f"{m}: {sweep.error_note(r)}" for m, r in got.items() if sweep.error_note(r)
+                 and m in (layer, flex, sweep.SPARSE_ONLY)]
         d = dense.get(cell.shape)
         if d:
             res.dense_fb_ms, res.dense_mib = d["fwd_bwd_ms"], d["extra_mib"]
-        for method, attr in ((sweep.FLEX, "flex_fb_ms"), (sweep.SPARSE_ONLY, "sparse_fb_ms")):
+        for method, attr in ((flex, "flex_fb_ms"), (sweep.SPARSE_ONLY, "sparse_fb_ms")):
             if method in got and sweep.measured(got[method]):
                 setattr(res, attr, got[method]["fwd_bwd_ms"])
         full = got.get(layer)
@@ -152,6 +158,7 @@ def summary(results: list[CellResult]) -> dict:
                 flex_met=sum(r.flex_ok for r in results),
                 dense_cells=len(dense_cells), dense_met=sum(r.dense_ok() for r in dense_cells),
                 glue_profiled=len(profiled), glue_met=sum(r.glue_ok for r in profiled),
+                memory_measured=sum(math.isfinite(r.full_mib) for r in results),
                 memory_met=sum(r.memory_ok for r in results),
                 first_call_max_s=max((r.first_s for r in results if math.isfinite(r.first_s)), default=math.nan),
                 first_call_total_s=sum(r.first_s for r in results if math.isfinite(r.first_s)),
@@ -245,18 +252,19 @@ def runs_text(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-LAYER_NAMES = {sweep.FULL: "eager", sweep.COMPILED: "compiled"}
+LAYER_NAMES = {sweep.FULL: "eager", sweep.COMPILED: "compiled", sweep.FULL_GRAPH: "graphed"}
 
 
-def _counts(summaries: dict[str, dict], count: str, out_of: str) -> str:
-    """'eager **2 of 32**, compiled **5 of 32**' for one target; a layer the sweep lacks says so."""
-    parts = [f"{LAYER_NAMES[m]} **{s[count]} of {s[out_of]}**" if s else f"{LAYER_NAMES[m]}: not in this sweep"
-             for m, s in summaries.items()]
+def _counts(summaries: dict[str, dict], count: str, out_of: str, known: str = "measured") -> str:
+    """'eager **2 of 32**, compiled **5 of 32**' for one target; a layer the sweep lacks says so, and one with no
+    cell where ``known`` (a summary count) counts the target's reading says it was not measured."""
+    parts = [f"{LAYER_NAMES[m]}: not in this sweep" if not s else f"{LAYER_NAMES[m]}: not measured" if not s[known]
+             else f"{LAYER_NAMES[m]} **{s[count]} of {s[out_of]}**" for m, s in summaries.items()]
     return ", ".join(parts)
 
 
 def summary_lines(summaries: dict[str, dict], autotune: bool) -> list[str]:
-    """The summary's bullets: each target's count for the eager and the compiled full layer."""
+    """The summary's bullets: each target's count for each full-layer mode (eager, compiled, graphed)."""
     first_calls = [f"{LAYER_NAMES[m]} {_f(s['first_call_max_s'], '.1f')} s at most, {s['first_call_total_s']:.1f} s "
                    "over the sweep" for m, s in summaries.items() if s]
     compared = ("both full-layer rows are compared with, is compiled too (torch.compile of flex_attention, static "
@@ -264,27 +272,35 @@ def summary_lines(summaries: dict[str, dict], autotune: bool) -> list[str]:
                 "static shapes" if summaries.get(sweep.COMPILED) else
                 "the eager full layer is compared with, is compiled (torch.compile of flex_attention, static "
                 "shapes); this sweep predates the compiled full-layer row")
+    captures = "; the graphed row's are its warm-up calls and captures" if summaries.get(sweep.FULL_GRAPH) else ""
+    graphed = (["- graphed: the eager full layer's module and FlexAttention's compiled function, each captured in "
+                "CUDA graphs per cell (forward; forward+backward with its gradients), replayed by the timer; the "
+                "graphed layer is compared with the graphed FlexAttention"] if summaries.get(sweep.FULL_GRAPH) else [])
     return [
         f"- FlexAttention, which {compared}",
+        *graphed,
         "- cells measured: " + _counts(summaries, "measured", "cells"),
         f"- full layer fwd+bwd <= {FLEX_TARGET}x FlexAttention (sparse only): " + _counts(summaries, "flex_met",
                                                                                              "cells"),
         f"- L = {DENSE_L}, {100 * DENSE_SPARSITY:.0f} %: faster than cuDNN dense: "
         + _counts(summaries, "dense_met", "dense_cells") + " (reading and the other readings: below)",
         f"- glue (outside the sparse-branch kernels, pre-pass counted as glue) <= {100 * GLUE_TARGET:.0f} % of the "
-        "fwd+bwd CUDA time, of the profiled cells: " + _counts(summaries, "glue_met", "glue_profiled"),
-        "- peak extra memory of a fwd+bwd <= dense cuDNN's: " + _counts(summaries, "memory_met", "cells"),
+        "fwd+bwd CUDA time, of the profiled cells: " + _counts(summaries, "glue_met", "glue_profiled",
+                                                                 "glue_profiled"),
+        "- peak extra memory of a fwd+bwd <= dense cuDNN's: " + _counts(summaries, "memory_met", "cells",
+                                                                       "memory_measured"),
         "- every target met: " + ", ".join(f"{LAYER_NAMES[m]} **{'yes' if s['all_met'] else 'no'}**"
                                           for m, s in summaries.items() if s),
         f"- first calls of the full layer (compilation{', autotuning' if autotune else ''}; the compiled row's "
-        "include Dynamo and Inductor, per cell): " + "; ".join(first_calls) + " (per cell: 'first call s' below; "
-        "the first cell of each head dim pays what later cells reuse)"]
+        f"include Dynamo and Inductor, per cell{captures}): " + "; ".join(first_calls)
+        + " (per cell: 'first call s' below; the first cell of each head dim pays what later cells reuse)"]
 
 
 def layer_sections(results: list[CellResult], before: dict | None, before_name: str) -> list[str]:
     """The tables of one full-layer row: ratio grid, L 8192 against dense, every cell, before / after."""
     name = LAYER_NAMES[results[0].layer]
-    lines = [f"## Full layer, {name} (`{results[0].layer}`)", "",
+    flex = sweep.FLEX_OF[results[0].layer]
+    lines = [f"## Full layer, {name} (`{results[0].layer}`)", "", f"FlexAttention: `{flex}`.", "",
              f"### {name}: full layer / FlexAttention, fwd+bwd (✓: <= {FLEX_TARGET}x)", "", grid_table(results), "",
              f"### {name}: L = {DENSE_L} against cuDNN dense (fwd+bwd)", "", dense_table(results), "",
              f"### {name}: every cell", "", cell_table(results), ""]

@@ -30,10 +30,29 @@ FULL = "SLA full layer, BQ128"
 COMPILED = "SLA full layer, BQ128, compiled"
 """FULL's module called through torch.compile(fullgraph=True), as a compiled DiT block runs it: without the eager
 Python's host time, which bounds the eager layer at L 8192 and 16384."""
-FULL_LAYERS = (FULL, COMPILED)
+FLEX_GRAPH = "FlexAttention 128x128 (sparse only), CUDA graph"
+FULL_GRAPH = "SLA full layer, BQ128, CUDA graph"
+"""--graphs: FLEX's compiled function and FULL's module, each step (forward; forward+backward with the gradients)
+captured once per cell in a CUDA graph whose replays the timer calls, as a DiT trained with CUDA graphs
+(torch.compile mode="reduce-overhead", make_graphed_callables) runs them: no host time at all, which bounds both the
+eager and the compiled layer at L 8192 and 16384."""
+FULL_LAYERS = (FULL, COMPILED, FULL_GRAPH)
 """The full-layer rows the report judges against the targets, each on its own."""
+PROFILED_LAYERS = (FULL, COMPILED)
+"""The full-layer rows --profile-glue profiles: a graphed row replays the eager row's kernels."""
+FLEX_OF = {FULL: FLEX, COMPILED: FLEX, FULL_GRAPH: FLEX_GRAPH}
+"""The FlexAttention row each full-layer row is compared with: the graphed layer with the graphed FlexAttention."""
 CELL_METHODS = (FLEX, SPARSE_ONLY, FULL, COMPILED)
 """Rows measured per cell; dense cuDNN does not depend on the sparsity and is measured once per (L, H, D)."""
+GRAPH_METHODS = (FLEX_GRAPH, FULL_GRAPH)
+"""Rows --graphs adds per cell."""
+GRAPH_MEMORY_NOTE = "extra MiB not measured: a replay allocates nothing (the graph's pool holds the step's buffers)"
+"""The note of every graphed row, the only note that is not an error: the eager row's extra MiB is the same step's."""
+
+
+def cell_methods(graphs: bool) -> tuple[str, ...]:
+    """The rows a sweep run measures per cell, with --graphs or without."""
+    return CELL_METHODS + (GRAPH_METHODS if graphs else ())
 
 
 @dataclass(frozen=True, order=True)
@@ -89,8 +108,10 @@ def sweep_cells(specs: list[str] | None = None) -> list[Cell]:
 # (41.77 x (75600 / 32768)^2 = 222 ms against 227.7 measured). D 64 is not measured at these lengths: 1.25x assumed.
 # The compiled layer runs the eager one's kernels (its 32K time) without the eager Python's host time, which is the
 # eager floor: its floor is the CUDA time at L 8192, ~1.0 ms fwd+bwd (2026-11-30-h200-attention.md), 1.5 ms assumed.
-_AT_32K_MS = {DENSE: 41.8, FLEX: 2.98, SPARSE_ONLY: 5.3, FULL: 7.6, COMPILED: 7.6}
-_FLOOR_MS = {DENSE: 0.0, FLEX: 0.3, SPARSE_ONLY: 3.0, FULL: 4.6, COMPILED: 1.5}
+# The graphed rows replay the same kernels with no host time: the layer's floor is its CUDA time at L 8192, 0.98 ms
+# fwd+bwd captured (2026-11-30-h200-layer-host-time.md), FlexAttention's floor its own.
+_AT_32K_MS = {DENSE: 41.8, FLEX: 2.98, SPARSE_ONLY: 5.3, FULL: 7.6, COMPILED: 7.6, FLEX_GRAPH: 2.98, FULL_GRAPH: 7.6}
+_FLOOR_MS = {DENSE: 0.0, FLEX: 0.3, SPARSE_ONLY: 3.0, FULL: 4.6, COMPILED: 1.5, FLEX_GRAPH: 0.3, FULL_GRAPH: 1.0}
 _D64_FACTOR = 1.25
 _FWD_SHARE = 1 / 3  # forward / (forward + backward): 0.26 (dense, Flex), 0.25-0.35 (SLA) measured
 # First-call seconds with fixed launch settings, from the first calls the 2026-11-30 sweep recorded (one fresh H200
@@ -110,6 +131,12 @@ SLA_NEW_LENGTH_S = 4.0
 # (COMPILING_CELL_S), so slower compiles stop it at --budget in time, and --append continues.
 COMPILED_GRAPH_S = 10.0
 COMPILED_GRAPHS_PER_CELL = 2
+# --graphs: each graphed row captures two CUDA graphs (forward, forward+backward), each after GRAPH_WARMUP_CALLS
+# calls on a side stream; torch.cuda.graph also collects garbage and empties the allocator's cache before a capture.
+# NOT measured: 0.5 s a capture assumed besides the warm-up calls (the kernels and FlexAttention's graphs are compiled
+# by then: the eager rows of the cell ran them).
+GRAPH_WARMUP_CALLS = 3
+GRAPH_CAPTURE_S = 0.5
 # Autotuning (SLA_DIST_AUTOTUNE unset): 163.9 s for the first call's 60 candidates with a cold Triton cache, 5.1 s
 # with the cache another process left (2026-11-29-h200-sweep.md); the search is 30 candidates since, so ~85 s per
 # new (D, branch set), plus a forward-only search when EVEN_K changes (L not a multiple of 64: 75600), assumed 20 s.
@@ -172,6 +199,8 @@ class CostModel:
     profile_glue: bool = True
     tuning_cached: bool = False
     """Autotuned with the Triton cache a previous process left (same machine): 5.1 s per search, measured."""
+    graphs: bool = False
+    """--graphs: the graphed rows too (GRAPH_METHODS)."""
 
     def __post_init__(self) -> None:
         self._seen: set = set()
@@ -183,7 +212,10 @@ class CostModel:
 
     def cell_seconds(self, cell: Cell, with_dense: bool = True) -> float:
         L, D, s = cell.L, cell.D, cell.sparsity
-        seconds = sum(measure_seconds(m, L, D, s) for m in CELL_METHODS)
+        seconds = sum(measure_seconds(m, L, D, s) for m in cell_methods(self.graphs))
+        if self.graphs:
+            seconds += sum(GRAPH_WARMUP_CALLS * ms / 1e3 + GRAPH_CAPTURE_S for m in GRAPH_METHODS
+                           for ms in method_ms(m, L, D, s))
         if with_dense and self._first(("dense", cell.shape)):
             seconds += measure_seconds(DENSE, L, D, s)
         if self._first(("flex", cell.shape)):
@@ -200,7 +232,7 @@ class CostModel:
             if self._first(("length", D, branch, L)):
                 seconds += SLA_NEW_LENGTH_S
         seconds += COMPILED_GRAPHS_PER_CELL * COMPILED_GRAPH_S
-        return seconds + (PROFILE_S * len(FULL_LAYERS) if self.profile_glue else 0.0)
+        return seconds + (PROFILE_S * len(PROFILED_LAYERS) if self.profile_glue else 0.0)
 
     def plan(self, cells: list[Cell], dense_done: set | None = None) -> list[tuple[Cell, float]]:
         """(cell, estimated seconds) in run order; ``dense_done``: shapes whose dense row is already measured."""
@@ -226,18 +258,24 @@ def row_cell(row: dict) -> Cell | None:
     return Cell(row["L"], row["D"], round(row["sparsity"], 6))
 
 
+def error_note(row: dict) -> str:
+    """The row's note if it says why the row failed: any note but GRAPH_MEMORY_NOTE."""
+    note = row.get("note") or ""
+    return "" if note == GRAPH_MEMORY_NOTE else note
+
+
 def measured(row: dict) -> bool:
-    return not row.get("note") and all(math.isfinite(row.get(k, math.nan)) for k in ("fwd_ms", "fwd_bwd_ms"))
+    return not error_note(row) and all(math.isfinite(row.get(k, math.nan)) for k in ("fwd_ms", "fwd_bwd_ms"))
 
 
-def done_cells(rows: list[dict]) -> set[Cell]:
-    """Cells of ``rows`` with every per-cell method measured (no error note): what --append skips."""
+def done_cells(rows: list[dict], methods: tuple[str, ...] = CELL_METHODS) -> set[Cell]:
+    """Cells of ``rows`` with each of ``methods`` measured (no error note): what --append skips."""
     have: dict[Cell, set[str]] = {}
     for row in rows:
         cell = row_cell(row)
         if cell is not None and measured(row):
             have.setdefault(cell, set()).add(row["method"])
-    return {cell for cell, methods in have.items() if set(CELL_METHODS) <= methods}
+    return {cell for cell, got in have.items() if set(methods) <= got}
 
 
 def dense_shapes(rows: list[dict]) -> set[tuple[int, int, int]]:
@@ -262,7 +300,8 @@ def _group_key(row: dict):
 def merge_payloads(payloads: list[dict]) -> dict:
     """One payload from several runs (pieces of one sweep, or a run and its --append): each cell's rows, and each
     dense shape's row, come from the first run that measured them completely, else from the last run that tried,
-    so a cell's rows are never mixed from two runs. The metadata of every run is kept under 'runs'."""
+    so a cell's rows are never mixed from two runs; complete with the graphed rows comes before complete without
+    (an --append --graphs run over a sweep without them). The metadata of every run is kept under 'runs'."""
     chosen: dict = {}
     for payload in payloads:
         groups: dict = {}
@@ -272,8 +311,9 @@ def merge_payloads(payloads: list[dict]) -> dict:
             methods = {r["method"] for r in rows}
             dense = isinstance(key, tuple)
             complete = all(measured(r) for r in rows) and (dense or set(CELL_METHODS) <= methods)
-            if key not in chosen or not chosen[key][0]:
-                chosen[key] = (complete, rows)
+            rank = (complete, complete and (dense or set(GRAPH_METHODS) <= methods))
+            if key not in chosen or not chosen[key][0][0] or chosen[key][0] < rank:
+                chosen[key] = (rank, rows)
 
     def order(key) -> tuple:
         return (key[1], key[3], -1.0) if isinstance(key, tuple) else (key.L, key.D, key.sparsity)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py [--quick] [--only NAME ...] [--json PATH]
     python benchmarks/bench_attention.py --sweep [--cells L=8192,16384 D=64 ...] [--append PATH] [--budget S]
-                                         [--profile-glue] [--plan] [--json PATH]
+                                         [--profile-glue] [--graphs] [--plan] [--json PATH]
 
 Every row is measured in this process, so the ratios compare like with like: dense SDPA with the cuDNN and flash
 backends, FlexAttention with a block mask of the same density, xformers when it loads, SLA's sparse branch alone and
@@ -21,7 +21,11 @@ stops before a cell whose estimated cost would end past that many seconds since 
 after every cell, and ``--append`` continues a JSON (cells already measured are skipped, its dense rows reused).
 ``--plan`` prints the cells and their estimated seconds and exits (no GPU needed). ``--profile-glue`` profiles the
 full layer of every cell (its kernels' CUDA time; attention_report.py computes the share outside the sparse-branch
-kernels; the compiled layer's too). attention_report.py turns the JSON(s) into the markdown report.
+kernels; the compiled layer's too). ``--graphs`` adds, per cell, FlexAttention's compiled function and the full
+layer's module each captured in CUDA graphs (forward; forward+backward, its gradients written inside the graph) after
+warm-up on the cell's static inputs, the timer replaying them: the time a DiT trained with CUDA graphs sees, without
+the host time that bounds the eager and compiled calls at L 8192 and 16384; their extra memory is not measured
+(sweep.GRAPH_MEMORY_NOTE). attention_report.py turns the JSON(s) into the markdown report.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class Row:
     kept_keys: float = float("nan")
     first_fwd_s: float = float("nan")
     first_fwd_bwd_s: float = float("nan")
-    """Seconds of the first call (compilation, and the autotuner's search when tuning is on)."""
+    """Seconds of the first call (compilation, and the autotuner's search when tuning is on); of a graphed row, its
+    warm-up calls and capture."""
     reps_fwd: int = 0
     reps_fwd_bwd: int = 0
     kernels_us: dict | None = None
@@ -90,24 +95,62 @@ def _bench(fn, grads, estimate_ms: float) -> tuple[float, int]:
     return ms, max(1, int(rep / ms))
 
 
-def _measure(row: Row, fn, q, k, v, kept_keys: float, profile: bool = False) -> Row:
+def _captured(step, grads) -> tuple[float, object]:
+    """(seconds, replay): ``step`` captured in a CUDA graph after warm-up calls on a side stream (torch.cuda.graph's
+    documented recipe: lazy initialisation and the allocator settle outside the capture). ``grads``' gradients are
+    dropped before the capture, so the captured backward allocates them in the graph's pool and every replay writes
+    them afresh, as do_bench's grad_to_none gives each timed eager call fresh gradients; the step's inputs stay where
+    the capture read them (static buffers)."""
+    start = time.perf_counter()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(sweep.GRAPH_WARMUP_CALLS):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in grads or ():
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, graph.replay
+
+
+def _time_step(step, grads, graph: bool) -> tuple[float, int, float]:
+    """(median ms, timed repetitions, first call s) of ``step``, or (``graph``) of its CUDA graph's replay, whose
+    first call is the warm-up and the capture."""
+    if graph:
+        first, step = _captured(step, grads)
+        grads = None  # a replay writes the gradients the capture allocated
+        _, estimate = _first_call(step)
+    else:
+        first, estimate = _first_call(step)
+    ms, reps = _bench(step, grads, estimate)
+    return ms, reps, first
+
+
+def _measure(row: Row, fn, q, k, v, kept_keys: float, profile: bool = False, graph: bool = False) -> Row:
     """Fill fwd / fwd+bwd times, first calls, TFLOP/s and extra memory for ``fn(q, k, v)``; ``profile``: also the
-    CUDA time per kernel of ``fn`` (a layer) forward and forward+backward."""
+    CUDA time per kernel of ``fn`` (a layer) forward and forward+backward; ``graph``: time each step captured in a
+    CUDA graph instead (no extra memory: sweep.GRAPH_MEMORY_NOTE)."""
     g = torch.randn_like(q)
     row.kept_keys = kept_keys
     try:
         with torch.no_grad():
-            row.first_fwd_s, estimate = _first_call(lambda: fn(q, k, v))
-            row.fwd_ms, row.reps_fwd = _bench(lambda: fn(q, k, v), None, estimate)
+            row.fwd_ms, row.reps_fwd, row.first_fwd_s = _time_step(lambda: fn(q, k, v), None, graph)
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        row.first_fwd_bwd_s, estimate = _first_call(lambda: fn(*leaves).backward(g))
-        row.fwd_bwd_ms, row.reps_fwd_bwd = _bench(lambda: fn(*leaves).backward(g), leaves, estimate)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(*leaves).backward(g)
-        torch.cuda.synchronize()
-        row.extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        row.fwd_bwd_ms, row.reps_fwd_bwd, row.first_fwd_bwd_s = _time_step(lambda: fn(*leaves).backward(g),
+                                                                          leaves, graph)
+        if graph:
+            row.note = sweep.GRAPH_MEMORY_NOTE
+        else:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(*leaves).backward(g)
+            torch.cuda.synchronize()
+            row.extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
         flops = 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * kept_keys * q.shape[3]
         row.tflops_fwd = flops / (row.fwd_ms * 1e-3) / 1e12
         if profile:
@@ -125,15 +168,18 @@ def _note(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:60]}"
 
 
-def _flex_row(row: Row, q, k, v, topk: float) -> Row:
-    """``row`` measured for FlexAttention with a block mask of density ``topk``; a mask that cannot be built here
-    (FlexAttention missing or failing to compile) is reported in the row's note, not fatal."""
+def _flex_rows(L: int, H: int, D: int, sparsity: float, q, k, v, topk: float, graphs: bool = False) -> list[Row]:
+    """FlexAttention with a block mask of density ``topk``, and (``graphs``) the same compiled function captured in
+    CUDA graphs; a mask that cannot be built here (FlexAttention missing or failing to compile) is reported in the
+    rows' notes, not fatal."""
+    rows = [Row(L, H, D, sparsity, m) for m in (sweep.FLEX, sweep.FLEX_GRAPH)[:1 + graphs]]
     try:
         fn, kept = flex_block_sparse(q, k, topk)
     except Exception as exc:
-        row.note = _note(exc)
-        return row
-    return _measure(row, fn, q, k, v, kept)
+        for row in rows:
+            row.note = _note(exc)
+        return rows
+    return [_measure(row, fn, q, k, v, kept, graph=row.method == sweep.FLEX_GRAPH) for row in rows]
 
 
 def _xformers():
@@ -158,9 +204,9 @@ def _compiled(layer: torch.nn.Module):
 
 
 def _full_layer_rows(L: int, H: int, D: int, sparsity: float, q, k, v, compiled: bool = True,
-                     profile: bool = False) -> list[Row]:
-    """The full layer, BQ 128, eager then (``compiled``) compiled: the same module, so the rows differ only in the
-    call."""
+                     profile: bool = False, graphs: bool = False) -> list[Row]:
+    """The full layer, BQ 128, eager, then (``compiled``) compiled, then (``graphs``) the eager module captured in
+    CUDA graphs: the same module, so the rows differ only in the call."""
     topk = round(1.0 - sparsity, 6)
     kept = block_counts(math.ceil(L / 64), topk, 0.10)[0] * 64
     layer = _sla(D, topk, 128, "marginal")
@@ -168,6 +214,8 @@ def _full_layer_rows(L: int, H: int, D: int, sparsity: float, q, k, v, compiled:
     if compiled:
         rows.append(_measure(Row(L, H, D, sparsity, sweep.COMPILED), _compiled(layer), q, k, v, kept,
                              profile=profile))
+    if graphs:
+        rows.append(_measure(Row(L, H, D, sparsity, sweep.FULL_GRAPH), layer, q, k, v, kept, graph=True))
     return rows
 
 
@@ -197,7 +245,7 @@ def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[
         rows.append(_measure(Row(L, H, D, sparsity, "dense SDPA flash"), dense_sdpa(SDPBackend.FLASH_ATTENTION),
                              q, k, v, L))
     if full and wanted("FlexAttention"):
-        rows.append(_flex_row(Row(L, H, D, sparsity, sweep.FLEX), q, k, v, topk))
+        rows += _flex_rows(L, H, D, sparsity, q, k, v, topk)
     if full and wanted("xformers"):
         try:
             rows.append(_measure(Row(L, H, D, sparsity, "xformers"), _xformers(), q, k, v, L))
@@ -212,18 +260,19 @@ def bench_shape(L: int, H: int, D: int, sparsity: float, full: bool, only: list[
     return rows + _full_layer_rows(L, H, D, sparsity, q, k, v, compiled=wanted(sweep.COMPILED))
 
 
-def sweep_cell(cell: sweep.Cell, with_dense: bool, profile_glue: bool) -> list[Row]:
+def sweep_cell(cell: sweep.Cell, with_dense: bool, profile_glue: bool, graphs: bool = False) -> list[Row]:
     """The rows of one sweep cell: dense cuDNN when its shape has none yet, FlexAttention at the cell's density, the
-    SLA sparse branch alone and the full layer (BQ 128), eager and compiled."""
+    SLA sparse branch alone and the full layer (BQ 128), eager and compiled; ``graphs``: FlexAttention and the full
+    layer captured in CUDA graphs too."""
     L, H, D, s = cell.L, cell.H, cell.D, cell.sparsity
     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     n_c, _ = block_counts(math.ceil(L / 64), cell.topk, 0.10)
     rows = []
     if with_dense:
         rows.append(_measure(Row(L, H, D, None, sweep.DENSE), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, L))
-    rows.append(_flex_row(Row(L, H, D, s, sweep.FLEX), q, k, v, cell.topk))
+    rows += _flex_rows(L, H, D, s, q, k, v, cell.topk, graphs=graphs)
     rows.append(_measure(Row(L, H, D, s, sweep.SPARSE_ONLY), _sla(D, cell.topk, 128, "none"), q, k, v, n_c * 64))
-    return rows + _full_layer_rows(L, H, D, s, q, k, v, profile=profile_glue)
+    return rows + _full_layer_rows(L, H, D, s, q, k, v, profile=profile_glue, graphs=graphs)
 
 
 def _elapsed() -> float:
@@ -242,10 +291,10 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
     row, the appended file's included."""
     cells = sweep.sweep_cells(args.cells)
     prior = sweep.load_payload(args.append) if args.append else None
-    done = sweep.done_cells(prior["rows"]) if prior else set()
+    done = sweep.done_cells(prior["rows"], sweep.cell_methods(args.graphs)) if prior else set()
     dense_done = sweep.dense_shapes(prior["rows"]) if prior else set()
     todo = [c for c in cells if c not in done]
-    model = sweep.CostModel(autotune=autotune, profile_glue=args.profile_glue)
+    model = sweep.CostModel(autotune=autotune, profile_glue=args.profile_glue, graphs=args.graphs)
     plan = model.plan(todo, dense_done)
     print(f"{len(cells)} cells selected, {len(cells) - len(todo)} already in {args.append}; estimated seconds "
           f"(autotune {'on' if autotune else 'off'}):\n{sweep.plan_table(plan)}", flush=True)
@@ -254,7 +303,8 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU (--plan runs without one)")
     _allow_recompiles()
-    meta = dict(_meta(autotune), budget_s=args.budget, min_reps=sweep.MIN_REPS, cells=[], skipped=[])
+    meta = dict(_meta(autotune), budget_s=args.budget, min_reps=sweep.MIN_REPS, graphs=args.graphs, cells=[],
+                skipped=[])
     rows: list[Row] = []
 
     def save() -> dict:
@@ -273,7 +323,7 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
             print(f"budget: {elapsed:.0f} s spent, the next cell's estimate {predicted:.0f} s would pass "
                   f"--budget {args.budget:.0f} s; {len(plan) - i} cells left for a run with --append", flush=True)
             break
-        rows += sweep_cell(cell, cell.shape not in dense_done, args.profile_glue)
+        rows += sweep_cell(cell, cell.shape not in dense_done, args.profile_glue, args.graphs)
         dense_done.add(cell.shape)
         wall = _elapsed() - elapsed
         if estimate > sweep.COMPILING_CELL_S:
@@ -285,7 +335,7 @@ def run_sweep(args: argparse.Namespace, autotune: bool) -> list[dict]:
     return save()["rows"]  # again: a --budget stop above recorded its skipped cells in meta
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the headline shape")
     parser.add_argument("--only", nargs="+", help="rows whose method contains one of these (dense cuDNN and the "
@@ -302,16 +352,18 @@ def main() -> None:
                         help="--sweep: start no cell whose estimate would end past S seconds since the start")
     parser.add_argument("--profile-glue", action="store_true",
                         help="--sweep: CUDA time per kernel of the full layer in every cell")
+    parser.add_argument("--graphs", action="store_true",
+                        help="--sweep: FlexAttention and the full layer captured in CUDA graphs too, in every cell")
     parser.add_argument("--plan", action="store_true", help="--sweep: print the cells and estimates, then exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     autotune = os.environ.get("SLA_DIST_AUTOTUNE") != "0"
     if args.sweep:
         rows = [Row(**r) for r in run_sweep(args, autotune)]
         if args.plan:
             return
     else:
-        if args.cells or args.append or args.budget or args.profile_glue or args.plan:
-            parser.error("--cells, --append, --budget, --profile-glue and --plan go with --sweep")
+        if args.cells or args.append or args.budget or args.profile_glue or args.graphs or args.plan:
+            parser.error("--cells, --append, --budget, --profile-glue, --graphs and --plan go with --sweep")
         if not torch.cuda.is_available():
             sys.exit("bench_attention.py needs a CUDA GPU")
         _allow_recompiles()

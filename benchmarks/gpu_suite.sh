@@ -84,6 +84,11 @@
 #   Report: python benchmarks/attention_report.py attn_sweep_{a,b,c,d}.json --before <old json>.
 #   Autotuned: SWEEP_AUTOTUNE=1, the same parts (tuning is per head dim and branch, and the tuning cache does not
 #   outlive the machine, so each part tunes its one D), 389, 389, 457 and 450 s by --plan),
+# attn-graphs-a, -b, -c, -d (the attn-sweep parts' cells and rows with --graphs: FlexAttention and the full layer also
+#   captured in CUDA graphs per cell, replayed by the timer, the report's "graphed" mode; fixed launch settings only:
+#   autotuned, c and d would not fit one call by --plan). Estimated a 252 s, b 252 s, c 292 s, d 282 s (captures
+#   assumed 0.5 s each, 4 a cell): attn-graphs-a:560, attn-graphs-b:560, attn-graphs-c:560, attn-graphs-d:560.
+#   Report: python benchmarks/attention_report.py attn_graphs_{a,b,c,d}.json (a and b alone: the short sequences),
 # deepspeed and omegaconf are not on the GPU machines: run ../shared/tools/device-wheels here, carry .whl, and start
 # the device command with the install line it prints, e.g. (2 GPUs, about 6 minutes):
 #   <install line> bash benchmarks/gpu_suite.sh e2e:500
@@ -111,6 +116,10 @@ declare -A CMD=(
   [attn-sweep-b]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=8192,16384 D=128} --json $OUT/attn_sweep_b.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
   [attn-sweep-c]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=64} --json $OUT/attn_sweep_c.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
   [attn-sweep-d]="env SLA_DIST_AUTOTUNE=${SWEEP_AUTOTUNE:-0} python3 benchmarks/bench_attention.py --sweep --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=128} --json $OUT/attn_sweep_d.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-graphs-a]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_attention.py --sweep --graphs --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=8192,16384 D=64} --json $OUT/attn_graphs_a.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-graphs-b]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_attention.py --sweep --graphs --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=8192,16384 D=128} --json $OUT/attn_graphs_b.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-graphs-c]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_attention.py --sweep --graphs --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=64} --json $OUT/attn_graphs_c.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
+  [attn-graphs-d]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/bench_attention.py --sweep --graphs --profile-glue --budget 510 --cells ${SWEEP_CELLS:-L=32768,75600 D=128} --json $OUT/attn_graphs_d.json ${SWEEP_APPEND:+--append $SWEEP_APPEND}"
   [profile]="python3 benchmarks/profile_sla.py --L 32768 8192 --host 25"
   [ncu]="python3 benchmarks/ncu_stalls.py --profile $OUT/ncu --top 12"
   [host]="python3 benchmarks/host_overhead.py --L 1024"

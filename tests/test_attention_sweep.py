@@ -93,12 +93,13 @@ def test_first_calls_are_counted_once_per_what_they_compile():
 
 
 def test_every_cell_measures_the_compiled_layer_and_pays_its_compiles():
-    assert sweep.COMPILED in sweep.CELL_METHODS and set(sweep.FULL_LAYERS) <= set(sweep.CELL_METHODS)
+    assert sweep.COMPILED in sweep.CELL_METHODS and set(sweep.FULL_LAYERS) <= set(sweep.cell_methods(graphs=True))
+    assert sweep.FULL_GRAPH not in sweep.CELL_METHODS  # only with --graphs
     plan = dict(sweep.CostModel(profile_glue=True).plan(sweep.sweep_cells(["L=16384", "D=128"])))
     later = sweep.Cell(16384, 128, 0.9)  # its shape's first calls fell on the 80 % cell
     steady = sum(sweep.measure_seconds(m, later.L, later.D, later.sparsity) for m in sweep.CELL_METHODS)
     assert plan[later] == pytest.approx(steady + sweep.COMPILED_GRAPHS_PER_CELL * sweep.COMPILED_GRAPH_S
-                                        + len(sweep.FULL_LAYERS) * sweep.PROFILE_S)
+                                        + len(sweep.PROFILED_LAYERS) * sweep.PROFILE_S)
     # compiled, the layer loses the eager Python's host time that is the eager floor at short sequences
     assert sweep.method_ms(sweep.COMPILED, 8192, 128, 0.95)[1] < sweep.method_ms(sweep.FULL, 8192, 128, 0.95)[1]
     assert sweep.method_ms(sweep.COMPILED, 75600, 128, 0.8) == sweep.method_ms(sweep.FULL, 75600, 128, 0.8)
@@ -288,12 +289,13 @@ def test_each_target_is_counted_for_the_eager_and_the_compiled_layer():
     assert "of the profiled cells: eager **0 of 32**, compiled **24 of 24**" in text
     assert "dense cuDNN's: eager **32 of 32**, compiled **16 of 32**" in text
     assert "every target met: eager **no**, compiled **no**" in text
-    assert [evaluation[m]["summary"]["flex_met"] for m in sweep.FULL_LAYERS] == [0, 30]
+    assert [evaluation[m]["summary"]["flex_met"] for m in (sweep.FULL, sweep.COMPILED)] == [0, 30]
+    assert sweep.FULL_GRAPH not in evaluation and "graphed: not in this sweep" in text
     # one layer's failure is noted in its own results only
     first = next(r for r in rows if r["method"] == sweep.COMPILED)
     first["note"] = "BackendCompilerFailed: x"
     assert (first["L"], first["D"], first["sparsity"]) == (8192, 64, 0.8)
-    eager, compiled = (ar.evaluate(rows, layer=m)[0] for m in sweep.FULL_LAYERS)
+    eager, compiled = (ar.evaluate(rows, layer=m)[0] for m in (sweep.FULL, sweep.COMPILED))
     assert eager.note == "" and eager.measured and not compiled.measured and "BackendCompilerFailed" in compiled.note
     with pytest.raises(ValueError, match="layer 'SLA sparse branch only, BQ128' is not a full-layer row"):
         ar.evaluate(rows, layer=sweep.SPARSE_ONLY)
@@ -305,7 +307,9 @@ def test_the_committed_sweep_without_the_compiled_row_still_reports(tmp_path):
     committed = json.loads(SWEEP_2026_11_30.read_text())["evaluation"]["summary"]
     out = ar.main([str(SWEEP_2026_11_30), "--out", str(tmp_path / "old")])
     evaluation = json.loads(out.with_suffix(".json").read_text())["evaluation"]
-    assert list(evaluation) == [sweep.FULL] and evaluation[sweep.FULL]["summary"] == committed
+    got = evaluation[sweep.FULL]["summary"]
+    assert list(evaluation) == [sweep.FULL] and {k: got[k] for k in committed} == committed
+    assert got["memory_measured"] == 32  # the count added since, which the memory line reads
     text = out.with_suffix(".md").read_text()
     assert "FlexAttention (sparse only): eager **2 of 32**, compiled: not in this sweep" in text
     assert "predates the compiled full-layer row" in text and "## Full layer, compiled" not in text
@@ -383,7 +387,7 @@ def test_sweep_loop_stops_at_its_budget_and_append_finishes_the_grid(tmp_path, m
     cells = ["L=8192", "D=64"]
     plan = sweep.CostModel(autotune=False, profile_glue=False).plan(sweep.sweep_cells(cells))
 
-    def fake_cell(cell, with_dense, profile_glue):  # takes as long as estimated
+    def fake_cell(cell, with_dense, profile_glue, graphs):  # takes as long as estimated
         calls.append((cell.sparsity, with_dense))
         clock[0] += dict(plan)[cell]
         rows = [ba.Row(**r) for r in _cell_rows(cell.L, cell.D, cell.sparsity)]
@@ -394,7 +398,7 @@ def test_sweep_loop_stops_at_its_budget_and_append_finishes_the_grid(tmp_path, m
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     out = tmp_path / "sweep.json"
     args = argparse.Namespace(cells=cells, append=None, budget=plan[0][1] + plan[1][1] + 0.5 * plan[2][1],
-                              profile_glue=False, plan=False, json=str(out))
+                              profile_glue=False, graphs=False, plan=False, json=str(out))
     monkeypatch.setattr(ba, "_elapsed", lambda: clock[0])
     rows = ba.run_sweep(args, autotune=False)
     payload = sweep.load_payload(out)
@@ -426,7 +430,7 @@ def test_a_slow_compile_makes_the_budget_stop_before_the_next_compiling_cell(tmp
     assert all(s > sweep.COMPILING_CELL_S for s in plan.values())
     clock, calls = [0.0], []
 
-    def fake_cell(cell, with_dense, profile_glue):
+    def fake_cell(cell, with_dense, profile_glue, graphs):
         calls.append(cell)
         clock[0] += 3 * plan[cell]
         return [ba.Row(**r) for r in _cell_rows(cell.L, cell.D, cell.sparsity)]
@@ -436,7 +440,7 @@ def test_a_slow_compile_makes_the_budget_stop_before_the_next_compiling_cell(tmp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     budget = 2 * sum(plan.values())  # the estimates fit twice, 3x their time does not
-    args = argparse.Namespace(cells=cells, append=None, budget=budget, profile_glue=False, plan=False,
+    args = argparse.Namespace(cells=cells, append=None, budget=budget, profile_glue=False, graphs=False, plan=False,
                               json=str(tmp_path / "s.json"))
     ba.run_sweep(args, autotune=False)
     payload = sweep.load_payload(tmp_path / "s.json")

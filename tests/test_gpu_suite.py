@@ -104,6 +104,7 @@ def test_results_are_named_where_the_scaling_report_looks():
 # --- issue #11's attention sweep (attention_sweep.py) ---------------------------------------------------------
 
 SWEEP_PARTS = ("attn-sweep-a", "attn-sweep-b", "attn-sweep-c", "attn-sweep-d")
+GRAPH_PARTS = ("attn-graphs-a", "attn-graphs-b", "attn-graphs-c", "attn-graphs-d")
 
 
 def _sweep_args(part: str) -> list[str]:
@@ -121,17 +122,19 @@ def _option(args: list[str], name: str) -> list[str]:
     return out
 
 
-def test_sweep_parts_cover_the_grid_once_and_fit_their_limits():
+@pytest.mark.parametrize("parts, graphs", [(SWEEP_PARTS, False), (GRAPH_PARTS, True)])
+def test_sweep_parts_cover_the_grid_once_and_fit_their_limits(parts, graphs):
     import attention_sweep as sweep
 
     seen = []
-    for part in SWEEP_PARTS:
+    for part in parts:
         words, args = _parts()[part], _sweep_args(part)
         assert "SLA_DIST_AUTOTUNE=0" in words and "--sweep" in args and "--profile-glue" in args
+        assert ("--graphs" in args) == graphs
         assert _option(args, "--json") == [f"/tmp/OUT/{part.replace('-', '_')}.json"]
         cells = sweep.sweep_cells(_option(args, "--cells"))
         seen += cells
-        estimate = sweep.PROCESS_START_S + sum(s for _, s in sweep.CostModel().plan(cells))
+        estimate = sweep.PROCESS_START_S + sum(s for _, s in sweep.CostModel(graphs=graphs).plan(cells))
         budget = float(_option(args, "--budget")[0])
         limit = int(re.search(rf"{part}:(\d+)", _header()).group(1))
         # the estimate leaves the budget a margin for the assumed compile times; the limit a last cell's overrun
