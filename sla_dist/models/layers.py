@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rope import apply_rope
+from ..kernels.norm_rope import norm_rope
 
 
 def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -39,6 +39,25 @@ class DenseAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+class NormRoPE(nn.Module):
+    """RMS norm across all heads with a learned ``weight`` (nn.RMSNorm's parameter and state_dict key), then 3D RoPE
+    per head: x [B, L, dim], tables [L, D / 2] -> [B, L, heads, D]. On CUDA one fused Triton pass each way
+    (:func:`sla_dist.kernels.norm_rope.norm_rope`), elsewhere the PyTorch reference. A module of its own, so that
+    ZeRO-3 gathers its weight before the call, as for any module."""
+
+    def __init__(self, dim: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return norm_rope(x, self.weight, cos, sin, self.heads, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, heads={self.heads}, eps={self.eps}"
+
+
 class SelfAttention(nn.Module):
     """Fused QKV projection, RMS q/k norms across heads, 3D RoPE, then ``core`` (dense or SLA).
 
@@ -53,8 +72,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.norm_q = NormRoPE(dim, num_heads, eps)
+        self.norm_k = NormRoPE(dim, num_heads, eps)
         self.core: nn.Module = DenseAttention()
         self.out = nn.Linear(dim, dim)
         self.parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor] | None = None
@@ -63,10 +82,8 @@ class SelfAttention(nn.Module):
                 seq_len: int | None = None) -> torch.Tensor:
         """x [B, L, dim], RoPE tables [L, D / 2] -> [B, L, dim]; ``seq_len`` only with ``parallel`` (see above)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(q).unflatten(-1, heads), cos, sin)
-        k = apply_rope(self.norm_k(k).unflatten(-1, heads), cos, sin)
-        v = v.unflatten(-1, heads)
+        q, k = self.norm_q(q, cos, sin), self.norm_k(k, cos, sin)
+        v = v.unflatten(-1, (self.num_heads, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.parallel is not None:
             o = self.parallel(q, k, v, seq_len)

@@ -40,8 +40,8 @@ def rope_tables(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of ``x`` [B, L, H, D] by per-token tables ``cos``, ``sin`` [L, D / 2].
 
-    Computed in float32 and returned in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    Computed in float32 (float64 for float64 x) and returned in x's dtype."""
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, None, :], sin[:, None, :]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
