@@ -100,7 +100,8 @@ def _classify_kernel(
     bits = s.to(tl.int32, bitcast=True)
     signed = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     # The keys at rank N_C - 1 (the last critical one) and at rank NK - N_N (the first negligible one); the
-    # separate selects in main's order (the second after the critical mask), so their code is main's.
+    # separate selects in their order from before the packed one (the second after the critical mask), which keeps
+    # their compiled code as it was.
     if PACKED:
         flipped = (signed ^ (-2147483648)).to(tl.uint32, bitcast=True)
         key = tl.where(real, flipped, tl.zeros_like(flipped))

@@ -284,9 +284,9 @@ CLASSIFY_SELECTS = ("separate", "packed")
 """How the block map's classify kernel (block_select.py) finds each row's two class boundaries (SLA_DIST_CLASSIFY):
 separate (the default), one 32-round radix select per boundary on 64-bit keys; packed, both selects in one loop on
 32-bit keys, the two counts of a round summed in one reduction (the PACKED constexpr). Same classes and lists bit
-for bit; packed has half the rounds, each a chain of a warp reduction and two barriers. Predicted, not measured
-(PERF_NOTES, "Session 2026-12-01 (helper, branch wip-fglue)"): classify 57 -> ~30 us at L 32768 and 487 -> ~260 us
-at 75600 (H 12, BQ 128, BK 64, H200)."""
+for bit; packed has half the rounds, each a chain of a warp reduction and three barriers. Predicted, not measured
+(PERF_NOTES, "Session 2026-12-01 (helper, branch wip-fglue)"): classify 57 -> ~31-35 us at L 32768 and 487 ->
+~270-300 us at 75600 (H 12, BQ 128, BK 64, H200)."""
 CLASSIFY_PACKED_MAX_BLOCKS = 2**15 - 1
 """The widest row the packed select takes: its counts (up to Nk each) share one int32, the second shifted by 16
 bits. Wider rows (2M tokens in 64-key blocks) take the separate selects."""
