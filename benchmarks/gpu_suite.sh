@@ -35,6 +35,10 @@
 #   layer 0 measured on the CPU). Fixed launch settings (the sweep winners): no tuning, each part under 2 minutes.
 # dkdv-order (the dK/dV kernel's CUDA time per SLA_DIST_DKDV_ORDER on i.i.d. and skewed maps, fixed launch settings),
 # dkdv-order-tests (the kernel grid with dK/dV in the lpt order; test_dkdv_order.py compares every order with natural).
+# classify (SLA_DIST_CLASSIFY: the layer at 32768, 75600 and 8192 tokens with the block map's classify kernel on its
+#   separate then its packed radix selects, each with the kernels' CUDA time, glue kernels included; fixed launch
+#   settings, ~3 min), classify-tests (the block-map kernel tests with both selects and the layer on the packed
+#   one, eager and compiled; fixed launch settings, ~2 min).
 # tma (SLA_DIST_TMA: the layer at 32768 tokens, i.i.d. inputs in the bhld and the DiT's fused layout, the kernels'
 #   loop tiles loaded by pointers (off) then through tensor descriptors (all), with each sparse-branch kernel's CUDA
 #   time (each kernel's descriptors are independent of the others', so 'all' gives every kernel's effect at once);
@@ -139,6 +143,8 @@ declare -A CMD=(
   [dkdv-order]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py"
   [tma]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py tma --L 32768 --layout bhld fused --tma off all --kernels"
   [tma-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_TMA=all python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
+  [classify]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py classify --L 32768 75600 8192 --classify separate packed --kernels"
+  [classify-tests]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_block_select.py tests/kernels/test_classify_select.py tests/kernels/test_switches.py tests/kernels/test_compile.py"
   [dkdv-order-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_DKDV_ORDER=lpt python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [inmodel-layout]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
   [inmodel-inputs]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"

@@ -13,12 +13,13 @@ the other in the same process, on identically seeded inputs (SLA_DIST_FWD_LOOP; 
 kernels' tile loads through tensor descriptors (SLA_DIST_TMA: off, all, or kernels from fwd, dq, dkdv joined by '+'),
 each value under every forward loop; the label says which (``+tma:all``). ``--prepass block loop`` likewise times the
 backward pre-pass's launches (SLA_DIST_PREPASS: one program per query block, or programs looping over the blocks;
-label ``+prepass:loop``). ``--linear-sums save recompute`` times the
+label ``+prepass:loop``). ``--classify separate packed`` likewise times the block map's classify kernel's radix
+selects (SLA_DIST_CLASSIFY; label ``+classify:packed``). ``--linear-sums save recompute`` times the
 layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a checkout from before the option
 can be timed). ``--setting fwd_split=4x3 dq=8x4+dkdv=8x2 default`` times fixed launch settings (warps x stages
 per kernel of configs.py's tuning table, untuned) one after the other. ``--kernels`` adds the CUDA time of the
-forward, dQ and dK/dV kernels and the backward's pre-pass in one forward+backward (torch.profiler over 5 calls): what
-a variant changes.
+forward, dQ and dK/dV kernels, the backward's pre-pass and the glue's Triton kernels (the linear summaries, block sums
+and classify) in one forward+backward (torch.profiler over 5 calls): what a variant changes.
 ``--dtype float16`` times float16 inputs (label suffix ``+float16``; their linear-branch summaries are float32,
 layout.summary_dtype).
 
@@ -50,6 +51,8 @@ from layer_inputs import (add_input_arguments, dense_sdpa, input_lengths, input_
 FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
 TMA_ENV = "SLA_DIST_TMA"
 PREPASS_ENV = "SLA_DIST_PREPASS"
+CLASSIFY_ENV = "SLA_DIST_CLASSIFY"
+GLUE_KERNELS = ("_linear_summaries_kernel", "_block_sums_kernel", "_classify_kernel")
 
 
 def sync(device: torch.device) -> None:
@@ -82,11 +85,11 @@ def bench_ms(fn, device: torch.device) -> float:
 
 
 def sparse_kernel_us(step) -> str:
-    """The CUDA time of each sparse-branch kernel (forward, dQ, dK/dV) and of the pre-pass in one ``step``, as
-    'name us' columns."""
+    """The CUDA time of each sparse-branch kernel (forward, dQ, dK/dV), of the pre-pass and of the glue's Triton
+    kernels (GLUE_KERNELS) in one ``step``, as 'name us' columns."""
     times = profile_kernels(step, calls=5)
     return "  ".join(f"{kernel} {sum(t for name, t in times.items() if is_kernel(name, kernel)):.0f} us"
-                     for kernel in SPARSE_KERNELS + (PREPASS_KERNEL,))
+                     for kernel in SPARSE_KERNELS + (PREPASS_KERNEL,) + GLUE_KERNELS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepass", nargs="+", choices=("block", "loop"), metavar="LAUNCH",
                         help="backward pre-pass launches to time one after the other (block, loop); default: "
                              "SLA_DIST_PREPASS, else the device's default (configs.prepass_launch)")
+    parser.add_argument("--classify", nargs="+", choices=("separate", "packed"), metavar="SELECT",
+                        help="the block map's classify selects to time one after the other (separate, packed); "
+                             "default: SLA_DIST_CLASSIFY, else separate")
     parser.add_argument("--setting", nargs="+", metavar="KERNEL=WxS",
                         help="fixed launch settings to time one after the other, untuned: kernels of the tuning table "
                              "(sla_dist/kernels/configs.py) with warps x stages, several joined by '+', e.g. "
@@ -136,12 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         for source, layout, inputs in input_settings(args):
             suffix = "".join(f"+{v}" for v in (source, layout) if v not in ("iid", "bhld"))
             suffix += f"+neg:{args.negligible}" if args.negligible is not None else ""
-            for loop, tma, prepass, sums, setting in itertools.product(
-                    args.fwd_loop or [None], args.tma or [None], args.prepass or [None], args.linear_sums or [None],
-                    args.setting or [None]):
+            for loop, tma, prepass, select, sums, setting in itertools.product(
+                    args.fwd_loop or [None], args.tma or [None], args.prepass or [None], args.classify or [None],
+                    args.linear_sums or [None], args.setting or [None]):
                 variant = ""
                 for env, value, name in ((FWD_LOOP_ENV, loop, "fwd"), (TMA_ENV, tma, "tma"),
-                                         (PREPASS_ENV, prepass, "prepass")):
+                                         (PREPASS_ENV, prepass, "prepass"), (CLASSIFY_ENV, select, "classify")):
                     if value is not None:
                         os.environ[env] = value
                         variant += f"+{name}:{value}"

@@ -139,6 +139,22 @@ def test_prepass_launches_are_timed_one_after_the_other(capsys, monkeypatch, one
         time_layer.main(["p", "--tiny", "--prepass", "persistent"])
 
 
+def test_classify_selects_are_timed_one_after_the_other(capsys, monkeypatch, one_thread):
+    """--classify: one line per value, each under its own SLA_DIST_CLASSIFY (left as the last run set it;
+    monkeypatch restores it)."""
+    from sla_dist.kernels import configs
+
+    seen = []
+    monkeypatch.setenv(time_layer.CLASSIFY_ENV, "separate")
+    monkeypatch.setattr(time_layer, "time_layer", lambda L, label, inputs, args: seen.append(
+        (label, os.environ[time_layer.CLASSIFY_ENV])))
+    time_layer.main(["c", "--tiny", "--classify", "separate", "packed"])
+    assert seen == [("c+classify:separate", "separate"), ("c+classify:packed", "packed")]
+    assert time_layer.CLASSIFY_ENV == configs.CLASSIFY_ENV
+    with pytest.raises(SystemExit):
+        time_layer.main(["c", "--tiny", "--classify", "radix"])
+
+
 def test_settings_are_timed_one_after_the_other_each_under_its_launch(capsys, monkeypatch, one_thread):
     """--setting: one line per value, the named kernels launched with its warps x stages during that run only."""
     from sla_dist.kernels import configs

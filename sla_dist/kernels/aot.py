@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import (_KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop,
-                      check_choice, interpreting)
+from .configs import (_KERNELS, CLASSIFY_ENV, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV,
+                      FwdLoop, check_choice, interpreting)
 from .layout import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -90,6 +90,8 @@ class Variant:
     DiT's v sliced from the fused qkv projection."""
     tma: bool = False
     """The loop's tiles through tensor descriptors (USE_TMA, as SLA_DIST_TMA turns on for fwd, dq and dkdv)."""
+    packed: bool = False
+    """classify's two radix selects in one loop (PACKED, as SLA_DIST_CLASSIFY=packed turns on)."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:
@@ -112,6 +114,8 @@ class Variant:
                              f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
         if self.tma and self.kernel not in TMA_ENTRIES:
             raise ValueError(f"tma=True ({TMA_ENV}) applies to {sorted(TMA_ENTRIES)}, not {self.kernel}")
+        if self.packed and self.kernel != "classify":
+            raise ValueError(f"packed=True ({CLASSIFY_ENV}) applies to classify, not {self.kernel}")
         known = {name for name, _ in _KERNELS[self.kernel].choices}
         if set(self.choices) - known:
             raise ValueError(f"choices {sorted(set(self.choices) - known)} do not apply to {self.kernel}; "
@@ -123,7 +127,7 @@ class Variant:
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural",
-                      V_LIKE_K=self.v_like_k, USE_TMA=self.tma)
+                      V_LIKE_K=self.v_like_k, USE_TMA=self.tma, PACKED=self.packed)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         values.update(FwdLoop.parse(self.fwd_loop).constexprs(even_keys=True))
@@ -228,6 +232,7 @@ def check_variants() -> list[Variant]:
     # The forward's loop options as the layer launches them at D 128 (configs._MEASURED_FWD_LOOPS).
     variants += [Variant("fwd_split", fwd_loop="even+fma"), Variant("fwd", fwd_loop="fma", has_linear=False)]
     variants.append(Variant("dkdv", dkdv_order="lpt"))
+    variants.append(Variant("classify", packed=True))
     # The tensor-descriptor loads (SLA_DIST_TMA, half dtypes only): each kernel at the headline shape, dK/dV's row
     # slices, and the narrowest rows a descriptor takes (float16 D 32: 64 bytes) with 64-row query blocks.
     variants += [Variant(name, tma=True) for name in TMA_ENTRIES]

@@ -345,7 +345,7 @@ def rank_blocks(scores: torch.Tensor, topk: float, negligible: float, *,
 
 def _kernel_rank_blocks(scores: torch.Tensor, n_c: int, n_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of :func:`rank_blocks`, with the block counts of :func:`block_counts`."""
-    from .configs import get_kernel
+    from .configs import classify_packed, get_kernel
 
     nk = scores.shape[-1]
     if scores.dtype != torch.float32 or not scores.is_contiguous():  # as smooth_k_scores makes them: no call
@@ -354,7 +354,8 @@ def _kernel_rank_blocks(scores: torch.Tensor, n_c: int, n_n: int) -> tuple[torch
     kv_indices = torch.empty((*scores.shape[:-1], n_c), dtype=torch.int32, device=scores.device)
     rows = scores.numel() // nk
     if rows:
-        get_kernel("classify")[(rows,)](scores, block_class, kv_indices, nk, n_c, n_n, NK_POW2=_tile_size(nk))
+        get_kernel("classify")[(rows,)](scores, block_class, kv_indices, nk, n_c, n_n, NK_POW2=_tile_size(nk),
+                                        PACKED=classify_packed(nk))
     return block_class, kv_indices
 
 

@@ -14,6 +14,13 @@ a dozen PyTorch ops (the ops, not the arithmetic, dominated the layer at short s
    PyTorch path. The critical list (kv_indices) comes out in ascending order from a prefix count of the critical
    blocks. Two bitonic sorts of the padded row did this before: O(Nk log^2 Nk) work on 64-bit keys, which took
    2.98 ms at L 75600 (Nk 591 padded to 1024, H 12) against 0.06 ms at 32768 on an H200; the select is O(32 Nk).
+   With PACKED (SLA_DIST_CLASSIFY=packed, configs.classify_packed) both selects run in one loop on 32-bit keys:
+   each round's two counts share one reduction, the critical one in the low 16 bits and the negligible one in the
+   high bits (a row of fewer than 2^15 blocks cannot carry between them). The rounds are a serial chain of
+   reductions, each a warp reduction and three barriers across the program's warps (sm_90 SASS, Triton 3.6: the
+   separate selects' 64 rounds of 46-47 instructions at Nk 512, the packed select's 32 of 49; at 2048 115 / 122),
+   and 64-bit keys take two compares and two registers per element, 32-bit keys one. Same thresholds, so the same
+   classes and lists, bit for bit.
 3. ``_critical_columns_kernel``: one program per key block builds the transposed lists (q_num_blocks,
    q_indices) that the dK/dV kernel walks.
 """
@@ -52,6 +59,24 @@ def _key_at_rank(key, real, m):
 
 
 @triton.jit
+def _keys_at_two_ranks(key, m_low, m_high):
+    """(the m_low-th, the m_high-th) largest of the row's keys (uint32; padding 0, which no candidate reaches), each
+    as in :func:`_key_at_rank`, from one reduction per bit: the counts for m_low in the low 16 bits of the packed
+    sum, those for m_high above them. m_high may exceed the row (N_N 0): its key then stays 0."""
+    t_low = tl.zeros((), dtype=tl.uint32)
+    t_high = tl.zeros((), dtype=tl.uint32)
+    bit = tl.full((), 1 << 31, tl.uint32)
+    for _ in range(32):
+        low = t_low | bit
+        high = t_high | bit
+        packed = tl.sum((key >= low).to(tl.int32) + tl.where(key >= high, 65536, 0), axis=0)
+        t_low = tl.where((packed & 65535) >= m_low, low, t_low)
+        t_high = tl.where((packed >> 16) >= m_high, high, t_high)
+        bit = bit >> 1
+    return t_low, t_high
+
+
+@triton.jit
 def _rank_of_equals(key, real, t):
     """(number of real keys > t, for each key equal to t its place among the equal keys in index order)."""
     equal = real & (key == t)
@@ -62,22 +87,33 @@ def _rank_of_equals(key, real, t):
 def _classify_kernel(
     SCORES, CLASS, KV_IDX,                   # scores [R, NK] float32, class [R, NK] int8, kv_idx [R, N_C] int32
     NK, N_C, N_N,
-    NK_POW2: tl.constexpr,
+    NK_POW2: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NK_POW2)
     real = j < NK
     s = tl.load(SCORES + row * NK + j, mask=real, other=0.0)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with +0.0, as in a float comparison
-    # Float bits -> int32 that orders like the float (negative floats flip their magnitude bits), shifted to a
-    # non-negative int64 so that the radix select's candidates compare without sign games.
+    # Float bits -> int32 that orders like the float (negative floats flip their magnitude bits), then shifted by
+    # 2^31 to a non-negative key, so that the radix select's candidates compare without sign games: uint32 (the
+    # sign bit flipped; padding 0) for the packed select, int64 for the separate ones.
     bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-    last_critical = _key_at_rank(key, real, N_C)
+    signed = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    # The keys at rank N_C - 1 (the last critical one) and at rank NK - N_N (the first negligible one); the
+    # separate selects in their order from before the packed one (the second after the critical mask), which keeps
+    # their compiled code as it was.
+    if PACKED:
+        flipped = (signed ^ (-2147483648)).to(tl.uint32, bitcast=True)
+        key = tl.where(real, flipped, tl.zeros_like(flipped))
+        last_critical, first_negligible = _keys_at_two_ranks(key, N_C, NK - N_N + 1)
+    else:
+        key = signed.to(tl.int64) + 2147483648
+        last_critical = _key_at_rank(key, real, N_C)
     above, place = _rank_of_equals(key, real, last_critical)
     critical = real & ((key > last_critical) | ((key == last_critical) & (place < N_C - above)))
+    if not PACKED:
+        first_negligible = _key_at_rank(key, real, NK - N_N + 1)
     # Rank >= NK - N_N is negligible: keys below the key at that rank, and equal keys past it in index order.
-    first_negligible = _key_at_rank(key, real, NK - N_N + 1)
     above, place = _rank_of_equals(key, real, first_negligible)
     negligible = real & (N_N > 0) & ((key < first_negligible) |
                                      ((key == first_negligible) & (above + place >= NK - N_N)))

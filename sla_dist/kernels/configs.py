@@ -10,7 +10,8 @@ hundreds of shape variants. Tuning results are cached on disk (Triton's cache di
 loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
 ``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``prepass_launch()``
 how the backward's pre-pass is launched (SLA_DIST_PREPASS); ``dkdv_chunked()`` whether dK/dV may run over chunks of
-heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``tma_kernels()``
+heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``classify_packed()`` whether the block map's
+classify kernel runs its two radix selects in one loop (SLA_DIST_CLASSIFY); ``tma_kernels()``
 the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA; by default the forward and dQ on
 Hopper and newer). ``fixed_settings()`` replaces kernels' fixed settings for a block of code, so one process can time
 several (benchmarks/time_layer.py --setting).
@@ -81,7 +82,7 @@ _KERNELS = {
     "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4,), (1,),
                          fixed=(4, 1)),
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),
-    "classify": _Tuning("block_select", "_classify_kernel", ("NK_POW2",), (4,), (1,), fixed=(4, 1)),
+    "classify": _Tuning("block_select", "_classify_kernel", ("NK_POW2", "PACKED"), (4,), (1,), fixed=(4, 1)),
     "critical_columns": _Tuning("block_select", "_critical_columns_kernel", ("NQ_POW2",), (4,), (1,), fixed=(4, 1)),
     "prepass": _Tuning("backward", "_bwd_prepass_kernel", _PREPASS_KEY, (8,), (1,), fixed=(8, 1),
                        constants=(("PERSISTENT", 0),)),
@@ -103,6 +104,7 @@ DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
 TMA_ENV = "SLA_DIST_TMA"
 PREPASS_ENV = "SLA_DIST_PREPASS"
 DKDV_CHUNKS_ENV = "SLA_DIST_DKDV_CHUNKS"
+CLASSIFY_ENV = "SLA_DIST_CLASSIFY"
 
 
 def interpreting() -> bool:
@@ -125,6 +127,8 @@ class Switches(NamedTuple):
     """SLA_DIST_PREPASS (configs.PREPASS_LAUNCHES)."""
     dkdv_chunks: str | None = None
     """SLA_DIST_DKDV_CHUNKS (configs.DKDV_CHUNKINGS)."""
+    classify: str | None = None
+    """SLA_DIST_CLASSIFY (configs.CLASSIFY_SELECTS)."""
 
 
 def read_switches() -> Switches:
@@ -132,7 +136,8 @@ def read_switches() -> Switches:
     env = os.environ
     # interpreting()'s test written out: this runs on every op call, whose Python calls test_host_budget counts.
     return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
-                    env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV), env.get(DKDV_CHUNKS_ENV))
+                    env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV), env.get(DKDV_CHUNKS_ENV),
+                    env.get(CLASSIFY_ENV))
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,28 @@ def dkdv_chunked(switches: Switches | None = None) -> bool:
     """SLA_DIST_DKDV_CHUNKS is 'auto' (``switches``: as read for this launch)."""
     chunks = (switches or read_switches()).dkdv_chunks
     return chunks is not None and check_choice(DKDV_CHUNKS_ENV, chunks, DKDV_CHUNKINGS) == "auto"
+
+
+CLASSIFY_SELECTS = ("separate", "packed")
+"""How the block map's classify kernel (block_select.py) finds each row's two class boundaries (SLA_DIST_CLASSIFY):
+separate (the default), one 32-round radix select per boundary on 64-bit keys; packed, both selects in one loop on
+32-bit keys, the two counts of a round summed in one reduction (the PACKED constexpr). Same classes and lists bit
+for bit; packed has half the rounds, each a chain of a warp reduction and three barriers. Predicted, not measured
+(PERF_NOTES, "Session 2026-12-01 (helper, branch wip-fglue)"): classify 57 -> ~31-35 us at L 32768 and 487 ->
+~270-300 us at 75600 (H 12, BQ 128, BK 64, H200)."""
+CLASSIFY_PACKED_MAX_BLOCKS = 2**15 - 1
+"""The widest row the packed select takes: its counts (up to Nk each) share one int32, the second shifted by 16
+bits. Wider rows (2M tokens in 64-key blocks) take the separate selects."""
+
+
+def classify_packed(nk: int, switches: Switches | None = None) -> bool:
+    """Whether the classify launch for rows of ``nk`` key blocks runs the packed select: SLA_DIST_CLASSIFY is
+    'packed' (read at every launch, so one process can time both; ``switches``: as read for this launch) and the row
+    fits it (CLASSIFY_PACKED_MAX_BLOCKS)."""
+    select = os.environ.get(CLASSIFY_ENV) if switches is None else switches.classify
+    if select is None:
+        return False
+    return check_choice(CLASSIFY_ENV, select, CLASSIFY_SELECTS) == "packed" and nk <= CLASSIFY_PACKED_MAX_BLOCKS
 
 
 TMA_KERNELS = ("fwd", "dq", "dkdv")

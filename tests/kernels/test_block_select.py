@@ -1,11 +1,21 @@
 """The Triton block-map kernels (block_select.py) against the PyTorch path of block_map.py: the same block sums,
-classes and critical lists. On CPU they run in the interpreter on small shapes; on a GPU on the Wan lengths."""
+classes and critical lists, the ranking with either radix select of the classify kernel (SLA_DIST_CLASSIFY). On
+CPU they run in the interpreter on small shapes; on a GPU on the Wan lengths."""
 
 import pytest
 import torch
 from tests.utils import DEVICE, HAS_CUDA
 
+from sla_dist.kernels import configs
 from sla_dist.kernels.block_map import CRITICAL, block_sums, predict_block_map, rank_blocks, transposed_lists
+from sla_dist.kernels.configs import CLASSIFY_ENV, CLASSIFY_PACKED_MAX_BLOCKS, CLASSIFY_SELECTS
+
+
+@pytest.fixture(params=CLASSIFY_SELECTS)
+def classify_select(request, monkeypatch):
+    """Each test that takes it runs with every value of SLA_DIST_CLASSIFY."""
+    monkeypatch.setenv(CLASSIFY_ENV, request.param)
+    return request.param
 
 SHAPES = [(2, 2, 1000, 64, 128), (1, 3, 131, 32, 64), (1, 2, 300, 48, 64)]  # 48: any head dim
 if HAS_CUDA:
@@ -14,7 +24,7 @@ if HAS_CUDA:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B, H, L, D, block_q", SHAPES)
-def test_kernels_match_pytorch(B, H, L, D, block_q, dtype):
+def test_kernels_match_pytorch(B, H, L, D, block_q, dtype, classify_select):
     gen = torch.Generator().manual_seed(L * 31 + D)
     q, k = (torch.randn(B, H, L, D, generator=gen).to(DEVICE, dtype) for _ in range(2))
     k = k[..., :D].transpose(1, 2).contiguous().transpose(1, 2)  # a [B, L, H, D] layout, read in place
@@ -32,7 +42,7 @@ def test_kernels_match_pytorch(B, H, L, D, block_q, dtype):
     assert (fast.kv_indices.diff(dim=-1) > 0).all()
 
 
-def test_ranking_ties_and_signed_zeros():
+def test_ranking_ties_and_signed_zeros(classify_select):
     """Ties go to the lower index, -0.0 ties with +0.0, and every class count is exact, as in the PyTorch path."""
     row = [1.0, 1.0, 1.0, 0.0, -0.0, 2.0, 2.0, -1e30, 0.5, 3.0, -2.0]
     scores = torch.tensor([row, row[::-1]], device=DEVICE)
@@ -43,7 +53,7 @@ def test_ranking_ties_and_signed_zeros():
 
 
 @pytest.mark.parametrize("nk", [1, 37, 591])
-def test_ranking_heavy_ties_long_rows(nk):
+def test_ranking_heavy_ties_long_rows(nk, classify_select):
     """Rows of few distinct values (most keys tie at both class boundaries), signs mixed, up to L 75600's Nk of 591
     (padded to 1024): the same classes and critical lists as a stable descending sort, for counts from one critical
     block to all of them."""
@@ -54,6 +64,39 @@ def test_ranking_heavy_ties_long_rows(nk):
         fast = rank_blocks(scores, topk, negligible, kernels=True)
         slow = rank_blocks(scores, topk, negligible, kernels=False)
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), (nk, topk, negligible)
+
+
+@pytest.mark.parametrize("nk", [1, 2, 17, 130, 1182])
+def test_packed_select_matches_the_separate_ones(nk, monkeypatch):
+    """The packed select (both class boundaries from one loop of packed counts, 32-bit keys) gives the separate
+    selects' classes and critical lists bit for bit, and the stable sort's: rows of Gaussian scores and rows of
+    extremes and ties (+-inf, +-the largest float32, +-0, +-1), up to L 75600's Nk of 1182 at BK 64 (padded to
+    2048), for counts from one critical block to all of them and with no negligible block."""
+    gen = torch.Generator().manual_seed(nk)
+    extremes = torch.tensor([float("inf"), -float("inf"), 3.4e38, -3.4e38, 0.0, -0.0, 1.0, -1.0])
+    scores = torch.cat([torch.randn(3, nk, generator=gen),
+                        extremes[torch.randint(0, len(extremes), (3, nk), generator=gen)]]).to(DEVICE)
+    for topk, negligible in ((0.05, 0.1), (0.0, 0.5), (1.0, 0.0), (0.3, 0.6)):
+        ranked = {}
+        for select in CLASSIFY_SELECTS:
+            monkeypatch.setenv(CLASSIFY_ENV, select)
+            ranked[select] = rank_blocks(scores, topk, negligible, kernels=True)
+        slow = rank_blocks(scores, topk, negligible, kernels=False)
+        for got in ranked.values():
+            assert torch.equal(got[0], slow[0]) and torch.equal(got[1], slow[1]), (nk, topk, negligible)
+
+
+def test_packed_select_takes_rows_its_counts_fit(monkeypatch):
+    """SLA_DIST_CLASSIFY: unset or 'separate', the separate selects; 'packed', the packed one for rows of up to
+    CLASSIFY_PACKED_MAX_BLOCKS key blocks (two counts of up to Nk in one int32), the separate ones past that."""
+    monkeypatch.delenv(CLASSIFY_ENV, raising=False)
+    assert not configs.classify_packed(64)
+    monkeypatch.setenv(CLASSIFY_ENV, "separate")
+    assert not configs.classify_packed(64)
+    monkeypatch.setenv(CLASSIFY_ENV, "packed")
+    assert configs.classify_packed(1) and configs.classify_packed(CLASSIFY_PACKED_MAX_BLOCKS)
+    assert not configs.classify_packed(CLASSIFY_PACKED_MAX_BLOCKS + 1)
+    assert CLASSIFY_PACKED_MAX_BLOCKS * 65537 < 2**31  # both counts and no carry between them in an int32
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 9, 17), (1, 2, 64, 130)] + ([(1, 12, 256, 512)] if HAS_CUDA else []))

@@ -30,6 +30,7 @@ def test_every_variant_compiles_for_hopper():
     assert {(r["variant"]["kernel"], r["variant"]["fwd_loop"]) for r in results} >= {
         ("fwd", "fma"), ("fwd_split", "even+fma")}
     assert {r["variant"]["kernel"] for r in results if r["variant"]["tma"]} == {"fwd", "fwd_split", "dq", "dkdv"}
+    assert [r["variant"]["kernel"] for r in results if r["variant"]["packed"]] == ["classify"]
 
 
 HOPPER_SM_SHARED_BYTES = 228 * 1024  # per SM, of which each resident block reserves 1 KiB

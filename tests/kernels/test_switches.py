@@ -2,6 +2,7 @@
 variable and the value, whichever switch it is (each reader is called as the launches call it, after the op has
 read the switches)."""
 
+import functools
 import re
 
 import pytest
@@ -12,6 +13,7 @@ READERS = {
     configs.DKDV_ORDER_ENV: (configs.dkdv_order, ["LPT", "", "split-long", "lpt+natural"]),
     configs.PREPASS_ENV: (configs.prepass_launch, ["", "Loop", "persistent", "loop+block"]),
     configs.DKDV_CHUNKS_ENV: (configs.dkdv_chunked, ["", "on", "3", "Auto"]),
+    configs.CLASSIFY_ENV: (functools.partial(configs.classify_packed, 64), ["", "Packed", "radix", "packed+separate"]),
     configs.TMA_ENV: (configs.tma_kernels, ["on", "", "ALL", "fwd+fwd", "fwd,dq", "all+dq", "off+fwd", "bwd"]),
 }
 
