@@ -115,21 +115,24 @@ def test_second_backward_through_the_same_graph(saves_output):
     _assert_equal(torch.autograd.grad(out, leaves, grad), first)
 
 
-def test_gradient_reaching_the_sparse_branch_directly_makes_it_again(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradient_reaching_the_sparse_branch_directly_makes_it_again(compiled, monkeypatch):
     """The custom op called directly, its O_s and O_l in the loss too: O_s is not saved, so the backward makes it
-    again (through the op, as a compiled graph would) and gets the default's gradients bit for bit."""
+    again (through the op, which a compiled backward traces) and gets the default's gradients bit for bit."""
     leaves, grad, bm = _inputs(130, torch.float32)
-    q, k, v, w, b = leaves
 
-    def loss_grads():
+    def loss(q, k, v, w, b):
         out, o_s, o_l, _, _ = sla_projected_forward(q, k, v, bm.block_class, bm.kv_num_blocks.contiguous(),
                                                     bm.kv_indices.contiguous(), bm.block_q, bm.block_k, "softmax",
                                                     "marginal", "save", w, b)
-        return torch.autograd.grad(((out + 0.5 * o_s + 0.25 * o_l) * grad).sum(), leaves)
+        return ((out + 0.5 * o_s + 0.25 * o_l) * grad).sum()
 
-    default = loss_grads()
+    default = torch.autograd.grad(loss(*leaves), leaves)
     monkeypatch.setenv(SAVED_ENV, "output")
-    _assert_equal(loss_grads(), default)
+    if compiled:
+        torch._dynamo.reset()
+        loss = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    _assert_equal(torch.autograd.grad(loss(*leaves), leaves), default)
 
 
 def test_compiled_layer_matches_eager(saves_output, block_map_kernels):
