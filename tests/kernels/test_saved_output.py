@@ -135,6 +135,23 @@ def test_gradient_reaching_the_sparse_branch_directly_makes_it_again(compiled, m
     _assert_equal(torch.autograd.grad(loss(*leaves), leaves), default)
 
 
+def test_lse_gradient_beside_the_output(monkeypatch):
+    """The custom op called directly with its lse in the loss beside Out (a caller merging attention parts by LSE):
+    delta is made from Out and takes dlse too, close to the default's gradients."""
+    leaves, grad, bm = _inputs(130, torch.float32)
+
+    def loss(q, k, v, w, b):
+        out, _, _, lse, _ = sla_projected_forward(q, k, v, bm.block_class, bm.kv_num_blocks.contiguous(),
+                                                  bm.kv_indices.contiguous(), bm.block_q, bm.block_k, "softmax",
+                                                  "marginal", "save", w, b)
+        return (out * grad).sum() + (0.3 * lse).sum()
+
+    default = torch.autograd.grad(loss(*leaves), leaves)
+    monkeypatch.setenv(SAVED_ENV, "output")
+    for name, a, b in zip(NAMES, torch.autograd.grad(loss(*leaves), leaves), default):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_compiled_layer_matches_eager(saves_output, block_map_kernels):
     from sla_dist import SparseLinearAttention
 
