@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sla_dist.kernels.configs import SAVED_ENV
+from sla_dist import SparseLinearAttention
+from sla_dist.kernels.block_map import predict_block_map
+from sla_dist.kernels.configs import PREPASS_ENV, SAVED_ENV
 from sla_dist.kernels.op import sla_projected_forward, sparse_linear_attention
 from tests.utils import DEVICE
 
-from .harness import SLACase, assert_within_reference_error, compare, make_inputs
+from .harness import SLACase, assert_within_reference_error, compare, layer_step, make_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -33,8 +35,6 @@ def saves_output(monkeypatch):
 
 def _inputs(L: int, dtype: torch.dtype, scale: float = 1.0, D: int = 32):
     """Leaves q, k, v [1, 2, L, D], proj_l's weight and bias (times ``scale``), an output gradient, the block map."""
-    from sla_dist.kernels.block_map import predict_block_map
-
     g = torch.Generator().manual_seed(L)
     q, k, v, grad = (torch.randn(1, 2, L, D, generator=g).to(DEVICE, dtype) for _ in range(4))
     w, b = torch.randn(D, D, generator=g) * D**-0.5 * scale, torch.randn(D, generator=g) * 0.1 * scale
@@ -88,8 +88,6 @@ def test_close_to_the_default_gradients(saves_output):
 def test_looping_prepass_gives_the_block_gradients(dtype, saves_output, poison_outputs, monkeypatch):
     """The pre-pass launched as a loop over query blocks (3 programs, 8 blocks of 64 rows, the last of 11) gives
     the per-block launch's gradients bit for bit (each block's delta from the same operations)."""
-    from sla_dist.kernels.configs import PREPASS_ENV
-
     monkeypatch.setattr("sla_dist.kernels.op.multiprocessors", lambda device, interpreting: 3)
     leaves, grad, bm = _inputs(459, dtype)
     monkeypatch.setenv(PREPASS_ENV, "block")
@@ -153,10 +151,6 @@ def test_lse_gradient_beside_the_output(monkeypatch):
 
 
 def test_compiled_layer_matches_eager(saves_output, block_map_kernels):
-    from sla_dist import SparseLinearAttention
-
-    from .harness import layer_step
-
     torch.manual_seed(0)
     layer = SparseLinearAttention(32, topk=0.5, negligible=0.25, backend="triton").to(DEVICE)
     torch.nn.init.normal_(layer.proj_l.weight, std=0.2)
