@@ -10,7 +10,8 @@ hundreds of shape variants. Tuning results are cached on disk (Triton's cache di
 loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
 ``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``prepass_launch()``
 how the backward's pre-pass is launched (SLA_DIST_PREPASS); ``dkdv_chunked()`` whether dK/dV may run over chunks of
-heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``tma_kernels()``
+heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``dkdv_split()`` whether dK/dV splits long
+query-block lists over several programs (SLA_DIST_DKDV_SPLIT); ``tma_kernels()``
 the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA; by default the forward and dQ on
 Hopper and newer). ``fixed_settings()`` replaces kernels' fixed settings for a block of code, so one process can time
 several (benchmarks/time_layer.py --setting).
@@ -93,8 +94,11 @@ _KERNELS = {
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
-    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "USE_TMA"), (4, 8), (1, 2), fixed=(8, 2),
-                    choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "SPLIT", "USE_TMA"), (4, 8), (1, 2),
+                    fixed=(8, 2), choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
+    # Sums the float32 parts of the split dK/dV lists (SLA_DIST_DKDV_SPLIT): loads and adds, no products.
+    "dkdv_combine": _Tuning("dkdv_split_kernels", "_dkdv_combine_kernel", ("D", "BLOCK_K"), (4,), (1,),
+                            fixed=(4, 1)),
 }
 
 
@@ -103,6 +107,7 @@ DKDV_ORDER_ENV = "SLA_DIST_DKDV_ORDER"
 TMA_ENV = "SLA_DIST_TMA"
 PREPASS_ENV = "SLA_DIST_PREPASS"
 DKDV_CHUNKS_ENV = "SLA_DIST_DKDV_CHUNKS"
+DKDV_SPLIT_ENV = "SLA_DIST_DKDV_SPLIT"
 
 
 def interpreting() -> bool:
@@ -125,6 +130,8 @@ class Switches(NamedTuple):
     """SLA_DIST_PREPASS (configs.PREPASS_LAUNCHES)."""
     dkdv_chunks: str | None = None
     """SLA_DIST_DKDV_CHUNKS (configs.DKDV_CHUNKINGS)."""
+    dkdv_split: str | None = None
+    """SLA_DIST_DKDV_SPLIT (configs.DKDV_SPLITS)."""
 
 
 def read_switches() -> Switches:
@@ -132,7 +139,8 @@ def read_switches() -> Switches:
     env = os.environ
     # interpreting()'s test written out: this runs on every op call, whose Python calls test_host_budget counts.
     return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
-                    env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV), env.get(DKDV_CHUNKS_ENV))
+                    env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV), env.get(DKDV_CHUNKS_ENV),
+                    env.get(DKDV_SPLIT_ENV))
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,37 @@ def dkdv_chunked(switches: Switches | None = None) -> bool:
     """SLA_DIST_DKDV_CHUNKS is 'auto' (``switches``: as read for this launch)."""
     chunks = (switches or read_switches()).dkdv_chunks
     return chunks is not None and check_choice(DKDV_CHUNKS_ENV, chunks, DKDV_CHUNKINGS) == "auto"
+
+
+DKDV_SPLITS = ("off", "long")
+"""SLA_DIST_DKDV_SPLIT: off (the default), one dK/dV program per (key block, head), walking its whole list; long,
+lists longer than a part length T are split over several programs (dkdv_plan.dkdv_split_plan), each writing its
+float32 partial dK, dV to a scratch buffer that the dkdv_combine kernel then sums into dk, dv. The launch grows by
+a fixed number of programs (DKDV_SPLIT_SLOT_FRACTION of the grid), so its shape does not depend on the block map
+(no host synchronisation: CUDA graphs and torch.compile keep working). The parts then take the order
+SLA_DIST_DKDV_ORDER names, as whole lists do without the split."""
+DKDV_SPLIT_SLOT_FRACTION = 8
+"""The split launch's extra programs, and its scratch slots (2 x BLOCK_K x D float32 each), are 1 / this of the
+grid's BH x Nk programs (at least DKDV_SPLIT_MIN_SLOTS): 768 slots, 48 MiB at L 32768, H 12, D 128, BK 64, enough
+to split 384 lists in two (a skewed map's long lists are ~1 % of its key blocks)."""
+DKDV_SPLIT_MIN_SLOTS = 64
+DKDV_SPLIT_PARTS_PER_SM = 4
+"""A part is at most 1 / this of a balanced launch's work per SM ((listed pairs + DKDV_PROGRAM_COST x programs) /
+SMs), at least DKDV_SPLIT_MIN_PART query blocks, and doubled until the parts fit the slots. A list no longer than
+the balanced share is no tail when it starts first; one that starts last is, up to its length: a quarter bounds that
+while leaving i.i.d. maps (longest list ~2.6x the mean, 32 at L 32768 against a part length of 168) unsplit."""
+DKDV_SPLIT_MIN_PART = 4
+"""Fewest query blocks in a part: below that a part's fixed cost (K_j, V_j, the partial's store and its combine)
+outweighs its loop."""
+DKDV_PROGRAM_COST = 2
+"""A dK/dV program's cost besides its loop, in listed query blocks (loading K_j, V_j and the linear epilogue; the
+wave model of benchmarks/time_bwd_kernel.py, PERF_NOTES 2026-11-30)."""
+
+
+def dkdv_split(switches: Switches | None = None) -> bool:
+    """SLA_DIST_DKDV_SPLIT is 'long' (``switches``: as read for this launch)."""
+    split = (switches or read_switches()).dkdv_split
+    return split is not None and check_choice(DKDV_SPLIT_ENV, split, DKDV_SPLITS) == "long"
 
 
 TMA_KERNELS = ("fwd", "dq", "dkdv")
