@@ -96,7 +96,10 @@ _KERNELS = {
                   fixed=(8, 3), restore=("DQ",)),
     "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "SPLIT", "USE_TMA"), (4, 8), (1, 2),
                     fixed=(8, 2), choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
-    # Sums the float32 parts of the split dK/dV lists (SLA_DIST_DKDV_SPLIT): loads and adds, no products.
+    # The split dK/dV launch (SLA_DIST_DKDV_SPLIT): its plan (one program per head, integer prefix sums), and the
+    # sum of the split lists' float32 parts (loads and adds, no products).
+    "dkdv_split_plan": _Tuning("dkdv_split_kernels", "_dkdv_split_plan_kernel", ("MODE", "BLOCK"), (8,), (1,),
+                               fixed=(8, 1)),
     "dkdv_combine": _Tuning("dkdv_split_kernels", "_dkdv_combine_kernel", ("D", "BLOCK_K"), (4,), (1,),
                             fixed=(4, 1)),
 }
@@ -290,17 +293,21 @@ float32 partial dK, dV to a scratch buffer that the dkdv_combine kernel then sum
 a fixed number of programs (DKDV_SPLIT_SLOT_FRACTION of the grid), so its shape does not depend on the block map
 (no host synchronisation: CUDA graphs and torch.compile keep working). The parts then take the order
 SLA_DIST_DKDV_ORDER names, as whole lists do without the split."""
-DKDV_SPLIT_SLOT_FRACTION = 8
+DKDV_SPLIT_SLOT_FRACTION = 6
 """The split launch's extra programs, and its scratch slots (2 x BLOCK_K x D float32 each), are 1 / this of the
-grid's BH x Nk programs (at least DKDV_SPLIT_MIN_SLOTS): 768 slots, 48 MiB at L 32768, H 12, D 128, BK 64, enough
-to split 384 lists in two (a skewed map's long lists are ~1 % of its key blocks)."""
+grid's BH x Nk programs (at least DKDV_SPLIT_MIN_SLOTS): 1024 slots, 64 MiB at L 32768, H 12, D 128, BK 64, on
+top of the backward's peak (589 MiB there; the scratch is live beside dq, dk, dv and dh_j). In the wave model of
+PERF_NOTES (2026-12-01, wip-skew) a random-init DiT's map at that shape takes 457 extra programs in lpt-head order;
+1 / 8 of the grid would make the parts longer (T 57 -> 72 query blocks) and leave more tail (1.013 -> 1.028)."""
 DKDV_SPLIT_MIN_SLOTS = 64
-DKDV_SPLIT_PARTS_PER_SM = 4
-"""A part is at most 1 / this of a balanced launch's work per SM ((listed pairs + DKDV_PROGRAM_COST x programs) /
-SMs), at least DKDV_SPLIT_MIN_PART query blocks, and doubled until the parts fit the slots. A list no longer than
-the balanced share is no tail when it starts first; one that starts last is, up to its length: a quarter bounds that
-while leaving i.i.d. maps (longest list ~2.6x the mean, 32 at L 32768 against a part length of 168) unsplit."""
-DKDV_SPLIT_MIN_PART = 4
+DKDV_SPLIT_PARTS_PER_SM = 8
+"""The split's part length T starts at the launch's balanced work per SM ((listed pairs + DKDV_PROGRAM_COST x
+programs) / SMs) over this many, or over the heads where more and the order takes the heads in turn (natural,
+lpt-head: each head's programs start within its 1 / heads of the launch, and a part started at the end of the last
+head's turn outlasts the others by up to its length); then at least DKDV_SPLIT_MIN_PART, and grown by a quarter
+until the split lists' parts fit the slots. Orders that sort over all heads (lpt, long-first) start the long parts
+first, which then only have to be short enough to spread the long work over several programs per SM."""
+DKDV_SPLIT_MIN_PART = 8
 """Fewest query blocks in a part: below that a part's fixed cost (K_j, V_j, the partial's store and its combine)
 outweighs its loop."""
 DKDV_PROGRAM_COST = 2

@@ -13,7 +13,7 @@ on the problem's sizes only, so CUDA graphs and torch.compile take it as they ta
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import NamedTuple
 
 import torch
@@ -58,7 +58,7 @@ class SplitPlan(NamedTuple):
     combine: torch.Tensor
     """int32 [slots // 2, COMBINE_FIELDS], one row per split list (a split list takes at least two slots)."""
     part: torch.Tensor
-    """The part length T (int64 scalar): a list of n query blocks is taken as ceil(n / T) parts."""
+    """The part length T (int32 scalar): a list of n query blocks is taken as ceil(n / T) parts."""
 
 
 def split_slots(programs: int) -> int:
@@ -67,61 +67,95 @@ def split_slots(programs: int) -> int:
     return max(DKDV_SPLIT_MIN_SLOTS, -(-programs // DKDV_SPLIT_SLOT_FRACTION))
 
 
-def dkdv_split_plan(q_num_blocks: torch.Tensor, num_query_blocks: int, order: str, sms: int,
-                    slots: int | None = None) -> SplitPlan:
-    """The split launch's plan for the lists of lengths ``q_num_blocks`` [..., Nk] (at most ``num_query_blocks``
-    each; the leading dims are the launch's heads), on ``sms`` SMs, with ``slots`` scratch slots (default
-    :func:`split_slots`) and as many extra programs.
+SPLIT_ORDERS = {"natural": 0, "lpt-head": 1, "long-first": 2}
+"""The split launch's program orders (configs.DKDV_ORDERS; SPLIT_ORDERS[order] is the plan kernel's MODE), as
+:func:`dkdv_program_order` orders whole lists, applied to the parts: natural, the lists in turn (each list's parts
+together); lpt-head, the heads in turn, within each the parts longest first (stable); long-first, the parts longer
+than LONG_FIRST_FACTOR x the mean part of all heads first, then the others, each class in the lists' order (the
+whole-list order sorts its long class by length; here all long parts but the lists' last are T long). lpt, a sort
+over all heads, has no split form: it would rank every part against every other, and it measured slower than
+long-first on i.i.d. maps (PERF_NOTES 2026-11-30)."""
 
-    The part length T is the balanced work per SM ((listed pairs + DKDV_PROGRAM_COST x programs) / sms) over
-    DKDV_SPLIT_PARTS_PER_SM, at least DKDV_SPLIT_MIN_PART, doubled until the split lists' parts fit the slots (the
-    last candidate, T >= num_query_blocks, splits nothing). A list of n > T query blocks is taken by ceil(n / T)
-    programs, each over T consecutive entries of its list (the last over the rest), in consecutive scratch slots;
-    the first part adds the linear branch's term. Other lists keep one program, which writes dk, dv itself. The
-    programs come in list order, each list's parts together, then reordered by their counts as ``order``
-    (configs.DKDV_ORDERS) orders whole lists; the unused programs (no work) come last in every order."""
+
+def split_windows(order: str, heads: int) -> int:
+    """What the part length's starting value divides the balanced work per SM by, for ``order`` over ``heads``
+    (configs.DKDV_SPLIT_PARTS_PER_SM says why)."""
+    if order not in SPLIT_ORDERS:
+        raise ValueError(f"dK/dV order {order!r} with the split (SLA_DIST_DKDV_SPLIT=long); choose one of "
+                         f"{tuple(SPLIT_ORDERS)}")
+    return max(heads, DKDV_SPLIT_PARTS_PER_SM) if SPLIT_ORDERS[order] < 2 else DKDV_SPLIT_PARTS_PER_SM
+
+
+def dkdv_split_plan(q_num_blocks: torch.Tensor, order: str, sms: int, slots: int | None = None) -> SplitPlan:
+    """The split launch's plan (what :func:`split_plan_reference` describes), made on the device by one Triton
+    launch (one program per head of the launch) from the lengths ``q_num_blocks`` [..., Nk] (contiguous; the leading
+    dims are the launch's heads), on ``sms`` SMs, with ``slots`` scratch slots (default :func:`split_slots`)."""
+    from .configs import get_kernel
+
     nk = q_num_blocks.shape[-1]
-    n = q_num_blocks.reshape(-1).long()
-    lists, device = n.numel(), n.device
-    slots = split_slots(lists) if slots is None else slots
+    lists = q_num_blocks.numel()
+    slots = _check_slots(split_slots(lists) if slots is None else slots)
+    device = q_num_blocks.device
+    work = torch.empty((lists + slots, WORK_FIELDS), dtype=torch.int32, device=device)
+    combine = torch.empty((slots // 2, COMBINE_FIELDS), dtype=torch.int32, device=device)
+    part = torch.empty((1,), dtype=torch.int32, device=device)
+    block = _plan_block(nk)
+    get_kernel("dkdv_split_plan")[(lists // nk,)](
+        q_num_blocks, work, combine, part, lists, nk, slots, sms * split_windows(order, lists // nk),
+        MODE=SPLIT_ORDERS[order], COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART,
+        LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=block, ROWS=max(16, PLAN_TILE // block))
+    return SplitPlan(work, combine, part[0])
+
+
+PLAN_TILE = 16384
+"""Elements of the plan kernel's [ROWS, BLOCK] tile of pairwise comparisons (lpt-head's ranks)."""
+
+
+def _plan_block(nk: int) -> int:
+    """Lists per step of the plan kernel's loops over all lists: one head's, as a power of two, up to 2048 (each
+    step costs its latency on a GPU, its Python on the interpreter)."""
+    return min(2048, max(16, 1 << (nk - 1).bit_length()))
+
+
+def _check_slots(slots: int) -> int:
     if slots < 2:
         raise ValueError(f"slots={slots}: a split list takes at least 2")
-    balanced = (n.sum() + DKDV_PROGRAM_COST * lists) / sms
-    base = torch.ceil(balanced / DKDV_SPLIT_PARTS_PER_SM).long().clamp(min=DKDV_SPLIT_MIN_PART)
-    doublings = max(0, math.ceil(math.log2(max(num_query_blocks, 1) / DKDV_SPLIT_MIN_PART)))
-    candidates = base * 2 ** torch.arange(doublings + 1, device=device)
-    parts = -(-n // candidates[:, None])  # [candidates, lists]
-    taken = torch.where(parts > 1, parts, 0).sum(1)  # slots each candidate needs
-    part = candidates[(taken <= slots).int().argmax()]  # the first that fits (argmax: the first maximum)
-
-    parts = (-(-n // part)).clamp(min=1)
-    split = parts > 1
-    ends = parts.cumsum(0)
-    slot_ends = torch.where(split, parts, 0).cumsum(0)
-    program = torch.arange(lists + slots, device=device)
-    of = torch.searchsorted(ends, program, right=True)  # the list whose parts cover each program; lists: none
-    real = of < lists
-    of = of.clamp(max=lists - 1)
-    index = program - (ends - parts)[of]  # the program's part of its list
-    first = index * part
-    count = torch.where(real, torch.minimum(n[of] - first, part), 0)
-    slot = torch.where(real & split[of], slot_ends[of] - parts[of] + index, -1)
-    work = torch.stack([torch.where(real, of, -1), first, count, slot], 1)  # an unused program's first: never read
-    rank = _part_order(work[:, 2], torch.where(real, of // nk, lists), n.sum() / ends[-1], order)
-    if rank is not None:
-        work = work[rank]
-
-    which = torch.searchsorted(split.long().cumsum(0), torch.arange(slots // 2, device=device), right=True)
-    combined = which < lists
-    which = which.clamp(max=lists - 1)
-    combine = torch.stack([torch.where(combined, which, -1), slot_ends[which] - parts[which], parts[which]], 1)
-    return SplitPlan(work.int(), combine.int(), part)
+    return slots
 
 
-def _part_order(count: torch.Tensor, head: torch.Tensor, mean: torch.Tensor, order: str) -> torch.Tensor | None:
-    """:func:`dkdv_program_order` for the split launch's programs: ``count`` their query blocks, ``head`` their head
-    within the launch (past the last for the unused programs, which every order leaves last), ``mean`` the mean
-    count of the programs with work. None: the list order as it is (natural)."""
-    if order == "lpt-head":  # longest first within each head, the heads in turn (parts per head vary in number)
-        return torch.argsort(head * (count.max() + 1) - count, stable=True)
-    return dkdv_program_order(count, order, mean)
+def split_plan_reference(q_num_blocks: torch.Tensor, order: str, sms: int, slots: int | None = None) -> SplitPlan:
+    """The split launch's plan in plain Python (the definition the plan kernel is tested against, and what the
+    benchmarks' wave model schedules; it reads the lengths back to the host). ``q_num_blocks`` [..., Nk]: the list
+    lengths of the launch's heads; ``sms``: the GPU's SMs; ``slots``: scratch slots, and as many extra programs
+    (default :func:`split_slots`).
+
+    The part length T starts at the balanced work per SM ((listed pairs + DKDV_PROGRAM_COST x lists) / sms) over
+    :func:`split_windows`, at least DKDV_SPLIT_MIN_PART, and grows by a quarter (rounded up) while the split lists'
+    parts need more than ``slots`` slots (it ends at the longest list at most, where nothing is split). A list of
+    n > T query blocks is taken by ceil(n / T) programs, each over T consecutive entries of its list (the last over
+    the rest), which write consecutive scratch slots; the first adds the linear branch's term. Other lists keep one
+    program, which writes dk, dv itself. The programs come in the order SPLIT_ORDERS gives ``order``; the unused
+    ones (no work) come last."""
+    nk = q_num_blocks.shape[-1]
+    n = [int(x) for x in q_num_blocks.reshape(-1).tolist()]
+    lists, slots = len(n), _check_slots(split_slots(len(n)) if slots is None else slots)
+    total = sum(n)
+    part = max(DKDV_SPLIT_MIN_PART, -(-(total + DKDV_PROGRAM_COST * lists) // (sms * split_windows(order, lists // nk))))
+    while sum(p for p in (-(-x // part) for x in n) if p > 1) > slots:
+        part += -(-part // 4)
+    parts = [max(1, -(-x // part)) for x in n]
+    items = sum(parts)
+    rows, combine, slot = [], [], 0
+    for i, (x, p) in enumerate(zip(n, parts)):
+        for r in range(p):
+            count = min(part, x - r * part)
+            long = count * items > LONG_FIRST_FACTOR * total
+            key = ((), (i // nk, -count), (not long,))[SPLIT_ORDERS[order]]
+            rows.append((key, len(rows), [i, r * part, count, slot + r if p > 1 else -1]))
+        if p > 1:
+            combine.append([i, slot, p])
+            slot += p
+    work = [row for _, _, row in sorted(rows)] + [[-1, 0, 0, -1]] * (lists + slots - items)
+    combine += [[-1, 0, 0]] * (slots // 2 - len(combine))
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=q_num_blocks.device)
+    return SplitPlan(as_tensor(work), as_tensor(combine), as_tensor(part))

@@ -36,3 +36,156 @@ def _dkdv_combine_kernel(
     tile = row_tile(head_offset(BH_FIRST + item // NK, H, stride_kb, stride_kh), offs_k, stride_kl, tl.arange(0, D))
     tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=(offs_k < LK)[:, None])
     tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=(offs_k < LK)[:, None])
+
+
+@triton.jit
+def _list_parts(Q_NUM, start, offs, end, part):
+    """(lengths, parts: at least 1 per list, 0 past ``end``) of the lists ``start + offs``."""
+    ok = start + offs < end
+    n = tl.load(Q_NUM + start + offs, mask=ok, other=0)
+    return n, tl.where(ok, tl.maximum((n + part - 1) // part, 1), 0)
+
+
+@triton.jit
+def _plan_totals(Q_NUM, LISTS, part, BLOCK: tl.constexpr):
+    """(scratch slots the split lists take, programs with work) for part length ``part``."""
+    offs = tl.arange(0, BLOCK)
+    slots = tl.zeros((), dtype=tl.int32)
+    items = tl.zeros((), dtype=tl.int32)
+    for start in range(0, LISTS, BLOCK):
+        _, parts = _list_parts(Q_NUM, start, offs, LISTS, part)
+        slots += tl.sum(tl.where(parts > 1, parts, 0), axis=0)
+        items += tl.sum(parts, axis=0)
+    return slots, items
+
+
+@triton.jit
+def _long(count, items, total, LONG_FACTOR: tl.constexpr):
+    """Whether a part of ``count`` query blocks is long: above LONG_FACTOR x the mean part (``total`` listed pairs
+    over ``items`` parts), compared as the reference does, in float64 (exact at these sizes)."""
+    return count.to(tl.float64) * items > LONG_FACTOR * total.to(tl.float64)
+
+
+@triton.jit
+def _list_classes(n, parts, part, items, total, LONG_FACTOR: tl.constexpr):
+    """(whether a list's full parts (T long) are long, whether its last part is, its long parts)."""
+    full_long = _long(part, items, total, LONG_FACTOR)
+    last_long = _long(n - (parts - 1) * part, items, total, LONG_FACTOR) & (parts > 0)
+    return full_long, last_long, tl.where(parts > 0, (parts - 1) * full_long.to(tl.int32) + last_long.to(tl.int32), 0)
+
+
+@triton.jit
+def _last_parts(Q_NUM, start, offs, end, part):
+    """(lengths, parts, the last part's length: -1 past ``end``) of the lists ``start + offs``."""
+    n, parts = _list_parts(Q_NUM, start, offs, end, part)
+    return n, parts, tl.where(parts > 0, n - (parts - 1) * part, -1)
+
+
+@triton.jit
+def _dkdv_split_plan_kernel(
+    Q_NUM,                                   # int32 [LISTS]: the launch's list lengths, head by head (NK each)
+    WORK, COMBINE, PART,                     # int32 [LISTS + SLOTS, 4], [SLOTS // 2, 3], [1] (dkdv_plan.SplitPlan)
+    LISTS, NK, SLOTS, SPREAD,                # SPREAD: SMs x dkdv_plan.split_windows
+    MODE: tl.constexpr, COST: tl.constexpr, MIN_PART: tl.constexpr, LONG_FACTOR: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    """dkdv_plan.split_plan_reference, one program per head: each program makes the part length and the totals
+    from all lists (the programs share nothing), then writes the rows of its own head's lists, ROWS lists a step:
+    each list's r-th part at the position the order (MODE, dkdv_plan.SPLIT_ORDERS) gives it, from prefix counts
+    (all parts of a list but the last are T long, and no part is longer)."""
+    head = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros((), dtype=tl.int32)
+    for start in range(0, LISTS, BLOCK):
+        n, _ = _list_parts(Q_NUM, start, offs, LISTS, 1)
+        total += tl.sum(n, axis=0)
+    part = tl.maximum((total + COST * LISTS + SPREAD - 1) // SPREAD, MIN_PART)
+    slots, items = _plan_totals(Q_NUM, LISTS, part, BLOCK)
+    while slots > SLOTS:  # ends where nothing is split (slots 0) at the latest
+        part += (part + 3) // 4
+        slots, items = _plan_totals(Q_NUM, LISTS, part, BLOCK)
+
+    # Counts over the lists of the heads before this one, this head's, and all heads'.
+    first_list = head * NK
+    items_before = tl.zeros((), dtype=tl.int32)
+    long_before = tl.zeros((), dtype=tl.int32)
+    long_all = tl.zeros((), dtype=tl.int32)
+    full_own = tl.zeros((), dtype=tl.int32)
+    slots_before = tl.zeros((), dtype=tl.int32)
+    splits_before = tl.zeros((), dtype=tl.int32)
+    splits_all = tl.zeros((), dtype=tl.int32)
+    for start in range(0, LISTS, BLOCK):
+        n, parts = _list_parts(Q_NUM, start, offs, LISTS, part)
+        _, _, longs = _list_classes(n, parts, part, items, total, LONG_FACTOR)
+        before = start + offs < first_list
+        own = (start + offs >= first_list) & (start + offs < first_list + NK)
+        split = parts > 1
+        items_before += tl.sum(tl.where(before, parts, 0), axis=0)
+        long_before += tl.sum(tl.where(before, longs, 0), axis=0)
+        long_all += tl.sum(longs, axis=0)
+        full_own += tl.sum(tl.where(own, parts - 1, 0), axis=0)
+        slots_before += tl.sum(tl.where(before & split, parts, 0), axis=0)
+        splits_before += tl.sum((before & split).to(tl.int32), axis=0)
+        splits_all += tl.sum(split.to(tl.int32), axis=0)
+
+    # This head's lists, ROWS a step: exclusive prefix counts within the head, carried from step to step.
+    rows = tl.arange(0, ROWS)
+    items_in = tl.zeros((), dtype=tl.int32)
+    long_in = tl.zeros((), dtype=tl.int32)
+    full_in = tl.zeros((), dtype=tl.int32)
+    slots_in = tl.zeros((), dtype=tl.int32)
+    splits_in = tl.zeros((), dtype=tl.int32)
+    for start in range(first_list, first_list + NK, ROWS):
+        n, parts, last = _last_parts(Q_NUM, start, rows, first_list + NK, part)
+        full_long, last_long, longs = _list_classes(n, parts, part, items, total, LONG_FACTOR)
+        split = parts > 1
+        placed = items_in + tl.cumsum(parts, axis=0) - parts
+        long_rank = long_in + tl.cumsum(longs, axis=0) - longs
+        fulls = tl.where(parts > 0, parts - 1 + (last == part).to(tl.int32), 0)  # the list's parts T long
+        full_rank = full_in + tl.cumsum(fulls, axis=0) - fulls
+        slot = slots_before + slots_in + tl.cumsum(tl.where(split, parts, 0), axis=0) - tl.where(split, parts, 0)
+        row = splits_before + splits_in + tl.cumsum(split.to(tl.int32), axis=0) - split.to(tl.int32)
+        tl.store(COMBINE + row * 3, start + rows, mask=split)
+        tl.store(COMBINE + row * 3 + 1, slot, mask=split)
+        tl.store(COMBINE + row * 3 + 2, parts, mask=split)
+        if MODE == 1:  # a last part shorter than T: after the head's T-long parts, by its stable descending rank
+            last_rank = tl.zeros([ROWS], dtype=tl.int32)
+            for other in range(first_list, first_list + NK, BLOCK):
+                _, _, others = _last_parts(Q_NUM, other, offs, first_list + NK, part)
+                ahead = (others[None, :] > last[:, None]) | (
+                    (others[None, :] == last[:, None]) & ((other + offs)[None, :] < (start + rows)[:, None]))
+                last_rank += tl.sum(ahead.to(tl.int32), axis=1)
+        for r in range(0, tl.max(parts, axis=0)):
+            if MODE == 0:  # the lists in turn
+                pos = items_before + placed + r
+            elif MODE == 1:  # the heads in turn, the parts longest first within each (T long ones first)
+                pos = items_before + tl.where((r < parts - 1) | (last == part), full_rank + r, full_own + last_rank)
+            else:  # the long parts of all heads first
+                is_long = tl.where(r < parts - 1, full_long, last_long)
+                long_at = long_rank + r * full_long.to(tl.int32)  # the parts before r are full ones
+                short_at = placed - long_rank + r * (1 - full_long.to(tl.int32))
+                pos = tl.where(is_long, long_before + long_at, long_all + items_before - long_before + short_at)
+            ok = r < parts
+            tl.store(WORK + pos * 4, start + rows, mask=ok)
+            tl.store(WORK + pos * 4 + 1, r * part, mask=ok)
+            tl.store(WORK + pos * 4 + 2, tl.minimum(n - r * part, part), mask=ok)
+            tl.store(WORK + pos * 4 + 3, tl.where(split, slot + r, -1), mask=ok)
+        items_in += tl.sum(parts, axis=0)
+        long_in += tl.sum(longs, axis=0)
+        full_in += tl.sum(fulls, axis=0)
+        slots_in += tl.sum(tl.where(split, parts, 0), axis=0)
+        splits_in += tl.sum(split.to(tl.int32), axis=0)
+
+    if head == 0:  # the rows no list took, and the part length
+        for start in range(items, LISTS + SLOTS, BLOCK):
+            unused = start + offs < LISTS + SLOTS
+            tl.store(WORK + (start + offs) * 4, tl.full([BLOCK], -1, tl.int32), mask=unused)
+            tl.store(WORK + (start + offs) * 4 + 1, tl.zeros([BLOCK], tl.int32), mask=unused)
+            tl.store(WORK + (start + offs) * 4 + 2, tl.zeros([BLOCK], tl.int32), mask=unused)
+            tl.store(WORK + (start + offs) * 4 + 3, tl.full([BLOCK], -1, tl.int32), mask=unused)
+        for start in range(splits_all, SLOTS // 2, BLOCK):
+            unused = start + offs < SLOTS // 2
+            tl.store(COMBINE + (start + offs) * 3, tl.full([BLOCK], -1, tl.int32), mask=unused)
+            tl.store(COMBINE + (start + offs) * 3 + 1, tl.zeros([BLOCK], tl.int32), mask=unused)
+            tl.store(COMBINE + (start + offs) * 3 + 2, tl.zeros([BLOCK], tl.int32), mask=unused)
+        tl.store(PART, part)

@@ -298,8 +298,7 @@ def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks,
             dk, dv = output_like(k), output_like(k)
         if split:
             slots = split_slots(heads.numel())
-            plan = dkdv_split_plan(heads, p.nq, dkdv_order(switches), multiprocessors(q.device, switches.interpreting),
-                                   slots)
+            plan = dkdv_split_plan(heads, dkdv_order(switches), multiprocessors(q.device, switches.interpreting), slots)
             if scratch is None:  # with dk, dv; as many slots as the widest chunk takes
                 widest = max(end - start for start, end in chunks or ((0, p.bh),))
                 scratch = new_output((split_slots(widest * p.nk), 2, p.block_k, p.D), q, torch.float32)
