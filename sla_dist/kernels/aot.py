@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import (_KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop,
-                      check_choice, interpreting)
+from .configs import (_KERNELS, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_PROGRAM_COST, DKDV_SPLIT_MIN_PART, FWD_SPLIT_Q,
+                      LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice, interpreting)
 from .layout import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -49,6 +49,7 @@ _POINTERS = {
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
                  DHS="sum", DZS="sum", ORDER="i64", WORK="i32", SCRATCH="f32"),
     "dkdv_combine": dict(SCRATCH="f32", COMBINE="i32", DK="x", DV="x"),
+    "dkdv_split_plan": dict(Q_NUM="i32", WORK="i32", COMBINE="i32", PART="i32"),
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
 _POINTERS["prepass_loop"] = _POINTERS["prepass"]
@@ -63,7 +64,7 @@ class Variant:
 
     kernel: str
     """Key of the tuning table in configs.py: fwd, fwd_split, summaries, block_sums, classify, critical_columns,
-    prepass, dq, dkdv, dkdv_combine."""
+    prepass, dq, dkdv, dkdv_split_plan, dkdv_combine."""
     dtype: str = "bfloat16"
     D: int = 128
     block_q: int = 128
@@ -128,7 +129,8 @@ class Variant:
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural" and not self.dkdv_split,
-                      SPLIT=self.dkdv_split,
+                      SPLIT=self.dkdv_split, MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART,
+                      LONG_FACTOR=LONG_FIRST_FACTOR, ROWS=32,
                       V_LIKE_K=self.v_like_k, USE_TMA=self.tma)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)

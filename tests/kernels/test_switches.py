@@ -12,6 +12,7 @@ READERS = {
     configs.DKDV_ORDER_ENV: (configs.dkdv_order, ["LPT", "", "split-long", "lpt+natural"]),
     configs.PREPASS_ENV: (configs.prepass_launch, ["", "Loop", "persistent", "loop+block"]),
     configs.DKDV_CHUNKS_ENV: (configs.dkdv_chunked, ["", "on", "3", "Auto"]),
+    configs.DKDV_SPLIT_ENV: (configs.dkdv_split, ["", "on", "Long", "long+lpt"]),
     configs.TMA_ENV: (configs.tma_kernels, ["on", "", "ALL", "fwd+fwd", "fwd,dq", "all+dq", "off+fwd", "bwd"]),
 }
 
