@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, NEGLIGIBLE, build_block_map, transposed_lists
-from sla_dist.kernels.configs import DEFAULT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order
+from sla_dist.kernels.configs import (DEFAULT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_SPLIT_ENV, LONG_FIRST_FACTOR,
+                                     dkdv_order)
 from sla_dist.kernels.op import dkdv_program_order
 from tests.utils import DEVICE
 
@@ -52,6 +53,7 @@ def test_orders_give_the_natural_gradients(order, dtype, linear_scope, monkeypat
     c = _case(dtype, linear_scope)
     block_map = skewed_map(1, 2, L, BLOCK, HOT, n_critical=3, seed=5)
     inputs = make_inputs(c, torch.Generator().manual_seed(17))
+    monkeypatch.delenv(DKDV_SPLIT_ENV, raising=False)  # whole lists (lpt has no split form)
     monkeypatch.setenv(DKDV_ORDER_ENV, "natural")
     natural = run_layer(c, inputs, block_map)
     monkeypatch.setenv(DKDV_ORDER_ENV, order)

@@ -141,6 +141,7 @@ def test_compiled_split_backward_launches_as_the_eager_one(block_map_kernels, mo
     """The compiled backward's dK/dV op runs the split as the eager backward does: same launches, same gradients
     bit for bit (parts of two query blocks: SMs and the fewest part blocks patched so that 4-block lists split)."""
     monkeypatch.setenv(DKDV_SPLIT_ENV, "long")
+    monkeypatch.setenv(DKDV_ORDER_ENV, "long-first")
     monkeypatch.setattr(configs, "INTERPRETER_SMS", 64)
     monkeypatch.setattr(dkdv_plan, "DKDV_SPLIT_MIN_PART", 2)
     torch._dynamo.reset()
@@ -180,14 +181,16 @@ def test_split_is_off_unless_asked(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-@pytest.mark.parametrize("order", ["lpt-head", "long-first"])
-def test_split_on_a_gpu_at_bf16(order, monkeypatch):
-    """bf16 at D 128 with the layer's tiles (BQ 128, BK 64, compiled for the GPU), a map whose three hot key blocks
-    every query block of head 0 chose (64-long lists against a mean of 3): the split's gradients against the
-    whole-list kernel's and the float64 reference's."""
+@pytest.mark.parametrize("order, dtype, D", [
+    ("lpt-head", torch.bfloat16, 128), ("long-first", torch.bfloat16, 128), ("lpt-head", torch.float16, 128),
+    ("lpt-head", torch.bfloat16, 64), ("natural", torch.float16, 64)])
+def test_split_on_a_gpu(order, dtype, D, monkeypatch):
+    """The layer's tiles (BQ 128, BK 64, compiled for the GPU), a map whose three hot key blocks every query block
+    of head 0 chose (64-long lists against a mean of 3), scope 'all' (the split lists' linear term): the split's
+    gradients against the whole-list kernel's and the float64 reference's."""
     length = 8192 - 37
-    c = SLACase(B=1, H=4, L=length, D=128, dtype=torch.bfloat16, topk=0.0, negligible=0.0, feature_map="softmax",
-                linear_scope="marginal", block_q=128, block_k=64, device=DEVICE)
+    c = SLACase(B=1, H=4, L=length, D=D, dtype=dtype, topk=0.0, negligible=0.0, feature_map="softmax",
+                linear_scope="all", block_q=128, block_k=64, device=DEVICE)
     block_map = skewed_map(1, 4, length, 128, (127, 40, 3), n_critical=6, seed=7, block_k=64)
     inputs = make_inputs(c, torch.Generator().manual_seed(3))
     monkeypatch.setenv(DKDV_ORDER_ENV, order)
