@@ -130,7 +130,7 @@ class Variant:
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural" and not self.dkdv_split,
                       SPLIT=self.dkdv_split, MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART,
-                      LONG_FACTOR=LONG_FIRST_FACTOR, ROWS=32,
+                      LONG_FACTOR=LONG_FIRST_FACTOR, ROWS=128, COLS=32,
                       V_LIKE_K=self.v_like_k, USE_TMA=self.tma)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)

@@ -89,7 +89,8 @@ def split_windows(order: str, heads: int) -> int:
 def dkdv_split_plan(q_num_blocks: torch.Tensor, order: str, sms: int, slots: int | None = None) -> SplitPlan:
     """The split launch's plan (what :func:`split_plan_reference` describes), made on the device by one Triton
     launch (one program per head of the launch) from the lengths ``q_num_blocks`` [..., Nk] (contiguous; the leading
-    dims are the launch's heads), on ``sms`` SMs, with ``slots`` scratch slots (default :func:`split_slots`)."""
+    dims are the launch's heads), on ``sms`` SMs, with ``slots`` scratch slots (default :func:`split_slots`). The
+    launch's heads must be whole: the kernel takes q_num_blocks as [heads x Nk] lengths in order.""" 
     from .configs import get_kernel
 
     nk = q_num_blocks.shape[-1]
@@ -99,22 +100,18 @@ def dkdv_split_plan(q_num_blocks: torch.Tensor, order: str, sms: int, slots: int
     work = torch.empty((lists + slots, WORK_FIELDS), dtype=torch.int32, device=device)
     combine = torch.empty((slots // 2, COMBINE_FIELDS), dtype=torch.int32, device=device)
     part = torch.empty((1,), dtype=torch.int32, device=device)
-    block = _plan_block(nk)
-    get_kernel("dkdv_split_plan")[(lists // nk,)](
+    get_kernel("dkdv_split_plan")[(lists // nk, -(-nk // PLAN_ROWS))](
         q_num_blocks, work, combine, part, lists, nk, slots, sms * split_windows(order, lists // nk),
         MODE=SPLIT_ORDERS[order], COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART,
-        LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=block, ROWS=max(16, PLAN_TILE // block))
+        LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=min(4096, max(16, 1 << (lists - 1).bit_length())), ROWS=PLAN_ROWS,
+        COLS=PLAN_COLS)
     return SplitPlan(work, combine, part[0])
 
 
-PLAN_TILE = 16384
-"""Elements of the plan kernel's [ROWS, BLOCK] tile of pairwise comparisons (lpt-head's ranks)."""
-
-
-def _plan_block(nk: int) -> int:
-    """Lists per step of the plan kernel's loops over all lists: one head's, as a power of two, up to 2048 (each
-    step costs its latency on a GPU, its Python on the interpreter)."""
-    return min(2048, max(16, 1 << (nk - 1).bit_length()))
+PLAN_ROWS, PLAN_COLS = 128, 32
+"""Lists per program of the plan kernel (48 programs at L 32768, H 12; each also reads all lists' lengths a few
+times, up to 4096 a step), and the other lists per step of its lpt-head comparisons ([ROWS, COLS] tiles: no
+spills on sm_90, 104-128 registers)."""
 
 
 def _check_slots(slots: int) -> int:

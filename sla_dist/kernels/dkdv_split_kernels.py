@@ -87,13 +87,17 @@ def _dkdv_split_plan_kernel(
     WORK, COMBINE, PART,                     # int32 [LISTS + SLOTS, 4], [SLOTS // 2, 3], [1] (dkdv_plan.SplitPlan)
     LISTS, NK, SLOTS, SPREAD,                # SPREAD: SMs x dkdv_plan.split_windows
     MODE: tl.constexpr, COST: tl.constexpr, MIN_PART: tl.constexpr, LONG_FACTOR: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
-    """dkdv_plan.split_plan_reference, one program per head: each program makes the part length and the totals
-    from all lists (the programs share nothing), then writes the rows of its own head's lists, ROWS lists a step:
-    each list's r-th part at the position the order (MODE, dkdv_plan.SPLIT_ORDERS) gives it, from prefix counts
-    (all parts of a list but the last are T long, and no part is longer)."""
+    """dkdv_plan.split_plan_reference, one program per ROWS lists of one head (grid: heads x ceil(NK / ROWS)).
+    Each program makes the part length and the counts it needs from all lists, BLOCK a step (the programs share
+    nothing; they are few and the lists small), then writes its lists' rows: each list's r-th part at the position
+    the order (MODE, dkdv_plan.SPLIT_ORDERS) gives it, from prefix counts of parts, long parts and T-long parts
+    (all parts of a list but the last are T long, and none is longer), and for lpt-head the stable descending rank
+    of its last part among the head's, by comparing it with every other (COLS a step)."""
     head = tl.program_id(0)
+    first_list = head * NK
+    row_start = first_list + tl.program_id(1) * ROWS
     offs = tl.arange(0, BLOCK)
     total = tl.zeros((), dtype=tl.int32)
     for start in range(0, LISTS, BLOCK):
@@ -105,78 +109,74 @@ def _dkdv_split_plan_kernel(
         part += (part + 3) // 4
         slots, items = _plan_totals(Q_NUM, LISTS, part, BLOCK)
 
-    # Counts over the lists of the heads before this one, this head's, and all heads'.
-    first_list = head * NK
+    # Counts over the lists before this program's first (all heads'), over this head's lists before it, this head's
+    # and all lists.
     items_before = tl.zeros((), dtype=tl.int32)
+    items_head = tl.zeros((), dtype=tl.int32)  # parts of the heads before this one
     long_before = tl.zeros((), dtype=tl.int32)
     long_all = tl.zeros((), dtype=tl.int32)
-    full_own = tl.zeros((), dtype=tl.int32)
+    fulls_before = tl.zeros((), dtype=tl.int32)  # T-long parts of this head's lists before this program's
+    full_own = tl.zeros((), dtype=tl.int32)  # full parts (all but each list's last) of this head
     slots_before = tl.zeros((), dtype=tl.int32)
     splits_before = tl.zeros((), dtype=tl.int32)
     splits_all = tl.zeros((), dtype=tl.int32)
     for start in range(0, LISTS, BLOCK):
-        n, parts = _list_parts(Q_NUM, start, offs, LISTS, part)
+        index = start + offs
+        n, parts, last = _last_parts(Q_NUM, start, offs, LISTS, part)
         _, _, longs = _list_classes(n, parts, part, items, total, LONG_FACTOR)
-        before = start + offs < first_list
-        own = (start + offs >= first_list) & (start + offs < first_list + NK)
+        before = index < row_start
+        own = (index >= first_list) & (index < first_list + NK)
         split = parts > 1
         items_before += tl.sum(tl.where(before, parts, 0), axis=0)
+        items_head += tl.sum(tl.where(index < first_list, parts, 0), axis=0)
         long_before += tl.sum(tl.where(before, longs, 0), axis=0)
         long_all += tl.sum(longs, axis=0)
+        fulls_before += tl.sum(tl.where(before & own, parts - 1 + (last == part).to(tl.int32), 0), axis=0)
         full_own += tl.sum(tl.where(own, parts - 1, 0), axis=0)
         slots_before += tl.sum(tl.where(before & split, parts, 0), axis=0)
         splits_before += tl.sum((before & split).to(tl.int32), axis=0)
         splits_all += tl.sum(split.to(tl.int32), axis=0)
 
-    # This head's lists, ROWS a step: exclusive prefix counts within the head, carried from step to step.
+    # This program's lists: exclusive prefix counts, from the counts before them.
     rows = tl.arange(0, ROWS)
-    items_in = tl.zeros((), dtype=tl.int32)
-    long_in = tl.zeros((), dtype=tl.int32)
-    full_in = tl.zeros((), dtype=tl.int32)
-    slots_in = tl.zeros((), dtype=tl.int32)
-    splits_in = tl.zeros((), dtype=tl.int32)
-    for start in range(first_list, first_list + NK, ROWS):
-        n, parts, last = _last_parts(Q_NUM, start, rows, first_list + NK, part)
-        full_long, last_long, longs = _list_classes(n, parts, part, items, total, LONG_FACTOR)
-        split = parts > 1
-        placed = items_in + tl.cumsum(parts, axis=0) - parts
-        long_rank = long_in + tl.cumsum(longs, axis=0) - longs
-        fulls = tl.where(parts > 0, parts - 1 + (last == part).to(tl.int32), 0)  # the list's parts T long
-        full_rank = full_in + tl.cumsum(fulls, axis=0) - fulls
-        slot = slots_before + slots_in + tl.cumsum(tl.where(split, parts, 0), axis=0) - tl.where(split, parts, 0)
-        row = splits_before + splits_in + tl.cumsum(split.to(tl.int32), axis=0) - split.to(tl.int32)
-        tl.store(COMBINE + row * 3, start + rows, mask=split)
-        tl.store(COMBINE + row * 3 + 1, slot, mask=split)
-        tl.store(COMBINE + row * 3 + 2, parts, mask=split)
-        if MODE == 1:  # a last part shorter than T: after the head's T-long parts, by its stable descending rank
-            last_rank = tl.zeros([ROWS], dtype=tl.int32)
-            for other in range(first_list, first_list + NK, BLOCK):
-                _, _, others = _last_parts(Q_NUM, other, offs, first_list + NK, part)
-                ahead = (others[None, :] > last[:, None]) | (
-                    (others[None, :] == last[:, None]) & ((other + offs)[None, :] < (start + rows)[:, None]))
-                last_rank += tl.sum(ahead.to(tl.int32), axis=1)
-        for r in range(0, tl.max(parts, axis=0)):
-            if MODE == 0:  # the lists in turn
-                pos = items_before + placed + r
-            elif MODE == 1:  # the heads in turn, the parts longest first within each (T long ones first)
-                pos = items_before + tl.where((r < parts - 1) | (last == part), full_rank + r, full_own + last_rank)
-            else:  # the long parts of all heads first
-                is_long = tl.where(r < parts - 1, full_long, last_long)
-                long_at = long_rank + r * full_long.to(tl.int32)  # the parts before r are full ones
-                short_at = placed - long_rank + r * (1 - full_long.to(tl.int32))
-                pos = tl.where(is_long, long_before + long_at, long_all + items_before - long_before + short_at)
-            ok = r < parts
-            tl.store(WORK + pos * 4, start + rows, mask=ok)
-            tl.store(WORK + pos * 4 + 1, r * part, mask=ok)
-            tl.store(WORK + pos * 4 + 2, tl.minimum(n - r * part, part), mask=ok)
-            tl.store(WORK + pos * 4 + 3, tl.where(split, slot + r, -1), mask=ok)
-        items_in += tl.sum(parts, axis=0)
-        long_in += tl.sum(longs, axis=0)
-        full_in += tl.sum(fulls, axis=0)
-        slots_in += tl.sum(tl.where(split, parts, 0), axis=0)
-        splits_in += tl.sum(split.to(tl.int32), axis=0)
+    n, parts, last = _last_parts(Q_NUM, row_start, rows, first_list + NK, part)
+    full_long, last_long, longs = _list_classes(n, parts, part, items, total, LONG_FACTOR)
+    split = parts > 1
+    placed = items_before + tl.cumsum(parts, axis=0) - parts
+    long_rank = long_before + tl.cumsum(longs, axis=0) - longs
+    fulls = tl.where(parts > 0, parts - 1 + (last == part).to(tl.int32), 0)  # the list's T-long parts
+    full_rank = fulls_before + tl.cumsum(fulls, axis=0) - fulls
+    split_parts = tl.where(split, parts, 0)
+    slot = slots_before + tl.cumsum(split_parts, axis=0) - split_parts
+    row = splits_before + tl.cumsum(split.to(tl.int32), axis=0) - split.to(tl.int32)
+    tl.store(COMBINE + row * 3, row_start + rows, mask=split)
+    tl.store(COMBINE + row * 3 + 1, slot, mask=split)
+    tl.store(COMBINE + row * 3 + 2, parts, mask=split)
+    if MODE == 1:  # a last part shorter than T: after the head's T-long parts, by its stable descending rank
+        last_rank = tl.zeros([ROWS], dtype=tl.int32)
+        cols = tl.arange(0, COLS)
+        for other in range(first_list, first_list + NK, COLS):
+            _, _, others = _last_parts(Q_NUM, other, cols, first_list + NK, part)
+            ahead = (others[None, :] > last[:, None]) | (
+                (others[None, :] == last[:, None]) & ((other + cols)[None, :] < (row_start + rows)[:, None]))
+            last_rank += tl.sum(ahead.to(tl.int32), axis=1)
+    for r in range(0, tl.max(parts, axis=0)):
+        if MODE == 0:  # the lists in turn
+            pos = placed + r
+        elif MODE == 1:  # the heads in turn, the parts longest first within each (T-long ones first)
+            pos = items_head + tl.where((r < parts - 1) | (last == part), full_rank + r, full_own + last_rank)
+        else:  # the long parts of all heads first, then the others, each in the lists' order
+            is_long = tl.where(r < parts - 1, full_long, last_long)
+            long_at = long_rank + r * full_long.to(tl.int32)  # the parts before r are full ones
+            short_at = placed - long_rank + r * (1 - full_long.to(tl.int32))
+            pos = tl.where(is_long, long_at, long_all + short_at)
+        ok = r < parts
+        tl.store(WORK + pos * 4, row_start + rows, mask=ok)
+        tl.store(WORK + pos * 4 + 1, r * part, mask=ok)
+        tl.store(WORK + pos * 4 + 2, tl.minimum(n - r * part, part), mask=ok)
+        tl.store(WORK + pos * 4 + 3, tl.where(split, slot + r, -1), mask=ok)
 
-    if head == 0:  # the rows no list took, and the part length
+    if (head == 0) & (tl.program_id(1) == 0):  # the rows no list took, and the part length
         for start in range(items, LISTS + SLOTS, BLOCK):
             unused = start + offs < LISTS + SLOTS
             tl.store(WORK + (start + offs) * 4, tl.full([BLOCK], -1, tl.int32), mask=unused)

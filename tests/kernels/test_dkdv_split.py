@@ -36,10 +36,14 @@ def _random_lengths(generator: torch.Generator) -> tuple[torch.Tensor, int, int]
     return n.int().to(DEVICE), sms, slots
 
 
+@pytest.mark.parametrize("rows", [dkdv_plan.PLAN_ROWS, 8])
 @pytest.mark.parametrize("order", SPLIT_ORDERS)
-def test_plan_kernel_makes_the_reference_plan(order, monkeypatch):
+def test_plan_kernel_makes_the_reference_plan(order, rows, monkeypatch):
+    """(rows 8: up to 5 programs per head, comparisons over up to 10 steps of 4 lists.)"""
     monkeypatch.setattr(dkdv_plan, "DKDV_SPLIT_MIN_PART", 2)  # parts of a few blocks: many splits
-    g = torch.Generator().manual_seed(SPLIT_ORDERS[order])
+    monkeypatch.setattr(dkdv_plan, "PLAN_ROWS", rows)
+    monkeypatch.setattr(dkdv_plan, "PLAN_COLS", min(rows, dkdv_plan.PLAN_COLS) // 2)
+    g = torch.Generator().manual_seed(SPLIT_ORDERS[order] + rows)
     for _ in range(12):
         lengths, sms, slots = _random_lengths(g)
         got, want = dkdv_split_plan(lengths, order, sms, slots), split_plan_reference(lengths, order, sms, slots)
