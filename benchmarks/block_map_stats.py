@@ -128,7 +128,8 @@ def format_stats(name: str, stats: dict) -> str:
     split = ", ".join(f"{order} {value:.3f}" for order, value in stats["dkdv_split"].items())
     lines += ["", f"dK/dV: worst head max/mean {worst['max_over_mean']:.2f}; grid imbalance (model) "
               f"{stats['dkdv_imbalance']:.3f}, longest first {stats['dkdv_longest_first']:.3f}, long-first "
-              f"{stats['dkdv_long_first']:.3f}, lpt-head {stats['dkdv_lpt_head']:.3f}; split: {split}; forward / dQ grid "
+              f"{stats['dkdv_long_first']:.3f}, lpt-head {stats['dkdv_lpt_head']:.3f}; split: {split}; "
+              "forward / dQ grid "
               f"imbalance {stats['fwd_dq_imbalance']:.3f}"]
     return "\n".join(lines)
 

@@ -147,7 +147,7 @@ declare -A CMD=(
   [tma-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_TMA=all python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [dkdv-split]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py --L 32768 --D 128 --attracted 0 0.3 1 --inputs synthetic dit --orders natural long-first lpt-head split:long-first split:lpt-head split:natural $MODEL_QK"
   [dkdv-split-b]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py --L 32768 75600 --D 128 --hot 0.05 --attracted 1 --orders natural long-first lpt-head split:long-first split:lpt-head"
-  [dkdv-split-tests]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_dkdv_split.py tests/kernels/test_dkdv_order.py tests/kernels/test_compile.py tests/kernels/test_cuda_graphs.py"
+  [dkdv-split-tests]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_dkdv_split.py tests/kernels/test_dkdv_order.py tests/kernels/test_compile.py tests/kernels/test_cuda_graphs.py tests/kernels/test_compile_hopper.py::test_split_dkdv_compiles_like_the_whole_list_kernel"
   [dkdv-order-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_DKDV_ORDER=lpt python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [inmodel-layout]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
   [inmodel-inputs]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"

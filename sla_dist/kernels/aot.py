@@ -128,9 +128,11 @@ class Variant:
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
-                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural" and not self.dkdv_split,
-                      SPLIT=self.dkdv_split, MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART,
-                      LONG_FACTOR=LONG_FIRST_FACTOR, ROWS=128, COLS=32,
+                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D,
+                      ORDERED=self.dkdv_order != "natural" and not self.dkdv_split, SPLIT=self.dkdv_split,
+                      # the split plan kernel: lpt-head's comparisons (MODE 1), dkdv_plan's PLAN_ROWS / PLAN_COLS
+                      MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART, LONG_FACTOR=LONG_FIRST_FACTOR,
+                      ROWS=128, COLS=32,
                       V_LIKE_K=self.v_like_k, USE_TMA=self.tma)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)

@@ -137,7 +137,8 @@ def split_plan_reference(q_num_blocks: torch.Tensor, order: str, sms: int, slots
     n = [int(x) for x in q_num_blocks.reshape(-1).tolist()]
     lists, slots = len(n), _check_slots(split_slots(len(n)) if slots is None else slots)
     total = sum(n)
-    part = max(DKDV_SPLIT_MIN_PART, -(-(total + DKDV_PROGRAM_COST * lists) // (sms * split_windows(order, lists // nk))))
+    spread = sms * split_windows(order, lists // nk)
+    part = max(DKDV_SPLIT_MIN_PART, -(-(total + DKDV_PROGRAM_COST * lists) // spread))
     while sum(p for p in (-(-x // part) for x in n) if p > 1) > slots:
         part += -(-part // 4)
     parts = [max(1, -(-x // part)) for x in n]
