@@ -96,8 +96,8 @@ _KERNELS = {
                   fixed=(8, 3), restore=("DQ",)),
     "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "SPLIT", "USE_TMA"), (4, 8), (1, 2),
                     fixed=(8, 2), choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
-    # The split dK/dV launch (SLA_DIST_DKDV_SPLIT): its plan (one program per head, integer prefix sums), and the
-    # sum of the split lists' float32 parts (loads and adds, no products).
+    # The split dK/dV launch (SLA_DIST_DKDV_SPLIT): its plan (one program per 128 lists of a head, integer prefix
+    # counts), and the sum of the split lists' float32 parts (loads and adds, no products).
     "dkdv_split_plan": _Tuning("dkdv_split_kernels", "_dkdv_split_plan_kernel", ("MODE", "BLOCK"), (8,), (1,),
                                fixed=(8, 1)),
     "dkdv_combine": _Tuning("dkdv_split_kernels", "_dkdv_combine_kernel", ("D", "BLOCK_K"), (4,), (1,),
@@ -292,7 +292,8 @@ lists longer than a part length T are split over several programs (dkdv_plan.dkd
 float32 partial dK, dV to a scratch buffer that the dkdv_combine kernel then sums into dk, dv. The launch grows by
 a fixed number of programs (DKDV_SPLIT_SLOT_FRACTION of the grid), so its shape does not depend on the block map
 (no host synchronisation: CUDA graphs and torch.compile keep working). The parts then take the order
-SLA_DIST_DKDV_ORDER names, as whole lists do without the split."""
+SLA_DIST_DKDV_ORDER names, as whole lists do without the split: natural, lpt-head or long-first (lpt has no split
+form: dkdv_plan.SPLIT_ORDERS)."""
 DKDV_SPLIT_SLOT_FRACTION = 6
 """The split launch's extra programs, and its scratch slots (2 x BLOCK_K x D float32 each), are 1 / this of the
 grid's BH x Nk programs (at least DKDV_SPLIT_MIN_SLOTS): 1024 slots, 64 MiB at L 32768, H 12, D 128, BK 64, on
