@@ -7,8 +7,10 @@ like a randomly initialised DiT's has a few key blocks chosen by nearly every qu
 longest first starts those early; it cannot help once one list is longer than the launch's balanced share of work
 per SM, or once there are more long lists than SMs. The split cuts such lists into parts, each a program of its own.
 
-Everything here is PyTorch on the lengths where they are (the GPU): no host synchronisation and shapes that depend
-on the problem's sizes only, so CUDA graphs and torch.compile take it as they take the kernels.
+Both work on the lengths where they are (the GPU): the orders with PyTorch ops, the split's plan with one Triton
+launch (kernels/dkdv_split_kernels.py); no host synchronisation, and shapes that depend on the problem's sizes only,
+so CUDA graphs and torch.compile take them as they take the kernels. :func:`split_plan_reference` is the plan in
+plain Python: its definition, and what the benchmarks' wave model schedules.
 """
 
 from __future__ import annotations
@@ -28,20 +30,19 @@ COMBINE_FIELDS = 3
 """Columns of the split plan's combine table: key block (-1: none), first scratch slot, parts."""
 
 
-def dkdv_program_order(q_num_blocks: torch.Tensor, order: str, mean: torch.Tensor | None = None) -> torch.Tensor | None:
+def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor | None:
     """The key block, as bh * Nk + j, that each dK/dV program takes, by linear program id (key block fastest), for
     ``order`` (configs.DKDV_ORDERS): None for natural (program (j, bh) takes key block j of head bh); else int64
     [BH * Nk], the programs sorted by their list's length q_num_blocks [B, H, Nk], longest first, over the whole grid
-    (lpt) or within each head (lpt-head), or only those longer than LONG_FIRST_FACTOR x the mean (``mean``, by
-    default the lengths'), the rest after them in the grid's order (long-first). The sorts are stable: equal lengths
-    keep the grid's order."""
+    (lpt) or within each head (lpt-head), or only those longer than LONG_FIRST_FACTOR x the mean, the rest after them
+    in the grid's order (long-first). The sorts are stable: equal lengths keep the grid's order."""
     if order == "natural":
         return None
     flat = q_num_blocks.flatten()
     if order == "lpt":
         return torch.argsort(flat, descending=True, stable=True)
     if order == "long-first":
-        long = flat > LONG_FIRST_FACTOR * (flat.float().mean() if mean is None else mean)
+        long = flat > LONG_FIRST_FACTOR * flat.float().mean()
         return torch.argsort(flat * long, descending=True, stable=True)  # the short ones' lengths zeroed
     if order == "lpt-head":
         counts = q_num_blocks.flatten(0, -2)
@@ -88,9 +89,9 @@ def split_windows(order: str, heads: int) -> int:
 
 def dkdv_split_plan(q_num_blocks: torch.Tensor, order: str, sms: int, slots: int | None = None) -> SplitPlan:
     """The split launch's plan (what :func:`split_plan_reference` describes), made on the device by one Triton
-    launch (one program per head of the launch) from the lengths ``q_num_blocks`` [..., Nk] (contiguous; the leading
-    dims are the launch's heads), on ``sms`` SMs, with ``slots`` scratch slots (default :func:`split_slots`). The
-    launch's heads must be whole: the kernel takes q_num_blocks as [heads x Nk] lengths in order.""" 
+    launch (programs of PLAN_ROWS lists of one head) from the lengths ``q_num_blocks`` [..., Nk] (contiguous; the
+    leading dims are the launch's heads), on ``sms`` SMs, with ``slots`` scratch slots (default
+    :func:`split_slots`)."""
     from .configs import get_kernel
 
     nk = q_num_blocks.shape[-1]
