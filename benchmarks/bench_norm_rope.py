@@ -6,7 +6,9 @@
 x is the q slice of a fused qkv projection [B, L, 3 dim] (the DiT's layout). Medians of triton.testing.do_bench
 (fwd, and fwd+bwd with dx and dW) per method; "GB/s" counts the bytes the op must move at least (fwd: x read, out
 written; fwd+bwd: that plus grad and x read, dx written), so the fused row's share of the card's bandwidth shows how
-much is left. Writes benchmarks/results/<date>-norm-rope-<card>.{json,md} (--out to override).
+much is left. At this size a fwd+bwd call is bound by host time (autograd, the custom op's dispatch): the
+"kernels us" column (CUDA time of the kernels of one fwd+bwd call, torch.profiler over 10 calls; GPU only; each
+kernel's time in the JSON) is what the card spends. Writes benchmarks/results/<date>-norm-rope-<card>.{json,md} (--out to override).
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ def _timer(tiny: bool):
     import triton.testing
 
     return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _kernel_us(step, calls: int = 10) -> dict[str, float]:
+    """CUDA time per call of each kernel that ``step`` launches (torch.profiler over ``calls`` calls, after 3)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
 
 
 def _launch_name(launch: BackwardLaunch) -> str:
@@ -85,12 +101,19 @@ def main() -> None:
         norm_rope_module.BACKWARD_LAUNCH = launch
         fwd = bench(lambda: fn(x, weight, cos, sin, heads, 1e-6))
         step = bench(lambda: torch.autograd.grad(fn(x_grad, weight, cos, sin, heads, 1e-6), (x_grad, weight), grad))
+        kernels = None
+        if device == "cuda":
+            kernels = _kernel_us(lambda: torch.autograd.grad(fn(x_grad, weight, cos, sin, heads, 1e-6),
+                                                             (x_grad, weight), grad))
         rows.append(dict(method=name, fwd_ms=fwd, fwd_bwd_ms=step, fwd_gbs=fwd_bytes / fwd / 1e6,
-                         fwd_bwd_gbs=(fwd_bytes + 3 * L * dim * element) / step / 1e6))
+                         fwd_bwd_gbs=(fwd_bytes + 3 * L * dim * element) / step / 1e6, kernels_us=kernels,
+                         kernels_total_us=sum(kernels.values()) if kernels else None))
     norm_rope_module.BACKWARD_LAUNCH = default
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    table = "\n".join(["| method | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s |", "|---|---|---|---|---|"] + [
-        f"| {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_gbs']:.0f} | {r['fwd_bwd_gbs']:.0f} |"
+    table = "\n".join(["| method | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | kernels us (fwd+bwd) |",
+                       "|---|---|---|---|---|---|"] + [
+        f"| {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_gbs']:.0f} | {r['fwd_bwd_gbs']:.0f} | "
+        + (f"{r['kernels_total_us']:.1f} ({len(r['kernels_us'])} kernels)" if r["kernels_us"] else "-") + " |"
         for r in rows])
     command = "python benchmarks/bench_norm_rope.py " + " ".join(sys.argv[1:])
     preamble = (f"x [1, {L}, {dim}] ({heads} heads of {D}), a slice of a fused qkv projection, {dtype}; "
