@@ -24,7 +24,10 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    that chose j, never all of them), each query block in Q_SPLIT row slices (with ORDERED, program p takes the key
    block ORDER[p] names, e.g. the longest lists first; with USE_TMA, q and dO come through tensor descriptors):
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
-   plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T.
+   plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T. With SPLIT (SLA_DIST_DKDV_SPLIT)
+   a program takes its key block and a stretch of its list from the split plan (dkdv_plan.py); a part of a split list
+   stores float32 partial dK, dV for dkdv_split_kernels.py's combine, and only a list's first part adds the linear
+   branch's terms.
 """
 
 import triton
@@ -306,7 +309,7 @@ def _bwd_dkdv_kernel(
         item = tl.load(ORDER + chunk_bh * NK + pid_k).to(tl.int32)
         chunk_bh = item // NK
         pid_k = item % NK
-    if SPLIT:  # a 1-D grid; the program's row of the plan: key block, first listed query block, count, slot
+    if SPLIT:  # (not with ORDERED) a 1-D grid; the program's row of the plan: key block, first entry, count, slot
         work = WORK + pid_k * 4
         item = tl.load(work)
         if item < 0:  # one of the launch's spare programs that the plan left unused
