@@ -14,7 +14,9 @@ time in a list-scheduling model over its time if perfectly balanced (total / slo
 slots (one program per SM: H200 132), and cost ``--overhead`` (loading K, V, storing dK, dV) plus one per query
 block walked. It is the slowdown that the imbalance alone would give (with the partial last wave: equal programs
 give ceil(waves) / waves); 1.0 is none. ``dkdv_longest_first`` is the same grid launched longest list first (what
-a kernel that walked key blocks in that order would get).
+a kernel that walked key blocks in that order would get); ``dkdv_long_first`` and ``dkdv_lpt_head`` launched in
+those orders (SLA_DIST_DKDV_ORDER); ``dkdv_split`` the split launch (SLA_DIST_DKDV_SPLIT=long) in each order it
+takes, over the whole lists' balanced time.
 
     PYTHONPATH=$PWD python benchmarks/block_map_stats.py --inputs iid field dit --grid 21,30,52 --tile 1,1,1 \\
         --dit-model wan2.1-1.3b --qk-init independent --latents gaussian      # bench_dit_step.py's model
@@ -36,6 +38,7 @@ import torch
 from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
 from locality_inputs import LOCALITIES, add_locality_arguments, locality_config
 from sla_dist.kernels.block_map import BlockMap, block_counts, predict_block_map
+from sla_dist.kernels.dkdv_plan import SPLIT_ORDERS, dkdv_program_order, split_plan_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -54,14 +57,37 @@ def list_stats(lengths: torch.Tensor) -> dict[str, float]:
 def grid_imbalance(lengths: torch.Tensor, slots: int, overhead: float) -> float:
     """Makespan of a grid whose programs, in launch order, walk ``lengths`` [P] blocks each (cost overhead +
     length), on ``slots`` slots each taking the next program when free, over the balanced total / slots."""
-    if slots < 1 or overhead < 0:
-        raise ValueError(f"slots={slots} must be >= 1 and overhead={overhead} >= 0")
+    _check_model(slots, overhead)
     costs = (lengths.double().flatten() + overhead).tolist()
+    balanced = sum(costs) / slots
+    return makespan(costs, slots) / balanced if balanced else 1.0
+
+
+def split_imbalance(lengths: torch.Tensor, slots: int, overhead: float, order: str) -> float:
+    """:func:`grid_imbalance` of the split dK/dV launch (SLA_DIST_DKDV_SPLIT=long) over the lists ``lengths``
+    [..., Nk] of one launch's heads, its programs in the ``order`` the split plan gives them
+    (sla_dist.kernels.dkdv_plan.split_plan_reference, ``slots`` SMs): a part costs overhead + its query blocks, an
+    unused program nothing (it returns at once). Over the same balanced time as the whole lists', so the split's
+    extra programs count as a loss; the combine launch after it is not modelled (PERF_NOTES 2026-12-01 sizes it)."""
+    _check_model(slots, overhead)
+    work = split_plan_reference(lengths, order, slots).work.double()
+    costs = torch.where(work[:, 0] >= 0, work[:, 2] + overhead, 0.0).tolist()
+    balanced = (float(lengths.double().sum()) + overhead * lengths.numel()) / slots
+    return makespan(costs, slots) / balanced if balanced else 1.0
+
+
+def makespan(costs: list[float], slots: int) -> float:
+    """When the last of the programs of ``costs`` (in launch order) ends, each of ``slots`` slots taking the next
+    program as soon as it is free."""
     free_at = [0.0] * min(slots, len(costs))
     for cost in costs:
         heapq.heappush(free_at, heapq.heappop(free_at) + cost)
-    balanced = sum(costs) / slots
-    return max(free_at) / balanced if balanced else 1.0
+    return max(free_at, default=0.0)
+
+
+def _check_model(slots: int, overhead: float) -> None:
+    if slots < 1 or overhead < 0:
+        raise ValueError(f"slots={slots} must be >= 1 and overhead={overhead} >= 0")
 
 
 def block_map_stats(block_map: BlockMap, slots: int = 132, overhead: float = 1.0) -> dict:
@@ -75,6 +101,10 @@ def block_map_stats(block_map: BlockMap, slots: int = 132, overhead: float = 1.0
     return dict(nq=nq, nk=nk, critical_fraction=block_map.critical_fraction(), heads=heads,
                 dkdv_imbalance=grid_imbalance(q_num, slots, overhead),
                 dkdv_longest_first=grid_imbalance(q_num.flatten().sort(descending=True).values, slots, overhead),
+                dkdv_long_first=grid_imbalance(q_num.flatten()[dkdv_program_order(q_num, "long-first")], slots,
+                                               overhead),
+                dkdv_lpt_head=grid_imbalance(q_num.flatten()[dkdv_program_order(q_num, "lpt-head")], slots, overhead),
+                dkdv_split={order: split_imbalance(q_num, slots, overhead, order) for order in SPLIT_ORDERS},
                 fwd_dq_imbalance=grid_imbalance(block_map.kv_num_blocks, slots, overhead))
 
 
@@ -95,8 +125,11 @@ def format_stats(name: str, stats: dict) -> str:
         lines.append(f"| {row['head']} | {d['mean']:.2f} | {d['max']:.0f} | {d['max_over_mean']:.2f} | "
                      f"{d['top1pct_share']:.3f} | {d['empty']} | {f['min']:.0f} | {f['max']:.0f} |")
     worst = max(stats["heads"], key=lambda r: r["dkdv"]["max_over_mean"])["dkdv"]
+    split = ", ".join(f"{order} {value:.3f}" for order, value in stats["dkdv_split"].items())
     lines += ["", f"dK/dV: worst head max/mean {worst['max_over_mean']:.2f}; grid imbalance (model) "
-              f"{stats['dkdv_imbalance']:.3f}, longest first {stats['dkdv_longest_first']:.3f}; forward / dQ grid "
+              f"{stats['dkdv_imbalance']:.3f}, longest first {stats['dkdv_longest_first']:.3f}, long-first "
+              f"{stats['dkdv_long_first']:.3f}, lpt-head {stats['dkdv_lpt_head']:.3f}; split: {split}; "
+              "forward / dQ grid "
               f"imbalance {stats['fwd_dq_imbalance']:.3f}"]
     return "\n".join(lines)
 
@@ -107,11 +140,15 @@ def summary_row(name: str, stats: dict) -> str:
     return (f"| {name} | {dkdv[0]['mean']:.2f} | {max(d['max'] for d in dkdv):.0f} | "
             f"{max(d['max_over_mean'] for d in dkdv):.2f} | {max(d['top1pct_share'] for d in dkdv):.3f} | "
             f"{max(d['empty'] for d in dkdv)} | {stats['dkdv_imbalance']:.3f} | {stats['dkdv_longest_first']:.3f} | "
-            f"{stats['fwd_dq_imbalance']:.3f} |")
+            f"{stats['dkdv_long_first']:.3f} | {stats['dkdv_lpt_head']:.3f} | "
+            + " | ".join(f"{stats['dkdv_split'][order]:.3f}" for order in SPLIT_ORDERS)
+            + f" | {stats['fwd_dq_imbalance']:.3f} |")
 
 
 SUMMARY_HEADER = ("| inputs | q_num mean | max | max/mean | top 1 % share | empty | dK/dV imbalance | longest first "
-                  "| fwd/dQ imbalance |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  "| long-first | lpt-head | " + " | ".join(f"split {order}" for order in SPLIT_ORDERS)
+                  + " | fwd/dQ imbalance |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                  + "---:|" * len(SPLIT_ORDERS))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,12 @@
 #   separate then its packed radix selects, each with the kernels' CUDA time, glue kernels included; fixed launch
 #   settings, ~3 min), classify-tests (the block-map kernel tests with both selects and the layer on the packed
 #   one, eager and compiled; fixed launch settings, ~2 min).
+# dkdv-split (the dK/dV kernel's CUDA time with long lists split, SLA_DIST_DKDV_SPLIT=long, beside the whole-list
+#   orders, at L 32768 D 128 on i.i.d. and skewed synthetic maps and on the 1.3B DiT's layer-0 q, k at 32760; fixed
+#   launch settings; "split us" is the plan and combine kernels; ~2 min), dkdv-split-b (the regime with more long
+#   lists than SMs: 5 % hot key blocks drawn by every query block, L 32768 and 75600; ~1.5 min), dkdv-split-tests
+#   (test_dkdv_split.py's GPU tests: bf16 / fp16 at D 64 / 128 against float64, CUDA-graph replay; with the order,
+#   compile and CUDA-graph tests; ~2 min).
 # tma (SLA_DIST_TMA: the layer at 32768 tokens, i.i.d. inputs in the bhld and the DiT's fused layout, the kernels'
 #   loop tiles loaded by pointers (off) then through tensor descriptors (all), with each sparse-branch kernel's CUDA
 #   time (each kernel's descriptors are independent of the others', so 'all' gives every kernel's effect at once);
@@ -145,6 +151,9 @@ declare -A CMD=(
   [tma-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_TMA=all python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [classify]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py classify --L 32768 75600 8192 --classify separate packed --kernels"
   [classify-tests]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_block_select.py tests/kernels/test_classify_select.py tests/kernels/test_switches.py tests/kernels/test_compile.py"
+  [dkdv-split]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py --L 32768 --D 128 --attracted 0 0.3 1 --inputs synthetic dit --orders natural long-first lpt-head split:long-first split:lpt-head split:natural $MODEL_QK"
+  [dkdv-split-b]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_bwd_kernel.py --L 32768 75600 --D 128 --hot 0.05 --attracted 1 --orders natural long-first lpt-head split:long-first split:lpt-head"
+  [dkdv-split-tests]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_dkdv_split.py tests/kernels/test_dkdv_order.py tests/kernels/test_compile.py tests/kernels/test_cuda_graphs.py tests/kernels/test_compile_hopper.py::test_split_dkdv_compiles_like_the_whole_list_kernel"
   [dkdv-order-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_DKDV_ORDER=lpt python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels tests/test_attention.py"
   [inmodel-layout]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py iid --L 32768 32760 --layout bhld blhd fused"
   [inmodel-inputs]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py model --inputs iid field dit --layout bhld fused $MODEL_QK"

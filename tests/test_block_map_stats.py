@@ -57,6 +57,17 @@ def test_the_long_list_launched_last_or_first():
     assert stats["dkdv_imbalance"] == 1.5 and stats["dkdv_longest_first"] == 1.25
 
 
+def test_split_takes_a_long_list_in_parts():
+    """One head, a list of 16 query blocks and seven empty ones, on 2 slots: whole, the long list runs alone (16
+    against 16 / 2 = 8 balanced); split (lpt-head, part length 8, the fewest allowed) its two halves run side by
+    side. With overhead 1 per program the parts cost 9, 9 and the empty lists 1 each, the slots end at 9 + 4 and
+    9 + 3, against (16 + 8) / 2 = 12 balanced."""
+    lengths = torch.tensor([[16, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.int32)
+    assert bms.grid_imbalance(lengths, slots=2, overhead=0) == 2.0
+    assert bms.split_imbalance(lengths, slots=2, overhead=0, order="lpt-head") == 1.0
+    assert bms.split_imbalance(lengths, slots=2, overhead=1, order="lpt-head") == pytest.approx(13 / 12)
+
+
 def test_cli_reports_each_source_and_a_summary(capsys):
     bms.main(["--grid", "4,8,8", "--heads", "2", "--head-dim", "32", "--inputs", "iid", "field", "--block-q", "64"])
     out = capsys.readouterr().out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -25,9 +26,15 @@ def test_longest_first_removes_the_simulated_tail():
 
 
 def test_tiny_run_prints_every_order(capsys):
-    tbk.main(["--tiny", "--attracted", "1", "--orders", "natural", "lpt"])
+    tbk.main(["--tiny", "--attracted", "1", "--orders", "natural", "lpt", "split:lpt-head"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert [r[4] for r in rows] == ["natural", "lpt"]
+    assert [r[4] for r in rows] == ["natural", "lpt", "split:lpt-head"]
     for r in rows:
-        assert r[:2] == ["459", "32"] and float(r[3]) > 1.5 and float(r[7]) == 0.0, r
-    assert float(rows[1][6]) <= float(rows[0][6])
+        assert r[:2] == ["459", "32"] and float(r[3]) > 1.5, r
+    assert float(rows[0][8]) == float(rows[1][8]) == 0.0  # the orders agree bit for bit
+    assert float(rows[1][7]) <= float(rows[0][7]) and float(rows[2][7]) <= float(rows[0][7])
+
+
+def test_variants_are_checked():
+    with pytest.raises(ValueError, match="'split:lpt'"):
+        tbk.main(["--tiny", "--orders", "natural", "split:lpt"])

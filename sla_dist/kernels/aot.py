@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import FEATURE_MAPS
-from .configs import (_KERNELS, CLASSIFY_ENV, DKDV_ORDER_ENV, DKDV_ORDERS, FWD_SPLIT_Q, SPLIT_MIN_ROWS, TMA_ENV,
-                      FwdLoop, check_choice, interpreting)
+from .configs import (_KERNELS, CLASSIFY_ENV, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_PROGRAM_COST, DKDV_SPLIT_MIN_PART,
+                      FWD_SPLIT_Q, LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice, interpreting)
 from .layout import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -47,7 +47,9 @@ _POINTERS = {
                     ZL="sum", DHZ="sum"),
     "dq": dict(Q="x", K="x", V="x", DO="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32"),
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
-                 DHS="sum", DZS="sum", ORDER="i64"),
+                 DHS="sum", DZS="sum", ORDER="i64", WORK="i32", SCRATCH="f32"),
+    "dkdv_combine": dict(SCRATCH="f32", COMBINE="i32", DK="x", DV="x"),
+    "dkdv_split_plan": dict(Q_NUM="i32", WORK="i32", COMBINE="i32", PART="i32"),
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
 _POINTERS["prepass_loop"] = _POINTERS["prepass"]
@@ -62,7 +64,7 @@ class Variant:
 
     kernel: str
     """Key of the tuning table in configs.py: fwd, fwd_split, summaries, block_sums, classify, critical_columns,
-    prepass, dq, dkdv."""
+    prepass, dq, dkdv, dkdv_split_plan, dkdv_combine."""
     dtype: str = "bfloat16"
     D: int = 128
     block_q: int = 128
@@ -85,6 +87,8 @@ class Variant:
     dkdv_order: str = "natural"
     """dK/dV's program order (configs.DKDV_ORDERS, as in SLA_DIST_DKDV_ORDER); every order but natural compiles the
     same ORDERED kernel."""
+    dkdv_split: bool = False
+    """dK/dV takes its work from the split plan (SPLIT, as SLA_DIST_DKDV_SPLIT=long)."""
     v_like_k: bool = True
     """v shares k's strides (forward and dQ address both with one offset tile); False: v in its own layout, as a
     DiT's v sliced from the fused qkv projection."""
@@ -111,6 +115,8 @@ class Variant:
         check_choice(DKDV_ORDER_ENV, self.dkdv_order, DKDV_ORDERS)
         if self.dkdv_order != "natural" and self.kernel != "dkdv":
             raise ValueError(f"dkdv_order={self.dkdv_order!r} applies to dkdv, not {self.kernel}")
+        if self.dkdv_split and self.kernel != "dkdv":
+            raise ValueError(f"dkdv_split=True applies to dkdv, not {self.kernel}")
         if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:
             raise ValueError(f"block_q={self.block_q}: the split forward takes query blocks of at least "
                              f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
@@ -128,7 +134,11 @@ class Variant:
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
-                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, ORDERED=self.dkdv_order != "natural",
+                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D,
+                      ORDERED=self.dkdv_order != "natural" and not self.dkdv_split, SPLIT=self.dkdv_split,
+                      # the split plan kernel: lpt-head's comparisons (MODE 1), dkdv_plan's PLAN_ROWS / PLAN_COLS
+                      MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART, LONG_FACTOR=LONG_FIRST_FACTOR,
+                      ROWS=128, COLS=32,
                       V_LIKE_K=self.v_like_k, USE_TMA=self.tma, PACKED=self.packed,
                       O_IS_OUT=self.saved_output and self.has_proj)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
@@ -234,8 +244,7 @@ def check_variants() -> list[Variant]:
         variants.append(Variant(name, dtype="float32", D=32, block_q=block_q, feature_map="relu", has_proj=False))
     # The forward's loop options as the layer launches them at D 128 (configs._MEASURED_FWD_LOOPS).
     variants += [Variant("fwd_split", fwd_loop="even+fma"), Variant("fwd", fwd_loop="fma", has_linear=False)]
-    variants.append(Variant("dkdv", dkdv_order="lpt"))
-    variants.append(Variant("classify", packed=True))
+    variants += [Variant("dkdv", dkdv_order="lpt"), Variant("dkdv", dkdv_split=True), Variant("classify", packed=True)]
     # The tensor-descriptor loads (SLA_DIST_TMA, half dtypes only): each kernel at the headline shape, dK/dV's row
     # slices, and the narrowest rows a descriptor takes (float16 D 32: 64 bytes) with 64-row query blocks.
     variants += [Variant(name, tma=True) for name in TMA_ENTRIES]

@@ -28,7 +28,10 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    that chose j, never all of them), each query block in Q_SPLIT row slices (with ORDERED, program p takes the key
    block ORDER[p] names, e.g. the longest lists first; with USE_TMA, q and dO come through tensor descriptors):
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
-   plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T.
+   plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T. With SPLIT (SLA_DIST_DKDV_SPLIT)
+   a program takes its key block and a stretch of its list from the split plan (dkdv_plan.py); a part of a split list
+   stores float32 partial dK, dV for dkdv_split_kernels.py's combine, and only a list's first part adds the linear
+   branch's terms.
 """
 
 import triton
@@ -36,7 +39,7 @@ import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
 from .tiles import (block_item, columns, head_offset, listed_index, listed_rows, load_rows, power_of_two_above,
-                    query_rows, row_descriptor, row_tile, square)
+                    query_rows, row_descriptor, row_tile, scratch_part, square)
 
 
 @triton.jit
@@ -281,12 +284,38 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, stride_dh_k, stride_dz_bh,
+                 stride_dz_k, offs_d, D: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr):
+    """(dk, dv) of key block ``pid_k`` (rows ``col_ok`` real) plus the linear branch's terms: dV += phi(K_j) dh_j,
+    dK += phi'(K_j) (V_j dh_j^T + 1 dz_j^T)."""
+    x = k.to(tl.float32)
+    fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
+    dh = tl.load(DHS + block_item(chunk_bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
+    dz = tl.load(DZS + block_item(chunk_bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
+    if DHS.dtype.element_ty == v.dtype:  # summaries in the inputs' dtype (bfloat16, float32)
+        dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
+        dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
+    else:
+        # float32 summaries of float16 inputs: dh_j as a float16 operand, divided by a power of two above its
+        # largest magnitude (rounding nothing; as the pre-pass takes H_i); float32 operands would run the
+        # products at tf32 rate (and spilled 144 B at D 128).
+        dh = dh.to(tl.float32)
+        dh_scale = power_of_two_above(tl.max(tl.max(tl.abs(dh), axis=1), axis=0))
+        dh = (dh * (1.0 / dh_scale)).to(v.dtype)
+        dv = tl.dot(fk.to(v.dtype), dh, dv * (1.0 / dh_scale), input_precision=PRECISION) * dh_scale
+        dfk = tl.dot(v, tl.trans(dh), input_precision=PRECISION) * dh_scale + dz.to(tl.float32)[None, :]
+    dk += tl.where(col_ok[:, None], phi_bwd(fk, dfk, FEATURE_MAP), 0.0)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D] (dk, dv: k's)
     LSE, DELTA,                              # [BH, LQ] float32
     Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
     DHS, DZS,                                # dh_j, dz_j of the launch's heads (may be broadcast over Nk)
     ORDER,                                   # [BH' * Nk] int64, read with ORDERED: bh' * Nk + j per program
+    WORK, SCRATCH,                           # with SPLIT: int32 [programs, 4] (dkdv_plan), float32 [slots, 2, BK, D]
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,         # strides of k, dk and dv
     stride_vb, stride_vh, stride_vl,         # strides of v
@@ -294,7 +323,8 @@ def _bwd_dkdv_kernel(
     H, LQ, LK, NK, NQ, BH_FIRST, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr, USE_TMA: tl.constexpr = False,
+    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr, SPLIT: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     # A launch covers the BH' heads (of B x H) from BH_FIRST on: the launcher may take the heads in chunks, so that
     # the dh_j rows of only one chunk are held at a time. bh' counts within the launch, bh over all heads.
@@ -304,6 +334,15 @@ def _bwd_dkdv_kernel(
         item = tl.load(ORDER + chunk_bh * NK + pid_k).to(tl.int32)
         chunk_bh = item // NK
         pid_k = item % NK
+    if SPLIT:  # (not with ORDERED) a 1-D grid; the program's row of the plan: key block, first entry, count, slot
+        work = WORK + pid_k * 4
+        item = tl.load(work)
+        if item < 0:  # one of the launch's spare programs that the plan left unused
+            return
+        chunk_bh = item // NK
+        pid_k = item % NK
+        first = tl.load(work + 1)
+        slot = tl.load(work + 3)
     bh = BH_FIRST + chunk_bh
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -326,10 +365,15 @@ def _bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     col = bh.to(tl.int64) * NK + pid_k
-    n_blocks = tl.load(Q_NUM + col)
+    if SPLIT:  # a part of the list: count entries from its first
+        n_blocks = tl.load(work + 2)
+    else:
+        n_blocks = tl.load(Q_NUM + col)
     q_desc = row_descriptor(Q, q_base, LQ, stride_ql, ROWS, D, USE_TMA)
     do_desc = row_descriptor(DO, q_base, LQ, stride_ql, ROWS, D, USE_TMA)
     blocks = Q_IDX + col * NQ
+    if SPLIT:
+        blocks += first
     nxt = listed_index(blocks, 0, n_blocks)
     for it in range(0, n_blocks):
         i = nxt
@@ -359,23 +403,22 @@ def _bwd_dkdv_kernel(
     dk = dk * sm_scale
 
     if HAS_LINEAR:
-        x = k.to(tl.float32)
-        fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
-        dh = tl.load(DHS + block_item(chunk_bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
-        dz = tl.load(DZS + block_item(chunk_bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
-        if DHS.dtype.element_ty == V.dtype.element_ty:  # summaries in the inputs' dtype (bfloat16, float32)
-            dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
-            dfk = tl.dot(v.to(dh.dtype), tl.trans(dh), input_precision=PRECISION) + dz[None, :]
+        if SPLIT:
+            if first == 0:  # the list's first part adds the linear branch's term
+                dk, dv = _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, stride_dh_k,
+                                      stride_dz_bh, stride_dz_k, offs_d, D, FEATURE_MAP, PRECISION)
         else:
-            # float32 summaries of float16 inputs: dh_j as a float16 operand, divided by a power of two above its
-            # largest magnitude (rounding nothing; as the pre-pass takes H_i); float32 operands would run the
-            # products at tf32 rate (and spilled 144 B at D 128).
-            dh = dh.to(tl.float32)
-            dh_scale = power_of_two_above(tl.max(tl.max(tl.abs(dh), axis=1), axis=0))
-            dh = (dh * (1.0 / dh_scale)).to(v.dtype)
-            dv = tl.dot(fk.to(v.dtype), dh, dv * (1.0 / dh_scale), input_precision=PRECISION) * dh_scale
-            dfk = tl.dot(v, tl.trans(dh), input_precision=PRECISION) * dh_scale + dz.to(tl.float32)[None, :]
-        dk += tl.where(col_ok[:, None], phi_bwd(fk, dfk, FEATURE_MAP), 0.0)
+            dk, dv = _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, stride_dh_k,
+                                  stride_dz_bh, stride_dz_k, offs_d, D, FEATURE_MAP, PRECISION)
 
-    tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    if SPLIT:
+        if slot >= 0:  # a part of a split list: float32, for the combine kernel to sum
+            slot_dk = scratch_part(SCRATCH, slot, BLOCK_K, D)
+            tl.store(slot_dk, dk)
+            tl.store(slot_dk + BLOCK_K * D, dv)
+        else:
+            tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+            tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    else:
+        tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + kv_tile, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

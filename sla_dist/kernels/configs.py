@@ -10,7 +10,8 @@ hundreds of shape variants. Tuning results are cached on disk (Triton's cache di
 loop variant: the one measured fastest for the head dim and branch, or what SLA_DIST_FWD_LOOP names;
 ``dkdv_order()`` the order in which dK/dV's programs take the key blocks (SLA_DIST_DKDV_ORDER); ``prepass_launch()``
 how the backward's pre-pass is launched (SLA_DIST_PREPASS); ``dkdv_chunked()`` whether dK/dV may run over chunks of
-heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``classify_packed()`` whether the block map's
+heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``dkdv_split()`` whether dK/dV splits long
+query-block lists over several programs (SLA_DIST_DKDV_SPLIT); ``classify_packed()`` whether the block map's
 classify kernel runs its two radix selects in one loop (SLA_DIST_CLASSIFY); SAVED_TENSORS what the projected layer
 saves for its backward (SLA_DIST_SAVED, read by op._setup_context); ``tma_kernels()``
 the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA; by default the forward and dQ on
@@ -95,8 +96,14 @@ _KERNELS = {
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
-    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "USE_TMA"), (4, 8), (1, 2), fixed=(8, 2),
-                    choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
+    "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "SPLIT", "USE_TMA"), (4, 8), (1, 2),
+                    fixed=(8, 2), choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
+    # The split dK/dV launch (SLA_DIST_DKDV_SPLIT): its plan (one program per 128 lists of a head, integer prefix
+    # counts), and the sum of the split lists' float32 parts (loads and adds, no products).
+    "dkdv_split_plan": _Tuning("dkdv_split_kernels", "_dkdv_split_plan_kernel", ("MODE", "BLOCK"), (8,), (1,),
+                               fixed=(8, 1)),
+    "dkdv_combine": _Tuning("dkdv_split_kernels", "_dkdv_combine_kernel", ("D", "BLOCK_K"), (4,), (1,),
+                            fixed=(4, 1)),
 }
 
 
@@ -106,6 +113,7 @@ TMA_ENV = "SLA_DIST_TMA"
 PREPASS_ENV = "SLA_DIST_PREPASS"
 DKDV_CHUNKS_ENV = "SLA_DIST_DKDV_CHUNKS"
 CLASSIFY_ENV = "SLA_DIST_CLASSIFY"
+DKDV_SPLIT_ENV = "SLA_DIST_DKDV_SPLIT"
 
 
 def interpreting() -> bool:
@@ -130,6 +138,8 @@ class Switches(NamedTuple):
     """SLA_DIST_DKDV_CHUNKS (configs.DKDV_CHUNKINGS)."""
     classify: str | None = None
     """SLA_DIST_CLASSIFY (configs.CLASSIFY_SELECTS)."""
+    dkdv_split: str | None = None
+    """SLA_DIST_DKDV_SPLIT (configs.DKDV_SPLITS)."""
 
 
 def read_switches() -> Switches:
@@ -138,7 +148,7 @@ def read_switches() -> Switches:
     # interpreting()'s test written out: this runs on every op call, whose Python calls test_host_budget counts.
     return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
                     env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV), env.get(DKDV_CHUNKS_ENV),
-                    env.get(CLASSIFY_ENV))
+                    env.get(CLASSIFY_ENV), env.get(DKDV_SPLIT_ENV))
 
 
 @dataclass(frozen=True)
@@ -315,6 +325,42 @@ softmax gradient of such a row is 0, and O_s = that key's v, so the saved O_s is
 inputs with such rows dq and dk came out at ~2.8x the same-dtype reference's error (3x allowed), against ~0.55x
 (PERF_NOTES, "branch wip-held"), so it is opt-in. Read when the forward runs; a compiled graph keeps the value it was traced
 with (torch._dynamo.reset() before compiling again)."""
+
+
+DKDV_SPLITS = ("off", "long")
+"""SLA_DIST_DKDV_SPLIT: off (the default), one dK/dV program per (key block, head), walking its whole list; long,
+lists longer than a part length T are split over several programs (dkdv_plan.dkdv_split_plan), each writing its
+float32 partial dK, dV to a scratch buffer that the dkdv_combine kernel then sums into dk, dv. The launch grows by
+a fixed number of programs (DKDV_SPLIT_SLOT_FRACTION of the grid), so its shape does not depend on the block map
+(no host synchronisation: CUDA graphs and torch.compile keep working). The parts then take the order
+SLA_DIST_DKDV_ORDER names, as whole lists do without the split: natural, lpt-head or long-first (lpt has no split
+form: dkdv_plan.SPLIT_ORDERS)."""
+DKDV_SPLIT_SLOT_FRACTION = 6
+"""The split launch's extra programs, and its scratch slots (2 x BLOCK_K x D float32 each), are 1 / this of the
+grid's BH x Nk programs (at least DKDV_SPLIT_MIN_SLOTS): 1024 slots, 64 MiB at L 32768, H 12, D 128, BK 64, on
+top of the backward's peak (589 MiB there; the scratch is live beside dq, dk, dv and dh_j). In the wave model of
+PERF_NOTES (2026-12-01, wip-skew) a random-init DiT's map at that shape takes 457 extra programs in lpt-head order;
+1 / 8 of the grid would make the parts longer (T 57 -> 72 query blocks) and leave more tail (1.013 -> 1.028)."""
+DKDV_SPLIT_MIN_SLOTS = 64
+DKDV_SPLIT_PARTS_PER_SM = 8
+"""The split's part length T starts at the launch's balanced work per SM ((listed pairs + DKDV_PROGRAM_COST x
+programs) / SMs) over this many, or over the heads where more and the order takes the heads in turn (natural,
+lpt-head: each head's programs start within its 1 / heads of the launch, and a part started at the end of the last
+head's turn outlasts the others by up to its length); then at least DKDV_SPLIT_MIN_PART, and grown by a quarter
+until the split lists' parts fit the slots. Orders that sort over all heads (lpt, long-first) start the long parts
+first, which then only have to be short enough to spread the long work over several programs per SM."""
+DKDV_SPLIT_MIN_PART = 8
+"""Fewest query blocks in a part: below that a part's fixed cost (K_j, V_j, the partial's store and its combine)
+outweighs its loop."""
+DKDV_PROGRAM_COST = 2
+"""A dK/dV program's cost besides its loop, in listed query blocks (loading K_j, V_j and the linear epilogue; the
+wave model of benchmarks/time_bwd_kernel.py, PERF_NOTES 2026-11-30)."""
+
+
+def dkdv_split(switches: Switches | None = None) -> bool:
+    """SLA_DIST_DKDV_SPLIT is 'long' (``switches``: as read for this launch)."""
+    split = (switches or read_switches()).dkdv_split
+    return split is not None and check_choice(DKDV_SPLIT_ENV, split, DKDV_SPLITS) == "long"
 
 
 TMA_KERNELS = ("fwd", "dq", "dkdv")

@@ -25,10 +25,11 @@ import torch
 
 from ..config import validate_branch_options, validate_linear_sums
 from .block_map import BlockMap, check_block_map, compiled_or_eager, num_blocks, transposed_lists
-from .configs import (DKDV_ORDERS, LONG_FIRST_FACTOR, PREPASS_LOOP_PROGRAMS_PER_SM, SAVED_ENV, SAVED_TENSORS,
-                      check_choice, dkdv_chunked, dkdv_order, fwd_loop, get_kernel, interpreting, multiprocessors,
-                      prepass_launch, read_switches)
+from .configs import (PREPASS_LOOP_PROGRAMS_PER_SM, SAVED_ENV, SAVED_TENSORS, check_choice, dkdv_chunked,
+                      dkdv_order, dkdv_split, fwd_loop, get_kernel, interpreting, multiprocessors, prepass_launch,
+                      read_switches)
 from .descriptors import use_tma
+from .dkdv_plan import dkdv_program_order, dkdv_split_plan, split_slots
 from .layout import (Problem, block_strides, dot_precision, kernel_layout, key_value_layout, new_output, output_like,
                      problem, summary_dtype)
 from .projection import projection_backward
@@ -283,9 +284,11 @@ def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks,
     """(dk, dv): the dK/dV kernel over the lists transposed from ``block_class``, q, k, v, dO in the kernels'
     layouts. ``chunks`` None: one launch, ``rows`` the per-key-block rows of dh_j, dz_j (None without the linear
     branch); else one launch per chunk of heads, each chunk's rows summed from the per-query-block ``rows`` with the
-    0/1 matrix ``marginal`` just before its launch."""
+    0/1 matrix ``marginal`` just before its launch. With SLA_DIST_DKDV_SPLIT=long each launch splits its long lists
+    over extra programs (dkdv_plan.dkdv_split_plan) whose float32 parts the dkdv_combine kernel then sums."""
     q_num_blocks, q_indices = transposed_lists(block_class)
-    dk = dv = None
+    dk = dv = scratch = None
+    split = switches.dkdv_split is not None and dkdv_split(switches)
     for first, last in chunks or ((0, p.bh),):
         if chunks is None:  # no slices then (host time: test_host_budget counts the ops)
             key_rows, heads = rows, q_num_blocks
@@ -299,14 +302,26 @@ def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks,
             dhs, dzs = split_rows(key_rows, p.D)  # dhs is the rows themselves
         if dk is None:  # after the first rows: not beside the per-query-block rows they are summed from
             dk, dv = output_like(k), output_like(k)
-        order = dkdv_program_order(heads, dkdv_order(switches))
-        get_kernel("dkdv")[(p.nk, last - first)](
+        if split:
+            slots = split_slots(heads.numel())
+            plan = dkdv_split_plan(heads, dkdv_order(switches), multiprocessors(q.device, switches.interpreting), slots)
+            if scratch is None:  # with dk, dv; as many slots as the widest chunk takes
+                widest = max(end - start for start, end in chunks or ((0, p.bh),))
+                scratch = new_output((split_slots(widest * p.nk), 2, p.block_k, p.D), q, torch.float32)
+            order, grid = None, (plan.work.shape[0],)
+        else:
+            order, grid = dkdv_program_order(heads, dkdv_order(switches)), (p.nk, last - first)
+        get_kernel("dkdv")[grid](
             q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
             q_num_blocks if order is None else order,  # never read without ORDERED
+            plan.work if split else q_num_blocks, dk if scratch is None else scratch,  # never read without SPLIT
             *p.q_strides, *p.kv_strides, *block_strides(dhs), *block_strides(dzs),
             p.H, p.Lq, p.Lk, p.nk, p.nq, first, p.qk_scale, p.sm_scale,
-            **p.meta, ORDERED=order is not None, USE_TMA=use_tma("dkdv", q, do, switches=switches),
+            **p.meta, ORDERED=order is not None, SPLIT=split, USE_TMA=use_tma("dkdv", q, do, switches=switches),
         )
+        if split:
+            get_kernel("dkdv_combine")[(plan.combine.shape[0],)](
+                scratch, plan.combine, dk, dv, *p.k_strides, p.H, p.Lk, p.nk, first, D=p.D, BLOCK_K=p.block_k)
         del key_rows, dhs, dzs  # this chunk's rows, before the next chunk's are made
     return dk, dv
 
@@ -326,27 +341,6 @@ def dkdv_head_chunks(bh: int, query_rows: int, key_rows: int, row_bytes: int,
         return ((0, bh),)
     bounds = [round(i * bh / chunks) for i in range(chunks + 1)]
     return tuple(zip(bounds[:-1], bounds[1:]))
-
-
-def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor | None:
-    """The key block, as bh * Nk + j, that each dK/dV program takes, by linear program id (key block fastest), for
-    ``order`` (configs.DKDV_ORDERS): None for natural (program (j, bh) takes key block j of head bh); else int64
-    [BH * Nk], the programs sorted by their list's length q_num_blocks [B, H, Nk], longest first, over the whole grid
-    (lpt) or within each head (lpt-head), or only those longer than LONG_FIRST_FACTOR x the mean, the rest after them
-    in the grid's order (long-first). The sorts are stable: equal lengths keep the grid's order."""
-    if order == "natural":
-        return None
-    flat = q_num_blocks.flatten()
-    if order == "lpt":
-        return torch.argsort(flat, descending=True, stable=True)
-    if order == "long-first":
-        long = flat > LONG_FIRST_FACTOR * flat.float().mean()
-        return torch.argsort(flat * long, descending=True, stable=True)  # the short ones' lengths zeroed
-    if order == "lpt-head":
-        counts = q_num_blocks.flatten(0, -2)
-        within = torch.argsort(counts, dim=-1, descending=True, stable=True)
-        return (within + torch.arange(0, counts.numel(), counts.shape[-1], device=counts.device)[:, None]).flatten()
-    raise ValueError(f"dK/dV order {order!r}; choose one of {DKDV_ORDERS}")
 
 
 def _sla_backward_queries_impl(

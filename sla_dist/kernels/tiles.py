@@ -69,6 +69,14 @@ def columns(offs_d, cols, D: tl.constexpr):
 
 
 @triton.jit
+def scratch_part(SCRATCH, slot, BLOCK_K: tl.constexpr, D: tl.constexpr):
+    """Pointers to the dK half of slot ``slot`` of a split dK/dV launch's scratch [slots, 2, BLOCK_K, D] (float32,
+    row-major; the dV half follows at + BLOCK_K * D)."""
+    base = SCRATCH + slot.to(tl.int64) * (2 * BLOCK_K * D)
+    return base + tl.arange(0, BLOCK_K)[:, None] * D + tl.arange(0, D)[None, :]
+
+
+@triton.jit
 def listed_index(IDX, position, count):
     """The block index listed at ``position`` of the block list at IDX, or 0 past its ``count`` entries. The forward
     and dK/dV loops load the next step's index one step ahead, so a step's tile loads are not issued behind the load

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, NEGLIGIBLE, build_block_map, transposed_lists
-from sla_dist.kernels.configs import DEFAULT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS, LONG_FIRST_FACTOR, dkdv_order
+from sla_dist.kernels.configs import (DEFAULT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_SPLIT_ENV,
+                                     LONG_FIRST_FACTOR, dkdv_order)
 from sla_dist.kernels.op import dkdv_program_order
 from tests.utils import DEVICE
 
@@ -20,21 +21,24 @@ L, BLOCK = 459, 64  # 8 query and key blocks, the last of 11 rows
 HOT = (7, 2)  # head 0's key blocks chosen by every query block: the partial last one and an inner one
 
 
-def skewed_map(B: int, H: int, length: int, block: int, hot: tuple[int, ...], n_critical: int, seed: int):
+def skewed_map(B: int, H: int, length: int, block: int, hot: tuple[int, ...], n_critical: int, seed: int,
+               block_k: int | None = None):
     """A block map over ``length`` tokens whose head 0 lists the ``hot`` key blocks in every query block's critical
     list (their programs walk every query block; the few other critical picks are random, so some key blocks are
     chosen by none) and whose other heads pick ``n_critical`` key blocks per query block at random; the rest of
-    each row is marginal or negligible at random (the linear branch's scope)."""
+    each row is marginal or negligible at random (the linear branch's scope). Query blocks of ``block`` rows, key
+    blocks of ``block_k`` (default the same)."""
+    block_k = block if block_k is None else block_k
     g = torch.Generator().manual_seed(seed)
-    n = -(-length // block)
-    block_class = torch.where(torch.rand(B, H, n, n, generator=g) < 0.7, MARGINAL, NEGLIGIBLE).to(torch.int8)
+    nq, nk = -(-length // block), -(-length // block_k)
+    block_class = torch.where(torch.rand(B, H, nq, nk, generator=g) < 0.7, MARGINAL, NEGLIGIBLE).to(torch.int8)
     for b in range(B):
         for h in range(H):
-            for i in range(n):
+            for i in range(nq):
                 chosen = list(hot) if h == 0 else []
-                others = [j for j in torch.randperm(n, generator=g).tolist() if j not in chosen]
+                others = [j for j in torch.randperm(nk, generator=g).tolist() if j not in chosen]
                 block_class[b, h, i, chosen + others[: n_critical - len(chosen)]] = CRITICAL
-    return build_block_map(block_class.to(DEVICE), length, length, block, block)
+    return build_block_map(block_class.to(DEVICE), length, length, block, block_k)
 
 
 def _case(dtype: torch.dtype, linear_scope: str) -> SLACase:
@@ -49,6 +53,7 @@ def test_orders_give_the_natural_gradients(order, dtype, linear_scope, monkeypat
     c = _case(dtype, linear_scope)
     block_map = skewed_map(1, 2, L, BLOCK, HOT, n_critical=3, seed=5)
     inputs = make_inputs(c, torch.Generator().manual_seed(17))
+    monkeypatch.delenv(DKDV_SPLIT_ENV, raising=False)  # whole lists (lpt has no split form)
     monkeypatch.setenv(DKDV_ORDER_ENV, "natural")
     natural = run_layer(c, inputs, block_map)
     monkeypatch.setenv(DKDV_ORDER_ENV, order)

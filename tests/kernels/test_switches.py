@@ -14,6 +14,7 @@ READERS = {
     configs.PREPASS_ENV: (configs.prepass_launch, ["", "Loop", "persistent", "loop+block"]),
     configs.DKDV_CHUNKS_ENV: (configs.dkdv_chunked, ["", "on", "3", "Auto"]),
     configs.CLASSIFY_ENV: (functools.partial(configs.classify_packed, 64), ["", "Packed", "radix", "packed+separate"]),
+    configs.DKDV_SPLIT_ENV: (configs.dkdv_split, ["", "on", "Long", "long+lpt"]),
     configs.TMA_ENV: (configs.tma_kernels, ["on", "", "ALL", "fwd+fwd", "fwd,dq", "all+dq", "off+fwd", "bwd"]),
 }
 
