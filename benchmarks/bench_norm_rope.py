@@ -25,6 +25,7 @@ import torch  # noqa: E402
 if "--tiny" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first launch defines the kernels
 
+from glue_fraction import profile_kernels  # noqa: E402
 from results_io import save_results  # noqa: E402
 from sla_dist.kernels import norm_rope as norm_rope_module  # noqa: E402
 from sla_dist.kernels.norm_rope import BackwardLaunch, norm_rope, norm_rope_ref  # noqa: E402
@@ -44,17 +45,11 @@ def _timer(tiny: bool):
 
 
 def _kernel_us(step, calls: int = 10) -> dict[str, float]:
-    """CUDA time per call of each kernel that ``step`` launches (torch.profiler over ``calls`` calls, after 3)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """CUDA time per call of each kernel that ``step`` launches: glue_fraction.profile_kernels over ``calls`` calls,
+    after 3 warm-up calls."""
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    return {e.key: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
+    return profile_kernels(step, calls)
 
 
 def _launch_name(launch: BackwardLaunch) -> str:
@@ -78,7 +73,7 @@ def main() -> None:
     L, heads, D = (37, 2, 12) if args.tiny else (args.L, args.heads, args.head_dim)
     dim = heads * D
     qkv = torch.randn(1, L, 3 * dim, device=device, dtype=dtype)
-    x = qkv[..., :dim].requires_grad_(False)
+    x = qkv[..., :dim]
     x_grad = qkv.detach().requires_grad_()[..., :dim]
     weight = (1 + 0.1 * torch.randn(dim, device=device)).to(dtype).requires_grad_()
     cos, sin = (t.to(device) for t in rope_tables((1, L, 1), D))

@@ -177,7 +177,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
         return out.transpose(1, 2).contiguous().transpose(1, 2) if heads_first else out
     check_norm_rope(x, weight, cos, sin, heads)
     if not x.is_cuda and not configs.interpreting():
-        raise ValueError(f"norm_rope: the fused kernels take CUDA tensors (or any device under TRITON_INTERPRET=1), "
+        raise ValueError("norm_rope: the fused kernels take CUDA tensors (or any device under TRITON_INTERPRET=1), "
                          f"got x on {x.device}; pass fused=False for the PyTorch reference")
     # The kernels index the tables as contiguous float32 rows (a sequence-parallel rank's may be a strided view).
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
