@@ -41,7 +41,7 @@ from step_profile import classify
 from sla_dist import SLAConfig, SparseLinearAttention
 from sla_dist.kernels.block_map import block_counts, num_blocks
 from sla_dist.models import VideoDiT, apply_sla
-from sla_dist.models.config import QKV_LAYOUTS, DiTConfig
+from sla_dist.models.config import DiTConfig
 
 
 @dataclass(frozen=True)
@@ -79,17 +79,14 @@ class ValueOnly(nn.Module):
         return v
 
 
-def build_reference(shape: Shape, checkpoint: bool, qkv_layout: str) -> nn.Module:
+def build_reference(shape: Shape, checkpoint: bool) -> nn.Module:
     config = DiTConfig(dim=shape.dim, num_heads=shape.heads, num_layers=shape.layers, ffn_dim=shape.ffn,
                        text_dim=shape.text_dim, in_channels=shape.channels, out_channels=shape.channels,
-                       freq_dim=shape.freq_dim, checkpoint_blocks=checkpoint, qkv_layout=qkv_layout)
+                       freq_dim=shape.freq_dim, checkpoint_blocks=checkpoint)
     return VideoDiT(config)
 
 
-def build_wan(shape: Shape, checkpoint: bool, qkv_layout: str) -> nn.Module:
-    if qkv_layout != "tokens":
-        raise ValueError(f"--qkv-layout {qkv_layout} applies to the reference model only; diffusers Wan's processor "
-                         "keeps its own layout")
+def build_wan(shape: Shape, checkpoint: bool) -> nn.Module:
     from diffusers import WanTransformer3DModel
     from diffusers.utils import logging
 
@@ -180,7 +177,7 @@ def critical_fraction(shape: Shape, sla: SLAConfig) -> float:
 def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
-        model = BUILDERS[model_name](shape, args.checkpoint, args.qkv_layout)
+        model = BUILDERS[model_name](shape, args.checkpoint)
     model = cast_model(model, dtype)
     set_variant(model, variant, args.sla)
     if args.compile:
@@ -291,8 +288,6 @@ def main() -> None:
     parser.add_argument("--linear-scope", default="marginal")
     parser.add_argument("--dense-backend", choices=("cudnn", "flash", "efficient", "auto"), default="cudnn")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
-    parser.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default="tokens",
-                        help="the reference DiT's DiTConfig.qkv_layout (q, k, v token-major or heads-first)")
     parser.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                         help="train without per-block activation checkpointing (the 1.3B shape fits an H200 without)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -330,7 +325,6 @@ def main() -> None:
 
     meta = dict(shape=asdict(shape), tokens=shape.tokens, dtype=str(dtype), sla=asdict(args.sla),
                 dense_backend=args.dense_backend, compile=args.compile, checkpoint=args.checkpoint,
-                qkv_layout=args.qkv_layout,
                 warmup=args.warmup, iters=args.iters,
                 peak_flops=args.peak)
     text = table(results)
@@ -338,7 +332,7 @@ def main() -> None:
                  f"{shape.tokens} tokens, {shape.layers} layers, dim {shape.dim}, {dtype}; SLA {asdict(args.sla)}; "
                  f"dense SDPA backend {args.dense_backend}; training step = forward + backward "
                  f"{'with' if args.checkpoint else 'without'} per-block checkpointing"
-                 f"{', blocks compiled' if args.compile else ''}; q, k, v layout {args.qkv_layout}; median of {args.iters}. MFU: analytic matmul "
+                 f"{', blocks compiled' if args.compile else ''}; median of {args.iters}. MFU: analytic matmul "
                  f"FLOPs (training = 3 x forward) over peak {args.peak}.", text, out=args.out, tiny=args.tiny)
     print(text)
 

@@ -58,22 +58,14 @@ def _launch_constants(x: torch.Tensor, heads: int) -> dict:
     return dict(DIM=dim, HALF_D=dim // heads // 2, PAIRS=1 << max(dim // 2 - 1, 0).bit_length())
 
 
-def _new_out(x: torch.Tensor, heads: int, heads_first: bool) -> torch.Tensor:
-    """The output [B, L, heads, D]: contiguous, or with heads_first a view of a contiguous [B, heads, L, D]."""
-    B, L, dim, D = _shape(x, heads)
-    if heads_first:
-        return layout.new_output((B, heads, L, D), x, x.dtype).transpose(1, 2)
-    return layout.new_output((B, L, heads, D), x, x.dtype)
-
-
 def _norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                    eps: float, heads_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, L, dim, D = _shape(x, heads)
-    out = _new_out(x, heads, heads_first)
+    out = layout.new_output((B, L, heads, D), x, x.dtype)
     rstd = layout.new_output((B, L), x, torch.float32)
     forward, _ = _kernels()
-    forward[(B * L,)](x, weight, cos, sin, out, rstd, L, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                      out.stride(2), eps, **_launch_constants(x, heads), num_warps=4)
+    forward[(B * L,)](x, weight, cos, sin, out, rstd, L, x.stride(0), x.stride(1), eps, **_launch_constants(x, heads),
+                      num_warps=4)
     return out, rstd
 
 
@@ -95,8 +87,8 @@ BACKWARD_LAUNCH = BackwardLaunch()
 def _norm_rope_backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, rstd: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, L, dim, D = _shape(x, heads)
-    if grad.stride(-1) != 1:
-        grad = grad.contiguous()  # each head's D gradient values must be contiguous (heads and tokens any strides)
+    if grad.stride(-1) != 1 or grad.stride(-2) != D:
+        grad = grad.contiguous()  # each token's H * D gradient values must be one contiguous row
     n = B * L
     launch = BACKWARD_LAUNCH
     programs = min(n, launch.programs_per_sm * configs.multiprocessors(x.device, configs.interpreting()))
@@ -106,7 +98,7 @@ def _norm_rope_backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.
     dw_parts = layout.new_output((programs, dim), x, torch.float32)
     _, backward = _kernels()
     backward[(programs,)](grad, x, weight, cos, sin, rstd, dx, dw_parts, n, L, per_program, grad.stride(0),
-                          grad.stride(1), grad.stride(2), x.stride(0), x.stride(1), **_launch_constants(x, heads), ROWS=launch.rows,
+                          grad.stride(1), x.stride(0), x.stride(1), **_launch_constants(x, heads), ROWS=launch.rows,
                           num_warps=launch.warps)
     return dx, dw_parts.sum(0).to(weight.dtype)
 
@@ -117,10 +109,9 @@ norm_rope_backward_op = torch.library.custom_op("sla_dist::norm_rope_backward",
 
 
 @norm_rope_op.register_fake
-def _(x, weight, cos, sin, heads, eps, heads_first):
+def _(x, weight, cos, sin, heads, eps):
     B, L, dim, D = _shape(x, heads)
-    out = x.new_empty((B, heads, L, D)).transpose(1, 2) if heads_first else x.new_empty((B, L, heads, D))
-    return out, x.new_empty((B, L), dtype=torch.float32)
+    return x.new_empty((B, L, heads, D)), x.new_empty((B, L), dtype=torch.float32)
 
 
 @norm_rope_backward_op.register_fake
@@ -129,7 +120,7 @@ def _(grad, x, weight, cos, sin, rstd, heads):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, cos, sin, heads, _, _ = inputs
+    x, weight, cos, sin, heads, _ = inputs
     ctx.save_for_backward(x, weight, cos, sin, output[1])
     ctx.heads = heads
 
@@ -137,7 +128,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, _grad_rstd):
     x, weight, cos, sin, rstd = ctx.saved_tensors
     dx, dw = norm_rope_backward_op(grad_out, x, weight, cos, sin, rstd, ctx.heads)
-    return dx, dw, None, None, None, None, None
+    return dx, dw, None, None, None, None
 
 
 torch.library.register_autograd("sla_dist::norm_rope", _backward, setup_context=_setup_context)
@@ -162,23 +153,20 @@ def check_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, si
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
-              *, fused: bool | None = None, heads_first: bool = False) -> torch.Tensor:
+              *, fused: bool | None = None) -> torch.Tensor:
     """RMS norm of ``x`` [B, L, dim] over dim with ``weight`` [dim], then RoPE of each of ``heads`` heads by the
-    tables ``cos``, ``sin`` [L, D / 2] (D = dim / heads) -> [B, L, heads, D] in x's dtype: contiguous, or with
-    ``heads_first`` laid out as a contiguous [B, heads, L, D] (its transpose(1, 2) is contiguous: per head, the
-    attention kernels' rows are adjacent).
+    tables ``cos``, ``sin`` [L, D / 2] (D = dim / heads) -> [B, L, heads, D] in x's dtype.
 
     ``fused``: the Triton kernels (default on CUDA tensors; any device under TRITON_INTERPRET=1 when True) or the
     PyTorch reference (:func:`norm_rope_ref`, default elsewhere). The kernels compute in float32 and round once."""
     if fused is None:
         fused = x.is_cuda and x.dtype in _DTYPES
     if not fused:
-        out = norm_rope_ref(x, weight, cos, sin, heads, eps)
-        return out.transpose(1, 2).contiguous().transpose(1, 2) if heads_first else out
+        return norm_rope_ref(x, weight, cos, sin, heads, eps)
     check_norm_rope(x, weight, cos, sin, heads)
     if not x.is_cuda and not configs.interpreting():
         raise ValueError("norm_rope: the fused kernels take CUDA tensors (or any device under TRITON_INTERPRET=1), "
                          f"got x on {x.device}; pass fused=False for the PyTorch reference")
     # The kernels index the tables as contiguous float32 rows (a sequence-parallel rank's may be a strided view).
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    return norm_rope_op(x, weight, cos, sin, heads, float(eps), heads_first)[0]
+    return norm_rope_op(x, weight, cos, sin, heads, float(eps))[0]

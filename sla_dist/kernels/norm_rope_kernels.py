@@ -14,18 +14,9 @@ def _pair_offsets(PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _head_offsets(pair, stride_h, HALF_D: tl.constexpr):
-    """[PAIRS, 2] offsets of a token's channel pairs in a tensor [B, L, H, D] whose heads are ``stride_h`` apart (D
-    for a token-major tensor, where these are :func:`_pair_offsets`'s; L D for a heads-first one)."""
-    first = (pair // HALF_D) * stride_h + 2 * (pair % HALF_D)
-    return first[:, None] + tl.arange(0, 2)[None, :]
-
-
-@triton.jit
-def norm_rope_fwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, L, stride_xb, stride_xl, stride_ob,
-                         stride_ol, stride_oh, eps, DIM: tl.constexpr, HALF_D: tl.constexpr, PAIRS: tl.constexpr):
-    """One token row per program: out [B, L, H, D] with strides (stride_ob, stride_ol, stride_oh, 1) (token-major or
-    heads-first), rstd [B, L] float32 (saved for the backward)."""
+def norm_rope_fwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, L, stride_xb, stride_xl, eps,
+                         DIM: tl.constexpr, HALF_D: tl.constexpr, PAIRS: tl.constexpr):
+    """One token row per program: out [B, L, H, D] contiguous, rstd [B, L] float32 (saved for the backward)."""
     token = tl.program_id(0)
     b = token // L
     pos = token % L
@@ -39,14 +30,13 @@ def norm_rope_fwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, L, s
     c = tl.load(cos_ptr + table, mask=pair < DIM // 2, other=0.0)
     s = tl.load(sin_ptr + table, mask=pair < DIM // 2, other=0.0)
     out = tl.join(ye * c - yo * s, ye * s + yo * c)
-    out_offs = b * stride_ob + pos * stride_ol + _head_offsets(pair, stride_oh, HALF_D)
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(out_ptr + token * DIM + offs, out.to(out_ptr.dtype.element_ty), mask=live)
     tl.store(rstd_ptr + token, rstd)
 
 
 @triton.jit
 def norm_rope_bwd_kernel(g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dx_ptr, dw_ptr, N, L, tokens_per_program,
-                         stride_gb, stride_gl, stride_gh, stride_xb, stride_xl,
+                         stride_gb, stride_gl, stride_xb, stride_xl,
                          DIM: tl.constexpr, HALF_D: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr):
     """A run of ``tokens_per_program`` token rows per program, ROWS rows a step: dx [B, L, dim] contiguous; this
     program's dW over its run in row program_id of dw [programs, dim] float32 (summed over programs by the caller)."""
@@ -63,8 +53,7 @@ def norm_rope_bwd_kernel(g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dx_ptr
         pos = token % L
         mask = valid[:, None, None] & live[None, :, :]
         g_rows = (b * stride_gb + pos * stride_gl)[:, None, None]
-        g_offs = g_rows + _head_offsets(pair, stride_gh, HALF_D)[None, :, :]
-        ge, go = tl.split(tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32))
+        ge, go = tl.split(tl.load(g_ptr + g_rows + offs[None, :, :], mask=mask, other=0.0).to(tl.float32))
         table = (pos * HALF_D)[:, None] + (pair % HALF_D)[None, :]
         table_mask = valid[:, None] & (pair < DIM // 2)[None, :]
         c = tl.load(cos_ptr + table, mask=table_mask, other=0.0)

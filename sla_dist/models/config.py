@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 
 MLP_KINDS = ("gelu", "swiglu")
-QKV_LAYOUTS = ("tokens", "heads")
 
 
 @dataclass
@@ -53,12 +52,6 @@ class DiTConfig:
     """Reorder tokens into 3D tiles of this (t, h, w) size for the whole block stack (see tiling.py), so that an
     SLA block of ``prod(tile_size)`` tokens is a compact cube of the video; None keeps raster order."""
 
-    qkv_layout: str = "tokens"
-    """Memory layout of the q, k, v that self-attention hands its core: 'tokens' (each token's heads adjacent,
-    [B, L, H, D] viewed as [B, H, L, D]: q, k as the fused norm + RoPE writes them, v a slice of the fused qkv
-    projection) or 'heads' (contiguous [B, H, L, D]: the norm + RoPE writes q, k so, v is copied once). Same values
-    either way; it moves which rows the attention kernels' tiles read together."""
-
     checkpoint_blocks: bool = False
     """Recompute each block's activations in backward (per-block activation checkpointing)."""
 
@@ -78,8 +71,6 @@ class DiTConfig:
                              "and at least 6 so that 3D RoPE can split it over (t, h, w)")
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim={self.freq_dim} must be even (cos and sin halves)")
-        if self.qkv_layout not in QKV_LAYOUTS:
-            raise ValueError(f"qkv_layout={self.qkv_layout!r} is not one of {QKV_LAYOUTS}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp={self.mlp!r} is not one of {MLP_KINDS}")
         if not self.eps > 0:

@@ -34,7 +34,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         dim, eps = config.dim, config.eps
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(dim, config.num_heads, eps, config.qkv_layout)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.cross_attn = CrossAttention(dim, config.num_heads, eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)

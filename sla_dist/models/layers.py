@@ -45,19 +45,17 @@ class NormRoPE(nn.Module):
     (:func:`sla_dist.kernels.norm_rope.norm_rope`), elsewhere the PyTorch reference. A module of its own, so that
     ZeRO-3 gathers its weight before the call, as for any module."""
 
-    def __init__(self, dim: int, heads: int, eps: float, heads_first: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, eps: float) -> None:
         super().__init__()
         self.heads = heads
         self.eps = eps
-        self.heads_first = heads_first
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """[B, L, heads, D]; with ``heads_first`` laid out as a contiguous [B, heads, L, D]."""
-        return norm_rope(x, self.weight, cos, sin, self.heads, self.eps, heads_first=self.heads_first)
+        return norm_rope(x, self.weight, cos, sin, self.heads, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, heads={self.heads}, eps={self.eps}, heads_first={self.heads_first}"
+        return f"{self.weight.shape[0]}, heads={self.heads}, eps={self.eps}"
 
 
 class SelfAttention(nn.Module):
@@ -70,13 +68,12 @@ class SelfAttention(nn.Module):
     is and the model's modules, parameter names and state_dict keys are the same at every sequence-parallel size.
     """
 
-    def __init__(self, dim: int, num_heads: int, eps: float, qkv_layout: str = "tokens") -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.heads_first = qkv_layout == "heads"  # DiTConfig.qkv_layout
-        self.norm_q = NormRoPE(dim, num_heads, eps, self.heads_first)
-        self.norm_k = NormRoPE(dim, num_heads, eps, self.heads_first)
+        self.norm_q = NormRoPE(dim, num_heads, eps)
+        self.norm_k = NormRoPE(dim, num_heads, eps)
         self.core: nn.Module = DenseAttention()
         self.out = nn.Linear(dim, dim)
         self.parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor] | None = None
@@ -86,9 +83,8 @@ class SelfAttention(nn.Module):
         """x [B, L, dim], RoPE tables [L, D / 2] -> [B, L, dim]; ``seq_len`` only with ``parallel`` (see above)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = self.norm_q(q, cos, sin), self.norm_k(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        if self.heads_first:
-            v = v.contiguous()  # q, k are contiguous [B, H, L, D] already; v in their layout
+        v = v.unflatten(-1, (self.num_heads, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.parallel is not None:
             o = self.parallel(q, k, v, seq_len)
         elif seq_len is None:

@@ -36,29 +36,22 @@ def _inputs(dtype, B, L, heads, D, sliced, device, seed=0):
     return [t.to(device) for t in (buffer, weight, grad, cos, sin)]
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """t [B, L, H, D] laid out as a contiguous [B, H, L, D] (the attention kernels' gradients come back so)."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _run(buffer, weight, grad, cos, sin, heads, dtype, fused, forward=norm_rope, heads_first=False):
+def _run(buffer, weight, grad, cos, sin, heads, dtype, fused, forward=norm_rope):
     """(out, dx, dw) of ``forward`` (norm_rope or a compiled form) in ``dtype`` (float64: the exact reference), x the
-    buffer's first dim columns; with ``heads_first`` the output and the upstream gradient heads-first."""
+    buffer's first dim columns."""
     buffer = buffer.to(dtype).requires_grad_()
     weight = weight.to(dtype).requires_grad_()
     dim = weight.shape[0]
     tables = (cos.double(), sin.double()) if dtype == torch.float64 else (cos, sin)
-    out = forward(buffer[..., :dim], weight, *tables, heads, 1e-6, fused=fused, heads_first=heads_first)
-    assert out.transpose(1, 2).is_contiguous() if heads_first else out.is_contiguous()
-    grad = _heads_first(grad.to(dtype)) if heads_first else grad.to(dtype)
-    dx, dw = torch.autograd.grad(out, (buffer, weight), grad)
+    out = forward(buffer[..., :dim], weight, *tables, heads, 1e-6, fused=fused)
+    dx, dw = torch.autograd.grad(out, (buffer, weight), grad.to(dtype))
     return out, dx[..., :dim], dw
 
 
-def _check(case, device, heads_first=False):
+def _check(case, device):
     dtype, B, L, heads, D, sliced = case
     inputs = _inputs(dtype, B, L, heads, D, sliced, device)
-    got = _run(*inputs, heads, dtype, fused=True, heads_first=heads_first)
+    got = _run(*inputs, heads, dtype, fused=True)
     low = _run(*inputs, heads, dtype, fused=False)
     exact = _run(*inputs, heads, torch.float64, fused=False)
     for name, k, lo, e in zip(("out", "dx", "dw"), got, low, exact):
@@ -73,21 +66,14 @@ def test_matches_float64_reference(case, poison_outputs):
     _check(case, DEVICE)
 
 
-@pytest.mark.parametrize("case", CPU_CASES[:2], ids=lambda c: f"{str(c[0])[6:]}-L{c[2]}-D{c[4]}")
-def test_heads_first_matches_float64_reference(case, poison_outputs):
-    """Output written heads-first and a heads-first upstream gradient: same values and rule as token-major."""
-    _check(case, DEVICE, heads_first=True)
-
-
-@pytest.mark.parametrize("heads_first", [False, True])
-def test_compiled_graph_takes_the_ops(heads_first):
+def test_compiled_graph_takes_the_ops():
     """torch.compile traces both ops through their fake implementations and autograd; the compiled step returns the
     eager kernels' values bit for bit (aot_eager: the same ops run, no codegen on the CPU); the backward runs
     through the compiled graph's autograd."""
     buffer, weight, grad, cos, sin = _inputs(torch.float32, 1, 21, 2, 12, True, DEVICE)
-    eager = _run(buffer, weight, grad, cos, sin, 2, torch.float32, fused=True, heads_first=heads_first)
+    eager = _run(buffer, weight, grad, cos, sin, 2, torch.float32, fused=True)
     compiled = torch.compile(norm_rope, backend="aot_eager", fullgraph=True)
-    for a, b in zip(eager, _run(buffer, weight, grad, cos, sin, 2, torch.float32, True, compiled, heads_first)):
+    for a, b in zip(eager, _run(buffer, weight, grad, cos, sin, 2, torch.float32, True, compiled)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -126,9 +112,8 @@ def test_module_keeps_the_rms_norm_key_and_reference_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{str(c[0])[6:]}-B{c[1]}-L{c[2]}-H{c[3]}-D{c[4]}")
-@pytest.mark.parametrize("heads_first", [False, True])
-def test_matches_float64_reference_gpu(case, heads_first, poison_outputs):
-    _check(case, torch.device("cuda"), heads_first)
+def test_matches_float64_reference_gpu(case, poison_outputs):
+    _check(case, torch.device("cuda"))
 
 
 @pytest.mark.gpu

@@ -49,26 +49,6 @@ def test_tiling_leaves_outputs_unchanged():
     assert inputs.tiling is not None and not torch.equal(inputs.rope[0], raster.embed(latents, timestep, text).rope[0])
 
 
-def test_heads_first_layout_gives_the_same_step():
-    """qkv_layout 'heads' moves only the memory layout of q, k, v: the same outputs and gradients as 'tokens' (SLA
-    layers, on the PyTorch paths a CPU takes), and the cores receive contiguous [B, H, L, D] tensors."""
-    torch.manual_seed(3)
-    tokens = VideoDiT(dit_config("tiny", num_layers=1))
-    heads = VideoDiT(dit_config("tiny", num_layers=1, qkv_layout="heads"))
-    heads.load_state_dict(tokens.state_dict())
-    for model in (tokens, heads):
-        apply_sla(model, SLAConfig(topk=0.5, negligible=0.25))
-    seen = []
-    core = heads.blocks[0].self_attn.core
-    core.register_forward_pre_hook(lambda module, args: seen.append([t.is_contiguous() for t in args]))
-    latents, timestep, text = _inputs(tokens.config, frames=1, height=16, width=20, batch=1)  # 2 query blocks
-    for model in (tokens, heads):
-        model(latents, timestep, text).square().mean().backward()
-    assert seen == [[True, True, True]]
-    for (name, a), b in zip(tokens.named_parameters(), heads.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-
-
 def test_block_checkpointing_gives_the_same_gradients():
     torch.manual_seed(2)
     plain = VideoDiT(dit_config("tiny"))
