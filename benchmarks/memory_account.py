@@ -1,7 +1,7 @@
 """Peak extra memory of the SLA layer's forward+backward, counted on a CPU with the Triton kernels replaced by no-ops.
 
     TRITON_INTERPRET=1 python benchmarks/memory_account.py [--L 32768] [--H 12] [--D 128]
-        [--dtype bfloat16] [--linear-sums save recompute] [--saved branches output] [--compiled] [--json PATH]
+        [--dtype bfloat16] [--linear-sums save recompute] [--compiled] [--json PATH]
 
 Every buffer the layer allocates is allocated as on a GPU (same shapes and dtypes: the summaries in
 layout.summary_dtype's GPU dtype, bfloat16 for bfloat16 inputs and float32 for float16 ones; the block map through its kernel path), but no
@@ -11,9 +11,7 @@ what was allocated before the forward (inputs, the output gradient, parameters),
 ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` reports on a GPU, up to the caching allocator's rounding
 (512 bytes) and its workspaces. The output is held during the backward (as in
 ``layer(q, k, v).backward(g)``), and the kernels' outputs hold no values, so only sizes are meaningful.
-``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both), ``--saved`` with each
-SLA_DIST_SAVED given (default: the environment's; configs.SAVED_TENSORS: with 'output' the forward saves its output,
-counted once, in "held", as the caller's); ``--compiled`` counts it
+``--linear-sums`` counts the layer with each SLAConfig.linear_sums given (default: both); ``--compiled`` counts it
 through torch.compile (see :func:`layer_account`); ``--phases`` also prints, for the backward, the bytes live at each
 kernel launch and the sizes of the allocations live at its peak.
 """
@@ -32,7 +30,6 @@ from torch._C._profiler import _EventType
 from torch.profiler._memory_profiler import Action, MemoryProfile
 
 from sla_dist.config import LINEAR_SUMS
-from sla_dist.kernels.configs import SAVED_ENV, SAVED_TENSORS
 
 MIB = 2**20
 
@@ -141,14 +138,13 @@ def _column_sums_as_on_a_gpu(rows: torch.Tensor) -> torch.Tensor:
 
 def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
                   dtype: torch.dtype = torch.bfloat16, linear_sums: str = "save",
-                  backward_phases: bool = False, compiled: bool = False, saved: str | None = None) -> dict:
+                  backward_phases: bool = False, compiled: bool = False) -> dict:
     """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
     ("forward_peak"), what it leaves allocated for the backward, output included ("held"), and the peak over both
     ("peak"), each above what was allocated before. With ``backward_phases``, "backward" is :func:`phases` of the
     backward (its bytes above what the forward left: add "held" for the layer's), from a second forward+backward.
     ``compiled``: the layer through ``torch.compile(fullgraph=True)`` with the aot_eager backend (the custom ops
-    and the graph's frees as Inductor's graph has them, no Inductor kernels), compiled by a first, uncounted call.
-    ``saved``: SLA_DIST_SAVED for the call (None: as the environment has it)."""
+    and the graph's frees as Inductor's graph has them, no Inductor kernels), compiled by a first, uncounted call."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1: the layer takes its kernel path on a CPU only in interpreter mode")
     from sla_dist import SparseLinearAttention
@@ -162,11 +158,8 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
     out = []
     from sla_dist.kernels import projection
 
-    env = {} if saved is None else {SAVED_ENV: saved}
-    with no_op_kernels(), mock.patch.object(projection, "column_sums", _column_sums_as_on_a_gpu), \
-            mock.patch.dict(os.environ, env):
-        if compiled:  # compiled afresh: a cached graph keeps the switches it was traced with (SLA_DIST_SAVED)
-            torch._dynamo.reset()
+    with no_op_kernels(), mock.patch.object(projection, "column_sums", _column_sums_as_on_a_gpu):
+        if compiled:
             layer = torch.compile(layer, backend="aot_eager", fullgraph=True)
             layer(q, k, v).backward(g)
             q.grad = k.grad = v.grad = None
@@ -191,8 +184,6 @@ def main() -> None:
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--linear-sums", nargs="+", choices=LINEAR_SUMS, default=list(LINEAR_SUMS),
                         help="SLAConfig.linear_sums values to count, one after the other")
-    parser.add_argument("--saved", nargs="+", choices=SAVED_TENSORS, default=[None],
-                        help=f"{SAVED_ENV} values to count, one after the other (default: the environment's)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="q, k, v's dtype")
     parser.add_argument("--compiled", action="store_true",
                         help="the layer through torch.compile(fullgraph=True), aot_eager backend")
@@ -206,13 +197,12 @@ def main() -> None:
           f"[1, {args.H}, {args.L}, {args.D}], BQ 128 / BK 64, "
           f"topk 0.05; MiB above the inputs (x one q-sized tensor, {one / MIB:.1f} MiB):")
     accounts = {}
-    for linear_sums, saved in ((s, t) for s in args.linear_sums for t in args.saved):
+    for linear_sums in args.linear_sums:
         account = layer_account(args.L, args.H, args.D, dtype=dtype, linear_sums=linear_sums,
-                                backward_phases=args.phases, compiled=args.compiled, saved=saved)
+                                backward_phases=args.phases, compiled=args.compiled)
         backward = account.pop("backward", None)
-        key = linear_sums if saved is None else f"{linear_sums}, {SAVED_ENV}={saved}"
-        accounts[key] = account
-        print(f" linear_sums={linear_sums!r}" + ("" if saved is None else f", {SAVED_ENV}={saved}"))
+        accounts[linear_sums] = account
+        print(f" linear_sums={linear_sums!r}")
         for name, n in account.items():
             print(f"  {name:12} {n / MIB:8.1f} MiB  {n / one:5.2f} x q")
         if backward:

@@ -1,7 +1,7 @@
 """Peak extra GPU memory of one forward+backward: the SLA layer against dense SDPA (cuDNN) on the same q, k, v.
 
     PYTHONPATH=/path/to/checkout python benchmarks/memory_layer.py [--lengths 8192 32768] [--flex]
-        [--linear-sums save recompute] [--saved branches output] [--compiled] [--out PATH]
+        [--linear-sums save recompute] [--compiled] [--out PATH]
 
 bf16, B = 1, H = 12, D = 128, topk 0.05 (95 % sparsity), BQ 128 / BK 64. Rows: (a) dense SDPA with the cuDNN
 backend, (b) the full SLA layer (SparseLinearAttention, kernel path: block-map prediction, both branches, proj_l),
@@ -13,8 +13,7 @@ included. Each row is measured after two untimed steps (autotuning, lazy workspa
 of ``triton.testing.do_bench``. The sla_dist that PYTHONPATH points at is measured (its path is printed first), so
 two checkouts compare on one card in one device call. ``benchmarks/memory_account.py`` counts the same SLA peak on
 a CPU. ``--linear-sums`` measures row (b) once per SLAConfig.linear_sums given (without it: the layer's default, so
-a checkout from before the option can be measured); ``--saved`` once per SLA_DIST_SAVED value given
-(configs.SAVED_TENSORS; without it: the environment's). ``--compiled`` adds each SLA layer through
+a checkout from before the option can be measured). ``--compiled`` adds each SLA layer through
 ``torch.compile(fullgraph=True)`` (Inductor's default mode, static shapes: bench_attention.py's compiled row), its
 first steps compiling it.
 """
@@ -23,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
-from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend
@@ -46,15 +43,7 @@ class Row:
     note: str = ""
 
 
-def measure(row: Row, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-            env: dict[str, str] | None = None) -> Row:
-    """``row`` filled in for ``fn``, with ``env`` set in the environment meanwhile (a compiled ``fn`` is compiled
-    by its first call here, so under it)."""
-    with mock.patch.dict(os.environ, env or {}):
-        return _measure(row, fn, q, k, v, g)
-
-
-def _measure(row: Row, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> Row:
+def measure(row: Row, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> Row:
     import triton.testing
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -104,8 +93,6 @@ def main() -> None:
     parser.add_argument("--flex", action="store_true", help="also FlexAttention block-sparse (compiles first)")
     parser.add_argument("--linear-sums", nargs="+", choices=("save", "recompute"), metavar="MODE",
                         help="SLAConfig.linear_sums values of the SLA layer, one row each (save, recompute)")
-    parser.add_argument("--saved", nargs="+", choices=("branches", "output"), metavar="MODE",
-                        help="SLA_DIST_SAVED values of the SLA layer, one row each (branches, output)")
     parser.add_argument("--compiled", action="store_true",
                         help="also each SLA layer through torch.compile(fullgraph=True), one row each")
     parser.add_argument("--out", help="write the rows as JSON here")
@@ -116,23 +103,18 @@ def main() -> None:
     print("sla_dist from", __import__("sla_dist").__file__)
     layers = {}
     for sums in args.linear_sums or [None]:
-        for saved in args.saved or [None]:
-            torch.manual_seed(0)
-            options = [o for o in (sums, None if saved is None else f"saved {saved}") if o is not None]
-            name = f"SLA layer ({', '.join(options) or 'kernels'})"
-            env = {} if saved is None else {"SLA_DIST_SAVED": saved}
-            layers[name] = sla_layer(args.D, args.topk, **({} if sums is None else dict(linear_sums=sums))), env
+        torch.manual_seed(0)
+        name = "SLA layer (kernels)" if sums is None else f"SLA layer ({sums})"
+        layers[name] = sla_layer(args.D, args.topk, **({} if sums is None else dict(linear_sums=sums)))
     rows = []
     for L in args.lengths:
         q, k, v, g = (torch.randn(1, args.H, L, args.D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         rows.append(measure(Row(L, "dense SDPA cuDNN"), dense_sdpa(SDPBackend.CUDNN_ATTENTION), q, k, v, g))
-        for name, (layer, env) in layers.items():
-            rows.append(measure(Row(L, name), layer, q, k, v, g, env))
+        for name, layer in layers.items():
+            rows.append(measure(Row(L, name), layer, q, k, v, g))
             if args.compiled:
-                if env:  # a graph cached for a like layer would keep the switch it was traced with
-                    torch._dynamo.reset()
                 compiled = torch.compile(layer, fullgraph=True, dynamic=False)
-                rows.append(measure(Row(L, name.replace("SLA layer", "SLA compiled")), compiled, q, k, v, g, env))
+                rows.append(measure(Row(L, name.replace("SLA layer", "SLA compiled")), compiled, q, k, v, g))
         if args.flex:
             try:
                 flex = flex_block_sparse(q, k, args.topk)[0]
@@ -144,9 +126,9 @@ def main() -> None:
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1 H={args.H} D={args.D}, "
           f"topk {args.topk}, BQ 128 / BK 64")
-    print(f"{'L':>6} {'method':<34} {'extra MiB':>9} {'held MiB':>9} {'f+b ms':>8}  note")
+    print(f"{'L':>6} {'method':<22} {'extra MiB':>9} {'held MiB':>9} {'f+b ms':>8}  note")
     for r in rows:
-        print(f"{r.L:>6} {r.method:<34} {r.extra_mib:>9.1f} {r.held_mib:>9.1f} {r.fwd_bwd_ms:>8.3f}  {r.note}")
+        print(f"{r.L:>6} {r.method:<22} {r.extra_mib:>9.1f} {r.held_mib:>9.1f} {r.fwd_bwd_ms:>8.3f}  {r.note}")
     if args.out:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                     triton=__import__("triton").__version__, sla_dist=__import__("sla_dist").__file__,

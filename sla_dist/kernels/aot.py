@@ -43,8 +43,8 @@ _POINTERS = {
     "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
     "critical_columns": dict(CLASS="i8", Q_NUM="i32", Q_IDX="i32"),
     # The pre-pass takes proj_l's W in the inputs' dtype (the launcher casts it, as for the product it replaces).
-    "prepass": dict(Q="x", O="x", DO="x", DOL="x", W="x", BIAS="proj", DQ="x", DLSE="f32", DELTA="f32", HL="sum",
-                    ZL="sum", DHZ="sum"),
+    "prepass": dict(Q="x", O="x", DO="x", DOL="x", W="x", DQ="x", DLSE="f32", DELTA="f32", HL="sum", ZL="sum",
+                    DHZ="sum"),
     "dq": dict(Q="x", K="x", V="x", DO="x", DQ="x", LSE="f32", DELTA="f32", KV_NUM="i32", KV_IDX="i32"),
     "dkdv": dict(Q="x", K="x", V="x", DO="x", DK="x", DV="x", LSE="f32", DELTA="f32", Q_NUM="i32", Q_IDX="i32",
                  DHS="sum", DZS="sum", ORDER="i64", WORK="i32", SCRATCH="f32"),
@@ -96,8 +96,6 @@ class Variant:
     """The loop's tiles through tensor descriptors (USE_TMA, as SLA_DIST_TMA turns on for fwd, dq and dkdv)."""
     packed: bool = False
     """classify's two radix selects in one loop (PACKED, as SLA_DIST_CLASSIFY=packed turns on)."""
-    saved_output: bool = False
-    """The pre-pass makes delta from the layer's output (O_IS_OUT, SLA_DIST_SAVED=output; with has_proj)."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:
@@ -139,8 +137,7 @@ class Variant:
                       # the split plan kernel: lpt-head's comparisons (MODE 1), dkdv_plan's PLAN_ROWS / PLAN_COLS
                       MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART, LONG_FACTOR=LONG_FIRST_FACTOR,
                       ROWS=128, COLS=32,
-                      V_LIKE_K=self.v_like_k, USE_TMA=self.tma, PACKED=self.packed,
-                      O_IS_OUT=self.saved_output and self.has_proj)
+                      V_LIKE_K=self.v_like_k, USE_TMA=self.tma, PACKED=self.packed)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         values.update(FwdLoop.parse(self.fwd_loop).constexprs(even_keys=True))

@@ -17,10 +17,6 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to the summaries'
    gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
    key blocks (dh_j = sum over the query blocks for which j is marginal).
-   O_IS_OUT (the projected layer saved its output Out = O_s + O_l W^T + b in O_s's place, configs.SAVED_TENSORS):
-   O is Out, and delta = rowsum(dOut * Out) - rowsum(dO_l * O_l) - rowsum(dOut * b) - log2(e) dlse, where
-   rowsum(dO_l * O_l) = rowsum(G * phi(Q_i)) / den comes with dden: O_l itself is not read. Out's rounding, up to
-   half an ulp of |Out| rather than of |O_s|, enters delta (PERF_NOTES, "branch wip-held").
 2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices (with USE_TMA, k and v
    come through tensor descriptors, tiles.py):
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
@@ -115,28 +111,13 @@ def _dh_columns(dol, inv, fq, hl, h_scale, out, g, offs_d, cols, D: tl.constexpr
 
 
 @triton.jit
-def _delta(O, BIAS, DLSE, tile, rows, row_ok, do, offs_d, HAS_DLSE: tl.constexpr, O_IS_OUT: tl.constexpr,
-           HAS_BIAS: tl.constexpr):
-    """rowsum(dO * O) - log2(e) dlse for the rows of ``do`` (``tile``: their offsets in O), less b's share
-    rowsum(dO * b) where O is the layer's output (O_IS_OUT, HAS_BIAS)."""
-    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    if O_IS_OUT and HAS_BIAS:
-        delta -= tl.sum(do.to(tl.float32) * tl.load(BIAS + offs_d).to(tl.float32)[None, :], axis=1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    return delta
-
-
-@triton.jit
 def _prepass_block(
-    pid_q, bh, Q, O, DO, DOL, W, w_lo, w_hi, BIAS, DQ, DLSE, DELTA, HL, ZL, DHZ,
+    pid_q, bh, Q, O, DO, DOL, W, w_lo, w_hi, DQ, DLSE, DELTA, HL, ZL, DHZ,
     stride_qb, stride_qh, stride_ql, stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
     H, LQ, NQ,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, IN_LOOP: tl.constexpr,
-    O_IS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """The pre-pass of query block ``pid_q`` of head ``bh`` (see the module's docstring). IN_LOOP: one of several
     blocks of a program's loop, W's column halves then ``w_lo`` and ``w_hi`` (loaded once per program), else loaded
@@ -148,10 +129,12 @@ def _prepass_block(
     tile = row_tile(base, offs_m, stride_ql, offs_d)
     # Loaded tiles stay in their storage dtype (half the registers of float32) and are widened where they are used.
     do = tl.load(DO + tile, mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + tile, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     rows = bh.to(tl.int64) * LQ + offs_m
-    delta = _delta(O, BIAS, DLSE, tile, rows, row_ok, do, offs_d, HAS_DLSE, O_IS_OUT, HAS_BIAS)
-    if not O_IS_OUT:  # else stored once the linear branch's products gave O_l W^T's share
-        tl.store(DELTA + rows, delta, mask=row_ok)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + rows, delta, mask=row_ok)
 
     if HAS_LINEAR:
         x = tl.load(Q + tile, mask=row_ok[:, None], other=0.0)
@@ -185,13 +168,7 @@ def _prepass_block(
         if SCALED:
             g = g * h_scale
         fq = fq.to(tl.float32)
-        g_fq = tl.sum(g * fq, axis=1) * inv  # = rowsum(dO_l * O_l): G = dO_l H_i^T, O_l = phi(Q_i) H_i / den
-        dden = -g_fq * inv
-        if O_IS_OUT:
-            # delta is held through the products (sm_90, Triton 3.9: 48-56 B more spilled by the looping pre-pass).
-            # Out loaded here instead spilled 190-220 B more; delta stored above and read back here needs a barrier
-            # (another thread may hold the row), which halved the looping pre-pass' pipelined shared memory.
-            tl.store(DELTA + rows, delta - g_fq, mask=row_ok)
+        dden = -tl.sum(g * fq, axis=1) * inv * inv
         tl.store(out + D * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DHZ.dtype.element_ty))
         dfq = g * inv[:, None] + dden[:, None] * tl.load(zl_ptrs).to(tl.float32)[None, :]
         tl.store(DQ + tile, phi_bwd(fq, dfq, FEATURE_MAP).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -199,8 +176,7 @@ def _prepass_block(
 
 @triton.jit
 def _bwd_prepass_kernel(
-    Q, O, DO, DOL, W, BIAS, DQ, DLSE, DELTA,  # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], b [D],
-                                              # dlse/delta [BH, LQ]
+    Q, O, DO, DOL, W, DQ, DLSE, DELTA,       # q/o/do/dol/dq [B, H, LQ, D] (q strides), W [D, D], dlse/delta [BH, LQ]
     HL, ZL, DHZ,                             # H_i, Z_i (may be broadcast over Nq); dH_i then dZ_i, [BH, Nq, D * D + D]
     stride_qb, stride_qh, stride_ql,
     stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
@@ -208,7 +184,6 @@ def _bwd_prepass_kernel(
     D: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DLSE: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_DOL: tl.constexpr, PERSISTENT: tl.constexpr = False,
-    O_IS_OUT: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     # PERSISTENT (SLA_DIST_PREPASS=loop, the prepass_loop launch entry): a 1-D grid of configs'
     # PREPASS_LOOP_PROGRAMS_PER_SM programs per SM, each taking the items pid, pid + programs, ... of the query
@@ -224,15 +199,15 @@ def _bwd_prepass_kernel(
         w_lo = _w_columns(W, offs_d, cols, D, HAS_PROJ and HAS_LINEAR)
         w_hi = _w_columns(W, offs_d, D // 2 + cols, D, HAS_PROJ and HAS_LINEAR)
         for item in tl.range(tl.program_id(0), NQ * BH, tl.num_programs(0)):
-            _prepass_block(item % NQ, item // NQ, Q, O, DO, DOL, W, w_lo, w_hi, BIAS, DQ, DLSE, DELTA, HL, ZL, DHZ,
+            _prepass_block(item % NQ, item // NQ, Q, O, DO, DOL, W, w_lo, w_hi, DQ, DLSE, DELTA, HL, ZL, DHZ,
                            stride_qb, stride_qh, stride_ql, stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
                            H, LQ, NQ, D, BLOCK_Q, HAS_DLSE, FEATURE_MAP, HAS_LINEAR, PRECISION, HAS_PROJ, HAS_DOL,
-                           True, O_IS_OUT, HAS_BIAS)
+                           True)
     else:
-        _prepass_block(tl.program_id(0), tl.program_id(1), Q, O, DO, DOL, W, 0.0, 0.0, BIAS, DQ, DLSE, DELTA, HL,
-                       ZL, DHZ, stride_qb, stride_qh, stride_ql, stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
+        _prepass_block(tl.program_id(0), tl.program_id(1), Q, O, DO, DOL, W, 0.0, 0.0, DQ, DLSE, DELTA, HL, ZL, DHZ,
+                       stride_qb, stride_qh, stride_ql, stride_hl_bh, stride_hl_q, stride_zl_bh, stride_zl_q,
                        H, LQ, NQ, D, BLOCK_Q, HAS_DLSE, FEATURE_MAP, HAS_LINEAR, PRECISION, HAS_PROJ, HAS_DOL,
-                       False, O_IS_OUT, HAS_BIAS)
+                       False)
 
 
 @triton.jit

@@ -12,8 +12,7 @@ loop variant: the one measured fastest for the head dim and branch, or what SLA_
 how the backward's pre-pass is launched (SLA_DIST_PREPASS); ``dkdv_chunked()`` whether dK/dV may run over chunks of
 heads to lower the backward's peak memory (SLA_DIST_DKDV_CHUNKS); ``dkdv_split()`` whether dK/dV splits long
 query-block lists over several programs (SLA_DIST_DKDV_SPLIT); ``classify_packed()`` whether the block map's
-classify kernel runs its two radix selects in one loop (SLA_DIST_CLASSIFY); SAVED_TENSORS what the projected layer
-saves for its backward (SLA_DIST_SAVED, read by op._setup_context); ``tma_kernels()``
+classify kernel runs its two radix selects in one loop (SLA_DIST_CLASSIFY); ``tma_kernels()``
 the kernels whose loop tiles are loaded through tensor descriptors (SLA_DIST_TMA; by default the forward and dQ on
 Hopper and newer). ``fixed_settings()`` replaces kernels' fixed settings for a block of code, so one process can time
 several (benchmarks/time_layer.py --setting).
@@ -67,7 +66,7 @@ FWD_SPLIT_Q = 2
 SPLIT_MIN_ROWS = 64
 """Fewest rows per split program: one warp group's wgmma tile."""
 _FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "EVEN_K", "SCALE_IN_EXP", "USE_TMA")
-_PREPASS_KEY = ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR", "HAS_PROJ", "HAS_DOL", "O_IS_OUT", "HAS_BIAS")
+_PREPASS_KEY = ("D", "BLOCK_Q", "FEATURE_MAP", "HAS_LINEAR", "HAS_PROJ", "HAS_DOL")
 # The candidates are what won or came close in `benchmarks/sweep_kernels.py` on an H200 (bf16, D = 128, BQ 128,
 # results/2026-11-29-h200-sweep.md); the fixed setting is each kernel's winner there. Two key blocks per step in the
 # forward and dQ lost everywhere (by 10-25 %), so those loops take one block per step; every candidate compiles on a
@@ -311,20 +310,6 @@ def classify_packed(nk: int, switches: Switches | None = None) -> bool:
     if select is None:
         return False
     return check_choice(CLASSIFY_ENV, select, CLASSIFY_SELECTS) == "packed" and nk <= CLASSIFY_PACKED_MAX_BLOCKS
-
-
-SAVED_ENV = "SLA_DIST_SAVED"
-SAVED_TENSORS = ("branches", "output")
-"""What the projected layer (sparse_linear_attention with proj_l) saves for its backward, SLA_DIST_SAVED: branches
-(the default), the sparse branch's O_s beside O_l; output, its output Out = O_s + O_l W^T + b in O_s's place, which
-the layer's caller holds anyway (a DiT's next Linear saves it), so one q-sized tensor less is held per layer between
-forward and backward. The pre-pass then makes the softmax backward's delta = rowsum(dO_s * O_s) from Out (backward.py,
-O_IS_OUT), which takes Out's rounding: up to half an ulp of |Out| where O_s's own is of |O_s|. That is exact while
-proj_l is zero (a fresh layer) and grows with |O_l W^T + b| / |O_s| and on rows whose attention sits on one key (the
-softmax gradient of such a row is 0, and O_s = that key's v, so the saved O_s is exact there); on the kernel tests'
-inputs with such rows dq and dk came out at ~2.8x the same-dtype reference's error (3x allowed), against ~0.55x
-(PERF_NOTES, "branch wip-held"), so it is opt-in. Read when the forward runs; a compiled graph keeps the value it was traced
-with (torch._dynamo.reset() before compiling again)."""
 
 
 DKDV_SPLITS = ("off", "long")

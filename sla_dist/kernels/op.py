@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from ..config import validate_branch_options, validate_linear_sums
 from .block_map import BlockMap, check_block_map, compiled_or_eager, num_blocks, transposed_lists
-from .configs import (PREPASS_LOOP_PROGRAMS_PER_SM, SAVED_ENV, SAVED_TENSORS, check_choice, dkdv_chunked,
+from .configs import (PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_chunked,
                       dkdv_order, dkdv_split, fwd_loop, get_kernel, interpreting, multiprocessors, prepass_launch,
                       read_switches)
 from .descriptors import use_tma
@@ -178,8 +177,7 @@ def _backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
-    linear_sums: torch.Tensor | None = None, release: tuple[torch.Tensor, ...] = (), o_is_out: bool = False,
-    proj_bias: torch.Tensor | None = None,
+    linear_sums: torch.Tensor | None = None, release: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
     (``dlse``); None stands for a zero gradient. With ``proj_weight`` (proj_l's W in ``do``'s dtype, from the
@@ -191,8 +189,7 @@ def _backward(
     whose last reader is the pre-pass (the eager path's, whose autograd node holds them until the whole backward
     returns; see :func:`_gradients`), their memory freed right after it: they are then not held beside dq, dk, dv
     and dh_j, the backward's peak. A second backward through the same graph (retain_graph) finds released sums
-    and makes them again. ``o_is_out`` (configs.SAVED_TENSORS 'output'; the projected forward's, ``do`` its output's
-    gradient alone): ``o`` is that output, O_s + O_l W^T + b (``proj_bias``: b, or None), not O_s.
+    and makes them again.
 
     Three steps, each a custom op of its own on the compiled path (:func:`_compiled_backward`), so that a compiled
     graph frees each step's inputs after it as this function does: the query side (pre-pass and dQ,
@@ -200,7 +197,7 @@ def _backward(
     the pre-pass' per-query-block rows (not held beside dk and dv), and dK/dV (:func:`_backward_keys`)."""
     q, k, v, do, p, switches, dq, delta, rows, marginal = _backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
-        linear_scope, proj_weight, linear_sums, release, o_is_out, proj_bias)
+        linear_scope, proj_weight, linear_sums, release)
     chunks = _dkdv_chunks(rows, marginal, q, switches)
     # One dK/dV launch: the query blocks' rows freed before dk, dv exist. In chunks, each chunk's key-block rows are
     # summed from them just before its launch, so they are held through the last one too (as through every earlier
@@ -212,8 +209,7 @@ def _backward(
 
 
 def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
-                      feature_map, linear_scope, proj_weight, linear_sums, release=(), o_is_out=False,
-                      proj_bias=None):
+                      feature_map, linear_scope, proj_weight, linear_sums, release=()):
     """The backward's query side (:func:`_backward`'s arguments): the pre-pass, then dQ. Returns q, k, v and dO in
     the kernels' layouts, the launch constants and switches, dq, delta, and for the linear branch (else None) the
     pre-pass' rows of dH_i, dZ_i [BH, Nq, D * D + D] and the 0/1 matrix (None for scope 'all')."""
@@ -244,13 +240,12 @@ def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
         entry, grid = "prepass_loop", (programs,)
     else:
         entry, grid = "prepass", (p.nq, p.bh)
-    has_bias = o_is_out and proj_bias is not None
     get_kernel(entry)[grid](
-        q, o, do, dol_, proj_weight.contiguous() if has_proj else delta,
-        proj_bias.contiguous() if has_bias else delta, dq, dlse if dlse is not None else delta, delta, hl, zl,
-        delta if rows is None else rows, *p.q_strides, *block_strides(hl), *block_strides(zl), p.H, p.Lq, p.nq, p.bh,
+        q, o, do, dol_, proj_weight.contiguous() if has_proj else delta, dq, dlse if dlse is not None else delta,
+        delta, hl, zl, delta if rows is None else rows, *p.q_strides, *block_strides(hl), *block_strides(zl),
+        p.H, p.Lq, p.nq, p.bh,
         D=p.D, BLOCK_Q=block_q, HAS_DLSE=dlse is not None, FEATURE_MAP=p.feature_map, HAS_LINEAR=has_linear,
-        PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol, O_IS_OUT=o_is_out, HAS_BIAS=has_bias,
+        PRECISION=p.precision, HAS_PROJ=has_proj, HAS_DOL=has_dol,
     )
     del hl, zl, o, dol_  # read by the pre-pass only
     for tensor in release:
@@ -348,7 +343,7 @@ def _sla_backward_queries_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
-    linear_sums: torch.Tensor | None = None, o_is_out: bool = False, proj_bias: torch.Tensor | None = None,
+    linear_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward's first custom op, the query side: (dq, delta, rows, marginal, dO) of
     :func:`_backward_queries` (:func:`_backward`'s arguments). An output it does not make is an empty tensor (a
@@ -356,7 +351,7 @@ def _sla_backward_queries_impl(
     branch, the matrix for scope 'all', and dO when the kernels read the caller's in place."""
     _, _, _, do_kernel, p, _, dq, delta, rows, marginal = _backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
-        linear_scope, proj_weight, linear_sums, (), o_is_out, proj_bias)
+        linear_scope, proj_weight, linear_sums)
     return (dq, delta, no_sums(q, p.summary_dtype) if rows is None else rows,
             no_sums(q, p.summary_dtype) if marginal is None else marginal,
             do.new_empty((0,)) if do_kernel is do else do_kernel)
@@ -395,7 +390,7 @@ sla_backward_keys = torch.library.custom_op("sla_dist::sla_backward_keys", mutat
 
 @sla_backward_queries.register_fake
 def _(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
-      linear_scope, proj_weight=None, linear_sums=None, o_is_out=False, proj_bias=None):
+      linear_scope, proj_weight=None, linear_sums=None):
     q_kernel, _, _, _, do_kernel, _ = _backward_layout(do, dol, q, k, v, o, linear_scope)
     dtype = summary_dtype(q.dtype, interpreting())
     B, H, Lq, D = q.shape
@@ -421,8 +416,7 @@ def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, fe
 
 
 def _compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
-                       feature_map, linear_scope, proj_weight=None, linear_sums=None, o_is_out=False,
-                       proj_bias=None):
+                       feature_map, linear_scope, proj_weight=None, linear_sums=None):
     """:func:`_backward` through its three custom ops, what torch.compile traces. A compiled graph frees a tensor
     after the last op that reads it (an op cannot free its inputs): O_s and the saved sums after the query side, the
     pre-pass' per-query-block rows after the key rows are summed from them, so neither is held beside dk, dv and
@@ -431,7 +425,7 @@ def _compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_block
     runs, as the eager path does."""
     dq, delta, rows, marginal, do_kernel = sla_backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
-        linear_scope, proj_weight, linear_sums, o_is_out, proj_bias)
+        linear_scope, proj_weight, linear_sums)
     if not _has_linear(linear_scope, dol, proj_weight):
         rows = marginal = None
     elif linear_scope == "all":
@@ -451,12 +445,9 @@ def _setup_context(ctx, inputs, output) -> None:
     # The sums (empty unless linear_sums is 'save') are saved like the inputs, so that saved-tensor hooks see them:
     # activation checkpointing drops them with the rest and its recomputed forward makes them again. The projected
     # op also keeps O_l (dW = sum dOut^T O_l) and W (dO_l = dOut W, made in the backward's pre-pass); of the bias
-    # only its dtype, unless SLA_DIST_SAVED is 'output' (configs.SAVED_TENSORS): then the bias too, and its output
-    # in O_s's place. The switch is read here rather than with read_switches (no call added to every forward).
-    saved = os.environ.get(SAVED_ENV)
-    ctx.saves_output = bool(proj) and saved is not None and check_choice(SAVED_ENV, saved, SAVED_TENSORS) == "output"
-    ctx.save_for_backward(q, k, v, output[0] if ctx.saves_output else o, lse, block_class, kv_num_blocks, kv_indices,
-                          sums, *(((o_l, *proj) if ctx.saves_output else (o_l, proj[0])) if proj else ()))
+    # only its dtype.
+    ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, sums,
+                          *((o_l, proj[0]) if proj else ()))
     ctx.static = (block_q, block_k, feature_map, linear_scope)
     # Unused outputs' gradients stay None, not zeros, in eager mode and in a compiled graph alike: with zeros the
     # kernels would read a dO_l / dlse of zeros, and the projected op would make dO_l = dOut W in PyTorch (IEEE float32
@@ -477,34 +468,25 @@ def _gradients(backward, ctx, *grads, release: bool = False):
     the pre-pass, which makes delta from it) and O_l (after dW): its caller, sparse_linear_attention, returns the
     layer output alone, so these are internal, while sla_branches returns O_s and O_l and keeps them. A second
     backward through the same graph (retain_graph, e.g. two losses) finds them freed and makes them again with the
-    forward kernel (bit for bit: they do not depend on the bias, and the kernels are deterministic).
-
-    With SLA_DIST_SAVED 'output' the projected forward saved its output (the caller's, never freed here) in O_s's
-    place, from which the pre-pass makes delta when the output's gradient is all that reached the op (the layer's
-    case); a gradient that reached O_s or O_l directly needs O_s, which is then made again as above."""
+    forward kernel (bit for bit: they do not depend on the bias, and the kernels are deterministic)."""
     q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, sums, *proj = ctx.saved_tensors
     do, dol, dlse = grads[-4:-1]
-    dproj, weight, after_prepass, from_out, bias = (), None, (sums,), False, None
+    dproj, weight, after_prepass = (), None, (sums,)
     if proj:
-        from_out = ctx.saves_output and grads[0] is not None and do is None and dol is None
-        freed = release and not (o.untyped_storage().nbytes() and proj[0].untyped_storage().nbytes())
-        if freed or (ctx.saves_output and not from_out):
-            # The sums, freed too, are made again by the backward: 'recompute' keeps none here. A compiled graph
-            # calls the op (its backward is traced), the eager path the implementation.
-            forward = _forward if release else sla_projected_forward
-            _, o_s, o_l, _, _ = forward(q, k, v, block_class, kv_num_blocks, kv_indices, *ctx.static, "recompute",
-                                        proj[1], None)
-            o, proj = (o if from_out else o_s), (o_l, *proj[1:])
         if release:
-            after_prepass = (sums,) if from_out else (sums, o)
-        bias = proj[2] if from_out else None
-        do, dol, weight, dproj = projection_backward(grads[0], do, dol, proj[0], proj[1], ctx.bias_dtype)
+            if not (o.untyped_storage().nbytes() and proj[0].untyped_storage().nbytes()):
+                # The sums, freed too, are made again by the backward: 'recompute' keeps none here.
+                _, o, o_l, _, _ = _forward(q, k, v, block_class, kv_num_blocks, kv_indices, *ctx.static, "recompute",
+                                           proj[1])
+                proj = (o_l, proj[1])
+            after_prepass = (sums, o)
+        do, dol, weight, dproj = projection_backward(grads[0], do, dol, *proj, ctx.bias_dtype)
         if release:  # O_l's last reader is dW, queued above
             proj[0].untyped_storage().resize_(0)
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static,
-                          weight, sums, *((after_prepass,) if release else ()), o_is_out=from_out, proj_bias=bias)
+                          weight, sums, *((after_prepass,) if release else ()))
     return dq, dk, dv, None, None, None, None, None, None, None, None, *dproj
 
 
