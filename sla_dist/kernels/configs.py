@@ -236,9 +236,13 @@ like a DiT's (one key block critical for ~20x the mean number of query blocks) d
 
 def dkdv_order(switches: Switches | None = None) -> str:
     """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several;
-    ``switches``: as read for this launch), else DEFAULT_DKDV_ORDER."""
-    order = (switches or read_switches()).dkdv_order
-    return DEFAULT_DKDV_ORDER if order is None else check_choice(DKDV_ORDER_ENV, order, DKDV_ORDERS)
+    ``switches``: as read for this launch), else DEFAULT_SPLIT_DKDV_ORDER where the split is on, DEFAULT_DKDV_ORDER
+    where it is off."""
+    switches = switches or read_switches()
+    if switches.dkdv_order is not None:
+        return check_choice(DKDV_ORDER_ENV, switches.dkdv_order, DKDV_ORDERS)
+    # the split's raw value: dkdv_split() validates it for the same launch
+    return DEFAULT_SPLIT_DKDV_ORDER if switches.dkdv_split == "long" else DEFAULT_DKDV_ORDER
 
 
 def check_choice(env: str, value: str, choices: tuple[str, ...]) -> str:
@@ -292,24 +296,25 @@ def dkdv_chunked(switches: Switches | None = None) -> bool:
 
 CLASSIFY_SELECTS = ("separate", "packed")
 """How the block map's classify kernel (block_select.py) finds each row's two class boundaries (SLA_DIST_CLASSIFY):
-separate (the default), one 32-round radix select per boundary on 64-bit keys; packed, both selects in one loop on
-32-bit keys, the two counts of a round summed in one reduction (the PACKED constexpr). Same classes and lists bit
-for bit; packed has half the rounds, each a chain of a warp reduction and three barriers. Predicted, not measured
-(PERF_NOTES, "Session 2026-12-01 (helper, branch wip-fglue)"): classify 57 -> ~31-35 us at L 32768 and 487 ->
-~270-300 us at 75600 (H 12, BQ 128, BK 64, H200)."""
+packed (the default), both selects in one loop on 32-bit keys, the two counts of a round summed in one reduction
+(the PACKED constexpr); separate, one 32-round radix select per boundary on 64-bit keys. Same classes and lists bit
+for bit; packed has half the rounds, each a chain of a warp reduction and three barriers. Measured on an H200
+(bf16, H 12, D 128, BQ 128, BK 64, i.i.d. inputs; results/2026-12-01-h200-classify-dkdv-split.md): classify 57 ->
+31 us at L 32768 (forward 1.312 -> 1.291 ms), 486 -> 290 us at 75600 (5.564 -> 5.363 ms), 10 -> 7 us at 8192."""
+DEFAULT_CLASSIFY = "packed"
 CLASSIFY_PACKED_MAX_BLOCKS = 2**15 - 1
 """The widest row the packed select takes: its counts (up to Nk each) share one int32, the second shifted by 16
 bits. Wider rows (2M tokens in 64-key blocks) take the separate selects."""
 
 
 def classify_packed(nk: int, switches: Switches | None = None) -> bool:
-    """Whether the classify launch for rows of ``nk`` key blocks runs the packed select: SLA_DIST_CLASSIFY is
-    'packed' (read at every launch, so one process can time both; ``switches``: as read for this launch) and the row
-    fits it (CLASSIFY_PACKED_MAX_BLOCKS)."""
+    """Whether the classify launch for rows of ``nk`` key blocks runs the packed select: SLA_DIST_CLASSIFY, or
+    DEFAULT_CLASSIFY where unset, is 'packed' (read at every launch, so one process can time both; ``switches``: as
+    read for this launch) and the row fits it (CLASSIFY_PACKED_MAX_BLOCKS)."""
     select = os.environ.get(CLASSIFY_ENV) if switches is None else switches.classify
-    if select is None:
-        return False
-    return check_choice(CLASSIFY_ENV, select, CLASSIFY_SELECTS) == "packed" and nk <= CLASSIFY_PACKED_MAX_BLOCKS
+    if select is not None:
+        check_choice(CLASSIFY_ENV, select, CLASSIFY_SELECTS)
+    return (select or DEFAULT_CLASSIFY) == "packed" and nk <= CLASSIFY_PACKED_MAX_BLOCKS
 
 
 DKDV_SPLITS = ("off", "long")
@@ -327,6 +332,10 @@ top of the backward's peak (589 MiB there; the scratch is live beside dq, dk, dv
 PERF_NOTES (2026-12-01, wip-skew) a random-init DiT's map at that shape takes 457 extra programs in lpt-head order;
 1 / 8 of the grid would make the parts longer (T 57 -> 72 query blocks) and leave more tail (1.013 -> 1.028)."""
 DKDV_SPLIT_MIN_SLOTS = 64
+DEFAULT_SPLIT_DKDV_ORDER = "lpt-head"
+"""The split parts' order where SLA_DIST_DKDV_ORDER is unset. Measured on an H200 (bf16, L 32760, H 12, D 128, a
+random-init DiT's block map; results/2026-12-01-h200-classify-dkdv-split.md), dK/dV + plan + combine: split lpt-head
+1939 us, split long-first 2012, split natural 2068; whole lists long-first (the default without the split) 2084."""
 DKDV_SPLIT_PARTS_PER_SM = 8
 """The split's part length T starts at the launch's balanced work per SM ((listed pairs + DKDV_PROGRAM_COST x
 programs) / SMs) over this many, or over the heads where more and the order takes the heads in turn (natural,

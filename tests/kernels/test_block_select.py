@@ -87,15 +87,17 @@ def test_packed_select_matches_the_separate_ones(nk, monkeypatch):
 
 
 def test_packed_select_takes_rows_its_counts_fit(monkeypatch):
-    """SLA_DIST_CLASSIFY: unset or 'separate', the separate selects; 'packed', the packed one for rows of up to
+    """SLA_DIST_CLASSIFY: 'separate', the separate selects; unset or 'packed', the packed one for rows of up to
     CLASSIFY_PACKED_MAX_BLOCKS key blocks (two counts of up to Nk in one int32), the separate ones past that."""
-    monkeypatch.delenv(CLASSIFY_ENV, raising=False)
-    assert not configs.classify_packed(64)
     monkeypatch.setenv(CLASSIFY_ENV, "separate")
     assert not configs.classify_packed(64)
-    monkeypatch.setenv(CLASSIFY_ENV, "packed")
-    assert configs.classify_packed(1) and configs.classify_packed(CLASSIFY_PACKED_MAX_BLOCKS)
-    assert not configs.classify_packed(CLASSIFY_PACKED_MAX_BLOCKS + 1)
+    for setting in (None, "packed"):
+        if setting is None:
+            monkeypatch.delenv(CLASSIFY_ENV, raising=False)
+        else:
+            monkeypatch.setenv(CLASSIFY_ENV, setting)
+        assert configs.classify_packed(1) and configs.classify_packed(CLASSIFY_PACKED_MAX_BLOCKS)
+        assert not configs.classify_packed(CLASSIFY_PACKED_MAX_BLOCKS + 1)
     assert CLASSIFY_PACKED_MAX_BLOCKS * 65537 < 2**31  # both counts and no carry between them in an int32
 
 

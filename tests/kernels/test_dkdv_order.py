@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, NEGLIGIBLE, build_block_map, transposed_lists
-from sla_dist.kernels.configs import (DEFAULT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_SPLIT_ENV,
-                                     LONG_FIRST_FACTOR, dkdv_order)
+from sla_dist.kernels.configs import (DEFAULT_DKDV_ORDER, DEFAULT_SPLIT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS,
+                                     DKDV_SPLIT_ENV, LONG_FIRST_FACTOR, dkdv_order)
 from sla_dist.kernels.op import dkdv_program_order
 from tests.utils import DEVICE
 
@@ -94,11 +94,18 @@ def test_program_orders_put_the_longest_lists_first():
 
 
 def test_order_is_read_from_the_environment(monkeypatch):
+    """Unset, the order is long-first for whole lists and lpt-head for the split's parts (SLA_DIST_DKDV_SPLIT=long);
+    set, it is what SLA_DIST_DKDV_ORDER names either way."""
     monkeypatch.delenv(DKDV_ORDER_ENV, raising=False)
+    monkeypatch.delenv(DKDV_SPLIT_ENV, raising=False)
     assert dkdv_order() == DEFAULT_DKDV_ORDER == "long-first"
-    for order in DKDV_ORDERS:
-        monkeypatch.setenv(DKDV_ORDER_ENV, order)
-        assert dkdv_order() == order
+    monkeypatch.setenv(DKDV_SPLIT_ENV, "long")
+    assert dkdv_order() == DEFAULT_SPLIT_DKDV_ORDER == "lpt-head"
+    for split in ("off", "long"):
+        monkeypatch.setenv(DKDV_SPLIT_ENV, split)
+        for order in DKDV_ORDERS:
+            monkeypatch.setenv(DKDV_ORDER_ENV, order)
+            assert dkdv_order() == order
 
 
 @pytest.mark.parametrize("value", ["LPT", "", "split-long", "lpt+natural"])
