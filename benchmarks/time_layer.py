@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                              "SLA_DIST_PREPASS, else the device's default (configs.prepass_launch)")
     parser.add_argument("--classify", nargs="+", choices=("separate", "packed"), metavar="SELECT",
                         help="the block map's classify selects to time one after the other (separate, packed); "
-                             "default: SLA_DIST_CLASSIFY, else separate")
+                             "default: SLA_DIST_CLASSIFY, else packed (configs.DEFAULT_CLASSIFY)")
     parser.add_argument("--setting", nargs="+", metavar="KERNEL=WxS",
                         help="fixed launch settings to time one after the other, untuned: kernels of the tuning table "
                              "(sla_dist/kernels/configs.py) with warps x stages, several joined by '+', e.g. "

@@ -95,7 +95,7 @@ class Variant:
     tma: bool = False
     """The loop's tiles through tensor descriptors (USE_TMA, as SLA_DIST_TMA turns on for fwd, dq and dkdv)."""
     packed: bool = False
-    """classify's two radix selects in one loop (PACKED, as SLA_DIST_CLASSIFY=packed turns on)."""
+    """classify's two radix selects in one loop (PACKED, the default; SLA_DIST_CLASSIFY=separate turns it off)."""
 
     def __post_init__(self) -> None:
         if self.kernel not in _KERNELS:

@@ -14,7 +14,7 @@ a dozen PyTorch ops (the ops, not the arithmetic, dominated the layer at short s
    PyTorch path. The critical list (kv_indices) comes out in ascending order from a prefix count of the critical
    blocks. Two bitonic sorts of the padded row did this before: O(Nk log^2 Nk) work on 64-bit keys, which took
    2.98 ms at L 75600 (Nk 591 padded to 1024, H 12) against 0.06 ms at 32768 on an H200; the select is O(32 Nk).
-   With PACKED (SLA_DIST_CLASSIFY=packed, configs.classify_packed) both selects run in one loop on 32-bit keys:
+   With PACKED (the default; SLA_DIST_CLASSIFY, configs.classify_packed) both selects run in one loop on 32-bit keys:
    each round's two counts share one reduction, the critical one in the low 16 bits and the negligible one in the
    high bits (a row of fewer than 2^15 blocks cannot carry between them). The rounds are a serial chain of
    reductions, each a warp reduction and three barriers across the program's warps (sm_90 SASS, Triton 3.6: the
