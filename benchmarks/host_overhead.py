@@ -93,7 +93,7 @@ def noop_pieces(L: int, H: int, D: int, *, linear_sums: str = "save") -> dict:
     (projected, as the layer calls it) and the backward op's (from that forward's saved tensors). Call them under
     memory_account.no_op_kernels(tma_device=True)."""
     from sla_dist import SparseLinearAttention
-    from sla_dist.kernels import op
+    from sla_dist.kernels import backward_ops, op
     from sla_dist.kernels.block_map import predict_block_map
 
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def noop_pieces(L: int, H: int, D: int, *, linear_sums: str = "save") -> dict:
     saved = (q.detach(), k.detach(), v.detach(), o, lse, bm.block_class, bm.kv_num_blocks, bm.kv_indices)
 
     def backward():
-        return op._backward(g, None, None, *saved, 128, 64, "softmax", "marginal", weight.to(g.dtype),
+        return backward_ops.sla_backward(g, None, None, *saved, 128, 64, "softmax", "marginal", weight.to(g.dtype),
                             sums if linear_sums == "save" else None)
 
     def forward_backward():  # gradients returned, not accumulated into .grad (as time_layer.py's step)

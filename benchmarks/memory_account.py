@@ -53,12 +53,13 @@ def no_op_kernels(launches: list[str] | None = None, *, tma_device: bool = False
     """Every SLA Triton launch a no-op, the block map and the summaries on their GPU code paths. ``launches``
     collects the name of every launch; ``tma_device``: the device counts as one with tensor descriptors (compute
     capability 9.0, an H200), so that the launches' descriptor decisions take their GPU path too."""
-    from sla_dist.kernels import block_map, configs, layout, op, summary_rows
+    from sla_dist.kernels import backward_ops, block_map, configs, layout, op, summary_rows
 
     gpu_summary_dtype = layout.summary_dtype
     as_on_a_gpu = lambda dtype, interpreting: gpu_summary_dtype(dtype, False)  # noqa: E731
     kernel = lambda name: _NoOpKernel(name, launches)  # noqa: E731
     with mock.patch.object(op, "get_kernel", kernel), mock.patch.object(configs, "get_kernel", kernel), \
+            mock.patch.object(backward_ops, "get_kernel", kernel), mock.patch.object(summary_rows, "get_kernel", kernel), \
             mock.patch.object(block_map, "_on_kernels", lambda x, kernels: x.dtype != torch.float64), \
             mock.patch.object(layout, "summary_dtype", as_on_a_gpu), \
             mock.patch.object(summary_rows, "summary_dtype", as_on_a_gpu), \

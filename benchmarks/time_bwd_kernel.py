@@ -103,7 +103,8 @@ def time_case(args, L: int, D: int, attracted: float | None) -> None:
     from block_map_stats import split_imbalance
     from locality_inputs import locality_qkv
     from sla_dist.kernels.block_map import predict_block_map, transposed_lists
-    from sla_dist.kernels.op import dkdv_program_order, sparse_linear_attention
+    from sla_dist.kernels.dkdv_plan import dkdv_program_order
+    from sla_dist.kernels.op import sparse_linear_attention
 
     gen = torch.Generator().manual_seed(0)
     if attracted is None:

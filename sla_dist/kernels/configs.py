@@ -281,11 +281,11 @@ def prepass_launch(device: torch.device | None = None, switches: Switches | None
 
 DKDV_CHUNKINGS = ("off", "auto")
 """SLA_DIST_DKDV_CHUNKS: off (the default), dK/dV in one launch over all heads; auto, over chunks of heads where
-that lowers the backward's peak memory (op.dkdv_head_chunks: bfloat16 at D 128, 3 launches). Measured on an H200
+that lowers the backward's peak memory (dkdv_head_chunks: bfloat16 at D 128, 3 launches). Measured on an H200
 (2026-12-01, results/2026-12-01-h200-dkdv-chunks.md), bf16 H 12 D 128 L 32768: peak extra memory 589 -> 560 MiB
 (dense cuDNN 579.5), dK/dV 1827 -> 1930 us (each launch ends in a partly filled wave), so it is opt-in. Read at
 every backward in eager mode; a compiled graph reads it when its backward is traced (which tensors the dK/dV op
-takes depends on it, op._compiled_backward), so set it before compiling."""
+takes depends on it, backward_ops.compiled_backward), so set it before compiling."""
 
 
 def dkdv_chunked(switches: Switches | None = None) -> bool:

@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from .block_map import MARGINAL, num_blocks
-from .configs import interpreting
+from .configs import get_kernel, interpreting
 from .layout import Problem, new_output, summary_dtype
 
 SUM_BLOCK_ALIGN = 8
@@ -95,3 +95,17 @@ def sums_like(q: torch.Tensor, block_q: int, linear_scope: str, linear_sums: str
     B, H, Lq, D = q.shape
     n = 1 if linear_scope == "all" else num_blocks(Lq, block_q)
     return q.new_empty((B * H, n, D * D + D), dtype=dtype)
+
+
+def linear_totals(k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor | None, p: Problem) -> torch.Tensor:
+    """Rows [BH, Nq|1, D * D + D] of H_i and Z_i (see :func:`split_rows`): the linear branch's sums over each query
+    block's scope."""
+    rows = p.nk if marginal is None else marginal.shape[-1]  # M's padded key blocks
+    hz = summary_rows(rows, k, p)
+    if rows > p.nk:  # rows that M's zero columns meet: 0 x an unset value could be NaN
+        hz[:, p.nk :].zero_()
+    get_kernel("summaries")[(p.nk, p.bh)](
+        k, v, hz, *p.kv_strides, p.H, p.Lk, rows,
+        D=p.D, BLOCK_K=p.block_k, FEATURE_MAP=p.feature_map, PRECISION=p.precision,
+    )
+    return sum_over_scope(hz, marginal, p.precision)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sla_dist.kernels import configs
+from sla_dist.kernels import backward_ops, configs, op, summary_rows
 from sla_dist.kernels.block_map import BlockMap, predict_block_map
 from sla_dist.kernels.op import sparse_linear_attention
 from sla_dist.kernels.reference import sla_reference
@@ -139,8 +139,18 @@ def assert_within_reference_error(errors: dict[str, tuple]) -> None:
             f"{name} error {kernel_err:.3e} > {factor} x {ref_err:.3e} ({report})")
 
 
+LAUNCHER_MODULES = (op, backward_ops, summary_rows)
+"""The modules that launch the layer's kernels through configs.get_kernel (forward, backward, linear sums)."""
+
+
+def patch_launchers(monkeypatch, get_kernel) -> None:
+    """``get_kernel`` in place of configs.get_kernel wherever the layer launches its kernels."""
+    for module in LAUNCHER_MODULES:
+        monkeypatch.setattr(module, "get_kernel", get_kernel)
+
+
 class KernelArgs:
-    """Stands in for op.get_kernel: launches the real kernels and records (kernel name, argument) for every launch of
+    """Stands in for configs.get_kernel (see :func:`patch_launchers`): launches the real kernels and records (kernel name, argument) for every launch of
     a kernel that has the parameter ``param``, given by position or by name."""
 
     def __init__(self, param: str) -> None:

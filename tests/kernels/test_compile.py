@@ -71,18 +71,19 @@ def test_compiled_layer_makes_dol_in_the_prepass(block_map_kernels):
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_compiled_backward_launches_as_the_eager_one(chunked, block_map_kernels, monkeypatch):
-    """The compiled backward is three custom ops (op._compiled_backward) on the eager backward's code: the same
+    """The compiled backward is three custom ops (compiled_backward) on the eager backward's code: the same
     launches in the same order, and the same gradients bit for bit, in one dK/dV launch (the key-block rows summed by
     the op between) and with SLA_DIST_DKDV_CHUNKS in chunks of heads (planned when the graph is traced, each chunk's
     rows summed by the dK/dV op: three launches over B 2 x H 2 heads, across the batch boundary)."""
     if chunked:
         monkeypatch.setenv(DKDV_CHUNKS_ENV, "auto")
-        monkeypatch.setattr("sla_dist.kernels.op.dkdv_head_chunks", lambda bh, *sizes: ((0, 1), (1, 3), (3, bh)))
+        monkeypatch.setattr("sla_dist.kernels.backward_ops.dkdv_head_chunks",
+                            lambda bh, *sizes: ((0, 1), (1, 3), (3, bh)))
     else:
         monkeypatch.delenv(DKDV_CHUNKS_ENV, raising=False)
     torch._dynamo.reset()  # the chunk plan is fixed when the backward is traced: no graph of another test's plan
     launches = KernelArgs("BH_FIRST")  # records the dK/dV launches' first heads
-    monkeypatch.setattr("sla_dist.kernels.op.get_kernel", launches)
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.get_kernel", launches)
     layer = _layer()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     g = torch.Generator().manual_seed(4)
@@ -152,7 +153,7 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
     strides disagree (q a [B, L, H, D] view, the output gradient contiguous, as inductor may make it) or that are not
     dense (a sliced sequence), and read v with strides of its own (dv then takes k's layout), so the fakes must make
     the same choice: a compiled DiT step on the H200 failed with "expected ... stride 4193280==128" in the backward
-    op before they did. The backward's three ops (op._compiled_backward) are checked in turn, each output's shape and
+    op before they did. The backward's three ops (compiled_backward) are checked in turn, each output's shape and
     dtype too. sliced: q, k, v sliced along the sequence; dit: q, k [B, L, H, D] views and v a slice of a fused
     [B, L, 3 H D] qkv projection, as in VideoDiT."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -178,7 +179,7 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
         return [t.stride() for t in outputs]
 
     def backward(do, dol, q, k, v, o_s, lse, sums):
-        """Every output of the compiled backward's three ops, called as op._compiled_backward calls them."""
+        """Every output of the compiled backward's three ops, called as backward_ops.compiled_backward calls them."""
         dq, delta, rows, marginal, do_kernel = ops.sla_backward_queries(do, dol, None, q, k, v, o_s, lse, *lists, None,
                                                                         sums)
         key_rows = ops.sla_backward_key_rows(rows, marginal, "ieee")

@@ -1,4 +1,4 @@
-"""dK/dV over chunks of heads (SLA_DIST_DKDV_CHUNKS=auto, op.dkdv_head_chunks): each launch takes a range of the
+"""dK/dV over chunks of heads (SLA_DIST_DKDV_CHUNKS=auto, dkdv_head_chunks): each launch takes a range of the
 B x H heads and reads the dh_j rows of those heads only, made just before it. Which launch computes a head changes
 and what it computes does not: in the interpreter the gradients equal the one-launch backward's bit for bit (on a
 GPU, cuBLAS may sum a chunk's 0/1 product in another order than the whole batch's, so dk and dv may differ in the
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sla_dist.kernels.configs import DKDV_CHUNKINGS, DKDV_CHUNKS_ENV, DKDV_ORDER_ENV, dkdv_chunked
-from sla_dist.kernels.op import dkdv_head_chunks
+from sla_dist.kernels.backward_ops import dkdv_head_chunks
 from tests.utils import DEVICE
 
 from .harness import (NAMES, KernelArgs, SLACase, assert_within_reference_error, case_block_map, compare, make_inputs,
@@ -55,9 +55,9 @@ def test_chunked_launches_give_the_one_launch_gradients(order, dtype, L, D, feat
     one = run_layer(c, inputs, block_map)
     monkeypatch.setenv(DKDV_CHUNKS_ENV, "auto")
     launches = KernelArgs("BH_FIRST")
-    monkeypatch.setattr("sla_dist.kernels.op.get_kernel", launches)
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.get_kernel", launches)
     # Three launches over the B x H heads: 1, then 2 (across the batch boundary of B 2 x H 2), then the rest.
-    monkeypatch.setattr("sla_dist.kernels.op.dkdv_head_chunks", lambda bh, *sizes: ((0, 1), (1, 3), (3, bh)))
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.dkdv_head_chunks", lambda bh, *sizes: ((0, 1), (1, 3), (3, bh)))
     chunked = run_layer(c, inputs, block_map)
     assert [value for name, value in launches.seen if name == "dkdv"] == [0, 1, 3]
     last_bits = () if DEVICE.type == "cpu" else ("dk", "dv")  # see the module's docstring

@@ -12,7 +12,7 @@ import torch
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, NEGLIGIBLE, build_block_map, transposed_lists
 from sla_dist.kernels.configs import (DEFAULT_DKDV_ORDER, DEFAULT_SPLIT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS,
                                      DKDV_SPLIT_ENV, LONG_FIRST_FACTOR, dkdv_order)
-from sla_dist.kernels.op import dkdv_program_order
+from sla_dist.kernels.dkdv_plan import dkdv_program_order
 from tests.utils import DEVICE
 
 from .harness import NAMES, SLACase, assert_within_reference_error, compare, make_inputs, run_layer

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from sla_dist import SLAConfig, SparseLinearAttention
-from sla_dist.kernels import op
+from sla_dist.kernels import backward_ops, configs, op
 from sla_dist.kernels.block_map import predict_block_map
 from sla_dist.kernels.op import sla_branches, sparse_linear_attention
 from tests.utils import DEVICE
 
-from .harness import layer_step
+from .harness import layer_step, patch_launchers
 
 D = 32
 
@@ -64,12 +64,12 @@ def test_save_and_recompute_give_identical_gradients(path, linear_scope, project
 
 
 class _Launches:
-    """op.get_kernel wrapped to record the name of every kernel launched through it."""
+    """get_kernel wrapped, where the forward, backward and summaries launchers call it, to record the name of every
+    kernel launched through it."""
 
     def __init__(self, monkeypatch):
         self.names = []
-        get_kernel = op.get_kernel
-        monkeypatch.setattr(op, "get_kernel", lambda name: self.names.append(name) or get_kernel(name))
+        patch_launchers(monkeypatch, lambda name: self.names.append(name) or configs.get_kernel(name))
 
     def take(self) -> list[str]:
         names, self.names = self.names, []
@@ -123,22 +123,22 @@ def test_forward_ops_fakes_give_the_sums_metadata(linear_scope, linear_sums):
 
 @pytest.mark.parametrize("linear_scope", ["marginal", "all"])
 def test_backward_ops_take_the_sums(linear_scope):
-    """The compiled backward's ops (op._compiled_backward): the first reads the saved sums; their fakes (checked
+    """The compiled backward's ops (compiled_backward): the first reads the saved sums; their fakes (checked
     against the real outputs) and schemas, the 0/1 matrix (scope 'marginal') or none ('all') between them."""
     q, k, v, grad, w, b, bm = _inputs(201, torch.float32)
     lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", linear_scope)
     _, o_s, o_l, lse, sums = op.sla_projected_forward(q, k, v, *lists, "save", w, b)
     args = (grad, None, None, q, k, v, o_s, lse, *lists, w.to(grad.dtype), sums)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(op.sla_backward_queries, args, test_utils=checks)
-    dq, delta, rows, marginal, do_kernel = op.sla_backward_queries(*args)
+    torch.library.opcheck(backward_ops.sla_backward_queries, args, test_utils=checks)
+    dq, delta, rows, marginal, do_kernel = backward_ops.sla_backward_queries(*args)
     assert do_kernel.numel() == 0  # the output gradient has q's layout: read in place
     assert (marginal.numel() == 0) == (linear_scope == "all")  # scope 'all' sums over every query block
     marginal = marginal if marginal.numel() else None
-    torch.library.opcheck(op.sla_backward_key_rows, (rows, marginal, "ieee"), test_utils=checks)
-    key_rows = op.sla_backward_key_rows(rows, marginal, "ieee")
+    torch.library.opcheck(backward_ops.sla_backward_key_rows, (rows, marginal, "ieee"), test_utils=checks)
+    key_rows = backward_ops.sla_backward_key_rows(rows, marginal, "ieee")
     for summed, rows_in, marginal_in in ((True, key_rows, None), (False, rows, marginal)):
-        torch.library.opcheck(op.sla_backward_keys, (grad, q, k, v, lse, delta, bm.block_class, rows_in,
+        torch.library.opcheck(backward_ops.sla_backward_keys, (grad, q, k, v, lse, delta, bm.block_class, rows_in,
                                                      marginal_in, 64, 64, "softmax", summed), test_utils=checks)
 
 

@@ -58,7 +58,7 @@ def test_layer_peak_is_out_dq_dk_dv_and_the_key_block_rows(linear_sums):
 
 def test_dkdv_in_head_chunks_holds_a_third_of_the_key_block_rows(monkeypatch):
     """bfloat16 at D 128: the key-block rows dh_j are 2.02 q-sizes and the query-block rows dH_i 1.01, so with
-    SLA_DIST_DKDV_CHUNKS=auto dK/dV runs in 3 launches of one head each here (op.dkdv_head_chunks), holding one head's dh_j plus dH_i (until the last
+    SLA_DIST_DKDV_CHUNKS=auto dK/dV runs in 3 launches of one head each here (dkdv_head_chunks), holding one head's dh_j plus dH_i (until the last
     chunk's rows are made) beside out, dq, dk and dv instead of all dh_j: 5.7 q-sizes, not 6.0 (dense cuDNN's
     backward holds about 6: it accumulates dq in float32)."""
     L, H, D, block_q, block_k = 2048, 3, 128, 128, 64
@@ -78,7 +78,7 @@ def test_dkdv_in_head_chunks_holds_a_third_of_the_key_block_rows(monkeypatch):
 @pytest.mark.parametrize("linear_sums", ["save", "recompute"])
 def test_compiled_layer_peak_is_the_eager_one(linear_sums):
     """torch.compile(fullgraph=True): the graph frees what the eager backward frees by hand, as the backward is three
-    custom ops (op._compiled_backward): O_s and the saved sums after the query side (pre-pass and dQ), the pre-pass'
+    custom ops (compiled_backward): O_s and the saved sums after the query side (pre-pass and dQ), the pre-pass'
     per-query-block rows dH_i after the per-key-block rows dh_j are summed from them, so the dK/dV op's peak is the
     eager one. One op held all three to its end (6.65 q-sizes here, the eager 5.14)."""
     L, H, D, block_q, block_k = 2048, 2, 64, 128, 64

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, BlockMap, build_block_map, predict_block_map
-from sla_dist.kernels import configs, layout, op, projection, summary_rows
+from sla_dist.kernels import backward_ops, configs, layout, op, projection, summary_rows
 from sla_dist.kernels.op import sla_branches, sla_forward, sla_projected_forward, sparse_linear_attention
 from sla_dist.kernels.reference import sla_branches_ref, sla_reference
 from tests.utils import DEVICE
 
 from .harness import (GRAD_FACTOR, OUTPUT_FACTOR, KernelArgs, MatrixProducts, SLACase, assert_within_reference_error,
-                      compare, relative_error)
+                      compare, patch_launchers, relative_error)
 
 
 def _qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
@@ -91,7 +91,7 @@ def test_values_are_read_in_place(layout, dtype, split, monkeypatch, poison_outp
     if split:
         monkeypatch.setenv(configs.FWD_LOOP_ENV, "split+fma")
     launches = KernelArgs("V")
-    monkeypatch.setattr(op, "get_kernel", launches)
+    patch_launchers(monkeypatch, launches)
     assert_within_reference_error(compare(c, inputs))
     assert {name for name, _ in launches.seen} == {"fwd_split" if split else "fwd", "summaries", "dq", "dkdv"}
     for name, value in launches.seen:
@@ -128,7 +128,7 @@ def test_backward_copies_the_output_gradient_once(has_dol):
     o = layout.output_like(q)
     do, dol = (torch.randn(1, 2, 9, 32).to(DEVICE) for _ in range(2))
     with Copies() as copies:
-        q_, _, _, o_, do_, dol_ = op._backward_layout(do, dol if has_dol else None, q, k, v, o, "marginal")
+        q_, _, _, o_, do_, dol_ = backward_ops.backward_layout(do, dol if has_dol else None, q, k, v, o, "marginal")
     assert copies.count == 1 + has_dol
     assert q_ is q and o_ is o and do_.stride() == q.stride() and torch.equal(do_, do)
     assert dol_.stride() == q.stride() and (torch.equal(dol_, dol) if has_dol else dol_ is do_)
@@ -282,7 +282,7 @@ def test_sums_contract_over_aligned_key_blocks(nk, padded, poison_outputs):
     hz = summary_rows.summary_rows(nk, k, p)
     configs.get_kernel("summaries")[(nk, p.bh)](k, v, hz, *p.kv_strides, p.H, p.Lk, nk, D=D, BLOCK_K=16,
                                                   FEATURE_MAP=p.feature_map, PRECISION=p.precision)
-    torch.testing.assert_close(op._linear_totals(k, v, m, p), dense @ hz, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(summary_rows.linear_totals(k, v, m, p), dense @ hz, rtol=1e-5, atol=1e-5)
     y = torch.randn(2, 5, 3, generator=gen).to(DEVICE)
     back = summary_rows.sum_over_scope(y, m, p.precision, transpose=True)
     torch.testing.assert_close(back[:, :nk], dense.transpose(1, 2) @ y)

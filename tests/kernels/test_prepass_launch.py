@@ -24,7 +24,7 @@ LOOP_PROGRAMS = 3
 @pytest.fixture
 def few_programs(monkeypatch):
     """The loop's grid as if the device had LOOP_PROGRAMS SMs (configs.PREPASS_LOOP_PROGRAMS_PER_SM is 1)."""
-    monkeypatch.setattr("sla_dist.kernels.op.multiprocessors", lambda device, interpreting: LOOP_PROGRAMS)
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.multiprocessors", lambda device, interpreting: LOOP_PROGRAMS)
 
 
 def _both_launches(run, monkeypatch) -> tuple[list, list]:
@@ -56,7 +56,7 @@ def test_loop_gives_the_block_gradients(dtype, L, D, feature_map, linear_scope, 
     inputs = make_inputs(c, torch.Generator().manual_seed(11))
     block_map = case_block_map(c, inputs)
     launches = KernelArgs("Q")
-    monkeypatch.setattr("sla_dist.kernels.op.get_kernel", launches)
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.get_kernel", launches)
     block, loop = _both_launches(lambda: run_layer(c, inputs, block_map), monkeypatch)
     assert [name for name, _ in launches.seen if name.startswith("prepass")] == ["prepass", "prepass_loop"]
     _assert_equal(NAMES, block, loop)
@@ -83,7 +83,7 @@ def test_loop_reads_a_stored_dol_and_the_lse_gradient(dtype, monkeypatch, poison
 
 def test_loop_takes_at_most_one_program_per_block(monkeypatch):
     """The loop's grid: PREPASS_LOOP_PROGRAMS_PER_SM x the SMs, but never more programs than query blocks."""
-    monkeypatch.setattr("sla_dist.kernels.op.multiprocessors", lambda device, interpreting: 64)
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.multiprocessors", lambda device, interpreting: 64)
     c = SLACase(B=1, H=1, L=300, D=32, dtype=torch.float32, topk=0.5, negligible=0.0, feature_map="softmax",
                 linear_scope="marginal", device=DEVICE)
     inputs = make_inputs(c, torch.Generator().manual_seed(0))
@@ -100,7 +100,7 @@ def test_loop_takes_at_most_one_program_per_block(monkeypatch):
                     return kernel[grid]
             return Launch()
 
-    monkeypatch.setattr("sla_dist.kernels.op.get_kernel", Recorder())
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.get_kernel", Recorder())
     monkeypatch.setenv(PREPASS_ENV, "loop")
     run_layer(c, inputs, block_map)
     assert ("prepass_loop", (5,)) in grids  # 5 query blocks of 64, fewer than 64 SMs' programs

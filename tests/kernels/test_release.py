@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sla_dist.kernels import op
+from sla_dist.kernels import backward_ops, op
 from sla_dist.kernels.block_map import predict_block_map
 from sla_dist.kernels.op import sla_branches, sparse_linear_attention
 from tests.utils import DEVICE
@@ -43,7 +43,7 @@ def _grads(fn, leaves, grad, bm, **options) -> list[torch.Tensor]:
 
 def _backward_holding_everything(ctx, *grads):
     """The eager backward as before the frees: every saved tensor held until the backward returns."""
-    return op._gradients(op._backward, ctx, *grads)
+    return op._gradients(backward_ops.sla_backward, ctx, *grads)
 
 
 @pytest.fixture

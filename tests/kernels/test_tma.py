@@ -16,13 +16,13 @@ import torch
 import triton
 from triton.runtime import _allocation
 
-from sla_dist.kernels import configs, descriptors, op
+from sla_dist.kernels import configs, descriptors
 from sla_dist.kernels.configs import DEFAULT_TMA_KERNELS, TMA_ENV, TMA_KERNELS, tma_kernels
 from sla_dist.kernels.descriptors import descriptor_ready, use_tma
 from tests.utils import DEVICE, HAS_CUDA
 
 from .harness import (NAMES, KernelArgs, SLACase, assert_within_reference_error, case_block_map, compare, make_inputs,
-                      run_layer, within_rule)
+                      patch_launchers, run_layer, within_rule)
 
 LAUNCHES = {"fwd", "dq", "dkdv"}  # the launches that take USE_TMA (the forward as its unsplit entry here)
 
@@ -34,7 +34,7 @@ def _run_both(c: SLACase, inputs: dict, monkeypatch) -> tuple[list, list, dict[s
     pointers = run_layer(c, inputs, block_map)
     monkeypatch.setenv(TMA_ENV, "all")
     launches = KernelArgs("USE_TMA")
-    monkeypatch.setattr(op, "get_kernel", launches)
+    patch_launchers(monkeypatch, launches)
     tma = run_layer(c, inputs, block_map)
     assert len(launches.seen) == len(LAUNCHES), launches.seen
     return pointers, tma, dict(launches.seen)
