@@ -95,6 +95,59 @@ class SelfAttention(nn.Module):
         return self.out(o.transpose(1, 2).flatten(2))
 
 
+# Key-block width of the SDPA backward kernels (cuDNN's and FlashAttention's tiles are 64 or 128 keys wide): the
+# unit that few_key_attention counts programs in.
+_BACKWARD_KEY_TILE = 64
+# Most query chunks folded into the batch: each chunk copies k and v (a text context's few hundred keys, ~1.5 MiB
+# at 512 x 12 x 128 bf16), and each chunk's dK / dV partials are summed in the backward.
+_MAX_QUERY_CHUNKS = 8
+
+
+def query_chunks(batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> int:
+    """How many query chunks :func:`few_key_attention` folds into the batch: the fewest, dividing ``q_len``, with
+    which the backward's programs (one per batch x head x key tile) fill the GPU's SMs twice; 1 off CUDA, for short
+    queries (fewer than 4x the keys per chunk) or where nothing divides ``q_len``."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * heads * -(-k_len // _BACKWARD_KEY_TILE)
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    best = 1
+    for chunks in range(1, _MAX_QUERY_CHUNKS + 1):
+        if q_len % chunks or q_len // chunks < 4 * k_len:
+            continue
+        best = chunks
+        if programs * chunks >= target:
+            break
+    return best
+
+
+def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
+    """SDPA of many queries over few keys (video tokens over a text context): q [B, H, Lq, D], k, v [B, H, Lk, D]
+    -> [B, H, Lq, D], the same values as ``F.scaled_dot_product_attention(q, k, v)``.
+
+    The SDPA backward runs one program per (batch, head, key tile), each walking every query: with 512 text keys
+    and 12 heads that is 96 programs on a 132-SM GPU, each over 32K queries. Each query attends independently, so
+    ``chunks`` query ranges are folded into the batch (k and v repeated per chunk) and the backward runs ``chunks``
+    times the programs over ``1 / chunks`` of the queries each; autograd sums the chunks' dK / dV. ``chunks``
+    defaults to :func:`query_chunks`; it must divide Lq."""
+    B, H, Lq, D = q.shape
+    if chunks is None:
+        chunks = query_chunks(B, H, Lq, k.shape[2], q.device)
+    if chunks < 1 or Lq % chunks:
+        raise ValueError(f"chunks={chunks} must be a positive divisor of the query length {Lq}")
+    if chunks == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def fold(t: torch.Tensor) -> torch.Tensor:  # [B, H, c * n, D] -> [B * c, H, n, D]
+        return t.unflatten(2, (chunks, -1)).transpose(1, 2).flatten(0, 1)
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:  # [B, H, Lk, D] -> [B * c, H, Lk, D]
+        return t.unsqueeze(1).expand(-1, chunks, -1, -1, -1).flatten(0, 1)
+
+    o = F.scaled_dot_product_attention(fold(q), repeat(k), repeat(v))
+    return o.unflatten(0, (B, chunks)).transpose(1, 2).flatten(2, 3)
+
+
 class CrossAttention(nn.Module):
     """Dense attention of video tokens to text tokens (few keys, so SLA has nothing to save here)."""
 
@@ -114,7 +167,7 @@ class CrossAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(-1, heads).transpose(1, 2)
         k = self.norm_k(k).unflatten(-1, heads).transpose(1, 2)
         v = v.unflatten(-1, heads).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = few_key_attention(q, k, v)
         return self.out(o.transpose(1, 2).flatten(2))
 
 
