@@ -15,29 +15,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench_timer import median_timer
 from results_io import save_results
 from sla_dist.models.layers import few_key_attention, query_chunks
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-
-
-def _timer(device: str):
-    if device != "cuda":
-        def wall(fn):
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        return wall
-    import triton.testing
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def main() -> None:
@@ -60,7 +48,7 @@ def main() -> None:
     k, v = (torch.randn(1, Lk, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_() for _ in "kv")
     grad = torch.randn_like(q)
     auto = query_chunks(1, H, Lq, Lk, q.device)
-    bench = _timer(device)
+    bench = median_timer(on_gpu=device == "cuda")
     flops = 4 * Lq * Lk * D * H  # forward; backward counted as 2.5 x forward
     rows = []
     for backend in backends:

@@ -17,7 +17,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch  # noqa: E402
@@ -25,23 +24,12 @@ import torch  # noqa: E402
 if "--tiny" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first launch defines the kernels
 
+from bench_timer import median_timer  # noqa: E402
 from glue_fraction import profile_kernels  # noqa: E402
 from results_io import save_results  # noqa: E402
 from sla_dist.kernels import norm_rope as norm_rope_module  # noqa: E402
 from sla_dist.kernels.norm_rope import BackwardLaunch, norm_rope, norm_rope_ref  # noqa: E402
 from sla_dist.models.rope import rope_tables  # noqa: E402
-
-
-def _timer(tiny: bool):
-    if tiny:
-        def wall(fn):
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        return wall
-    import triton.testing
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def _kernel_us(step, calls: int = 10) -> dict[str, float]:
@@ -88,7 +76,7 @@ def main() -> None:
         methods[f"fused Triton (backward {_launch_name(launch)})"] = (functools.partial(norm_rope, fused=True), launch)
     if not args.tiny:
         methods["PyTorch reference, torch.compile"] = (torch.compile(norm_rope_ref, fullgraph=True), default)
-    bench = _timer(args.tiny)
+    bench = median_timer(on_gpu=not args.tiny)
     element = torch.finfo(dtype).bits // 8
     fwd_bytes = 2 * L * dim * element
     rows = []
