@@ -169,13 +169,13 @@ def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks,
             dk, dv = output_like(k), output_like(k)
         if split:
             slots = split_slots(heads.numel())
-            plan = dkdv_split_plan(heads, dkdv_order(switches), multiprocessors(q.device, switches.interpreting), slots)
+            plan = dkdv_split_plan(heads, dkdv_order(switches, split), multiprocessors(q.device, switches.interpreting), slots)
             if scratch is None:  # with dk, dv; as many slots as the widest chunk takes
                 widest = max(end - start for start, end in chunks or ((0, p.bh),))
                 scratch = new_output((split_slots(widest * p.nk), 2, p.block_k, p.D), q, torch.float32)
             order, grid = None, (plan.work.shape[0],)
         else:
-            order, grid = dkdv_program_order(heads, dkdv_order(switches)), (p.nk, last - first)
+            order, grid = dkdv_program_order(heads, dkdv_order(switches, split)), (p.nk, last - first)
         get_kernel("dkdv")[grid](
             q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
             q_num_blocks if order is None else order,  # never read without ORDERED

@@ -234,15 +234,16 @@ like a DiT's (one key block critical for ~20x the mean number of query blocks) d
 2015 long-first; on i.i.d. inputs 1873 natural, 2003 lpt (the whole-grid sort loses L2 locality), 1889 long-first."""
 
 
-def dkdv_order(switches: Switches | None = None) -> str:
+def dkdv_order(switches: Switches | None = None, split: bool | None = None) -> str:
     """dK/dV's program order: SLA_DIST_DKDV_ORDER when set (read at every launch, so one process can time several;
     ``switches``: as read for this launch), else DEFAULT_SPLIT_DKDV_ORDER where the split is on, DEFAULT_DKDV_ORDER
-    where it is off."""
+    where it is off. ``split``: :func:`dkdv_split` as the launch already decided it (None: decided here)."""
     switches = switches or read_switches()
     if switches.dkdv_order is not None:
         return check_choice(DKDV_ORDER_ENV, switches.dkdv_order, DKDV_ORDERS)
-    # the split's raw value: dkdv_split() validates it for the same launch
-    return DEFAULT_SPLIT_DKDV_ORDER if switches.dkdv_split == "long" else DEFAULT_DKDV_ORDER
+    if split is None:
+        split = dkdv_split(switches)
+    return DEFAULT_SPLIT_DKDV_ORDER if split else DEFAULT_DKDV_ORDER
 
 
 def check_choice(env: str, value: str, choices: tuple[str, ...]) -> str:

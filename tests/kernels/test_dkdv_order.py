@@ -106,6 +106,11 @@ def test_order_is_read_from_the_environment(monkeypatch):
         for order in DKDV_ORDERS:
             monkeypatch.setenv(DKDV_ORDER_ENV, order)
             assert dkdv_order() == order
+    # Unset, the order follows the split's validated value: a bad one names itself.
+    monkeypatch.delenv(DKDV_ORDER_ENV)
+    monkeypatch.setenv(DKDV_SPLIT_ENV, "Long")
+    with pytest.raises(ValueError, match="SLA_DIST_DKDV_SPLIT='Long'"):
+        dkdv_order()
 
 
 @pytest.mark.parametrize("value", ["LPT", "", "split-long", "lpt+natural"])
