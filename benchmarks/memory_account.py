@@ -63,13 +63,28 @@ def no_op_kernels(launches: list[str] | None = None, *, tma_device: bool = False
             mock.patch.object(block_map, "_on_kernels", lambda x, kernels: x.dtype != torch.float64), \
             mock.patch.object(layout, "summary_dtype", as_on_a_gpu), \
             mock.patch.object(summary_rows, "summary_dtype", as_on_a_gpu), \
-            mock.patch.object(configs, "_hopper", lambda device, *_: tma_device):
+            mock.patch.object(backward_ops, "summary_dtype", as_on_a_gpu), \
+            mock.patch.object(configs, "_hopper", lambda device, *_: tma_device), \
+            mock.patch.object(summary_rows, "sum_over_scope", _sum_over_scope_as_on_a_gpu(summary_rows.sum_over_scope)):
         # Launch constants are cached per shape with their summaries' dtype: none made here may outlive the block.
         layout._cached_problem.cache_clear()
         try:
             yield
         finally:
             layout._cached_problem.cache_clear()
+
+
+def _sum_over_scope_as_on_a_gpu(sum_over_scope):
+    """summary_rows.sum_over_scope's allocations on a GPU (values not meaningful): a product into ``out`` whose rows
+    are a column slice of a wider buffer (key_rows_in_slabs) reads them in place on a GPU (cuBLAS takes the row
+    stride), where a CPU product first copies them (a q-sized transient at D 128)."""
+
+    def as_on_a_gpu(x, marginal, precision, transpose=False, out=None):
+        if out is not None and not x.is_contiguous():
+            return out
+        return sum_over_scope(x, marginal, precision, transpose, out)
+
+    return as_on_a_gpu
 
 
 def allocations(fn) -> tuple[int, int]:
@@ -141,8 +156,8 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
                   dtype: torch.dtype = torch.bfloat16, linear_sums: str = "save",
                   backward_phases: bool = False, compiled: bool = False) -> dict:
     """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
-    ("forward_peak"), what it leaves allocated for the backward, output included ("held"), and the peak over both
-    ("peak"), each above what was allocated before. With ``backward_phases``, "backward" is :func:`phases` of the
+    ("forward_peak"), what it leaves allocated for the backward, output included ("held"), the backward's peak
+    ("backward_peak") and the peak over both ("peak"), each above what was allocated before. With ``backward_phases``, "backward" is :func:`phases` of the
     backward (its bytes above what the forward left: add "held" for the layer's), from a second forward+backward.
     ``compiled``: the layer through ``torch.compile(fullgraph=True)`` with the aot_eager backend (the custom ops
     and the graph's frees as Inductor's graph has them, no Inductor kernels), compiled by a first, uncounted call."""
@@ -166,7 +181,8 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
             q.grad = k.grad = v.grad = None
         forward_peak, held = allocations(lambda: out.append(layer(q, k, v)))
         backward_peak, _ = allocations(lambda: out[0].backward(g))
-        account = dict(forward_peak=forward_peak, held=held, peak=max(forward_peak, held + backward_peak))
+        account = dict(forward_peak=forward_peak, held=held, backward_peak=held + backward_peak,
+                       peak=max(forward_peak, held + backward_peak))
         if backward_phases:  # the forward profiled too: the CPU allocator sizes frees only of blocks it saw made
             allocations(lambda: out.__setitem__(0, layer(q, k, v)))
             account["backward"] = phases(lambda: out[0].backward(g))

@@ -27,7 +27,8 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T. With SPLIT (SLA_DIST_DKDV_SPLIT)
    a program takes its key block and a stretch of its list from the split plan (dkdv_plan.py); a part of a split list
    stores float32 partial dK, dV for dkdv_split_kernels.py's combine, and only a list's first part adds the linear
-   branch's terms.
+   branch's terms. dh_j's rows may come in slabs of BLOCK_K rows (summary_rows.key_rows_in_slabs), over which the
+   program for key block j then stores its own dV_j and dK_j: only after its products have read all of dh_j.
 """
 
 import triton
@@ -35,7 +36,7 @@ import triton.language as tl
 
 from .feature_maps import phi_bwd, phi_fwd
 from .tiles import (block_item, columns, head_offset, listed_index, listed_rows, load_rows, power_of_two_above,
-                    query_rows, row_descriptor, row_tile, scratch_part, square)
+                    query_rows, row_descriptor, row_tile, scratch_part, square_in_slabs)
 
 
 @triton.jit
@@ -259,13 +260,15 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, stride_dh_k, stride_dz_bh,
-                 stride_dz_k, offs_d, D: tl.constexpr, FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr):
+def _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, stride_dh_k, stride_dh_slab,
+                 stride_dz_bh, stride_dz_k, offs_d, D: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FEATURE_MAP: tl.constexpr, PRECISION: tl.constexpr):
     """(dk, dv) of key block ``pid_k`` (rows ``col_ok`` real) plus the linear branch's terms: dV += phi(K_j) dh_j,
     dK += phi'(K_j) (V_j dh_j^T + 1 dz_j^T)."""
     x = k.to(tl.float32)
     fk = tl.where(col_ok[:, None], phi_fwd(x, FEATURE_MAP), 0.0)
-    dh = tl.load(DHS + block_item(chunk_bh, pid_k, stride_dh_bh, stride_dh_k) + square(offs_d, D))
+    dh = tl.load(DHS + block_item(chunk_bh, pid_k, stride_dh_bh, stride_dh_k)
+                 + square_in_slabs(offs_d, stride_dh_slab, D, BLOCK_K))
     dz = tl.load(DZS + block_item(chunk_bh, pid_k, stride_dz_bh, stride_dz_k) + offs_d)
     if DHS.dtype.element_ty == v.dtype:  # summaries in the inputs' dtype (bfloat16, float32)
         dv += tl.dot(fk.to(dh.dtype), dh, input_precision=PRECISION)
@@ -285,16 +288,17 @@ def _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D] (dk, dv: k's)
+    Q, K, V, DO, DK, DV,                     # q/do [B, H, LQ, D] (q strides), k/v/dk/dv [B, H, LK, D]
     LSE, DELTA,                              # [BH, LQ] float32
     Q_NUM, Q_IDX,                            # [BH, Nk] int32, [BH, Nk, Nq] int32
-    DHS, DZS,                                # dh_j, dz_j of the launch's heads (may be broadcast over Nk)
+    DHS, DZS,                                # dh_j (rows in slabs), dz_j of the launch's heads (may be broadcast over Nk)
     ORDER,                                   # [BH' * Nk] int64, read with ORDERED: bh' * Nk + j per program
     WORK, SCRATCH,                           # with SPLIT: int32 [programs, 4] (dkdv_plan), float32 [slots, 2, BK, D]
     stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,         # strides of k, dk and dv
+    stride_kb, stride_kh, stride_kl,         # strides of k
     stride_vb, stride_vh, stride_vl,         # strides of v
-    stride_dh_bh, stride_dh_k, stride_dz_bh, stride_dz_k,
+    stride_gb, stride_gh, stride_gl,         # strides of dk and dv
+    stride_dh_bh, stride_dh_k, stride_dh_slab, stride_dz_bh, stride_dz_k,
     H, LQ, LK, NK, NQ, BH_FIRST, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
@@ -325,8 +329,8 @@ def _bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     col_ok = offs_k < LK
-    kv_tile = row_tile(head_offset(bh, H, stride_kb, stride_kh), offs_k, stride_kl, offs_d)  # k, dk and dv
-    k = tl.load(K + kv_tile, mask=col_ok[:, None], other=0.0)
+    k = tl.load(K + row_tile(head_offset(bh, H, stride_kb, stride_kh), offs_k, stride_kl, offs_d),
+                mask=col_ok[:, None], other=0.0)
     v = tl.load(V + row_tile(head_offset(bh, H, stride_vb, stride_vh), offs_k, stride_vl, offs_d),
                 mask=col_ok[:, None], other=0.0)
 
@@ -381,11 +385,15 @@ def _bwd_dkdv_kernel(
         if SPLIT:
             if first == 0:  # the list's first part adds the linear branch's term
                 dk, dv = _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, stride_dh_k,
-                                      stride_dz_bh, stride_dz_k, offs_d, D, FEATURE_MAP, PRECISION)
+                                      stride_dh_slab, stride_dz_bh, stride_dz_k, offs_d, D, BLOCK_K, FEATURE_MAP,
+                                      PRECISION)
         else:
             dk, dv = _linear_keys(k, v, dk, dv, col_ok, DHS, DZS, chunk_bh, pid_k, stride_dh_bh, stride_dh_k,
-                                  stride_dz_bh, stride_dz_k, offs_d, D, FEATURE_MAP, PRECISION)
+                                  stride_dh_slab, stride_dz_bh, stride_dz_k, offs_d, D, BLOCK_K, FEATURE_MAP,
+                                  PRECISION)
 
+    # dk, dv may take dh_j's place (the launcher's slab layout): stored only after the products that read all of dh_j.
+    kv_tile = row_tile(head_offset(bh, H, stride_gb, stride_gh), offs_k, stride_gl, offs_d)
     if SPLIT:
         if slot >= 0:  # a part of a split list: float32, for the combine kernel to sum
             slot_dk = scratch_part(SCRATCH, slot, BLOCK_K, D)

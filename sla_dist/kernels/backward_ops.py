@@ -3,7 +3,7 @@ that a compiled graph runs them through.
 
 :func:`sla_backward` is the eager path's whole backward (op._EagerSLA calls it); :func:`compiled_backward` runs the
 same three steps as the custom ops ``sla_dist::sla_backward_queries`` (pre-pass and dQ), ``sla_backward_key_rows``
-(the per-key-block rows dh_j, dz_j) and ``sla_backward_keys`` (dK/dV), so that a compiled graph frees each step's
+(the per-key-block rows dh_j, dz_j) and ``sla_backward_key_grads`` (dK/dV), so that a compiled graph frees each step's
 inputs after it as the eager path does. Each op has a fake implementation for torch.compile.
 """
 
@@ -17,8 +17,9 @@ from .configs import (PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_chunked, dkdv_order, dk
 from .descriptors import use_tma
 from .dkdv_plan import dkdv_program_order, dkdv_split_plan, split_slots
 from .layout import (block_strides, dot_precision, kernel_layout, key_value_layout, new_output, output_like, problem,
-                     summary_dtype)
-from .summary_rows import linear_totals, marginal_matrix, no_sums, split_rows, sum_over_scope, summary_rows
+                     stacked_outputs_like, summary_dtype)
+from .summary_rows import (gradient_views, gradients_over_key_rows, key_rows_in_slabs, linear_totals, marginal_matrix,
+                           no_sums, split_rows, sum_over_scope, summary_rows)
 
 
 def backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
@@ -68,13 +69,15 @@ def sla_backward(
     q, k, v, do, p, switches, dq, delta, rows, marginal = _backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
         linear_scope, proj_weight, linear_sums, release)
-    chunks = _dkdv_chunks(rows, marginal, q, switches)
-    # One dK/dV launch: the query blocks' rows freed before dk, dv exist. In chunks, each chunk's key-block rows are
-    # summed from them just before its launch, so they are held through the last one too (as through every earlier
-    # one: the peak, 559.6 MiB at bf16 L 32768 D 128 counted on the CPU, is unchanged).
-    if rows is not None and chunks is None:
+    over_rows = gradients_over_key_rows(rows, marginal, v, block_k)
+    chunks = None if over_rows else _dkdv_chunks(rows, marginal, q, switches)
+    # One dK/dV launch over summed rows: the query blocks' rows freed before dk, dv exist. Over the rows' slabs
+    # (key_rows_in_slabs) or in chunks, the query blocks' rows are summed inside and held to the end (the peak is then
+    # at the sum in either case: 559.6 MiB in chunks, 491 over the slabs at bf16 L 32768 D 128 counted on the CPU).
+    if rows is not None and chunks is None and not over_rows:
         rows, marginal = sum_over_scope(rows, marginal, p.precision, transpose=True), None
-    dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches)
+    dk, dv = gradient_views(
+        _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows), p.Lk)
     return dq, dk, dv
 
 
@@ -145,28 +148,39 @@ def _dkdv_chunks(rows: torch.Tensor | None, marginal: torch.Tensor | None, q: to
     return chunks if len(chunks) > 1 else None
 
 
-def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches):
-    """(dk, dv): the dK/dV kernel over the lists transposed from ``block_class``, q, k, v, dO in the kernels'
-    layouts. ``chunks`` None: one launch, ``rows`` the per-key-block rows of dh_j, dz_j (None without the linear
-    branch); else one launch per chunk of heads, each chunk's rows summed from the per-query-block ``rows`` with the
-    0/1 matrix ``marginal`` just before its launch. With SLA_DIST_DKDV_SPLIT=long each launch splits its long lists
-    over extra programs (dkdv_plan.dkdv_split_plan) whose float32 parts the dkdv_combine kernel then sums."""
+def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows=False):
+    """dK/dV: the kernel over the lists transposed from ``block_class``, q, k, v, dO in the kernels' layouts. Returns
+    dk and dv in one buffer (summary_rows.gradient_views takes them apart). ``over_rows``
+    (summary_rows.gradients_over_key_rows): ``rows`` are the pre-pass' per-query-block rows, summed here into slabs
+    that the kernel overwrites with dk and dv (summary_rows.key_rows_in_slabs). Else ``chunks`` None: one launch,
+    ``rows`` the per-key-block rows of dh_j, dz_j (None without the linear branch); or one launch per chunk of heads,
+    each chunk's rows summed from the per-query-block ``rows`` with the 0/1 matrix ``marginal`` just before its
+    launch; dk and dv then in k's layout. With SLA_DIST_DKDV_SPLIT=long each launch splits its long lists over extra
+    programs (dkdv_plan.dkdv_split_plan) whose float32 parts the dkdv_combine kernel then sums."""
     q_num_blocks, q_indices = transposed_lists(block_class)
-    dk = dv = scratch = None
+    dkv = scratch = None
     split = switches.dkdv_split is not None and dkdv_split(switches)
     for first, last in chunks or ((0, p.bh),):
-        if chunks is None:  # no slices then (host time: test_host_budget counts the ops)
-            key_rows, heads = rows, q_num_blocks
+        heads = q_num_blocks
+        if over_rows:
+            dkv, dzs = key_rows_in_slabs(rows, marginal, p)
+            dhs, dh_strides = dkv, (dkv.stride(2), p.block_k * p.D, dkv.stride(0))  # over bh, key blocks, slabs
+            key_rows = None
         else:
-            scope = None if marginal is None else marginal[first:last]
-            key_rows = sum_over_scope(rows[first:last], scope, p.precision, transpose=True)
-            heads = q_num_blocks.view(p.bh, p.nk)[first:last]
-        if key_rows is None:  # never read
-            dhs = dzs = delta.view(p.bh, 1, -1)
-        else:
-            dhs, dzs = split_rows(key_rows, p.D)  # dhs is the rows themselves
-        if dk is None:  # after the first rows: not beside the per-query-block rows they are summed from
-            dk, dv = output_like(k), output_like(k)
+            if chunks is None:  # no slices then (host time: test_host_budget counts the ops)
+                key_rows = rows
+            else:
+                scope = None if marginal is None else marginal[first:last]
+                key_rows = sum_over_scope(rows[first:last], scope, p.precision, transpose=True)
+                heads = q_num_blocks.view(p.bh, p.nk)[first:last]
+            if key_rows is None:  # never read
+                dhs = dzs = delta.view(p.bh, 1, -1)
+            else:
+                dhs, dzs = split_rows(key_rows, p.D)  # dhs is the rows themselves
+            dh_strides = (*block_strides(dhs), p.block_k * p.D)  # one slab: row-major [D, D] summaries
+            if dkv is None:  # after the first rows: not beside the per-query-block rows they are summed from
+                dkv = stacked_outputs_like(k, 2)
+        dk, dv = gradient_views(dkv, p.Lk)
         if split:
             slots = split_slots(heads.numel())
             plan = dkdv_split_plan(heads, dkdv_order(switches, split), multiprocessors(q.device, switches.interpreting), slots)
@@ -180,15 +194,15 @@ def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks,
             q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, dhs, dzs,
             q_num_blocks if order is None else order,  # never read without ORDERED
             plan.work if split else q_num_blocks, dk if scratch is None else scratch,  # never read without SPLIT
-            *p.q_strides, *p.kv_strides, *block_strides(dhs), *block_strides(dzs),
+            *p.q_strides, *p.kv_strides, *dk.stride()[:3], *dh_strides, *block_strides(dzs),
             p.H, p.Lq, p.Lk, p.nk, p.nq, first, p.qk_scale, p.sm_scale,
             **p.meta, ORDERED=order is not None, SPLIT=split, USE_TMA=use_tma("dkdv", q, do, switches=switches),
         )
         if split:
             get_kernel("dkdv_combine")[(plan.combine.shape[0],)](
-                scratch, plan.combine, dk, dv, *p.k_strides, p.H, p.Lk, p.nk, first, D=p.D, BLOCK_K=p.block_k)
+                scratch, plan.combine, dk, dv, *dk.stride()[:3], p.H, p.Lk, p.nk, first, D=p.D, BLOCK_K=p.block_k)
         del key_rows, dhs, dzs  # this chunk's rows, before the next chunk's are made
-    return dk, dv
+    return dkv
 
 
 def dkdv_head_chunks(bh: int, query_rows: int, key_rows: int, row_bytes: int,
@@ -237,25 +251,32 @@ def _sla_backward_keys_impl(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
     block_class: torch.Tensor, rows: torch.Tensor | None, marginal: torch.Tensor | None,
     block_q: int, block_k: int, feature_map: str, rows_summed: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward's last custom op: (dk, dv) of :func:`_backward_keys`. ``rows``: the key-block rows of the
-    second op with ``rows_summed``, else the first op's query-block rows, summed here per chunk of heads (one chunk
-    unless SLA_DIST_DKDV_CHUNKS makes more); None without the linear branch. ``do``: dO as the first op's kernels
-    read it (its copy where it made one). q and dO are laid out as for the first op (a non-dense q, copied there,
-    is copied again here, as k and v that the kernels cannot read in place are: the forward copies those too)."""
+) -> torch.Tensor:
+    """The backward's last custom op: dk and dv in one buffer (:func:`_backward_keys`; a custom op's outputs may not
+    share storage, so summary_rows.gradient_views takes them apart outside). ``rows``: the key-block rows of the
+    second op with ``rows_summed``, else the first op's query-block rows, summed here into the slabs that dk and dv
+    overwrite (summary_rows.gradients_over_key_rows) or per chunk of heads (one chunk unless SLA_DIST_DKDV_CHUNKS
+    makes more); None without the linear branch. ``do``: dO as the first op's kernels read it (its copy where it
+    made one). q and dO are laid out as for the first op (a non-dense q, copied there, is copied again here, as k
+    and v that the kernels cannot read in place are: the forward copies those too)."""
     q, do = kernel_layout(q, do)
     k, v = key_value_layout(k, v)
     switches = read_switches()
     p = problem(q, k, v, block_q, block_k, feature_map, rows is not None, switches.interpreting)
-    chunks = None if rows_summed or rows is None else (_dkdv_chunks(rows, marginal, q, switches) or ((0, p.bh),))
-    return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches)
+    over_rows = not rows_summed and gradients_over_key_rows(rows, marginal, v, block_k)
+    chunks = None if rows_summed or over_rows or rows is None else (
+        _dkdv_chunks(rows, marginal, q, switches) or ((0, p.bh),))
+    return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)
 
 
 sla_backward_queries = torch.library.custom_op("sla_dist::sla_backward_queries",
                                                mutates_args=())(_sla_backward_queries_impl)
 sla_backward_key_rows = torch.library.custom_op("sla_dist::sla_backward_key_rows",
                                                 mutates_args=())(_sla_backward_key_rows_impl)
-sla_backward_keys = torch.library.custom_op("sla_dist::sla_backward_keys", mutates_args=())(_sla_backward_keys_impl)
+# dK/dV's op returns its one buffer under a new name: a compiled backward cached by an older sla_dist (AOTAutograd's
+# cache keys on the forward graph, not on these ops' Python) called "sla_backward_keys" for a (dk, dv) pair.
+sla_backward_key_grads = torch.library.custom_op("sla_dist::sla_backward_key_grads",
+                                                 mutates_args=())(_sla_backward_keys_impl)
 
 
 @sla_backward_queries.register_fake
@@ -279,10 +300,13 @@ def _(rows, marginal, precision):
     return rows.new_empty((rows.shape[0], 1 if marginal is None else marginal.shape[-1], rows.shape[-1]))
 
 
-@sla_backward_keys.register_fake
+@sla_backward_key_grads.register_fake
 def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, feature_map, rows_summed):
-    k, _ = key_value_layout(k, v)
-    return output_like(k), output_like(k)
+    k, v = key_value_layout(k, v)
+    if not rows_summed and gradients_over_key_rows(rows, marginal, v, block_k):
+        B, H, _, D = k.shape
+        return k.new_empty((max(D // block_k, 2), B, H, marginal.shape[-1] * block_k, D))
+    return stacked_outputs_like(k, 2)
 
 
 def compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
@@ -300,9 +324,11 @@ def compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
         rows = marginal = None
     elif linear_scope == "all":
         marginal = None
-    summed = _dkdv_chunks(rows, marginal, q, read_switches()) is None
+    summed = (not gradients_over_key_rows(rows, marginal, v, block_k)
+              and _dkdv_chunks(rows, marginal, q, read_switches()) is None)
     if rows is not None and summed:
         rows, marginal = sla_backward_key_rows(rows, marginal, dot_precision(q.dtype)), None
-    dk, dv = sla_backward_keys(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, block_class, rows,
-                               marginal, block_q, block_k, feature_map, summed)
+    dkv = sla_backward_key_grads(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, block_class, rows,
+                            marginal, block_q, block_k, feature_map, summed)
+    dk, dv = gradient_views(dkv, k.shape[2])
     return dq, dk, dv

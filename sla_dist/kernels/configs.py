@@ -286,7 +286,9 @@ that lowers the backward's peak memory (dkdv_head_chunks: bfloat16 at D 128, 3 l
 (2026-12-01, results/2026-12-01-h200-dkdv-chunks.md), bf16 H 12 D 128 L 32768: peak extra memory 589 -> 560 MiB
 (dense cuDNN 579.5), dK/dV 1827 -> 1930 us (each launch ends in a partly filled wave), so it is opt-in. Read at
 every backward in eager mode; a compiled graph reads it when its backward is traced (which tensors the dK/dV op
-takes depends on it, backward_ops.compiled_backward), so set it before compiling."""
+takes depends on it, backward_ops.compiled_backward), so set it before compiling. Moot where dK/dV writes dk and dv
+over the key rows it reads (summary_rows.gradients_over_key_rows: bfloat16 / float32 with D a multiple of
+BLOCK_K), which holds less than any chunking: it applies to float16's float32 summaries and other head dims."""
 
 
 def dkdv_chunked(switches: Switches | None = None) -> bool:

@@ -132,6 +132,15 @@ def output_like(x: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def stacked_outputs_like(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n fresh outputs with exactly x's strides in one buffer [n, *x.shape], each starting on a 128-byte boundary
+    (a custom op returns them as one tensor: its outputs may not share storage)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    step = -(-span * x.element_size() // 128) * 128 // x.element_size()
+    out = torch.empty_strided((n, *x.shape), (step, *x.stride()), dtype=x.dtype, device=x.device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 def new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(shape, device=like.device, dtype=dtype)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out

@@ -40,19 +40,20 @@ def marginal_matrix(block_class: torch.Tensor, scope: str, dtype: torch.dtype) -
 
 
 def sum_over_scope(x: torch.Tensor, marginal: torch.Tensor | None, precision: str,
-                    transpose: bool = False) -> torch.Tensor:
+                    transpose: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j M_ij x_j: [BH, Nk', F] -> [BH, Nq or 1, F]; with ``transpose``, sum_i M_ij x_i: [BH, Nq, F] ->
     [BH, Nk' or 1, F] (Nk': M's padded key blocks; the padding's rows come out 0). A product with the 0/1 matrix
     runs on tensor cores and accumulates in float32; a broadcast total keeps a size-1 block dimension. float32 rows
     of half inputs (``precision`` 'tf32': float16's summaries) are multiplied at tf32, as the kernels' products: a
-    float32 GEMM of this size runs on the CUDA cores, several times slower than the bfloat16 one it replaced."""
+    float32 GEMM of this size runs on the CUDA cores, several times slower than the bfloat16 one it replaced.
+    ``out``: a contiguous buffer for the product (x may be a column slice of its rows: cuBLAS reads it in place)."""
     if marginal is None:
         return x.sum(1, keepdim=True)
     matrix = marginal.transpose(1, 2) if transpose else marginal
     if precision == "ieee" or x.dtype != torch.float32:
-        return matrix @ x
+        return torch.matmul(matrix, x, out=out)
     with _tf32_matmuls():
-        return matrix @ x
+        return torch.matmul(matrix, x, out=out)
 
 
 @contextlib.contextmanager
@@ -79,6 +80,41 @@ def split_rows(rows: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
     elements of its row, read from there) and the view of the vectors, D * D elements in. One view, not three (a
     [BH, n, D, D] view of the summaries gives the kernels the same address and strides)."""
     return rows, rows[..., D * D :]
+
+
+def gradients_over_key_rows(rows: torch.Tensor | None, marginal: torch.Tensor | None, v: torch.Tensor,
+                            block_k: int) -> bool:
+    """Whether dK/dV writes dk and dv over the per-key-block rows dh_j that it reads (:func:`key_rows_in_slabs`):
+    rows of the linear branch in v's dtype (not float16's float32 summaries), one per key block (not scope 'all''s
+    one total), and D a multiple of BLOCK_K. Sizes and dtypes only (fake tensors too)."""
+    return rows is not None and marginal is not None and rows.dtype == v.dtype and v.shape[-1] % block_k == 0
+
+
+def key_rows_in_slabs(rows: torch.Tensor, marginal: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dkv, dz): dh_j, dz_j = sum_i M_ij (dH_i, dZ_i) from the pre-pass' per-query-block ``rows`` [BH, Nq,
+    D * D + D], dh_j's D rows cut in slabs of BLOCK_K: dkv [S, B, H, Nk' * BLOCK_K, D], S = max(D / BLOCK_K, 2), whose
+    slab s holds rows s BLOCK_K .. (s + 1) BLOCK_K - 1 of every dh_j, key block j's at rows j BLOCK_K .., so that a
+    slab is laid out as a gradient of k. dK/dV's program for key block j reads dh_j, then stores dv_j over its rows
+    in slab 0 and dk_j over those in slab 1 (:func:`gradient_views`): dk and dv need no memory of their own, which
+    takes two q-sizes off the backward's peak at D 128 (dh_j is two q-sizes there). dz [BH, Nk', D]."""
+    slabs, width, nk = p.D // p.block_k, p.block_k * p.D, marginal.shape[-1]
+    dkv = new_output((max(slabs, 2), p.B, p.H, nk * p.block_k, p.D), rows, rows.dtype)
+    per_block = dkv.view(dkv.shape[0], p.bh, nk, width)
+    # One product per slab and one for dz_j, each reading its columns of the rows in place (host time: one transpose
+    # and one split for all of them).
+    matrix, columns = marginal.mT, rows.split([width] * slabs + [p.D], dim=-1)
+    for s in range(slabs):
+        sum_over_scope(columns[s], matrix, p.precision, out=per_block[s])
+    return dkv, sum_over_scope(columns[-1], matrix, p.precision)
+
+
+def gradient_views(dkv: torch.Tensor, Lk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dk, dv) [B, H, Lk, D] of dK/dV's output buffer ``dkv``: its slabs 1 and 0 (:func:`key_rows_in_slabs`), or a
+    stack of dv and dk in k's layout (layout.stacked_outputs_like)."""
+    dv, dk = dkv.unbind(0)[:2]
+    if dk.shape[2] != Lk:  # the slabs' padded key blocks
+        return dk.narrow(2, 0, Lk), dv.narrow(2, 0, Lk)
+    return dk, dv
 
 
 def no_sums(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

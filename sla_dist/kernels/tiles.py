@@ -63,6 +63,14 @@ def square(offs_d, D: tl.constexpr):
 
 
 @triton.jit
+def square_in_slabs(offs_d, stride_slab, D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets of a [D, D] matrix whose rows come BLOCK_K at a time in slabs ``stride_slab`` apart, each slab's rows
+    row-major (stride_slab BLOCK_K * D: the plain row-major matrix)."""
+    rows = (offs_d // BLOCK_K).to(tl.int64) * stride_slab + (offs_d % BLOCK_K) * D
+    return rows[:, None] + offs_d[None, :]
+
+
+@triton.jit
 def columns(offs_d, cols, D: tl.constexpr):
     """Offsets of the columns ``cols`` of a row-major [D, D] matrix."""
     return offs_d[:, None] * D + cols[None, :]

@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from sla_dist import SparseLinearAttention
 from sla_dist.kernels.configs import DKDV_CHUNKS_ENV
+from sla_dist.kernels.summary_rows import gradient_views
 from tests.utils import DEVICE, HAS_CUDA
 
 from .harness import KernelArgs, MatrixProducts, layer_step, relative_error
@@ -183,9 +184,9 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
         dq, delta, rows, marginal, do_kernel = ops.sla_backward_queries(do, dol, None, q, k, v, o_s, lse, *lists, None,
                                                                         sums)
         key_rows = ops.sla_backward_key_rows(rows, marginal, "ieee")
-        dk, dv = ops.sla_backward_keys(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, lists[0],
-                                       key_rows, None, *lists[3:6], True)
-        return dq, delta, rows, marginal, do_kernel, key_rows, dk, dv
+        dkv = ops.sla_backward_key_grads(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, lists[0],
+                                         key_rows, None, *lists[3:6], True)
+        return dq, delta, rows, marginal, do_kernel, key_rows, dkv
 
     outputs = ops.sla_projected_forward(*forward_args)  # (out, O_s, O_l, lse, sums)
     _, o_s, o_l, lse, sums = outputs
@@ -198,7 +199,8 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
         fake = [mode.from_tensor(t) for t in backward_args]
         assert [(t.shape, t.stride(), t.dtype) for t in backward(*fake)] == [(t.shape, t.stride(), t.dtype)
                                                                            for t in grads]
-    dq, dk, dv, do_kernel = grads[0], grads[-2], grads[-1], grads[4]
+    dq, do_kernel = grads[0], grads[4]
+    dk, dv = gradient_views(grads[-1], k.shape[2])  # from summed key rows: a stack in k's layout
     if layout == "sliced":
         assert q.stride() != dq.stride()  # the backward did re-lay out q: the case is exercised
     else:

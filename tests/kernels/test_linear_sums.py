@@ -138,8 +138,9 @@ def test_backward_ops_take_the_sums(linear_scope):
     torch.library.opcheck(backward_ops.sla_backward_key_rows, (rows, marginal, "ieee"), test_utils=checks)
     key_rows = backward_ops.sla_backward_key_rows(rows, marginal, "ieee")
     for summed, rows_in, marginal_in in ((True, key_rows, None), (False, rows, marginal)):
-        torch.library.opcheck(backward_ops.sla_backward_keys, (grad, q, k, v, lse, delta, bm.block_class, rows_in,
-                                                     marginal_in, 64, 64, "softmax", summed), test_utils=checks)
+        torch.library.opcheck(backward_ops.sla_backward_key_grads, (grad, q, k, v, lse, delta, bm.block_class,
+                                                                 rows_in, marginal_in, 64, 64, "softmax", summed),
+                              test_utils=checks)
 
 
 def test_compiled_layer_gradients_do_not_depend_on_linear_sums(block_map_kernels, monkeypatch):
