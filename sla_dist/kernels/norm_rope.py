@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..models.rope import apply_rope
 from . import configs, layout
+from .revision import REVISION
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -59,7 +60,8 @@ def _launch_constants(x: torch.Tensor, heads: int) -> dict:
 
 
 def _norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps: float, revision: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, rstd); ``revision`` is not read (revision.py: the compiled graph's key)."""
     B, L, dim, D = _shape(x, heads)
     out = layout.new_output((B, L, heads, D), x, x.dtype)
     rstd = layout.new_output((B, L), x, torch.float32)
@@ -109,7 +111,7 @@ norm_rope_backward_op = torch.library.custom_op("sla_dist::norm_rope_backward",
 
 
 @norm_rope_op.register_fake
-def _(x, weight, cos, sin, heads, eps):
+def _(x, weight, cos, sin, heads, eps, revision=""):
     B, L, dim, D = _shape(x, heads)
     return x.new_empty((B, L, heads, D)), x.new_empty((B, L), dtype=torch.float32)
 
@@ -120,15 +122,15 @@ def _(grad, x, weight, cos, sin, rstd, heads):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, cos, sin, heads, _ = inputs
+    x, weight, cos, sin, heads, *_ = inputs  # then eps, revision
     ctx.save_for_backward(x, weight, cos, sin, output[1])
-    ctx.heads = heads
+    ctx.heads, ctx.inputs = heads, len(inputs)
 
 
 def _backward(ctx, grad_out, _grad_rstd):
     x, weight, cos, sin, rstd = ctx.saved_tensors
     dx, dw = norm_rope_backward_op(grad_out, x, weight, cos, sin, rstd, ctx.heads)
-    return dx, dw, None, None, None, None
+    return dx, dw, *(None,) * (ctx.inputs - 2)
 
 
 torch.library.register_autograd("sla_dist::norm_rope", _backward, setup_context=_setup_context)
@@ -169,4 +171,4 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
                          f"got x on {x.device}; pass fused=False for the PyTorch reference")
     # The kernels index the tables as contiguous float32 rows (a sequence-parallel rank's may be a strided view).
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    return norm_rope_op(x, weight, cos, sin, heads, float(eps))[0]
+    return norm_rope_op(x, weight, cos, sin, heads, float(eps), REVISION)[0]

@@ -24,12 +24,13 @@ import torch
 
 from ..config import validate_branch_options, validate_linear_sums
 from .backward_ops import compiled_backward, sla_backward
-from .block_map import BlockMap, check_block_map, compiled_or_eager
+from .block_map import BlockMap, check_block_map
 from .configs import fwd_loop, get_kernel, interpreting, read_switches
 from .descriptors import use_tma
 from .layout import block_strides, kernel_layout, key_value_layout, new_output, output_like, problem
 from .projection import projection_backward
 from .reference import project_branches
+from .revision import REVISION
 from .summary_rows import linear_totals, marginal_matrix, no_sums, split_rows, sums_like
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,9 +91,9 @@ def _forward(
 def _sla_forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str, revision: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s, O_l, lse, sums) of :func:`_forward`."""
+    """(O_s, O_l, lse, sums) of :func:`_forward`. ``revision`` is not read (revision.py: the compiled graph's key)."""
     return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
                     linear_sums)
 
@@ -101,9 +102,10 @@ def _sla_projected_forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str,
-    proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, revision: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s + O_l W^T + b, O_s, O_l, lse, sums) of :func:`_forward`; linear_scope is not 'none'."""
+    """(O_s + O_l W^T + b, O_s, O_l, lse, sums) of :func:`_forward`; linear_scope is not 'none'. ``revision`` as for
+    :func:`_sla_forward_impl`."""
     return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
                     linear_sums, proj_weight, proj_bias)
 
@@ -114,13 +116,14 @@ sla_projected_forward = torch.library.custom_op("sla_dist::sla_projected_forward
 
 
 @sla_forward.register_fake
-def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums):
+def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums,
+      revision=""):
     return _forward_outputs_like(q, block_q, linear_scope, linear_sums)
 
 
 @sla_projected_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums,
-      proj_weight, proj_bias):
+      proj_weight, proj_bias, revision=""):
     outputs = _forward_outputs_like(q, block_q, linear_scope, linear_sums)
     return (output_like(outputs[0]), *outputs)  # out has O_s's layout
 
@@ -135,7 +138,9 @@ def _forward_outputs_like(q: torch.Tensor, block_q: int, linear_scope: str,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, _, *proj = inputs
+    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, _, *rest = inputs
+    proj = [x for x in rest if not isinstance(x, str)]  # (W, b) of the projected op; not the revision
+    ctx.inputs = len(inputs)  # one gradient (or None) per input, the revision's included where it was passed
     o, o_l, lse, sums = output[-4:]
     ctx.mark_non_differentiable(sums)
     # The sums (empty unless linear_sums is 'save') are saved like the inputs, so that saved-tensor hooks see them:
@@ -183,7 +188,7 @@ def _gradients(backward, ctx, *grads, release: bool = False):
         do = torch.zeros_like(o)
     dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static,
                           weight, sums, *((after_prepass,) if release else ()))
-    return dq, dk, dv, None, None, None, None, None, None, None, None, *dproj
+    return dq, dk, dv, *(None,) * 8, *dproj, *(None,) * (ctx.inputs - 11 - len(dproj))
 
 
 for _op in ("sla_forward", "sla_projected_forward"):
@@ -321,11 +326,12 @@ def _apply(op, q, k, v, block_map, feature_map, linear_scope, linear_sums, *proj
     check_block_map(q, k, block_map, kernel=True)
     if proj:
         check_projection(q, *proj)
-    forward = compiled_or_eager(op, _EagerSLA.apply)
     # The kernels index the lists as dense [B * H, Nq(, W)] arrays; a no-op for maps built by block_map.py.
-    return forward(q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(),
-                   block_map.kv_indices.contiguous(), block_map.block_q, block_map.block_k, feature_map, linear_scope,
-                   linear_sums, *proj)[:-1]
+    args = (q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
+            block_map.block_q, block_map.block_k, feature_map, linear_scope, linear_sums, *proj)
+    if torch.compiler.is_compiling():  # the custom op, with this package's revision in the captured graph
+        return op(*args, REVISION)[:-1]
+    return _EagerSLA.apply(*args)[:-1]
 
 
 def check_projection(q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
