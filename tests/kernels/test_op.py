@@ -389,6 +389,36 @@ def test_backward_saves_no_per_key_block_summaries(linear_sums):
     assert rows == ([(2, bm.block_class.shape[2], 32 * 32 + 32)] if linear_sums == "save" else []), saved
 
 
+@pytest.mark.parametrize("D, dtype, linear_scope, in_rows", [
+    (64, torch.float32, "marginal", True),  # rows in v's dtype, D a multiple of BLOCK_K 64
+    (128, torch.float32, "marginal", True),
+    (32, torch.float32, "marginal", False),  # D < BLOCK_K: dh_j does not fill a slab
+    (64, torch.float16, "marginal", False),  # float32 summaries of float16 inputs
+    (64, torch.float32, "all", False),  # one total row per head
+])
+def test_dk_and_dv_take_the_key_rows_place(D, dtype, linear_scope, in_rows, poison_outputs):
+    """dK/dV stores dk and dv over the key-block rows it reads (summary_rows.key_rows_in_slabs) where those rows are
+    in v's dtype, one per key block, D a multiple of BLOCK_K: the two gradients then share that one buffer, which
+    is laid out heads-first with the padded key blocks' rows; elsewhere they are a stack in k's layout. Values: the
+    numeric grid."""
+    leaves = [t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in _qkv(1, 2, 200, 333, D, dtype)]
+    q, k, v = (t.clone() for t in leaves)  # [B, L, H, D] memory; not leaves, whose .grad autograd re-lays out
+    grads = {}
+    k.register_hook(lambda g: grads.__setitem__("dk", g))
+    v.register_hook(lambda g: grads.__setitem__("dv", g))
+    bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
+    w = torch.randn(D, D, device=DEVICE, dtype=dtype) * 0.1
+    sparse_linear_attention(q, k, v, bm, w, linear_scope=linear_scope).float().sum().backward()
+    dk, dv = grads["dk"], grads["dv"]
+    assert dk.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr()
+    assert dk.isfinite().all() and dv.isfinite().all()
+    if in_rows:  # heads-first over the slabs' 6 key blocks of 64 rows: not k's [B, L, H, D] strides
+        assert dv.stride() == (2 * 6 * 64 * D, 6 * 64 * D, D, 1) and dk.stride() == dv.stride()
+        assert dk.untyped_storage().nbytes() == max(D // 64, 2) * dv.stride(0) * dv.element_size()
+    else:
+        assert dk.stride() == dv.stride() == k.stride()
+
+
 def _map_with_critical_rows(rows: list[list[int]], L: int = 130) -> BlockMap:
     """A hand-built map over L tokens in blocks of 64: rows[i] lists query block i's critical key blocks, the others
     are marginal; the lists are built from the classes, so the map is valid."""
