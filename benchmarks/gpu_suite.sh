@@ -8,7 +8,7 @@
 # ncu (Nsight Compute's stall sampling of the forward, dQ and dK/dV kernels at L 32768: where their warps wait,
 # benchmarks/ncu_stalls.py; ~40 s), sweep (every kernel's launch-setting candidates and the first call's tuning
 # time), ops (the op-level GPU tests, fixed launch settings), memory (peak extra memory of a fwd+bwd: dense cuDNN vs
-# the SLA layer at 8K and 32K),
+# the SLA layer, eager and compiled, at the sweep's four lengths, D 128; ~2 min), memory-d64 (the same at D 64),
 # e2e (2 GPUs: the wan1.3b recipe through launch/torchrun.sh at SP = 1 and SP = 2 with activation checkpointing,
 #   resumed, exported; step time, tokens/s, peak memory; give it e2e:500, its phases' limits add up to 470 s),
 # train-profile (2 GPUs: bench_train.py --profile on the wan1.3b recipe as e2e runs it, SP = 1 then 2, 8 steps, steps
@@ -134,7 +134,8 @@ declare -A CMD=(
   [ncu]="python3 benchmarks/ncu_stalls.py --profile $OUT/ncu --top 12"
   [host]="python3 benchmarks/host_overhead.py --L 1024"
   [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"
-  [memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --out $OUT/memory_layer.json"
+  [memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --lengths 8192 16384 32768 75600 --compiled --out $OUT/memory_layer.json"
+  [memory-d64]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --D 64 --lengths 8192 16384 32768 75600 --compiled --out $OUT/memory_layer_d64.json"
   [ops]="env SLA_DIST_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_op.py tests/test_attention.py tests/kernels/test_block_select.py tests/kernels/test_block_map.py"
   [e2e]="python3 benchmarks/e2e_train.py --out $OUT/e2e_train"
   [fwdloop]="python3 benchmarks/time_layer.py fwdloop --fwd-loop baseline fma split+fma split+even+fma"
