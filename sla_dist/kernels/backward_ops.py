@@ -65,7 +65,8 @@ def sla_backward(
     Three steps, each a custom op of its own on the compiled path (:func:`compiled_backward`), so that a compiled
     graph frees each step's inputs after it as this function does: the query side (pre-pass and dQ,
     :func:`_backward_queries`: O_s and the sums are read there only), the per-key-block rows dh_j, dz_j summed from
-    the pre-pass' per-query-block rows (not held beside dk and dv), and dK/dV (:func:`_backward_keys`)."""
+    the pre-pass' per-query-block rows (not held beside dk and dv), and dK/dV (:func:`_backward_keys`). Where dK/dV
+    writes dk and dv over the rows it reads (summary_rows.gradients_over_key_rows), the last op sums them itself."""
     q, k, v, do, p, switches, dq, delta, rows, marginal = _backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
         linear_scope, proj_weight, linear_sums, release)
@@ -73,7 +74,7 @@ def sla_backward(
     chunks = None if over_rows else _dkdv_chunks(rows, marginal, q, switches)
     # One dK/dV launch over summed rows: the query blocks' rows freed before dk, dv exist. Over the rows' slabs
     # (key_rows_in_slabs) or in chunks, the query blocks' rows are summed inside and held to the end (the peak is then
-    # at the sum in either case: 559.6 MiB in chunks, 491 over the slabs at bf16 L 32768 D 128 counted on the CPU).
+    # at the sum in either case: 559.6 MiB in chunks, 497.4 over the slabs at bf16 L 32768 D 128 counted on the CPU).
     if rows is not None and chunks is None and not over_rows:
         rows, marginal = sum_over_scope(rows, marginal, p.precision, transpose=True), None
     dk, dv = gradient_views(
