@@ -157,8 +157,9 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
                   backward_phases: bool = False, compiled: bool = False) -> dict:
     """Bytes of ``out = layer(q, k, v); out.backward(g)`` for the kernel path at [1, H, L, D]: the forward's peak
     ("forward_peak"), what it leaves allocated for the backward, output included ("held"), the backward's peak
-    ("backward_peak") and the peak over both ("peak"), each above what was allocated before. With ``backward_phases``, "backward" is :func:`phases` of the
-    backward (its bytes above what the forward left: add "held" for the layer's), from a second forward+backward.
+    ("backward_peak") and the peak over both ("peak"), each above what was allocated before. With
+    ``backward_phases``, "backward" is :func:`phases` of the backward (its bytes above what the forward left: add
+    "held" for the layer's), from a second forward+backward.
     ``compiled``: the layer through ``torch.compile(fullgraph=True)`` with the aot_eager backend (the custom ops
     and the graph's frees as Inductor's graph has them, no Inductor kernels), compiled by a first, uncounted call."""
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -19,7 +19,7 @@ from .dkdv_plan import dkdv_program_order, dkdv_split_plan, split_slots
 from .layout import (block_strides, dot_precision, kernel_layout, key_value_layout, new_output, output_like, problem,
                      stacked_outputs_like, summary_dtype)
 from .summary_rows import (gradient_views, gradients_over_key_rows, key_rows_in_slabs, linear_totals, marginal_matrix,
-                           no_sums, split_rows, sum_over_scope, summary_rows)
+                           no_sums, slabs_shape, split_rows, sum_over_scope, summary_rows)
 
 
 def backward_layout(do, dol, q, k, v, o, linear_scope) -> tuple[torch.Tensor, ...]:
@@ -77,8 +77,7 @@ def sla_backward(
     # at the sum in either case: 559.6 MiB in chunks, 497.4 over the slabs at bf16 L 32768 D 128 counted on the CPU).
     if rows is not None and chunks is None and not over_rows:
         rows, marginal = sum_over_scope(rows, marginal, p.precision, transpose=True), None
-    dk, dv = gradient_views(
-        _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows), p.Lk)
+    _, dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)
     return dq, dk, dv
 
 
@@ -151,7 +150,7 @@ def _dkdv_chunks(rows: torch.Tensor | None, marginal: torch.Tensor | None, q: to
 
 def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows=False):
     """dK/dV: the kernel over the lists transposed from ``block_class``, q, k, v, dO in the kernels' layouts. Returns
-    dk and dv in one buffer (summary_rows.gradient_views takes them apart). ``over_rows``
+    (dkv, dk, dv): dk and dv, views of the one buffer dkv (summary_rows.gradient_views). ``over_rows``
     (summary_rows.gradients_over_key_rows): ``rows`` are the pre-pass' per-query-block rows, summed here into slabs
     that the kernel overwrites with dk and dv (summary_rows.key_rows_in_slabs). Else ``chunks`` None: one launch,
     ``rows`` the per-key-block rows of dh_j, dz_j (None without the linear branch); or one launch per chunk of heads,
@@ -203,7 +202,7 @@ def _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks,
             get_kernel("dkdv_combine")[(plan.combine.shape[0],)](
                 scratch, plan.combine, dk, dv, *dk.stride()[:3], p.H, p.Lk, p.nk, first, D=p.D, BLOCK_K=p.block_k)
         del key_rows, dhs, dzs  # this chunk's rows, before the next chunk's are made
-    return dkv
+    return dkv, dk, dv
 
 
 def dkdv_head_chunks(bh: int, query_rows: int, key_rows: int, row_bytes: int,
@@ -267,7 +266,7 @@ def _sla_backward_keys_impl(
     over_rows = not rows_summed and gradients_over_key_rows(rows, marginal, v, block_k)
     chunks = None if rows_summed or over_rows or rows is None else (
         _dkdv_chunks(rows, marginal, q, switches) or ((0, p.bh),))
-    return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)
+    return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)[0]
 
 
 sla_backward_queries = torch.library.custom_op("sla_dist::sla_backward_queries",
@@ -306,7 +305,7 @@ def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, fe
     k, v = key_value_layout(k, v)
     if not rows_summed and gradients_over_key_rows(rows, marginal, v, block_k):
         B, H, _, D = k.shape
-        return k.new_empty((max(D // block_k, 2), B, H, marginal.shape[-1] * block_k, D))
+        return k.new_empty(slabs_shape(B, H, marginal.shape[-1], D, block_k))
     return stacked_outputs_like(k, 2)
 
 
@@ -330,6 +329,6 @@ def compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
     if rows is not None and summed:
         rows, marginal = sla_backward_key_rows(rows, marginal, dot_precision(q.dtype)), None
     dkv = sla_backward_key_grads(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, block_class, rows,
-                            marginal, block_q, block_k, feature_map, summed)
+                                 marginal, block_q, block_k, feature_map, summed)
     dk, dv = gradient_views(dkv, k.shape[2])
     return dq, dk, dv

@@ -80,8 +80,8 @@ def test_float16_summaries_keep_the_weight_gradient_within_the_rule(seed):
 def test_float32_rows_of_half_inputs_are_summed_at_tf32(rows, precision, tf32, monkeypatch):
     """Only float16 inputs' float32 rows (PRECISION 'tf32') take tf32 products; the process-wide flag is restored."""
     seen, matmul = [], torch.matmul
-    monkeypatch.setattr(torch, "matmul",
-                        lambda a, b, out=None: seen.append(torch.backends.cuda.matmul.allow_tf32) or matmul(a, b, out=out))
+    monkeypatch.setattr(torch, "matmul", lambda a, b, out=None: seen.append(torch.backends.cuda.matmul.allow_tf32)
+                        or matmul(a, b, out=out))
     previous, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     try:
         out = summary_rows.sum_over_scope(torch.ones(1, 3, 4, dtype=rows), torch.ones(1, 2, 3, dtype=rows), precision)
