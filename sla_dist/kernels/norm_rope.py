@@ -89,8 +89,8 @@ BACKWARD_LAUNCH = BackwardLaunch()
 def _norm_rope_backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, rstd: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, L, dim, D = _shape(x, heads)
-    if grad.stride(-1) != 1 or grad.stride(-2) != D:
-        grad = grad.contiguous()  # each token's H * D gradient values must be one contiguous row
+    if grad.stride(-1) != 1:
+        grad = grad.contiguous()  # the kernel reads a head's channels as one run (any token and head strides)
     n = B * L
     launch = BACKWARD_LAUNCH
     programs = min(n, launch.programs_per_sm * configs.multiprocessors(x.device, configs.interpreting()))
@@ -99,8 +99,8 @@ def _norm_rope_backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.
     dx = layout.new_output((B, L, dim), x, x.dtype)
     dw_parts = layout.new_output((programs, dim), x, torch.float32)
     _, backward = _kernels()
-    backward[(programs,)](grad, x, weight, cos, sin, rstd, dx, dw_parts, n, L, per_program, grad.stride(0),
-                          grad.stride(1), x.stride(0), x.stride(1), **_launch_constants(x, heads), ROWS=launch.rows,
+    backward[(programs,)](grad, x, weight, cos, sin, rstd, dx, dw_parts, n, L, per_program, *grad.stride()[:3],
+                          x.stride(0), x.stride(1), **_launch_constants(x, heads), ROWS=launch.rows,
                           num_warps=launch.warps)
     return dx, dw_parts.sum(0).to(weight.dtype)
 

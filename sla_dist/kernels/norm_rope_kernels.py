@@ -36,13 +36,16 @@ def norm_rope_fwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, L, s
 
 @triton.jit
 def norm_rope_bwd_kernel(g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dx_ptr, dw_ptr, N, L, tokens_per_program,
-                         stride_gb, stride_gl, stride_xb, stride_xl,
+                         stride_gb, stride_gl, stride_gh, stride_xb, stride_xl,
                          DIM: tl.constexpr, HALF_D: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr):
     """A run of ``tokens_per_program`` token rows per program, ROWS rows a step: dx [B, L, dim] contiguous; this
-    program's dW over its run in row program_id of dw [programs, dim] float32 (summed over programs by the caller)."""
+    program's dW over its run in row program_id of dw [programs, dim] float32 (summed over programs by the caller).
+    The gradient g [B, L, H, D] is read with its own head stride (unit channel stride): the attention's dq / dk come
+    back heads-first, and a copy into token rows would cost a q-sized pass per layer."""
     first = tl.program_id(0) * tokens_per_program
     pair, offs = _pair_offsets(PAIRS)
     live = offs < DIM
+    g_offs = (pair // HALF_D * stride_gh + 2 * (pair % HALF_D))[:, None] + tl.arange(0, 2)[None, :]
     w = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)[None, :, :]
     dw = tl.zeros([PAIRS, 2], dtype=tl.float32)
     # The last program's run may pass N: the mask covers it.
@@ -53,7 +56,7 @@ def norm_rope_bwd_kernel(g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dx_ptr
         pos = token % L
         mask = valid[:, None, None] & live[None, :, :]
         g_rows = (b * stride_gb + pos * stride_gl)[:, None, None]
-        ge, go = tl.split(tl.load(g_ptr + g_rows + offs[None, :, :], mask=mask, other=0.0).to(tl.float32))
+        ge, go = tl.split(tl.load(g_ptr + g_rows + g_offs[None, :, :], mask=mask, other=0.0).to(tl.float32))
         table = (pos * HALF_D)[:, None] + (pair % HALF_D)[None, :]
         table_mask = valid[:, None] & (pair < DIM // 2)[None, :]
         c = tl.load(cos_ptr + table, mask=table_mask, other=0.0)

@@ -77,6 +77,30 @@ def test_compiled_graph_takes_the_ops():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_backward_reads_a_heads_first_gradient_in_place(monkeypatch):
+    """The attention's dq / dk come back heads-first ([B, L, H, D] viewed over [B, H, L, D]): the backward kernel
+    gets that tensor itself (no copy into token rows) and gives the token-major gradient's results bit for bit."""
+    buffer, weight, grad, cos, sin = _inputs(torch.float32, 2, 23, 3, 12, True, DEVICE)
+    heads_first = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    assert heads_first.stride(2) != 12 and torch.equal(heads_first, grad)
+    forward, backward = norm_rope_module._kernels()
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(g, *args, **kwargs):
+                seen.append((g.data_ptr(), g.stride()))
+                return backward[grid](g, *args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(norm_rope_module, "_kernels", lambda: (forward, Spy()))
+    token_major = _run(buffer, weight, grad, cos, sin, 3, torch.float32, fused=True)
+    in_place = _run(buffer, weight, heads_first, cos, sin, 3, torch.float32, fused=True)
+    assert seen[1] == (heads_first.data_ptr(), heads_first.stride()), seen
+    for a, b in zip(token_major, in_place):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(heads=5), "dim 24 must split into 5 heads"),
     (dict(heads=8), "dim 24 must split into 8 heads of an even head dim"),
