@@ -70,11 +70,7 @@ def sla_backward(
     q, k, v, do, p, switches, dq, delta, rows, marginal = _backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
         linear_scope, proj_weight, linear_sums, release)
-    over_rows = gradients_over_key_rows(rows, marginal, v, block_k)
-    chunks = None if over_rows else _dkdv_chunks(rows, marginal, q, switches)
-    # One dK/dV launch over summed rows: the query blocks' rows freed before dk, dv exist. Over the rows' slabs
-    # (key_rows_in_slabs) or in chunks, the query blocks' rows are summed inside and held to the end (the peak is then
-    # at the sum in either case: 559.6 MiB in chunks, 497.4 over the slabs at bf16 L 32768 D 128 counted on the CPU).
+    over_rows, chunks = _key_rows_plan(rows, marginal, q, v, block_k, switches)
     if rows is not None and chunks is None and not over_rows:
         rows, marginal = sum_over_scope(rows, marginal, p.precision, transpose=True), None
     _, dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)
@@ -131,6 +127,18 @@ def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
         USE_TMA=use_tma("dq", k, v, switches=switches),
     )
     return q, k, v, do, p, switches, dq, delta, rows, marginal
+
+
+def _key_rows_plan(rows: torch.Tensor | None, marginal: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor,
+                   block_k: int, switches) -> tuple[bool, tuple[tuple[int, int], ...] | None]:
+    """(over_rows, chunks): how dK/dV gets the per-key-block rows dh_j, dz_j from the pre-pass' per-query-block
+    ``rows``. ``over_rows`` (summary_rows.gradients_over_key_rows): summed inside, into the slabs that dk and dv then
+    overwrite; else ``chunks`` of heads, each summed inside just before its launch (:func:`_dkdv_chunks`), or None:
+    summed beforehand (the query blocks' rows freed before dk, dv exist). Summed inside, the query blocks' rows are
+    held to the end, and the peak is at the sum in either case (559.6 MiB in chunks, 497.4 over the slabs at bf16
+    L 32768 D 128, counted on the CPU). Sizes only (fake tensors too)."""
+    over_rows = gradients_over_key_rows(rows, marginal, v, block_k)
+    return over_rows, None if over_rows else _dkdv_chunks(rows, marginal, q, switches)
 
 
 def _dkdv_chunks(rows: torch.Tensor | None, marginal: torch.Tensor | None, q: torch.Tensor,
@@ -263,9 +271,9 @@ def _sla_backward_keys_impl(
     k, v = key_value_layout(k, v)
     switches = read_switches()
     p = problem(q, k, v, block_q, block_k, feature_map, rows is not None, switches.interpreting)
-    over_rows = not rows_summed and gradients_over_key_rows(rows, marginal, v, block_k)
-    chunks = None if rows_summed or over_rows or rows is None else (
-        _dkdv_chunks(rows, marginal, q, switches) or ((0, p.bh),))
+    over_rows, chunks = (False, None) if rows_summed else _key_rows_plan(rows, marginal, q, v, block_k, switches)
+    if rows is not None and not (rows_summed or over_rows):  # the first op's rows, summed here: one chunk at least
+        chunks = chunks or ((0, p.bh),)
     return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)[0]
 
 
@@ -324,9 +332,9 @@ def compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
         rows = marginal = None
     elif linear_scope == "all":
         marginal = None
-    summed = (not gradients_over_key_rows(rows, marginal, v, block_k)
-              and _dkdv_chunks(rows, marginal, q, read_switches()) is None)
-    if rows is not None and summed:
+    over_rows, chunks = _key_rows_plan(rows, marginal, q, v, block_k, read_switches())
+    summed = rows is not None and not over_rows and chunks is None
+    if summed:
         rows, marginal = sla_backward_key_rows(rows, marginal, dot_precision(q.dtype)), None
     dkv = sla_backward_key_grads(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, block_class, rows,
                                  marginal, block_q, block_k, feature_map, summed)
