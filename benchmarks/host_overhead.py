@@ -1,14 +1,16 @@
 """Where an SLA layer's host time goes: microseconds of CPU per call of each piece, measured as the wall time of an
 unsynchronised loop at a length short enough that the GPU never holds the host back.
 
-    python benchmarks/host_overhead.py [--L 1024] [--H 12] [--D 128] [--n 200]
+    python benchmarks/host_overhead.py [--L 1024] [--H 12] [--D 128] [--n 200] [--repeats 5]
 
 Rows, from the smallest unit up: one elementwise aten op (the dispatcher + launch floor); one Triton launch through
 ``get_kernel`` (the autotuner's per-call Python, or the fixed-setting wrapper under SLA_DIST_AUTOTUNE=0) and
 through the bare ``kernel[grid]``; the block-map prediction; the forward custom op through the dispatcher and its
 Python implementation called directly; the layer's forward and forward+backward. The differences between rows say
-which layer of the stack costs what. Runs on CPU too (TRITON_INTERPRET=1, tiny sizes) to check the script itself;
-the numbers then mean nothing.
+which layer of the stack costs what. Each row is the min (and median) of --repeats runs; to compare two trees,
+alternate their processes (``for i in 1 2 3; do for P in base .; do PYTHONPATH=$P python3
+benchmarks/host_overhead.py --L 2048; done; done``): one process's host time alone can be tens of percent off.
+Runs on CPU too (TRITON_INTERPRET=1, tiny sizes) to check the script itself; the numbers then mean nothing.
 
     TRITON_INTERPRET=1 python benchmarks/host_overhead.py --noop-kernels [--L 1024] [--H 12] [--D 128] [--n 50]
 
@@ -32,16 +34,21 @@ from torch.profiler import ProfilerActivity, profile
 
 import memory_account  # this script's folder is on sys.path when it runs
 
-def per_call_us(fn, n: int, sync) -> float:
+def per_call_us(fn, n: int, sync, repeats: int = 1) -> tuple[float, float]:
+    """(min, median) over ``repeats`` runs of the microseconds per call of ``n`` unsynchronised calls of ``fn``.
+    A shared host's time per call moves by tens of percent from run to run (2026-12-02 on an H200's host): the
+    minimum is the number to compare, and two trees are compared in alternating processes."""
     for _ in range(5):
         fn()
     sync()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - start
-    sync()
-    return elapsed / n * 1e6
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter() - start) / n * 1e6)
+        sync()
+    return min(runs), sorted(runs)[len(runs) // 2]
 
 
 ALLOCATING = ("aten::empty", "aten::empty_strided")
@@ -140,7 +147,7 @@ def noop_main(args) -> None:
     print(f"  {'piece':30} {'us':>8} {'aten':>5} {'top':>5} {'allocs':>6} {'launch':>6} {'sla py':>6}")
     for name, fn in pieces.items():
         with memory_account.no_op_kernels(tma_device=True):
-            us = per_call_us(fn, args.n, lambda: None)
+            us, _ = per_call_us(fn, args.n, lambda: None, args.repeats)
         c = host_counts(fn)
         print(f"  {name:30} {us:8.1f} {c['aten']:5} {c['aten_top']:5} {c['allocs']:6} {c['launches']:6} "
               f"{c['sla_calls']:6}")
@@ -152,6 +159,7 @@ def main() -> None:
     parser.add_argument("--H", type=int, default=12)
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5, help="runs of --n calls per row (min and median shown)")
     parser.add_argument("--noop-kernels", action="store_true",
                         help="count each piece's host work on a CPU, Triton launches as no-ops (TRITON_INTERPRET=1)")
     args = parser.parse_args()
@@ -197,15 +205,16 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         for name, fn in rows.items():
-            results[name] = per_call_us(fn, args.n, sync)
-        results["layer forward"] = per_call_us(lambda: layer(q, k, v), args.n, sync)
-    results["layer forward+backward"] = per_call_us(lambda: layer(q, k, v).backward(g), args.n, sync)
+            results[name] = per_call_us(fn, args.n, sync, args.repeats)
+        results["layer forward"] = per_call_us(lambda: layer(q, k, v), args.n, sync, args.repeats)
+    results["layer forward+backward"] = per_call_us(lambda: layer(q, k, v).backward(g), args.n, sync, args.repeats)
 
     where = torch.cuda.get_device_name() if cuda else "CPU (interpreter: numbers meaningless)"
     print(f"{where}, torch {torch.__version__}, L={args.L} H={args.H} D={args.D}, autotune "
-          f"{'off' if os.environ.get('SLA_DIST_AUTOTUNE') == '0' else 'on'}, {args.n} calls per row")
-    for name, us in results.items():
-        print(f"  {name:38} {us:9.1f} us/call")
+          f"{'off' if os.environ.get('SLA_DIST_AUTOTUNE') == '0' else 'on'}, {args.repeats} runs of {args.n} calls "
+          "per row; us per call, min / median of the runs")
+    for name, (low, mid) in results.items():
+        print(f"  {name:38} {low:9.1f} / {mid:9.1f}")
 
 
 if __name__ == "__main__":
