@@ -5,6 +5,8 @@
 # tuned (long-sequence tests with autotuning on), parallel (NCCL tests), sp-bench, models (GPU model tests),
 # dit-bench, attn-bench (the old partial sweep), attn-quick (headline shape only; both time the compiled full layer
 # too, two ~10 s compiles per shape: ~+180 s and ~+80 s, --only leaves it out), profile, host (host_overhead.py),
+# host-ab (the layer's host time per eager call, this tree against the sla_dist under $BASE, default .land, e.g.
+# `git archive main sla_dist | tar -x -C .land` carried along, in alternating processes; ~1 min),
 # ncu (Nsight Compute's stall sampling of the forward, dQ and dK/dV kernels at L 32768: where their warps wait,
 # benchmarks/ncu_stalls.py; ~40 s), sweep (every kernel's launch-setting candidates and the first call's tuning
 # time), ops (the op-level GPU tests, fixed launch settings), memory (peak extra memory of a fwd+bwd: dense cuDNN vs
@@ -133,6 +135,7 @@ declare -A CMD=(
   [profile]="python3 benchmarks/profile_sla.py --L 32768 8192 --host 25"
   [ncu]="python3 benchmarks/ncu_stalls.py --profile $OUT/ncu --top 12"
   [host]="python3 benchmarks/host_overhead.py --L 1024"
+  [host-ab]="python3 benchmarks/host_overhead.py --L 2048 --n 40 --repeats 7 --against ${BASE:-.land}"
   [sweep]="python3 benchmarks/sweep_kernels.py --json $OUT/sweep_kernels.json"
   [memory]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --lengths 8192 16384 32768 75600 --compiled --out $OUT/memory_layer.json"
   [memory-d64]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/memory_layer.py --D 64 --lengths 8192 16384 32768 75600 --compiled --out $OUT/memory_layer_d64.json"

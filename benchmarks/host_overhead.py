@@ -9,7 +9,8 @@ through the bare ``kernel[grid]``; the block-map prediction; the forward custom 
 Python implementation called directly; the layer's forward and forward+backward. The differences between rows say
 which layer of the stack costs what. Each row is the min (and median) of --repeats runs; to compare two trees,
 alternate their processes (``for i in 1 2 3; do for P in base .; do PYTHONPATH=$P python3
-benchmarks/host_overhead.py --L 2048; done; done``): one process's host time alone can be tens of percent off.
+benchmarks/host_overhead.py --L 2048; done; done``, or ``--against PATH``, which does that for the layer rows):
+one process's host time alone can be tens of percent off.
 Runs on CPU too (TRITON_INTERPRET=1, tiny sizes) to check the script itself; the numbers then mean nothing.
 
     TRITON_INTERPRET=1 python benchmarks/host_overhead.py --noop-kernels [--L 1024] [--H 12] [--D 128] [--n 50]
@@ -24,7 +25,9 @@ which this CPU's aten ops inflate a little (they do real, small work).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,9 +165,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of --n calls per row (min and median shown)")
     parser.add_argument("--noop-kernels", action="store_true",
                         help="count each piece's host work on a CPU, Triton launches as no-ops (TRITON_INTERPRET=1)")
+    parser.add_argument("--layer-only", action="store_true", help="only the layer's forward and forward+backward rows")
+    parser.add_argument("--json", action="store_true", help="also print the rows as one JSON line, last")
+    parser.add_argument("--against", metavar="PATH", help="compare the layer rows of the sla_dist at PATH (a folder "
+                        "holding an sla_dist package) with this tree's, in alternating processes")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of --against (default 3)")
     args = parser.parse_args()
     if args.noop_kernels:
         noop_main(args)
+        return
+    if args.against:
+        compare_trees(args)
         return
 
     from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
@@ -193,7 +204,7 @@ def main() -> None:
     meta = dict(BLOCK=64, D_POW2=_tile_size(args.D))
     small = torch.ones(16, device=device)
 
-    rows = {
+    rows = {} if args.layer_only else {
         "aten add (one small op)": lambda: small.add(1.0),
         "Triton launch via get_kernel": lambda: block_sums[(n_blocks, args.H)](*launch, **meta),
         "Triton launch, bare kernel[grid]": lambda: raw[(n_blocks, args.H)](*launch, **meta, num_warps=4,
@@ -215,6 +226,40 @@ def main() -> None:
           "per row; us per call, min / median of the runs")
     for name, (low, mid) in results.items():
         print(f"  {name:38} {low:9.1f} / {mid:9.1f}")
+    if args.json:
+        import sla_dist
+
+        print(json.dumps({"sla_dist": sla_dist.__file__, "rows": results}))
+
+
+LAYER_ROWS = ("layer forward", "layer forward+backward")
+
+
+def compare_trees(args) -> None:
+    """The layer rows of the sla_dist at ``args.against`` and of this tree's, each process alone on the host, the two
+    alternating ``args.rounds`` times; a table of the minima per round and their means (the host's time per call
+    drifts between processes, so only alternated runs compare)."""
+    this_tree = Path(__file__).resolve().parents[1]
+    trees = (("against", Path(args.against).resolve()), ("this", this_tree))
+    base = [sys.executable, str(Path(__file__).resolve()), "--layer-only", "--json", "--L", str(args.L), "--H",
+            str(args.H), "--D", str(args.D), "--n", str(args.n), "--repeats", str(args.repeats)]
+    runs = []
+    for round_ in range(args.rounds):
+        for label, path in trees:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(path), os.environ.get("PYTHONPATH")))))
+            done = subprocess.run(base, env=env, capture_output=True, text=True, check=True)
+            payload = json.loads(done.stdout.strip().splitlines()[-1])
+            if not payload["sla_dist"].startswith(str(path)):
+                raise RuntimeError(f"{label}: imported {payload['sla_dist']}, not the sla_dist under {path}")
+            runs.append((round_, label, {row: payload["rows"][row][0] for row in LAYER_ROWS}))
+    print(f"L={args.L} H={args.H} D={args.D}, {args.repeats} runs of {args.n} calls per process; us per call (min)")
+    print(f"  {'round':5} {'tree':8} " + " ".join(f"{row:>24}" for row in LAYER_ROWS))
+    for round_, label, rows in runs:
+        print(f"  {round_:5} {label:8} " + " ".join(f"{rows[row]:24.1f}" for row in LAYER_ROWS))
+    for row in LAYER_ROWS:
+        mean = {label: sum(r[row] for _, lab, r in runs if lab == label) / args.rounds for label, _ in trees}
+        print(f"  {row}: against {mean['against']:.1f} -> this {mean['this']:.1f} us "
+              f"({100 * (mean['this'] / mean['against'] - 1):+.1f} %)")
 
 
 if __name__ == "__main__":

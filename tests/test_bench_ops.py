@@ -1,5 +1,5 @@
 """CPU smoke runs of the per-op benchmarks (bench_norm_rope.py, bench_cross_attention.py): every row times, and the
-results files say which shape and command."""
+results files say which shape and command; host_overhead.py's comparison of two trees."""
 
 import json
 import os
@@ -37,3 +37,21 @@ def test_cross_attention_tiny_run_skips_chunks_that_do_not_divide(tmp_path):
     assert [(r["backend"], r["chunks"]) for r in payload["results"]] == [("math", 1), ("math", 6)]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in payload["results"])
     assert payload["meta"]["q_len"] == 48 and "| math | 6 |" in out.with_suffix(".md").read_text()
+
+
+def _host_overhead(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--L", "128", "--H", "1",
+                           "--D", "32", "--n", "1", "--repeats", "1", *args],
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+
+
+def test_host_overhead_compares_two_trees_in_alternating_processes(tmp_path):
+    """--against runs the layer rows in one process per tree and round, each importing its own sla_dist (here this
+    tree against itself), and refuses a path whose sla_dist it did not import."""
+    run = _host_overhead("--against", str(ROOT), "--rounds", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.strip().startswith("0 ")] == ["against", "this"]
+    assert any(line.strip().startswith("layer forward+backward: against") for line in lines)
+    missing = _host_overhead("--against", str(tmp_path), "--rounds", "1")
+    assert missing.returncode != 0 and "not the sla_dist under" in missing.stderr
