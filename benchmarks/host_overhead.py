@@ -180,39 +180,12 @@ def main() -> None:
 
     from layer_inputs import sla_layer_inputs  # this script's folder is on sys.path when it runs
 
-    from sla_dist.kernels import configs
-    from sla_dist.kernels.block_map import _tile_size, num_blocks, predict_block_map
-    from sla_dist.kernels.op import sla_forward
-
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     layer, q, k, v, g = sla_layer_inputs(args.L, args.H, args.D, device=device, dtype=dtype, backend="triton")
-    def predict():
-        return predict_block_map(q.detach(), k.detach(), topk=0.05, negligible=0.1, block_q=128, block_k=64,
-                                 kernels=True)
-
-    bm = predict()
-    op_args = (q.detach(), k.detach(), v.detach(), bm.block_class, bm.kv_num_blocks, bm.kv_indices, 128, 64,
-               "softmax", "marginal", "save")
-    n_blocks = num_blocks(args.L, 64)
-    sums = torch.zeros(1, args.H, n_blocks, args.D, dtype=torch.float64, device=device)
-    block_sums = configs.get_kernel("block_sums")
-    raw = configs.jit_function("block_sums")
-    launch = (q.detach(), sums, *q.stride()[:3], args.H, args.L, n_blocks, args.D)
-    meta = dict(BLOCK=64, D_POW2=_tile_size(args.D))
-    small = torch.ones(16, device=device)
-
-    rows = {} if args.layer_only else {
-        "aten add (one small op)": lambda: small.add(1.0),
-        "Triton launch via get_kernel": lambda: block_sums[(n_blocks, args.H)](*launch, **meta),
-        "Triton launch, bare kernel[grid]": lambda: raw[(n_blocks, args.H)](*launch, **meta, num_warps=4,
-                                                                            num_stages=1),
-        "predict_block_map": predict,
-        "sla_forward op (dispatcher)": lambda: sla_forward(*op_args),
-        "sla_forward implementation, direct": lambda: sla_forward._init_fn(*op_args),
-    }
+    rows = {} if args.layer_only else _stack_rows(q, k, v, args.L, args.H, args.D)
     results = {}
     with torch.no_grad():
         for name, fn in rows.items():
@@ -232,6 +205,37 @@ def main() -> None:
         print(json.dumps({"sla_dist": sla_dist.__file__, "rows": results}))
 
 
+def _stack_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: int, H: int, D: int) -> dict:
+    """{row: zero-argument callable} of the pieces below the layer: an aten op, a Triton launch two ways, the block
+    map, the forward custom op through the dispatcher and called directly."""
+    from sla_dist.kernels import configs
+    from sla_dist.kernels.block_map import _tile_size, num_blocks, predict_block_map
+    from sla_dist.kernels.op import sla_forward
+
+    def predict():
+        return predict_block_map(q.detach(), k.detach(), topk=0.05, negligible=0.1, block_q=128, block_k=64,
+                                 kernels=True)
+
+    bm = predict()
+    op_args = (q.detach(), k.detach(), v.detach(), bm.block_class, bm.kv_num_blocks, bm.kv_indices, 128, 64,
+               "softmax", "marginal", "save")
+    n_blocks = num_blocks(L, 64)
+    sums = torch.zeros(1, H, n_blocks, D, dtype=torch.float64, device=q.device)
+    block_sums = configs.get_kernel("block_sums")
+    raw = configs.jit_function("block_sums")
+    launch = (q.detach(), sums, *q.stride()[:3], H, L, n_blocks, D)
+    meta = dict(BLOCK=64, D_POW2=_tile_size(D))
+    small = torch.ones(16, device=q.device)
+    return {
+        "aten add (one small op)": lambda: small.add(1.0),
+        "Triton launch via get_kernel": lambda: block_sums[(n_blocks, H)](*launch, **meta),
+        "Triton launch, bare kernel[grid]": lambda: raw[(n_blocks, H)](*launch, **meta, num_warps=4, num_stages=1),
+        "predict_block_map": predict,
+        "sla_forward op (dispatcher)": lambda: sla_forward(*op_args),
+        "sla_forward implementation, direct": lambda: sla_forward._init_fn(*op_args),
+    }
+
+
 LAYER_ROWS = ("layer forward", "layer forward+backward")
 
 
@@ -249,7 +253,7 @@ def compare_trees(args) -> None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(path), os.environ.get("PYTHONPATH")))))
             done = subprocess.run(base, env=env, capture_output=True, text=True, check=True)
             payload = json.loads(done.stdout.strip().splitlines()[-1])
-            if not payload["sla_dist"].startswith(str(path)):
+            if not Path(payload["sla_dist"]).resolve().is_relative_to(path):
                 raise RuntimeError(f"{label}: imported {payload['sla_dist']}, not the sla_dist under {path}")
             runs.append((round_, label, {row: payload["rows"][row][0] for row in LAYER_ROWS}))
     print(f"L={args.L} H={args.H} D={args.D}, {args.repeats} runs of {args.n} calls per process; us per call (min)")
