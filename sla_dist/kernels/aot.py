@@ -28,6 +28,7 @@ import torch
 from ..config import FEATURE_MAPS
 from .configs import (_KERNELS, CLASSIFY_ENV, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_PROGRAM_COST, DKDV_SPLIT_MIN_PART,
                       FWD_SPLIT_Q, LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice, interpreting)
+from .block_map import SCORE_TILE
 from .layout import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -40,6 +41,7 @@ _POINTERS = {
                 KV_IDX="i32", HL="sum", ZL="sum"),
     "summaries": dict(K="x", V="x", HZ="sum"),
     "block_sums": dict(X="x", SUMS="f64"),
+    "block_scores": dict(Q_SUMS="f64", K_SUMS="f64", SCORES="f32"),
     "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
     "critical_columns": dict(CLASS="i8", Q_NUM="i32", Q_IDX="i32"),
     # The pre-pass takes proj_l's W in the inputs' dtype (the launcher casts it, as for the product it replaces).
@@ -50,6 +52,7 @@ _POINTERS = {
                  DHS="sum", DZS="sum", ORDER="i64", WORK="i32", SCRATCH="f32"),
     "dkdv_combine": dict(SCRATCH="f32", COMBINE="i32", DK="x", DV="x"),
     "dkdv_split_plan": dict(Q_NUM="i32", WORK="i32", COMBINE="i32", PART="i32"),
+    "long_first_order": dict(Q_NUM="i32", ORDER="i64"),
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
 _POINTERS["prepass_loop"] = _POINTERS["prepass"]
@@ -63,8 +66,8 @@ class Variant:
     """One compiled specialisation of one kernel."""
 
     kernel: str
-    """Key of the tuning table in configs.py: fwd, fwd_split, summaries, block_sums, classify, critical_columns,
-    prepass, dq, dkdv, dkdv_split_plan, dkdv_combine."""
+    """Key of the tuning table in configs.py: fwd, fwd_split, summaries, block_sums, block_scores, classify,
+    critical_columns, prepass, dq, dkdv, long_first_order, dkdv_split_plan, dkdv_combine."""
     dtype: str = "bfloat16"
     D: int = 128
     block_q: int = 128
@@ -132,7 +135,7 @@ class Variant:
                       FEATURE_MAP=FEATURE_MAPS.index(self.feature_map), HAS_LINEAR=self.has_linear,
                       HAS_PROJ=self.has_proj, HAS_BIAS=self.has_proj, HAS_DOL=not self.has_proj,
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
-                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D,
+                      NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, BLOCK_M=SCORE_TILE, BLOCK_N=SCORE_TILE,
                       ORDERED=self.dkdv_order != "natural" and not self.dkdv_split, SPLIT=self.dkdv_split,
                       # the split plan kernel: lpt-head's comparisons (MODE 1), dkdv_plan's PLAN_ROWS / PLAN_COLS
                       MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART, LONG_FACTOR=LONG_FIRST_FACTOR,

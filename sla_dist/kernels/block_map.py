@@ -321,8 +321,40 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, *
     """s_ij with smooth-K pooling of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D], float32 [B, H, Nq, Nk]."""
     Lq, Lk = q.shape[2], k.shape[2]
     nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
-    return smooth_k_scores(block_sums(q, block_q, kernels=kernels), rows_per_block(Lq, block_q, nq, q.device),
-                           block_sums(k, block_k, kernels=kernels), rows_per_block(Lk, block_k, nk, k.device), Lk)
+    q_sums, k_sums = block_sums(q, block_q, kernels=kernels), block_sums(k, block_k, kernels=kernels)
+    if _on_kernels(q, kernels):
+        return compiled_or_eager(_block_scores_op, _kernel_block_scores)(q_sums, k_sums, Lq, Lk, block_q, block_k)
+    return smooth_k_scores(q_sums, rows_per_block(Lq, block_q, nq, q.device), k_sums,
+                           rows_per_block(Lk, block_k, nk, k.device), Lk)
+
+
+SCORE_TILE = 32
+"""Query blocks per program, and key blocks per step, of the scores kernel (float64 tiles of [32, D])."""
+
+
+def _kernel_block_scores(q_sums: torch.Tensor, k_sums: torch.Tensor, q_len: int, kv_len: int, block_q: int,
+                         block_k: int) -> torch.Tensor:
+    """The Triton path of :func:`smooth_k_scores` for the block sums of whole sequences (every block holds at least
+    one row): one launch, the same float64 arithmetic."""
+    from .configs import get_kernel
+    from .layout import new_output
+
+    B, H, nq, D = q_sums.shape
+    nk = k_sums.shape[2]
+    scores = new_output((B, H, nq, nk), q_sums, torch.float32)
+    get_kernel("block_scores")[(num_blocks(nq, SCORE_TILE), B * H)](
+        q_sums.contiguous(), k_sums.contiguous(), scores, nq, nk, D, q_len, kv_len, block_q, block_k,
+        BLOCK_M=SCORE_TILE, BLOCK_N=SCORE_TILE, D_POW2=_tile_size(D))
+    return scores
+
+
+_block_scores_op = torch.library.custom_op("sla_dist::block_scores", mutates_args=())(_kernel_block_scores)
+
+
+@_block_scores_op.register_fake
+def _(q_sums, k_sums, q_len, kv_len, block_q, block_k):
+    B, H, nq, _ = q_sums.shape
+    return q_sums.new_empty((B, H, nq, k_sums.shape[2]), dtype=torch.float32)
 
 
 def rank_blocks(scores: torch.Tensor, topk: float, negligible: float, *,

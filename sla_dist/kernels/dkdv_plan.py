@@ -32,17 +32,38 @@ COMBINE_FIELDS = 3
 
 def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor | None:
     """The key block, as bh * Nk + j, that each dK/dV program takes, by linear program id (key block fastest), for
-    ``order`` (configs.DKDV_ORDERS): None for natural (program (j, bh) takes key block j of head bh); else int64
-    [BH * Nk], the programs sorted by their list's length q_num_blocks [B, H, Nk], longest first, over the whole grid
-    (lpt) or within each head (lpt-head), or only those longer than LONG_FIRST_FACTOR x the mean, the rest after them
-    in the grid's order (long-first). The sorts are stable: equal lengths keep the grid's order."""
+    ``order`` (configs.DKDV_ORDERS): what :func:`program_order_ref` defines, long-first (the default) made by one
+    Triton launch, the others by PyTorch ops. ``q_num_blocks`` [..., Nk]: the launch's list lengths."""
+    if order != "long-first":
+        return program_order_ref(q_num_blocks, order)
+    from .configs import get_kernel
+
+    lengths = q_num_blocks.reshape(-1)
+    lists = lengths.numel()
+    programs = torch.empty(lists, dtype=torch.int64, device=lengths.device)
+    get_kernel("long_first_order")[(-(-lists // ORDER_ROWS),)](
+        lengths, programs, lists, LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=min(4096, max(16, 1 << (lists - 1).bit_length())),
+        ROWS=ORDER_ROWS, COLS=PLAN_COLS)
+    return programs
+
+
+ORDER_ROWS = 128
+"""Lists per program of the long-first order kernel (48 programs at L 32768, H 12)."""
+
+
+def program_order_ref(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor | None:
+    """The dK/dV program orders in PyTorch ops: None for natural (program (j, bh) takes key block j of head bh); else
+    int64 [BH * Nk], the programs sorted by their list's length q_num_blocks [B, H, Nk], longest first, over the
+    whole grid (lpt) or within each head (lpt-head), or only those longer than LONG_FIRST_FACTOR x the mean (exactly:
+    length x lists > LONG_FIRST_FACTOR x total length), the rest after them in the grid's order (long-first). The
+    sorts are stable: equal lengths keep the grid's order."""
     if order == "natural":
         return None
     flat = q_num_blocks.flatten()
     if order == "lpt":
         return torch.argsort(flat, descending=True, stable=True)
     if order == "long-first":
-        long = flat > LONG_FIRST_FACTOR * flat.float().mean()
+        long = flat.double() * flat.numel() > LONG_FIRST_FACTOR * flat.sum().double()
         return torch.argsort(flat * long, descending=True, stable=True)  # the short ones' lengths zeroed
     if order == "lpt-head":
         counts = q_num_blocks.flatten(0, -2)

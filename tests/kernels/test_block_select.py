@@ -7,7 +7,8 @@ import torch
 from tests.utils import DEVICE, HAS_CUDA
 
 from sla_dist.kernels import configs
-from sla_dist.kernels.block_map import CRITICAL, block_sums, predict_block_map, rank_blocks, transposed_lists
+from sla_dist.kernels.block_map import (CRITICAL, block_scores, block_sums, num_blocks, predict_block_map, rank_blocks,
+                                        rows_per_block, smooth_k_scores, transposed_lists)
 from sla_dist.kernels.configs import CLASSIFY_ENV, CLASSIFY_PACKED_MAX_BLOCKS, CLASSIFY_SELECTS
 
 
@@ -40,6 +41,33 @@ def test_kernels_match_pytorch(B, H, L, D, block_q, dtype, classify_select):
     critical = fast.block_class == CRITICAL
     assert torch.equal(torch.zeros_like(critical).scatter_(-1, fast.kv_indices.long(), True), critical)
     assert (fast.kv_indices.diff(dim=-1) > 0).all()
+
+
+SCORE_SHAPES = [(1, 2, 1000, 1000, 64, 128), (2, 3, 333, 517, 48, 64), (1, 1, 4100, 2113, 128, 128)]
+if HAS_CUDA:
+    SCORE_SHAPES += [(1, 12, 32760, 32760, 128, 128), (1, 4, 75600, 75600, 128, 128), (2, 24, 8193, 8193, 64, 64)]
+
+
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q", SCORE_SHAPES)
+def test_scores_kernel_rounds_the_float64_scores(B, H, Lq, Lk, D, block_q, poison_outputs):
+    """The scores kernel (one launch from the block sums) against smooth-K in float64 on the same sums: each score
+    within one float32 ulp of the exact value (the PyTorch path rounds the same float64 value once), for partial
+    last blocks, Lq != Lk and a head dim that is no power of two."""
+    gen = torch.Generator().manual_seed(Lq + 7 * Lk + D)
+    q = torch.randn(B, H, Lq, D, generator=gen).to(DEVICE)
+    k = (torch.randn(B, H, Lk, D, generator=gen) + torch.randn(D, generator=gen)).to(DEVICE)  # a shared K offset
+    scores = block_scores(q, k, block_q, 64, kernels=True)
+    q_sums, k_sums = (block_sums(x, block, kernels=True).cpu() for x, block in ((q, block_q), (k, 64)))
+    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, 64)
+    q_bar = q_sums / rows_per_block(Lq, block_q, nq, "cpu")
+    k_bar = k_sums / rows_per_block(Lk, 64, nk, "cpu") - k_sums.sum(2, keepdim=True) / Lk
+    exact = q_bar @ k_bar.transpose(-1, -2) / D**0.5
+    assert scores.shape == exact.shape and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    error = (scores.cpu().double() - exact).abs()
+    assert (error <= exact.abs() * 2**-23 + 1e-300).all(), f"{error.max():.3e} off, more than one float32 ulp"
+    rounded = smooth_k_scores(q_sums, rows_per_block(Lq, block_q, nq, "cpu"), k_sums,
+                              rows_per_block(Lk, 64, nk, "cpu"), Lk)
+    assert (scores.cpu() != rounded).float().mean() < 1e-3  # ties at a rounding boundary only
 
 
 def test_ranking_ties_and_signed_zeros(classify_select):

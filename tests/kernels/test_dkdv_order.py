@@ -12,7 +12,7 @@ import torch
 from sla_dist.kernels.block_map import CRITICAL, MARGINAL, NEGLIGIBLE, build_block_map, transposed_lists
 from sla_dist.kernels.configs import (DEFAULT_DKDV_ORDER, DEFAULT_SPLIT_DKDV_ORDER, DKDV_ORDER_ENV, DKDV_ORDERS,
                                      DKDV_SPLIT_ENV, LONG_FIRST_FACTOR, dkdv_order)
-from sla_dist.kernels.dkdv_plan import dkdv_program_order
+from sla_dist.kernels.dkdv_plan import dkdv_program_order, program_order_ref
 from tests.utils import DEVICE
 
 from .harness import NAMES, SLACase, assert_within_reference_error, compare, make_inputs, run_layer
@@ -87,10 +87,33 @@ def test_program_orders_put_the_longest_lists_first():
         assert sorted(part.tolist()) == list(range(h * nk, (h + 1) * nk)) and (flat[part].diff() <= 0).all()
     assert head.tolist() != list(range(2 * nk)) and lpt.tolist() != head.tolist()
     first = dkdv_program_order(counts, "long-first").cpu()
-    n_long = int((flat > LONG_FIRST_FACTOR * flat.float().mean()).sum())
+    long = flat.double() * flat.numel() > LONG_FIRST_FACTOR * flat.sum().double()
+    n_long = int(long.sum())
     assert 0 < n_long < 2 * nk and first[:n_long].tolist() == lpt[:n_long].tolist()
-    assert (flat[first[n_long:]] <= LONG_FIRST_FACTOR * flat.float().mean()).all()
+    assert not long[first[n_long:]].any()
     assert first[n_long:].diff().gt(0).all() and sorted(first.tolist()) == list(range(2 * nk))
+
+
+@pytest.mark.parametrize("lists, seed", [(1, 0), (77, 1), (300, 2), (1182 * 3, 3)])
+def test_long_first_kernel_matches_the_reference(lists, seed):
+    """The long-first order's kernel (one launch) against its PyTorch definition, bit for bit: lengths with many
+    ties, a few lists far above the mean, and list counts that are no multiple of the kernel's tiles."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 6, (lists,), generator=gen, dtype=torch.int32)
+    lengths[torch.randperm(lists, generator=gen)[: max(1, lists // 50)]] += 40
+    counts = lengths.reshape(1, 1, lists).to(DEVICE)
+    expected = program_order_ref(counts, "long-first")
+    got = dkdv_program_order(counts, "long-first")
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), expected.cpu()), (got, expected)
+
+
+@pytest.mark.parametrize("lengths, expected", [([1, 2, 1, 0], [0, 1, 2, 3]), ([1, 3, 1, 0], [1, 0, 2, 3])])
+def test_long_first_rule_is_strict_and_exact(lengths, expected):
+    """A list exactly at LONG_FIRST_FACTOR x the mean is not long (2 = 2 x 1 keeps the grid's order); just above,
+    it goes first (3 > 2 x 1.25)."""
+    counts = torch.tensor([[lengths]], dtype=torch.int32, device=DEVICE)
+    for order in (dkdv_program_order(counts, "long-first"), program_order_ref(counts, "long-first")):
+        assert order.tolist() == expected
 
 
 def test_order_is_read_from_the_environment(monkeypatch):
