@@ -29,6 +29,7 @@ from ..config import FEATURE_MAPS
 from .configs import (_KERNELS, CLASSIFY_ENV, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_PROGRAM_COST, DKDV_SPLIT_MIN_PART,
                       FWD_SPLIT_Q, LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice, interpreting)
 from .block_map import SCORE_TILE
+from .dkdv_plan import ORDER_COLS, ORDER_ROWS
 from .layout import dot_precision, summary_dtype
 
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -41,7 +42,7 @@ _POINTERS = {
                 KV_IDX="i32", HL="sum", ZL="sum"),
     "summaries": dict(K="x", V="x", HZ="sum"),
     "block_sums": dict(X="x", SUMS="f64"),
-    "block_scores": dict(Q_SUMS="f64", K_SUMS="f64", SCORES="f32"),
+    "block_scores": dict(Q_SUMS="f64", K_SUMS="f64", K_TOTAL="f64", SCORES="f32"),
     "classify": dict(SCORES="f32", CLASS="i8", KV_IDX="i32"),
     "critical_columns": dict(CLASS="i8", Q_NUM="i32", Q_IDX="i32"),
     # The pre-pass takes proj_l's W in the inputs' dtype (the launcher casts it, as for the product it replaces).
@@ -141,6 +142,8 @@ class Variant:
                       MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART, LONG_FACTOR=LONG_FIRST_FACTOR,
                       ROWS=128, COLS=32,
                       V_LIKE_K=self.v_like_k, USE_TMA=self.tma, PACKED=self.packed)
+        if self.kernel == "long_first_order":
+            values.update(ROWS=ORDER_ROWS, COLS=ORDER_COLS)
         values.update({name: options[0] for name, options in _KERNELS[self.kernel].choices})
         values.update(self.choices)
         values.update(FwdLoop.parse(self.fwd_loop).constexprs(even_keys=True))

@@ -329,7 +329,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, *
 
 
 SCORE_TILE = 32
-"""Query blocks per program, and key blocks per step, of the scores kernel (float64 tiles of [32, D])."""
+"""Query blocks and key blocks per program of the scores kernel (float64 tiles of [32, D])."""
 
 
 def _kernel_block_scores(q_sums: torch.Tensor, k_sums: torch.Tensor, q_len: int, kv_len: int, block_q: int,
@@ -342,8 +342,11 @@ def _kernel_block_scores(q_sums: torch.Tensor, k_sums: torch.Tensor, q_len: int,
     B, H, nq, D = q_sums.shape
     nk = k_sums.shape[2]
     scores = new_output((B, H, nq, nk), q_sums, torch.float32)
-    get_kernel("block_scores")[(num_blocks(nq, SCORE_TILE), B * H)](
-        q_sums.contiguous(), k_sums.contiguous(), scores, nq, nk, D, q_len, kv_len, block_q, block_k,
+    k_sums = k_sums.contiguous()
+    # The sequence total of K by the op smooth_k_scores uses: the same float64 sum, so the same mean.
+    k_total = k_sums.sum(2)
+    get_kernel("block_scores")[(num_blocks(nq, SCORE_TILE), num_blocks(nk, SCORE_TILE), B * H)](
+        q_sums.contiguous(), k_sums, k_total, scores, nq, nk, D, q_len, kv_len, block_q, block_k,
         BLOCK_M=SCORE_TILE, BLOCK_N=SCORE_TILE, D_POW2=_tile_size(D))
     return scores
 

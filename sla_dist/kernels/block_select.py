@@ -24,10 +24,10 @@ a dozen PyTorch ops (the ops, not the arithmetic, dominated the layer at short s
 3. ``_critical_columns_kernel``: one program per key block builds the transposed lists (q_num_blocks,
    q_indices) that the dK/dV kernel walks.
 
-Between 1 and 2, ``_block_scores_kernel`` turns the block sums into the float32 scores s_ij in one launch: each
-program takes BLOCK_M query blocks of one (b, h), sums that head's key-block sums for the sequence mean of K, then
-walks the key blocks BLOCK_N at a time, all in float64 (means, smooth-K, the products on float64 dot units), and
-rounds each score to float32 on the store. In PyTorch this was ten ops and a float64 batched GEMM per forward,
+Between 1 and 2, ``_block_scores_kernel`` turns the block sums into the float32 scores s_ij in one launch: one
+program per [BLOCK_M, BLOCK_N] tile of a head's scores, all in float64 (means, smooth-K against the sequence mean
+of K, whose total one torch sum makes beforehand, the products on float64 dot units), each score rounded to float32
+on the store. In PyTorch this was ten ops and a float64 batched GEMM per forward,
 ~0.5 ms of host time on the H200's host against ~45 us of GPU time.
 """
 
@@ -55,38 +55,34 @@ def _block_sums_kernel(
 
 @triton.jit
 def _block_scores_kernel(
-    Q_SUMS, K_SUMS, SCORES,                  # q_sums [BH, NQ, D], k_sums [BH, NK, D] float64; scores [BH, NQ, NK] float32
-    NQ, NK, D, q_len, kv_len, block_q, block_k,
+    Q_SUMS, K_SUMS, K_TOTAL, SCORES,         # q_sums [BH, NQ, D], k_sums [BH, NK, D], k_total [BH, D] float64;
+    NQ, NK, D, q_len, kv_len, block_q, block_k,  # scores [BH, NQ, NK] float32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_POW2: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    # One program per [BLOCK_M, BLOCK_N] tile of one head's scores: no loop, so that the launch is as wide as the
+    # scores (1536 programs at L 32768, H 12). A program per row of tiles walking the key blocks (96 programs there)
+    # took 86 us on an H200, each step waiting on its loads; the sequence total of K comes from one small sum
+    # beforehand, as every tile needs it. The means are never formed: with r_i and c_j the valid rows of query
+    # block i and key block j, s_ij = q_sums_i . (k_sums_j - c_j mu) / (r_i c_j sqrt(D)), one float64 division per
+    # score (dividing both [BLOCK, D] tiles first took 55 us at L 32768: float64 division is a long sequence).
+    bh = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, D_POW2)
     d_ok = offs_d < D
-    k_head = K_SUMS + bh * NK * D
-    # The sequence mean of K: the total of every key block's sum over the key count.
-    total = tl.zeros([D_POW2], dtype=tl.float64)
-    for start in range(0, NK, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        total += tl.sum(tl.load(k_head + n[:, None] * D + offs_d[None, :], mask=(n < NK)[:, None] & d_ok[None, :],
-                                other=0.0), axis=0)
-    k_mean = total / kv_len
+    k_mean = tl.load(K_TOTAL + bh * D + offs_d, mask=d_ok, other=0.0) / kv_len
     sqrt_d = tl.sqrt(tl.cast(D, tl.float64))  # correctly rounded as math.sqrt (a float argument would be float32)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     q_sums = tl.load(Q_SUMS + (bh * NQ + m[:, None]) * D + offs_d[None, :], mask=(m < NQ)[:, None] & d_ok[None, :],
+                     other=0.0)
+    k_sums = tl.load(K_SUMS + (bh * NK + n[:, None]) * D + offs_d[None, :], mask=(n < NK)[:, None] & d_ok[None, :],
                      other=0.0)
     # Valid rows per block: the last block of a sequence may be partial.
     q_rows = tl.maximum(tl.minimum(q_len - m * block_q, block_q), 1).to(tl.float64)
-    q_bar = q_sums / q_rows[:, None]
-    out = SCORES + (bh * NQ + m[:, None]) * NK
-    for start in range(0, NK, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        k_sums = tl.load(k_head + n[:, None] * D + offs_d[None, :], mask=(n < NK)[:, None] & d_ok[None, :],
-                         other=0.0)
-        k_rows = tl.maximum(tl.minimum(kv_len - n * block_k, block_k), 1).to(tl.float64)
-        k_bar = k_sums / k_rows[:, None] - k_mean[None, :]
-        products = tl.dot(q_bar, tl.trans(k_bar), out_dtype=tl.float64)
-        tl.store(out + n[None, :], (products / sqrt_d).to(tl.float32), mask=(m < NQ)[:, None] & (n < NK)[None, :])
+    k_rows = tl.maximum(tl.minimum(kv_len - n * block_k, block_k), 1).to(tl.float64)
+    products = tl.dot(q_sums, tl.trans(k_sums - k_rows[:, None] * k_mean[None, :]), out_dtype=tl.float64)
+    scores = products / (q_rows[:, None] * k_rows[None, :] * sqrt_d)
+    tl.store(SCORES + (bh * NQ + m[:, None]) * NK + n[None, :], scores.to(tl.float32),
+             mask=(m < NQ)[:, None] & (n < NK)[None, :])
 
 
 @triton.jit

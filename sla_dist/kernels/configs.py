@@ -83,7 +83,7 @@ _KERNELS = {
     "summaries": _Tuning("forward", "_linear_summaries_kernel", ("D", "BLOCK_K", "FEATURE_MAP"), (4,), (1,),
                          fixed=(4, 1)),
     "block_sums": _Tuning("block_select", "_block_sums_kernel", ("D", "BLOCK"), (4,), (1,), fixed=(4, 1)),
-    "block_scores": _Tuning("block_select", "_block_scores_kernel", ("D_POW2",), (4,), (1,), fixed=(4, 1)),
+    "block_scores": _Tuning("block_select", "_block_scores_kernel", ("D_POW2",), (8,), (1,), fixed=(8, 1)),
     "classify": _Tuning("block_select", "_classify_kernel", ("NK_POW2", "PACKED"), (4,), (1,), fixed=(4, 1)),
     "critical_columns": _Tuning("block_select", "_critical_columns_kernel", ("NQ_POW2",), (4,), (1,), fixed=(4, 1)),
     "prepass": _Tuning("backward", "_bwd_prepass_kernel", _PREPASS_KEY, (8,), (1,), fixed=(8, 1),
@@ -98,7 +98,7 @@ _KERNELS = {
                   fixed=(8, 3), restore=("DQ",)),
     "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "SPLIT", "USE_TMA"), (4, 8), (1, 2),
                     fixed=(8, 2), choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
-    # dK/dV's default program order (dkdv_plan.dkdv_program_order: one program per 128 lists).
+    # dK/dV's default program order (dkdv_plan.dkdv_program_order: one program per ORDER_ROWS lists).
     "long_first_order": _Tuning("dkdv_split_kernels", "_long_first_order_kernel", ("BLOCK",), (4,), (1,),
                                 fixed=(4, 1)),
     # The split dK/dV launch (SLA_DIST_DKDV_SPLIT): its plan (one program per 128 lists of a head, integer prefix
