@@ -25,10 +25,10 @@ a dozen PyTorch ops (the ops, not the arithmetic, dominated the layer at short s
    q_indices) that the dK/dV kernel walks.
 
 Between 1 and 2, ``_block_scores_kernel`` turns the block sums into the float32 scores s_ij in one launch: one
-program per [BLOCK_M, BLOCK_N] tile of a head's scores, all in float64 (means, smooth-K against the sequence mean
-of K, whose total one torch sum makes beforehand, the products on float64 dot units), each score rounded to float32
-on the store. In PyTorch this was ten ops and a float64 batched GEMM per forward,
-~0.5 ms of host time on the H200's host against ~45 us of GPU time.
+program per [BLOCK_M, BLOCK_N] tile of a head's scores, all in float64 (smooth-K against the sequence mean of K,
+whose total one torch sum makes beforehand, the products on float64 dot units), each score rounded to float32 on the
+store. In PyTorch this was ten ops and a float64 batched GEMM per forward, ~0.5 ms of host time on the H200's host
+against ~45 us of GPU time; the kernel and the sum take ~23 + ~20 us at L 32768, H 12 (2026-12-02).
 """
 
 import triton

@@ -3,7 +3,7 @@
 
 ``_long_first_order_kernel`` ranks the key blocks' lists for the default program order on the device, in one
 launch where PyTorch took a mean, three elementwise ops and a radix sort (~0.2 ms of host time a backward on the
-H200's host, ~25 us on the GPU).
+H200's host, ~25 us on the GPU; the kernel ~19 us at L 32768, H 12, 2026-12-02).
 
 The dK/dV kernel with SPLIT takes a long query-block list of key block j as several programs, each writing its
 float32 partial dK_j, dV_j (the first part with the linear branch's term) to consecutive slots of a scratch buffer.
