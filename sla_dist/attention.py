@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .config import SLAConfig
 from .kernels.block_map import BlockMap, predict_block_map
 from .kernels.op import check_inputs, sla_branches, sparse_linear_attention
+from .kernels.projection import plain_linear
 from .kernels.reference import sla_branches_ref
 
 
@@ -126,10 +127,7 @@ class SparseLinearAttention(nn.Module):
         module's forward (hooks), so proj_l's weight is whole while proj_l is called (``project``) and an empty
         partition (with a ``ds_id``) when this layer reads it directly. Gathering it with this layer instead
         (``deepspeed.zero.register_external_parameter``) would let ZeRO-3 fuse too, once checked on GPUs."""
-        proj = self.proj_l
-        plain = (type(proj) is nn.Linear and not hasattr(proj.weight, "ds_id") and not proj._forward_pre_hooks
-                 and not proj._forward_hooks)
-        return plain and self.uses_kernels(device) and self.config.linear_scope != "none"
+        return plain_linear(self.proj_l) and self.uses_kernels(device) and self.config.linear_scope != "none"
 
     def project(self, o_l: torch.Tensor) -> torch.Tensor:
         """proj_l(O_l) in O_l's dtype. proj_l is called as a module (not through its weight) so that wrappers that

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .layout import cast, memory_order, permute
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` that a fused kernel may read through its weight and bias instead of
+    calling it: nothing hooks its forward, no adapter replaces it, and ZeRO-3 has not partitioned its parameters
+    (ZeRO-3 gathers a module's own parameters only around that module's forward, so read directly they are empty
+    partitions with a ``ds_id``)."""
+    return (type(module) is nn.Linear and not hasattr(module.weight, "ds_id") and not module._forward_pre_hooks
+            and not module._forward_hooks)
+
 
 ROWS_PER_PARTIAL = 256
 """Rows per float32 partial sum in ``column_sums``."""

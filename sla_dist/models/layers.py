@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.gelu_mlp import gelu_mlp
 from ..kernels.norm_rope import norm_rope
+from ..kernels.projection import plain_linear
 
 
 def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -170,15 +172,29 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """'gelu': Linear -> tanh-GELU -> Linear (Wan). 'swiglu': one fused Linear to both branches -> SiLU(a) * b."""
+    """'gelu': Linear -> tanh-GELU -> Linear (Wan). 'swiglu': one fused Linear to both branches -> SiLU(a) * b.
 
-    def __init__(self, dim: int, hidden: int, kind: str) -> None:
+    ``fused`` ('gelu' only): run :func:`sla_dist.kernels.gelu_mlp.gelu_mlp`, the GELU's backward as one Triton pass
+    that also sums the up projection's bias gradient. None (default): on CUDA inputs when both projections are plain
+    ``nn.Linear`` modules (:func:`~sla_dist.kernels.projection.plain_linear`: not hooked, adapted or ZeRO-3
+    partitioned); False: the module calls; True: always (CUDA, or any device under TRITON_INTERPRET=1)."""
+
+    def __init__(self, dim: int, hidden: int, kind: str, fused: bool | None = None) -> None:
         super().__init__()
         self.kind = kind
+        self.fused = fused
         self.up = nn.Linear(dim, 2 * hidden if kind == "swiglu" else hidden)
         self.down = nn.Linear(hidden, dim)
 
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` takes the fused GELU path for ``x``."""
+        if self.kind != "gelu" or self.fused is False:
+            return False
+        return self.fused or (x.is_cuda and plain_linear(self.up) and plain_linear(self.down))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuses(x):
+            return gelu_mlp(x, self.up.weight, self.up.bias, self.down.weight, self.down.bias)
         h = self.up(x)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
