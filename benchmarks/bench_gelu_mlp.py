@@ -23,7 +23,7 @@ from sla_dist.kernels import gelu_mlp as gelu_module  # noqa: E402
 from sla_dist.kernels.gelu_mlp import BackwardLaunch, gelu_tanh_backward_ref  # noqa: E402
 from sla_dist.models.layers import MLP  # noqa: E402
 
-LAUNCHES = ["32x128x256x4", "16x256x256x4", "32x256x512x8", "64x128x512x8", "16x128x128x4"]
+LAUNCHES = ["8x256x256x4", "8x128x256x4", "16x128x256x4", "16x256x512x8", "8x128x128x4"]
 
 
 def parse_launch(text: str) -> BackwardLaunch:

@@ -4,9 +4,9 @@ that TRITON_INTERPRET=1 set by then is honoured."""
 import triton
 import triton.language as tl
 
-SQRT_2_OVER_PI = 0.7978845608028654
-CUBIC = 0.044715
-TWO_LOG2E = 2.8853900817779268  # 2 / ln 2: exp(-2u) = 2^(-2u / ln 2)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+CUBIC = tl.constexpr(0.044715)
+TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 / ln 2: exp(-2u) = 2^(-2u / ln 2)
 
 
 @triton.jit
