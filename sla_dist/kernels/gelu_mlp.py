@@ -39,8 +39,8 @@ class BackwardLaunch:
     """The kernel's tiling: ``block_n`` columns by ``block_m`` rows a step, ``rows`` rows a program (their column
     sums are added in registers; fewer rows, more partial rows for the final sum), ``warps`` per program."""
 
-    block_m: int = 8
-    block_n: int = 256
+    block_m: int = 16
+    block_n: int = 128
     rows: int = 256
     warps: int = 4
 
