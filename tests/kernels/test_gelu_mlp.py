@@ -52,7 +52,8 @@ def test_backward_matches_float64_gpu(dtype, M, N, poison_outputs):
     _check_backward(dtype, M, N)
 
 
-@pytest.mark.parametrize("launch", [BackwardLaunch(block_m=16, block_n=64, rows=48), BackwardLaunch(rows=32)])
+@pytest.mark.parametrize("launch", [BackwardLaunch(block_m=16, block_n=128, rows=48, warps=4),
+                                    BackwardLaunch(block_m=8, block_n=256, rows=32, warps=4)])
 def test_other_tilings_give_the_same_values(launch, poison_outputs):
     """Any tiling (row runs that end inside the tensor, partial column tiles) gives dh and a bit for bit and the
     column sums to float32 rounding."""
