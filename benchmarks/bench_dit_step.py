@@ -41,6 +41,7 @@ from step_profile import classify
 from sla_dist import SLAConfig, SparseLinearAttention
 from sla_dist.kernels.block_map import block_counts, num_blocks
 from sla_dist.models import VideoDiT, apply_sla
+from sla_dist.models.layers import MLP
 from sla_dist.models.config import DiTConfig
 
 
@@ -180,6 +181,9 @@ def run_one(model_name: str, variant: str, shape: Shape, args, device, dtype) ->
         model = BUILDERS[model_name](shape, args.checkpoint)
     model = cast_model(model, dtype)
     set_variant(model, variant, args.sla)
+    for module in model.modules():  # the reference DiT's MLPs: fused GELU backward (default on CUDA) or module calls
+        if isinstance(module, MLP):
+            module.fused = None if args.mlp == "fused" else False
     if args.compile:
         for block in model.blocks:
             block.compile()
@@ -288,6 +292,9 @@ def main() -> None:
     parser.add_argument("--linear-scope", default="marginal")
     parser.add_argument("--dense-backend", choices=("cudnn", "flash", "efficient", "auto"), default="cudnn")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--mlp", choices=("fused", "modules"), default="fused",
+                        help="the reference DiT's MLP: its GELU backward fused (the default on CUDA) or the Linear / "
+                        "GELU module calls (before 2026-12-02)")
     parser.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                         help="train without per-block activation checkpointing (the 1.3B shape fits an H200 without)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -324,14 +331,14 @@ def main() -> None:
                 results.append(run_one(model_name, variant, shape, args, device, dtype))
 
     meta = dict(shape=asdict(shape), tokens=shape.tokens, dtype=str(dtype), sla=asdict(args.sla),
-                dense_backend=args.dense_backend, compile=args.compile, checkpoint=args.checkpoint,
+                dense_backend=args.dense_backend, compile=args.compile, checkpoint=args.checkpoint, mlp=args.mlp,
                 warmup=args.warmup, iters=args.iters,
                 peak_flops=args.peak)
     text = table(results)
     save_results("dit-step", card, meta, results, "DiT step: dense vs SLA",
                  f"{shape.tokens} tokens, {shape.layers} layers, dim {shape.dim}, {dtype}; SLA {asdict(args.sla)}; "
                  f"dense SDPA backend {args.dense_backend}; training step = forward + backward "
-                 f"{'with' if args.checkpoint else 'without'} per-block checkpointing"
+                 f"{'with' if args.checkpoint else 'without'} per-block checkpointing; reference MLP {args.mlp}"
                  f"{', blocks compiled' if args.compile else ''}; median of {args.iters}. MFU: analytic matmul "
                  f"FLOPs (training = 3 x forward) over peak {args.peak}.", text, out=args.out, tiny=args.tiny)
     print(text)
