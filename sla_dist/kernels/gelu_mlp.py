@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from . import configs, layout
 from .projection import column_sums
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_MLP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The activation dtypes the fused MLP takes."""
 
 
 def gelu_tanh_backward_ref(ga: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +116,7 @@ class _GeluMLP(torch.autograd.Function):
 
 def check_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
     """ValueError naming the value the fused MLP cannot take (after autocast's casts)."""
-    if x.dtype not in _DTYPES:
+    if x.dtype not in FUSED_MLP_DTYPES:
         raise ValueError(f"gelu_mlp: x must be float16 / bfloat16 / float32, got {x.dtype}")
     if w1.dtype != x.dtype or w2.dtype != x.dtype:
         raise ValueError(f"gelu_mlp: weights ({w1.dtype}, {w2.dtype}) must have x's dtype {x.dtype} (or run under "

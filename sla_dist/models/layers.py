@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.gelu_mlp import gelu_mlp
+from ..kernels.gelu_mlp import FUSED_MLP_DTYPES, gelu_mlp
 from ..kernels.norm_rope import norm_rope
 from ..kernels.projection import plain_linear
 
@@ -190,7 +190,8 @@ class MLP(nn.Module):
         """Whether ``forward`` takes the fused GELU path for ``x``."""
         if self.kind != "gelu" or self.fused is False:
             return False
-        return self.fused or (x.is_cuda and plain_linear(self.up) and plain_linear(self.down))
+        return self.fused or (x.is_cuda and x.dtype in FUSED_MLP_DTYPES and plain_linear(self.up)
+                              and plain_linear(self.down))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuses(x):
