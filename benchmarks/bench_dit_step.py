@@ -28,7 +28,7 @@ import contextlib
 import gc
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -292,6 +292,8 @@ def main() -> None:
     parser.add_argument("--linear-scope", default="marginal")
     parser.add_argument("--dense-backend", choices=("cudnn", "flash", "efficient", "auto"), default="cudnn")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--layers", type=int, default=None, help="blocks of the model (default: the shape's, 30 at the "
+                        "1.3B shape): a few blocks time a per-layer change in its model context in less device time")
     parser.add_argument("--mlp", choices=("fused", "modules"), default="fused",
                         help="the reference DiT's MLP: its GELU backward fused (the default on CUDA) or the Linear / "
                         "GELU module calls (before 2026-12-02)")
@@ -309,6 +311,10 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     shape = SHAPES["tiny" if args.tiny else "wan2.1-1.3b"]
+    if args.layers is not None:
+        if args.layers < 1:
+            raise SystemExit(f"--layers {args.layers}: at least 1")
+        shape = replace(shape, layers=args.layers)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
