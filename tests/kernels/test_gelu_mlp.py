@@ -170,3 +170,23 @@ def test_default_launch_compiles_for_hopper_without_spills():
     assert out.returncode == 0, out.stderr[-3000:]
     usage = json.loads(out.stdout.strip().splitlines()[-1])
     assert all(u.get("STACK", 0) == 0 and 0 < u["REG"] <= 255 for u in usage), usage
+
+
+def test_model_mlp_under_autocast_matches_the_module_calls(poison_outputs):
+    """Mixed precision (Lightning's bf16-mixed: float32 parameters and activations under autocast): the fused path
+    runs the products in autocast's dtype as F.linear does, returns that dtype, and gives float32 parameters their
+    gradients in float32, close to the module calls' (both round the same products to bfloat16)."""
+    torch.manual_seed(4)
+    mlp = MLP(32, 64, "gelu").to(DEVICE)
+    x, dy = torch.randn(2, 40, 32, device=DEVICE), torch.randn(2, 40, 32, device=DEVICE)
+    results = []
+    for fused in (True, False):
+        mlp.fused = fused
+        leaf = x.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            y = mlp(leaf)
+        grads = torch.autograd.grad(y, [leaf, *mlp.parameters()], dy.to(y.dtype))
+        assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+        results.append([y.float(), *grads])
+    for name, a, b in zip(("y", "dx", "dw1", "db1", "dw2", "db2"), *results):
+        assert relative_error(a, b.double()) < 2e-2, name
