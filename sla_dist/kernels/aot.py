@@ -5,8 +5,9 @@ for a target such as Hopper (``sm_90``), with the alignment hints a real launch 
 strides that are multiples of 16 elements), and reads back what the assembler decided: registers per thread, bytes
 spilled to local memory, shared memory, and whether the dots became Hopper ``wgmma`` instructions. The test suite
 uses it to check on a CPU-only machine that every tile shape the autotuner may pick compiles for Hopper, and
-``benchmarks/compile_report.py`` tabulates it over all autotune candidates. These are static facts about the code,
-not timings.
+``benchmarks/compile_report.py`` tabulates it over all autotune candidates. :func:`model_kernels` lists the DiT's
+own kernels (norm_rope, gelu_mlp) as their launchers call them, for the same check (``--model-kernels DTYPE``).
+These are static facts about the code, not timings.
 
 The kernel modules must be imported without ``TRITON_INTERPRET=1`` (the interpreter replaces them with Python
 functions that cannot be compiled); ``python -m sla_dist.kernels.aot`` runs a check in a clean process.
@@ -210,8 +211,8 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out.stdout)}
 
 
-def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
-    """Compile ``variant`` for ``sm_<arch>`` and report registers, spills, shared memory and wgmma use."""
+def _compile(fn, signature: dict, constexprs: dict, aligned: dict, warps: int, stages: int, arch: int):
+    """(Triton's compiled kernel, the cubin's resource usage) of ``fn`` for ``sm_<arch>``."""
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET=1 turns the kernels into Python functions; compile in a process "
                            "without it (python -m sla_dist.kernels.aot)")
@@ -219,18 +220,71 @@ def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=aligned),
+                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    return kernel, _resources(kernel.asm["cubin"])
+
+
+def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
+    """Compile ``variant`` for ``sm_<arch>`` and report registers, spills, shared memory and wgmma use."""
     tuning = _KERNELS[variant.kernel]
     module = __import__(f"{__package__}.{tuning.module}", fromlist=[tuning.function])
     fn = getattr(module, tuning.function)
     signature, constexprs, aligned = _signature(fn, variant)
-    warps, stages = variant.launch()
-    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=aligned),
-                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
-    usage = _resources(kernel.asm["cubin"])
+    kernel, usage = _compile(fn, signature, constexprs, aligned, *variant.launch(), arch)
     return Compiled(variant, registers=usage.get("REG", 0), spill_bytes=usage.get("STACK", 0),
                     shared_bytes=int(kernel.metadata.shared), wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
                     tma_copies=kernel.asm["ptx"].count("cp.async.bulk.tensor"),
                     async_copies=sum(kernel.asm["ptx"].count(f"cp.async.{c}.shared.global") for c in ("ca", "cg")))
+
+
+@dataclass(frozen=True)
+class ModelKernel:
+    """One of the DiT's own kernels (norm_rope, gelu_mlp) as its launcher calls it at the 1.3B DiT's shape (dim
+    1536, 12 heads, hidden 8960): argument types by name, compile-time values, warps."""
+
+    name: str
+    module: str
+    function: str
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 3  # Triton's default on CUDA, which these launches keep
+
+
+def model_kernels(dtype: str = "bf16") -> list[ModelKernel]:
+    """The DiT's kernels with their launchers' settings, for inputs of ``dtype`` (bf16, fp16, fp32)."""
+    from .gelu_mlp import BACKWARD_LAUNCH as gelu
+    from .norm_rope import BACKWARD_LAUNCH as rope
+
+    x = "*" + dtype
+    dim, heads = 1536, 12
+    rope_sizes = dict(DIM=dim, HALF_D=dim // heads // 2, PAIRS=1 << (dim // 2 - 1).bit_length())
+    tables = dict(cos_ptr="*fp32", sin_ptr="*fp32", rstd_ptr="*fp32")
+    return [
+        ModelKernel("norm_rope_fwd", "norm_rope_kernels", "norm_rope_fwd_kernel",
+                    dict(x_ptr=x, w_ptr=x, **tables, out_ptr=x, L="i32", stride_xb="i32", stride_xl="i32",
+                         eps="fp32"), rope_sizes, 4),
+        ModelKernel("norm_rope_bwd", "norm_rope_kernels", "norm_rope_bwd_kernel",
+                    dict(g_ptr=x, x_ptr=x, w_ptr=x, **tables, dx_ptr=x, dw_ptr="*fp32", N="i32", L="i32",
+                         tokens_per_program="i32", stride_gb="i32", stride_gl="i32", stride_gh="i32",
+                         stride_xb="i32", stride_xl="i32"), dict(rope_sizes, ROWS=rope.rows), rope.warps),
+        ModelKernel("gelu_tanh_bwd", "gelu_kernels", "gelu_tanh_bwd_kernel",
+                    dict(ga_ptr=x, h_ptr=x, dh_ptr=x, a_ptr=x, part_ptr="*fp32", M="i32", N="i32",
+                         rows_per_program="i32"), dict(BLOCK_M=gelu.block_m, BLOCK_N=gelu.block_n), gelu.warps),
+    ]
+
+
+def compile_model_kernel(kernel: ModelKernel, arch: int = 90) -> dict:
+    """Compile one of :func:`model_kernels` for ``sm_<arch>``: its name, registers, spilled bytes, shared memory."""
+    module = __import__(f"{__package__}.{kernel.module}", fromlist=[kernel.function])
+    fn = getattr(module, kernel.function)
+    names = fn.arg_names
+    signature = {name: kernel.signature.get(name, "constexpr") for name in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name.endswith("_ptr")}
+    compiled, usage = _compile(fn, signature, kernel.constexprs, aligned, kernel.num_warps, kernel.num_stages, arch)
+    return dict(name=kernel.name, registers=usage.get("REG", 0), spill_bytes=usage.get("STACK", 0),
+                shared_bytes=int(compiled.metadata.shared))
 
 
 def check_variants() -> list[Variant]:
@@ -272,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile the SLA kernels for a GPU architecture without a GPU.")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     parser.add_argument("--json", action="store_true", help="read {arch, variants} on stdin, write results")
+    parser.add_argument("--model-kernels", metavar="DTYPE", help="compile the DiT's kernels (model_kernels) for "
+                        "inputs of DTYPE (bf16, fp16, fp32) and write their resources as JSON")
     args = parser.parse_args(argv)
+    if args.model_kernels:
+        json.dump([compile_model_kernel(k, args.arch) for k in model_kernels(args.model_kernels)], sys.stdout)
+        return 0
     if args.json:
         request = json.load(sys.stdin)
         results = [compile_variant(Variant(**v), request["arch"]) for v in request["variants"]]

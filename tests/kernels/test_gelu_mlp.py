@@ -138,40 +138,6 @@ def test_model_mlp_takes_the_fused_path(poison_outputs):
     assert mlp.fuses(x) is HAS_CUDA
 
 
-COMPILE_SM90 = """
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sla_dist.kernels.aot import _resources
-from sla_dist.kernels.gelu_kernels import gelu_tanh_bwd_kernel
-from sla_dist.kernels.gelu_mlp import BACKWARD_LAUNCH as launch
-out = []
-for dtype in ("bf16", "fp16", "fp32"):
-    signature = dict(ga_ptr="*" + dtype, h_ptr="*" + dtype, dh_ptr="*" + dtype, a_ptr="*" + dtype, part_ptr="*fp32",
-                     M="i32", N="i32", rows_per_program="i32", BLOCK_M="constexpr", BLOCK_N="constexpr")
-    source = ASTSource(gelu_tanh_bwd_kernel, signature, constexprs=dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n),
-                       attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=launch.warps))
-    out.append(_resources(kernel.asm["cubin"]))
-print(json.dumps(out))
-"""
-
-
-def test_default_launch_compiles_for_hopper_without_spills():
-    """The kernel as the GPU compiles it (the interpreter runs kernels that a real compile rejects, e.g. plain float
-    globals): sm_90 in a child process without TRITON_INTERPRET, every dtype, the default launch, no spills."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    usage = json.loads(out.stdout.strip().splitlines()[-1])
-    assert all(u.get("STACK", 0) == 0 and 0 < u["REG"] <= 255 for u in usage), usage
-
-
 def test_model_mlp_under_autocast_matches_the_module_calls(poison_outputs):
     """Mixed precision (Lightning's bf16-mixed: float32 parameters and activations under autocast): the fused path
     runs the products in autocast's dtype as F.linear does, returns that dtype, and gives float32 parameters their
