@@ -115,21 +115,27 @@ def test_bad_inputs_name_the_value():
         BackwardLaunch(rows=50, block_m=32)
 
 
+def _fused_and_module_calls(mlp, x, dy, autocast=None):
+    """[y, dx, then every parameter's gradient] of ``mlp`` fused, then through its module calls (under ``autocast``,
+    a dtype, when given)."""
+    results = []
+    for fused in (True, False):
+        mlp.fused = fused
+        assert mlp.fuses(x) is fused
+        leaf = x.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=autocast, enabled=autocast is not None):
+            y = mlp(leaf)
+        results.append([y, *torch.autograd.grad(y, [leaf, *mlp.parameters()], dy.to(y.dtype))])
+    return results
+
+
 def test_model_mlp_takes_the_fused_path(poison_outputs):
     """The DiT's MLP module: fused (forced here; the default on CUDA) against its module calls, forward and every
     parameter's gradient; a hooked projection keeps the module calls."""
     torch.manual_seed(2)
     mlp = MLP(16, 48, "gelu").to(DEVICE)
     x, dy = torch.randn(2, 9, 16, device=DEVICE), torch.randn(2, 9, 16, device=DEVICE)
-    results = []
-    for fused in (True, False):
-        mlp.fused = fused
-        assert mlp.fuses(x) is fused
-        params = list(mlp.parameters())
-        leaf = x.clone().requires_grad_()
-        y = mlp(leaf)
-        results.append([y, *torch.autograd.grad(y, [leaf, *params], dy)])
-    for a, b in zip(*results):
+    for a, b in zip(*_fused_and_module_calls(mlp, x, dy)):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
     mlp.fused = None
     handle = mlp.up.register_forward_hook(lambda *args: None)
@@ -145,14 +151,7 @@ def test_model_mlp_under_autocast_matches_the_module_calls(poison_outputs):
     torch.manual_seed(4)
     mlp = MLP(32, 64, "gelu").to(DEVICE)
     x, dy = torch.randn(2, 40, 32, device=DEVICE), torch.randn(2, 40, 32, device=DEVICE)
-    results = []
-    for fused in (True, False):
-        mlp.fused = fused
-        leaf = x.clone().requires_grad_()
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            y = mlp(leaf)
-        grads = torch.autograd.grad(y, [leaf, *mlp.parameters()], dy.to(y.dtype))
-        assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
-        results.append([y.float(), *grads])
-    for name, a, b in zip(("y", "dx", "dw1", "db1", "dw2", "db2"), *results):
-        assert relative_error(a, b.double()) < 2e-2, name
+    fused, modules = _fused_and_module_calls(mlp, x, dy, autocast=torch.bfloat16)
+    assert fused[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in fused[1:])
+    for name, a, b in zip(("y", "dx", "dw1", "db1", "dw2", "db2"), fused, modules):
+        assert relative_error(a.float(), b.double()) < 2e-2, name
