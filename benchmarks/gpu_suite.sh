@@ -101,6 +101,8 @@
 #   autotuned, c and d would not fit one call by --plan). Estimated a 252 s, b 252 s, c 292 s, d 282 s (captures
 #   assumed 0.5 s each, 4 a cell): attn-graphs-a:560, attn-graphs-b:560, attn-graphs-c:560, attn-graphs-d:560.
 #   Report: python benchmarks/attention_report.py attn_graphs_{a,b,c,d}.json (a and b alone: the short sequences),
+# gelu-mlp (the DiT MLP's GELU backward pass: torch.compile's against the fused kernel per launch, then the MLP's
+#   fwd+bwd eager and compiled, module calls vs fused; ~1 min),
 # dit-mlp, dit-mlp-modules (the compiled 1.3B reference DiT's training step, dense and SLA, with the MLP's GELU
 #   backward fused, the default since 2026-12-02, and with the module calls: what the fused pass does to the step and
 #   to the ratio; two compiled models each, dit-mlp:400 dit-mlp-modules:400),
@@ -125,6 +127,7 @@ declare -A CMD=(
   [sp-bench]="python3 benchmarks/bench_sequence_parallel.py --out $OUT/sequence_parallel"
   [models]="python3 -m pytest -q -p no:cacheprovider -m gpu tests/models"
   [dit-bench]="python3 benchmarks/bench_dit_step.py"
+  [gelu-mlp]="python3 benchmarks/bench_gelu_mlp.py --json $OUT/bench_gelu_mlp.json"
   [dit-mlp]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --out $OUT/dit_mlp_fused"
   [dit-mlp-modules]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --mlp modules --out $OUT/dit_mlp_modules"
   [attn-bench]="python3 benchmarks/bench_attention.py --json $OUT/bench_attention.json"
