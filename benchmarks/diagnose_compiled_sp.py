@@ -272,7 +272,7 @@ def opcheck_sla(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dic
     c = layer.config
     tensors = [x.detach().requires_grad_() for x in (q, k, v)]
     args = (*tensors, block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
-            block_map.block_q, block_map.block_k, c.feature_map, c.linear_scope, c.linear_sums)
+            block_map.block_q, block_map.block_k, c.feature_map, c.linear_scope, c.linear_sums, c.dkdv_split)
     if layer.fuses_projection(q.device):
         op = torch.ops.sla_dist.sla_projected_forward.default
         args += tuple(p.detach().clone().requires_grad_() for p in (layer.proj_l.weight, layer.proj_l.bias))

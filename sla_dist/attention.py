@@ -35,6 +35,8 @@ class SparseLinearAttention(nn.Module):
         linear_scope: 'marginal' (paper), 'all' (public main branch) or 'none' (sparse branch only).
         linear_sums: 'save' (the kernels' backward reads the linear branch's sums the forward made) or 'recompute'
             (it makes them again: less memory held between forward and backward); see SLAConfig.linear_sums.
+        dkdv_split: 'env' (SLA_DIST_DKDV_SPLIT decides), 'long' or 'off': whether the kernels' dK/dV splits long
+            query-block lists, worth it for skewed block maps such as a video DiT's; see SLAConfig.dkdv_split.
         backend: 'auto' (Triton on CUDA, dense reference on CPU), 'triton' or 'reference'.
     """
 
@@ -51,6 +53,7 @@ class SparseLinearAttention(nn.Module):
         negligible: float = 0.10,
         linear_scope: str = "marginal",
         linear_sums: str = "save",
+        dkdv_split: str = "env",
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -58,7 +61,7 @@ class SparseLinearAttention(nn.Module):
             raise ValueError(f"head_dim={head_dim} must be positive")
         self.config = SLAConfig(topk=topk, negligible=negligible, block_q=BLKQ, block_k=BLKK,
                                 feature_map=feature_map, linear_scope=linear_scope, linear_sums=linear_sums,
-                                backend=backend)
+                                dkdv_split=dkdv_split, backend=backend)
         self.head_dim = head_dim
         self.use_bf16 = use_bf16
         self.tie_feature_map_qk = tie_feature_map_qk
@@ -70,13 +73,13 @@ class SparseLinearAttention(nn.Module):
     def from_config(cls, head_dim: int, config: SLAConfig, **kwargs) -> "SparseLinearAttention":
         return cls(head_dim, config.topk, config.feature_map, config.block_q, config.block_k,
                    negligible=config.negligible, linear_scope=config.linear_scope, linear_sums=config.linear_sums,
-                   backend=config.backend, **kwargs)
+                   dkdv_split=config.dkdv_split, backend=config.backend, **kwargs)
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"head_dim={self.head_dim}, topk={c.topk}, negligible={c.negligible}, block=({c.block_q}, "
                 f"{c.block_k}), feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, "
-                f"linear_sums={c.linear_sums!r}, backend={c.backend!r}")
+                f"linear_sums={c.linear_sums!r}, dkdv_split={c.dkdv_split!r}, backend={c.backend!r}")
 
     def uses_kernels(self, device: torch.device) -> bool:
         return self.config.backend == "triton" or (self.config.backend == "auto" and device.type == "cuda")
@@ -111,7 +114,8 @@ class SparseLinearAttention(nn.Module):
         bfloat16 / float16, see ``use_bf16``), o_l None for linear_scope 'none', lse [B, H, Lq] float32."""
         c = self.config
         if self.uses_kernels(q.device):
-            branches = functools.partial(sla_branches, linear_sums=c.linear_sums, inputs_checked=True)
+            branches = functools.partial(sla_branches, linear_sums=c.linear_sums, dkdv_split=c.dkdv_split,
+                                         inputs_checked=True)
         else:
             branches = sla_branches_ref
         q, k, v, block_map = self._prepare(q, k, v)
@@ -151,7 +155,7 @@ class SparseLinearAttention(nn.Module):
             q_run, k_run, v_run, block_map = self._prepare(q, k, v)
             out = sparse_linear_attention(q_run, k_run, v_run, block_map, self.proj_l.weight, self.proj_l.bias,
                                           feature_map=c.feature_map, linear_scope=c.linear_scope,
-                                          linear_sums=c.linear_sums, inputs_checked=True)
+                                          linear_sums=c.linear_sums, dkdv_split=c.dkdv_split, inputs_checked=True)
         else:
             out, o_l, _, block_map = self.branches(q, k, v)
             if o_l is not None:

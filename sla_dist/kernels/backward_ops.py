@@ -13,7 +13,7 @@ import torch
 
 from .block_map import num_blocks, transposed_lists
 from .configs import (PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_chunked, dkdv_order, dkdv_split, get_kernel, interpreting,
-                      multiprocessors, prepass_launch, read_switches)
+                      multiprocessors, prepass_launch, read_switches, with_layer_split)
 from .descriptors import use_tma
 from .dkdv_plan import dkdv_program_order, dkdv_split_plan, split_slots
 from .layout import (block_strides, dot_precision, kernel_layout, key_value_layout, new_output, output_like, problem,
@@ -48,7 +48,7 @@ def sla_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     block_q: int, block_k: int, feature_map: str, linear_scope: str, proj_weight: torch.Tensor | None = None,
-    linear_sums: torch.Tensor | None = None, release: tuple[torch.Tensor, ...] = (),
+    linear_sums: torch.Tensor | None = None, release: tuple[torch.Tensor, ...] = (), dkdv_split: str = "env",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the gradients of O_s (``do``), of the unprojected O_l (``dol``) and of the base-2 lse
     (``dlse``); None stands for a zero gradient. With ``proj_weight`` (proj_l's W in ``do``'s dtype, from the
@@ -60,7 +60,8 @@ def sla_backward(
     whose last reader is the pre-pass (the eager path's, whose autograd node holds them until the whole backward
     returns; see :func:`_gradients`), their memory freed right after it: they are then not held beside dq, dk, dv
     and dh_j, the backward's peak. A second backward through the same graph (retain_graph) finds released sums
-    and makes them again.
+    and makes them again. ``dkdv_split``: the layer's choice (SLAConfig.dkdv_split) in SLA_DIST_DKDV_SPLIT's place,
+    'env' for the switch.
 
     Three steps, each a custom op of its own on the compiled path (:func:`compiled_backward`), so that a compiled
     graph frees each step's inputs after it as this function does: the query side (pre-pass and dQ,
@@ -73,7 +74,8 @@ def sla_backward(
     over_rows, chunks = _key_rows_plan(rows, marginal, q, v, block_k, switches)
     if rows is not None and chunks is None and not over_rows:
         rows, marginal = sum_over_scope(rows, marginal, p.precision, transpose=True), None
-    _, dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)
+    _, dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p,
+                               with_layer_split(switches, dkdv_split), over_rows)
     return dq, dk, dv
 
 
@@ -258,7 +260,7 @@ def _sla_backward_key_rows_impl(rows: torch.Tensor, marginal: torch.Tensor | Non
 def _sla_backward_keys_impl(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
     block_class: torch.Tensor, rows: torch.Tensor | None, marginal: torch.Tensor | None,
-    block_q: int, block_k: int, feature_map: str, rows_summed: bool,
+    block_q: int, block_k: int, feature_map: str, rows_summed: bool, dkdv_split: str = "env",
 ) -> torch.Tensor:
     """The backward's last custom op: dk and dv in one buffer (:func:`_backward_keys`; a custom op's outputs may not
     share storage, so summary_rows.gradient_views takes them apart outside). ``rows``: the key-block rows of the
@@ -266,10 +268,11 @@ def _sla_backward_keys_impl(
     overwrite (summary_rows.gradients_over_key_rows) or per chunk of heads (one chunk unless SLA_DIST_DKDV_CHUNKS
     makes more); None without the linear branch. ``do``: dO as the first op's kernels read it (its copy where it
     made one). q and dO are laid out as for the first op (a non-dense q, copied there, is copied again here, as k
-    and v that the kernels cannot read in place are: the forward copies those too)."""
+    and v that the kernels cannot read in place are: the forward copies those too). ``dkdv_split``: as for
+    :func:`sla_backward`."""
     q, do = kernel_layout(q, do)
     k, v = key_value_layout(k, v)
-    switches = read_switches()
+    switches = with_layer_split(read_switches(), dkdv_split)
     p = problem(q, k, v, block_q, block_k, feature_map, rows is not None, switches.interpreting)
     over_rows, chunks = (False, None) if rows_summed else _key_rows_plan(rows, marginal, q, v, block_k, switches)
     if rows is not None and not (rows_summed or over_rows):  # the first op's rows, summed here: one chunk at least
@@ -309,7 +312,8 @@ def _(rows, marginal, precision):
 
 
 @sla_backward_key_grads.register_fake
-def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, feature_map, rows_summed):
+def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, feature_map, rows_summed,
+      dkdv_split="env"):
     k, v = key_value_layout(k, v)
     if not rows_summed and gradients_over_key_rows(rows, marginal, v, block_k):
         B, H, _, D = k.shape
@@ -318,7 +322,7 @@ def _(do, q, k, v, lse, delta, block_class, rows, marginal, block_q, block_k, fe
 
 
 def compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k,
-                       feature_map, linear_scope, proj_weight=None, linear_sums=None):
+                       feature_map, linear_scope, proj_weight=None, linear_sums=None, dkdv_split="env"):
     """:func:`sla_backward` through its three custom ops, what torch.compile traces. A compiled graph frees a tensor
     after the last op that reads it (an op cannot free its inputs): O_s and the saved sums after the query side, the
     pre-pass' per-query-block rows after the key rows are summed from them, so neither is held beside dk, dv and
@@ -337,6 +341,6 @@ def compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
     if summed:
         rows, marginal = sla_backward_key_rows(rows, marginal, dot_precision(q.dtype)), None
     dkv = sla_backward_key_grads(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, block_class, rows,
-                                 marginal, block_q, block_k, feature_map, summed)
+                                 marginal, block_q, block_k, feature_map, summed, dkdv_split)
     dk, dv = gradient_views(dkv, k.shape[2])
     return dq, dk, dv

@@ -358,6 +358,12 @@ DKDV_PROGRAM_COST = 2
 wave model of benchmarks/time_bwd_kernel.py, PERF_NOTES 2026-11-30)."""
 
 
+def with_layer_split(switches: Switches, dkdv_split: str) -> Switches:
+    """``switches`` with a layer's own dK/dV split choice (SLAConfig.dkdv_split) in SLA_DIST_DKDV_SPLIT's place;
+    'env' keeps the switch as read."""
+    return switches if dkdv_split == "env" else switches._replace(dkdv_split=dkdv_split)
+
+
 def dkdv_split(switches: Switches | None = None) -> bool:
     """SLA_DIST_DKDV_SPLIT is 'long' (``switches``: as read for this launch)."""
     split = (switches or read_switches()).dkdv_split

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..config import validate_branch_options, validate_linear_sums
+from ..config import validate_branch_options, validate_dkdv_split, validate_linear_sums
 from .backward_ops import compiled_backward, sla_backward
 from .block_map import BlockMap, check_block_map
 from .configs import fwd_loop, get_kernel, interpreting, read_switches
@@ -91,9 +91,11 @@ def _forward(
 def _sla_forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str, revision: str = "",
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str, dkdv_split: str,
+    revision: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s, O_l, lse, sums) of :func:`_forward`. ``revision`` is not read (revision.py: the compiled graph's key)."""
+    """(O_s, O_l, lse, sums) of :func:`_forward`. ``dkdv_split`` is the backward's (SLAConfig.dkdv_split), kept by
+    the autograd context; ``revision`` is not read (revision.py: the compiled graph's key)."""
     return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
                     linear_sums)
 
@@ -101,11 +103,11 @@ def _sla_forward_impl(
 def _sla_projected_forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_class: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str,
+    block_q: int, block_k: int, feature_map: str, linear_scope: str, linear_sums: str, dkdv_split: str,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, revision: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_s + O_l W^T + b, O_s, O_l, lse, sums) of :func:`_forward`; linear_scope is not 'none'. ``revision`` as for
-    :func:`_sla_forward_impl`."""
+    """(O_s + O_l W^T + b, O_s, O_l, lse, sums) of :func:`_forward`; linear_scope is not 'none'. ``dkdv_split`` and
+    ``revision`` as for :func:`_sla_forward_impl`."""
     return _forward(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope,
                     linear_sums, proj_weight, proj_bias)
 
@@ -117,13 +119,13 @@ sla_projected_forward = torch.library.custom_op("sla_dist::sla_projected_forward
 
 @sla_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums,
-      revision=""):
+      dkdv_split, revision=""):
     return _forward_outputs_like(q, block_q, linear_scope, linear_sums)
 
 
 @sla_projected_forward.register_fake
 def _(q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, linear_sums,
-      proj_weight, proj_bias, revision=""):
+      dkdv_split, proj_weight, proj_bias, revision=""):
     outputs = _forward_outputs_like(q, block_q, linear_scope, linear_sums)
     return (output_like(outputs[0]), *outputs)  # out has O_s's layout
 
@@ -137,8 +139,13 @@ def _forward_outputs_like(q: torch.Tensor, block_q: int, linear_scope: str,
             q.new_empty(q.shape[:3], dtype=torch.float32), sums_like(q, block_q, linear_scope, linear_sums))
 
 
+DKDV_SPLIT_ARG = 11
+"""Position of ``dkdv_split`` among the forward ops' arguments (after linear_sums)."""
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, _, *rest = inputs
+    (q, k, v, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map, linear_scope, _, dkdv_split,
+     *rest) = inputs
     proj = [x for x in rest if not isinstance(x, str)]  # (W, b) of the projected op; not the revision
     ctx.inputs = len(inputs)  # one gradient (or None) per input, the revision's included where it was passed
     o, o_l, lse, sums = output[-4:]
@@ -150,6 +157,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, sums,
                           *((o_l, proj[0]) if proj else ()))
     ctx.static = (block_q, block_k, feature_map, linear_scope)
+    ctx.dkdv_split = dkdv_split
     # Unused outputs' gradients stay None, not zeros, in eager mode and in a compiled graph alike: with zeros the
     # kernels would read a dO_l / dlse of zeros, and the projected op would make dO_l = dOut W in PyTorch (IEEE float32
     # on a GPU) instead of in the pre-pass (tf32), so compiled and eager gradients would differ.
@@ -187,8 +195,8 @@ def _gradients(backward, ctx, *grads, release: bool = False):
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, *ctx.static,
-                          weight, sums, *((after_prepass,) if release else ()))
-    return dq, dk, dv, *(None,) * 8, *dproj, *(None,) * (ctx.inputs - 11 - len(dproj))
+                          weight, sums, *((after_prepass,) if release else ()), dkdv_split=ctx.dkdv_split)
+    return dq, dk, dv, *(None,) * 9, *dproj, *(None,) * (ctx.inputs - 12 - len(dproj))
 
 
 for _op in ("sla_forward", "sla_projected_forward"):
@@ -205,7 +213,7 @@ class _EagerSLA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward(*inputs)
+        output = _forward(*inputs[:DKDV_SPLIT_ARG], *inputs[DKDV_SPLIT_ARG + 1:])  # the split is the backward's
         _setup_context(ctx, inputs, output)
         return output
 
@@ -251,6 +259,7 @@ def sla_branches(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
     linear_sums: str = "save",
+    dkdv_split: str = "env",
     inputs_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """SLA's two branches before projection, for callers that merge attention parts themselves.
@@ -263,6 +272,8 @@ def sla_branches(
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
         linear_sums: 'save' (the backward reads the linear branch's per-query-block sums the forward made) |
             'recompute' (the backward makes them again; they are not held in between). See SLAConfig.linear_sums.
+        dkdv_split: 'env' (SLA_DIST_DKDV_SPLIT decides) | 'long' | 'off': whether the backward's dK/dV splits long
+            query-block lists over extra programs. See SLAConfig.dkdv_split.
         inputs_checked: the caller has run :func:`check_inputs` with ``kernel=True`` on these very q, k, v (as
             SparseLinearAttention does before predicting the map), so they are not checked again (host time).
 
@@ -272,7 +283,7 @@ def sla_branches(
         lse [B, H, Lq] float32: natural-log log-sum-exp of the sparse branch's scaled scores. All three are
         differentiable, so two partial attentions merge exactly as (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2).
     """
-    o, o_l, lse2 = _apply(sla_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums,
+    o, o_l, lse2 = _apply(sla_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums, dkdv_split,
                           inputs_checked=inputs_checked)
     return o, (o_l if linear_scope != "none" else None), lse2 * math.log(2.0)
 
@@ -288,6 +299,7 @@ def sparse_linear_attention(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
     linear_sums: str = "save",
+    dkdv_split: str = "env",
     inputs_checked: bool = False,
 ) -> torch.Tensor:
     """Sparse-Linear Attention with the fused Triton kernels.
@@ -300,6 +312,7 @@ def sparse_linear_attention(
         feature_map: 'softmax' | 'elu' | 'relu'.
         linear_scope: 'marginal' (paper) | 'all' | 'none'.
         linear_sums: 'save' | 'recompute', as for :func:`sla_branches`.
+        dkdv_split: 'env' | 'long' | 'off', as for :func:`sla_branches`.
         inputs_checked: as for :func:`sla_branches`.
 
     Returns:
@@ -308,14 +321,14 @@ def sparse_linear_attention(
     """
     if proj_weight is None or linear_scope == "none":  # both paths validate the options; no branch, no sums
         validate_linear_sums(linear_sums)
-        branches = functools.partial(sla_branches, inputs_checked=inputs_checked)
+        branches = functools.partial(sla_branches, dkdv_split=dkdv_split, inputs_checked=inputs_checked)
         return project_branches(branches, q, k, v, block_map, proj_weight, proj_bias, feature_map, linear_scope)
     # The output alone: O_s and O_l stay internal, and the eager backward frees them early (see _gradients).
-    return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums, proj_weight,
-                  proj_bias, inputs_checked=inputs_checked)[0]
+    return _apply(sla_projected_forward, q, k, v, block_map, feature_map, linear_scope, linear_sums, dkdv_split,
+                  proj_weight, proj_bias, inputs_checked=inputs_checked)[0]
 
 
-def _apply(op, q, k, v, block_map, feature_map, linear_scope, linear_sums, *proj,
+def _apply(op, q, k, v, block_map, feature_map, linear_scope, linear_sums, dkdv_split, *proj,
            inputs_checked: bool = False) -> tuple[torch.Tensor, ...]:
     """``op``'s outputs but the sums (internal to the backward) after the input checks (those of q, k, v unless
     ``inputs_checked``): the custom op under torch.compile, its implementation under ``_EagerSLA`` in eager mode."""
@@ -323,12 +336,13 @@ def _apply(op, q, k, v, block_map, feature_map, linear_scope, linear_sums, *proj
         check_inputs(q, k, v, kernel=True)
     validate_branch_options(feature_map, linear_scope)
     validate_linear_sums(linear_sums)
+    validate_dkdv_split(dkdv_split)
     check_block_map(q, k, block_map, kernel=True)
     if proj:
         check_projection(q, *proj)
     # The kernels index the lists as dense [B * H, Nq(, W)] arrays; a no-op for maps built by block_map.py.
     args = (q, k, v, block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
-            block_map.block_q, block_map.block_k, feature_map, linear_scope, linear_sums, *proj)
+            block_map.block_q, block_map.block_k, feature_map, linear_scope, linear_sums, dkdv_split, *proj)
     if torch.compiler.is_compiling():  # the custom op, with this package's revision in the captured graph
         return op(*args, REVISION)[:-1]
     return _EagerSLA.apply(*args)[:-1]

@@ -173,7 +173,7 @@ def test_fake_outputs_have_the_kernels_strides(layout, block_map_kernels):
     lists = (block_map.block_class, block_map.kv_num_blocks.contiguous(), block_map.kv_indices.contiguous(),
              block_map.block_q, block_map.block_k, "softmax", "marginal")
     weight, bias = layer.proj_l.weight.detach(), layer.proj_l.bias.detach()
-    forward_args = (q, k, v, *lists, "save", weight, bias)
+    forward_args = (q, k, v, *lists, "save", "env", weight, bias)
     ops = torch.ops.sla_dist
 
     def strides(outputs):

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from sla_dist import SparseLinearAttention
+from sla_dist import SLAConfig, SparseLinearAttention, predict_block_map, sla_branches, sparse_linear_attention
 from sla_dist.kernels import configs, dkdv_plan
 from sla_dist.kernels.block_map import transposed_lists
 from sla_dist.kernels.configs import DKDV_CHUNKS_ENV, DKDV_ORDER_ENV, DKDV_SPLIT_ENV, dkdv_split
@@ -166,6 +166,52 @@ def test_compiled_split_backward_launches_as_the_eager_one(block_map_kernels, mo
     assert launches.seen == eager_launches == [("dkdv", 0), ("dkdv_combine", 0)]
     for name, a, b in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
         assert torch.equal(a, b), (name, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("layer_split, env, launched", [("long", None, True), ("off", "long", False),
+                                                        ("env", "long", True)])
+def test_a_layer_chooses_its_own_split(layer_split, env, launched, block_map_kernels, monkeypatch):
+    """SLAConfig.dkdv_split ('long', 'off') decides for its layer whatever SLA_DIST_DKDV_SPLIT says ('env': the
+    switch), in the eager backward and in the compiled one alike (same launches, same gradients bit for bit)."""
+    if env is None:
+        monkeypatch.delenv(DKDV_SPLIT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(DKDV_SPLIT_ENV, env)
+    monkeypatch.setenv(DKDV_ORDER_ENV, "long-first")
+    monkeypatch.setattr(configs, "INTERPRETER_SMS", 64)
+    monkeypatch.setattr(dkdv_plan, "DKDV_SPLIT_MIN_PART", 2)
+    torch._dynamo.reset()
+    launches = KernelArgs("BH_FIRST")
+    monkeypatch.setattr("sla_dist.kernels.backward_ops.get_kernel", launches)
+    torch.manual_seed(0)
+    layer = SparseLinearAttention(32, topk=0.5, negligible=0.25, backend="triton", dkdv_split=layer_split)
+    torch.nn.init.normal_(layer.proj_l.weight, std=0.2)
+    layer = layer.to(DEVICE)
+    g = torch.Generator().manual_seed(4)
+    q, k, v, grad = (torch.randn(1, 2, 459, 32, generator=g).to(DEVICE) for _ in range(4))
+    want = layer_step(layer, q, k, v, grad)
+    assert launches.seen == [("dkdv", 0)] + [("dkdv_combine", 0)] * launched
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    layer_step(compiled, q, k, v, grad)  # compiles
+    launches.seen.clear()
+    got = layer_step(compiled, q, k, v, grad)
+    assert launches.seen == [("dkdv", 0)] + [("dkdv_combine", 0)] * launched
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dproj_w"), got, want):
+        assert torch.equal(a, b), (name, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("bad", ["Long", "on", None, True])
+def test_bad_layer_split_is_named(bad):
+    with pytest.raises(ValueError, match="dkdv_split"):
+        SLAConfig(dkdv_split=bad)
+    with pytest.raises(ValueError, match="dkdv_split"):
+        SparseLinearAttention(32, dkdv_split=bad)
+    q, k, v = (torch.randn(1, 1, 130, 32, device=DEVICE) for _ in range(3))
+    block_map = predict_block_map(q, k, topk=0.5, negligible=0.0)
+    for call in (lambda: sparse_linear_attention(q, k, v, block_map, dkdv_split=bad),
+                 lambda: sla_branches(q, k, v, block_map, dkdv_split=bad)):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            call()
 
 
 def test_lpt_has_no_split_form():

@@ -36,7 +36,7 @@ def _forward(path: str, projected: bool, linear_scope: str, linear_sums: str, q,
         return o_s + 0.5 * o_l + 0.1 * lse[..., None]
     ops = torch.ops.sla_dist
     lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, bm.block_q, bm.block_k, "softmax", linear_scope,
-             linear_sums)
+             linear_sums, "env")
     if projected:
         return ops.sla_projected_forward(q, k, v, *lists, w, b)[0]
     o_s, o_l, lse, _ = ops.sla_forward(q, k, v, *lists)
@@ -113,7 +113,8 @@ def test_second_backward_makes_released_sums_again(monkeypatch, poison_outputs):
 def test_forward_ops_fakes_give_the_sums_metadata(linear_scope, linear_sums):
     """The fakes' sums output (rows [BH, Nq|1, D D + D], or empty) has the real one's shape, strides and dtype."""
     q, k, v, _, _, _, bm = _inputs(201, torch.float32)
-    args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", linear_scope, linear_sums)
+    args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", linear_scope, linear_sums,
+            "env")
     torch.library.opcheck(op.sla_forward, args, test_utils=("test_schema", "test_faketensor"))
     sums = op.sla_forward(*args)[-1]
     rows = {"marginal": bm.block_class.shape[2], "all": 1}.get(linear_scope)
@@ -127,7 +128,7 @@ def test_backward_ops_take_the_sums(linear_scope):
     against the real outputs) and schemas, the 0/1 matrix (scope 'marginal') or none ('all') between them."""
     q, k, v, grad, w, b, bm = _inputs(201, torch.float32)
     lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", linear_scope)
-    _, o_s, o_l, lse, sums = op.sla_projected_forward(q, k, v, *lists, "save", w, b)
+    _, o_s, o_l, lse, sums = op.sla_projected_forward(q, k, v, *lists, "save", "env", w, b)
     args = (grad, None, None, q, k, v, o_s, lse, *lists, w.to(grad.dtype), sums)
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(backward_ops.sla_backward_queries, args, test_utils=checks)

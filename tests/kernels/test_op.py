@@ -159,7 +159,7 @@ def test_lse_is_differentiable_for_merging(poison_outputs):
 def test_custom_op_registration(projected):
     q, k, v = _qkv(1, 1, 130, 130, 32)
     bm = predict_block_map(q, k, topk=0.5, negligible=0.0)
-    args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", "marginal", "save")
+    args = (q, k, v, bm.block_class, bm.kv_num_blocks, bm.kv_indices, 64, 64, "softmax", "marginal", "save", "env")
     if projected:
         args += (torch.randn(32, 32, device=DEVICE), torch.randn(32, device=DEVICE))
     torch.library.opcheck(sla_projected_forward if projected else sla_forward, args,
@@ -231,7 +231,8 @@ def test_projected_op_takes_gradients_of_every_output(used, poison_outputs):
     g = torch.Generator().manual_seed(4)
     w, b = (torch.randn(32, 32, generator=g) * 0.2).to(DEVICE), (torch.randn(32, generator=g) * 0.1).to(DEVICE)
     bm = predict_block_map(q, k, topk=0.3, negligible=0.1)
-    lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, bm.block_q, bm.block_k, "softmax", "marginal", "save")
+    lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, bm.block_q, bm.block_k, "softmax", "marginal", "save",
+             "env")
     weights = {name: torch.randn(q.shape, generator=g).to(DEVICE) for name in ("out", "o_s", "o_l", "lse")}
 
     def loss(outputs):

@@ -97,7 +97,7 @@ def test_outputs_the_caller_holds_are_never_freed(linear_sums):
     leaves, grad, bm = _inputs(201)
     q, k, v, w, b = leaves
     lists = (bm.block_class, bm.kv_num_blocks, bm.kv_indices, bm.block_q, bm.block_k, "softmax", "marginal",
-             linear_sums)
+             linear_sums, "env")
     for name, outputs in (("sla_branches", sla_branches(q, k, v, bm, linear_sums=linear_sums)),
                           ("sla_forward", op.sla_forward(q, k, v, *lists)[:3]),
                           ("sla_projected_forward", op.sla_projected_forward(q, k, v, *lists, w, b)[:4])):
