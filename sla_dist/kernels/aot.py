@@ -256,10 +256,11 @@ def model_kernels(dtype: str = "bf16") -> list[ModelKernel]:
     """The DiT's kernels with their launchers' settings, for inputs of ``dtype`` (bf16, fp16, fp32)."""
     from .gelu_mlp import BACKWARD_LAUNCH as gelu
     from .norm_rope import BACKWARD_LAUNCH as rope
+    from .norm_rope import launch_constants
 
     x = "*" + dtype
     dim, heads = 1536, 12
-    rope_sizes = dict(DIM=dim, HALF_D=dim // heads // 2, PAIRS=1 << (dim // 2 - 1).bit_length())
+    rope_sizes = launch_constants(dim, heads)
     tables = dict(cos_ptr="*fp32", sin_ptr="*fp32", rstd_ptr="*fp32")
     return [
         ModelKernel("norm_rope_fwd", "norm_rope_kernels", "norm_rope_fwd_kernel",

@@ -320,10 +320,10 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, *
                  kernels: bool | None = None) -> torch.Tensor:
     """s_ij with smooth-K pooling of ``q`` [B, H, Lq, D] and ``k`` [B, H, Lk, D], float32 [B, H, Nq, Nk]."""
     Lq, Lk = q.shape[2], k.shape[2]
-    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
     q_sums, k_sums = block_sums(q, block_q, kernels=kernels), block_sums(k, block_k, kernels=kernels)
     if _on_kernels(q, kernels):
         return compiled_or_eager(_block_scores_op, _kernel_block_scores)(q_sums, k_sums, Lq, Lk, block_q, block_k)
+    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
     return smooth_k_scores(q_sums, rows_per_block(Lq, block_q, nq, q.device), k_sums,
                            rows_per_block(Lk, block_k, nk, k.device), Lk)
 

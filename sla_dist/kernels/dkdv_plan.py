@@ -42,9 +42,15 @@ def dkdv_program_order(q_num_blocks: torch.Tensor, order: str) -> torch.Tensor |
     lists = lengths.numel()
     programs = torch.empty(lists, dtype=torch.int64, device=lengths.device)
     get_kernel("long_first_order")[(-(-lists // ORDER_ROWS),)](
-        lengths, programs, lists, LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=min(4096, max(16, 1 << (lists - 1).bit_length())),
-        ROWS=ORDER_ROWS, COLS=ORDER_COLS)
+        lengths, programs, lists, LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=_lengths_block(lists), ROWS=ORDER_ROWS,
+        COLS=ORDER_COLS)
     return programs
+
+
+def _lengths_block(lists: int) -> int:
+    """Lengths the order and plan kernels load per step when they sum all ``lists`` lists' lengths: a power of two
+    covering them, from 16 up to 4096."""
+    return min(4096, max(16, 1 << (lists - 1).bit_length()))
 
 
 ORDER_ROWS, ORDER_COLS = 16, 512
@@ -127,7 +133,7 @@ def dkdv_split_plan(q_num_blocks: torch.Tensor, order: str, sms: int, slots: int
     get_kernel("dkdv_split_plan")[(lists // nk, -(-nk // PLAN_ROWS))](
         q_num_blocks, work, combine, part, lists, nk, slots, sms * split_windows(order, lists // nk),
         MODE=SPLIT_ORDERS[order], COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART,
-        LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=min(4096, max(16, 1 << (lists - 1).bit_length())), ROWS=PLAN_ROWS,
+        LONG_FACTOR=LONG_FIRST_FACTOR, BLOCK=_lengths_block(lists), ROWS=PLAN_ROWS,
         COLS=PLAN_COLS)
     return SplitPlan(work, combine, part[0])
 

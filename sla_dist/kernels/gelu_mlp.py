@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import configs, layout
+from . import layout
+from .op import triton_runs_on
 from .projection import column_sums
 
 FUSED_MLP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,13 +64,9 @@ def _kernel():
     return gelu_tanh_bwd_kernel
 
 
-def _fused(t: torch.Tensor) -> bool:
-    return t.is_cuda or configs.interpreting()
-
-
 def _gelu_tanh_backward_impl(ga: torch.Tensor, h: torch.Tensor,
                              launch: BackwardLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not _fused(h):
+    if not triton_runs_on(h.device):
         return gelu_tanh_backward_ref(ga, h)
     launch = launch or BACKWARD_LAUNCH
     ga, h = ga.contiguous(), h.contiguous()

@@ -52,10 +52,10 @@ def _shape(x: torch.Tensor, heads: int) -> tuple[int, int, int, int]:
     return B, L, dim, dim // heads
 
 
-def _launch_constants(x: torch.Tensor, heads: int) -> dict:
-    """The kernels' compile-time sizes: a row's channels, a head's pairs, the row's pairs rounded up to a power of
-    two (a tile's length; the masked tail is never loaded or stored)."""
-    dim = x.shape[-1]
+def launch_constants(dim: int, heads: int) -> dict:
+    """The kernels' compile-time sizes for rows of ``dim`` channels in ``heads`` heads: a row's channels, a head's
+    pairs, the row's pairs rounded up to a power of two (a tile's length; the masked tail is never loaded or
+    stored)."""
     return dict(DIM=dim, HALF_D=dim // heads // 2, PAIRS=1 << max(dim // 2 - 1, 0).bit_length())
 
 
@@ -66,7 +66,7 @@ def _norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, si
     out = layout.new_output((B, L, heads, D), x, x.dtype)
     rstd = layout.new_output((B, L), x, torch.float32)
     forward, _ = _kernels()
-    forward[(B * L,)](x, weight, cos, sin, out, rstd, L, x.stride(0), x.stride(1), eps, **_launch_constants(x, heads),
+    forward[(B * L,)](x, weight, cos, sin, out, rstd, L, x.stride(0), x.stride(1), eps, **launch_constants(x.shape[-1], heads),
                       num_warps=4)
     return out, rstd
 
@@ -100,7 +100,7 @@ def _norm_rope_backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.
     dw_parts = layout.new_output((programs, dim), x, torch.float32)
     _, backward = _kernels()
     backward[(programs,)](grad, x, weight, cos, sin, rstd, dx, dw_parts, n, L, per_program, *grad.stride()[:3],
-                          x.stride(0), x.stride(1), **_launch_constants(x, heads), ROWS=launch.rows,
+                          x.stride(0), x.stride(1), **launch_constants(x.shape[-1], heads), ROWS=launch.rows,
                           num_warps=launch.warps)
     return dx, dw_parts.sum(0).to(weight.dtype)
 
