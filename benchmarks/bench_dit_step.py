@@ -290,6 +290,10 @@ def main() -> None:
     parser.add_argument("--block-k", type=int, default=64)
     parser.add_argument("--feature-map", default="softmax")
     parser.add_argument("--linear-scope", default="marginal")
+    parser.add_argument("--dkdv-split", choices=("env", "long", "off"), default="long",
+                        help="SLAConfig.dkdv_split of the SLA layers: 'long' (the Wan recipes' setting) splits the dK/dV "
+                        "kernel's long query-block lists (a DiT's skewed block maps), 'off' keeps whole lists, 'env' "
+                        "as SLA_DIST_DKDV_SPLIT says")
     parser.add_argument("--dense-backend", choices=("cudnn", "flash", "efficient", "auto"), default="cudnn")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--layers", type=int, default=None, help="blocks of the model (default: the shape's, 30 at the "
@@ -319,7 +323,7 @@ def main() -> None:
     if args.tiny:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
     args.sla = SLAConfig(topk=args.topk, negligible=args.negligible, block_q=args.block_q, block_k=args.block_k,
-                         feature_map=args.feature_map, linear_scope=args.linear_scope)
+                         feature_map=args.feature_map, linear_scope=args.linear_scope, dkdv_split=args.dkdv_split)
     args.peak = peak_flops(device, args.peak_tflops)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # The chosen backend first; the others only where it cannot take a call, so a run never stops on "no kernel".
