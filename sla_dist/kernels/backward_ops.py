@@ -71,8 +71,8 @@ def sla_backward(
     q, k, v, do, p, switches, dq, delta, rows, marginal = _backward_queries(
         do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks, kv_indices, block_q, block_k, feature_map,
         linear_scope, proj_weight, linear_sums, release)
-    over_rows, chunks = _key_rows_plan(rows, marginal, q, v, block_k, switches)
-    if rows is not None and chunks is None and not over_rows:
+    over_rows, chunks, sum_first = _key_rows_plan(rows, marginal, q, v, block_k, switches)
+    if sum_first:
         rows, marginal = sum_over_scope(rows, marginal, p.precision, transpose=True), None
     _, dk, dv = _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p,
                                with_layer_split(switches, dkdv_split), over_rows)
@@ -132,15 +132,17 @@ def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
 
 
 def _key_rows_plan(rows: torch.Tensor | None, marginal: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor,
-                   block_k: int, switches) -> tuple[bool, tuple[tuple[int, int], ...] | None]:
-    """(over_rows, chunks): how dK/dV gets the per-key-block rows dh_j, dz_j from the pre-pass' per-query-block
-    ``rows``. ``over_rows`` (summary_rows.gradients_over_key_rows): summed inside, into the slabs that dk and dv then
-    overwrite; else ``chunks`` of heads, each summed inside just before its launch (:func:`_dkdv_chunks`), or None:
-    summed beforehand (the query blocks' rows freed before dk, dv exist). Summed inside, the query blocks' rows are
-    held to the end, and the peak is at the sum in either case (559.6 MiB in chunks, 497.4 over the slabs at bf16
-    L 32768 D 128, counted on the CPU). Sizes only (fake tensors too)."""
+                   block_k: int, switches) -> tuple[bool, tuple[tuple[int, int], ...] | None, bool]:
+    """(over_rows, chunks, sum_first): how dK/dV gets the per-key-block rows dh_j, dz_j from the pre-pass'
+    per-query-block ``rows``. ``over_rows`` (summary_rows.gradients_over_key_rows): summed inside, into the slabs
+    that dk and dv then overwrite; else ``chunks`` of heads, each summed inside just before its launch
+    (:func:`_dkdv_chunks`), or None and ``sum_first``: summed beforehand (the query blocks' rows freed before dk,
+    dv exist). Summed inside, the query blocks' rows are held to the end, and the peak is at the sum in either case
+    (559.6 MiB in chunks, 497.4 over the slabs at bf16 L 32768 D 128, counted on the CPU). Sizes only (fake tensors
+    too)."""
     over_rows = gradients_over_key_rows(rows, marginal, v, block_k)
-    return over_rows, None if over_rows else _dkdv_chunks(rows, marginal, q, switches)
+    chunks = None if over_rows else _dkdv_chunks(rows, marginal, q, switches)
+    return over_rows, chunks, rows is not None and not over_rows and chunks is None
 
 
 def _dkdv_chunks(rows: torch.Tensor | None, marginal: torch.Tensor | None, q: torch.Tensor,
@@ -274,7 +276,8 @@ def _sla_backward_keys_impl(
     k, v = key_value_layout(k, v)
     switches = with_layer_split(read_switches(), dkdv_split)
     p = problem(q, k, v, block_q, block_k, feature_map, rows is not None, switches.interpreting)
-    over_rows, chunks = (False, None) if rows_summed else _key_rows_plan(rows, marginal, q, v, block_k, switches)
+    over_rows, chunks, _ = (False, None, False) if rows_summed else _key_rows_plan(rows, marginal, q, v, block_k,
+                                                                                   switches)
     if rows is not None and not (rows_summed or over_rows):  # the first op's rows, summed here: one chunk at least
         chunks = chunks or ((0, p.bh),)
     return _backward_keys(q, k, v, do, lse, delta, block_class, rows, marginal, chunks, p, switches, over_rows)[0]
@@ -336,8 +339,7 @@ def compiled_backward(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
         rows = marginal = None
     elif linear_scope == "all":
         marginal = None
-    over_rows, chunks = _key_rows_plan(rows, marginal, q, v, block_k, read_switches())
-    summed = rows is not None and not over_rows and chunks is None
+    summed = _key_rows_plan(rows, marginal, q, v, block_k, read_switches())[2]
     if summed:
         rows, marginal = sla_backward_key_rows(rows, marginal, dot_precision(q.dtype)), None
     dkv = sla_backward_key_grads(do_kernel if do_kernel.numel() else do, q, k, v, lse, delta, block_class, rows,
