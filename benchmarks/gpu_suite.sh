@@ -101,6 +101,9 @@
 #   autotuned, c and d would not fit one call by --plan). Estimated a 252 s, b 252 s, c 292 s, d 282 s (captures
 #   assumed 0.5 s each, 4 a cell): attn-graphs-a:560, attn-graphs-b:560, attn-graphs-c:560, attn-graphs-d:560.
 #   Report: python benchmarks/attention_report.py attn_graphs_{a,b,c,d}.json (a and b alone: the short sequences),
+# block-sums (the block map's block sums of q and k per warp count, bench_block_sums.py; ~20 s), glue-warps (the
+#   layer at 32768 and 8192 tokens under other warp counts for the glue kernels, one at a time: block sums,
+#   summaries, classify, each with the kernels' CUDA time; fixed launch settings otherwise, ~2 min),
 # gelu-mlp (the DiT MLP's GELU backward pass: torch.compile's against the fused kernel per launch, then the MLP's
 #   fwd+bwd eager and compiled, module calls vs fused; ~1 min),
 # dit-mlp, dit-mlp-modules (the compiled 1.3B reference DiT's training step, dense and SLA, with the MLP's GELU
@@ -127,6 +130,8 @@ declare -A CMD=(
   [sp-bench]="python3 benchmarks/bench_sequence_parallel.py --out $OUT/sequence_parallel"
   [models]="python3 -m pytest -q -p no:cacheprovider -m gpu tests/models"
   [dit-bench]="python3 benchmarks/bench_dit_step.py"
+  [block-sums]="python3 benchmarks/bench_block_sums.py --warps 1 2 4 --json $OUT/block_sums.json"
+  [glue-warps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py glue-warps --L 32768 8192 --kernels --setting default block_sums=1x1 block_sums=2x1 summaries=8x1 classify=2x1 classify=1x1"
   [gelu-mlp]="python3 benchmarks/bench_gelu_mlp.py --json $OUT/bench_gelu_mlp.json"
   [dit-mlp]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --out $OUT/dit_mlp_fused"
   [dit-mlp-modules]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --mlp modules --out $OUT/dit_mlp_modules"

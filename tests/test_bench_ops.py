@@ -1,5 +1,5 @@
-"""CPU smoke runs of the per-op benchmarks (bench_norm_rope.py, bench_cross_attention.py): every row times, and the
-results files say which shape and command; host_overhead.py's comparison of two trees."""
+"""CPU smoke runs of the per-op benchmarks (bench_norm_rope.py, bench_cross_attention.py, bench_block_sums.py): every
+row times, and the results files say which shape and command; host_overhead.py's comparison of two trees."""
 
 import json
 import os
@@ -55,3 +55,15 @@ def test_host_overhead_compares_two_trees_in_alternating_processes(tmp_path):
     assert any(line.strip().startswith("layer forward+backward: against") for line in lines)
     missing = _host_overhead("--against", str(tmp_path), "--rounds", "1")
     assert missing.returncode != 0 and "not the sla_dist under" in missing.stderr
+
+
+def test_block_sums_tiny_run_checks_and_times_every_warp_count(tmp_path):
+    out = tmp_path / "block_sums.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_block_sums.py"), "--L", "300", "--H", "2",
+                          "--D", "48", "--warps", "1", "2", "--json", str(out)],
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["tensor"], r["block"], r["warps"]) for r in rows] == [("q", 128, 1), ("q", 128, 2), ("k", 64, 1),
+                                                                     ("k", 64, 2)]
+    assert all(r["us"] > 0 for r in rows)
