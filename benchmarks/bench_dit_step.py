@@ -291,9 +291,9 @@ def main() -> None:
     parser.add_argument("--feature-map", default="softmax")
     parser.add_argument("--linear-scope", default="marginal")
     parser.add_argument("--dkdv-split", choices=("env", "long", "off"), default="long",
-                        help="SLAConfig.dkdv_split of the SLA layers: 'long' (the Wan recipes' setting) splits the dK/dV "
-                        "kernel's long query-block lists (a DiT's skewed block maps), 'off' keeps whole lists, 'env' "
-                        "as SLA_DIST_DKDV_SPLIT says")
+                        help="SLAConfig.dkdv_split of the SLA layers: 'long' (the Wan recipes' setting) splits the "
+                        "dK/dV kernel's long query-block lists (a DiT's skewed block maps), 'off' keeps whole lists, "
+                        "'env' as SLA_DIST_DKDV_SPLIT says")
     parser.add_argument("--dense-backend", choices=("cudnn", "flash", "efficient", "auto"), default="cudnn")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--layers", type=int, default=None, help="blocks of the model (default: the shape's, 30 at the "

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from ..config import DKDV_SPLIT_CHOICES
+
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,7 @@ def classify_packed(nk: int, switches: Switches | None = None) -> bool:
     return (select or DEFAULT_CLASSIFY) == "packed" and nk <= CLASSIFY_PACKED_MAX_BLOCKS
 
 
-DKDV_SPLITS = ("off", "long")
+DKDV_SPLITS = tuple(choice for choice in DKDV_SPLIT_CHOICES if choice != "env")
 """SLA_DIST_DKDV_SPLIT: off (the default), one dK/dV program per (key block, head), walking its whole list; long,
 lists longer than a part length T are split over several programs (dkdv_plan.dkdv_split_plan), each writing its
 float32 partial dK, dV to a scratch buffer that the dkdv_combine kernel then sums into dk, dv. The launch grows by

@@ -66,7 +66,7 @@ def _norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, si
     out = layout.new_output((B, L, heads, D), x, x.dtype)
     rstd = layout.new_output((B, L), x, torch.float32)
     forward, _ = _kernels()
-    forward[(B * L,)](x, weight, cos, sin, out, rstd, L, x.stride(0), x.stride(1), eps, **launch_constants(x.shape[-1], heads),
+    forward[(B * L,)](x, weight, cos, sin, out, rstd, L, x.stride(0), x.stride(1), eps, **launch_constants(dim, heads),
                       num_warps=4)
     return out, rstd
 
@@ -100,7 +100,7 @@ def _norm_rope_backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.
     dw_parts = layout.new_output((programs, dim), x, torch.float32)
     _, backward = _kernels()
     backward[(programs,)](grad, x, weight, cos, sin, rstd, dx, dw_parts, n, L, per_program, *grad.stride()[:3],
-                          x.stride(0), x.stride(1), **launch_constants(x.shape[-1], heads), ROWS=launch.rows,
+                          x.stride(0), x.stride(1), **launch_constants(dim, heads), ROWS=launch.rows,
                           num_warps=launch.warps)
     return dx, dw_parts.sum(0).to(weight.dtype)
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from .layout import cast, memory_order, permute
 
+
 def plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` that a fused kernel may read through its weight and bias instead of
     calling it: nothing hooks its forward, no adapter replaces it, and ZeRO-3 has not partitioned its parameters
