@@ -131,7 +131,7 @@ declare -A CMD=(
   [models]="python3 -m pytest -q -p no:cacheprovider -m gpu tests/models"
   [dit-bench]="python3 benchmarks/bench_dit_step.py"
   [block-sums]="python3 benchmarks/bench_block_sums.py --warps 1 2 4 --json $OUT/block_sums.json"
-  [glue-warps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py glue-warps --L 32768 8192 --kernels --setting default block_sums=1x1 block_sums=2x1 summaries=8x1 classify=2x1 classify=1x1"
+  [glue-warps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py glue-warps --L 32768 8192 --kernels --setting default block_sums=4x1 block_sums=2x1 summaries=8x1 classify=2x1 classify=1x1"
   [gelu-mlp]="python3 benchmarks/bench_gelu_mlp.py --json $OUT/bench_gelu_mlp.json"
   [dit-mlp]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --out $OUT/dit_mlp_fused"
   [dit-mlp-modules]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --mlp modules --out $OUT/dit_mlp_modules"
