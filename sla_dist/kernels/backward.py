@@ -21,7 +21,7 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    come through tensor descriptors, tiles.py):
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
 3. ``_bwd_dkdv_kernel``: one program per key block j, walking the transposed list q_indices (only the query blocks
-   that chose j, never all of them), each query block in Q_SPLIT row slices (with ORDERED, program p takes the key
+   that chose j, never all of them), each query block in Q_STEPS x Q_SPLIT row slices (with ORDERED, program p takes the key
    block ORDER[p] names, e.g. the longest lists first; with USE_TMA, q and dO come through tensor descriptors):
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
    plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T. With SPLIT (SLA_DIST_DKDV_SPLIT)
@@ -303,7 +303,7 @@ def _bwd_dkdv_kernel(
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
     Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr, SPLIT: tl.constexpr = False,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, Q_STEPS: tl.constexpr = 1,
 ):
     # A launch covers the BH' heads (of B x H) from BH_FIRST on: the launcher may take the heads in chunks, so that
     # the dh_j rows of only one chunk are held at a time. bh' counts within the launch, bh over all heads.
@@ -325,7 +325,7 @@ def _bwd_dkdv_kernel(
     bh = BH_FIRST + chunk_bh
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ROWS: tl.constexpr = BLOCK_Q // Q_SPLIT
+    ROWS: tl.constexpr = BLOCK_Q // (Q_SPLIT * Q_STEPS)
     offs_m0 = tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     col_ok = offs_k < LK
@@ -354,12 +354,19 @@ def _bwd_dkdv_kernel(
     if SPLIT:
         blocks += first
     nxt = listed_index(blocks, 0, n_blocks)
-    for it in range(0, n_blocks):
+    # A query block is taken in Q_STEPS loop steps of Q_SPLIT row slices each. Slices of one step are loaded
+    # together (one pipeline stage holds them all); steps are pipelined one after the other, so with Q_STEPS > 1 a
+    # stage holds 1 / Q_STEPS of a block's q and dO, and more stages (more copies in flight) fit in shared memory.
+    for it in range(0, n_blocks * Q_STEPS):
         i = nxt
-        nxt = listed_index(blocks, it + 1, n_blocks)
-        # A query block may be taken in Q_SPLIT row slices (smaller tiles, fewer live registers): autotuned.
+        if Q_STEPS > 1:
+            first_slice = (it % Q_STEPS) * Q_SPLIT
+            nxt = listed_index(blocks, (it + 1) // Q_STEPS, n_blocks)
+        else:
+            first_slice = 0
+            nxt = listed_index(blocks, it + 1, n_blocks)
         for part in tl.static_range(Q_SPLIT):
-            start = i * BLOCK_Q + part * ROWS
+            start = i * BLOCK_Q + (first_slice + part) * ROWS
             _, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, q_desc, do_desc, q_base, bh, start,
                                                       start + offs_m0, stride_ql, offs_d, LQ, USE_TMA)
             if KEYS_AS_COLUMNS:

@@ -474,33 +474,62 @@ def get_kernel(name: str):
     return triton.autotune(configs=configs, key=list(t.key), restore_value=list(t.restore), **cache)(fn)
 
 
-def parse_settings(text: str) -> dict[str, tuple[int, int]]:
+def parse_settings(text: str) -> dict[str, tuple]:
     """'fwd_split=4x3+dq=8x4' -> {'fwd_split': (4, 3), 'dq': (8, 4)}: kernels of the tuning table and their
-    (warps, stages)."""
+    (warps, stages); 'dkdv=4x3/Q_STEPS=2' adds the kernel's constexprs to set, {'dkdv': (4, 3, {'Q_STEPS': 2})}
+    (see :func:`fixed_settings` for which)."""
     settings = {}
     for item in text.split("+"):
         name, _, value = item.partition("=")
-        warps, _, stages = value.partition("x")
+        launch, *assignments = value.split("/")
+        warps, _, stages = launch.partition("x")
         if name not in _KERNELS:
             raise ValueError(f"launch setting {item!r}: {name!r} is not one of {sorted(_KERNELS)}")
         if not (warps.isdigit() and stages.isdigit()) or int(warps) not in (1, 2, 4, 8, 16) or int(stages) < 1:
-            raise ValueError(f"launch setting {item!r}: write KERNEL=WARPSxSTAGES with warps 1, 2, 4, 8 or 16 and "
-                             "stages >= 1, e.g. dq=8x4")
-        settings[name] = (int(warps), int(stages))
+            raise ValueError(f"launch setting {item!r}: write KERNEL=WARPSxSTAGES[/CONSTEXPR=INT...] with warps 1, 2, "
+                             "4, 8 or 16 and stages >= 1, e.g. dq=8x4 or dkdv=4x3/Q_STEPS=2")
+        meta = {}
+        for assignment in assignments:
+            key, _, number = assignment.partition("=")
+            if not key or not number.lstrip("-").isdigit():
+                raise ValueError(f"launch setting {item!r}: {assignment!r} is not CONSTEXPR=INT")
+            meta[key] = int(number)
+        settings[name] = (int(warps), int(stages), meta) if meta else (int(warps), int(stages))
     return settings
 
 
+def _with_constexprs(t: _Tuning, name: str, meta: dict[str, int]) -> _Tuning:
+    """``t`` launched with the constexprs ``meta`` when untuned: a tuned choice takes the given option (one of its
+    options), any other constexpr of the kernel that has a default value is passed as a constant."""
+    choices, constants = dict(t.choices), dict(t.constants)
+    params = inspect.signature(jit_function(name).fn).parameters
+    for key, value in meta.items():
+        if key in choices:
+            if value not in choices[key]:
+                raise ValueError(f"kernel {name!r}: {key}={value} is not one of its options {choices[key]}")
+            choices[key] = (value,)
+        elif key in params and params[key].default is not inspect.Parameter.empty and key not in constants:
+            constants[key] = value
+        else:
+            raise ValueError(f"kernel {name!r}: {key!r} is neither a tuned choice ({sorted(choices)}) nor a "
+                             "constexpr with a default value of its kernel")
+    return replace(t, choices=tuple(choices.items()), constants=tuple(constants.items()))
+
+
 @contextlib.contextmanager
-def fixed_settings(settings: dict[str, tuple[int, int]]):
+def fixed_settings(settings: dict[str, tuple]):
     """Launch the named kernels with these (warps, stages) inside the block, untuned (SLA_DIST_AUTOTUNE=0 is set
-    for the block: a tuner would pick its own), then restore the table, the environment and the kernel cache."""
+    for the block: a tuner would pick its own), then restore the table, the environment and the kernel cache. A
+    third item, {constexpr: value}, sets tuned choices (to one of their options) or constexprs the kernel gives a
+    default (e.g. dK/dV's Q_STEPS)."""
     unknown = sorted(set(settings) - set(_KERNELS))
     if unknown:
         raise ValueError(f"no kernels named {unknown} (kernels: {sorted(_KERNELS)})")
     saved, autotune = dict(_KERNELS), os.environ.get("SLA_DIST_AUTOTUNE")
     try:
-        for name, fixed in settings.items():
-            _KERNELS[name] = replace(_KERNELS[name], fixed=tuple(fixed))
+        for name, (warps, stages, *meta) in settings.items():
+            tuning = replace(_KERNELS[name], fixed=(warps, stages))
+            _KERNELS[name] = _with_constexprs(tuning, name, meta[0]) if meta else tuning
         os.environ["SLA_DIST_AUTOTUNE"] = "0"
         get_kernel.cache_clear()
         yield

@@ -51,3 +51,26 @@ def test_unknown_kernel_in_a_mapping_is_refused():
     with pytest.raises(ValueError, match="no kernels named \\['flash'\\]"):
         with configs.fixed_settings({"flash": (4, 2)}):
             pass
+
+
+def test_constexprs_in_a_setting():
+    """'KERNEL=WxS/NAME=INT': a tuned choice takes the option, a constexpr with a default is passed as a constant;
+    the table comes back afterwards."""
+    settings = configs.parse_settings("dkdv=4x3/Q_STEPS=2/Q_SPLIT=2+dq=8x4")
+    assert settings == {"dkdv": (4, 3, {"Q_STEPS": 2, "Q_SPLIT": 2}), "dq": (8, 4)}
+    before = configs._KERNELS["dkdv"]
+    with configs.fixed_settings(settings):
+        kernel = configs.get_kernel("dkdv")
+        assert (kernel.num_warps, kernel.num_stages) == (4, 3)
+        assert kernel.meta["Q_STEPS"] == 2 and kernel.meta["Q_SPLIT"] == 2
+    assert configs._KERNELS["dkdv"] == before
+
+
+@pytest.mark.parametrize("text, match", [("dkdv=4x3/Q_STEPS", "'Q_STEPS' is not CONSTEXPR=INT"),
+                                         ("dkdv=4x3/Q_SPLIT=3", "Q_SPLIT=3 is not one of its options"),
+                                         ("dkdv=4x3/NOPE=1", "'NOPE' is neither a tuned choice"),
+                                         ("dkdv=4x3/D=64", "'D' is neither a tuned choice")])
+def test_bad_constexprs_name_the_value(text, match):
+    with pytest.raises(ValueError, match=match):
+        with configs.fixed_settings(configs.parse_settings(text)):
+            pass
