@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                              "forward+backward")
     parser.add_argument("--L", type=int, nargs="+", default=[32768, 8192], help="sequence lengths (iid inputs)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="q, k, v's dtype (GPU)")
+    parser.add_argument("--head-dim", type=int, default=128, help="D of the 12 heads (GPU)")
     add_input_arguments(parser)
     parser.add_argument("--tiny", action="store_true", help="H 2, D 32, L 256 (grid 4,8,8), float32 on the CPU: a "
                         "smoke test")
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         args.L, args.grid, args.heads, args.head_dim = [256], (4, 8, 8), 2, 32
         args.device = torch.device("cpu")
     else:
-        args.heads, args.head_dim, args.device = 12, 128, torch.device("cuda")
+        args.heads, args.device = 12, torch.device("cuda")
     label = args.label + (f"+{args.dtype}" if args.dtype != "bfloat16" else "")
+    label += f"+D{args.head_dim}" if args.head_dim != 128 else ""
     args.dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)
     label += (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                     time_layer(L, label + suffix + variant, variant_inputs, args)
         if args.dense:
             torch.manual_seed(0)  # the layer's q, k, v
-            _, q, k, v, g = sla_layer_inputs(L, 12, 128, dtype=args.dtype)
+            _, q, k, v, g = sla_layer_inputs(L, 12, args.head_dim, dtype=args.dtype)
             dense = dense_sdpa(SDPBackend.CUDNN_ATTENTION)
             with torch.no_grad():
                 fwd = tt.do_bench(lambda: dense(q, k, v), warmup=25, rep=100, return_mode="median")
