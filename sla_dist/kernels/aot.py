@@ -85,7 +85,7 @@ class Variant:
     """None: the kernel's fixed (non-autotuned) setting."""
     num_stages: int | None = None
     choices: dict[str, int] = field(default_factory=dict)
-    """Tile-shape constexprs (KEYS_AS_COLUMNS, Q_SPLIT); missing ones take their first option."""
+    """Tile-shape constexprs (KEYS_AS_COLUMNS, Q_STEPS); missing ones take their first option."""
     fwd_loop: str = "baseline"
     """The forward's loop options (configs.FwdLoop, as in SLA_DIST_FWD_LOOP; 'even' compiles the unmasked loop).
     'split' is the fwd_split entry, not an option here."""
@@ -94,8 +94,6 @@ class Variant:
     same ORDERED kernel."""
     dkdv_split: bool = False
     """dK/dV takes its work from the split plan (SPLIT, as SLA_DIST_DKDV_SPLIT=long)."""
-    q_steps: int = 1
-    """dK/dV's loop steps per query block (Q_STEPS, as a launch setting 'dkdv=WxS/Q_STEPS=2' sets it)."""
     v_like_k: bool = True
     """v shares k's strides (forward and dQ address both with one offset tile); False: v in its own layout, as a
     DiT's v sliced from the fused qkv projection."""
@@ -122,8 +120,6 @@ class Variant:
             raise ValueError(f"dkdv_order={self.dkdv_order!r} applies to dkdv, not {self.kernel}")
         if self.dkdv_split and self.kernel != "dkdv":
             raise ValueError(f"dkdv_split=True applies to dkdv, not {self.kernel}")
-        if self.q_steps != 1 and self.kernel != "dkdv":
-            raise ValueError(f"q_steps={self.q_steps} applies to dkdv, not {self.kernel}")
         if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:
             raise ValueError(f"block_q={self.block_q}: the split forward takes query blocks of at least "
                              f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
@@ -143,7 +139,7 @@ class Variant:
                       PRECISION=dot_precision(getattr(torch, self.dtype)), HAS_DLSE=True, BLOCK=self.block_k,
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, BLOCK_M=SCORE_TILE, BLOCK_N=SCORE_TILE,
                       ORDERED=self.dkdv_order != "natural" and not self.dkdv_split, SPLIT=self.dkdv_split,
-                      Q_STEPS=self.q_steps,
+                      Q_SPLIT=1,  # dK/dV's row slices within a step: a kernel option outside the tuning
                       # the split plan kernel: lpt-head's comparisons (MODE 1), dkdv_plan's PLAN_ROWS / PLAN_COLS
                       MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART, LONG_FACTOR=LONG_FIRST_FACTOR,
                       ROWS=128, COLS=32,
@@ -308,11 +304,10 @@ def check_variants() -> list[Variant]:
     # The forward's loop options as the layer launches them at D 128 (configs._MEASURED_FWD_LOOPS).
     variants += [Variant("fwd_split", fwd_loop="even+fma"), Variant("fwd", fwd_loop="fma", has_linear=False)]
     variants += [Variant("dkdv", dkdv_order="lpt"), Variant("dkdv", dkdv_split=True), Variant("classify", packed=True)]
-    variants += [Variant("dkdv", q_steps=2, num_warps=4), Variant("dkdv", q_steps=2, dkdv_split=True)]
     # The tensor-descriptor loads (SLA_DIST_TMA, half dtypes only): each kernel at the headline shape, dK/dV's row
     # slices, and the narrowest rows a descriptor takes (float16 D 32: 64 bytes) with 64-row query blocks.
     variants += [Variant(name, tma=True) for name in TMA_ENTRIES]
-    variants += [Variant("dkdv", tma=True, choices={"Q_SPLIT": 2}), Variant("fwd_split", fwd_loop="even+fma", tma=True)]
+    variants += [Variant("dkdv", tma=True, choices={"Q_STEPS": 1}), Variant("fwd_split", fwd_loop="even+fma", tma=True)]
     variants += [Variant(name, tma=True, dtype="float16", D=32, block_q=128 if name == "fwd_split" else 64,
                          feature_map="relu", has_proj=False) for name in TMA_ENTRIES]
     return variants

@@ -302,8 +302,8 @@ def _bwd_dkdv_kernel(
     H, LQ, LK, NK, NQ, BH_FIRST, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     FEATURE_MAP: tl.constexpr, HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
-    Q_SPLIT: tl.constexpr, KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr, SPLIT: tl.constexpr = False,
-    USE_TMA: tl.constexpr = False, Q_STEPS: tl.constexpr = 1,
+    KEYS_AS_COLUMNS: tl.constexpr, ORDERED: tl.constexpr, SPLIT: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, Q_STEPS: tl.constexpr = 1, Q_SPLIT: tl.constexpr = 1,
 ):
     # A launch covers the BH' heads (of B x H) from BH_FIRST on: the launcher may take the heads in chunks, so that
     # the dh_j rows of only one chunk are held at a time. bh' counts within the launch, bh over all heads.

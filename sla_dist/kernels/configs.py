@@ -100,8 +100,13 @@ _KERNELS = {
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
+    # dK/dV takes each 128-row query block in two 64-row loop steps (Q_STEPS 2): a pipeline stage then holds 32 KiB
+    # of q and dO, and two 4-warp programs fit per SM (99 KiB of shared memory each), each with its copy in flight
+    # (one 8-warp program held one 64 KiB copy). H200, bf16, 95 %, with tensor descriptors
+    # (results/2026-12-02-h200-dkdv-steps.md): L 32768 D 128 1846 -> 1720 us, 75600 9513 -> 8911, D 64 1312 -> ~1000.
+    # Q_SPLIT (row slices within one step) is a kernel option left out of the tuning: it lost in every sweep.
     "dkdv": _Tuning("backward", "_bwd_dkdv_kernel", _CODE_KEY + ("ORDERED", "SPLIT", "USE_TMA"), (4, 8), (1, 2),
-                    fixed=(8, 2), choices=(("KEYS_AS_COLUMNS", (1, 0)), ("Q_SPLIT", (1, 2)))),
+                    fixed=(4, 2), choices=(("Q_STEPS", (2, 1)), ("KEYS_AS_COLUMNS", (1, 0)))),
     # dK/dV's default program order (dkdv_plan.dkdv_program_order: one program per ORDER_ROWS lists).
     "long_first_order": _Tuning("dkdv_split_kernels", "_long_first_order_kernel", ("BLOCK",), (4,), (1,),
                                 fixed=(4, 1)),
@@ -380,12 +385,14 @@ memory; no [rows, D] offset tile in registers): the forward's k and v (both laun
 k and v, dK/dV's q and dO."""
 
 
-DEFAULT_TMA_KERNELS = frozenset({"fwd", "dq"})
+DEFAULT_TMA_KERNELS = frozenset({"fwd", "dq", "dkdv"})
 """The kernels that take descriptors when SLA_DIST_TMA is unset, on GPUs of compute capability 9.0 or newer (the
 bulk tensor copy engine; older GPUs and the interpreter keep the pointer loads). Measured on an H200 (2026-11-30,
 results/2026-11-30-h200x2-tma-linsums.md), kernel time with descriptors against pointers: forward -3.5 % (L 32768)
 to -13 % (75600, the DiT's fused layout), dQ -2 % to -7.5 %; dK/dV +1.6 / +2.3 % at 32768 and -1.2 / -1.6 % at
-75600, so it stays on pointers."""
+75600 then (one 8-warp program per SM, 128-row steps). With 64-row steps on two 4-warp programs per SM (Q_STEPS 2,
+2026-12-02, results/2026-12-02-h200-dkdv-steps.md) descriptors took dK/dV 1794 -> 1720 us at L 32768 and 9295 ->
+8911 at 75600 (D 128), so dK/dV takes them too."""
 
 
 def tma_kernels(device: torch.device | None = None, switches: Switches | None = None) -> frozenset[str]:

@@ -31,7 +31,7 @@ def test_every_variant_compiles_for_hopper():
             assert r["wgmma"] > 0, r
         assert (r["tma_copies"] > 0) == v["tma"], r  # descriptor loads -> TMA copies, and only those
     choices = {(r["variant"]["kernel"], tuple(r["variant"]["choices"].items())) for r in results}
-    assert {("dkdv", (("KEYS_AS_COLUMNS", 0),)), ("dkdv", (("Q_SPLIT", 2),))} <= choices
+    assert {("dkdv", (("KEYS_AS_COLUMNS", 0),)), ("dkdv", (("Q_STEPS", 1),))} <= choices
     assert {(r["variant"]["kernel"], r["variant"]["fwd_loop"]) for r in results} >= {
         ("fwd", "fma"), ("fwd_split", "even+fma")}
     assert {r["variant"]["kernel"] for r in results if r["variant"]["tma"]} == {"fwd", "fwd_split", "dq", "dkdv"}

@@ -67,7 +67,7 @@ def test_constexprs_in_a_setting():
 
 
 @pytest.mark.parametrize("text, match", [("dkdv=4x3/Q_STEPS", "'Q_STEPS' is not CONSTEXPR=INT"),
-                                         ("dkdv=4x3/Q_SPLIT=3", "Q_SPLIT=3 is not one of its options"),
+                                         ("dkdv=4x3/Q_STEPS=3", "Q_STEPS=3 is not one of its options"),
                                          ("dkdv=4x3/NOPE=1", "'NOPE' is neither a tuned choice"),
                                          ("dkdv=4x3/D=64", "'D' is neither a tuned choice")])
 def test_bad_constexprs_name_the_value(text, match):
