@@ -125,9 +125,10 @@ def test_ordered_dkdv_compiles_like_the_natural_order():
     for natural, ordered in zip(results[::2], results[1::2]):
         keys = ("shared_bytes", "wgmma")
         assert [natural[k] for k in keys] == [ordered[k] for k in keys], (natural, ordered)
-        # Keys as rows at D 128 spills under both orders; with the index prefetch (tiles.listed_index) the ordered
-        # loop spills a few bytes less than the natural one (Triton 3.9: 96 vs 104 B; 3.6: 0 vs 8 B).
-        assert ordered["spill_bytes"] <= natural["spill_bytes"], (natural, ordered)
+        # The 4-warp programs at D 128 (two per SM, 64-row steps) take all 255 registers and spill under both
+        # orders; the ordered loop's load and divmod may add a few (Triton 3.6: 464 -> 512 B, 3.9: 448 -> 416 B;
+        # measured faster than the 8-warp program that spilled none, PERF_NOTES 2026-12-02): at most 64 B more.
+        assert ordered["spill_bytes"] <= natural["spill_bytes"] + 64, (natural, ordered)
         assert ordered["registers"] <= natural["registers"] + 8, (natural, ordered)
         assert (_programs_per_sm(natural["registers"], warps) == _programs_per_sm(ordered["registers"], warps)
                 ), (natural, ordered)
