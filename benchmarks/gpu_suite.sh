@@ -104,9 +104,9 @@
 # block-sums (the block map's block sums of q and k per warp count, bench_block_sums.py; ~20 s), glue-warps (the
 #   layer at 32768 and 8192 tokens under other warp counts for the glue kernels, one at a time: block sums,
 #   summaries, classify, each with the kernels' CUDA time; fixed launch settings otherwise, ~2 min),
-# dkdv-steps (the layer at 32768 tokens with dK/dV's query blocks taken in two 64-row loop steps, Q_STEPS=2, under
-#   several warps x stages, beside the default launch: a stage then holds half a block's q and dO, so more copies
-#   fit in flight; with --kernels, each kernel's CUDA time; fixed launch settings, ~2 min),
+# dkdv-steps (the layer at 32768 and 75600 tokens with dK/dV's default launch, two 64-row loop steps per query block
+#   on 4 warps x 2 stages (Q_STEPS=2: two programs per SM), beside the 8-warp one-step launch it replaced and other
+#   warps x stages; with --kernels, each kernel's CUDA time; fixed launch settings, ~2 min),
 # gelu-mlp (the DiT MLP's GELU backward pass: torch.compile's against the fused kernel per launch, then the MLP's
 #   fwd+bwd eager and compiled, module calls vs fused; ~1 min),
 # dit-mlp, dit-mlp-modules (the compiled 1.3B reference DiT's training step, dense and SLA, with the MLP's GELU
@@ -135,7 +135,7 @@ declare -A CMD=(
   [dit-bench]="python3 benchmarks/bench_dit_step.py"
   [block-sums]="python3 benchmarks/bench_block_sums.py --warps 1 2 4 --json $OUT/block_sums.json"
   [glue-warps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py glue-warps --L 32768 8192 --kernels --setting default block_sums=4x1 block_sums=2x1 summaries=8x1 classify=2x1 classify=1x1"
-  [dkdv-steps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py dkdv-steps --L 32768 --kernels --setting default dkdv=8x2/Q_STEPS=2 dkdv=8x3/Q_STEPS=2 dkdv=8x4/Q_STEPS=2 dkdv=4x2/Q_STEPS=2 dkdv=4x3/Q_STEPS=2 dkdv=4x2/Q_STEPS=2/KEYS_AS_COLUMNS=0"
+  [dkdv-steps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py dkdv-steps --L 32768 75600 --kernels --setting default dkdv=8x2/Q_STEPS=1 dkdv=4x2/Q_STEPS=2/KEYS_AS_COLUMNS=0 dkdv=4x3/Q_STEPS=2 dkdv=8x3/Q_STEPS=2"
   [gelu-mlp]="python3 benchmarks/bench_gelu_mlp.py --json $OUT/bench_gelu_mlp.json"
   [dit-mlp]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --out $OUT/dit_mlp_fused"
   [dit-mlp-modules]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --mlp modules --out $OUT/dit_mlp_modules"
