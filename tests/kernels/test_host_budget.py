@@ -38,12 +38,14 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 # aten op and 1 call more. proj_l's fusion rule shared with the DiT's MLP (projection.plain_linear): 1 call more. A
 # layer's own dK/dV split choice (SLAConfig.dkdv_split): validated per forward, put in the switches' place per
 # backward: 1 call more per forward, 2 per forward+backward. The block counts of smooth-K's PyTorch path made only
-# there, not on the kernels' path: 2 calls fewer per forward, 1 per forward+backward.
+# there, not on the kernels' path: 2 calls fewer per forward, 1 per forward+backward. dK/dV's q and dO through tensor
+# descriptors on Hopper by default (configs.DEFAULT_TMA_KERNELS, 2026-12-02: dK/dV -7.7 % at L 32768): the launch's
+# descriptor check on q and dO, 2 calls more per forward+backward.
 BUDGETS = {
     ("layer forward", "save"): dict(aten_top=17, launches=6, sla_calls=94),
-    ("layer forward+backward", "save"): dict(aten_top=44, launches=11, sla_calls=150),
+    ("layer forward+backward", "save"): dict(aten_top=44, launches=11, sla_calls=152),
     ("layer forward", "recompute"): dict(aten_top=18, launches=6, sla_calls=95),
-    ("layer forward+backward", "recompute"): dict(aten_top=47, launches=12, sla_calls=155),
+    ("layer forward+backward", "recompute"): dict(aten_top=47, launches=12, sla_calls=157),
 }
 
 
