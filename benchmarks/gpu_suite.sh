@@ -107,6 +107,10 @@
 # dkdv-steps (the layer at 32768 and 75600 tokens with dK/dV's default launch, two 64-row loop steps per query block
 #   on 4 warps x 2 stages (Q_STEPS=2: two programs per SM), beside the 8-warp one-step launch it replaced and other
 #   warps x stages; with --kernels, each kernel's CUDA time; fixed launch settings, ~2 min),
+# dq-split (the layer at 32768, 75600 and 8192 tokens with dQ's query blocks taken by one 8-warp program, then by two
+#   4-warp programs over their row halves (SLA_DIST_DQ_SPLIT=halves: two per SM), each under its fixed launch setting
+#   and with the split's 3 stages; --kernels: each kernel's CUDA time; ~2 min), dq-split-tests (test_dq_split.py and
+#   the descriptor and compile tests with the split on; ~1 min),
 # gelu-mlp (the DiT MLP's GELU backward pass: torch.compile's against the fused kernel per launch, then the MLP's
 #   fwd+bwd eager and compiled, module calls vs fused; ~1 min),
 # dit-mlp, dit-mlp-modules (the compiled 1.3B reference DiT's training step, dense and SLA, with the MLP's GELU
@@ -136,6 +140,8 @@ declare -A CMD=(
   [block-sums]="python3 benchmarks/bench_block_sums.py --warps 1 2 4 --json $OUT/block_sums.json"
   [glue-warps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py glue-warps --L 32768 8192 --kernels --setting default block_sums=4x1 block_sums=2x1 summaries=8x1 classify=2x1 classify=1x1"
   [dkdv-steps]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py dkdv-steps --L 32768 75600 --kernels --setting default dkdv=8x2/Q_STEPS=1 dkdv=4x2/Q_STEPS=2/KEYS_AS_COLUMNS=0 dkdv=4x3/Q_STEPS=2 dkdv=8x3/Q_STEPS=2"
+  [dq-split]="env SLA_DIST_AUTOTUNE=0 python3 benchmarks/time_layer.py dq-split --L 32768 75600 8192 --kernels --dq-split off halves --setting default dq_split=4x3"
+  [dq-split-tests]="env SLA_DIST_AUTOTUNE=0 SLA_DIST_DQ_SPLIT=halves python3 -m pytest -q -p no:cacheprovider -n $workers tests/kernels/test_dq_split.py tests/kernels/test_tma.py tests/kernels/test_compile.py tests/kernels/test_cuda_graphs.py tests/kernels/test_kernels.py"
   [gelu-mlp]="python3 benchmarks/bench_gelu_mlp.py --json $OUT/bench_gelu_mlp.json"
   [dit-mlp]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --out $OUT/dit_mlp_fused"
   [dit-mlp-modules]="python3 benchmarks/bench_dit_step.py --models reference --variants dense sla --compile --no-checkpoint --mlp modules --out $OUT/dit_mlp_modules"

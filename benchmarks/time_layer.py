@@ -14,7 +14,8 @@ kernels' tile loads through tensor descriptors (SLA_DIST_TMA: off, all, or kerne
 each value under every forward loop; the label says which (``+tma:all``). ``--prepass block loop`` likewise times the
 backward pre-pass's launches (SLA_DIST_PREPASS: one program per query block, or programs looping over the blocks;
 label ``+prepass:loop``). ``--classify separate packed`` likewise times the block map's classify kernel's radix
-selects (SLA_DIST_CLASSIFY; label ``+classify:packed``). ``--linear-sums save recompute`` times the
+selects (SLA_DIST_CLASSIFY; label ``+classify:packed``). ``--dq-split off halves`` likewise times dQ's launch
+(SLA_DIST_DQ_SPLIT: a program per query block, or two over its row halves; label ``+dq:halves``). ``--linear-sums save recompute`` times the
 layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a checkout from before the option
 can be timed). ``--setting fwd_split=4x3 dq=8x4+dkdv=8x2 default`` times fixed launch settings (warps x stages
 per kernel of configs.py's tuning table, untuned) one after the other. ``--kernels`` adds the CUDA time of the
@@ -52,6 +53,7 @@ FWD_LOOP_ENV = "SLA_DIST_FWD_LOOP"
 TMA_ENV = "SLA_DIST_TMA"
 PREPASS_ENV = "SLA_DIST_PREPASS"
 CLASSIFY_ENV = "SLA_DIST_CLASSIFY"
+DQ_SPLIT_ENV = "SLA_DIST_DQ_SPLIT"
 GLUE_KERNELS = ("_linear_summaries_kernel", "_block_sums_kernel", "_classify_kernel")
 
 
@@ -107,17 +109,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="SLAConfig.linear_sums values to time one after the other (save, recompute)")
     parser.add_argument("--tma", nargs="+", metavar="KERNELS",
                         help="tensor-descriptor tile loads to time one after the other (off, all, or kernels from fwd, "
-                             "dq, dkdv joined by '+'); default: SLA_DIST_TMA, else off")
+                             "dq, dkdv joined by '+'); default: SLA_DIST_TMA, else the device's default "
+                             "(configs.tma_kernels)")
     parser.add_argument("--prepass", nargs="+", choices=("block", "loop"), metavar="LAUNCH",
                         help="backward pre-pass launches to time one after the other (block, loop); default: "
                              "SLA_DIST_PREPASS, else the device's default (configs.prepass_launch)")
     parser.add_argument("--classify", nargs="+", choices=("separate", "packed"), metavar="SELECT",
                         help="the block map's classify selects to time one after the other (separate, packed); "
                              "default: SLA_DIST_CLASSIFY, else packed (configs.DEFAULT_CLASSIFY)")
+    parser.add_argument("--dq-split", nargs="+", choices=("off", "halves"), metavar="SPLIT",
+                        help="dQ launches to time one after the other (off: a program per query block, halves: two); "
+                             "default: SLA_DIST_DQ_SPLIT, else off")
     parser.add_argument("--setting", nargs="+", metavar="KERNEL=WxS",
                         help="fixed launch settings to time one after the other, untuned: kernels of the tuning table "
-                             "(sla_dist/kernels/configs.py) with warps x stages, several joined by '+', e.g. "
-                             "fwd_split=4x3+dq=8x4; 'default' for the table's own")
+                             "(sla_dist/kernels/configs.py) with warps x stages and optional constexprs, several "
+                             "joined by '+', e.g. fwd_split=4x3+dq=8x4 or dkdv=4x2/Q_STEPS=2; 'default' for the "
+                             "table's own")
     parser.add_argument("--kernels", action="store_true",
                         help="also the forward, dQ and dK/dV kernels' and the pre-pass' CUDA time in a "
                              "forward+backward")
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         args.heads, args.device = 12, torch.device("cuda")
     label = args.label + (f"+{args.dtype}" if args.dtype != "bfloat16" else "")
-    label += f"+D{args.head_dim}" if args.head_dim != 128 else ""
+    label += f"+D{args.head_dim}" if args.head_dim != 128 and not args.tiny else ""
     args.dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)
     label += (f"+compile:{args.compile}" if args.compile else "") + ("+graph" if args.graph else "")
     print("sla_dist from", __import__("sla_dist").__file__)
@@ -144,12 +151,13 @@ def main(argv: list[str] | None = None) -> None:
         for source, layout, inputs in input_settings(args):
             suffix = "".join(f"+{v}" for v in (source, layout) if v not in ("iid", "bhld"))
             suffix += f"+neg:{args.negligible}" if args.negligible is not None else ""
-            for loop, tma, prepass, select, sums, setting in itertools.product(
+            for loop, tma, prepass, select, dq_split, sums, setting in itertools.product(
                     args.fwd_loop or [None], args.tma or [None], args.prepass or [None], args.classify or [None],
-                    args.linear_sums or [None], args.setting or [None]):
+                    args.dq_split or [None], args.linear_sums or [None], args.setting or [None]):
                 variant = ""
                 for env, value, name in ((FWD_LOOP_ENV, loop, "fwd"), (TMA_ENV, tma, "tma"),
-                                         (PREPASS_ENV, prepass, "prepass"), (CLASSIFY_ENV, select, "classify")):
+                                         (PREPASS_ENV, prepass, "prepass"), (CLASSIFY_ENV, select, "classify"),
+                                         (DQ_SPLIT_ENV, dq_split, "dq")):
                     if value is not None:
                         os.environ[env] = value
                         variant += f"+{name}:{value}"

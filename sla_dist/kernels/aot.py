@@ -28,7 +28,7 @@ import torch
 
 from ..config import FEATURE_MAPS
 from .configs import (_KERNELS, CLASSIFY_ENV, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_PROGRAM_COST, DKDV_SPLIT_MIN_PART,
-                      FWD_SPLIT_Q, LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice, interpreting)
+                      DQ_SPLIT_Q, FWD_SPLIT_Q, LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice, interpreting)
 from .block_map import SCORE_TILE
 from .dkdv_plan import ORDER_COLS, ORDER_ROWS
 from .layout import dot_precision, summary_dtype
@@ -57,10 +57,14 @@ _POINTERS = {
     "long_first_order": dict(Q_NUM="i32", ORDER="i64"),
 }
 _POINTERS["fwd_split"] = _POINTERS["fwd"]
+_POINTERS["dq_split"] = _POINTERS["dq"]
 _POINTERS["prepass_loop"] = _POINTERS["prepass"]
 _FLOATS = {"qk_scale", "sm_scale"}
-TMA_ENTRIES = ("fwd", "fwd_split", "dq", "dkdv")
-"""Launch entries whose kernels take USE_TMA (configs.TMA_KERNELS' fwd is both forward entries)."""
+TMA_ENTRIES = ("fwd", "fwd_split", "dq", "dq_split", "dkdv")
+"""Launch entries whose kernels take USE_TMA (configs.TMA_KERNELS' fwd and dq are both entries of each)."""
+SPLIT_ENTRIES = {"fwd_split": FWD_SPLIT_Q, "dq_split": DQ_SPLIT_Q}
+"""Launch entries that take a query block in several programs, and how many: the block needs that many times
+SPLIT_MIN_ROWS rows."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class Variant:
 
     kernel: str
     """Key of the tuning table in configs.py: fwd, fwd_split, summaries, block_sums, block_scores, classify,
-    critical_columns, prepass, dq, dkdv, long_first_order, dkdv_split_plan, dkdv_combine."""
+    critical_columns, prepass, dq, dq_split, dkdv, long_first_order, dkdv_split_plan, dkdv_combine."""
     dtype: str = "bfloat16"
     D: int = 128
     block_q: int = 128
@@ -120,9 +124,10 @@ class Variant:
             raise ValueError(f"dkdv_order={self.dkdv_order!r} applies to dkdv, not {self.kernel}")
         if self.dkdv_split and self.kernel != "dkdv":
             raise ValueError(f"dkdv_split=True applies to dkdv, not {self.kernel}")
-        if self.kernel == "fwd_split" and self.block_q < FWD_SPLIT_Q * SPLIT_MIN_ROWS:
-            raise ValueError(f"block_q={self.block_q}: the split forward takes query blocks of at least "
-                             f"{FWD_SPLIT_Q * SPLIT_MIN_ROWS} rows")
+        split = SPLIT_ENTRIES.get(self.kernel, 1)
+        if self.block_q < split * SPLIT_MIN_ROWS:
+            raise ValueError(f"block_q={self.block_q}: {self.kernel} takes query blocks of at least "
+                             f"{split * SPLIT_MIN_ROWS} rows")
         if self.tma and self.kernel not in TMA_ENTRIES:
             raise ValueError(f"tma=True ({TMA_ENV}) applies to {sorted(TMA_ENTRIES)}, not {self.kernel}")
         if self.packed and self.kernel != "classify":
@@ -140,6 +145,7 @@ class Variant:
                       NK_POW2=1024, NQ_POW2=512, D_POW2=self.D, BLOCK_M=SCORE_TILE, BLOCK_N=SCORE_TILE,
                       ORDERED=self.dkdv_order != "natural" and not self.dkdv_split, SPLIT=self.dkdv_split,
                       Q_SPLIT=1,  # dK/dV's row slices within a step: a kernel option outside the tuning
+                      SPLIT_Q=1,  # programs per query block (the split entries' constants override it)
                       # the split plan kernel: lpt-head's comparisons (MODE 1), dkdv_plan's PLAN_ROWS / PLAN_COLS
                       MODE=1, COST=DKDV_PROGRAM_COST, MIN_PART=DKDV_SPLIT_MIN_PART, LONG_FACTOR=LONG_FIRST_FACTOR,
                       ROWS=128, COLS=32,
@@ -297,7 +303,7 @@ def check_variants() -> list[Variant]:
         variants.append(Variant(name))
         for choice, options in tuning.choices:
             variants += [Variant(name, choices={choice: option}) for option in options[1:]]
-        block_q = 128 if name == "fwd_split" else 64  # the split needs two warp groups' rows
+        block_q = 128 if name in SPLIT_ENTRIES else 64  # the split needs two warp groups' rows
         variants.append(Variant(name, dtype="float16", D=64, block_q=block_q, feature_map="elu", has_linear=False))
         # The linear branch without the projection: sla_branches' forward.
         variants.append(Variant(name, dtype="float32", D=32, block_q=block_q, feature_map="relu", has_proj=False))
@@ -308,7 +314,7 @@ def check_variants() -> list[Variant]:
     # slices, and the narrowest rows a descriptor takes (float16 D 32: 64 bytes) with 64-row query blocks.
     variants += [Variant(name, tma=True) for name in TMA_ENTRIES]
     variants += [Variant("dkdv", tma=True, choices={"Q_STEPS": 1}), Variant("fwd_split", fwd_loop="even+fma", tma=True)]
-    variants += [Variant(name, tma=True, dtype="float16", D=32, block_q=128 if name == "fwd_split" else 64,
+    variants += [Variant(name, tma=True, dtype="float16", D=32, block_q=128 if name in SPLIT_ENTRIES else 64,
                          feature_map="relu", has_proj=False) for name in TMA_ENTRIES]
     return variants
 

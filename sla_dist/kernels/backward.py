@@ -17,12 +17,13 @@ Same notation as forward.py (base-2 scores s = c q k^T, saved lse, P = 2^(s - ls
    FlashAttention loop: the linear tail made it spill at D = 128) and this block's contributions to the summaries'
    gradients, dH_i = phi(Q_i)^T dN and dZ_i = phi(Q_i)^T dden, which the launcher scatters back to
    key blocks (dh_j = sum over the query blocks for which j is marginal).
-2. ``_bwd_dq_kernel``: one program per query block i, walking its critical list kv_indices (with USE_TMA, k and v
-   come through tensor descriptors, tiles.py):
+2. ``_bwd_dq_kernel``: one program per query block i (or SPLIT_Q per block, each over a slice of its rows), walking
+   its critical list kv_indices (with USE_TMA, k and v come through tensor descriptors, tiles.py):
        dS = P * (dO_s V^T - delta),  dQ = dS K / sqrt(D)  (+ the linear branch's dQ from the pre-pass)
 3. ``_bwd_dkdv_kernel``: one program per key block j, walking the transposed list q_indices (only the query blocks
-   that chose j, never all of them), each query block in Q_STEPS x Q_SPLIT row slices (with ORDERED, program p takes the key
-   block ORDER[p] names, e.g. the longest lists first; with USE_TMA, q and dO come through tensor descriptors):
+   that chose j, never all of them), each query block in Q_STEPS loop steps of Q_SPLIT row slices (with ORDERED,
+   program p takes the key block ORDER[p] names, e.g. the longest lists first; with USE_TMA, q and dO come through
+   tensor descriptors):
        dV = P^T dO_s,  dK = dS^T Q / sqrt(D)
    plus the linear branch: dV += phi(K_j) dh_j,  dphi(K_j) = V_j dh_j^T + 1 dz_j^T. With SPLIT (SLA_DIST_DKDV_SPLIT)
    a program takes its key block and a stretch of its list from the split plan (dkdv_plan.py); a part of a split list
@@ -222,21 +223,29 @@ def _bwd_dq_kernel(
     H, LQ, LK, NQ, KV_WIDTH, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr, V_LIKE_K: tl.constexpr = True,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, SPLIT_Q: tl.constexpr = 1,
 ):
-    pid_q = tl.program_id(0)
+    # SPLIT_Q programs per query block (the dq_split launch entry), each taking BLOCK_Q / SPLIT_Q of its rows over
+    # the block's whole key list: smaller programs, several per SM, each re-reading the list's K / V tiles.
+    if SPLIT_Q > 1:
+        pid_q = tl.program_id(0) // SPLIT_Q
+        first_row = pid_q * BLOCK_Q + (tl.program_id(0) % SPLIT_Q) * (BLOCK_Q // SPLIT_Q)
+    else:
+        pid_q = tl.program_id(0)
+        first_row = pid_q * BLOCK_Q
+    ROWS: tl.constexpr = BLOCK_Q // SPLIT_Q
     bh = tl.program_id(1)
     q_base = head_offset(bh, H, stride_qb, stride_qh)
     k_base = head_offset(bh, H, stride_kb, stride_kh)
     v_base = k_base if V_LIKE_K else head_offset(bh, H, stride_vb, stride_vh)  # as in the forward's loop
     stride_vl = stride_kl if V_LIKE_K else stride_vl
-    offs_m = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_m = first_row + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     # q and dO are loaded once, by pointers (USE_TMA is for the loop's tiles).
-    tile, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, Q, DO, q_base, bh, pid_q * BLOCK_Q, offs_m,
+    tile, row_ok, q, do, lse, delta = query_rows(Q, DO, LSE, DELTA, Q, DO, q_base, bh, first_row, offs_m,
                                                  stride_ql, offs_d, LQ, False)
 
-    dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+    dq = tl.zeros([ROWS, D], dtype=tl.float32)
     row = bh.to(tl.int64) * NQ + pid_q
     n_blocks = tl.load(KV_NUM + row)
     k_desc = row_descriptor(K, k_base, LK, stride_kl, BLOCK_K, D, USE_TMA)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .block_map import num_blocks, transposed_lists
-from .configs import (PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_chunked, dkdv_order, dkdv_split, get_kernel, interpreting,
-                      multiprocessors, prepass_launch, read_switches, with_layer_split)
+from .configs import (PREPASS_LOOP_PROGRAMS_PER_SM, dkdv_chunked, dkdv_order, dkdv_split, dq_launch, get_kernel,
+                      interpreting, multiprocessors, prepass_launch, read_switches, with_layer_split)
 from .descriptors import use_tma
 from .dkdv_plan import dkdv_program_order, dkdv_split_plan, split_slots
 from .layout import (block_strides, dot_precision, kernel_layout, key_value_layout, new_output, output_like, problem,
@@ -122,7 +122,8 @@ def _backward_queries(do, dol, dlse, q, k, v, o, lse, block_class, kv_num_blocks
     for tensor in release:
         # The autograd node's reference outlives this function: free the storage itself (as FSDP frees parameters).
         tensor.untyped_storage().resize_(0)
-    get_kernel("dq")[(p.nq, p.bh)](
+    entry, per_block = ("dq", 1) if switches.dq_split is None else dq_launch(block_q, switches)
+    get_kernel(entry)[(p.nq * per_block, p.bh)](
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices,
         *p.q_strides, *p.kv_strides, p.H, p.Lq, p.Lk, p.nq, kv_indices.shape[-1], p.qk_scale, p.sm_scale,
         D=p.D, BLOCK_Q=block_q, BLOCK_K=block_k, HAS_LINEAR=has_linear, PRECISION=p.precision, V_LIKE_K=p.v_like_k,

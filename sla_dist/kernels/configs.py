@@ -100,6 +100,10 @@ _KERNELS = {
     # dQ adds to the linear branch's dQ that the pre-pass wrote.
     "dq": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4, 8), (1, 2, 3),
                   fixed=(8, 3), restore=("DQ",)),
+    # dQ with each query block taken by DQ_SPLIT_Q programs of 4 warps (SLA_DIST_DQ_SPLIT=halves; not measured on a
+    # GPU yet, so opt-in): at D 128, 2 stages, ~96 KiB of shared memory each, two per SM, as the stepped dK/dV.
+    "dq_split": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4,),
+                        (2, 3), fixed=(4, 2), restore=("DQ",), constants=(("SPLIT_Q", 2),)),
     # dK/dV takes each 128-row query block in two 64-row loop steps (Q_STEPS 2): a pipeline stage then holds 32 KiB
     # of q and dO, and two 4-warp programs fit per SM (99 KiB of shared memory each), each with its copy in flight
     # (one 8-warp program held one 64 KiB copy). H200, bf16, 95 %, with tensor descriptors
@@ -126,6 +130,7 @@ PREPASS_ENV = "SLA_DIST_PREPASS"
 DKDV_CHUNKS_ENV = "SLA_DIST_DKDV_CHUNKS"
 CLASSIFY_ENV = "SLA_DIST_CLASSIFY"
 DKDV_SPLIT_ENV = "SLA_DIST_DKDV_SPLIT"
+DQ_SPLIT_ENV = "SLA_DIST_DQ_SPLIT"
 
 
 def interpreting() -> bool:
@@ -152,6 +157,8 @@ class Switches(NamedTuple):
     """SLA_DIST_CLASSIFY (configs.CLASSIFY_SELECTS)."""
     dkdv_split: str | None = None
     """SLA_DIST_DKDV_SPLIT (configs.DKDV_SPLITS)."""
+    dq_split: str | None = None
+    """SLA_DIST_DQ_SPLIT (configs.DQ_SPLITS)."""
 
 
 def read_switches() -> Switches:
@@ -160,7 +167,7 @@ def read_switches() -> Switches:
     # interpreting()'s test written out: this runs on every op call, whose Python calls test_host_budget counts.
     return Switches(env.get(FWD_LOOP_ENV), env.get(DKDV_ORDER_ENV), env.get(TMA_ENV),
                     env.get("TRITON_INTERPRET") == "1", env.get(PREPASS_ENV), env.get(DKDV_CHUNKS_ENV),
-                    env.get(CLASSIFY_ENV), env.get(DKDV_SPLIT_ENV))
+                    env.get(CLASSIFY_ENV), env.get(DKDV_SPLIT_ENV), env.get(DQ_SPLIT_ENV))
 
 
 @dataclass(frozen=True)
@@ -379,10 +386,27 @@ def dkdv_split(switches: Switches | None = None) -> bool:
     return split is not None and check_choice(DKDV_SPLIT_ENV, split, DKDV_SPLITS) == "long"
 
 
+DQ_SPLITS = ("off", "halves")
+"""SLA_DIST_DQ_SPLIT: off (the default), one dQ program per query block (the ``dq`` launch entry); halves, DQ_SPLIT_Q
+programs per query block, each over its half of the rows and the block's whole key list (the ``dq_split`` entry),
+where query blocks have at least DQ_SPLIT_Q x SPLIT_MIN_ROWS rows. Each row's dQ comes from the same operations
+either way; the halves re-read the list's K / V tiles."""
+DQ_SPLIT_Q = 2
+
+
+def dq_launch(block_q: int, switches: Switches) -> tuple[str, int]:
+    """(launch entry, programs per query block) of dQ: the split when SLA_DIST_DQ_SPLIT is 'halves' and the query
+    block has rows for DQ_SPLIT_Q warp groups' tiles, else the whole-block launch. The op calls this only when the
+    switch is set (the unset default costs no call)."""
+    if check_choice(DQ_SPLIT_ENV, switches.dq_split, DQ_SPLITS) == "halves" and block_q >= DQ_SPLIT_Q * SPLIT_MIN_ROWS:
+        return "dq_split", DQ_SPLIT_Q
+    return "dq", 1
+
+
 TMA_KERNELS = ("fwd", "dq", "dkdv")
 """Kernels whose loop tiles may be loaded through tensor descriptors (Hopper's TMA engine copies them to shared
 memory; no [rows, D] offset tile in registers): the forward's k and v (both launch entries, fwd and fwd_split), dQ's
-k and v, dK/dV's q and dO."""
+k and v (both entries, dq and dq_split), dK/dV's q and dO."""
 
 
 DEFAULT_TMA_KERNELS = frozenset({"fwd", "dq", "dkdv"})

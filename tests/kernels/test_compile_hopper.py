@@ -34,7 +34,8 @@ def test_every_variant_compiles_for_hopper():
     assert {("dkdv", (("KEYS_AS_COLUMNS", 0),)), ("dkdv", (("Q_STEPS", 1),))} <= choices
     assert {(r["variant"]["kernel"], r["variant"]["fwd_loop"]) for r in results} >= {
         ("fwd", "fma"), ("fwd_split", "even+fma")}
-    assert {r["variant"]["kernel"] for r in results if r["variant"]["tma"]} == {"fwd", "fwd_split", "dq", "dkdv"}
+    assert {r["variant"]["kernel"] for r in results if r["variant"]["tma"]} == {"fwd", "fwd_split", "dq", "dq_split",
+                                                                                     "dkdv"}
     assert [r["variant"]["kernel"] for r in results if r["variant"]["packed"]] == ["classify"]
 
 

@@ -15,6 +15,7 @@ READERS = {
     configs.DKDV_CHUNKS_ENV: (configs.dkdv_chunked, ["", "on", "3", "Auto"]),
     configs.CLASSIFY_ENV: (functools.partial(configs.classify_packed, 64), ["", "Packed", "radix", "packed+separate"]),
     configs.DKDV_SPLIT_ENV: (configs.dkdv_split, ["", "on", "Long", "long+lpt"]),
+    configs.DQ_SPLIT_ENV: (functools.partial(configs.dq_launch, 128), ["", "on", "Halves", "2", "halves+off"]),
     configs.TMA_ENV: (configs.tma_kernels, ["on", "", "ALL", "fwd+fwd", "fwd,dq", "all+dq", "off+fwd", "bwd"]),
 }
 
