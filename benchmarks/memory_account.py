@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import warnings
 from unittest import mock
 
 import torch
@@ -152,6 +153,18 @@ def _column_sums_as_on_a_gpu(rows: torch.Tensor) -> torch.Tensor:
     return partials.sum(0)
 
 
+@contextlib.contextmanager
+def _gemms_as_on_a_gpu():
+    """CPU matrix products without oneDNN: on CPUs with AMX / AVX-512 bf16 its bfloat16 GEMMs allocate scratch
+    buffers (0.9 MiB for proj_l's weight gradient at L 2048, H 2, D 64, live at the backward's peak) that a GPU's
+    cuBLAS call does not make, so the count would depend on the machine's CPU. ATen's own GEMM allocates only the
+    output, as on a GPU."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # flags() sets tf32 too
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
 def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 128, block_k: int = 64,
                   dtype: torch.dtype = torch.bfloat16, linear_sums: str = "save",
                   backward_phases: bool = False, compiled: bool = False) -> dict:
@@ -175,7 +188,7 @@ def layer_account(L: int, H: int, D: int, *, topk: float = 0.05, block_q: int = 
     out = []
     from sla_dist.kernels import projection
 
-    with no_op_kernels(), mock.patch.object(projection, "column_sums", _column_sums_as_on_a_gpu):
+    with no_op_kernels(), mock.patch.object(projection, "column_sums", _column_sums_as_on_a_gpu), _gemms_as_on_a_gpu():
         if compiled:
             layer = torch.compile(layer, backend="aot_eager", fullgraph=True)
             layer(q, k, v).backward(g)
