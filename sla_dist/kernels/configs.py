@@ -65,6 +65,8 @@ class _Tuning:
 _CODE_KEY = ("D", "BLOCK_Q", "BLOCK_K", "FEATURE_MAP", "HAS_LINEAR")
 FWD_SPLIT_Q = 2
 """Programs per query block in the ``fwd_split`` entry (SLA_DIST_FWD_LOOP=split)."""
+DQ_SPLIT_Q = 2
+"""Programs per query block in the ``dq_split`` entry (SLA_DIST_DQ_SPLIT=halves)."""
 SPLIT_MIN_ROWS = 64
 """Fewest rows per split program: one warp group's wgmma tile."""
 _FWD_KEY = _CODE_KEY + ("HAS_PROJ", "HAS_BIAS", "EVEN_K", "SCALE_IN_EXP", "USE_TMA")
@@ -103,7 +105,7 @@ _KERNELS = {
     # dQ with each query block taken by DQ_SPLIT_Q programs of 4 warps (SLA_DIST_DQ_SPLIT=halves; not measured on a
     # GPU yet, so opt-in): at D 128, 2 stages, ~96 KiB of shared memory each, two per SM, as the stepped dK/dV.
     "dq_split": _Tuning("backward", "_bwd_dq_kernel", ("D", "BLOCK_Q", "BLOCK_K", "HAS_LINEAR", "USE_TMA"), (4,),
-                        (2, 3), fixed=(4, 2), restore=("DQ",), constants=(("SPLIT_Q", 2),)),
+                        (2, 3), fixed=(4, 2), restore=("DQ",), constants=(("SPLIT_Q", DQ_SPLIT_Q),)),
     # dK/dV takes each 128-row query block in two 64-row loop steps (Q_STEPS 2): a pipeline stage then holds 32 KiB
     # of q and dO, and two 4-warp programs fit per SM (99 KiB of shared memory each), each with its copy in flight
     # (one 8-warp program held one 64 KiB copy). H200, bf16, 95 %, with tensor descriptors
@@ -391,7 +393,6 @@ DQ_SPLITS = ("off", "halves")
 programs per query block, each over its half of the rows and the block's whole key list (the ``dq_split`` entry),
 where query blocks have at least DQ_SPLIT_Q x SPLIT_MIN_ROWS rows. Each row's dQ comes from the same operations
 either way; the halves re-read the list's K / V tiles."""
-DQ_SPLIT_Q = 2
 
 
 def dq_launch(block_q: int, switches: Switches) -> tuple[str, int]:
@@ -539,7 +540,9 @@ def _with_constexprs(t: _Tuning, name: str, meta: dict[str, int]) -> _Tuning:
             if value not in choices[key]:
                 raise ValueError(f"kernel {name!r}: {key}={value} is not one of its options {choices[key]}")
             choices[key] = (value,)
-        elif key in params and params[key].default is not inspect.Parameter.empty and key not in constants:
+        elif key in constants:
+            raise ValueError(f"kernel {name!r}: {key} is fixed at {constants[key]} for this launch entry")
+        elif key in params and params[key].default is not inspect.Parameter.empty:
             constants[key] = value
         else:
             raise ValueError(f"kernel {name!r}: {key!r} is neither a tuned choice ({sorted(choices)}) nor a "

@@ -69,7 +69,8 @@ def test_constexprs_in_a_setting():
 @pytest.mark.parametrize("text, match", [("dkdv=4x3/Q_STEPS", "'Q_STEPS' is not CONSTEXPR=INT"),
                                          ("dkdv=4x3/Q_STEPS=3", "Q_STEPS=3 is not one of its options"),
                                          ("dkdv=4x3/NOPE=1", "'NOPE' is neither a tuned choice"),
-                                         ("dkdv=4x3/D=64", "'D' is neither a tuned choice")])
+                                         ("dkdv=4x3/D=64", "'D' is neither a tuned choice"),
+                                         ("fwd_split=4x3/SPLIT_Q=1", "SPLIT_Q is fixed at 2")])
 def test_bad_constexprs_name_the_value(text, match):
     with pytest.raises(ValueError, match=match):
         with configs.fixed_settings(configs.parse_settings(text)):
