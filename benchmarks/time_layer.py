@@ -15,10 +15,11 @@ each value under every forward loop; the label says which (``+tma:all``). ``--pr
 backward pre-pass's launches (SLA_DIST_PREPASS: one program per query block, or programs looping over the blocks;
 label ``+prepass:loop``). ``--classify separate packed`` likewise times the block map's classify kernel's radix
 selects (SLA_DIST_CLASSIFY; label ``+classify:packed``). ``--dq-split off halves`` likewise times dQ's launch
-(SLA_DIST_DQ_SPLIT: a program per query block, or two over its row halves; label ``+dq:halves``). ``--linear-sums save recompute`` times the
-layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a checkout from before the option
-can be timed). ``--setting fwd_split=4x3 dq=8x4+dkdv=8x2 default`` times fixed launch settings (warps x stages
-per kernel of configs.py's tuning table, untuned) one after the other. ``--kernels`` adds the CUDA time of the
+(SLA_DIST_DQ_SPLIT: a program per query block, or two over its row halves; label ``+dq:halves``). ``--linear-sums
+save recompute`` times the layer with each SLAConfig.linear_sums in turn (without it the layer's default, so a
+checkout from before the option can be timed). ``--setting fwd_split=4x3 dq=8x4+dkdv=8x2 default`` times fixed
+launch settings (warps x stages per kernel of configs.py's tuning table, untuned; ``dkdv=4x2/Q_STEPS=2`` also sets
+constexprs) one after the other. ``--kernels`` adds the CUDA time of the
 forward, dQ and dK/dV kernels, the backward's pre-pass and the glue's Triton kernels (the linear summaries, block sums
 and classify) in one forward+backward (torch.profiler over 5 calls): what a variant changes.
 ``--dtype float16`` times float16 inputs (label suffix ``+float16``; their linear-branch summaries are float32,

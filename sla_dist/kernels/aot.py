@@ -28,7 +28,8 @@ import torch
 
 from ..config import FEATURE_MAPS
 from .configs import (_KERNELS, CLASSIFY_ENV, DKDV_ORDER_ENV, DKDV_ORDERS, DKDV_PROGRAM_COST, DKDV_SPLIT_MIN_PART,
-                      DQ_SPLIT_Q, FWD_SPLIT_Q, LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice, interpreting)
+                      DQ_SPLIT_Q, FWD_SPLIT_Q, LONG_FIRST_FACTOR, SPLIT_MIN_ROWS, TMA_ENV, FwdLoop, check_choice,
+                      interpreting)
 from .block_map import SCORE_TILE
 from .dkdv_plan import ORDER_COLS, ORDER_ROWS
 from .layout import dot_precision, summary_dtype
